@@ -1,0 +1,51 @@
+"""Attention over the KV cache with torch's scaled_dot_product_attention.
+
+Works with any manager that maps token positions to flat cache slots (paged
+block tables and virtual contiguous rows alike): K/V are written through
+`slot_mapping` and read back by gathering `kv_indices`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvos.attention.metadata import AttentionMetadata
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D). Returns (T, H, D)."""
+    k_cache[meta.slot_mapping] = k
+    v_cache[meta.slot_mapping] = v
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    if meta.decode is not None:
+        d = meta.decode
+        q_b = q[d.token_rows].unsqueeze(2)  # (B, H, 1, D)
+        k_b = k_cache[d.kv_indices].transpose(1, 2)  # (B, KV, L, D)
+        v_b = v_cache[d.kv_indices].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=d.mask, scale=scale, enable_gqa=gqa)
+        out[d.token_rows] = o.squeeze(2)
+    for p in meta.prefills:
+        rows = slice(p.token_start, p.token_start + p.num_tokens)
+        q_p = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
+        k_p = k_cache[p.kv_indices].transpose(0, 1).unsqueeze(0)  # (1, KV, L, D)
+        v_p = v_cache[p.kv_indices].transpose(0, 1).unsqueeze(0)
+        if p.num_computed == 0:
+            o = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            # Query i sits at position num_computed + i and sees keys up to it.
+            q_pos = torch.arange(p.num_tokens, device=q.device) + p.num_computed
+            k_pos = torch.arange(p.num_computed + p.num_tokens, device=q.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[rows] = o.squeeze(0).transpose(0, 1)
+    return out

