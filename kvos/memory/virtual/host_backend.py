@@ -1,0 +1,126 @@
+"""Host (CPU) virtual region: anonymous mmap reserved up front, pages committed with madvise.
+
+`MAP_NORESERVE` makes the reservation free: the kernel hands out address space
+but no memory and no overcommit charge, so a cache for every slot at full
+context costs nothing until pages are committed. Transparent huge pages are
+turned off for the range, else one touched byte could commit 2 MiB and the page
+table would no longer describe what is resident.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+
+import torch
+
+_MAP_NORESERVE = 0x4000  # Linux value; Python's mmap module does not export it.
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable, without touching data.
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.madvise.restype = ctypes.c_int
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.mincore.restype = ctypes.c_int
+    return libc
+
+
+def host_page_size() -> int:
+    return mmap.PAGESIZE
+
+
+class HostRegion:
+    """A reserved range of host memory whose 4 KiB pages are committed on demand.
+
+    madvise goes through ctypes rather than `mmap.madvise` because ctypes drops
+    the GIL, so a background thread can commit pages while the model runs.
+    """
+
+    def __init__(self, num_bytes: int) -> None:
+        if num_bytes <= 0:
+            raise ValueError(f"num_bytes must be > 0, got {num_bytes}")
+        self.page_size = host_page_size()
+        self.num_pages = -(-num_bytes // self.page_size)
+        self.device = torch.device("cpu")
+        self._libc = _libc()
+        self._mmap: mmap.mmap | None = mmap.mmap(
+            -1,
+            self.num_pages * self.page_size,
+            flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self.base_address = self._bytes.data_ptr()
+        self._madvise(0, self.num_pages, mmap.MADV_NOHUGEPAGE)
+        self._can_populate = self._probe_populate()
+
+    def as_bytes(self) -> torch.Tensor:
+        return self._bytes
+
+    def commit(self, first_page: int, num_pages: int) -> None:
+        self._check_range(first_page, num_pages)
+        if num_pages == 0:
+            return
+        if self._can_populate:
+            self._madvise(first_page, num_pages, _MADV_POPULATE_WRITE)
+        else:
+            # Older kernels: a write fault per page commits it. The pages are
+            # fresh (never committed, or released), so the byte written is moot.
+            start = first_page * self.page_size
+            self._bytes[start : start + num_pages * self.page_size : self.page_size] = 0
+
+    def release(self, first_page: int, num_pages: int) -> None:
+        self._check_range(first_page, num_pages)
+        if num_pages:
+            self._madvise(first_page, num_pages, mmap.MADV_DONTNEED)
+
+    def resident_pages(self, first_page: int, num_pages: int) -> torch.Tensor:
+        """Which of these pages the kernel has backed right now (mincore), as bools.
+
+        The page table's word is checked against this in tests.
+        """
+        self._check_range(first_page, num_pages)
+        flags = (ctypes.c_ubyte * num_pages)()
+        address = self.base_address + first_page * self.page_size
+        if self._libc.mincore(address, num_pages * self.page_size, flags) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"mincore failed: {os.strerror(code)}")
+        return torch.tensor(list(flags), dtype=torch.uint8).bitwise_and(1).bool()
+
+    def close(self) -> None:
+        """Give every page back; the address range goes when the last view of it is gone.
+
+        Unmapping now would leave any tensor still viewing the range dangling,
+        so the mmap object is left to the garbage collector.
+        """
+        if self._mmap is None:
+            return
+        self._madvise(0, self.num_pages, mmap.MADV_DONTNEED)
+        self._mmap = None
+
+    def _probe_populate(self) -> bool:
+        """Whether this kernel knows MADV_POPULATE_WRITE (it answers EINVAL if not)."""
+        address = self.base_address
+        if self._libc.madvise(address, self.page_size, _MADV_POPULATE_WRITE) == 0:
+            self._madvise(0, 1, mmap.MADV_DONTNEED)
+            return True
+        code = ctypes.get_errno()
+        if code != errno.EINVAL:
+            raise OSError(code, f"madvise(MADV_POPULATE_WRITE) failed: {os.strerror(code)}")
+        return False
+
+    def _madvise(self, first_page: int, num_pages: int, advice: int) -> None:
+        address = self.base_address + first_page * self.page_size
+        if self._libc.madvise(address, num_pages * self.page_size, advice) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"madvise(advice={advice}) failed: {os.strerror(code)}")
+
+    def _check_range(self, first_page: int, num_pages: int) -> None:
+        assert self._mmap is not None, "region is closed"
+        assert 0 <= first_page and num_pages >= 0 and first_page + num_pages <= self.num_pages, (
+            f"pages [{first_page}, {first_page + num_pages}) outside region of {self.num_pages}"
+        )

@@ -1,0 +1,186 @@
+"""Which slot each request holds and how many pages sit under each slot.
+
+The page table is the exact map of committed memory: `mapped[row]` pages (per
+plane) are committed at the start of every row, nothing else is. All policy
+lives here, so the host and CUDA regions share it:
+
+- best fit: a new request takes the idle row whose already-mapped pages cover
+  its need most tightly, else the idle row with the most pages mapped;
+- deferred reclamation: a finished request's pages stay mapped for the row's
+  next tenant; they are unmapped, tail first, only when a commit would exceed
+  the budget;
+- look-ahead: pages for the next few steps may be committed early (by the
+  background mapper) but only from free budget, never by reclaiming.
+
+A lock guards the table because the background mapper commits pages while
+the engine thread allocates and frees; callers hold `lock` around each
+compound operation.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+CommitFn = Callable[[int, int, int], None]
+"""(row, first row page, number of row pages) -> None; commits or releases them in every plane."""
+
+
+class SlotPageTable:
+    """Rows, their tenants and their mapped pages, under one physical page budget."""
+
+    def __init__(
+        self,
+        num_rows: int,
+        row_pages: int,
+        num_planes: int,
+        budget_pages: int,
+        commit: CommitFn,
+        release: CommitFn,
+    ) -> None:
+        if budget_pages < num_planes:
+            raise ValueError(
+                f"the KV memory budget holds {budget_pages} pages, fewer than the {num_planes} "
+                "a single token needs; raise kv_cache_memory_bytes"
+            )
+        self.num_rows = num_rows
+        self.row_pages = row_pages
+        self.num_planes = num_planes
+        self.budget_pages = budget_pages
+        self._commit = commit
+        self._release = release
+        self.lock = threading.RLock()
+        self.tenant: list[str | None] = [None] * num_rows
+        self.mapped: list[int] = [0] * num_rows
+        self.needed: list[int] = [0] * num_rows
+        """Pages the tenant's allocated tokens occupy; mapped beyond it is look-ahead."""
+        self._num_mapped = 0
+        self.num_reclaimed_pages = 0
+
+    # -- accounting (physical pages, all planes) --------------------------------------------
+
+    @property
+    def num_committed_pages(self) -> int:
+        return self._num_mapped * self.num_planes
+
+    @property
+    def num_live_pages(self) -> int:
+        """Pages under rows that have a tenant (including their look-ahead)."""
+        return sum(m for m, t in zip(self.mapped, self.tenant) if t is not None) * self.num_planes
+
+    @property
+    def num_deferred_pages(self) -> int:
+        """Pages kept mapped under idle rows for their next tenant."""
+        return self.num_committed_pages - self.num_live_pages
+
+    @property
+    def max_row_pages(self) -> int:
+        """Most pages (per plane) one row can ever be given within the budget."""
+        return min(self.row_pages, self.budget_pages // self.num_planes)
+
+    # -- policy -------------------------------------------------------------------------------
+
+    def pick_row(self, num_pages: int) -> int | None:
+        """Best-fit idle row for a request that needs `num_pages` pages now; None if all are taken."""
+        idle = [row for row in range(self.num_rows) if self.tenant[row] is None]
+        if not idle:
+            return None
+        covering = [row for row in idle if self.mapped[row] >= num_pages]
+        if covering:
+            return min(covering, key=lambda row: (self.mapped[row], row))
+        return max(idle, key=lambda row: (self.mapped[row], -row))
+
+    def assign(self, row: int, req_id: str, num_pages: int) -> bool:
+        """Give idle `row` to `req_id` with `num_pages` mapped; False (nothing changed) if short."""
+        assert self.tenant[row] is None, f"row {row} already held by {self.tenant[row]}"
+        if not self.ensure(row, num_pages):
+            return False
+        self.tenant[row] = req_id
+        self.needed[row] = num_pages
+        return True
+
+    def grow(self, row: int, num_pages: int) -> bool:
+        """Make the tenant's first `num_pages` pages mapped; False (nothing changed) if short."""
+        assert self.tenant[row] is not None, f"row {row} has no tenant"
+        if not self.ensure(row, num_pages):
+            return False
+        self.needed[row] = max(self.needed[row], num_pages)
+        return True
+
+    def vacate(self, row: int) -> None:
+        """The tenant is done; its pages stay mapped (deferred reclamation)."""
+        self.tenant[row] = None
+        self.needed[row] = 0
+
+    def look_ahead(self, row: int, req_id: str, num_pages: int) -> int:
+        """Map pages early from free budget only; returns how many were mapped.
+
+        Skips rows whose tenant changed since the request was queued.
+        """
+        if self.tenant[row] != req_id:
+            return 0
+        target = min(num_pages, self.row_pages)
+        free = (self.budget_pages - self.num_committed_pages) // self.num_planes
+        extra = min(target - self.mapped[row], free)
+        if extra <= 0:
+            return 0
+        self._map(row, extra)
+        return extra
+
+    def ensure(self, row: int, num_pages: int) -> bool:
+        """Map `row` up to `num_pages` pages, reclaiming idle pages if the budget demands it."""
+        assert num_pages <= self.row_pages, f"{num_pages} pages exceed a row of {self.row_pages}"
+        extra = num_pages - self.mapped[row]
+        if extra <= 0:
+            return True
+        shortage = self.num_committed_pages + extra * self.num_planes - self.budget_pages
+        if shortage > 0:
+            if not self._reclaim(-(-shortage // self.num_planes), keep=row):
+                return False
+        self._map(row, extra)
+        return True
+
+    def reclaim_all_idle(self) -> int:
+        """Unmap every page of idle rows; returns how many (physical) pages were freed."""
+        freed = 0
+        for row in range(self.num_rows):
+            if self.tenant[row] is None and self.mapped[row]:
+                freed += self.mapped[row] * self.num_planes
+                self._unmap(row, self.mapped[row])
+        return freed
+
+    def _reclaim(self, num_row_pages: int, keep: int) -> bool:
+        """Unmap `num_row_pages` (per plane) of deferred or look-ahead pages, or nothing at all.
+
+        Idle rows go first, those with the most pages first (fewest unmap
+        calls); then the look-ahead tails of live rows.
+        """
+        idle = [(self.mapped[r], r) for r in range(self.num_rows) if r != keep and self.tenant[r] is None]
+        spare = [
+            (self.mapped[r] - self.needed[r], r)
+            for r in range(self.num_rows)
+            if r != keep and self.tenant[r] is not None and self.mapped[r] > self.needed[r]
+        ]
+        if sum(n for n, _ in idle) + sum(n for n, _ in spare) < num_row_pages:
+            return False
+        remaining = num_row_pages
+        for available, row in sorted(idle, reverse=True) + sorted(spare, reverse=True):
+            if remaining <= 0:
+                break
+            take = min(available, remaining)
+            if take > 0:
+                self._unmap(row, take)
+                remaining -= take
+        return True
+
+    def _map(self, row: int, count: int) -> None:
+        self._commit(row, self.mapped[row], count)
+        self.mapped[row] += count
+        self._num_mapped += count
+
+    def _unmap(self, row: int, count: int) -> None:
+        """Release the last `count` mapped pages of `row`."""
+        self._release(row, self.mapped[row] - count, count)
+        self.mapped[row] -= count
+        self._num_mapped -= count
+        self.num_reclaimed_pages += count * self.num_planes

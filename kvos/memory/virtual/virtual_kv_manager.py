@@ -1,0 +1,262 @@
+"""vAttention-style KV cache: each request's KV is contiguous in virtual memory.
+
+    one region, reserved once (megacache layout, every layer inside a token):
+    row 0 |tok 0|tok 1|tok 2| ...                              | <- request A
+    row 1 |tok 0|tok 1| ...                                    | <- idle: pages kept for the next tenant
+    row 2 |tok 0|tok 1|tok 2|tok 3| ...                        | <- request B
+           \\___ committed pages ___/\\___ reserved, no memory ___/
+
+A request takes a row when admitted; as it grows, the pages under its next
+tokens are committed, a page at a time. Attention sees plain tensors: token p
+of the request in row r is flat slot `r * row_tokens + p`, so a request's KV
+is one strided run that stock kernels read as a view, without a block table.
+
+What this backend does not do is share KV between requests: `lookup_prefix`
+always answers 0, and `fork` copies the parent's computed KV into the child's
+row (see docs/virtual_kv_cache.md).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvos.engine.request import Request
+from kvos.memory.factory import KVShape
+from kvos.memory.virtual.layout import KVLayout, LayoutKind
+from kvos.memory.virtual.page_mapper import PageMapper
+from kvos.memory.virtual.page_table import SlotPageTable
+from kvos.memory.virtual.region import open_region, region_page_size
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOOKAHEAD_TOKENS = 8
+"""Tokens past the current step that the background mapper keeps mapped for each request."""
+
+
+class VirtualKVCacheManager:
+    """Rows of contiguous virtual KV; physical pages committed on demand within a budget.
+
+    `max_num_seqs` rows of `max_model_len` tokens are reserved up front (address
+    space only). The budget caps committed memory, exactly as it caps the
+    paged pool: `capacity_tokens = budget_bytes // bytes_per_token`.
+    """
+
+    contiguous = True
+    """Each request's KV is one run of flat slots (`kv_start(request)` onwards)."""
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        shape: KVShape,
+        max_num_seqs: int,
+        max_model_len: int,
+        layout: LayoutKind = "megacache",
+        lookahead_tokens: int = DEFAULT_LOOKAHEAD_TOKENS,
+    ) -> None:
+        if budget_bytes <= 0:
+            raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
+        if lookahead_tokens < 0:
+            raise ValueError(f"lookahead_tokens must be >= 0, got {lookahead_tokens}")
+        self.device = torch.device(shape.device)
+        self.layout = KVLayout(
+            kind=layout,
+            num_layers=shape.num_layers,
+            num_kv_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            dtype=shape.dtype,
+            num_rows=max_num_seqs,
+            max_context=max_model_len,
+            page_size=region_page_size(self.device),
+        )
+        self.table = SlotPageTable(
+            num_rows=max_num_seqs,
+            row_pages=self.layout.row_pages,
+            num_planes=self.layout.num_planes,
+            budget_pages=budget_bytes // self.layout.page_size,
+            commit=self._commit,
+            release=self._release,
+        )
+        self.region = open_region(self.layout.num_bytes, self.device)
+        assert self.region.page_size == self.layout.page_size
+        self.kv_caches = self.layout.layer_views(self.region.as_bytes())
+        self.block_size = max(1, self.layout.page_size // self.layout.plane_token_bytes)
+        self.capacity_tokens = budget_bytes // self.layout.bytes_per_token
+        self.max_tokens_per_request = min(max_model_len, self.layout.tokens_in(self.table.max_row_pages))
+        self.lookahead_tokens = lookahead_tokens
+        self._mapper = PageMapper(self.table) if lookahead_tokens else None
+        self._rows: dict[str, int] = {}
+        self._num_tokens: dict[str, int] = {}
+        self._num_queried_tokens = 0
+        logger.info(
+            "virtual KV cache (%s): %d rows x %d tokens reserved (%.1f GiB of address space), "
+            "%d-byte pages, budget %d pages",
+            layout,
+            max_num_seqs,
+            self.layout.row_tokens,
+            self.layout.num_bytes / 2**30,
+            self.layout.page_size,
+            self.table.budget_pages,
+        )
+
+    # -- accounting -----------------------------------------------------------------
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Pages committed under rows with a live request (look-ahead included)."""
+        with self.table.lock:
+            return self.table.num_live_pages
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Pages a request could still get: uncommitted budget plus deferred (reclaimable) pages."""
+        with self.table.lock:
+            return self.table.budget_pages - self.table.num_live_pages
+
+    @property
+    def num_committed_pages(self) -> int:
+        with self.table.lock:
+            return self.table.num_committed_pages
+
+    @property
+    def num_deferred_pages(self) -> int:
+        """Pages kept mapped under idle rows for their next tenant."""
+        with self.table.lock:
+            return self.table.num_deferred_pages
+
+    @property
+    def committed_bytes(self) -> int:
+        return self.num_committed_pages * self.layout.page_size
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of KV that live requests' allocated tokens really occupy."""
+        return sum(self._num_tokens.values()) * self.layout.bytes_per_token
+
+    def prefix_cache_stats(self) -> tuple[int, int]:
+        return self._num_queried_tokens, 0
+
+    def check_fits(self, num_tokens: int) -> None:
+        """Refuse a request that could never fit, even alone in an empty cache."""
+        if num_tokens > self.max_tokens_per_request:
+            raise ValueError(
+                f"request needs {num_tokens} tokens of KV cache (prompt + max_tokens) but at most "
+                f"{self.max_tokens_per_request} fit in one slot (max_model_len {self.layout.max_context}, "
+                f"KV capacity {self.capacity_tokens} tokens)"
+            )
+
+    # -- the KVCacheManager protocol ----------------------------------------------------
+
+    def lookup_prefix(self, request: Request) -> int:
+        """No prefix sharing: rows are private, so nothing is ever already cached."""
+        return 0
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
+        assert num_cached_tokens == 0, "the virtual KV cache never reports prefix hits"
+        req_id = request.req_id
+        with self.table.lock:
+            row = self._rows.get(req_id)
+            total = (0 if row is None else request.num_computed_tokens) + num_new_tokens
+            if total > self.max_tokens_per_request:
+                return False
+            num_pages = self.layout.pages_for(total)
+            if row is None:
+                row = self.table.pick_row(num_pages)
+                if row is None or not self.table.assign(row, req_id, num_pages):
+                    return False
+                self._rows[req_id] = row
+                self._num_queried_tokens += request.num_tokens
+            elif not self.table.grow(row, num_pages):
+                return False
+            self._num_tokens[req_id] = total
+        self._look_ahead(request, row, total)
+        return True
+
+    def fork(self, parent: Request, child: Request) -> bool:
+        """Give `child` its own row holding a copy of `parent`'s computed KV.
+
+        Rows are never shared, so this costs the pages and a copy of the prompt;
+        False (nothing changed) when no row or memory is free.
+        """
+        num_tokens = parent.num_computed_tokens
+        with self.table.lock:
+            assert child.req_id not in self._rows, f"{child.req_id} already holds a row"
+            num_pages = self.layout.pages_for(num_tokens)
+            row = self.table.pick_row(num_pages)
+            if row is None or not self.table.assign(row, child.req_id, num_pages):
+                return False
+            self._rows[child.req_id] = row
+            self._num_tokens[child.req_id] = num_tokens
+            source = self._rows[parent.req_id]
+        region_bytes = self.region.as_bytes()
+        for (src, length), (dst, _) in zip(
+            self.layout.token_runs(source, num_tokens), self.layout.token_runs(row, num_tokens)
+        ):
+            region_bytes[dst : dst + length].copy_(region_bytes[src : src + length])
+        return True
+
+    def free(self, request: Request) -> None:
+        """Vacate the request's row; its pages stay mapped for the row's next tenant."""
+        with self.table.lock:
+            row = self._rows.pop(request.req_id, None)
+            self._num_tokens.pop(request.req_id, None)
+            if row is not None:
+                self.table.vacate(row)
+
+    def kv_indices(self, request: Request, num_tokens: int) -> torch.Tensor:
+        start = self.kv_start(request)
+        return torch.arange(start, start + num_tokens, dtype=torch.long, device=self.device)
+
+    # -- the contiguous view ------------------------------------------------------------
+
+    def kv_start(self, request: Request) -> int:
+        """Flat slot of the request's token 0; its token p is at `kv_start + p`."""
+        return self._rows[request.req_id] * self.layout.row_tokens
+
+    def row_of(self, request: Request) -> int:
+        return self._rows[request.req_id]
+
+    def contiguous_kv(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-copy (K, V) views `[num_rows, length, kv_heads, head_dim]` of rows `rows`.
+
+        Only read rows whose first `length` tokens are allocated: other pages
+        may be unmapped.
+        """
+        k_flat, v_flat = self.kv_caches[layer]
+        shape = (self.layout.num_rows, self.layout.row_tokens)
+        return k_flat.unflatten(0, shape)[rows, :length], v_flat.unflatten(0, shape)[rows, :length]
+
+    # -- memory management --------------------------------------------------------------
+
+    def release_idle_pages(self) -> int:
+        """Unmap every deferred page now (e.g. when the engine goes idle); returns pages freed."""
+        with self.table.lock:
+            return self.table.reclaim_all_idle()
+
+    def wait_for_mapper(self) -> None:
+        """Block until the background mapper has done all it was asked (tests, benchmarks)."""
+        if self._mapper is not None:
+            self._mapper.drain()
+
+    def close(self) -> None:
+        """Stop the mapper and give all memory and address space back. Safe to call twice."""
+        if self._mapper is not None:
+            self._mapper.close()
+        self.region.close()
+
+    def _look_ahead(self, request: Request, row: int, num_tokens: int) -> None:
+        if self._mapper is None:
+            return
+        target = min(num_tokens + self.lookahead_tokens, request.max_total_tokens, self.max_tokens_per_request)
+        num_pages = self.layout.pages_for(target)
+        if num_pages > self.table.mapped[row]:
+            self._mapper.submit(row, request.req_id, num_pages)
+
+    def _commit(self, row: int, first: int, count: int) -> None:
+        for page, num_pages in self.layout.page_runs(row, first, count):
+            self.region.commit(page, num_pages)
+
+    def _release(self, row: int, first: int, count: int) -> None:
+        for page, num_pages in self.layout.page_runs(row, first, count):
+            self.region.release(page, num_pages)
