@@ -1,0 +1,83 @@
+"""Prometheus metrics for one server.
+
+Each app gets its own registry (never the process-global one) so that two apps
+in one process, as in tests, do not collide. Engine counters are read from the
+engine's latest stats snapshot at scrape time rather than mirrored into
+separate counters, so they can never drift from the engine; latencies are
+observed per request, as the event loop sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvos.engine.async_engine import RequestStream
+from kvos.engine.stats import EngineStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+_TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        yield GaugeMetricFamily("kvos_num_requests_running", "Sequences in the running batch.", value=s.num_running)
+        yield GaugeMetricFamily("kvos_num_requests_waiting", "Sequences waiting to be scheduled.", value=s.num_waiting)
+        yield GaugeMetricFamily("kvos_kv_cache_used_blocks", "KV cache blocks held by requests.", value=s.num_used_blocks)
+        yield GaugeMetricFamily("kvos_kv_cache_free_blocks", "KV cache blocks free.", value=s.num_free_blocks)
+        yield GaugeMetricFamily(
+            "kvos_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / tokens looked up.",
+            value=s.prefix_cache_hit_rate,
+        )
+        yield CounterMetricFamily(
+            "kvos_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", value=s.prefix_cache_queries
+        )
+        yield CounterMetricFamily(
+            "kvos_prefix_cache_hits", "Prompt tokens found in the prefix cache.", value=s.prefix_cache_hits
+        )
+        yield CounterMetricFamily("kvos_num_preemptions", "Sequences preempted for memory.", value=s.num_preemptions)
+        yield CounterMetricFamily("kvos_prompt_tokens", "Prompt tokens computed.", value=s.num_prompt_tokens)
+        yield CounterMetricFamily("kvos_generation_tokens", "Tokens generated.", value=s.num_generation_tokens)
+
+
+class ServerMetrics:
+    """The registry behind GET /metrics."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats))
+        self.time_to_first_token = Histogram(
+            "kvos_time_to_first_token_seconds", "Request arrival to first generated token.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "kvos_time_per_output_token_seconds", "Mean time between output tokens after the first.",
+            buckets=_TOKEN_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.e2e_request_latency = Histogram(
+            "kvos_e2e_request_latency_seconds", "Request arrival to its last token.",
+            buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+
+    def observe(self, stream: RequestStream, num_output_tokens: int) -> None:
+        """Record a request that ran to completion (aborted ones would skew latency)."""
+        if stream.first_token_time is None or stream.finish_time is None:
+            return
+        self.time_to_first_token.observe(stream.first_token_time - stream.arrival_time)
+        self.e2e_request_latency.observe(stream.finish_time - stream.arrival_time)
+        if num_output_tokens > 1:
+            self.time_per_output_token.observe(
+                (stream.finish_time - stream.first_token_time) / (num_output_tokens - 1)
+            )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

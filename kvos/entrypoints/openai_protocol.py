@@ -1,0 +1,321 @@
+"""The OpenAI wire format: request validation, response shapes, error bodies.
+
+Requests are validated strictly (no "5" for 5, no true for 1) because a client
+that sends the wrong type has a bug it should hear about. Every problem
+becomes a `ProtocolError`, which the server turns into OpenAI's error body
+`{"error": {"message", "type", "param", "code"}}`. Ranges are checked once, by
+`SamplingParams`; only OpenAI's own tighter limits (temperature <= 2,
+n <= 128) are declared here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvos.sampling_params import SamplingParams
+
+# Parameters of several types, with the words an error message should use for them.
+_UNION_EXPECTED = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of text parts",
+}
+
+
+class ProtocolError(Exception):
+    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- requests -----------------------------------------------------------------------
+
+
+class _Request(BaseModel):
+    # Unknown fields are ignored, as OpenAI-compatible servers commonly do, so newer
+    # clients that send extra defaults keep working.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str
+    temperature: float | None = Field(default=None, le=2.0)
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, le=128)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False
+    """A vLLM extension: generate exactly max_tokens (benchmarks need fixed output lengths)."""
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, renames: dict[str, str]) -> SamplingParams:
+        """Build SamplingParams, reporting its ValueError against the request's field names."""
+        if self.stream_options is not None and not self.stream:
+            raise ProtocolError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        try:
+            return SamplingParams(
+                n=1 if self.n is None else self.n,
+                max_tokens=max_tokens,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=0 if self.top_k is None else self.top_k,
+                min_p=0.0 if self.min_p is None else self.min_p,
+                seed=self.seed,
+                stop=() if self.stop is None else self.stop,
+                logprobs=logprobs,
+                presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
+                frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
+                ignore_eos=self.ignore_eos,
+            )
+        except ValueError as exc:
+            field = str(exc).split(" ", 1)[0]
+            param = renames.get(field, field if field in type(self).model_fields else None)
+            where = f" for '{param}'" if param else ""
+            raise ProtocolError(400, f"Invalid value{where}: {exc}.", param=param, code="invalid_value") from exc
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options is not None and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = None
+    logprobs: int | None = None
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) to run: a list of strings or token ids is several prompts."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            prompts: list[str | list[int]] = [prompt]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ProtocolError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        return prompts
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.echo and self.logprobs is not None:
+            raise ProtocolError(
+                400, "echo together with logprobs is not supported (prompt logprobs are not computed)",
+                param="echo", code="unsupported_value",
+            )
+        # OpenAI's default for /v1/completions.
+        max_tokens = 16 if self.max_tokens is None else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs, {})
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        """Messages as the chat template expects them ("developer" is OpenAI's new name for "system")."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
+        ]
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ProtocolError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
+        requested = self.requested_max_tokens()
+        max_tokens = default_max_tokens if requested is None else requested
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        renames = {"logprobs": "top_logprobs"}
+        if self.max_completion_tokens is not None:
+            renames["max_tokens"] = "max_completion_tokens"
+        return self._sampling_params(max_tokens, logprobs, renames)
+
+
+RequestT = TypeVar("RequestT", bound="_Request")
+
+
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
+    """Validate a decoded JSON body, turning the first problem into a ProtocolError."""
+    if not isinstance(body, dict):
+        raise ProtocolError(400, "the request body must be a JSON object", code="invalid_type")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _protocol_error(exc) from exc
+
+
+def _protocol_error(exc: ValidationError) -> ProtocolError:
+    error = exc.errors(include_url=False)[0]
+    path = [p for p in error["loc"] if not _is_union_tag(p)]
+    param = ".".join(str(p) for p in path) or None
+    field = next((p for p in reversed(path) if isinstance(p, str)), None)
+    if error["type"] == "missing":
+        return ProtocolError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if len(error["loc"]) > len(path) and field in _UNION_EXPECTED:
+        message = f"Invalid type for '{param}': expected {_UNION_EXPECTED[field]}."
+        return ProtocolError(400, message, param=param, code="invalid_type")
+    code = "invalid_type" if error["type"].endswith("_type") else "invalid_value"
+    return ProtocolError(400, f"Invalid value for '{param}': {error['msg']}.", param=param, code=code)
+
+
+def _is_union_tag(segment: int | str) -> bool:
+    """Unions add a location segment naming the member that failed ('str', 'list[int]', 'TextPart')."""
+    if isinstance(segment, int):
+        return False
+    return not segment.isidentifier() or segment[0].isupper() or segment in ("str", "int", "float", "bool")
+
+
+# -- responses ----------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Both the full response and each streamed chunk (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: dict[str, str]
+    """{"role": "assistant", "content": ""} first, then {"content": ...}, then {} with the finish reason."""
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "kvos"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
