@@ -4,7 +4,10 @@
 but no memory and no overcommit charge, so a cache for every slot at full
 context costs nothing until pages are committed. Transparent huge pages are
 turned off for the range, else one touched byte could commit 2 MiB and the page
-table would no longer describe what is resident.
+table would no longer describe what is resident. A guard page (no access)
+ends the range: an overrun faults instead of quietly committing memory, and
+the kernel cannot merge two caches' ranges into one mapping, so each cache's
+resident memory can be read from /proc/self/smaps.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 _MAP_NORESERVE = 0x4000  # Linux value; Python's mmap module does not export it.
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable, without touching data.
+_PROT_NONE = 0
 
 
 def _libc() -> ctypes.CDLL:
@@ -26,6 +30,8 @@ def _libc() -> ctypes.CDLL:
     libc.madvise.restype = ctypes.c_int
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
     libc.mincore.restype = ctypes.c_int
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.mprotect.restype = ctypes.c_int
     return libc
 
 
@@ -47,14 +53,18 @@ class HostRegion:
         self.num_pages = -(-num_bytes // self.page_size)
         self.device = torch.device("cpu")
         self._libc = _libc()
+        num_bytes = self.num_pages * self.page_size
         self._mmap: mmap.mmap | None = mmap.mmap(
             -1,
-            self.num_pages * self.page_size,
+            num_bytes + self.page_size,
             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
             prot=mmap.PROT_READ | mmap.PROT_WRITE,
         )
-        self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)[:num_bytes]
         self.base_address = self._bytes.data_ptr()
+        if self._libc.mprotect(self.base_address + num_bytes, self.page_size, _PROT_NONE) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, f"mprotect of the guard page failed: {os.strerror(code)}")
         self._madvise(0, self.num_pages, mmap.MADV_NOHUGEPAGE)
         self._can_populate = self._probe_populate()
 
@@ -90,6 +100,21 @@ class HostRegion:
             code = ctypes.get_errno()
             raise OSError(code, f"mincore failed: {os.strerror(code)}")
         return torch.tensor(list(flags), dtype=torch.uint8).bitwise_and(1).bool()
+
+    def rss_bytes(self) -> int:
+        """Resident bytes of this range as /proc/self/smaps reports them (the kernel's word)."""
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+        for i, line in enumerate(lines):
+            fields = line.split(maxsplit=1)
+            if "-" not in fields[0] or fields[0].endswith(":"):
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= self.base_address < end:
+                for entry in lines[i + 1 :]:
+                    if entry.startswith("Rss:"):
+                        return int(entry.split()[1]) * 1024
+        raise RuntimeError(f"no mapping in /proc/self/smaps holds {self.base_address:#x}")
 
     def close(self) -> None:
         """Give every page back; the address range goes when the last view of it is gone.
