@@ -54,7 +54,7 @@ def make_kv_manager(cache: CacheConfig, shape: KVShape, max_num_seqs: int, max_m
         from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
 
         return VirtualKVCacheManager(
-            budget_bytes=budget, shape=shape, max_num_seqs=max_num_seqs, max_model_len=max_model_len, cache=cache
+            budget_bytes=budget, shape=shape, max_num_seqs=max_num_seqs, max_model_len=max_model_len
         )
     num_blocks = budget // (shape.bytes_per_token * cache.block_size)
     if num_blocks < 1:
