@@ -254,7 +254,7 @@ def _convert_gguf(path: Path, out: Path) -> None:
     try:
         reader = gguf_loader.open_gguf(path)
     except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(path, f"not a readable GGUF file ({type(exc).__name__}: {exc})", "Check the file is complete (re-download it)") from exc
+        raise ModelLoadError(path, f"not a readable GGUF file, truncated or corrupt ({type(exc).__name__}: {exc})", "Check the file is complete (re-download it)") from exc
     try:
         hf_config = gguf_loader.gguf_hf_config(reader)
         arch = ModelArch.from_hf_config(hf_config)
