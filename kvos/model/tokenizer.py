@@ -103,9 +103,10 @@ class Tokenizer:
     def from_hf_folder(cls, path: str | Path) -> Tokenizer:
         """Load `tokenizer.json` and the settings HF keeps beside it.
 
-        EOS ids are the union of generation_config.json, config.json and the
-        tokenizer's `eos_token`, in that order: instruct models often list
+        EOS ids are the union of the tokenizer's `eos_token`,
+        generation_config.json and config.json: instruct models often list
         several ids (end of turn, end of text) and generation must stop at any.
+        The tokenizer's comes first because chat templates see it as `eos_token`.
         """
         folder = Path(path)
         tokenizer_file = folder / TOKENIZER_FILE
@@ -121,9 +122,9 @@ class Tokenizer:
             bos_id = gen_cfg.get("bos_token_id", model_cfg.get("bos_token_id"))
         eos_ids: list[int] = []
         for candidate in (
+            _token_id(backend, tok_cfg.get("eos_token")),
             gen_cfg.get("eos_token_id"),
             model_cfg.get("eos_token_id"),
-            _token_id(backend, tok_cfg.get("eos_token")),
         ):
             for token_id in candidate if isinstance(candidate, list) else [candidate]:
                 if token_id is not None and int(token_id) not in eos_ids:

@@ -193,6 +193,19 @@ def test_failed_conversion_leaves_no_entry(tiny_gguf: Path, tmp_path: Path, monk
     assert len(_cache_entries(tmp_path / "cache")) == 1
 
 
+def test_conversion_removes_staging_left_by_a_killed_process(tiny_gguf: Path, tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    (root / ".building-killed").mkdir(parents=True)
+    (root / ".building-killed" / "model.safetensors").write_bytes(b"half")
+    os.utime(root / ".building-killed", (0, 0))
+    (root / ".building-running").mkdir()  # another process converting right now
+    load_model(ModelConfig(model=str(tiny_gguf)))
+    names = _cache_entries(root)
+    assert ".building-killed" not in names
+    assert ".building-running" in names
+    assert len([n for n in names if n.startswith("gguf-")]) == 1
+
+
 # --- Hugging Face folders -------------------------------------------------------------------------
 
 

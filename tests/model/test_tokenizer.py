@@ -10,6 +10,7 @@ from tokenizers import models
 
 from benchmarks.sharegpt import load_sharegpt
 from kvos.config import ModelConfig
+from kvos.model import gguf_loader
 from kvos.model.loader import default_model_path, load_model
 from kvos.model.tokenizer import Tokenizer
 
@@ -98,7 +99,10 @@ def reference():
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
     )
     return tokenizer
 
@@ -185,7 +189,10 @@ def test_chat_template_exact_text(ours: Tokenizer) -> None:
         (["hello"], "messages[0] must be a dict"),
         ([{"content": "hi"}], "messages[0] has no 'role'"),
         ([{"role": "user"}], "messages[0] has no 'content'"),
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": 3}], "messages[1]['content'] must be a str, got int"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "user", "content": 3}],
+            "messages[1]['content'] must be a str, got int",
+        ),
         ([{"role": None, "content": "a"}], "messages[0]['role'] must be a str, got NoneType"),
     ],
 )
@@ -205,7 +212,10 @@ def test_model_without_template_is_rejected() -> None:
 
 
 def test_template_raise_exception_becomes_value_error() -> None:
-    template = "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
+    template = (
+        "{% if messages[0]['role'] != 'system' %}"
+        "{{ raise_exception('first message must be system') }}{% endif %}"
+    )
     with pytest.raises(ValueError, match="first message must be system"):
         _bare_tokenizer(template).apply_chat_template([{"role": "user", "content": "a"}])
 
@@ -237,3 +247,69 @@ def test_save_and_reload_keeps_everything(ours: Tokenizer, tmp_path) -> None:
     assert again.chat_template == ours.chat_template
     for text in TEXTS[:40]:
         assert again.encode(text) == ours.encode(text)
+
+
+def _pieces(normalizer, pre_tokenizer, text: str) -> list[str]:
+    if normalizer is not None:
+        text = normalizer.normalize_str(text)
+    return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)]
+
+
+def test_qwen2_pre_tokenization_matches_transformers_qwen2_tokenizer() -> None:
+    from transformers import Qwen2Tokenizer
+
+    reference = Qwen2Tokenizer().backend_tokenizer
+    normalizer, pre_tokenizer = gguf_loader._pre_tokenization("qwen2")
+    for text in TEXTS:
+        assert _pieces(normalizer, pre_tokenizer, text) == _pieces(
+            reference.normalizer, reference.pre_tokenizer, text
+        ), text[:80]
+
+
+def test_llama3_pre_tokenization_matches_transformers_split() -> None:
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    reference = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    normalizer, pre_tokenizer = gguf_loader._pre_tokenization("llama-bpe")
+    assert normalizer is None
+    for text in TEXTS:
+        assert _pieces(None, pre_tokenizer, text) == _pieces(None, reference, text), text[:80]
+
+
+def test_unknown_pre_tokenizer_is_rejected() -> None:
+    with pytest.raises(ValueError, match="unsupported GGUF pre-tokenizer 'tekken'"):
+        gguf_loader._pre_tokenization("tekken")
+
+
+def test_hf_folder_settings(tmp_path) -> None:
+    """Llama-3 style folder: BOS from the post-processor, several EOS ids, template in chat_template.jinja."""
+    from tokenizers import processors
+
+    backend = BackendTokenizer(models.BPE(vocab={"a": 0, "<s>": 1, "</s>": 2, "<eot>": 3}, merges=[]))
+    backend.add_special_tokens(["<s>", "</s>", "<eot>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        '{"bos_token": {"content": "<s>"}, "eos_token": "<eot>", "add_bos_token": true}'
+    )
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [2, 3]}')
+    (tmp_path / "config.json").write_text('{"eos_token_id": 3, "bos_token_id": 1}')
+    (tmp_path / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    )
+
+    tok = Tokenizer.from_hf_folder(tmp_path)
+    assert tok.bos_token_id == 1
+    assert tok.eos_token_ids == (3, 2)  # the tokenizer's own first: templates see it as eos_token
+    assert tok.encode("a") == [1, 0]  # the post-processor's BOS, not a second one
+    assert tok.encode("a", add_special_tokens=False) == [0]
+    assert tok.apply_chat_template([{"role": "user", "content": "a"}]) == "<s>a<eot>"
+
+
+def test_hf_folder_without_tokenizer_json(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        Tokenizer.from_hf_folder(tmp_path)
