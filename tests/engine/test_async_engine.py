@@ -1,0 +1,146 @@
+"""AsyncLLMEngine around a scripted fake engine: failures reach the right callers and the thread survives."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvos.engine.async_engine import AsyncLLMEngine, EngineUnavailableError, QueueFullError, RequestFailedError
+from kvos.engine.stats import EngineStats
+from kvos.outputs import CompletionOutput, RequestOutput
+from kvos.sampling_params import SamplingParams
+
+
+class FakeEngine:
+    """Each request emits one token per step until max_tokens; `fail_next_step` makes one step raise."""
+
+    model_name = "fake"
+    max_model_len = 64
+
+    def __init__(self) -> None:
+        self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
+        self.waiting: list[str] = []
+        self.fail_next_step = False
+        self.num_aborted = 0
+
+    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise ValueError("prompt is empty")
+        self.requests[req_id] = ([], params)
+
+    def abort_request(self, req_id: str) -> None:
+        if self.requests.pop(req_id, None) is not None:
+            self.num_aborted += 1
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        if self.fail_next_step:
+            self.fail_next_step = False
+            raise RuntimeError("boom")
+        outputs = []
+        for req_id, (tokens, params) in list(self.requests.items()):
+            tokens.append(len(tokens))
+            done = len(tokens) >= params.max_tokens
+            finish = "length" if done else None
+            outputs.append(RequestOutput(req_id, None, [1], [CompletionOutput(0, "x" * len(tokens), list(tokens), finish)], done))
+            if done:
+                del self.requests[req_id]
+        return outputs
+
+    def stats(self) -> EngineStats:
+        return EngineStats(len(self.requests), len(self.waiting), len(self.requests), 10, 0, 0, 0, 0, 0)
+
+
+async def collect(engine: AsyncLLMEngine, req_id: str, max_tokens: int) -> RequestOutput:
+    stream = await engine.add_request(req_id, [1], SamplingParams(max_tokens=max_tokens))
+    last = None
+    async for output in stream:
+        last = output
+    assert last is not None
+    return last
+
+
+def run(coro_fn, fake: FakeEngine, max_waiting: int | None = None):
+    async def main():
+        engine = AsyncLLMEngine(fake, max_waiting)  # type: ignore[arg-type]
+        engine.start()
+        try:
+            return await coro_fn(engine)
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_outputs_reach_each_caller() -> None:
+    async def body(engine: AsyncLLMEngine) -> list[RequestOutput]:
+        return await asyncio.gather(*(collect(engine, f"r{i}", i + 1) for i in range(5)))
+
+    outputs = run(body, FakeEngine())
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [1, 2, 3, 4, 5]
+    assert all(o.finished for o in outputs)
+
+
+def test_failed_step_fails_its_requests_and_the_engine_keeps_serving() -> None:
+    fake = FakeEngine()
+
+    async def body(engine: AsyncLLMEngine) -> RequestOutput:
+        stream = await engine.add_request("doomed", [1], SamplingParams(max_tokens=1000))
+        fake.fail_next_step = True
+        with pytest.raises(RequestFailedError, match="boom"):
+            async for _ in stream:
+                pass
+        return await collect(engine, "after", 3)
+
+    assert run(body, fake).outputs[0].token_ids == [0, 1, 2]
+    assert fake.num_aborted == 1
+
+
+def test_value_error_reaches_the_caller() -> None:
+    async def body(engine: AsyncLLMEngine) -> None:
+        with pytest.raises(ValueError, match="empty"):
+            await engine.add_request("bad", [], SamplingParams())
+
+    run(body, FakeEngine())
+
+
+def test_full_waiting_queue_is_refused() -> None:
+    fake = FakeEngine()
+    fake.waiting = ["a"]
+
+    async def body(engine: AsyncLLMEngine) -> None:
+        with pytest.raises(QueueFullError):
+            await engine.add_request("r", [1], SamplingParams())
+
+    run(body, fake, max_waiting=1)
+
+
+def test_abort_frees_the_request() -> None:
+    fake = FakeEngine()
+
+    async def body(engine: AsyncLLMEngine) -> None:
+        await engine.add_request("r", [1], SamplingParams(max_tokens=10**6))
+        engine.abort("r")
+        for _ in range(200):
+            if not fake.requests:
+                return
+            await asyncio.sleep(0.01)
+
+    run(body, fake)
+    assert fake.requests == {} and fake.num_aborted == 1
+
+
+def test_shutdown_ends_streams_and_refuses_new_requests() -> None:
+    async def body(engine: AsyncLLMEngine) -> None:
+        stream = await engine.add_request("r", [1], SamplingParams(max_tokens=10**6))
+        engine.begin_shutdown()
+        with pytest.raises(EngineUnavailableError, match="shutting down"):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineUnavailableError):
+            await engine.add_request("late", [1], SamplingParams())
+
+    run(body, FakeEngine())
