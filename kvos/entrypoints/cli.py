@@ -1,0 +1,208 @@
+"""`kvos generate | chat | serve | bench`: one entry point for every job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512M', '1000000' -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 2GiB, 512MiB or a byte count)")
+    unit = (match.group(2) or "").lower().removesuffix("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    if positional_model:
+        parser.add_argument("model", nargs="?", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+    else:
+        parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--kv-cache", default="paged", choices=["paged", "virtual"])
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV budget, e.g. 2GiB")
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.1)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        kv_cache=args.kv_cache,
+        block_size=args.block_size,
+        kv_cache_memory_bytes=args.kv_cache_memory,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args: argparse.Namespace):  # -> SamplingParams (imported lazily: torch is slow to import)
+    from kvos.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kvos.config import EngineConfig
+    from kvos.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
+    prompt = args.prompt
+    if args.chat_template:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    stream_completion(engine, "generate-0", prompt, sampling_params(args))
+    return 0
+
+
+def stream_completion(engine, req_id: str, prompt: str, params) -> str:
+    """Run one request to the end, printing text as it is produced; return the text."""
+    engine.add_request(req_id, prompt, params)
+    printed = 0
+    text = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+            if out.error:
+                print(f"\nerror: {out.error}", file=sys.stderr)
+    sys.stdout.write("\n")
+    return text
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from kvos.config import EngineConfig
+    from kvos.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_options(args)))
+    params = sampling_params(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"kvos chat with {engine.model_name}: /reset clears the conversation, /exit or Ctrl-D quits.")
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = engine.tokenizer.apply_chat_template(messages)
+        sys.stdout.write("assistant> ")
+        try:
+            reply = stream_completion(engine, f"chat-{turn}", prompt, params)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": reply})
+        turn += 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kvos.config import EngineConfig
+    from kvos.entrypoints.server import ServerConfig, run_server
+
+    server_config = ServerConfig.from_args(args)
+    run_server(EngineConfig.from_kwargs(**engine_options(args)), server_config)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    module = {"roofline": "benchmarks.roofline", "throughput": "benchmarks.offline_throughput"}[args.which]
+    sys.argv = [module, *args.rest]
+    runpy.run_module(module, run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvos", description="A readable LLM serving engine.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete one prompt and print the text")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat-template", action="store_true", help="wrap the prompt as a user chat turn")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat that streams tokens")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat, max_tokens=512)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_args(serve, positional_model=True)
+    try:
+        from kvos.entrypoints.server import add_server_args
+    except ImportError:
+        add_server_args = None
+    if add_server_args is not None:
+        add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks: roofline | throughput (run from the repository root)")
+    bench.add_argument("which", choices=["roofline", "throughput"])
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"kvos: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

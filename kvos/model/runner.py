@@ -1,0 +1,79 @@
+"""Executes one scheduled step: flat batch in, logits for the sampled rows out."""
+
+from __future__ import annotations
+
+import torch
+
+from kvos.attention.contiguous import KVSpan
+from kvos.attention.metadata import AttentionMetadata, DecodeBatch, PrefillChunk
+from kvos.engine.scheduler import ScheduledChunk
+from kvos.memory.kv_manager import KVCacheManager
+from kvos.model.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    """Owns the model; reads KV placement from the manager, never allocates."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_manager: KVCacheManager, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv_manager
+        self.device = device
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Run the chunks; return logits (R, V) for those that complete their known tokens, in order."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_parts: list[torch.Tensor] = []
+        decode_rows: list[int] = []
+        decode_indices: list[torch.Tensor] = []
+        prefills: list[PrefillChunk] = []
+        sample_rows: list[int] = []
+        spans: list[KVSpan] | None = [] if getattr(self.kv, "contiguous", False) else None
+        for chunk in chunks:
+            request, n = chunk.request, chunk.num_tokens
+            start = request.num_computed_tokens
+            end = start + n
+            row = len(input_ids)
+            input_ids.extend(request.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            indices = self.kv.kv_indices(request, end)
+            slot_parts.append(indices[start:])
+            if spans is not None:
+                spans.append(KVSpan(row, n, self.kv.kv_start(request), start))
+            elif n == 1:
+                decode_rows.append(row)
+                decode_indices.append(indices)
+            else:
+                prefills.append(PrefillChunk(row, n, start, indices))
+            if chunk.completes_known_tokens:
+                sample_rows.append(row + n - 1)
+        meta = AttentionMetadata(
+            slot_mapping=torch.cat(slot_parts),
+            decode=self._decode_batch(decode_rows, decode_indices),
+            prefills=prefills,
+            spans=spans,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        hidden = self.model(ids, pos, self.kv.kv_caches, meta)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden[rows])
+
+    def _decode_batch(self, rows: list[int], indices: list[torch.Tensor]) -> DecodeBatch | None:
+        if not rows:
+            return None
+        lengths = torch.tensor([len(i) for i in indices], device=self.device)
+        max_len = int(lengths.max())
+        # Padding repeats the request's own first slot, which is always backed by
+        # memory (slot 0 may sit on an unmapped page of a virtual cache); the mask hides it.
+        padded = torch.zeros(len(rows), max_len, dtype=torch.long, device=self.device)
+        for b, idx in enumerate(indices):
+            padded[b, : len(idx)] = idx
+            padded[b, len(idx) :] = idx[0]
+        mask = torch.arange(max_len, device=self.device)[None, :] < lengths[:, None]
+        return DecodeBatch(
+            token_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
+            kv_indices=padded,
+            mask=mask[:, None, None, :],
+        )
