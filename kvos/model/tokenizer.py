@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 from tokenizers import Tokenizer as BackendTokenizer
+
+if TYPE_CHECKING:
+    import jinja2
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -44,7 +45,6 @@ class Tokenizer:
         self.eos_token_ids = eos_token_ids
         self.chat_template = chat_template
         self.add_bos_token = add_bos_token
-        self._template = None if chat_template is None else _compile_template(chat_template)
 
     @property
     def bos_token(self) -> str | None:
@@ -86,9 +86,11 @@ class Tokenizer:
         messages, and when the template itself rejects the conversation
         (`raise_exception`, e.g. roles that do not alternate).
         """
-        if self._template is None:
+        if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead of messages")
         _check_messages(messages)
+        import jinja2
+
         try:
             return self._template.render(
                 messages=messages,
@@ -97,7 +99,13 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
             )
         except jinja2.TemplateError as exc:
-            raise ValueError(f"the chat template rejected the messages: {exc}") from exc
+            raise ValueError(f"chat template failed on these messages: {exc}") from exc
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        """Compiled on first use: importing jinja2 and compiling cost ~0.1 s of start-up."""
+        assert self.chat_template is not None
+        return _compile_template(self.chat_template)
 
     @classmethod
     def from_hf_folder(cls, path: str | Path) -> Tokenizer:
@@ -163,6 +171,10 @@ def _compile_template(source: str) -> jinja2.Template:
     trim_blocks/lstrip_blocks and the helpers below are what HF templates are
     written against; other settings change the rendered whitespace.
     """
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
@@ -184,6 +196,8 @@ def _tojson(
 
 
 def _raise_exception(message: str) -> None:
+    import jinja2
+
     raise jinja2.TemplateError(message)
 
 

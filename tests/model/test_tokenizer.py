@@ -313,3 +313,8 @@ def test_hf_folder_settings(tmp_path) -> None:
 def test_hf_folder_without_tokenizer_json(tmp_path) -> None:
     with pytest.raises(ValueError, match="no tokenizer.json"):
         Tokenizer.from_hf_folder(tmp_path)
+
+
+def test_broken_template_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="chat template failed"):
+        _bare_tokenizer("{% for m in messages %}").apply_chat_template([{"role": "user", "content": "a"}])
