@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvos.attention.contiguous import KVSpan
+
 
 @dataclass
 class DecodeBatch:
@@ -36,3 +38,6 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     decode: DecodeBatch | None
     prefills: list[PrefillChunk]
+    # Set when the KV manager keeps each request's KV contiguous (virtual cache):
+    # attention then reads every request's run in place instead of `decode`/`prefills`.
+    spans: list[KVSpan] | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvos.attention import contiguous
 from kvos.attention.metadata import AttentionMetadata
 
 
@@ -23,6 +24,8 @@ def attention(
     scale: float,
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D). Returns (T, H, D)."""
+    if meta.spans is not None:
+        return contiguous.attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.spans, scale)
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
