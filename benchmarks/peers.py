@@ -1,0 +1,53 @@
+"""The engines kvos is compared with, loaded from the same GGUF file as kvos.
+
+Hugging Face transformers dequantizes the GGUF to float32 (as kvos does), so
+it does the same arithmetic; llama.cpp computes on the quantized weights
+directly, so it reads ~6x fewer weight bytes per token. Their packages are
+benchmark-only: they are imported here, inside functions, never by kvos.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from kvos.model.loader import default_model_path
+
+
+def resolve_gguf(model: str | None) -> Path:
+    """The .gguf file every engine loads: `model`, or kvos's default model."""
+    path = Path(model) if model is not None else Path(default_model_path())
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ValueError(f"model must be an existing .gguf file, got {str(path)!r}")
+    return path
+
+
+def load_hf_tokenizer(gguf_path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+
+
+def load_hf_model(gguf_path: Path) -> Any:
+    """The GGUF dequantized to float32 (loading a GGUF needs `accelerate` installed)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def llama_cpp_version() -> str | None:
+    """The installed llama-cpp-python version, or None when it is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    import llama_cpp
+
+    return str(llama_cpp.__version__)
+
+
+def load_llama_cpp(gguf_path: Path, n_ctx: int, n_threads: int) -> Any:
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, logits_all=False, verbose=False)
