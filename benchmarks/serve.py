@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="fixes the sampled requests and the arrival times")
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
     parser.add_argument("--max-output-tokens", type=int, default=256)
-    parser.add_argument("--tokenizer-gguf", default=None, help="GGUF whose tokenizer sizes the requests (default: kvos's default model)")
+    parser.add_argument(
+        "--tokenizer-gguf", default=None, help="GGUF whose tokenizer sizes the requests (default: kvos's default model)"
+    )
     parser.add_argument("--model-name", default=None, help="model id to send (default: the first of GET /v1/models)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="let requests stop at EOS")

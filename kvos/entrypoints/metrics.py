@@ -32,7 +32,9 @@ class _EngineCollector(Collector):
         s = self._stats()
         yield GaugeMetricFamily("kvos_num_requests_running", "Sequences in the running batch.", value=s.num_running)
         yield GaugeMetricFamily("kvos_num_requests_waiting", "Sequences waiting to be scheduled.", value=s.num_waiting)
-        yield GaugeMetricFamily("kvos_kv_cache_used_blocks", "KV cache blocks held by requests.", value=s.num_used_blocks)
+        yield GaugeMetricFamily(
+            "kvos_kv_cache_used_blocks", "KV cache blocks held by requests.", value=s.num_used_blocks
+        )
         yield GaugeMetricFamily("kvos_kv_cache_free_blocks", "KV cache blocks free.", value=s.num_free_blocks)
         yield GaugeMetricFamily(
             "kvos_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / tokens looked up.",

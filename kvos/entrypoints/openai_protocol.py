@@ -68,7 +68,7 @@ class _SamplingFields(_Request):
     top_p: float | None = None
     top_k: int | None = None
     min_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, le=2**63 - 1)
     n: int | None = Field(default=None, le=128)
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
@@ -204,7 +204,8 @@ def _protocol_error(exc: ValidationError) -> ProtocolError:
     param = ".".join(str(p) for p in path) or None
     field = next((p for p in reversed(path) if isinstance(p, str)), None)
     if error["type"] == "missing":
-        return ProtocolError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        message = f"Missing required parameter: '{param}'."
+        return ProtocolError(400, message, param=param, code="missing_required_parameter")
     if len(error["loc"]) > len(path) and field in _UNION_EXPECTED:
         message = f"Invalid type for '{param}': expected {_UNION_EXPECTED[field]}."
         return ProtocolError(400, message, param=param, code="invalid_type")

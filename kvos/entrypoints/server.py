@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -111,9 +111,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     defaults = ServerConfig()
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (or set {_API_KEY_ENV})")
-    parser.add_argument("--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before answering 429")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request body limit (413 beyond)")
+    parser.add_argument(
+        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (or set {_API_KEY_ENV})"
+    )
+    parser.add_argument(
+        "--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before answering 429"
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request body limit (413 beyond)"
+    )
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
 
 
@@ -123,16 +129,19 @@ def _sse(payload: BaseModel | dict[str, Any], exclude: set[str] | None = None) -
 
 
 _SSE_DONE = "data: [DONE]\n\n"
+_MIN_LOGPROB = -9999.0
 
 
 def _engine_error(exc: Exception) -> ProtocolError:
     if isinstance(exc, QueueFullError):
-        return ProtocolError(429, f"The server is overloaded: {exc}; retry later.", type="rate_limit_error", code="queue_full")
+        message = f"The server is overloaded: {exc}; retry later."
+        return ProtocolError(429, message, type="rate_limit_error", code="queue_full")
     if isinstance(exc, RequestFailedError):
         return ProtocolError(503, f"The engine failed this request: {exc}", type="server_error", code="engine_error")
     if isinstance(exc, EngineUnavailableError):
         return ProtocolError(503, f"The engine is unavailable: {exc}", type="server_error", code="unavailable")
-    return ProtocolError(503, f"The engine could not take this request: {type(exc).__name__}", type="server_error", code="engine_error")
+    message = f"The engine could not take this request: {type(exc).__name__}"
+    return ProtocolError(503, message, type="server_error", code="engine_error")
 
 
 async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -179,10 +188,11 @@ class _Job:
 
     request_id: str
     created: int
-    prompt_texts: list[str]
     prompt_token_ids: list[list[int]]
     params: SamplingParams
-    streams: list[RequestStream]
+    streams: list[RequestStream] = field(default_factory=list)
+    prompt_texts: list[str] = field(default_factory=list)
+    """Filled for echo only."""
     closed: bool = False
 
     def choice_index(self, prompt_index: int, output: CompletionOutput) -> int:
@@ -193,9 +203,8 @@ class _Job:
         completion_tokens = sum(
             len(c.token_ids) for s in self.streams if s.output is not None for c in s.output.outputs
         )
-        return UsageInfo(
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-        )
+        total_tokens = prompt_tokens + completion_tokens
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total_tokens)
 
 
 class _EventStream(StreamingResponse):
@@ -259,7 +268,7 @@ class OpenAIServer:
                 raise too_large
         try:
             return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad syntax or encoding, over-long integers, deep nesting
             raise ProtocolError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
 
     def check_model(self, model: str) -> None:
@@ -277,16 +286,16 @@ class OpenAIServer:
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {prompt_param}, "
-                f"{max_tokens} in the completion). Please reduce the length of the {prompt_param} or {max_tokens_param}.",
+                f"{max_tokens} in the completion). Please reduce the length of the {prompt_param} "
+                f"or {max_tokens_param}.",
                 param=param, code="context_length_exceeded",
             )
 
     async def start_job(
-        self, prefix: str, prompt_token_ids: list[list[int]], prompt_texts: list[str], params: SamplingParams,
-        prompt_param: str,
+        self, prefix: str, prompt_token_ids: list[list[int]], params: SamplingParams, prompt_param: str
     ) -> _Job:
         """Hand every prompt to the engine; all or none of them run."""
-        job = _Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_texts, prompt_token_ids, params, [])
+        job = _Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_token_ids, params)
         try:
             for i, ids in enumerate(prompt_token_ids):
                 job.streams.append(await self.engine.add_request(f"{job.request_id}-{i}", ids, params))
@@ -342,6 +351,11 @@ class OpenAIServer:
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    @staticmethod
+    def finite(logprob: float) -> float:
+        """JSON has no -inf; a token the model rules out gets a very small log-probability instead."""
+        return max(logprob, _MIN_LOGPROB)
+
     # -- endpoints -------------------------------------------------------------------------
 
     async def health(self) -> Response:
@@ -354,7 +368,8 @@ class OpenAIServer:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)])
+        card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)
+        return ModelList(data=[card])
 
     async def completions(self, request: Request) -> Response:
         req = parse_request(CompletionRequest, await self.read_json(request))
@@ -364,8 +379,12 @@ class OpenAIServer:
         prompt_ids = [await asyncio.to_thread(self.tokenizer.encode, p) if isinstance(p, str) else p for p in prompts]
         for ids in prompt_ids:
             self.check_context(len(ids), params.max_tokens, "prompt", "max_tokens")
-        texts = [p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
-        job = await self.start_job("cmpl", prompt_ids, texts, params, "prompt")
+        job = await self.start_job("cmpl", prompt_ids, params, "prompt")
+        if req.echo:
+            # Decoded only now: the engine has checked that the ids are in its vocabulary.
+            job.prompt_texts = [
+                p if isinstance(p, str) else self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts
+            ]
         if req.stream:
             return _EventStream(self._completion_events(job, req), lambda: self.close_job(job))
         finals = await self.run_to_end(request, job)
@@ -390,7 +409,7 @@ class OpenAIServer:
         req = parse_request(ChatCompletionRequest, await self.read_json(request))
         self.check_model(req.model)
         try:
-            text = self.tokenizer.apply_chat_template(req.conversation(), add_generation_prompt=True)
+            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, req.conversation(), True)
         except ValueError as exc:
             raise ProtocolError(400, str(exc), param="messages", code="invalid_value") from exc
         # The template already wrote the special tokens (<|im_start|>, BOS) into the text.
@@ -400,7 +419,7 @@ class OpenAIServer:
         # Like OpenAI, an unset max_tokens means "up to the end of the context".
         params = req.to_sampling_params(default_max_tokens=max(1, self.engine.max_model_len - len(ids)))
         self.check_context(len(ids), 0 if requested is None else params.max_tokens, "messages", max_tokens_param)
-        job = await self.start_job("chatcmpl", [ids], [text], params, "messages")
+        job = await self.start_job("chatcmpl", [ids], params, "messages")
         if req.stream:
             return _EventStream(self._chat_events(job, req), lambda: self.close_job(job))
         finals = await self.run_to_end(request, job)
@@ -457,7 +476,9 @@ class OpenAIServer:
                 if req.logprobs is not None:
                     choice.logprobs = self._completion_logprobs(logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in choice.logprobs.tokens)
-                chunk = CompletionResponse(id=job.request_id, created=job.created, model=self.model_name, choices=[choice])
+                chunk = CompletionResponse(
+                    id=job.request_id, created=job.created, model=self.model_name, choices=[choice]
+                )
                 yield _sse(chunk, exclude)
         except (RequestFailedError, EngineUnavailableError) as exc:
             yield _sse(_engine_error(exc).body())
@@ -502,8 +523,8 @@ class OpenAIServer:
         for lp in logprobs:
             token = self.token_text(lp.token_id)
             result.tokens.append(token)
-            result.token_logprobs.append(lp.logprob)
-            result.top_logprobs.append({self.token_text(t): v for t, v in lp.top.items()})
+            result.token_logprobs.append(self.finite(lp.logprob))
+            result.top_logprobs.append({self.token_text(t): self.finite(v) for t, v in lp.top.items()})
             result.text_offset.append(offset)
             offset += len(token)
         return result
@@ -513,10 +534,14 @@ class OpenAIServer:
         for lp in logprobs:
             token = self.token_text(lp.token_id)
             top = [
-                TopLogprob(token=(alt := self.token_text(t)), logprob=v, bytes=list(alt.encode()))
+                TopLogprob(token=(alt := self.token_text(t)), logprob=self.finite(v), bytes=list(alt.encode()))
                 for t, v in lp.top.items()
             ]
-            content.append(ChatTokenLogprob(token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top))
+            content.append(
+                ChatTokenLogprob(
+                    token=token, logprob=self.finite(lp.logprob), bytes=list(token.encode()), top_logprobs=top
+                )
+            )
         return ChatLogprobs(content=content)
 
 

@@ -45,7 +45,8 @@ class FakeEngine:
             tokens.append(len(tokens))
             done = len(tokens) >= params.max_tokens
             finish = "length" if done else None
-            outputs.append(RequestOutput(req_id, None, [1], [CompletionOutput(0, "x" * len(tokens), list(tokens), finish)], done))
+            completion = CompletionOutput(0, "x" * len(tokens), list(tokens), finish)
+            outputs.append(RequestOutput(req_id, None, [1], [completion], done))
             if done:
                 del self.requests[req_id]
         return outputs

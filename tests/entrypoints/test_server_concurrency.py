@@ -22,7 +22,8 @@ def request_body(i: int, max_tokens: int) -> tuple[str, dict[str, Any]]:
         "seed": i, "stream_options": {"include_usage": True},
     }
     if i % 2:
-        return "/chat/completions", {**common, "messages": [{"role": "user", "content": f"Tell me about the number {i}."}]}
+        messages = [{"role": "user", "content": f"Tell me about the number {i}."}]
+        return "/chat/completions", {**common, "messages": messages}
     return "/completions", {**common, "prompt": f"Client {i} says: the weather today is"}
 
 

@@ -66,7 +66,8 @@ def without(body: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def test_malformed_json(api: httpx.Client) -> None:
-    response = api.post("/completions", content=b'{"model": "x", "prompt": ', headers={"content-type": "application/json"})
+    truncated = b'{"model": "x", "prompt": '
+    response = api.post("/completions", content=truncated, headers={"content-type": "application/json"})
     error = assert_error(response, 400, None, "not valid JSON")
     assert error["code"] == "invalid_json"
 
@@ -128,6 +129,7 @@ def test_wrong_type(api: httpx.Client, path: str, body: dict, param: str) -> Non
         ("/completions", completion(prompt=""), "prompt", "empty"),
         ("/completions", completion(prompt=[]), "prompt", "empty"),
         ("/completions", completion(prompt=[10**6]), "prompt", "vocabulary"),
+        ("/completions", completion(prompt=[-1], echo=True), "prompt", "vocabulary"),
         ("/chat/completions", chat(max_completion_tokens=0), "max_completion_tokens", "max_tokens must be >= 1"),
         ("/chat/completions", chat(top_logprobs=2), "top_logprobs", "logprobs"),
         ("/chat/completions", chat(logprobs=True, top_logprobs=21), "top_logprobs", "logprobs"),
@@ -172,7 +174,8 @@ def test_api_key_required_on_v1(server: ServerProcess, path: str, authorization:
     if path == "/models":
         response = httpx.get(f"{server.base_url}{path}", headers=headers)
     else:
-        response = httpx.post(f"{server.base_url}{path}", headers=headers, json=chat() if "chat" in path else completion())
+        body = chat() if "chat" in path else completion()
+        response = httpx.post(f"{server.base_url}{path}", headers=headers, json=body)
     error = assert_error(response, 401, None, "API key")
     assert error["type"] == "authentication_error"
 
