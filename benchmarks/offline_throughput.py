@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.peers import load_hf_model, load_hf_tokenizer, resolve_gguf
+from benchmarks.peers import arch_from_gguf, load_hf_model, load_hf_tokenizer, resolve_gguf
 from benchmarks.roofline import MachinePeak, Roofline, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import BenchRequest, sample_requests
 
@@ -87,7 +87,7 @@ class ThroughputResult:
 def run_kvos(
     requests: Sequence[BenchRequest],
     gguf_path: Path,
-    roofline_for: Any,
+    roofline: Roofline,
     warmup_ids: list[int],
     kv_cache: str,
     max_num_seqs: int,
@@ -111,8 +111,10 @@ def run_kvos(
     counts = [(r.max_tokens, len(out.outputs[0].token_ids)) for r, out in zip(requests, outputs)]
     wrong = [c for c in counts if c[0] != c[1]]
     if wrong:
-        logger.warning("kvos generated a wrong number of tokens for %d requests (wanted, got): %s", len(wrong), wrong[:5])
-    bound = roofline_for(llm.engine.arch).lower_bound_seconds(
+        logger.warning(
+            "kvos generated a wrong number of tokens for %d requests (wanted, got): %s", len(wrong), wrong[:5]
+        )
+    bound = roofline.lower_bound_seconds(
         [(len(r.prompt_token_ids), r.max_tokens) for r in requests], max_num_seqs, WEIGHT_BYTES_PER_PARAM
     )
     num_useful = sum(min(wanted, got) for wanted, got in counts)
@@ -121,7 +123,12 @@ def run_kvos(
 
 
 def run_hf(
-    requests: Sequence[BenchRequest], gguf_path: Path, roofline_for: Any, warmup_ids: list[int], pad_token_id: int, batch_size: int
+    requests: Sequence[BenchRequest],
+    gguf_path: Path,
+    roofline: Roofline,
+    warmup_ids: list[int],
+    pad_token_id: int,
+    batch_size: int,
 ) -> EngineRun:
     model = load_hf_model(gguf_path)
     _hf_generate(model, [warmup_ids, warmup_ids[:3]], max_new_tokens=8, pad_token_id=pad_token_id)
@@ -131,11 +138,13 @@ def run_hf(
     start = time.perf_counter()
     for batch in tqdm(batches, desc="hf batches", unit="batch"):
         max_new = max(r.max_tokens for r in batch)
-        _hf_generate(model, [list(r.prompt_token_ids) for r in batch], max_new_tokens=max_new, pad_token_id=pad_token_id)
+        _hf_generate(
+            model, [list(r.prompt_token_ids) for r in batch], max_new_tokens=max_new, pad_token_id=pad_token_id
+        )
         num_generated += len(batch) * max_new
     elapsed = time.perf_counter() - start
 
-    bound = roofline_for(model.config).lower_bound_seconds(
+    bound = roofline.lower_bound_seconds(
         [(len(r.prompt_token_ids), r.max_tokens) for r in requests], batch_size, WEIGHT_BYTES_PER_PARAM
     )
     return EngineRun("hf", batch_size, sum(r.max_tokens for r in requests), num_generated, elapsed, bound.total_s)
@@ -203,9 +212,7 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     gguf_path = resolve_gguf(args.model)
     machine = load_or_measure("cpu", remeasure=args.remeasure)
-
-    def roofline_for(arch: Any) -> Roofline:
-        return Roofline.for_machine(arch, machine)
+    roofline = Roofline.for_machine(arch_from_gguf(gguf_path), machine)
 
     tokenizer = load_hf_tokenizer(gguf_path)
     requests = sample_requests(tokenizer, args.num_requests, seed=args.seed)
@@ -218,11 +225,13 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
     runs: list[EngineRun] = []
     if "kvos" in args.engines:
         runs.append(
-            run_kvos(requests, gguf_path, roofline_for, warmup_ids, args.kv_cache, args.max_num_seqs, args.max_num_batched_tokens)
+            run_kvos(
+                requests, gguf_path, roofline, warmup_ids, args.kv_cache, args.max_num_seqs, args.max_num_batched_tokens
+            )
         )
     if "hf" in args.engines:
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        runs.append(run_hf(requests, gguf_path, roofline_for, warmup_ids, pad_token_id, args.hf_batch_size))
+        runs.append(run_hf(requests, gguf_path, roofline, warmup_ids, pad_token_id, args.hf_batch_size))
 
     result = ThroughputResult(
         date=datetime.date.today().isoformat(),

@@ -12,6 +12,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from kvos.model.arch import ModelArch
+from kvos.model.gguf_loader import gguf_hf_config, open_gguf
 from kvos.model.loader import default_model_path
 
 
@@ -21,6 +23,11 @@ def resolve_gguf(model: str | None) -> Path:
     if path.suffix != ".gguf" or not path.is_file():
         raise ValueError(f"model must be an existing .gguf file, got {str(path)!r}")
     return path
+
+
+def arch_from_gguf(gguf_path: Path) -> ModelArch:
+    """The model's shape, read with kvos's own GGUF parser (the roofline needs it)."""
+    return ModelArch.from_hf_config(gguf_hf_config(open_gguf(gguf_path)))
 
 
 def load_hf_tokenizer(gguf_path: Path) -> Any:

@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -76,7 +77,11 @@ class ArchShape:
     @property
     def linear_params_per_layer(self) -> int:
         """q, k, v, o projections and the gated MLP (gate, up, down)."""
-        h, q_dim, kv_dim = self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        h, q_dim, kv_dim = (
+            self.hidden_size,
+            self.num_attention_heads * self.head_dim,
+            self.num_key_value_heads * self.head_dim,
+        )
         return h * q_dim + 2 * h * kv_dim + q_dim * h + 3 * h * self.intermediate_size
 
     @property
@@ -234,7 +239,9 @@ def percent_of_limit(measured_s: float, bound_s: float) -> float:
     return 100.0 * bound_s / measured_s
 
 
-def _sustained_rate(run: Callable[[], object], work: float, synchronize: Callable[[], None], min_seconds: float) -> float:
+def _sustained_rate(
+    run: Callable[[], object], work: float, synchronize: Callable[[], None], min_seconds: float
+) -> float:
     """Best of three timed loops of at least `min_seconds`, in work units per second."""
     run()
     synchronize()
@@ -288,12 +295,12 @@ def measure_machine(device: str = "cpu", arch: ArchShape = SMOLLM2_135M, min_sec
         for m, k, n in shapes:
             a = torch.randn(m, k, dtype=dtype, device=device)
             b = torch.randn(k, n, dtype=dtype, device=device)
-            rate = _sustained_rate(lambda: torch.matmul(a, b), 2.0 * m * k * n, synchronize, min_seconds)
+            rate = _sustained_rate(partial(torch.matmul, a, b), 2.0 * m * k * n, synchronize, min_seconds)
             gemm_flops[f"{m}x{k}x{n}"] = rate
             logger.info("GEMM %dx%dx%d: %.1f GFLOP/s", m, k, n, rate / 1e9)
             del a, b
         big = torch.ones(bandwidth_elems, dtype=dtype, device=device)
-        bandwidth = _sustained_rate(lambda: big.sum(), float(big.numel() * big.element_size()), synchronize, min_seconds)
+        bandwidth = _sustained_rate(big.sum, float(big.numel() * big.element_size()), synchronize, min_seconds)
         logger.info("read bandwidth: %.1f GB/s", bandwidth / 1e9)
         del big
     return MachinePeak(

@@ -111,7 +111,9 @@ def _skip_separators(text: str, pos: int) -> int:
 
 
 def _to_conversation(entry: dict) -> Conversation:
-    turns = tuple(Turn(role=str(t.get("from", "")), text=str(t.get("value", ""))) for t in entry.get("conversations", []))
+    turns = tuple(
+        Turn(role=str(t.get("from", "")), text=str(t.get("value", ""))) for t in entry.get("conversations", [])
+    )
     return Conversation(conversation_id=str(entry.get("id", "")), turns=turns)
 
 

@@ -47,9 +47,15 @@ def test_stops_cleanly_at_a_cut_and_honours_limit(tmp_path: Path) -> None:
 
 def test_sample_is_deterministic_and_within_bounds(conversations: list[Conversation]) -> None:
     tokenizer = WordTokenizer()
-    first = sample_requests(tokenizer, 50, max_prompt_tokens=64, max_output_tokens=32, seed=7, conversations=conversations)
-    again = sample_requests(tokenizer, 50, max_prompt_tokens=64, max_output_tokens=32, seed=7, conversations=conversations)
-    other = sample_requests(tokenizer, 50, max_prompt_tokens=64, max_output_tokens=32, seed=8, conversations=conversations)
+    first = sample_requests(
+        tokenizer, 50, max_prompt_tokens=64, max_output_tokens=32, seed=7, conversations=conversations
+    )
+    again = sample_requests(
+        tokenizer, 50, max_prompt_tokens=64, max_output_tokens=32, seed=7, conversations=conversations
+    )
+    other = sample_requests(
+        tokenizer, 50, max_prompt_tokens=64, max_output_tokens=32, seed=8, conversations=conversations
+    )
 
     assert first == again
     assert first != other
@@ -69,4 +75,6 @@ def test_sample_is_deterministic_and_within_bounds(conversations: list[Conversat
 
 def test_asking_for_more_requests_than_fit_is_an_error(conversations: list[Conversation]) -> None:
     with pytest.raises(ValueError, match="num_requests"):
-        sample_requests(WordTokenizer(), 100, max_prompt_tokens=4, max_output_tokens=4, conversations=conversations[:200])
+        sample_requests(
+            WordTokenizer(), 100, max_prompt_tokens=4, max_output_tokens=4, conversations=conversations[:200]
+        )
