@@ -28,8 +28,8 @@ from benchmarks.peers import (
     arch_from_gguf,
     llama_cpp_version,
     load_hf_model,
-    load_hf_tokenizer,
     load_llama_cpp,
+    load_tokenizer,
     resolve_gguf,
 )
 from benchmarks.roofline import ArchShape, MachinePeak, Roofline, load_or_measure, percent_of_limit
@@ -250,14 +250,14 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     gguf_path = resolve_gguf(args.model)
     machine = load_or_measure("cpu", remeasure=args.remeasure)
-    tokenizer = load_hf_tokenizer(gguf_path)
+    tokenizer = load_tokenizer(gguf_path)
     prompt_ids = list(tokenizer.encode(PROMPT_TEXT))[: args.prompt_tokens]
     if len(prompt_ids) < args.prompt_tokens:
         raise ValueError(
             f"--prompt-tokens must be <= {len(prompt_ids)} (the built-in prompt's length), got {args.prompt_tokens}"
         )
     warmup_ids = list(tokenizer.encode(WARMUP_TEXT))
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token_id = tokenizer.eos_token_ids[0]  # any id will do: the attention mask hides padding
     n = args.new_tokens
     print(
         f"decode latency: {gguf_path.name}, batch 1, {len(prompt_ids)} prompt tokens, {n} new tokens, greedy, EOS ignored"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.peers import arch_from_gguf, load_hf_model, load_hf_tokenizer, resolve_gguf
+from benchmarks.peers import arch_from_gguf, load_hf_model, load_tokenizer, resolve_gguf
 from benchmarks.roofline import MachinePeak, Roofline, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import BenchRequest, sample_requests
 
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
     machine = load_or_measure("cpu", remeasure=args.remeasure)
     roofline = Roofline.for_machine(arch_from_gguf(gguf_path), machine)
 
-    tokenizer = load_hf_tokenizer(gguf_path)
+    tokenizer = load_tokenizer(gguf_path)
     requests = sample_requests(tokenizer, args.num_requests, seed=args.seed)
     warmup_ids = list(tokenizer.encode(WARMUP_PROMPT))
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "remeasure")}
@@ -230,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
             )
         )
     if "hf" in args.engines:
-        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_token_id = tokenizer.eos_token_ids[0]  # any id will do: the attention mask hides padding
         runs.append(run_hf(requests, gguf_path, roofline, warmup_ids, pad_token_id, args.hf_batch_size))
 
     result = ThroughputResult(

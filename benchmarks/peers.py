@@ -1,8 +1,8 @@
-"""The engines kvos is compared with, loaded from the same GGUF file as kvos.
+"""The engines kvos is compared with, and what they share, all from one GGUF file.
 
 Hugging Face transformers dequantizes the GGUF to float32 (as kvos does), so
 it does the same arithmetic; llama.cpp computes on the quantized weights
-directly, so it reads ~6x fewer weight bytes per token. Their packages are
+directly, so it reads about 5x fewer weight bytes per token. Their packages are
 benchmark-only: they are imported here, inside functions, never by kvos.
 """
 
@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from kvos.model.arch import ModelArch
-from kvos.model.gguf_loader import gguf_hf_config, open_gguf
+from kvos.model.gguf_loader import gguf_hf_config, gguf_tokenizer, open_gguf
 from kvos.model.loader import default_model_path
+from kvos.model.tokenizer import Tokenizer
 
 
 def resolve_gguf(model: str | None) -> Path:
@@ -30,10 +31,14 @@ def arch_from_gguf(gguf_path: Path) -> ModelArch:
     return ModelArch.from_hf_config(gguf_hf_config(open_gguf(gguf_path)))
 
 
-def load_hf_tokenizer(gguf_path: Path) -> Any:
-    from transformers import AutoTokenizer
+def load_tokenizer(gguf_path: Path) -> Tokenizer:
+    """kvos's tokenizer, which turns every benchmark prompt into the ids all engines get.
 
-    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    Not transformers' GGUF tokenizer: that one splits whitespace before digits
+    differently from the model's own tokenizer.json (e.g. "\\n\\n 1" becomes
+    "\\n\\n", " ", "1" instead of "\\n\\n ", "1").
+    """
+    return gguf_tokenizer(open_gguf(gguf_path))
 
 
 def load_hf_model(gguf_path: Path) -> Any:
