@@ -61,9 +61,10 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
         self.device = torch.device(config.model.device)
         dtype = _DTYPES[config.model.dtype]
-        model = build_model(arch, self.max_model_len)
+        with torch.device("meta"):
+            model = build_model(arch, self.max_model_len)
         if loaded.state_dict is None:
-            model.init_dummy_weights(config.model.seed)
+            model.init_dummy_weights(self.device, config.model.seed)
         else:
             model.load_weights(loaded.state_dict)
         model = model.to(device=self.device, dtype=dtype).eval()

@@ -41,11 +41,13 @@ class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the Hugging Face (rotate-half) layout.
 
     cos/sin are precomputed for every position so a step only gathers rows.
+    They are made on the CPU explicitly, so they are real even when the model
+    around them is built on the meta device.
     """
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
         rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
         if rope_type == "llama3":
             inv_freq = _llama3_inv_freq(inv_freq, scaling or {})
@@ -53,7 +55,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = inv_freq / float((scaling or {})["factor"])
         elif rope_type not in ("default", None):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)

@@ -111,27 +111,35 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named weights in; every parameter must be present, no extras."""
+        """Adopt HF-named weights as the parameters (no copy); every one must be present, no extras.
+
+        The model is built on the meta device, so adopting the loaded tensors
+        is what materialises it: start-up pays for neither random init nor a copy.
+        """
         expected = {name for name, _ in self.named_parameters()}
         if self.arch.tie_word_embeddings:
             state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+            expected.discard("lm_head.weight")
         missing = sorted(expected - state_dict.keys())
         unexpected = sorted(k for k in state_dict.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        params = dict(self.named_parameters())
-        with torch.no_grad():
-            for name in expected:
-                params[name].copy_(state_dict[name])
+        self.load_state_dict({k: state_dict[k] for k in expected}, strict=False, assign=True)
+        self._tie_embeddings()
 
-    def init_dummy_weights(self, seed: int) -> None:
+    def _tie_embeddings(self) -> None:
+        if self.arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def init_dummy_weights(self, device: torch.device, seed: int) -> None:
         """Random weights with a realistic scale, for benchmarking shapes without a checkpoint."""
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.to_empty(device=device)
+        self._tie_embeddings()
+        self.rotary.to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("layernorm.weight") or name == "model.norm.weight":
                     param.fill_(1.0)
-                elif param.device.type == "cpu":
-                    param.normal_(0.0, 0.02, generator=generator)
                 else:
-                    param.normal_(0.0, 0.02)
+                    param.normal_(0.0, 0.02, generator=generator)
