@@ -133,9 +133,11 @@ class LlamaForCausalLM(nn.Module):
 
     def init_dummy_weights(self, device: torch.device, seed: int) -> None:
         """Random weights with a realistic scale, for benchmarking shapes without a checkpoint."""
-        self.to_empty(device=device)
+        # Materialise the parameters only: `to_empty` would also wipe the rotary tables.
+        for module in self.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                setattr(module, name, nn.Parameter(torch.empty_like(param, device=device), requires_grad=False))
         self._tie_embeddings()
-        self.rotary.to(device)
         generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, param in self.named_parameters():
