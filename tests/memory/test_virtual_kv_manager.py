@@ -276,3 +276,15 @@ def test_cuda_manager_matches_cpu_manager() -> None:
     gpu.free(b)
     assert gpu.num_used_blocks == 0
     gpu.close()
+
+
+def test_static_reservation_commits_every_row_once() -> None:
+    with pytest.raises(ValueError, match="static reservation of 4 rows x 256 tokens"):
+        make_manager(budget_pages=256).commit_all_rows()
+    kv = make_manager(budget_pages=512)
+    kv.commit_all_rows()
+    assert kv.num_committed_pages == 512 and kv.num_used_blocks == 0
+    committed = kv.num_committed_pages
+    prefill(kv, make_request("a", 100))
+    assert kv.num_committed_pages == committed and kv.num_used_blocks == 128
+    check_page_map(kv)

@@ -234,6 +234,25 @@ class VirtualKVCacheManager:
         with self.table.lock:
             return self.table.reclaim_all_idle()
 
+    def commit_all_rows(self) -> None:
+        """Commit every row to its full length now, as servers before PagedAttention did.
+
+        This is the static max-length reservation that benchmarks compare
+        against: afterwards no request ever maps a page. Raises ValueError
+        when the budget cannot hold every row.
+        """
+        with self.table.lock:
+            needed = self.layout.num_rows * self.layout.row_pages * self.layout.num_planes
+            if needed > self.table.budget_pages:
+                raise ValueError(
+                    f"a static reservation of {self.layout.num_rows} rows x {self.layout.row_tokens} tokens needs "
+                    f"{needed * self.layout.page_size} bytes; kv_cache_memory_bytes allows "
+                    f"{self.table.budget_pages * self.layout.page_size}"
+                )
+            for row in range(self.layout.num_rows):
+                mapped = self.table.ensure(row, self.layout.row_pages)
+                assert mapped, "the budget check above guarantees room"
+
     def wait_for_mapper(self) -> None:
         """Block until the background mapper has done all it was asked (tests, benchmarks)."""
         if self._mapper is not None:
