@@ -18,8 +18,13 @@ point starts from an empty cache. Last, the waste each virtual layout would
 have at 4 KiB (host) and 2 MiB (GPU) pages is computed from the same
 end-of-decode token counts.
 
-Usage: python -m benchmarks.kv_backends [--batches 1,8,32,64] [--contexts 256]
-       [--full] [--decode-tokens 16] [--backends paged,virtual,static] [--json out.json]
+All backends get the same KV budget and the same prompts; by default each grid
+point runs the backends back to back (interleaved) so that other load on the
+machine skews them alike.
+
+Usage: python -m benchmarks.kv_backends [--batches 1,8,32,64] [--contexts 256] [--full]
+       [--decode-tokens 16] [--max-model-len 1024] [--backends paged,virtual,static]
+       [--threads 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import torch
 
 from kvos.config import EngineConfig
 from kvos.engine.llm_engine import LLMEngine
-from kvos.memory.factory import KVShape
+from kvos.memory.factory import KVShape, available_memory_bytes
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.virtual import VirtualKVCacheManager
 from kvos.memory.virtual.layout import KVLayout
@@ -107,8 +112,7 @@ class BackendsResult:
         return data
 
 
-def make_engine(backend: str, args: argparse.Namespace, max_model_len: int) -> tuple[LLMEngine, int]:
-    """One engine per backend, sized for the largest grid point (the static one reserves it all)."""
+def engine_options(args: argparse.Namespace, backend: str, max_model_len: int) -> dict[str, Any]:
     max_batch = max(args.batches)
     options: dict[str, Any] = dict(
         model=args.model,
@@ -123,19 +127,26 @@ def make_engine(backend: str, args: argparse.Namespace, max_model_len: int) -> t
     )
     if args.load_format is not None:
         options["load_format"] = args.load_format
-    config = EngineConfig.from_kwargs(**options)
+    return options
+
+
+def kv_shape(args: argparse.Namespace) -> KVShape:
+    config = EngineConfig.from_kwargs(**engine_options(args, "paged", max(args.contexts)))
     arch = load_model(config.model).arch
-    shape = KVShape(
+    return KVShape(
         arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, DTYPES[args.dtype], torch.device(args.device)
     )
-    # Room for every request of the largest point at full length, plus slack for page rounding.
-    options["kv_cache_memory_bytes"] = max_batch * (max_model_len + 64) * shape.bytes_per_token
-    engine = LLMEngine(EngineConfig.from_kwargs(**options))
+
+
+def make_engine(backend: str, args: argparse.Namespace, max_model_len: int, kv_budget_bytes: int) -> LLMEngine:
+    """One engine per backend with the same KV budget; the static one commits it all up front."""
+    options = engine_options(args, backend, max_model_len)
+    engine = LLMEngine(EngineConfig.from_kwargs(**options, kv_cache_memory_bytes=kv_budget_bytes))
     if backend == "static":
         kv = engine.kv_manager
         assert isinstance(kv, VirtualKVCacheManager)
         kv.commit_all_rows()
-    return engine, shape.bytes_per_token
+    return engine
 
 
 def kv_memory(backend: str, engine: LLMEngine, bytes_per_token: int) -> tuple[int, int]:
@@ -251,7 +262,7 @@ def format_table(result: BackendsResult) -> str:
             f"{p.backend:8} {p.batch:5d} {p.context:7d} {p.prefill_tokens_per_s:13.1f} {p.decode_tokens_per_s:12.1f} "
             f"{p.committed_bytes / 2**20:13.1f} {p.waste:7.2%} {ratio:>15}"
         )
-    lines.append("virtual layouts, waste at the end of decode (no look-ahead):")
+    lines.append("virtual layouts: waste for the same end-of-decode token counts, without look-ahead:")
     for w in result.layouts:
         lines.append(f"  batch {w.batch:3d} context {w.context:5d}  {w.layout:9} {w.page:4}  {w.waste:7.2%}")
     before, after = result.load_average
@@ -270,6 +281,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)))
     parser.add_argument("--full", action="store_true", help=f"contexts {','.join(map(str, FULL_CONTEXTS))}")
     parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=1024,
+        help="longest request the engines accept: what the static reservation holds per request",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (1 is steadier on a busy machine)"
@@ -292,33 +309,48 @@ def main(argv: Sequence[str] | None = None) -> BackendsResult:
     logging.basicConfig(level=logging.WARNING)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    max_model_len = max(args.contexts) + args.decode_tokens
+    max_model_len = max(args.max_model_len, max(args.contexts) + args.decode_tokens)
+    shape = kv_shape(args)
+    # Room for every request of the largest point at full length, plus slack for page rounding.
+    kv_budget = max(args.batches) * (max_model_len + 64) * shape.bytes_per_token
+    engines_fit = len(args.backends) * kv_budget * 1.25 <= available_memory_bytes(shape.device)
+    grid = [(context, batch) for context in args.contexts for batch in args.batches]
+    # Interleaved, every grid point runs all backends back to back, so drifting
+    # load on the machine skews them alike; sequential needs one engine at a time.
+    if engines_fit:
+        order = [(context, batch, backend) for context, batch in grid for backend in args.backends]
+    else:
+        logger.warning("the engines do not fit in memory together: running the backends one after another")
+        order = [(context, batch, backend) for backend in args.backends for context, batch in grid]
     load_before = os.getloadavg()[0]
     points: list[GridPoint] = []
     layouts: list[LayoutWaste] = []
+    engines: dict[str, LLMEngine] = {}
     model_name = ""
-    for backend in args.backends:
-        engine, bytes_per_token = make_engine(backend, args, max_model_len)
+    for i, (context, batch, backend) in enumerate(order):
+        if backend not in engines:
+            engines[backend] = make_engine(backend, args, max_model_len, kv_budget)
+            warm_up(engines[backend])
+        engine = engines[backend]
         model_name = engine.model_name
-        warm_up(engine)
-        rng = random.Random(args.seed)  # the same prompts for every backend
-        for context in args.contexts:
-            for batch in args.batches:
-                point, token_counts = run_point(
-                    backend, engine, bytes_per_token, batch, context, args.decode_tokens, rng
-                )
-                points.append(point)
-                print(
-                    f"{backend:8} batch {batch:3d} context {context:5d}: prefill {point.prefill_tokens_per_s:8.1f} "
-                    f"tok/s, decode {point.decode_tokens_per_s:7.1f} tok/s, waste {point.waste:.2%}",
-                    flush=True,
-                )
-                if backend == args.backends[0]:
-                    layouts.extend(layout_waste(engine, batch, context, token_counts))
-        if isinstance(engine.kv_manager, VirtualKVCacheManager):
-            engine.kv_manager.close()
-        del engine
-        gc.collect()
+        rng = random.Random(f"{args.seed}-{batch}-{context}")  # the same prompts for every backend
+        point, token_counts = run_point(
+            backend, engine, shape.bytes_per_token, batch, context, args.decode_tokens, rng
+        )
+        points.append(point)
+        print(
+            f"{backend:8} batch {batch:3d} context {context:5d}: prefill {point.prefill_tokens_per_s:8.1f} "
+            f"tok/s, decode {point.decode_tokens_per_s:7.1f} tok/s, waste {point.waste:.2%}",
+            flush=True,
+        )
+        if backend == args.backends[0] and batch == max(args.batches):
+            # Every request has the same length, so a layout's waste does not depend on the batch.
+            layouts.extend(layout_waste(engine, batch, context, token_counts))
+        if all(later != backend for _, _, later in order[i + 1 :]):
+            if isinstance(engine.kv_manager, VirtualKVCacheManager):
+                engine.kv_manager.close()
+            del engines[backend], engine
+            gc.collect()
     result = BackendsResult(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         model=model_name,
@@ -327,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> BackendsResult:
             "device": args.device,
             "decode_tokens": args.decode_tokens,
             "max_model_len": max_model_len,
+            "kv_budget_bytes": kv_budget,
+            "interleaved": engines_fit,
             "seed": args.seed,
             "threads": torch.get_num_threads(),
         },
