@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from benchmarks.peers import load_hf_tokenizer, resolve_gguf
+from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.sharegpt import BenchRequest, sample_requests
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--num-requests must be >= 1")
     if args.request_rate <= 0:
         raise SystemExit("--request-rate must be > 0 (inf sends everything at once)")
-    tokenizer = load_hf_tokenizer(resolve_gguf(args.tokenizer_gguf))
+    tokenizer = load_tokenizer(resolve_gguf(args.tokenizer_gguf))
 
     def count_tokens(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "serve",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} x{_cpu_count()} / {platform.system()}".strip(),
+        "machine": f"{platform.system()} {platform.machine()}, {_cpu_count()} CPUs",
         "config": config,
         **asyncio.run(run_benchmark(args, requests, count_tokens)),
     }

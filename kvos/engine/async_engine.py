@@ -32,6 +32,7 @@ from kvos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from kvos.engine.llm_engine import LLMEngine
+    from kvos.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,11 @@ class AsyncLLMEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """Thread-safe to use for encoding and decoding alongside the engine thread."""
+        return self.engine.tokenizer
+
     def stats(self) -> EngineStats:
         """The counters as of the engine thread's last step or command."""
         return self._stats
@@ -174,11 +180,6 @@ class AsyncLLMEngine:
             self._thread.join(timeout)
 
     # -- requests (event loop side) ---------------------------------------------------
-
-    def num_waiting(self) -> int:
-        with self._pending_lock:
-            pending = self._num_pending
-        return self._stats.num_waiting + pending
 
     async def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
         """Queue a request and return the stream of its outputs.

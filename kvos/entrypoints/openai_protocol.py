@@ -5,7 +5,7 @@ that sends the wrong type has a bug it should hear about. Every problem
 becomes a `ProtocolError`, which the server turns into OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`. Ranges are checked once, by
 `SamplingParams`; only OpenAI's own tighter limits (temperature <= 2,
-n <= 128) are declared here.
+n <= 128, a 64-bit seed) are declared here.
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, R
         try:
             async for output in stream:
                 queue.put_nowait((index, output))
-        except (RequestFailedError, EngineUnavailableError) as exc:
+        except Exception as exc:  # handed to the consumer, which decides what the client sees
             queue.put_nowait((index, exc))
         queue.put_nowait((index, None))
 
@@ -234,7 +234,7 @@ class OpenAIServer:
     def __init__(self, engine: AsyncLLMEngine, config: ServerConfig) -> None:
         self.engine = engine
         self.config = config
-        self.tokenizer = engine.engine.tokenizer
+        self.tokenizer = engine.tokenizer
         self.model_name = config.served_model_name or engine.model_name
         self.metrics = ServerMetrics(engine.stats)
         self.created = int(time.time())
