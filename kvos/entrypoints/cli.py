@@ -29,6 +29,7 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--quantization", default=None, choices=["int8"], help="weight-only int8 linears")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache", default="paged", choices=["paged", "virtual"])
@@ -45,6 +46,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         model=args.model,
         load_format=args.load_format,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         max_model_len=args.max_model_len,
         kv_cache=args.kv_cache,
