@@ -60,6 +60,10 @@ class LLMEngine:
         arch = loaded.arch
         self.arch = arch
         self.max_model_len = min(config.model.max_model_len or arch.max_position_embeddings, arch.max_position_embeddings)
+        if arch.sliding_window is not None and arch.sliding_window < self.max_model_len:
+            # Within the window, full attention is exact; past it kvos would differ from the model.
+            logger.warning("capping the context at the sliding window of %d tokens", arch.sliding_window)
+            self.max_model_len = arch.sliding_window
         self.device = torch.device(config.model.device)
         dtype = _DTYPES[config.model.dtype]
         with torch.device("meta"):

@@ -39,6 +39,8 @@ class ModelArch:
     attention_bias: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Attention looks back at most this many tokens (Mistral 7B v0.1); None = full context.
+    sliding_window: int | None = None
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> ModelArch:
@@ -78,6 +80,7 @@ class ModelArch:
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
             bos_token_id=None if bos is None else int(bos),
             eos_token_ids=eos_ids,
+            sliding_window=_sliding_window(cfg, model_type),
         )
 
 
@@ -98,6 +101,13 @@ def _model_type(cfg: dict[str, Any]) -> str:
     if unknown:
         raise ValueError(f"unsupported architectures {unknown!r} for model_type {model_type!r}")
     return model_type
+
+
+def _sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
+    window = cfg.get("sliding_window")
+    if window is None or (model_type == "qwen2" and not cfg.get("use_sliding_window", False)):
+        return None
+    return int(window)
 
 
 def _require(cfg: dict[str, Any], key: str) -> Any:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from kvos import LLM, SamplingParams
+from tests.model.tiny_models import make_tiny_hf_model
 
 
 def write_config(tmp_path) -> str:
@@ -43,3 +46,11 @@ def test_dummy_weights_generate_deterministically_and_free_memory(tmp_path) -> N
     assert llm.engine.kv_manager.num_used_blocks == 0
     other = LLM(config, load_format="dummy", seed=4).generate(["hello world"], params, use_tqdm=False)
     assert other[0].outputs[0].token_ids != b[0].outputs[0].token_ids
+
+
+def test_sliding_window_caps_the_context(tmp_path) -> None:
+    folder = make_tiny_hf_model(str(tmp_path), "mistral", sliding_window=64)
+    llm = LLM(folder)
+    assert llm.engine.max_model_len == 64
+    with pytest.raises(ValueError, match="context length of 64"):
+        llm.engine.add_request("long", [5] * 60, SamplingParams(max_tokens=10))
