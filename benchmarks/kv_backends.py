@@ -114,17 +114,17 @@ class BackendsResult:
 
 def engine_options(args: argparse.Namespace, backend: str, max_model_len: int) -> dict[str, Any]:
     max_batch = max(args.batches)
-    options: dict[str, Any] = dict(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-        max_model_len=max_model_len,
-        kv_cache="paged" if backend == "paged" else "virtual",
-        max_num_seqs=max_batch,
+    options: dict[str, Any] = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "seed": args.seed,
+        "max_model_len": max_model_len,
+        "kv_cache": "paged" if backend == "paged" else "virtual",
+        "max_num_seqs": max_batch,
         # Whole prompts in as few steps as possible, so requests start (and end) together.
-        max_num_batched_tokens=min(max_batch * max(args.contexts), MAX_BATCHED_TOKENS),
-    )
+        "max_num_batched_tokens": min(max_batch * max(args.contexts), MAX_BATCHED_TOKENS),
+    }
     if args.load_format is not None:
         options["load_format"] = args.load_format
     return options
@@ -252,8 +252,10 @@ def warm_up(engine: LLMEngine) -> None:
 def format_table(result: BackendsResult) -> str:
     lines = [
         f"kv_backends  {result.model}  {result.settings}",
-        f"{'backend':8} {'batch':>5} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} "
-        f"{'committed MiB':>13} {'waste':>7} {'decode vs paged':>15}",
+        (
+            f"{'backend':8} {'batch':>5} {'context':>7} {'prefill tok/s':>13} {'decode tok/s':>12} "
+            f"{'committed MiB':>13} {'waste':>7} {'decode vs paged':>15}"
+        ),
     ]
     for p in result.points:
         paged = result.point("paged", p.batch, p.context)
@@ -334,9 +336,7 @@ def main(argv: Sequence[str] | None = None) -> BackendsResult:
         engine = engines[backend]
         model_name = engine.model_name
         rng = random.Random(f"{args.seed}-{batch}-{context}")  # the same prompts for every backend
-        point, token_counts = run_point(
-            backend, engine, shape.bytes_per_token, batch, context, args.decode_tokens, rng
-        )
+        point, token_counts = run_point(backend, engine, shape.bytes_per_token, batch, context, args.decode_tokens, rng)
         points.append(point)
         print(
             f"{backend:8} batch {batch:3d} context {context:5d}: prefill {point.prefill_tokens_per_s:8.1f} "

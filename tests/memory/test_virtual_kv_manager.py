@@ -36,7 +36,9 @@ def make_manager(
 
 
 def make_request(req_id: str, num_prompt: int, max_tokens: int = 64) -> Request:
-    return Request(req_id=req_id, prompt_token_ids=list(range(num_prompt)), params=SamplingParams(max_tokens=max_tokens))
+    return Request(
+        req_id=req_id, prompt_token_ids=list(range(num_prompt)), params=SamplingParams(max_tokens=max_tokens)
+    )
 
 
 def prefill(kv: VirtualKVCacheManager, request: Request) -> None:
@@ -72,9 +74,11 @@ def test_page_map_matches_resident_memory(layout: LayoutKind) -> None:
     check_page_map(kv)
     decode(kv, a, 20)
     check_page_map(kv)
-    assert kv.num_used_blocks == kv.num_committed_pages == (
-        kv.layout.pages_for(57) + kv.layout.pages_for(5)
-    ) * kv.layout.num_planes
+    assert (
+        kv.num_used_blocks
+        == kv.num_committed_pages
+        == (kv.layout.pages_for(57) + kv.layout.pages_for(5)) * kv.layout.num_planes
+    )
     kv.free(a)
     kv.free(b)
     kv.free(b)

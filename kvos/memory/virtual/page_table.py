@@ -134,9 +134,8 @@ class SlotPageTable:
         if extra <= 0:
             return True
         shortage = self.num_committed_pages + extra * self.num_planes - self.budget_pages
-        if shortage > 0:
-            if not self._reclaim(-(-shortage // self.num_planes), keep=row):
-                return False
+        if shortage > 0 and not self._reclaim(-(-shortage // self.num_planes), keep=row):
+            return False
         self._map(row, extra)
         return True
 
