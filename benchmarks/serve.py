@@ -77,8 +77,12 @@ async def stream_one(
 ) -> RequestResult:
     result = RequestResult(prompt_tokens=len(request.prompt_token_ids), expected_tokens=request.max_tokens)
     body: dict[str, Any] = {
-        "model": model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0.0,
-        "stream": True, "stream_options": {"include_usage": True},
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
     }
     if ignore_eos:
         body |= {"ignore_eos": True, "min_tokens": request.max_tokens}

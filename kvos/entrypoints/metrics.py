@@ -37,7 +37,8 @@ class _EngineCollector(Collector):
         )
         yield GaugeMetricFamily("kvos_kv_cache_free_blocks", "KV cache blocks free.", value=s.num_free_blocks)
         yield GaugeMetricFamily(
-            "kvos_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / tokens looked up.",
+            "kvos_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / tokens looked up.",
             value=s.prefix_cache_hit_rate,
         )
         yield CounterMetricFamily(
@@ -58,16 +59,22 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(stats))
         self.time_to_first_token = Histogram(
-            "kvos_time_to_first_token_seconds", "Request arrival to first generated token.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "kvos_time_to_first_token_seconds",
+            "Request arrival to first generated token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.time_per_output_token = Histogram(
-            "kvos_time_per_output_token_seconds", "Mean time between output tokens after the first.",
-            buckets=_TOKEN_LATENCY_BUCKETS, registry=self.registry,
+            "kvos_time_per_output_token_seconds",
+            "Mean time between output tokens after the first.",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.e2e_request_latency = Histogram(
-            "kvos_e2e_request_latency_seconds", "Request arrival to its last token.",
-            buckets=_LATENCY_BUCKETS, registry=self.registry,
+            "kvos_e2e_request_latency_seconds",
+            "Request arrival to its last token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
         )
 
     def observe(self, stream: RequestStream, num_output_tokens: int) -> None:
@@ -77,9 +84,7 @@ class ServerMetrics:
         self.time_to_first_token.observe(stream.first_token_time - stream.arrival_time)
         self.e2e_request_latency.observe(stream.finish_time - stream.arrival_time)
         if num_output_tokens > 1:
-            self.time_per_output_token.observe(
-                (stream.finish_time - stream.first_token_time) / (num_output_tokens - 1)
-            )
+            self.time_per_output_token.observe((stream.finish_time - stream.first_token_time) / (num_output_tokens - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

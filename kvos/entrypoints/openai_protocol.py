@@ -131,8 +131,10 @@ class CompletionRequest(_SamplingFields):
     def to_sampling_params(self) -> SamplingParams:
         if self.echo and self.logprobs is not None:
             raise ProtocolError(
-                400, "echo together with logprobs is not supported (prompt logprobs are not computed)",
-                param="echo", code="unsupported_value",
+                400,
+                "echo together with logprobs is not supported (prompt logprobs are not computed)",
+                param="echo",
+                code="unsupported_value",
             )
         # OpenAI's default for /v1/completions.
         max_tokens = 16 if self.max_tokens is None else self.max_tokens
@@ -166,9 +168,7 @@ class ChatCompletionRequest(_SamplingFields):
 
     def conversation(self) -> list[dict[str, str]]:
         """Messages as the chat template expects them ("developer" is OpenAI's new name for "system")."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
-        ]
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -156,7 +156,7 @@ async def _merge(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, R
         try:
             async for output in stream:
                 queue.put_nowait((index, output))
-        except Exception as exc:  # handed to the consumer, which decides what the client sees
+        except Exception as exc:  # noqa: BLE001 (re-raised by the consumer, which decides what the client sees)
             queue.put_nowait((index, exc))
         queue.put_nowait((index, None))
 
@@ -248,8 +248,10 @@ class OpenAIServer:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ProtocolError(
-                401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                type="authentication_error", code="invalid_api_key",
+                401,
+                "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                type="authentication_error",
+                code="invalid_api_key",
             )
 
     async def read_json(self, request: Request) -> Any:
@@ -274,8 +276,10 @@ class OpenAIServer:
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             raise ProtocolError(
-                404, f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
-                param="model", code="model_not_found",
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.model_name}'.",
+                param="model",
+                code="model_not_found",
             )
 
     def check_context(self, num_prompt_tokens: int, max_tokens: int, prompt_param: str, max_tokens_param: str) -> None:
@@ -288,7 +292,8 @@ class OpenAIServer:
                 f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {prompt_param}, "
                 f"{max_tokens} in the completion). Please reduce the length of the {prompt_param} "
                 f"or {max_tokens_param}.",
-                param=param, code="context_length_exceeded",
+                param=param,
+                code="context_length_exceeded",
             )
 
     async def start_job(
@@ -453,8 +458,8 @@ class OpenAIServer:
                 if index in done:
                     continue
                 logprobs = c.logprobs or []
-                new_text = c.text[sent_chars.get(index, 0):]
-                new_logprobs = logprobs[sent_tokens.get(index, 0):]
+                new_text = c.text[sent_chars.get(index, 0) :]
+                new_logprobs = logprobs[sent_tokens.get(index, 0) :]
                 if not new_text and not new_logprobs and not c.finished:
                     continue
                 sent_chars[index] = len(c.text)
@@ -635,6 +640,10 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
         )
 
     uv_config = uvicorn.Config(
-        app, host=server_config.host, port=server_config.port, log_level="info", timeout_graceful_shutdown=5,
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
     )
     _Server(uv_config, async_engine.begin_shutdown, banner).run()

@@ -6,7 +6,12 @@ import asyncio
 
 import pytest
 
-from kvos.engine.async_engine import AsyncLLMEngine, EngineUnavailableError, QueueFullError, RequestFailedError
+from kvos.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineUnavailableError,
+    QueueFullError,
+    RequestFailedError,
+)
 from kvos.engine.stats import EngineStats
 from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams

@@ -109,6 +109,9 @@ def start_server(log_path: Path, *args: str, api_key: str | None = None) -> Serv
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "kvos.entrypoints.cli", "serve", "--port", str(port), *args],
-            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     return ServerProcess(process, f"http://127.0.0.1:{port}", log_path, api_key)

@@ -97,7 +97,11 @@ def test_streamed_completion_equals_unstreamed(client: openai.OpenAI, offline: d
     text, token_ids = offline["completion"]
     chunks = list(
         client.completions.create(
-            model=MODEL_NAME, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
             stream_options={"include_usage": True},
         )
     )
@@ -115,7 +119,11 @@ def test_streamed_chat_wire_format(server: ServerProcess, offline: dict) -> None
     """Raw SSE: a role chunk first, content deltas, a finish reason, then `data: [DONE]`."""
     text, token_ids = offline["chat"]
     body = {
-        "model": MODEL_NAME, "messages": MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+        "model": MODEL_NAME,
+        "messages": MESSAGES,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
         "stream_options": {"include_usage": True},
     }
     response = httpx.post(f"{server.base_url}/chat/completions", json=body, timeout=120)
@@ -155,7 +163,13 @@ def test_n_choices(client: openai.OpenAI) -> None:
 
 def test_n_choices_streamed(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=1.0, seed=3, n=2, stream=True,
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=5,
+        temperature=1.0,
+        seed=3,
+        n=2,
+        stream=True,
         extra_body={"ignore_eos": True},
     )
     finish: dict[int, list[str | None]] = {0: [], 1: []}
@@ -184,9 +198,13 @@ def test_token_id_prompt(client: openai.OpenAI, offline: dict) -> None:
 
 
 def test_stop_string(client: openai.OpenAI) -> None:
-    full = client.completions.create(
-        model=MODEL_NAME, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
-    ).choices[0].text
+    full = (
+        client.completions.create(
+            model=MODEL_NAME, prompt=PROMPT, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     words = full.split()
     stop = words[len(words) // 2]
     result = client.completions.create(
@@ -195,7 +213,12 @@ def test_stop_string(client: openai.OpenAI) -> None:
     assert result.choices[0].text == full[: full.index(stop)]
     assert result.choices[0].finish_reason == "stop"
     streamed = client.completions.create(
-        model=MODEL_NAME, prompt=PROMPT, max_tokens=24, temperature=0, stop=stop, stream=True,
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=24,
+        temperature=0,
+        stop=stop,
+        stream=True,
         extra_body={"ignore_eos": True},
     )
     assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
@@ -216,7 +239,12 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
 
 def test_chat_logprobs(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
-        model=MODEL_NAME, messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+        model=MODEL_NAME,
+        messages=MESSAGES,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
         extra_body={"ignore_eos": True},
     )
     content = result.choices[0].logprobs.content
@@ -229,10 +257,19 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
 
 def test_seed_reproducible(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
-        return client.completions.create(
-            model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=1.0, top_p=0.95, seed=seed,
-            extra_body={"ignore_eos": True},
-        ).choices[0].text
+        return (
+            client.completions.create(
+                model=MODEL_NAME,
+                prompt=PROMPT,
+                max_tokens=10,
+                temperature=1.0,
+                top_p=0.95,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(1234) == sample(1234)
 
@@ -249,8 +286,15 @@ def test_echo(client: openai.OpenAI, offline: dict) -> None:
 
 def test_other_sampling_parameters_are_accepted(client: openai.OpenAI) -> None:
     result = client.completions.create(
-        model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0.7, top_p=0.9, presence_penalty=0.5,
-        frequency_penalty=0.5, user="tester", extra_body={"top_k": 20, "min_p": 0.05, "ignore_eos": True},
+        model=MODEL_NAME,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        user="tester",
+        extra_body={"top_k": 20, "min_p": 0.05, "ignore_eos": True},
     )
     assert result.usage.completion_tokens == 8
     assert result.choices[0].finish_reason == "length"

@@ -18,8 +18,13 @@ MAX_TOKENS = 16
 def request_body(i: int, max_tokens: int) -> tuple[str, dict[str, Any]]:
     """Alternate completions and chat, with distinct prompts."""
     common = {
-        "model": MODEL_NAME, "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8,
-        "seed": i, "stream_options": {"include_usage": True},
+        "model": MODEL_NAME,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.8,
+        "seed": i,
+        "stream_options": {"include_usage": True},
     }
     if i % 2:
         messages = [{"role": "user", "content": f"Tell me about the number {i}."}]

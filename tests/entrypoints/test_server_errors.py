@@ -25,7 +25,12 @@ MAX_BODY_BYTES = 8 * 2**20  # the default
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = start_server(
         tmp_path_factory.mktemp("server") / "serve.log",
-        "--api-key", API_KEY, "--max-waiting", "1", "--max-num-seqs", "1",
+        "--api-key",
+        API_KEY,
+        "--max-waiting",
+        "1",
+        "--max-num-seqs",
+        "1",
     )
     proc.api_key = API_KEY
     proc.wait_ready()
