@@ -8,6 +8,8 @@ import re
 import sys
 from typing import Any
 
+from kvos.entrypoints.server_config import add_server_args
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
           "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -143,7 +145,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from kvos.config import EngineConfig
-    from kvos.entrypoints.server import ServerConfig, run_server
+    from kvos.entrypoints.server import run_server
+    from kvos.entrypoints.server_config import ServerConfig
 
     server_config = ServerConfig.from_args(args)
     run_server(EngineConfig.from_kwargs(**engine_options(args)), server_config)
@@ -179,12 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve, positional_model=True)
-    try:
-        from kvos.entrypoints.server import add_server_args
-    except ImportError:
-        add_server_args = None
-    if add_server_args is not None:
-        add_server_args(serve)
+    add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks: roofline | throughput (run from the repository root)")

@@ -10,12 +10,10 @@ that goes away has its request aborted, which frees its KV memory at once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hmac
 import json
 import logging
-import os
 import signal
 import time
 import uuid
@@ -32,6 +30,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvos.config import EngineConfig
+from kvos.entrypoints.server_config import ServerConfig
 from kvos.engine.async_engine import (
     AsyncLLMEngine,
     EngineUnavailableError,
@@ -65,63 +64,6 @@ from kvos.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from kvos.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-_API_KEY_ENV = "KVOS_API_KEY"
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """How the server listens and what it lets clients do.
-
-    `max_waiting` bounds requests queued for the engine (beyond it: 429), so an
-    overload shows up as fast refusals rather than ever-growing latency.
-    """
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_waiting: int = 256
-    max_body_bytes: int = 8 * 2**20
-    served_model_name: str | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        if self.max_body_bytes < 1:
-            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
-        if self.api_key == "":
-            raise ValueError("api_key must not be empty")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        """From `kvos serve` flags; the API key may come from KVOS_API_KEY instead."""
-        return cls(
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key or os.environ.get(_API_KEY_ENV) or None,
-            max_waiting=args.max_waiting,
-            max_body_bytes=args.max_body_bytes,
-            served_model_name=args.served_model_name,
-        )
-
-
-def add_server_args(parser: argparse.ArgumentParser) -> None:
-    defaults = ServerConfig()
-    parser.add_argument("--host", default=defaults.host)
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument(
-        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (or set {_API_KEY_ENV})"
-    )
-    parser.add_argument(
-        "--max-waiting", type=int, default=defaults.max_waiting, help="queued requests before answering 429"
-    )
-    parser.add_argument(
-        "--max-body-bytes", type=int, default=defaults.max_body_bytes, help="request body limit (413 beyond)"
-    )
-    parser.add_argument("--served-model-name", default=None, help="model id clients send (default: the model's name)")
-
 
 def _sse(payload: BaseModel | dict[str, Any], exclude: set[str] | None = None) -> str:
     data = payload.model_dump_json(exclude=exclude) if isinstance(payload, BaseModel) else json.dumps(payload)

@@ -268,7 +268,7 @@ def test_sigterm_aborts_streams_and_exits_cleanly(server: ServerProcess, api: ht
 
 def test_api_key_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from kvos.entrypoints.cli import build_parser
-    from kvos.entrypoints.server import ServerConfig
+    from kvos.entrypoints.server_config import ServerConfig
 
     parser = build_parser()
     monkeypatch.delenv("KVOS_API_KEY", raising=False)
