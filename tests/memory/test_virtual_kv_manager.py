@@ -6,6 +6,8 @@ say what the kernel really backs. They must agree after every operation.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -292,3 +294,15 @@ def test_static_reservation_commits_every_row_once() -> None:
     prefill(kv, make_request("a", 100))
     assert kv.num_committed_pages == committed and kv.num_used_blocks == 128
     check_page_map(kv)
+
+
+def test_a_forgotten_manager_stops_its_mapper_thread() -> None:
+    kv = make_manager(lookahead=8)
+    prefill(kv, make_request("a", 40))
+    kv.wait_for_mapper()
+    thread = kv._mapper._thread
+    assert thread.is_alive()
+    del kv
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
