@@ -1,10 +1,10 @@
-"""vAttention-style KV cache: each request's KV is contiguous in virtual memory.
+r"""vAttention-style KV cache: each request's KV is contiguous in virtual memory.
 
     one region, reserved once (megacache layout, every layer inside a token):
     row 0 |tok 0|tok 1|tok 2| ...                              | <- request A
     row 1 |tok 0|tok 1| ...                                    | <- idle: pages kept for the next tenant
     row 2 |tok 0|tok 1|tok 2|tok 3| ...                        | <- request B
-           \\___ committed pages ___/\\___ reserved, no memory ___/
+           \___ committed pages ___/\___ reserved, no memory ___/
 
 A request takes a row when admitted; as it grows, the pages under its next
 tokens are committed, a page at a time. Attention sees plain tensors: token p
