@@ -182,7 +182,7 @@ def run_point(
     params = SamplingParams(temperature=0.0, max_tokens=decode_tokens, ignore_eos=True)
     requests = [f"{backend}-{batch}-{context}-{i}" for i in range(batch)]
     for req_id in requests:
-        engine.add_request(req_id, [rng.randrange(100, vocab - 100) for _ in range(context)], params)
+        engine.add_request(req_id, [rng.randrange(vocab) for _ in range(context)], params)
     num_outputs: dict[str, int] = {}
     start = time.perf_counter()
     while len(num_outputs) < batch:
@@ -244,7 +244,9 @@ def layout_waste(engine: LLMEngine, batch: int, context: int, token_counts: list
 
 
 def warm_up(engine: LLMEngine) -> None:
-    engine.add_request("warm-up", list(range(100, 164)), SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    vocab = engine.arch.vocab_size
+    prompt = [(100 + i) % vocab for i in range(min(64, engine.max_model_len // 2))]
+    engine.add_request("warm-up", prompt, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()
 
