@@ -224,6 +224,7 @@ def test_streamed_body_too_large_is_413(server: ServerProcess) -> None:
 
 def test_full_queue_is_429(server: ServerProcess, api: httpx.Client) -> None:
     """One sequence runs (max-num-seqs 1), one waits (max-waiting 1): the next request is refused at once."""
+    server.wait_drained()  # requests of earlier tests must not hold the one running slot
     long_stream = completion(max_tokens=4000, stream=True, ignore_eos=True)
     with api.stream("POST", "/completions", json=long_stream) as running:
         assert running.status_code == 200
