@@ -576,8 +576,8 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
     def banner(url: str) -> str:
         return (
             f"kvos: serving {app.state.server.model_name} at {url}/v1 "
-            f"(KV cache: {kv.capacity_tokens} tokens in {kv.num_free_blocks + kv.num_used_blocks} blocks "
-            f"of {kv.block_size}; max context {engine.max_model_len}; "
+            f"(KV cache, {engine.config.cache.kv_cache}: {kv.capacity_tokens} tokens; "
+            f"max context {engine.max_model_len}; "
             f"max waiting {server_config.max_waiting}; API key {'required' if server_config.api_key else 'off'})"
         )
 
