@@ -101,14 +101,21 @@ class LatencyResult:
 
 
 def time_kvos(
-    gguf_path: Path, prompt_ids: list[int], warmup_ids: list[int], num_new_tokens: int, kv_cache: str
+    gguf_path: Path,
+    prompt_ids: list[int],
+    warmup_ids: list[int],
+    num_new_tokens: int,
+    kv_cache: str,
+    quantization: str | None = None,
 ) -> tuple[float, float, list[int]]:
     """(ttft, total, token ids), driving the engine step by step to see the first token."""
     from kvos import SamplingParams
     from kvos.config import EngineConfig
     from kvos.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig.from_kwargs(model=str(gguf_path), kv_cache=kv_cache, max_num_seqs=1))
+    engine = LLMEngine(
+        EngineConfig.from_kwargs(model=str(gguf_path), kv_cache=kv_cache, max_num_seqs=1, quantization=quantization)
+    )
 
     def generate(req_id: str, token_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -229,6 +236,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--engines", default="kvos,llama.cpp,hf", help="comma-separated subset of kvos,llama.cpp,hf")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--quantization", default=None, choices=["int8"], help="kvos weight-only int8")
     parser.add_argument("--kv-cache", choices=["paged", "virtual"], default="paged")
     parser.add_argument("--llama-cpp-threads", type=int, default=2)
     parser.add_argument("--remeasure", action="store_true", help="measure the machine's roofline again")
@@ -268,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
     timings: dict[str, tuple[float, float, list[int]]] = {}
     notes: list[str] = []
     if "kvos" in args.engines:
-        timings["kvos"] = time_kvos(gguf_path, prompt_ids, warmup_ids, n, args.kv_cache)
+        timings["kvos"] = time_kvos(gguf_path, prompt_ids, warmup_ids, n, args.kv_cache, args.quantization)
     version = llama_cpp_version()
     if "llama.cpp" in args.engines:
         if version is None:
