@@ -290,6 +290,9 @@ class AsyncLLMEngine:
             logger.exception("engine step failed; failing %d requests", len(self._streams))
             self._fail_all(RequestFailedError(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
+        # Refresh the counts before anyone hears of this step: a client reacting to its
+        # output must not be judged (max_waiting) on the queue as it was before the step.
+        self._stats = self.engine.stats()
         for output in outputs:
             stream = self._streams.get(output.req_id)
             if stream is None:
