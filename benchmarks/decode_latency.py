@@ -236,7 +236,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--engines", default="kvos,llama.cpp,hf", help="comma-separated subset of kvos,llama.cpp,hf")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--quantization", default=None, choices=["int8"], help="kvos weight-only int8")
+    parser.add_argument(
+        "--quantization", default=None, choices=["int8", "int4"], help="kvos weight-only int8 / int4"
+    )
     parser.add_argument("--kv-cache", choices=["paged", "virtual"], default="paged")
     parser.add_argument("--llama-cpp-threads", type=int, default=2)
     parser.add_argument("--remeasure", action="store_true", help="measure the machine's roofline again")

@@ -23,14 +23,14 @@ class ModelConfig:
     folder. With `load_format="dummy"`, `model` is a folder or a `config.json`
     path, and weights are random (for benchmarking shapes that cannot be
     downloaded here). `quantization="int8"` stores linear weights as int8 per
-    output channel (faster small-batch decode; outputs close to, not equal to,
-    float32).
+    output channel, `"int4"` as 4-bit codes per group of 32 (faster
+    small-batch decode; outputs close to, not equal to, float32).
     """
 
     model: str | None = None
     load_format: LoadFormat = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    quantization: Literal["int8"] | None = None
+    quantization: Literal["int8", "int4"] | None = None
     device: str = "cpu"
     seed: int = 0
     max_model_len: int | None = None
@@ -40,8 +40,8 @@ class ModelConfig:
             raise ValueError(f"load_format must be auto, gguf, hf or dummy, got {self.load_format!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.quantization not in (None, "int8"):
-            raise ValueError(f"quantization must be None or 'int8', got {self.quantization!r}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}")
         if self.load_format == "dummy" and self.model is None:
             raise ValueError("load_format='dummy' needs model= a config.json path or a folder holding one")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -49,8 +49,7 @@ def attention(
     scale: float,
 ) -> torch.Tensor:
     """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D) flat views. Returns (T, H, D)."""
-    k_cache[slot_mapping] = k
-    v_cache[slot_mapping] = v
+    write_kv(k_cache, v_cache, slot_mapping, k, v)
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     for span in spans:
@@ -70,3 +69,14 @@ def attention(
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Store the step's new keys and values at their slots, in the cache's dtype.
+
+    Quantized projections hand back bfloat16 values; the cache keeps the model's dtype.
+    """
+    k_cache[slot_mapping] = k.to(k_cache.dtype)
+    v_cache[slot_mapping] = v.to(v_cache.dtype)

@@ -21,6 +21,7 @@ class DecodeBatch:
     token_rows: torch.Tensor  # (B,) rows of the flat batch holding their query
     kv_indices: torch.Tensor  # (B, L_max) flat cache slots of each request's context, padded
     mask: torch.Tensor  # (B, 1, 1, L_max) True where a key is part of the context
+    all_rows: bool  # every token of the step is one of these decodes, in order (token_rows == arange(B))
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kvos.attention import contiguous
-from kvos.attention.metadata import AttentionMetadata
+from kvos.attention.metadata import AttentionMetadata, DecodeBatch
 
 
 def attention(
@@ -26,17 +26,15 @@ def attention(
     """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D). Returns (T, H, D)."""
     if meta.spans is not None:
         return contiguous.attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.spans, scale)
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
-    out = torch.empty_like(q)
+    contiguous.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
     gqa = q.shape[1] != k.shape[1]
+    if meta.decode is not None and meta.decode.all_rows:
+        # A pure decode step: the batch is the flat token list, nothing to gather or scatter.
+        return _decode(q, k_cache, v_cache, meta.decode, scale, gqa).squeeze(2)
+    out = torch.empty_like(q)
     if meta.decode is not None:
         d = meta.decode
-        q_b = q[d.token_rows].unsqueeze(2)  # (B, H, 1, D)
-        k_b = k_cache[d.kv_indices].transpose(1, 2)  # (B, KV, L, D)
-        v_b = v_cache[d.kv_indices].transpose(1, 2)
-        o = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=d.mask, scale=scale, enable_gqa=gqa)
-        out[d.token_rows] = o.squeeze(2)
+        out[d.token_rows] = _decode(q[d.token_rows], k_cache, v_cache, d, scale, gqa).squeeze(2)
     for p in meta.prefills:
         rows = slice(p.token_start, p.token_start + p.num_tokens)
         q_p = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
@@ -52,3 +50,12 @@ def attention(
             o = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float, gqa: bool
+) -> torch.Tensor:
+    """q: (B, H, D), one query per request -> (B, H, 1, D) over each request's gathered context."""
+    k_b = k_cache[d.kv_indices].transpose(1, 2)  # (B, KV, L, D)
+    v_b = v_cache[d.kv_indices].transpose(1, 2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k_b, v_b, attn_mask=d.mask, scale=scale, enable_gqa=gqa)

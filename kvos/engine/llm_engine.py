@@ -19,7 +19,7 @@ from kvos.engine.scheduler import Scheduler
 from kvos.engine.stats import EngineStats
 from kvos.memory.factory import KVShape, make_kv_manager
 from kvos.model.loader import load_model
-from kvos.model.quantization import quantize_int8
+from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
 from kvos.model.runner import ModelRunner
 from kvos.model.sampler import SampledToken, SamplingRow, sample
@@ -73,8 +73,8 @@ class LLMEngine:
         else:
             model.load_weights(loaded.state_dict)
         model = model.to(device=self.device, dtype=dtype).eval()
-        if config.model.quantization == "int8":
-            quantize_int8(model)
+        if config.model.quantization is not None:
+            quantize(model, config.model.quantization)
         shape = KVShape(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, dtype, self.device)
         self.kv_manager = make_kv_manager(
             config.cache, shape, config.scheduler.max_num_seqs, self.max_model_len

@@ -31,7 +31,9 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--quantization", default=None, choices=["int8"], help="weight-only int8 linears")
+    parser.add_argument(
+        "--quantization", default=None, choices=["int8", "int4"], help="weight-only int8 / int4 linears"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache", default="paged", choices=["paged", "virtual"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as the reference does, whatever the weight dtype;
-        # torch's fused kernel gives the same float32 result in one pass.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # One fused call; bit-identical to the reference's weight * (x * rsqrt(mean(x^2) + eps)).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Narrower dtypes: normalise in float32 and round before the weight, as the reference does.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -58,16 +61,28 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64, device="cpu"), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
+        half = head_dim // 2
+        sin_rotated = torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], dim=-1)
         self.register_buffer("cos", emb.cos().float(), persistent=False)
-        self.register_buffer("sin", emb.sin().float(), persistent=False)
+        self.register_buffer("sin_rotated", sin_rotated.float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: (T, num_heads, head_dim), k: (T, num_kv_heads, head_dim), positions: (T,)
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor) -> RotaryTables:
+        """The rows for this step's positions, gathered once and shared by every layer."""
+        return RotaryTables(self.cos[positions].unsqueeze(1), self.sin_rotated[positions].unsqueeze(1))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+@dataclass(frozen=True)
+class RotaryTables:
+    """cos and sign-folded sin for one step's tokens, each (T, 1, head_dim).
+
+    Rotate-half is x * cos + cat(-x2, x1) * sin. Folding the minus sign into
+    the first half of sin makes it x * cos + roll(x, half) * sin_rotated:
+    the same products and sums, bit for bit, in four calls instead of seven.
+    """
+
+    cos: torch.Tensor
+    sin_rotated: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (T, heads, head_dim) -> rotated, in the tables' dtype (a narrower x is promoted)."""
+        return x * self.cos + x.roll(x.shape[-1] // 2, -1) * self.sin_rotated

@@ -14,50 +14,61 @@ from torch import nn
 from kvos.attention.metadata import AttentionMetadata
 from kvos.attention.torch_sdpa import attention
 from kvos.model.arch import ModelArch
-from kvos.model.layers import RMSNorm, RotaryEmbedding
+from kvos.model.layers import RMSNorm, RotaryEmbedding, RotaryTables
+
+# Fused parameter <- the Hugging Face parameters stacked into it, in row order.
+FUSED_PROJECTIONS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class LlamaAttention(nn.Module):
+    """Self-attention with one fused q|k|v projection: one matmul per layer instead of three."""
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
         self.num_heads = arch.num_attention_heads
         self.num_kv_heads = arch.num_key_value_heads
         self.head_dim = arch.head_dim
         self.scale = self.head_dim**-0.5
-        bias = arch.attention_bias
-        self.q_proj = nn.Linear(arch.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(arch.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(arch.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.qkv_proj = nn.Linear(
+            arch.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim, bias=arch.attention_bias
+        )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, arch.hidden_size, bias=False)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rotary: RotaryTables,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        qkv = self.qkv_proj(x)
+        # q and k sit side by side in each row, so one rotary call turns both.
+        split = (self.num_heads + self.num_kv_heads) * self.head_dim
+        qk = rotary.apply(qkv[:, :split].view(num_tokens, -1, self.head_dim))
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, split:].view(num_tokens, self.num_kv_heads, self.head_dim)
         o = attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # (T, H, D)
         return self.o_proj(o.reshape(num_tokens, -1))
 
 
 class LlamaMLP(nn.Module):
+    """SwiGLU with one fused gate|up projection."""
+
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(arch.hidden_size, arch.intermediate_size, bias=False)
+        self.intermediate_size = arch.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :])
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -71,12 +82,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rotary: RotaryTables,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+        # Sub-layer outputs may come back in a narrower dtype (quantized linears
+        # compute in bfloat16); adding them to the residual promotes them back.
+        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -103,19 +115,22 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: (T,) -> final hidden states (T, hidden)."""
         x = self.model.embed_tokens(input_ids)
+        rotary = self.rotary.tables(positions)  # gathered once per step, shared by every layer
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv_cache, meta)
+            x = layer(x, rotary, kv_cache, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Adopt HF-named weights as the parameters (no copy); every one must be present, no extras.
+        """Adopt HF-named weights as the parameters; every one must be present, no extras.
 
         The model is built on the meta device, so adopting the loaded tensors
-        is what materialises it: start-up pays for neither random init nor a copy.
+        is what materialises it: start-up pays for no random init, and copies
+        only the projections it fuses (q|k|v and gate|up).
         """
+        state_dict = fuse_projections(state_dict)
         expected = {name for name, _ in self.named_parameters()}
         if self.arch.tie_word_embeddings:
             state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
@@ -145,3 +160,25 @@ class LlamaForCausalLM(nn.Module):
                     param.fill_(1.0)
                 else:
                     param.normal_(0.0, 0.02, generator=generator)
+
+
+def fuse_projections(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack HF's separate q/k/v and gate/up weights (and biases) into kvos's fused ones.
+
+    Names that are already fused, or that have nothing to fuse, pass through;
+    a fused projection with some parts missing is left out, so `load_weights`
+    names it as missing.
+    """
+    fused = dict(state_dict)
+    for name in state_dict:
+        for target, parts in FUSED_PROJECTIONS.items():
+            marker = "." + parts[0] + "."
+            if marker not in name:
+                continue
+            prefix, suffix = name.split(marker)
+            names = [f"{prefix}.{part}.{suffix}" for part in parts]
+            if all(n in state_dict for n in names):
+                fused[f"{prefix}.{target}.{suffix}"] = torch.cat([state_dict[n] for n in names])
+                for n in names:
+                    del fused[n]
+    return fused

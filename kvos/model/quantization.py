@@ -1,53 +1,113 @@
-"""Weight-only int8 linear layers for fast small-batch decode on CPU.
+"""Weight-only int8 and int4 linear layers for fast small-batch decode on CPU.
 
 Decode at small batch sizes is bound by reading the weights: float32 weights
-cost 4 bytes per parameter per step, int8 ones 1. Each output channel gets one
-symmetric scale (per-channel absmax / 127). The int8 kernel
-(`aten._weight_int8pack_mm`) pays off only for a few rows at a time, so rows
-above `max_int8_rows` (prompt chunks, big decode batches) run a bfloat16 GEMM on
-the dequantized weight instead; both see the same rounded weights.
+cost 4 bytes per parameter per step, int8 ones 1, int4 ones about 0.56 (a
+bfloat16 scale and zero per group of 32). PyTorch ships CPU kernels for both
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`); they run on
+bfloat16 activations and pay off only for a few rows at a time, so above
+`max_quantized_rows` (prompt chunks, big decode batches) a bfloat16 GEMM runs
+on the dequantized weight instead (the same codes, rounded to bfloat16).
 
-Quantized outputs are not bit-identical to float32: the tolerance is
-documented and tested in tests/model/test_quantization.py.
+int8: one symmetric scale per output channel (absmax / 127).
+int4: per group of 32 inputs an asymmetric range, w = (q - 8) * scale + zero
+with q in 0..15 -- the layout of GGUF's Q4_1 blocks, so re-quantizing weights
+that were dequantized from a Q4_1 file recovers the file's 4-bit codes.
+
+Outputs come back in bfloat16: the model adds them to its float32 residual
+stream, which promotes them, so no layer pays for a cast back. They are not
+bit-identical to float32; the tolerance is documented and tested in
+tests/model/test_quantization.py.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Above this many rows the bfloat16 GEMM beats the int8 GEMV kernel (measured, see BENCHMARKS.md).
-DEFAULT_MAX_INT8_ROWS = 8
+Quantization = Literal["int8", "int4"]
+INT4_GROUP_SIZE = 32
+
+# Rows at and below which the quantized kernel beats a bfloat16 GEMM on the
+# dequantized weight (measured on the 2-core AMD EPYC of BENCHMARKS.md).
+DEFAULT_MAX_QUANTIZED_ROWS: dict[str, int] = {"int8": 8, "int4": 12}
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T + b with q int8 per output channel."""
+class QuantizedLinear(nn.Module):
+    """y = x @ dequant(W).T + b, with W stored quantized; subclasses pick the format."""
 
-    def __init__(self, linear: nn.Linear, max_int8_rows: int = DEFAULT_MAX_INT8_ROWS) -> None:
+    def __init__(self, linear: nn.Linear, max_quantized_rows: int) -> None:
         super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.max_quantized_rows = max_quantized_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        y = self.small_batch_matmul(x) if x.shape[0] <= self.max_quantized_rows else F.linear(x, self.weight_bf16)
+        return y if self.bias is None else y + self.bias
+
+    def small_batch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Int8Linear(QuantizedLinear):
+    """Per-output-channel symmetric int8."""
+
+    def __init__(self, linear: nn.Linear, max_quantized_rows: int = DEFAULT_MAX_QUANTIZED_ROWS["int8"]) -> None:
+        super().__init__(linear, max_quantized_rows)
         weight = linear.weight.detach().float()
         scales = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
         qweight = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("qweight", qweight)  # (out, in)
         self.register_buffer("scales", scales.to(torch.bfloat16))  # (out,)
         self.register_buffer("weight_bf16", (qweight.float() * scales[:, None]).to(torch.bfloat16))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.max_int8_rows = max_int8_rows
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_bf16 = x.to(torch.bfloat16)
-        if x.shape[0] <= self.max_int8_rows:
-            y = torch.ops.aten._weight_int8pack_mm(x_bf16, self.qweight, self.scales)
-        else:
-            y = F.linear(x_bf16, self.weight_bf16)
-        y = y.to(x.dtype)
-        return y if self.bias is None else y + self.bias
+    def small_batch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
 
 
-def quantize_int8(model: nn.Module, max_int8_rows: int = DEFAULT_MAX_INT8_ROWS) -> None:
-    """Swap every nn.Linear of `model` (lm_head included) for an Int8Linear, in place."""
+class Int4Linear(QuantizedLinear):
+    """Asymmetric int4 in groups of 32 input channels (GGUF Q4_1's layout)."""
+
+    def __init__(self, linear: nn.Linear, max_quantized_rows: int = DEFAULT_MAX_QUANTIZED_ROWS["int4"]) -> None:
+        super().__init__(linear, max_quantized_rows)
+        out_features, in_features = linear.weight.shape
+        if in_features % INT4_GROUP_SIZE:
+            raise ValueError(
+                f"int4 needs in_features divisible by {INT4_GROUP_SIZE}; this linear has {in_features} "
+                "(use quantization='int8')"
+            )
+        groups = linear.weight.detach().float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        low = groups.amin(dim=-1, keepdim=True)
+        scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15.0).clamp(min=1e-12)
+        codes = torch.round((groups - low) / scale).clamp(0, 15)
+        # The kernel's convention: w = (q - 8) * scale + zero. Its scales and zeros are bfloat16.
+        scale_bf16 = scale.to(torch.bfloat16)
+        zero_bf16 = (low + 8 * scale).to(torch.bfloat16)
+        codes = codes.to(torch.int32).view(out_features, in_features)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
+        # (in / 32, out, 2): scale and zero of every group.
+        self.register_buffer("scales_and_zeros", torch.cat([scale_bf16, zero_bf16], dim=-1).transpose(0, 1).contiguous())
+        dequantized = (codes.view_as(groups).float() - 8) * scale_bf16.float() + zero_bf16.float()
+        self.register_buffer("weight_bf16", dequantized.view(out_features, in_features).to(torch.bfloat16))
+
+    def small_batch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+
+
+_FORMATS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+
+
+def quantize(model: nn.Module, method: Quantization, max_quantized_rows: int | None = None) -> None:
+    """Swap every nn.Linear of `model` (lm_head included) for a quantized one, in place."""
+    if method not in _FORMATS:
+        raise ValueError(f"quantization must be one of {sorted(_FORMATS)}, got {method!r}")
+    rows = DEFAULT_MAX_QUANTIZED_ROWS[method] if max_quantized_rows is None else max_quantized_rows
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child, max_int8_rows))
+                setattr(module, name, _FORMATS[method](child, rows))

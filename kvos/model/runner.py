@@ -50,7 +50,7 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
         meta = AttentionMetadata(
             slot_mapping=torch.cat(slot_parts),
-            decode=self._decode_batch(decode_rows, decode_indices),
+            decode=self._decode_batch(decode_rows, decode_indices, len(input_ids)),
             prefills=prefills,
             spans=spans,
         )
@@ -60,7 +60,7 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden[rows])
 
-    def _decode_batch(self, rows: list[int], indices: list[torch.Tensor]) -> DecodeBatch | None:
+    def _decode_batch(self, rows: list[int], indices: list[torch.Tensor], num_tokens: int) -> DecodeBatch | None:
         if not rows:
             return None
         lengths = torch.tensor([len(i) for i in indices], device=self.device)
@@ -76,4 +76,5 @@ class ModelRunner:
             token_rows=torch.tensor(rows, dtype=torch.long, device=self.device),
             kv_indices=padded,
             mask=mask[:, None, None, :],
+            all_rows=len(rows) == num_tokens,
         )

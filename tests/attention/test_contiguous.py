@@ -58,7 +58,7 @@ def test_contiguous_attention_matches_gather_attention(layout: LayoutKind) -> No
     padded = torch.stack([torch.cat([i, i[:1].repeat(max_len - len(i))]) for i in decode_idx])
     lengths = torch.tensor([len(i) for i in decode_idx])
     mask = (torch.arange(max_len)[None, :] < lengths[:, None])[:, None, None, :]
-    meta = AttentionMetadata(torch.cat(slots), DecodeBatch(torch.tensor(decode_rows), padded, mask), prefills)
+    meta = AttentionMetadata(torch.cat(slots), DecodeBatch(torch.tensor(decode_rows), padded, mask, all_rows=len(decode_rows) == num_tokens), prefills)
 
     scale = HEAD_DIM**-0.5
     expected = torch_sdpa.attention(q, k, v, k_cache, v_cache, meta, scale)
