@@ -80,7 +80,9 @@ class LLMEngine:
             config.cache, shape, config.scheduler.max_num_seqs, self.max_model_len
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_manager)
-        self.runner = ModelRunner(model, self.kv_manager, self.device)
+        self.runner = ModelRunner(model, self.kv_manager, self.device, compile_decode=config.model.compile)
+        if config.model.compile:
+            self.runner.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(arch.eos_token_ids)
         self._groups: dict[str, _Group] = {}
         self._num_prompt_tokens = 0

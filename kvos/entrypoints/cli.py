@@ -34,6 +34,9 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument(
         "--quantization", default=None, choices=["int8", "int4"], help="weight-only int8 / int4 linears"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="compile decode steps with torch.compile (slower start, faster tokens)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--kv-cache", default="paged", choices=["paged", "virtual"])
@@ -51,6 +54,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         load_format=args.load_format,
         dtype=args.dtype,
         quantization=args.quantization,
+        compile=args.compile,
         device=args.device,
         max_model_len=args.max_model_len,
         kv_cache=args.kv_cache,

@@ -1,0 +1,43 @@
+"""compile=True: decode steps through torch.compile give HF's greedy tokens, with no compiling under requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvos import LLM, SamplingParams
+
+from tests.conftest import hf_greedy_fn
+from tests.engine.test_engine_equivalence import TEXTS, check_against_hf
+
+
+def test_compiled_decode_matches_hf_and_compiles_only_at_start_up(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.model.tiny_models import make_tiny_hf_model
+
+    folder = make_tiny_hf_model(str(tmp_path), "llama")
+    hf = hf_greedy_fn(AutoModelForCausalLM.from_pretrained(folder).eval())
+    torch._dynamo.reset()
+    llm = LLM(folder, block_size=4, max_num_seqs=4, compile=True)
+    graphs_at_start_up = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs_at_start_up >= 1
+    # Batches of 4, then 3, 2 and 1 as requests finish; contexts of every length.
+    check_against_hf(llm, TEXTS, hf)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_at_start_up
+
+
+def test_compile_refuses_the_virtual_cache() -> None:
+    with pytest.raises(ValueError, match="compile=True needs kv_cache='paged'"):
+        LLM(compile=True, kv_cache="virtual")
+
+
+def test_compiled_int4_decode_tracks_eager_int4() -> None:
+    """The compiled graph runs the same int4 kernels: same greedy tokens as eager int4."""
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    texts = ["The capital of France is", "def fibonacci(n):"]
+    eager = LLM(kv_cache_memory_bytes=2**26, quantization="int4").generate(texts, params, use_tqdm=False)
+    llm = LLM(kv_cache_memory_bytes=2**26, quantization="int4", compile=True, max_num_seqs=2)
+    compiled = llm.generate(texts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in eager]
+    assert llm.engine.kv_manager.num_used_blocks == 0
