@@ -3,10 +3,11 @@
 One request at a time, batch 1: a 32-token prompt, then 256 new tokens with
 EOS ignored, greedy. This is the latency a lone chat user sees, and at batch 1
 a decode step is bound by reading every weight once, so the engines' weight
-formats matter: kvos and transformers read float32 weights, llama.cpp reads
-the quantized GGUF blocks directly.
+formats matter: transformers reads float32 weights, llama.cpp the GGUF's
+quantized blocks, kvos float32 or (`--quantization`) int8 / int4 ones.
 
-Usage: python -m benchmarks.decode_latency [--engines kvos,llama.cpp,hf] [--json out.json]
+Usage: python -m benchmarks.decode_latency [--engines kvos,llama.cpp,hf] [--quantization int4] [--compile]
+                                           [--json out.json]
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ PROMPT_TEXT = (
     "has had to decide what to keep close to the processor, what to move further away, and when to move it."
 )
 WARMUP_TEXT = "Warm-up request: please say hello."
+# What a decode step reads per parameter: int4 carries a bfloat16 scale and zero per group of 32.
+KVOS_WEIGHT_BYTES_PER_PARAM = {"float32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ def time_kvos(
     num_new_tokens: int,
     kv_cache: str,
     quantization: str | None = None,
+    compile_decode: bool = False,
 ) -> tuple[float, float, list[int]]:
     """(ttft, total, token ids), driving the engine step by step to see the first token."""
     from kvos import SamplingParams
@@ -114,7 +118,9 @@ def time_kvos(
     from kvos.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(
-        EngineConfig.from_kwargs(model=str(gguf_path), kv_cache=kv_cache, max_num_seqs=1, quantization=quantization)
+        EngineConfig.from_kwargs(
+            model=str(gguf_path), kv_cache=kv_cache, max_num_seqs=1, quantization=quantization, compile=compile_decode
+        )
     )
 
     def generate(req_id: str, token_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
@@ -239,6 +245,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quantization", default=None, choices=["int8", "int4"], help="kvos weight-only int8 / int4"
     )
+    parser.add_argument("--compile", action="store_true", help="kvos decode steps through torch.compile")
     parser.add_argument("--kv-cache", choices=["paged", "virtual"], default="paged")
     parser.add_argument("--llama-cpp-threads", type=int, default=2)
     parser.add_argument("--remeasure", action="store_true", help="measure the machine's roofline again")
@@ -278,7 +285,13 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
     timings: dict[str, tuple[float, float, list[int]]] = {}
     notes: list[str] = []
     if "kvos" in args.engines:
-        timings["kvos"] = time_kvos(gguf_path, prompt_ids, warmup_ids, n, args.kv_cache, args.quantization)
+        timings["kvos"] = time_kvos(
+            gguf_path, prompt_ids, warmup_ids, n, args.kv_cache, args.quantization, args.compile
+        )
+        notes.append(
+            f"kvos: weights {args.quantization or 'float32'}, KV cache {args.kv_cache}, "
+            f"decode {'compiled' if args.compile else 'eager'}"
+        )
     version = llama_cpp_version()
     if "llama.cpp" in args.engines:
         if version is None:
@@ -290,7 +303,12 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
 
     shape = ArchShape.from_any(arch_from_gguf(gguf_path))
     # llama.cpp reads the GGUF's quantized blocks (the file is almost all weights) and keeps KV in float16.
-    weight_formats = {"kvos": (4.0, 4), "hf": (4.0, 4), "llama.cpp": (gguf_path.stat().st_size / shape.num_params, 2)}
+    kvos_weight_bytes = KVOS_WEIGHT_BYTES_PER_PARAM[args.quantization or "float32"]
+    weight_formats = {
+        "kvos": (kvos_weight_bytes, 4),
+        "hf": (4.0, 4),
+        "llama.cpp": (gguf_path.stat().st_size / shape.num_params, 2),
+    }
     runs = []
     for engine, (ttft, total, ids) in timings.items():
         weight_bytes, kv_bytes = weight_formats[engine]

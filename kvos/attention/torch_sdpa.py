@@ -30,16 +30,16 @@ def attention(
     gqa = q.shape[1] != k.shape[1]
     if meta.decode is not None and meta.decode.all_rows:
         # A pure decode step: the batch is the flat token list, nothing to gather or scatter.
-        return _decode(q, k_cache, v_cache, meta.decode, scale, gqa).squeeze(2)
+        return _decode(q, k_cache, v_cache, meta.decode, scale)
     out = torch.empty_like(q)
     if meta.decode is not None:
         d = meta.decode
-        out[d.token_rows] = _decode(q[d.token_rows], k_cache, v_cache, d, scale, gqa).squeeze(2)
+        out[d.token_rows] = _decode(q[d.token_rows], k_cache, v_cache, d, scale)
     for p in meta.prefills:
         rows = slice(p.token_start, p.token_start + p.num_tokens)
         q_p = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
-        k_p = k_cache[p.kv_indices].transpose(0, 1).unsqueeze(0)  # (1, KV, L, D)
-        v_p = v_cache[p.kv_indices].transpose(0, 1).unsqueeze(0)
+        k_p = _gather(k_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)  # (1, KV, L, D)
+        v_p = _gather(v_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)
         if p.num_computed == 0:
             o = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
@@ -52,10 +52,25 @@ def attention(
     return out
 
 
-def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float, gqa: bool
-) -> torch.Tensor:
-    """q: (B, H, D), one query per request -> (B, H, 1, D) over each request's gathered context."""
-    k_b = k_cache[d.kv_indices].transpose(1, 2)  # (B, KV, L, D)
-    v_b = v_cache[d.kv_indices].transpose(1, 2)
-    return F.scaled_dot_product_attention(q.unsqueeze(2), k_b, v_b, attn_mask=d.mask, scale=scale, enable_gqa=gqa)
+def _gather(cache: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """cache[indices] for flat slot indices of any shape, plus the cache's trailing dims.
+
+    `index_select` copies whole rows; advanced indexing is several times slower on CPU.
+    """
+    return cache.index_select(0, indices.reshape(-1)).view(*indices.shape, *cache.shape[1:])
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float) -> torch.Tensor:
+    """q: (B, H, D), one query per request -> (B, H, D) over each request's gathered context.
+
+    The query heads sharing a KV head ride as that head's query rows,
+    (B, KV, H / KV, D): plain attention over the un-repeated keys, faster on
+    CPU than SDPA's grouped-query mode.
+    """
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    k_b = _gather(k_cache, d.kv_indices).transpose(1, 2)  # (B, KV, L, D)
+    v_b = _gather(v_cache, d.kv_indices).transpose(1, 2)
+    q_b = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    o = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=d.mask, scale=scale)
+    return o.reshape(batch, num_heads, head_dim)
