@@ -95,7 +95,11 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        # An explicit (uninitialised) weight skips nn.Embedding's random init, whose
+        # normal_ on the meta device would import torch._dynamo: a second of start-up.
+        self.embed_tokens = nn.Embedding(
+            arch.vocab_size, arch.hidden_size, _weight=nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
+        )
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 

@@ -1,0 +1,172 @@
+"""Serving sweep: kvos's server and llama-cpp-python's, same requests, several request rates.
+
+For every rate each server is started fresh (so no run inherits another's
+queue or cache), warmed up, replayed the same ShareGPT requests by
+`benchmarks.serve` and stopped. The table puts the two side by side per rate:
+output tokens/s, goodput under the SLOs, p50/p99 TTFT and TPOT, and the
+kvos / llama.cpp ratios. At the saturating rate (inf) it also prints each
+server's % of the roofline limit for the same requests.
+
+Usage: python -m benchmarks.serve_sweep [--rates 1,2,4,inf] [--num-requests 200]
+           [--kvos-args "--quantization int4 --compile"] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import serve
+from benchmarks.peers import arch_from_gguf, llama_cpp_version, load_tokenizer, resolve_gguf
+from benchmarks.roofline import ArchShape, Roofline, load_or_measure, percent_of_limit
+from benchmarks.sharegpt import sample_requests
+
+SERVERS = ("kvos", "llama.cpp")
+KVOS_WEIGHT_BYTES = {"float32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+
+
+def server_command(name: str, gguf: Path, port: int, args: argparse.Namespace) -> list[str]:
+    if name == "kvos":
+        return [sys.executable, "-m", "kvos.entrypoints.cli", "serve", str(gguf), "--port", str(port),
+                *shlex.split(args.kvos_args)]
+    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
+            "--n_threads", str(args.llama_cpp_threads), "--n_ctx", "2048", "--interrupt_requests", "False"]
+
+
+def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with status {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f}s")
+
+
+def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any) -> dict:
+    port = args.port + (0 if name == "kvos" else 1)
+    url = f"http://127.0.0.1:{port}"
+    log = open(Path(args.log_dir) / f"{name}-{rate}.log", "w", encoding="utf-8")
+    process = subprocess.Popen(server_command(name, gguf, port, args), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, process, args.start_timeout)
+        client_args = serve.build_parser().parse_args(
+            [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress",
+             "--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo)]
+        )
+        return asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def format_rows(results: dict[str, dict[str, dict]], bounds: dict[str, float]) -> str:
+    header = (f"{'rate':>5} {'server':<10} {'tok/s':>7} {'goodput':>8} {'TTFT p50/p99 s':>15} "
+              f"{'TPOT p50/p99 ms':>16} {'% of limit':>10}")
+    lines = [header, "-" * len(header)]
+    for rate, by_server in results.items():
+        for name, r in by_server.items():
+            limit = f"{percent_of_limit(r['duration_s'], bounds[name]):.1f}%" if rate == "inf" else "-"
+            lines.append(
+                f"{rate:>5} {name:<10} {r['output_throughput']:>7.1f} {r['goodput']:>8.3f} "
+                f"{r['ttft_ms']['p50'] / 1000:>7.2f}/{r['ttft_ms']['p99'] / 1000:<7.2f} "
+                f"{r['tpot_ms']['p50']:>7.1f}/{r['tpot_ms']['p99']:<8.1f} {limit:>10}"
+            )
+        if len(by_server) == 2:
+            k, p = by_server["kvos"], by_server["llama.cpp"]
+            lines.append(
+                f"{rate:>5} kvos/llama.cpp: throughput {k['output_throughput'] / p['output_throughput']:.2f}x, "
+                f"goodput {k['goodput']:.3f} vs {p['goodput']:.3f}, "
+                f"p99 TTFT {p['ttft_ms']['p99'] / k['ttft_ms']['p99']:.2f}x shorter"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--rates", default="1,2,4,inf", help="comma-separated requests/s; inf = all at once")
+    parser.add_argument("--servers", default="kvos,llama.cpp")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-output-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
+    parser.add_argument("--tpot-slo", type=float, default=0.2, help="seconds")
+    parser.add_argument("--kvos-args", default="--quantization int4 --compile", help="extra `kvos serve` flags")
+    parser.add_argument("--llama-cpp-threads", type=int, default=2)
+    parser.add_argument("--port", type=int, default=8140)
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for a server")
+    parser.add_argument("--log-dir", default="/tmp", help="where each server's output goes")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    servers = [s for s in args.servers.split(",") if s]
+    if any(s not in SERVERS for s in servers) or not servers:
+        parser.error(f"--servers must be a subset of {','.join(SERVERS)}, got {args.servers!r}")
+    if any(r <= 0 for r in rates):
+        parser.error("--rates must be > 0 (inf sends everything at once)")
+    if "llama.cpp" in servers and llama_cpp_version() is None:
+        parser.error("llama-cpp-python is not installed (pip install llama-cpp-python; benchmarks only)")
+
+    gguf = resolve_gguf(args.model)
+    tokenizer = load_tokenizer(gguf)
+
+    def count_tokens(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    requests = sample_requests(tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens,
+                               seed=args.seed)
+    machine = load_or_measure("cpu")
+    shape = ArchShape.from_any(arch_from_gguf(gguf))
+    work = [(len(r.prompt_token_ids), r.max_tokens) for r in requests]
+    kvos_flags = shlex.split(args.kvos_args)
+    kvos_format = kvos_flags[kvos_flags.index("--quantization") + 1] if "--quantization" in kvos_flags else "float32"
+    bounds = {
+        # kvos runs up to 64 sequences at once; llama-cpp-python's server one request at a time.
+        "kvos": Roofline.for_machine(shape, machine, kv_bytes_per_elem=4).lower_bound_seconds(
+            work, max_batch=64, weight_bytes_per_param=KVOS_WEIGHT_BYTES[kvos_format]).total_s,
+        "llama.cpp": Roofline.for_machine(shape, machine, kv_bytes_per_elem=2).lower_bound_seconds(
+            work, max_batch=1, weight_bytes_per_param=gguf.stat().st_size / shape.num_params).total_s,
+    }
+    print(f"serve sweep: {gguf.name}, {len(requests)} ShareGPT requests, rates {args.rates}, "
+          f"kvos flags {args.kvos_args!r}, llama-cpp-python {llama_cpp_version()} n_threads={args.llama_cpp_threads}")
+    load_before = os.getloadavg()[0]
+    results: dict[str, dict[str, dict]] = {}
+    for rate in rates:
+        key = "inf" if math.isinf(rate) else f"{rate:g}"
+        for name in servers:
+            print(f"rate {key}: {name} ...", flush=True)
+            results.setdefault(key, {})[name] = run_one(name, rate, gguf, args, requests, count_tokens)
+    print(format_rows(results, bounds))
+    print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
+    if args.json is not None:
+        report = {"date": datetime.date.today().isoformat(), "model": gguf.name, "config": vars(args) | {"json": None},
+                  "bounds_s": bounds, "results": results, "load_average": [load_before, os.getloadavg()[0]]}
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
