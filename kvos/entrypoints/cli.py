@@ -159,10 +159,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = {
+    "roofline": "benchmarks.roofline",
+    "throughput": "benchmarks.offline_throughput",
+    "latency": "benchmarks.decode_latency",
+    "serve-sweep": "benchmarks.serve_sweep",
+}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
-    module = {"roofline": "benchmarks.roofline", "throughput": "benchmarks.offline_throughput"}[args.which]
+    module = BENCHMARKS[args.which]
     sys.argv = [module, *args.rest]
     runpy.run_module(module, run_name="__main__")
     return 0
@@ -191,8 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmarks: roofline | throughput (run from the repository root)")
-    bench.add_argument("which", choices=["roofline", "throughput"])
+    bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHMARKS)} (run from the repository root)")
+    bench.add_argument("which", choices=list(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -28,6 +28,8 @@ compiled code on disk, so later start-ups take seconds, not minutes.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import types
 from collections.abc import Callable, Sequence
 
@@ -61,6 +63,13 @@ def _decode_step(
 
 def compile_decode(model: LlamaForCausalLM) -> Callable[..., torch.Tensor]:
     """`model.forward`, compiled for decode steps of this model alone (input guards only)."""
+    device = next(model.parameters()).device
+    compiler = os.environ.get("CXX", "g++")
+    if device.type == "cpu" and shutil.which(compiler) is None:
+        raise ValueError(
+            f"compile=True on CPU needs a C++ compiler for torch.compile's Inductor backend; {compiler!r} "
+            "is not on PATH (install g++, or set CXX)"
+        )
     own_copy = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, _decode_step.__name__)
     compiled = torch.compile(own_copy, fullgraph=True, options={"guard_filter_fn": _keep_input_guards})
     return functools.partial(compiled, model)

@@ -32,6 +32,15 @@ def test_compile_refuses_the_virtual_cache() -> None:
         LLM(compile=True, kv_cache="virtual")
 
 
+def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch, tmp_path) -> None:
+    from tests.model.tiny_models import make_tiny_hf_model
+
+    folder = make_tiny_hf_model(str(tmp_path), "llama")
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
+        LLM(folder, compile=True)
+
+
 def test_compiled_int4_decode_tracks_eager_int4() -> None:
     """The compiled graph runs the same int4 kernels; its fused bfloat16 arithmetic rounds
     differently from eager's, so the tolerance is int8's: the first 8 greedy tokens agree."""
