@@ -26,8 +26,8 @@ class ModelConfig:
     output channel, `"int4"` as 4-bit codes per group of 32 (faster
     small-batch decode; outputs close to, not equal to, float32).
     `compile=True` runs decode steps through torch.compile (fewer, fused ops
-    per token; the graphs are compiled at start-up, tens of seconds the first
-    time, a few seconds once Inductor's disk cache holds them).
+    per token; the graphs are compiled at start-up, about a minute the first
+    time, seconds once Inductor's disk cache holds them).
     """
 
     model: str | None = None

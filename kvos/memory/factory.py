@@ -42,10 +42,17 @@ def available_memory_bytes(device: torch.device) -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
+# A fraction of free memory is rounded down to this: free memory drifts between
+# runs, and a cache whose size does not lets `compile=True` take its graphs
+# (specialised on the cache's shape) from Inductor's disk cache at start-up.
+BUDGET_GRANULE_BYTES = 64 * 2**20
+
+
 def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
     if cache.kv_cache_memory_bytes is not None:
         return cache.kv_cache_memory_bytes
-    return int(available_memory_bytes(device) * cache.kv_cache_memory_fraction)
+    budget = int(available_memory_bytes(device) * cache.kv_cache_memory_fraction)
+    return budget - budget % BUDGET_GRANULE_BYTES if budget >= BUDGET_GRANULE_BYTES else budget
 
 
 def make_kv_manager(cache: CacheConfig, shape: KVShape, max_num_seqs: int, max_model_len: int) -> KVCacheManager:

@@ -17,8 +17,7 @@ and `fullgraph=True` rules out graph breaks that would resume in code
 objects shared between models.
 
 Shapes: batch size and context length vary from step to step; weights and
-caches never do. The warm-up steps mark just those sizes dynamic (and the
-cache's slot count, which depends on the memory free at start-up), so a
+caches never do. The warm-up steps mark just those two sizes dynamic, so a
 few graphs cover every step (batch 1 is specialised; quantized linears branch
 on their row limit), and `ModelRunner.warm_up_decode` compiles them at
 start-up so no request waits for the compiler. The warm-up context is one
@@ -76,19 +75,9 @@ def compile_decode(model: LlamaForCausalLM) -> Callable[..., torch.Tensor]:
     return functools.partial(compiled, model)
 
 
-def mark_dynamic_sizes(
-    input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: KVCaches, meta: AttentionMetadata
-) -> None:
-    """Compile the next call for any batch size (when it is not 1), context length and cache size.
-
-    The cache's slot count follows the memory free at start-up, so it differs
-    from run to run: a graph specialised on it would miss Inductor's disk cache
-    at every start.
-    """
+def mark_dynamic_sizes(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Compile the next call for any batch size (when it is not 1) and any context length."""
     assert meta.decode is not None
-    for k_cache, v_cache in kv_caches:
-        torch._dynamo.mark_dynamic(k_cache, 0)
-        torch._dynamo.mark_dynamic(v_cache, 0)
     batch_dims = [(input_ids, 0), (positions, 0), (meta.slot_mapping, 0), (meta.decode.kv_indices, 0),
                   (meta.decode.mask, 0)]
     if input_ids.shape[0] > 1:

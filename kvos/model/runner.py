@@ -90,7 +90,7 @@ class ModelRunner:
             )
             ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
             positions = torch.full_like(ids, batch_size)
-            compiled_decode.mark_dynamic_sizes(ids, positions, self.kv.kv_caches, meta)
+            compiled_decode.mark_dynamic_sizes(ids, positions, meta)
             self._decode_forward(ids, positions, self.kv.kv_caches, meta)
         logger.info(
             "decode step ready for batch sizes %s in %.1fs", ", ".join(map(str, batch_sizes)), time.monotonic() - start
