@@ -33,7 +33,13 @@ from benchmarks.peers import (
     load_tokenizer,
     resolve_gguf,
 )
-from benchmarks.roofline import ArchShape, MachinePeak, Roofline, load_or_measure, percent_of_limit
+from benchmarks.roofline import (
+    ArchShape,
+    MachinePeak,
+    Roofline,
+    load_or_measure,
+    percent_of_limit,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,12 @@ from typing import Any
 import httpx
 
 from benchmarks import serve
-from benchmarks.peers import arch_from_gguf, llama_cpp_version, load_tokenizer, resolve_gguf
+from benchmarks.peers import (
+    arch_from_gguf,
+    llama_cpp_version,
+    load_tokenizer,
+    resolve_gguf,
+)
 from benchmarks.roofline import ArchShape, Roofline, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import sample_requests
 
@@ -63,22 +68,21 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
 def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any) -> dict:
     port = args.port + (0 if name == "kvos" else 1)
     url = f"http://127.0.0.1:{port}"
-    log = open(Path(args.log_dir) / f"{name}-{rate}.log", "w", encoding="utf-8")
-    process = subprocess.Popen(server_command(name, gguf, port, args), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_ready(url, process, args.start_timeout)
-        client_args = serve.build_parser().parse_args(
-            [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress",
-             "--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo)]
-        )
-        return asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
-    finally:
-        process.send_signal(signal.SIGTERM)
+    with open(Path(args.log_dir) / f"{name}-{rate}.log", "w", encoding="utf-8") as log:
+        process = subprocess.Popen(server_command(name, gguf, port, args), stdout=log, stderr=subprocess.STDOUT)
         try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            wait_ready(url, process, args.start_timeout)
+            client_args = serve.build_parser().parse_args(
+                [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress",
+                 "--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo)]
+            )
+            return asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 def format_rows(results: dict[str, dict[str, dict]], bounds: dict[str, float]) -> str:

@@ -46,7 +46,7 @@ def _keep_input_guards(entries: Sequence[object]) -> list[bool]:
     """Keep global-state guards (empty name) and guards on the step's inputs."""
     keep = []
     for entry in entries:
-        name: str = getattr(entry, "name")
+        name: str = entry.name  # type: ignore[attr-defined]
         keep.append(name == "" or name.split("[")[0].split(".")[0] in _GUARDED_INPUTS)
     return keep
 

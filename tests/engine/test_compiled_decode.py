@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from kvos import LLM, SamplingParams
-
 from tests.conftest import hf_greedy_fn
 from tests.engine.test_engine_equivalence import TEXTS, check_against_hf
 

@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from kvos import LLM, SamplingParams
-from kvos.model.quantization import INT4_GROUP_SIZE, Int4Linear, Int8Linear, QuantizedLinear, quantize
+from kvos.model.quantization import (
+    INT4_GROUP_SIZE,
+    Int4Linear,
+    Int8Linear,
+    QuantizedLinear,
+    quantize,
+)
 
 GOLDEN_TEXTS = [
     "The capital of France is",
