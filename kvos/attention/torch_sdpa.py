@@ -27,10 +27,10 @@ def attention(
     if meta.spans is not None:
         return contiguous.attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.spans, scale)
     contiguous.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
-    gqa = q.shape[1] != k.shape[1]
     if meta.decode is not None and meta.decode.all_rows:
         # A pure decode step: the batch is the flat token list, nothing to gather or scatter.
         return _decode(q, k_cache, v_cache, meta.decode, scale)
+    gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     if meta.decode is not None:
         d = meta.decode

@@ -21,8 +21,10 @@ caches never do. The warm-up steps mark just those two sizes dynamic, so a
 few graphs cover every step (batch 1 is specialised; quantized linears branch
 on their row limit), and `ModelRunner.warm_up_decode` compiles them at
 start-up so no request waits for the compiler. The warm-up context is one
-longer than the batch: equal sizes would be assumed equal forever. Inductor caches the
-compiled code on disk, so later start-ups take seconds, not minutes.
+longer than the batch: equal sizes would be assumed equal forever. Inductor
+caches the compiled code on disk; the graphs are specialised on the cache's
+shape, which stays put across runs (the KV budget is rounded, see
+`memory.factory`), so later start-ups take seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -85,4 +87,3 @@ def mark_dynamic_sizes(input_ids: torch.Tensor, positions: torch.Tensor, meta: A
             torch._dynamo.mark_dynamic(tensor, dim)
     torch._dynamo.mark_dynamic(meta.decode.kv_indices, 1)
     torch._dynamo.mark_dynamic(meta.decode.mask, 3)
-
