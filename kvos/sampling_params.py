@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvos.errors import InvalidRequestError
+
+MIN_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily, as vLLM does: dividing logits by a
+tiny temperature overflows float32 to inf, and softmax of inf is NaN."""
+
+MAX_LOGIT_BIAS = 100.0
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop.
 
-    temperature 0 means greedy. `stop` strings are matched on the decoded text,
+    temperature 0 (or anything below `MIN_TEMPERATURE`) means greedy. `logit_bias`
+    maps token ids to a bias in [-100, 100] added to their logits before
+    sampling, as OpenAI's field does. `stop` strings are matched on the decoded text,
     across token boundaries, and are not part of the output. `logprobs=k`
     returns the k most likely tokens at each step besides the chosen one.
     """
@@ -29,7 +39,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -43,41 +53,47 @@ class SamplingParams:
     def _validate(self) -> None:
         def check_int(name: str, value: object, low: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                    raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
             if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+                raise InvalidRequestError(f"{name} must be >= {low}, got {value}", name)
 
         def check_float(name: str, value: object, low: float, high: float) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not low <= value <= high:
-                raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+                raise InvalidRequestError(f"{name} must be a number, got {value!r}", name)
+            if not low <= value <= high:  # also refuses NaN
+                raise InvalidRequestError(f"{name} must be in [{low}, {high}], got {value}", name)
 
         check_int("n", self.n, 1)
         check_int("max_tokens", self.max_tokens, 1)
         check_float("temperature", self.temperature, 0.0, 100.0)
         check_float("top_p", self.top_p, 0.0, 1.0)
         if self.top_p == 0.0:
-            raise ValueError("top_p must be in (0, 1], got 0")
+            raise InvalidRequestError("top_p must be in (0, 1], got 0", "top_p")
         check_int("top_k", self.top_k, 0)
         check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
             check_int("seed", self.seed, 0)
         for s in self.stop:
             if not isinstance(s, str) or not s:
-                raise ValueError(f"stop must hold non-empty strings, got {s!r}")
+                raise InvalidRequestError(f"stop must hold non-empty strings, got {s!r}", "stop")
         for t in self.stop_token_ids:
             check_int("stop_token_ids", t, 0)
         if self.logprobs is not None:
             check_int("logprobs", self.logprobs, 0)
             if self.logprobs > 20:
-                raise ValueError(f"logprobs must be <= 20, got {self.logprobs}")
+                raise InvalidRequestError(f"logprobs must be <= 20, got {self.logprobs}", "logprobs")
         check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
         check_float("repetition_penalty", self.repetition_penalty, 0.0, 100.0)
         if self.repetition_penalty == 0.0:
-            raise ValueError("repetition_penalty must be > 0, got 0")
+            raise InvalidRequestError("repetition_penalty must be > 0, got 0", "repetition_penalty")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}", "logit_bias")
+            for token_id, bias in self.logit_bias.items():
+                check_int("logit_bias", token_id, 0)
+                check_float("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_TEMPERATURE
