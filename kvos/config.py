@@ -96,21 +96,62 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
 
 
+SchedulingPolicyName = Literal["fcfs", "priority", "fair"]
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Continuous batching limits: tokens per step and concurrent sequences."""
+    """Continuous batching limits and the scheduling policy (see `kvos.core.policies`).
+
+    `policy`: "fcfs" (arrival order), "priority" (lower `priority` first; may
+    preempt a less urgent running request once it has run
+    `preemption_quantum_steps` steps), or "fair" (VTC between tenants:
+    service = `fair_input_weight` x prompt tokens + `fair_output_weight` x
+    output tokens, divided by the tenant's weight from `tenant_weights`,
+    default 1).
+    """
 
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
-    policy: Literal["fcfs"] = "fcfs"
+    policy: SchedulingPolicyName = "fcfs"
+    preemption_quantum_steps: int = 4
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    fair_input_weight: float = 1.0
+    fair_output_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.policy != "fcfs":
-            raise ValueError(f"policy must be 'fcfs', got {self.policy!r}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
+        if self.preemption_quantum_steps < 0:
+            raise ValueError(f"preemption_quantum_steps must be >= 0, got {self.preemption_quantum_steps}")
+        for tenant, weight in self.tenant_weights:
+            if not isinstance(tenant, str) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"tenant_weights must be (name, number) pairs, got {(tenant, weight)!r}")
+            if not weight > 0:
+                raise ValueError(f"tenant weight of {tenant!r} must be > 0, got {weight}")
+        for name in ("fair_input_weight", "fair_output_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def parse_tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
+    """`alice=2,bob=1` -> (("alice", 2.0), ("bob", 1.0)); ValueError naming the bad part."""
+    pairs = []
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name or not weight > 0:
+            raise ValueError(f"tenant weights look like 'alice=2,bob=1'; cannot read {part.strip()!r}")
+        pairs.append((name, weight))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)

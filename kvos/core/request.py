@@ -38,6 +38,9 @@ class Request:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0
+    """Lower is served sooner (the priority policy)."""
+    tenant: str = ""
+    """Whose service this counts as (the fair policy): the OpenAI `user` field."""
     fork_of: str | None = None
     """The sibling whose prompt KV this one forks (n > 1), if any."""
     seed_offset: int = 0
@@ -48,6 +51,8 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    admitted_step: int = 0
+    """The step at which it last started running (the priority policy's minimum quantum)."""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

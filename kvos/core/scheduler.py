@@ -5,11 +5,13 @@
 
 One path for everything: each step has a token budget; running requests are
 served first (a decode costs one token, a prompt chunk whatever budget is
-left), then waiting requests are admitted in arrival order while budget, KV
-memory and `max_num_seqs` allow. A long prompt is thereby split across steps
-(chunked prefill) and never stalls running decodes. When KV memory runs out,
-the most recently admitted request is preempted: its blocks are freed and it
-waits again, to be recomputed (with prefix-cache hits) later.
+left), then waiting requests are admitted in the policy's order while
+budget, KV memory and `max_num_seqs` allow. A long prompt is thereby split
+across steps (chunked prefill) and never stalls running decodes. When KV
+memory runs out, the policy's victim is preempted: its blocks are freed and
+it waits again, to be recomputed (with prefix-cache hits) later. Which
+request waits first, which is the victim, and whether a waiting request may
+take a running one's sequence slot is the policy's (`kvos.core.policies`).
 
 n > 1 siblings are admitted here like everyone else, under the same budget
 and sequence limit: once the first sequence has computed the prompt, a
@@ -20,16 +22,15 @@ sampled from its own logits row like any other request's.
 
 from __future__ import annotations
 
-from collections import deque
-
 from kvos.config import SchedulerConfig
 from kvos.core.plan import NewRequestData, ScheduledRequest, SequenceUpdate, StepOutput, StepPlan
+from kvos.core.policies import SchedulingPolicy, make_policy
 from kvos.core.request import Request, RequestStatus
 from kvos.memory.kv_manager import KVAllocation, KVCacheManager
 
 
 class Scheduler:
-    """FCFS continuous batching over a KV cache manager."""
+    """Continuous batching over a KV cache manager, in the order of a scheduling policy."""
 
     def __init__(
         self, config: SchedulerConfig, kv_manager: KVCacheManager, eos_token_ids: frozenset[int], max_model_len: int
@@ -38,7 +39,8 @@ class Scheduler:
         self.kv = kv_manager
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
+        self.waiting: SchedulingPolicy = make_policy(config)
+        """The waiting queue: the policy keeps it in its order."""
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         """Every unfinished request by id."""
@@ -54,7 +56,7 @@ class Scheduler:
             raise ValueError(f"request id {request.req_id!r} is already in use")
         request.status = RequestStatus.WAITING
         self.requests[request.req_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def abort(self, req_id: str) -> None:
         """End a request now and free its KV; unknown or finished ids are ignored."""
@@ -72,13 +74,25 @@ class Scheduler:
         plan = StepPlan(self._step_id, finished_req_ids=self._finished_ids)
         self._finished_ids = []
         budget = self.config.max_num_batched_tokens
+        # Sequence slots first: the policy may hand a running request's slot to a more urgent one.
+        while len(self.running) >= self.config.max_num_seqs:
+            displaced = self.waiting.displace(self.running, self._step_id)
+            if displaced is None:
+                break
+            self.running.remove(displaced)
+            self._preempt(displaced)
+            plan.preempted_req_ids.append(displaced.req_id)
+        memory_short = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             allocation = self.kv.allocate_slots(request, num_tokens)
             while allocation is None:
-                victim = self.running.pop()
+                memory_short = True
+                # Only requests not yet planned this step may lose their KV.
+                victim = self.waiting.victim(self.running[i:])
+                self.running.remove(victim)
                 self._preempt(victim)
                 plan.preempted_req_ids.append(victim.req_id)
                 if victim is request:
@@ -89,10 +103,11 @@ class Scheduler:
             self._plan_chunk(plan, request, num_tokens, allocation)
             budget -= num_tokens
             i += 1
-        if plan.preempted_req_ids:
+        if memory_short:
             return plan
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            assert request is not None
             admitted = self._admit_fork(plan, request) if request.fork_of is not None else None
             if admitted is False:
                 break
@@ -131,8 +146,10 @@ class Scheduler:
         return True
 
     def _start(self, plan: StepPlan, request: Request) -> None:
-        self.waiting.popleft()
+        if self.waiting.pop() is not request:
+            raise RuntimeError("the policy's queue head changed during admission")
         request.status = RequestStatus.RUNNING
+        request.admitted_step = self._step_id
         self.running.append(request)
         plan.new_requests.append(
             NewRequestData(
@@ -163,12 +180,13 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.requeue(request)
 
     # -- progress -------------------------------------------------------------------------
 
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[SequenceUpdate]:
         """Advance every request the plan ran; finish those that are done; report what changed."""
+        self.waiting.on_step(plan, output, self.requests)
         updates = []
         for scheduled in plan.scheduled:
             request = self.requests.get(scheduled.req_id)
@@ -223,10 +241,12 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
-        if request in self.running:
+        was_running = request in self.running
+        if was_running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.waiting.on_finish(request, was_running)
         self.kv.free(request)
         del self.requests[request.req_id]
         self._finished_ids.append(request.req_id)

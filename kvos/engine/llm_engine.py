@@ -80,21 +80,31 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        tenant: str = "",
     ) -> None:
-        """Queue a request; raises InvalidRequestError (a ValueError) on anything it could never serve."""
+        """Queue a request; raises InvalidRequestError (a ValueError) on anything it could never serve.
+
+        `priority` (lower is sooner) needs the priority policy; `tenant` is
+        whose service it counts as under the fair policy; `cache_salt` keeps
+        its prefix blocks apart from requests with another salt.
+        """
         if req_id in self.processor:
             raise InvalidRequestError(f"request id {req_id!r} is already in use")
         if params.n > self.config.scheduler.max_num_seqs:
             raise InvalidRequestError(
                 f"n ({params.n}) exceeds max_num_seqs ({self.config.scheduler.max_num_seqs})", "n"
             )
-        if priority != 0 and self.config.scheduler.policy == "fcfs":
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequestError(f"priority must be an integer, got {priority!r}", "priority")
+        if priority != 0 and self.config.scheduler.policy != "priority":
             raise InvalidRequestError(
-                f"priority {priority} needs a priority scheduling policy; this engine runs 'fcfs'", "priority"
+                f"priority {priority} needs --scheduling-policy priority; this engine runs "
+                f"{self.config.scheduler.policy!r}",
+                "priority",
             )
         text, token_ids = self._tokenize(prompt)
         self.core.check_request(token_ids, params.max_tokens)
-        sequences = self.processor.add_request(req_id, text, token_ids, params, priority, cache_salt)
+        sequences = self.processor.add_request(req_id, text, token_ids, params, priority, cache_salt, tenant)
         try:
             for sequence in sequences:
                 self.core.add_request(sequence)

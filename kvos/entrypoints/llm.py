@@ -44,8 +44,12 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (a string or token ids) together; outputs in input order."""
+        """Generate for every prompt (a string or token ids) together; outputs in input order.
+
+        `priority` (one per prompt, lower is served sooner) needs `policy="priority"`.
+        """
         single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
         prompts = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
         if params is None:
@@ -53,10 +57,13 @@ class LLM:
         param_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(param_list) != len(prompts):
             raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
         req_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
-            for req_id, prompt, p in zip(req_ids, prompts, param_list):
-                self.engine.add_request(req_id, prompt, p)
+            for req_id, prompt, p, prio in zip(req_ids, prompts, param_list, priorities):
+                self.engine.add_request(req_id, prompt, p, prio)
             return self._run(req_ids, use_tqdm)
         finally:
             for req_id in req_ids:

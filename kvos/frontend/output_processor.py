@@ -81,6 +81,7 @@ class OutputProcessor:
         params: SamplingParams,
         priority: int = 0,
         cache_salt: str | None = None,
+        tenant: str = "",
     ) -> list[Request]:
         """Register a user request; returns its core sequences (one per n), first one first."""
         if req_id in self._groups:
@@ -107,6 +108,7 @@ class OutputProcessor:
                 params=params,
                 arrival_time=now,
                 priority=priority,
+                tenant=tenant,
                 fork_of=None if i == 0 else seq_ids[0],
                 seed_offset=i,
                 cache_salt=cache_salt,

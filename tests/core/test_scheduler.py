@@ -63,7 +63,7 @@ def test_out_of_memory_preempts_most_recent_and_requeues_it_first() -> None:
     assert plan.preempted_req_ids == ["b"]
     assert [c.req_id for c in plan.scheduled] == ["a"]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
-    assert s.waiting[0] is b
+    assert s.waiting.peek() is b
     assert s.num_preemptions == 1
     assert s.kv.num_used_blocks == 3
 
