@@ -105,13 +105,14 @@ class Scheduler:
             i += 1
         if memory_short:
             return plan
-        while len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting.peek()
-            assert request is not None
-            admitted = self._admit_fork(plan, request) if request.fork_of is not None else None
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            head = self.waiting.peek()
+            if head is None:
+                break
+            admitted = self._admit_fork(plan, head) if head.fork_of is not None else None
             if admitted is False:
                 break
-            if admitted is None and not self._admit(plan, request, budget):
+            if admitted is None and not self._admit(plan, head, budget):
                 break
             budget -= len(plan.scheduled[-1].new_token_ids)
         return plan

@@ -47,7 +47,10 @@ class _Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int
+    tenant: str
     accepted: concurrent.futures.Future[None]
+    displace: bool
+    """The queue looked full: admit only by refusing a less urgent waiting request."""
 
 
 @dataclass
@@ -82,7 +85,9 @@ class AsyncLLMEngine:
 
     `max_waiting` bounds requests queued beyond what the engine admits at its
     next step: a burst that free running slots (`max_num_seqs`) will take at
-    once is never refused.
+    once is never refused. Under the priority policy a full queue makes room
+    for an arrival by refusing the least urgent waiting request, if one is
+    less urgent than the arrival, instead of refusing the arrival.
     """
 
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
@@ -151,7 +156,7 @@ class AsyncLLMEngine:
     # -- requests (event loop side) ---------------------------------------------------
 
     async def add_request(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, tenant: str = ""
     ) -> RequestStream:
         """Queue a request and return the stream of its outputs.
 
@@ -163,12 +168,13 @@ class AsyncLLMEngine:
         with self._pending_lock:
             stats = self._stats
             queued = stats.num_waiting + self._num_pending - stats.num_free_seq_slots
-            if self.max_waiting is not None and queued >= self.max_waiting:
+            full = self.max_waiting is not None and queued >= self.max_waiting
+            if full and self.engine.config.scheduler.policy != "priority":
                 raise QueueFullError(f"too many requests waiting (max_waiting={self.max_waiting})")
             self._num_pending += 1
         stream = RequestStream(req_id, asyncio.get_running_loop())
         accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(_Add(stream, prompt_token_ids, params, priority, accepted))
+        self._commands.put(_Add(stream, prompt_token_ids, params, priority, tenant, accepted, full))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -247,9 +253,13 @@ class AsyncLLMEngine:
                 raise EngineUnavailableError("the server is shutting down")
             if req_id in self._live:
                 raise ValueError(f"request id {req_id!r} is already in use")
-            self.engine.add_request(req_id, command.prompt_token_ids, command.params, command.priority)
-        except Exception as exc:  # ValueError is the caller's fault; anything else is reported to it too
-            if not isinstance(exc, (ValueError, EngineUnavailableError)):
+            if command.displace:
+                self._make_room(command.priority)
+            self.engine.add_request(
+                req_id, command.prompt_token_ids, command.params, command.priority, tenant=command.tenant
+            )
+        except Exception as exc:  # the caller's fault or a full queue; anything else is reported to it too
+            if not isinstance(exc, (ValueError, EngineUnavailableError, QueueFullError)):
                 logger.exception("add_request(%s) failed", req_id)
                 exc = RequestFailedError(ENGINE_FAILED)
             command.accepted.set_exception(exc)
@@ -259,6 +269,15 @@ class AsyncLLMEngine:
         finally:
             with self._pending_lock:
                 self._num_pending -= 1
+
+    def _make_room(self, priority: int) -> None:
+        """Refuse the least urgent waiting request for an arrival of `priority`, or the arrival itself."""
+        victim = self.engine.least_urgent_waiting(priority)
+        live = self._live.pop(victim, None) if victim is not None else None
+        if victim is None or live is None:
+            raise QueueFullError(f"too many requests waiting (max_waiting={self.max_waiting})")
+        self.engine.abort_request(victim)
+        live.stream.put(QueueFullError("refused to make room for a more urgent request; retry later"))
 
     def _step(self) -> None:
         try:

@@ -91,9 +91,12 @@ class EngineClient(Protocol):
     def start(self) -> None: ...
 
     async def add_request(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, tenant: str = ""
     ) -> RequestStream:
         """Queue a request and return the stream of its outputs.
+
+        `priority`: lower is served sooner (the priority policy); `tenant`:
+        whose fair share it counts against (the fair policy; OpenAI's `user`).
 
         Raises `InvalidRequestError` (a ValueError naming the field) for input
         it could never serve, `QueueFullError` when too many wait,

@@ -117,6 +117,20 @@ class LLMEngine:
         for seq_id in self.processor.abort(req_id):
             self.core.abort_request(seq_id)
 
+    def least_urgent_waiting(self, priority: int) -> str | None:
+        """The waiting user request least urgent of those strictly less urgent than `priority`, if any.
+
+        What a full queue refuses to make room for a more urgent arrival (the
+        priority policy, in-process core only).
+        """
+        if self.config.scheduler.policy != "priority" or not isinstance(self.core, EngineCore):
+            return None
+        waiting = [r for r in self.core.scheduler.waiting if r.priority > priority and r.num_computed_tokens == 0]
+        if not waiting:
+            return None
+        least = max(waiting, key=lambda r: (r.priority, r.arrival_time))
+        return self.processor.group_of(least.req_id)
+
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests() or len(self.processor) > 0
 

@@ -116,6 +116,11 @@ class OutputProcessor:
             for i, seq_id in enumerate(seq_ids)
         ]
 
+    def group_of(self, seq_id: str) -> str | None:
+        """The user request a core sequence belongs to."""
+        group = self._group_of.get(seq_id)
+        return None if group is None else group.req_id
+
     def sequence_ids(self, req_id: str) -> list[str]:
         group = self._groups.get(req_id)
         return [] if group is None else [s.req_id for s in group.sequences]

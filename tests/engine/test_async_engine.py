@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from kvos.config import EngineConfig
 from kvos.engine.async_engine import AsyncLLMEngine
 from kvos.engine.stats import EngineStats
 from kvos.errors import EngineUnavailableError, QueueFullError, RequestFailedError
@@ -18,6 +19,7 @@ class FakeEngine:
 
     model_name = "fake"
     max_model_len = 64
+    config = EngineConfig()
 
     def __init__(self) -> None:
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
@@ -25,7 +27,9 @@ class FakeEngine:
         self.fail_next_step = False
         self.num_aborted = 0
 
-    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0) -> None:
+    def add_request(
+        self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0, tenant: str = ""
+    ) -> None:
         if not prompt:
             raise ValueError("prompt is empty")
         self.requests[req_id] = ([], params)
@@ -176,3 +180,35 @@ def test_requests_the_next_step_admits_are_not_counted_as_waiting() -> None:
         await engine.add_request("r", [1], SamplingParams(max_tokens=1))
 
     run(body, fake, max_waiting=1)
+
+
+def test_a_full_queue_refuses_the_least_urgent_waiting_request_for_an_urgent_one() -> None:
+    from kvos import LLM
+
+    llm = LLM(policy="priority", max_num_seqs=1, kv_cache_memory_bytes=16 * 2**20)
+
+    async def body(engine: AsyncLLMEngine) -> None:
+        running = await engine.add_request("running", [1, 2], SamplingParams(max_tokens=200, ignore_eos=True), 0)
+        await asyncio.sleep(0.5)  # admitted: the one slot is taken
+        low = await engine.add_request("low", [1, 2], SamplingParams(max_tokens=2), priority=5)
+        with pytest.raises(QueueFullError):  # not more urgent than anyone waiting: refused itself
+            await engine.add_request("also-low", [1, 2], SamplingParams(max_tokens=2), priority=5)
+        urgent = await engine.add_request("urgent", [1, 2], SamplingParams(max_tokens=2), priority=-1)
+        with pytest.raises(QueueFullError, match="more urgent"):
+            async for _ in low:
+                pass
+        engine.abort("running")
+        outputs = [o async for o in urgent]
+        assert outputs[-1].outputs[0].finish_reason == "length"
+        del running
+
+    async def main() -> None:
+        engine = AsyncLLMEngine(llm.engine, max_waiting=1)
+        engine.start()
+        try:
+            await body(engine)
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+    assert llm.engine.stats().num_used_blocks == 0
