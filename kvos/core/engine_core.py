@@ -25,7 +25,7 @@ from kvos.config import EngineConfig
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
-from kvos.engine.stats import EngineStats
+from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats
 from kvos.errors import InvalidRequestError
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.factory import make_kv_manager
@@ -97,6 +97,14 @@ def check_logit_bias(request: Request, vocab_size: int) -> None:
         raise InvalidRequestError(
             f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "logit_bias"
         )
+
+
+def tenant_service(counters: dict[str, float]) -> tuple[tuple[str, float], ...]:
+    """The most served tenants by name, the rest summed as "other" (bounded label cardinality)."""
+    ranked = sorted(counters.items(), key=lambda item: -item[1])
+    named = ranked[:MAX_TENANTS_REPORTED]
+    rest = sum(value for _, value in ranked[MAX_TENANTS_REPORTED:])
+    return tuple(named) + ((("other", rest),) if len(ranked) > MAX_TENANTS_REPORTED else ())
 
 
 class EngineCore:
@@ -226,4 +234,6 @@ class EngineCore:
             num_preemptions=scheduler.num_preemptions,
             num_prompt_tokens=self._num_prompt_tokens,
             num_generation_tokens=self._num_generation_tokens,
+            preemptions_by_reason=tuple(scheduler.preemptions_by_reason.items()),
+            tenant_service=tenant_service(getattr(scheduler.waiting, "counters", {})),
         )

@@ -45,6 +45,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         """Every unfinished request by id."""
         self.num_preemptions = 0
+        self.preemptions_by_reason = {"kv_memory": 0, "priority": 0}
         self._step_id = 0
         self._finished_ids: list[str] = []
         """Ended since the last plan: the worker drops their state."""
@@ -80,7 +81,7 @@ class Scheduler:
             if displaced is None:
                 break
             self.running.remove(displaced)
-            self._preempt(displaced)
+            self._preempt(displaced, "priority")
             plan.preempted_req_ids.append(displaced.req_id)
         memory_short = False
         i = 0
@@ -93,7 +94,7 @@ class Scheduler:
                 # Only requests not yet planned this step may lose their KV.
                 victim = self.waiting.victim(self.running[i:])
                 self.running.remove(victim)
-                self._preempt(victim)
+                self._preempt(victim, "kv_memory")
                 plan.preempted_req_ids.append(victim.req_id)
                 if victim is request:
                     break
@@ -175,12 +176,13 @@ class Scheduler:
         )
         plan.copies.extend(allocation.copies)
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, reason: str) -> None:
         self.kv.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
+        self.preemptions_by_reason[reason] += 1
         self.waiting.requeue(request)
 
     # -- progress -------------------------------------------------------------------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_TENANTS_REPORTED = 10
+"""Tenants named in stats (the most served); the rest are summed as "other", so /metrics stays small."""
+
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -18,6 +21,10 @@ class EngineStats:
     num_preemptions: int
     num_prompt_tokens: int
     num_generation_tokens: int
+    preemptions_by_reason: tuple[tuple[str, int], ...] = ()
+    """("kv_memory" | "priority", count): why running requests lost their KV."""
+    tenant_service: tuple[tuple[str, float], ...] = ()
+    """(tenant, weighted service) under the fair policy: the most served, then "other"."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:
