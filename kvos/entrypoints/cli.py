@@ -11,8 +11,18 @@ from typing import Any
 from kvos.entrypoints.server_config import add_server_args
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -25,10 +35,11 @@ def parse_size(text: str) -> int:
 
 
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    model_help = "GGUF file or HF folder (default: SmolLM2-135M-Instruct)"
     if positional_model:
-        parser.add_argument("model", nargs="?", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+        parser.add_argument("model", nargs="?", default=None, help=model_help)
     else:
-        parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+        parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument(

@@ -46,7 +46,7 @@ class LLM:
             raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
         req_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
-            for req_id, prompt, p in zip(req_ids, prompts, param_list):
+            for req_id, prompt, p in zip(req_ids, prompts, param_list, strict=True):
                 self.engine.add_request(req_id, prompt, p)
             return self._run(req_ids, use_tqdm)
         finally:
