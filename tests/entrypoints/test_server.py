@@ -230,7 +230,7 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == result.usage.completion_tokens
     assert "".join(lp.tokens) == result.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3
         # Greedy: the chosen token is the most likely one.
         assert top[token] == pytest.approx(logprob) == pytest.approx(max(top.values()))
