@@ -29,6 +29,7 @@ from kvos.config import EngineConfig
 from kvos.engine.client import EngineClient
 from kvos.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
 from kvos.entrypoints.openai_protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -127,7 +128,7 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         completions.create,
         methods=["POST"],
         response_model=CompletionResponse,
-        responses={**streamed_or_whole("A completion, or its chunks as events"), **post_errors},
+        responses={**streamed_or_whole("A completion, or its chunks as events", CompletionResponse), **post_errors},
         openapi_extra=request_body(CompletionRequest),
     )
     v1.add_api_route(
@@ -135,7 +136,10 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         chat.create,
         methods=["POST"],
         response_model=ChatCompletionResponse,
-        responses={**streamed_or_whole("A chat completion, or its chunks as events"), **post_errors},
+        responses={
+            **streamed_or_whole("A chat completion, or its chunks as events", ChatCompletionChunk),
+            **post_errors,
+        },
         openapi_extra=request_body(ChatCompletionRequest),
     )
     app.include_router(v1)

@@ -14,9 +14,15 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from kvos.entrypoints.openai_protocol import ChatCompletionRequest, CompletionRequest, ErrorResponse
+from kvos.entrypoints.openai_protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+)
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -30,10 +36,9 @@ _ERRORS = {
 }
 
 
-def request_body(model: type[CompletionRequest | ChatCompletionRequest]) -> dict[str, Any]:
+def request_body(model: type[BaseModel]) -> dict[str, Any]:
     """`openapi_extra` for a route that reads `model` from its JSON body itself."""
-    schema = {"$ref": _REF_TEMPLATE.format(model=model.__name__)}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": _ref(model)}}}}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -41,20 +46,41 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse, "description": _ERRORS[status]} for status in statuses}
 
 
-def streamed_or_whole(description: str) -> dict[int | str, dict[str, Any]]:
-    """A 200 that is JSON, or Server-Sent Events when the request says `"stream": true`."""
-    events = {"schema": {"type": "string", "description": "data: <chunk JSON> events, then data: [DONE]"}}
-    return {200: {"description": description, "content": {"text/event-stream": events}}}
+def streamed_or_whole(description: str, chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """A 200 that is JSON, or Server-Sent Events when the request says `"stream": true`.
+
+    As OpenAPI 3.1 describes event streams, the schema is one event's: its
+    `data` is `chunk` as JSON, an error (a failure mid-stream), or `[DONE]`.
+    """
+    payload = {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}
+    data = {
+        "anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+        ]
+    }
+    event = {"type": "object", "properties": {"data": data}, "required": ["data"]}
+    return {200: {"description": description, "content": {"text/event-stream": {"schema": event}}}}
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": _REF_TEMPLATE.format(model=model.__name__)}
 
 
 def openapi_schema(app: FastAPI, model_name: str, secured_paths: Collection[str]) -> dict[str, Any]:
     """The schema FastAPI derives from the routes, completed with what it cannot see."""
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-    _, request_schemas = models_json_schema(
-        [(CompletionRequest, "validation"), (ChatCompletionRequest, "validation")], ref_template=_REF_TEMPLATE
+    # The request bodies, and the chat stream's chunk (completions chunks are CompletionResponses).
+    _, extra = models_json_schema(
+        [
+            (CompletionRequest, "validation"),
+            (ChatCompletionRequest, "validation"),
+            (ChatCompletionChunk, "serialization"),
+        ],
+        ref_template=_REF_TEMPLATE,
     )
     components = schema.setdefault("components", {})
-    components.setdefault("schemas", {}).update(request_schemas["$defs"])
+    components.setdefault("schemas", {}).update(extra["$defs"])
     for name in ("CompletionRequest", "ChatCompletionRequest"):
         components["schemas"][name]["properties"]["model"] = {
             "type": "string",
