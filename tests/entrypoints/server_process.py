@@ -49,7 +49,7 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples of GET /metrics, by sample name."""
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=30).text
         return {
             sample.name: sample.value
             for family in text_string_to_metric_families(text)

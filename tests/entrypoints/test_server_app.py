@@ -90,6 +90,14 @@ def test_lone_surrogate_is_400_naming_the_field(
     assert error["code"] == "invalid_value"
 
 
+def test_surrogate_as_raw_bytes_is_400(client: TestClient, model: str) -> None:
+    """CESU-8 bytes for U+D800 (ED A0 80): Python's JSON decoder lets them through as a lone surrogate."""
+    body = b'{"model": "' + model.encode() + b'", "prompt": "a\xed\xa0\x80b", "max_tokens": 2}'
+    response = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt"
+
+
 def test_surrogate_in_a_key_is_escaped_in_the_error(client: TestClient, model: str) -> None:
     body = completion(model, **{f"x{SURROGATE}": 1})
     error = assert_error(post_raw(client, "/v1/completions", body), 400, "x\\ud800", "surrogate")
