@@ -169,7 +169,7 @@ class _SamplingFields(_Request):
                 top_k=0 if self.top_k is None else self.top_k,
                 min_p=0.0 if self.min_p is None else self.min_p,
                 seed=self.seed,
-                stop=() if self.stop is None else self.stop,
+                stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                 logprobs=logprobs,
                 presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
                 frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,

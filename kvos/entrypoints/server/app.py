@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -47,7 +48,8 @@ from kvos.entrypoints.server_config import ServerConfig
 logger = logging.getLogger(__name__)
 
 _SHUTDOWN_MARGIN_S = 2.0
-"""uvicorn's wait beyond the engine's grace: time for cut requests to send their last chunk and [DONE]."""
+"""uvicorn's wait beyond the engine's grace (rounded up to whole seconds, as uvicorn takes it):
+time for cut requests to send their last chunk and [DONE]."""
 
 
 class HealthStatus(BaseModel):
@@ -204,6 +206,6 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
         host=server_config.host,
         port=server_config.port,
         log_level="info",
-        timeout_graceful_shutdown=grace_s + _SHUTDOWN_MARGIN_S,
+        timeout_graceful_shutdown=math.ceil(grace_s + _SHUTDOWN_MARGIN_S),
     )
     _Server(uv_config, lambda: async_engine.begin_shutdown(grace_s), banner).run()
