@@ -46,7 +46,8 @@ import torch
 
 from kvos.config import EngineConfig
 from kvos.engine.llm_engine import LLMEngine
-from kvos.memory.factory import KVShape, available_memory_bytes
+from kvos.memory.factory import available_memory_bytes
+from kvos.memory.shape import KVShape
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.virtual import VirtualKVCacheManager
 from kvos.memory.virtual.layout import KVLayout
@@ -232,7 +233,7 @@ def layout_waste(engine: LLMEngine, batch: int, context: int, token_counts: list
                 num_layers=arch.num_hidden_layers,
                 num_kv_heads=arch.num_key_value_heads,
                 head_dim=arch.head_dim,
-                dtype=engine.kv_manager.kv_caches[0][0].dtype,
+                dtype=engine.core.kv_shape.dtype,
                 num_rows=max(batch, 1),
                 max_context=engine.max_model_len,
                 page_size=page_size,

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 LoadFormat = Literal["auto", "gguf", "hf", "dummy"]
 KVCacheKind = Literal["paged", "virtual"]
+AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous"]
+ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,9 @@ class ModelConfig:
     small-batch decode; outputs close to, not equal to, float32).
     `compile=True` runs decode steps through torch.compile (fewer, fused ops
     per token; the graphs are compiled at start-up, about a minute the first
-    time, seconds once Inductor's disk cache holds them).
+    time, seconds once Inductor's disk cache holds them). `attention_backend`
+    names the attention implementation (`kvos.attention`); "auto" is
+    "contiguous" on the virtual cache and "gather_sdpa" on the paged one.
     """
 
     model: str | None = None
@@ -38,6 +42,12 @@ class ModelConfig:
     seed: int = 0
     max_model_len: int | None = None
     compile: bool = False
+    attention_backend: AttentionBackendName = "auto"
+
+    def resolved_attention_backend(self, kv_cache: KVCacheKind) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "contiguous" if kv_cache == "virtual" else "gather_sdpa"
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "gguf", "hf", "dummy"):
@@ -50,6 +60,14 @@ class ModelConfig:
             raise ValueError("load_format='dummy' needs model= a config.json path or a folder holding one")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.quantization is not None and not self.device.startswith("cpu"):
+            raise ValueError(
+                f"quantization={self.quantization!r} runs CPU kernels only; use device='cpu' or no quantization"
+            )
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,10 @@ class EngineConfig:
             raise ValueError(
                 "compile=True needs kv_cache='paged': the virtual cache attends each request "
                 "on its own view, which would recompile every step"
+            )
+        if self.model.resolved_attention_backend(self.cache.kv_cache) == "contiguous" and self.cache.kv_cache != "virtual":
+            raise ValueError(
+                "attention_backend='contiguous' needs kv_cache='virtual': only there is each request's KV one run"
             )
 
     @classmethod

@@ -18,24 +18,38 @@ over its cached prefix, and a decode no mask at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from kvos.attention.backend import SeqLayout, slot_mapping
+from kvos.attention.gather_sdpa import write_kv
+from kvos.attention.metadata import AttentionMetadata, KVSpan
 
-@dataclass(frozen=True)
-class KVSpan:
-    """One request in the step: its query rows and where its KV run starts."""
 
-    token_start: int  # first row of the request's tokens in the flat batch
-    num_tokens: int  # tokens computed this step (1 when decoding)
-    kv_start: int  # flat cache slot of the request's position 0
-    num_computed: int  # positions already in the cache before this step
+class ContiguousBackend:
+    name: ClassVar[str] = "contiguous"
+    needs_contiguous_kv: ClassVar[bool] = True
 
-    @property
-    def kv_len(self) -> int:
-        return self.num_computed + self.num_tokens
+    def build_metadata(self, seqs: list[SeqLayout], num_tokens: int, device: torch.device) -> AttentionMetadata:
+        spans = [KVSpan(s.token_start, s.num_tokens, s.kv_start, s.num_computed) for s in seqs]
+        return AttentionMetadata(slot_mapping=slot_mapping(seqs), spans=spans)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D) flat views. Returns (T, H, D)."""
+        if meta.spans is None:
+            raise ValueError("the contiguous backend needs metadata built by its own build_metadata")
+        return attention(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.spans, scale)
 
 
 def attention(
@@ -48,7 +62,7 @@ def attention(
     spans: list[KVSpan],
     scale: float,
 ) -> torch.Tensor:
-    """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D) flat views. Returns (T, H, D)."""
+    """Write the step's K/V, then one SDPA call per request over its run of slots."""
     write_kv(k_cache, v_cache, slot_mapping, k, v)
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
@@ -69,14 +83,3 @@ def attention(
         )
         out[rows] = o.squeeze(0).transpose(0, 1)
     return out
-
-
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> None:
-    """Store the step's new keys and values at their slots, in the cache's dtype.
-
-    Quantized projections hand back bfloat16 values; the cache keeps the model's dtype.
-    """
-    k_cache[slot_mapping] = k.to(k_cache.dtype)
-    v_cache[slot_mapping] = v.to(v_cache.dtype)

@@ -1,17 +1,16 @@
 """What one step's attention needs to know, built once and shared by every layer.
 
 The batch is a flat list of tokens from many requests (no padding in the
-linear layers). Attention splits it: requests decoding one token are run
-together as one padded batch; each prefill chunk is run on its own.
+linear layers). The gather backend splits it: requests decoding one token are
+run together as one padded batch; each prefill chunk is run on its own. The
+contiguous backend reads each request's run of slots in place (`spans`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-
-from kvos.attention.contiguous import KVSpan
 
 
 @dataclass
@@ -34,11 +33,24 @@ class PrefillChunk:
     kv_indices: torch.Tensor  # (num_computed + num_tokens,) flat cache slots
 
 
+@dataclass(frozen=True)
+class KVSpan:
+    """One request in the step: its query rows and where its contiguous KV run starts."""
+
+    token_start: int  # first row of the request's tokens in the flat batch
+    num_tokens: int  # tokens computed this step (1 when decoding)
+    kv_start: int  # flat cache slot of the request's position 0
+    num_computed: int  # positions already in the cache before this step
+
+    @property
+    def kv_len(self) -> int:
+        return self.num_computed + self.num_tokens
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
-    decode: DecodeBatch | None
-    prefills: list[PrefillChunk]
-    # Set when the KV manager keeps each request's KV contiguous (virtual cache):
-    # attention then reads every request's run in place instead of `decode`/`prefills`.
+    decode: DecodeBatch | None = None
+    prefills: list[PrefillChunk] = field(default_factory=list)
     spans: list[KVSpan] | None = None
+    """Set by the contiguous backend instead of `decode` and `prefills`."""

@@ -1,16 +1,17 @@
-"""Serve one `LLMEngine` to many asyncio callers.
+"""Serve one `LLMEngine` to many asyncio callers: the in-process `EngineClient`.
 
 The engine is not thread-safe and its `step()` blocks for a whole forward
 pass, so it lives on one background thread that owns it completely: callers on
-the event loop never touch it, they post commands (add, abort) to a queue the
-thread drains between steps, and receive each request's outputs on a
+the event loop never touch it, they post commands (add, abort, drain) to a
+queue the thread drains between steps, and receive each request's outputs on a
 per-request asyncio queue. Requests from every client thereby join the same
 running batch.
 
     event loop                         engine thread
     ----------                         -------------
-    add_request() --_Add------------>  engine.add_request()  (ValueError -> caller)
+    add_request() --_Add------------>  engine.add_request()  (InvalidRequestError -> caller)
     abort()       --_Abort---------->  engine.abort_request()
+    begin_shutdown() --_Drain------->  no new requests; running ones get a grace period, then are cut
     RequestStream <-RequestOutput----  engine.step()
 """
 
@@ -22,12 +23,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from kvos.engine.client import RequestStream
 from kvos.engine.stats import EngineStats
-from kvos.outputs import RequestOutput
+from kvos.errors import EngineUnavailableError, QueueFullError, RequestFailedError
+from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -36,66 +38,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-class EngineUnavailableError(RuntimeError):
-    """The engine is shutting down or its thread has died; retrying elsewhere may help."""
-
-
-class QueueFullError(RuntimeError):
-    """More requests are waiting than `max_waiting` allows."""
-
-
-class RequestFailedError(RuntimeError):
-    """The engine failed this request (a step raised); other requests keep running."""
-
-
-class RequestStream:
-    """The outputs of one request, handed over from the engine thread.
-
-    Outputs are cumulative, so a consumer that falls behind skips straight to
-    the newest one instead of replaying every step. The timestamps feed the
-    latency histograms.
-    """
-
-    def __init__(self, req_id: str, loop: asyncio.AbstractEventLoop) -> None:
-        self.req_id = req_id
-        self.arrival_time = time.monotonic()
-        self.first_token_time: float | None = None
-        self.finish_time: float | None = None
-        self.finished = False
-        self.output: RequestOutput | None = None
-        """The newest output handed to the consumer."""
-        self._loop = loop
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Called from the engine thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
-    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
-        while not self.finished:
-            item = await self._queue.get()
-            while not isinstance(item, BaseException) and not item.finished and not self._queue.empty():
-                item = self._queue.get_nowait()
-            if isinstance(item, BaseException):
-                self.finished = True
-                raise item
-            if self.first_token_time is None and any(c.token_ids for c in item.outputs):
-                self.first_token_time = time.monotonic()
-            if item.finished:
-                self.finished = True
-                self.finish_time = time.monotonic()
-                if item.error is not None:
-                    raise RequestFailedError(item.error)
-            self.output = item
-            yield item
+ENGINE_FAILED = "the engine failed while serving this request"
 
 
 @dataclass
 class _Add:
     stream: RequestStream
-    prompt: str | list[int]
+    prompt_token_ids: list[int]
     params: SamplingParams
+    priority: int
     accepted: concurrent.futures.Future[None]
 
 
@@ -105,8 +56,8 @@ class _Abort:
 
 
 @dataclass
-class _AbortAll:
-    reason: str
+class _Drain:
+    grace_s: float
 
 
 @dataclass
@@ -114,11 +65,25 @@ class _Stop:
     pass
 
 
-_Command = _Add | _Abort | _AbortAll | _Stop
+_Command = _Add | _Abort | _Drain | _Stop
+
+
+@dataclass
+class _Live:
+    """A request the engine thread is serving: its stream and what a cut needs to say."""
+
+    stream: RequestStream
+    params: SamplingParams
+    last: RequestOutput | None = field(default=None)
 
 
 class AsyncLLMEngine:
-    """Thread-safe front of an `LLMEngine`, for asyncio servers."""
+    """Thread-safe front of an `LLMEngine`, for asyncio servers (implements `EngineClient`).
+
+    `max_waiting` bounds requests queued beyond what the engine admits at its
+    next step: a burst that free running slots (`max_num_seqs`) will take at
+    once is never refused.
+    """
 
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None) -> None:
         if max_waiting is not None and max_waiting < 0:
@@ -127,7 +92,8 @@ class AsyncLLMEngine:
         self.max_waiting = max_waiting
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         # Touched by the engine thread only.
-        self._streams: dict[str, RequestStream] = {}
+        self._live: dict[str, _Live] = {}
+        self._drain_deadline: float | None = None
         # Adds posted but not yet handed to the engine: they count as waiting.
         self._num_pending = 0
         self._pending_lock = threading.Lock()
@@ -163,39 +129,44 @@ class AsyncLLMEngine:
     def start(self) -> None:
         self._thread.start()
 
-    def begin_shutdown(self, reason: str = "the server is shutting down") -> None:
-        """Refuse new requests and abort the running ones.
+    def begin_shutdown(self, grace_s: float = 0.0) -> None:
+        """Refuse new requests; let running ones finish for up to `grace_s` seconds, then cut them.
 
-        Safe to call from a signal handler: it only flips a flag and puts on a
+        A cut request ends normally (no error) with finish_reason "abort". Safe
+        to call from a signal handler: it only flips a flag and puts on a
         `SimpleQueue`, which is reentrant.
         """
         self._accepting = False
-        self._commands.put(_AbortAll(reason))
+        self._commands.put(_Drain(grace_s))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort everything and stop the engine thread."""
-        self.begin_shutdown()
+        """Cut everything still running and stop the engine thread."""
+        self.begin_shutdown(0.0)
         self._commands.put(_Stop())
         if self._thread.is_alive():
             self._thread.join(timeout)
 
     # -- requests (event loop side) ---------------------------------------------------
 
-    async def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+    async def add_request(
+        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0
+    ) -> RequestStream:
         """Queue a request and return the stream of its outputs.
 
         Raises QueueFullError (too many waiting), EngineUnavailableError
-        (shutting down), or the engine's ValueError for input it cannot serve.
+        (shutting down), or the engine's InvalidRequestError for input it cannot serve.
         """
         if not self.is_running:
             raise EngineUnavailableError("the engine is not running")
         with self._pending_lock:
-            if self.max_waiting is not None and self._stats.num_waiting + self._num_pending >= self.max_waiting:
+            stats = self._stats
+            queued = stats.num_waiting + self._num_pending - stats.num_free_seq_slots
+            if self.max_waiting is not None and queued >= self.max_waiting:
                 raise QueueFullError(f"too many requests waiting (max_waiting={self.max_waiting})")
             self._num_pending += 1
         stream = RequestStream(req_id, asyncio.get_running_loop())
         accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(_Add(stream, prompt, params, accepted))
+        self._commands.put(_Add(stream, prompt_token_ids, params, priority, accepted))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -216,6 +187,8 @@ class AsyncLLMEngine:
                 idle = not self.engine.has_unfinished_requests()
                 if not self._drain_commands(block=idle):
                     return
+                if self._drain_deadline is not None and (not self._live or time.monotonic() >= self._drain_deadline):
+                    self._cut_all()
                 if self.engine.has_unfinished_requests():
                     self._step()
                 self._stats = self.engine.stats()
@@ -246,7 +219,7 @@ class AsyncLLMEngine:
             return True
         while True:
             if isinstance(command, _Stop):
-                self._fail_all(EngineUnavailableError("the engine stopped"))
+                self._cut_all()
                 return False
             self._apply(command)
             self._stats = self.engine.stats()
@@ -255,29 +228,31 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return True
 
-    def _apply(self, command: _Add | _Abort | _AbortAll) -> None:
+    def _apply(self, command: _Add | _Abort | _Drain) -> None:
         if isinstance(command, _Add):
             self._add(command)
         elif isinstance(command, _Abort):
-            if self._streams.pop(command.req_id, None) is not None:
+            if self._live.pop(command.req_id, None) is not None:
                 self.engine.abort_request(command.req_id)
         else:
-            self._fail_all(EngineUnavailableError(command.reason))
+            deadline = time.monotonic() + max(0.0, command.grace_s)
+            self._drain_deadline = min(deadline, self._drain_deadline or deadline)
 
     def _add(self, command: _Add) -> None:
         req_id = command.stream.req_id
         try:
-            if not self._accepting:
+            if not self._accepting or self._drain_deadline is not None:
                 raise EngineUnavailableError("the server is shutting down")
-            if req_id in self._streams:
+            if req_id in self._live:
                 raise ValueError(f"request id {req_id!r} is already in use")
-            self.engine.add_request(req_id, command.prompt, command.params)
+            self.engine.add_request(req_id, command.prompt_token_ids, command.params, command.priority)
         except Exception as exc:  # ValueError is the caller's fault; anything else is reported to it too
             if not isinstance(exc, (ValueError, EngineUnavailableError)):
                 logger.exception("add_request(%s) failed", req_id)
+                exc = RequestFailedError(ENGINE_FAILED)
             command.accepted.set_exception(exc)
         else:
-            self._streams[req_id] = command.stream
+            self._live[req_id] = _Live(command.stream, command.params)
             command.accepted.set_result(None)
         finally:
             with self._pending_lock:
@@ -286,26 +261,45 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as exc:  # a failed step fails its requests, never the server
-            logger.exception("engine step failed; failing %d requests", len(self._streams))
-            self._fail_all(RequestFailedError(f"engine step failed: {type(exc).__name__}: {exc}"))
+        except Exception:  # a failed step fails its requests, never the server
+            logger.exception("engine step failed; failing %d requests", len(self._live))
+            self._fail_all(RequestFailedError(ENGINE_FAILED))
             return
         # Refresh the counts before anyone hears of this step: a client reacting to its
         # output must not be judged (max_waiting) on the queue as it was before the step.
         self._stats = self.engine.stats()
         for output in outputs:
-            stream = self._streams.get(output.req_id)
-            if stream is None:
+            live = self._live.get(output.req_id)
+            if live is None:
                 continue
             if output.finished:
-                del self._streams[output.req_id]
-            stream.put(output)
+                del self._live[output.req_id]
+            else:
+                live.last = output
+            live.stream.put(output)
+
+    def _cut_all(self) -> None:
+        """End every running request now, normally, with finish_reason "abort"."""
+        self._drain_deadline = None
+        for req_id, live in list(self._live.items()):
+            self.engine.abort_request(req_id)
+            live.stream.put(_cut(req_id, live))
+        self._live.clear()
 
     def _fail_all(self, error: Exception) -> None:
-        for req_id, stream in list(self._streams.items()):
+        for req_id, live in list(self._live.items()):
             try:
                 self.engine.abort_request(req_id)
             except Exception:  # keep failing the others; the engine logs its own state
                 logger.exception("abort_request(%s) failed", req_id)
-            stream.put(error)
-        self._streams.clear()
+            live.stream.put(error)
+        self._live.clear()
+
+
+def _cut(req_id: str, live: _Live) -> RequestOutput:
+    """The final output of a request cut short: what it had, every unfinished choice ended "abort"."""
+    if live.last is None:
+        outputs = [CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort") for i in range(live.params.n)]
+        return RequestOutput(req_id=req_id, prompt=None, prompt_token_ids=[], outputs=outputs, finished=True)
+    outputs = [c if c.finished else replace(c, finish_reason="abort") for c in live.last.outputs]
+    return replace(live.last, outputs=outputs, finished=True)

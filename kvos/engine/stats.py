@@ -9,6 +9,8 @@ from dataclasses import dataclass
 class EngineStats:
     num_running: int
     num_waiting: int
+    num_free_seq_slots: int
+    """Running slots free under max_num_seqs: waiting requests the next step can admit."""
     num_used_blocks: int
     num_free_blocks: int
     prefix_cache_queries: int

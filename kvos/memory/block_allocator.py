@@ -1,9 +1,13 @@
-"""Physical KV blocks: reference counts, a free list, and the prefix-cache index.
+"""Physical KV blocks: reference counts, a free list, the prefix-cache index, and events.
 
 A block with zero references is free, but if it is full and hashed it still
 holds valid KV for its prefix: it stays findable by hash until the allocator
 needs it for something else. Free blocks are reused in LRU order, so the
 oldest cached prefixes are evicted first and only ever when free.
+
+Every block that becomes findable (stored) or stops being findable (removed)
+is reported as a `KVEvent`: a prefix-aware router and a write-back tier
+subscribe to these instead of reading the pool.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-BlockHash = int
+from kvos.memory.block_hash import BlockHash
 
 
 @dataclass
@@ -19,6 +23,26 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
+
+
+@dataclass(frozen=True)
+class BlockStored:
+    """A full block was computed and published: its KV is findable under `block_hash`."""
+
+    block_hash: BlockHash
+    parent_hash: BlockHash
+    block_id: int
+
+
+@dataclass(frozen=True)
+class BlockRemoved:
+    """A cached block was evicted (reused for other KV): `block_hash` is no longer here."""
+
+    block_hash: BlockHash
+    block_id: int
+
+
+KVEvent = BlockStored | BlockRemoved
 
 
 class BlockAllocator:
@@ -32,6 +56,7 @@ class BlockAllocator:
         # Free blocks in eviction order (least recently freed first).
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[BlockHash, int] = {}
+        self._events: list[KVEvent] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -41,6 +66,10 @@ class BlockAllocator:
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cached)
+
     def allocate(self) -> int:
         """Take the least recently freed block, evicting its cached prefix if any."""
         if not self._free:
@@ -49,6 +78,7 @@ class BlockAllocator:
         block = self.blocks[block_id]
         if block.block_hash is not None:
             del self._cached[block.block_hash]
+            self._events.append(BlockRemoved(block.block_hash, block_id))
             block.block_hash = None
         block.ref_count = 1
         return block_id
@@ -66,20 +96,28 @@ class BlockAllocator:
     def share(self, block_id: int) -> None:
         """Add a reference to a block in use (copy-on-write fork)."""
         block = self.blocks[block_id]
-        assert block.ref_count > 0, "sharing a free block"
+        if block.ref_count <= 0:
+            raise RuntimeError(f"sharing free block {block_id}")
         block.ref_count += 1
 
     def release(self, block_id: int) -> None:
         block = self.blocks[block_id]
-        assert block.ref_count > 0, f"double free of block {block_id}"
+        if block.ref_count <= 0:
+            raise RuntimeError(f"double free of block {block_id}")
         block.ref_count -= 1
         if block.ref_count == 0:
             self._free[block_id] = None
 
-    def mark_cached(self, block_id: int, block_hash: BlockHash) -> None:
-        """Publish a full block under its prefix hash (first writer wins)."""
+    def mark_cached(self, block_id: int, block_hash: BlockHash, parent_hash: BlockHash) -> None:
+        """Publish a full, computed block under its prefix hash (first writer wins)."""
         block = self.blocks[block_id]
         if block.block_hash is not None or block_hash in self._cached:
             return
         block.block_hash = block_hash
         self._cached[block_hash] = block_id
+        self._events.append(BlockStored(block_hash, parent_hash, block_id))
+
+    def drain_events(self) -> list[KVEvent]:
+        """The events since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events

@@ -1,33 +1,20 @@
-"""Sizing the KV budget and building the manager the config asks for."""
+"""Sizing the KV budget and building the manager (the books) the config asks for.
+
+The worker builds the matching buffers (`kvos.worker.kv_cache.make_kv_buffer`)
+from the same config and the manager's sizes.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-
 import torch
 
 from kvos.config import CacheConfig
 from kvos.memory.kv_manager import KVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.shape import KVShape
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KVShape:
-    """What one token of KV looks like for a model."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-    device: torch.device
-
-    @property
-    def bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 
 
 def available_memory_bytes(device: torch.device) -> int:
@@ -55,7 +42,10 @@ def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
     return budget - budget % BUDGET_GRANULE_BYTES if budget >= BUDGET_GRANULE_BYTES else budget
 
 
-def make_kv_manager(cache: CacheConfig, shape: KVShape, max_num_seqs: int, max_model_len: int) -> KVCacheManager:
+def make_kv_manager(
+    cache: CacheConfig, shape: KVShape, max_num_seqs: int, max_model_len: int, model_identity: str = ""
+) -> KVCacheManager:
+    """`model_identity` roots the prefix cache's block digests (see `block_hash`)."""
     budget = kv_budget_bytes(cache, shape.device)
     if cache.kv_cache == "virtual":
         from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
@@ -72,11 +62,7 @@ def make_kv_manager(cache: CacheConfig, shape: KVShape, max_num_seqs: int, max_m
     return PagedKVCacheManager(
         num_blocks=num_blocks,
         block_size=cache.block_size,
-        num_layers=shape.num_layers,
-        num_kv_heads=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        dtype=shape.dtype,
-        device=shape.device,
         max_model_len=max_model_len,
         enable_prefix_caching=cache.enable_prefix_caching,
+        model_identity=f"{model_identity}|{shape.dtype}",
     )

@@ -1,39 +1,52 @@
 """The contract every KV cache manager honours (paged and virtual alike).
 
+A manager keeps books only: which blocks (or pages) each request holds, what
+is free, what is cached under which identity. It owns no tensors and copies
+nothing: where KV must move (copy-on-write, a fork into another row) it says
+so as `CopyKV` operations, which travel in the step's plan to the worker that
+owns the memory.
+
 The scheduler decides how many tokens each request computes in a step; the
 manager only answers whether the memory for them exists. `allocate_slots`
-returning False is the signal to preempt, and leaves nothing half-allocated.
+returning None is the signal to preempt, and leaves nothing half-allocated.
 
-Layout seen by attention: each layer has a K and a V tensor viewed as
-`[num_slots, num_kv_heads, head_dim]`, and a request's token at position p
-lives at flat slot `kv_indices(request, p + 1)[p]`. A paged manager derives the
-index from its block table; a virtual manager from the request's row in a
-contiguous buffer.
+Addressing: a request's token p lives at flat slot
+`table[p // table_block_size] * table_block_size + p % table_block_size`,
+where `table` is the block table the manager hands out (see `kvos.core.plan`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
+from kvos.core.plan import CopyKV, TableUpdate
+from kvos.core.request import Request
+from kvos.memory.block_allocator import KVEvent
 
-from kvos.engine.request import Request
+
+@dataclass(frozen=True)
+class KVAllocation:
+    """What changed for one request: its table (if at all) and the copies to run first."""
+
+    table_update: TableUpdate | None = None
+    copies: list[CopyKV] = field(default_factory=list)
 
 
 class KVCacheManager(Protocol):
-    """Narrow API between the scheduler, the model runner and KV memory."""
+    """Narrow API between the scheduler and KV memory's books."""
 
     block_size: int
     """Allocation granularity, in tokens."""
+
+    table_block_size: int
+    """Tokens per entry of the block tables this manager hands out."""
 
     capacity_tokens: int
     """How many tokens fit in the cache at once (all requests together)."""
 
     max_tokens_per_request: int
     """The longest sequence one request may ever hold."""
-
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-    """Per layer (K, V), each `[num_slots, num_kv_heads, head_dim]`."""
 
     def lookup_prefix(self, request: Request) -> int:
         """Tokens of `request` already in the cache (prefix hits), without taking them.
@@ -42,21 +55,33 @@ class KVCacheManager(Protocol):
         """
         ...
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> KVAllocation | None:
         """Make room for `num_new_tokens` more tokens after the computed ones.
 
         On a request's first allocation `num_cached_tokens` (from
         `lookup_prefix`) are taken from the prefix cache as already computed.
-        Returns False, changing nothing, when memory is short.
+        Returns None, changing nothing, when memory is short.
         """
         ...
 
-    def fork(self, parent: Request, child: Request) -> bool:
-        """Give `child` the KV of `parent`'s computed tokens (shared copy-on-write where possible).
+    def fork(self, parent: Request, child: Request, num_tokens: int, num_new_tokens: int) -> KVAllocation | None:
+        """Give `child` the KV of `parent`'s first `num_tokens` tokens, plus room for `num_new_tokens`.
 
-        Returns False, changing nothing, when memory is short: the child then
-        waits and recomputes its prompt instead.
+        Shared copy-on-write where the manager can share, copied otherwise.
+        Returns None, changing nothing, when memory is short.
         """
+        ...
+
+    def publish(self, request: Request, num_computed_tokens: int) -> None:
+        """The step that computed the request's first `num_computed_tokens` tokens succeeded.
+
+        Only now do its full blocks become findable by other requests: a
+        failed step leaves nothing half-written in the prefix cache.
+        """
+        ...
+
+    def end_step(self) -> None:
+        """The step planned last has ended (its requests published, or failed)."""
         ...
 
     def free(self, request: Request) -> None:
@@ -68,8 +93,12 @@ class KVCacheManager(Protocol):
         `num_tokens` could never fit, even alone in an empty cache."""
         ...
 
-    def kv_indices(self, request: Request, num_tokens: int) -> torch.Tensor:
-        """Flat slot index (int64) of each of the request's first `num_tokens` positions."""
+    def block_table(self, request: Request) -> list[int]:
+        """The request's current block table (empty when it holds nothing)."""
+        ...
+
+    def drain_events(self) -> list[KVEvent]:
+        """Blocks stored in and removed from the prefix cache since the last call."""
         ...
 
     @property
@@ -78,8 +107,7 @@ class KVCacheManager(Protocol):
         ...
 
     @property
-    def num_free_blocks(self) -> int:
-        ...
+    def num_free_blocks(self) -> int: ...
 
     def prefix_cache_stats(self) -> tuple[int, int]:
         """(queried tokens, hit tokens) since start, for the hit rate."""

@@ -1,4 +1,4 @@
-"""PagedAttention-style KV cache: per-request block tables over a shared pool.
+"""PagedAttention-style KV cache books: per-request block tables over a shared pool.
 
     request A  block table [7, 2, 9]        pool of blocks (each block_size tokens)
     request B  block table [7, 2, 4]        +---+---+---+---+---+---+---+---+---+---+
@@ -8,47 +8,52 @@
 
 A token at position p of a request lives in slot
 `block_table[p // block_size] * block_size + p % block_size` of the flat
-per-layer K/V tensors `[num_blocks * block_size, num_kv_heads, head_dim]`.
+per-layer K/V tensors `[num_blocks * block_size, num_kv_heads, head_dim]`,
+which the worker owns (`kvos.worker.kv_cache`). This class only keeps the
+tables, the free list and the prefix index.
+
+Publication: a full block enters the prefix index (and emits a
+`BlockStored` event) only in `publish`, after the step that wrote it has
+succeeded. Within the step being planned, blocks it will write are
+findable as *pending*: a request admitted in the same step may read them,
+because every layer writes the whole batch's KV before any request reads it.
+If the step fails, every request in it fails too, and `end_step` forgets
+the pending entries, so nothing half-written is ever found later.
 """
 
 from __future__ import annotations
 
-import torch
-
-from kvos.engine.request import Request
-from kvos.memory.block_allocator import BlockAllocator, BlockHash
+from kvos.core.plan import CopyKV, TableUpdate
+from kvos.core.request import Request
+from kvos.memory.block_allocator import BlockAllocator, KVEvent
+from kvos.memory.block_hash import BlockHash, block_hash, root_hash, salted_root
+from kvos.memory.kv_manager import KVAllocation
 
 
 class PagedKVCacheManager:
-    """Allocates blocks to requests; shares full blocks by prefix hash; copies on write."""
+    """Allocates blocks to requests; shares full blocks by prefix digest; copies on write."""
 
     def __init__(
         self,
         num_blocks: int,
         block_size: int,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
         max_model_len: int,
         enable_prefix_caching: bool = True,
+        model_identity: str = "",
     ) -> None:
         self.block_size = block_size
+        self.table_block_size = block_size
         self.allocator = BlockAllocator(num_blocks)
         self.capacity_tokens = num_blocks * block_size
         self.max_tokens_per_request = min(max_model_len, self.capacity_tokens)
         self.enable_prefix_caching = enable_prefix_caching
-        shape = (num_blocks * block_size, num_kv_heads, head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)
-        ]
-        self._device = torch.device(device)
+        self._root = root_hash(model_identity, block_size)
         self._block_tables: dict[str, list[int]] = {}
-        # Hashes of the request's full blocks, in order: hash i covers tokens [0, (i+1)*block_size).
+        # Digests of the request's full blocks, in order: digest i covers tokens [0, (i+1)*block_size).
         self._block_hashes: dict[str, list[BlockHash]] = {}
-        self._offsets = torch.arange(block_size, device=self._device)
+        # Full blocks the step being planned will write: digest -> block id, and back.
+        self._pending: dict[BlockHash, int] = {}
+        self._pending_digest: dict[int, BlockHash] = {}
         self._num_queried_tokens = 0
         self._num_hit_tokens = 0
 
@@ -65,6 +70,9 @@ class PagedKVCacheManager:
     def prefix_cache_stats(self) -> tuple[int, int]:
         return self._num_queried_tokens, self._num_hit_tokens
 
+    def drain_events(self) -> list[KVEvent]:
+        return self.allocator.drain_events()
+
     def check_fits(self, num_tokens: int) -> None:
         """Refuse a request that could never fit, even alone in an empty cache."""
         if num_tokens > self.max_tokens_per_request:
@@ -75,14 +83,14 @@ class PagedKVCacheManager:
 
     # -- prefix cache ---------------------------------------------------------------
 
-    def _full_block_hashes(self, request: Request) -> list[BlockHash]:
-        """Chained hashes of the request's full blocks, extended incrementally."""
+    def block_hashes(self, request: Request) -> list[BlockHash]:
+        """Chained digests of the request's full blocks, extended incrementally."""
         hashes = self._block_hashes.setdefault(request.req_id, [])
         token_ids = request.all_token_ids
         bs = self.block_size
         for i in range(len(hashes), len(token_ids) // bs):
-            parent = hashes[i - 1] if i else None
-            hashes.append(hash((parent, tuple(token_ids[i * bs : (i + 1) * bs]))))
+            parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
+            hashes.append(block_hash(parent, token_ids[i * bs : (i + 1) * bs]))
         return hashes
 
     def lookup_prefix(self, request: Request) -> int:
@@ -91,15 +99,19 @@ class PagedKVCacheManager:
         num_hit_blocks = 0
         # Leave at least one token to compute so the step yields logits.
         max_blocks = (request.num_tokens - 1) // self.block_size
-        for block_hash in self._full_block_hashes(request)[:max_blocks]:
-            if self.allocator.lookup(block_hash) is None:
+        for digest in self.block_hashes(request)[:max_blocks]:
+            if self._lookup(digest) is None:
                 break
             num_hit_blocks += 1
         return num_hit_blocks * self.block_size
 
+    def _lookup(self, digest: BlockHash) -> int | None:
+        block_id = self.allocator.lookup(digest)
+        return block_id if block_id is not None else self._pending.get(digest)
+
     # -- allocation -----------------------------------------------------------------
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> KVAllocation | None:
         is_new = request.req_id not in self._block_tables
         table = self._block_tables.get(request.req_id, [])
         cached_ids = self._cached_block_ids(request, num_cached_tokens) if is_new else []
@@ -111,28 +123,36 @@ class PagedKVCacheManager:
         # Cached blocks that sit on the free list are not free capacity for this request.
         num_idle_cached = sum(1 for b in cached_ids if self.allocator.blocks[b].ref_count == 0)
         if num_needed + needs_copy > self.allocator.num_free_blocks - num_idle_cached:
-            return False
+            return None
         if is_new:
             self._block_tables[request.req_id] = table
             self._num_queried_tokens += request.num_tokens
             self._num_hit_tokens += num_cached_tokens
         for block_id in cached_ids:
             self.allocator.take_cached(block_id)
+        first_changed = 0 if is_new else len(table)
         table.extend(cached_ids)
+        copies = []
         if needs_copy:
-            self._copy_on_write(table, num_computed // self.block_size)
+            index = num_computed // self.block_size
+            copies.append(self._copy_on_write(table, index))
+            first_changed = index
         for _ in range(num_needed):
             table.append(self.allocator.allocate())
-        self._publish_full_blocks(request, table, total)
-        return True
+        self._mark_pending(request, table, total)
+        if first_changed == len(table):
+            return KVAllocation()
+        return KVAllocation(TableUpdate(first_changed, tuple(table[first_changed:])), copies)
 
     def _cached_block_ids(self, request: Request, num_cached_tokens: int) -> list[int]:
-        assert num_cached_tokens % self.block_size == 0
-        hashes = self._full_block_hashes(request)[: num_cached_tokens // self.block_size]
+        if num_cached_tokens % self.block_size:
+            raise ValueError(f"cached tokens ({num_cached_tokens}) must be whole blocks of {self.block_size}")
+        hashes = self.block_hashes(request)[: num_cached_tokens // self.block_size]
         block_ids = []
-        for block_hash in hashes:
-            block_id = self.allocator.lookup(block_hash)
-            assert block_id is not None, "prefix hit vanished between lookup and allocate"
+        for digest in hashes:
+            block_id = self._lookup(digest)
+            if block_id is None:
+                raise RuntimeError("prefix hit vanished between lookup_prefix and allocate_slots")
             block_ids.append(block_id)
         return block_ids
 
@@ -141,51 +161,69 @@ class PagedKVCacheManager:
             return False
         return self.allocator.blocks[table[num_computed // self.block_size]].ref_count > 1
 
-    def _copy_on_write(self, table: list[int], index: int) -> None:
+    def _copy_on_write(self, table: list[int], index: int) -> CopyKV:
         old = table[index]
         new = self.allocator.allocate()
-        src = slice(old * self.block_size, (old + 1) * self.block_size)
-        dst = slice(new * self.block_size, (new + 1) * self.block_size)
-        for k_cache, v_cache in self.kv_caches:
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
         self.allocator.release(old)
         table[index] = new
+        return CopyKV(old * self.block_size, new * self.block_size, self.block_size)
 
-    def _publish_full_blocks(self, request: Request, table: list[int], num_tokens: int) -> None:
-        """Make blocks that will be full after this step findable by prefix hash.
-
-        Publishing before the step runs is safe: within one forward pass every
-        layer writes its KV before it reads any.
-        """
+    def _mark_pending(self, request: Request, table: list[int], num_tokens: int) -> None:
+        """Blocks this step fills become findable by requests planned into the same step."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._full_block_hashes(request)
+        hashes = self.block_hashes(request)
         for i in range(min(num_tokens // self.block_size, len(hashes))):
-            self.allocator.mark_cached(table[i], hashes[i])
+            block_id, digest = table[i], hashes[i]
+            if self.allocator.blocks[block_id].block_hash is None and digest not in self._pending:
+                self._pending[digest] = block_id
+                self._pending_digest[block_id] = digest
 
-    def fork(self, parent: Request, child: Request) -> bool:
-        table = self._block_tables[parent.req_id]
-        for block_id in table:
+    def end_step(self) -> None:
+        """The planned step is over (published or failed): pending blocks are findable no more."""
+        self._pending.clear()
+        self._pending_digest.clear()
+
+    def publish(self, request: Request, num_computed_tokens: int) -> None:
+        """Make the request's full, computed blocks findable by prefix digest."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._block_tables.get(request.req_id)
+        if table is None:
+            return
+        hashes = self.block_hashes(request)
+        for i in range(min(num_computed_tokens // self.block_size, len(hashes), len(table))):
+            parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
+            self.allocator.mark_cached(table[i], hashes[i], parent)
+
+    def fork(self, parent: Request, child: Request, num_tokens: int, num_new_tokens: int) -> KVAllocation | None:
+        """Share the parent's blocks under its first `num_tokens` tokens, then make room for more."""
+        if child.req_id in self._block_tables:
+            raise RuntimeError(f"{child.req_id} already holds KV blocks")
+        shared = self._block_tables[parent.req_id][: -(-num_tokens // self.block_size)]
+        for block_id in shared:
             self.allocator.share(block_id)
-        self._block_tables[child.req_id] = list(table)
-        return True
+        self._block_tables[child.req_id] = list(shared)
+        child.num_computed_tokens = num_tokens
+        allocation = self.allocate_slots(child, num_new_tokens)
+        if allocation is None:
+            self.free(child)
+            child.num_computed_tokens = 0
+            return None
+        return KVAllocation(TableUpdate(0, tuple(self._block_tables[child.req_id])), allocation.copies)
 
     def free(self, request: Request) -> None:
         table = self._block_tables.pop(request.req_id, None)
         self._block_hashes.pop(request.req_id, None)
         if table is None:
             return
+        for block_id in table:
+            digest = self._pending_digest.pop(block_id, None)
+            if digest is not None:
+                del self._pending[digest]
         # Tail blocks first, so the LRU evicts a prefix's end before its start.
         for block_id in reversed(table):
             self.allocator.release(block_id)
-
-    def kv_indices(self, request: Request, num_tokens: int) -> torch.Tensor:
-        table = self._block_tables[request.req_id]
-        num_blocks = -(-num_tokens // self.block_size)
-        blocks = torch.tensor(table[:num_blocks], dtype=torch.long, device=self._device)
-        slots = (blocks[:, None] * self.block_size + self._offsets).flatten()
-        return slots[:num_tokens]
 
     def block_table(self, request: Request) -> list[int]:
         return list(self._block_tables.get(request.req_id, ()))

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvos.attention.backend import AttentionBackend
+from kvos.attention.gather_sdpa import GatherSDPABackend
 from kvos.attention.metadata import AttentionMetadata
-from kvos.attention.torch_sdpa import attention
 from kvos.model.arch import ModelArch
 from kvos.model.layers import RMSNorm, RotaryEmbedding, RotaryTables
 
@@ -28,8 +29,9 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 class LlamaAttention(nn.Module):
     """Self-attention with one fused q|k|v projection: one matmul per layer instead of three."""
 
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, attention: AttentionBackend) -> None:
         super().__init__()
+        self.attention = attention
         self.num_heads = arch.num_attention_heads
         self.num_kv_heads = arch.num_key_value_heads
         self.head_dim = arch.head_dim
@@ -53,7 +55,7 @@ class LlamaAttention(nn.Module):
         qk = rotary.apply(qkv[:, :split].view(num_tokens, -1, self.head_dim))
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, split:].view(num_tokens, self.num_kv_heads, self.head_dim)
-        o = attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # (T, H, D)
+        o = self.attention.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # (T, H, D)
         return self.o_proj(o.reshape(num_tokens, -1))
 
 
@@ -72,10 +74,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, attention: AttentionBackend) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = LlamaAttention(arch)
+        self.self_attn = LlamaAttention(arch, attention)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = LlamaMLP(arch)
 
@@ -93,22 +95,25 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch) -> None:
+    def __init__(self, arch: ModelArch, attention: AttentionBackend) -> None:
         super().__init__()
         # An explicit (uninitialised) weight skips nn.Embedding's random init, whose
         # normal_ on the meta device would import torch._dynamo: a second of start-up.
         self.embed_tokens = nn.Embedding(
             arch.vocab_size, arch.hidden_size, _weight=nn.Parameter(torch.empty(arch.vocab_size, arch.hidden_size))
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch) for _ in range(arch.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, attention) for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, arch: ModelArch, max_positions: int) -> None:
+    """`attention` is the backend every layer calls (default: the gather + SDPA reference)."""
+
+    def __init__(self, arch: ModelArch, max_positions: int, attention: AttentionBackend | None = None) -> None:
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch)
+        self.attention = attention if attention is not None else GatherSDPABackend()
+        self.model = LlamaModel(arch, self.attention)
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:

@@ -6,12 +6,8 @@ import asyncio
 
 import pytest
 
-from kvos.engine.async_engine import (
-    AsyncLLMEngine,
-    EngineUnavailableError,
-    QueueFullError,
-    RequestFailedError,
-)
+from kvos.engine.async_engine import AsyncLLMEngine
+from kvos.errors import EngineUnavailableError, QueueFullError, RequestFailedError
 from kvos.engine.stats import EngineStats
 from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams
@@ -29,7 +25,7 @@ class FakeEngine:
         self.fail_next_step = False
         self.num_aborted = 0
 
-    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0) -> None:
         if not prompt:
             raise ValueError("prompt is empty")
         self.requests[req_id] = ([], params)
@@ -57,7 +53,8 @@ class FakeEngine:
         return outputs
 
     def stats(self) -> EngineStats:
-        return EngineStats(len(self.requests), len(self.waiting), len(self.requests), 10, 0, 0, 0, 0, 0)
+        # No free running slot: every waiting request counts against max_waiting.
+        return EngineStats(len(self.requests), len(self.waiting), 0, len(self.requests), 10, 0, 0, 0, 0, 0)
 
 
 async def collect(engine: AsyncLLMEngine, req_id: str, max_tokens: int) -> RequestOutput:
@@ -96,9 +93,10 @@ def test_failed_step_fails_its_requests_and_the_engine_keeps_serving() -> None:
     async def body(engine: AsyncLLMEngine) -> RequestOutput:
         stream = await engine.add_request("doomed", [1], SamplingParams(max_tokens=1000))
         fake.fail_next_step = True
-        with pytest.raises(RequestFailedError, match="boom"):
+        with pytest.raises(RequestFailedError, match="engine failed") as failure:
             async for _ in stream:
                 pass
+        assert "boom" not in str(failure.value)  # internal exception text stays in the log
         return await collect(engine, "after", 3)
 
     assert run(body, fake).outputs[0].token_ids == [0, 1, 2]
@@ -143,10 +141,35 @@ def test_shutdown_ends_streams_and_refuses_new_requests() -> None:
     async def body(engine: AsyncLLMEngine) -> None:
         stream = await engine.add_request("r", [1], SamplingParams(max_tokens=10**6))
         engine.begin_shutdown()
-        with pytest.raises(EngineUnavailableError, match="shutting down"):
-            async for _ in stream:
-                pass
+        outputs = [o async for o in stream]  # ends normally: cut, not broken
+        assert outputs[-1].finished and outputs[-1].error is None
+        assert outputs[-1].outputs[0].finish_reason == "abort"
         with pytest.raises(EngineUnavailableError):
             await engine.add_request("late", [1], SamplingParams())
 
     run(body, FakeEngine())
+
+
+def test_shutdown_grace_lets_running_requests_finish() -> None:
+    async def body(engine: AsyncLLMEngine) -> None:
+        stream = await engine.add_request("r", [1], SamplingParams(max_tokens=20))
+        engine.begin_shutdown(grace_s=30.0)
+        outputs = [o async for o in stream]
+        assert outputs[-1].outputs[0].finish_reason == "length"
+        assert len(outputs[-1].outputs[0].token_ids) == 20
+
+    run(body, FakeEngine())
+
+
+def test_requests_the_next_step_admits_are_not_counted_as_waiting() -> None:
+    class SlotsFree(FakeEngine):
+        def stats(self) -> EngineStats:
+            return EngineStats(len(self.requests), len(self.waiting), 2, len(self.requests), 10, 0, 0, 0, 0, 0)
+
+    fake = SlotsFree()
+    fake.waiting = ["a", "b"]  # two wait, but two running slots are free: the queue is empty in effect
+
+    async def body(engine: AsyncLLMEngine) -> None:
+        await engine.add_request("r", [1], SamplingParams(max_tokens=1))
+
+    run(body, fake, max_waiting=1)

@@ -2,36 +2,35 @@
 
 from __future__ import annotations
 
-import torch
+import pickle
 
 from kvos.config import SchedulerConfig
-from kvos.engine.request import Request, RequestStatus
-from kvos.engine.scheduler import Scheduler
+from kvos.core.plan import SampledToken, StepOutput
+from kvos.core.request import Request, RequestStatus
+from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sampling_params import SamplingParams
 
+EOS = 99
+
 
 def make(num_blocks: int, budget: int, max_seqs: int = 8) -> Scheduler:
-    kv = PagedKVCacheManager(
-        num_blocks=num_blocks, block_size=4, num_layers=1, num_kv_heads=1, head_dim=2,
-        dtype=torch.float32, device="cpu", max_model_len=1000, enable_prefix_caching=False,
+    kv = PagedKVCacheManager(num_blocks=num_blocks, block_size=4, max_model_len=1000, enable_prefix_caching=False)
+    return Scheduler(
+        SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv, frozenset({EOS}), 1000
     )
-    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv)
 
 
 def request(req_id: str, n: int) -> Request:
     return Request(req_id=req_id, prompt_token_ids=list(range(n)), params=SamplingParams(max_tokens=8))
 
 
-def run_step(s: Scheduler) -> dict[str, int]:
-    """Schedule, then pretend the model ran: advance counters, sample token 0."""
-    out = s.schedule()
-    for c in out.chunks:
-        done = c.completes_known_tokens
-        c.request.num_computed_tokens += c.num_tokens
-        if done:
-            c.request.output_token_ids.append(0)
-    return {c.request.req_id: c.num_tokens for c in out.chunks}
+def run_step(s: Scheduler, token: int = 0) -> dict[str, int]:
+    """Schedule, then pretend the model ran: every request that samples gets `token`."""
+    plan = s.schedule()
+    sampled = {c.req_id: SampledToken(token) for c in plan.scheduled if c.sample}
+    s.update_from_output(plan, StepOutput(plan.step_id, sampled))
+    return {c.req_id: len(c.new_token_ids) for c in plan.scheduled}
 
 
 def test_long_prompt_is_chunked_and_decodes_are_not_stalled() -> None:
@@ -51,7 +50,7 @@ def test_max_num_seqs_limits_admission_fcfs() -> None:
     for i in range(3):
         s.add(request(f"r{i}", 4))
     assert list(run_step(s)) == ["r0", "r1"]
-    s.remove(s.running[0])
+    s.abort("r0")
     assert list(run_step(s)) == ["r1", "r2"]
 
 
@@ -62,10 +61,74 @@ def test_out_of_memory_preempts_most_recent_and_requeues_it_first() -> None:
     s.add(b)
     assert run_step(s) == {"a": 8, "b": 4}
     # a needs a new block for its 9th token; the only way is to evict b.
-    out = s.schedule()
-    assert [r.req_id for r in out.preempted] == ["b"]
-    assert [c.request.req_id for c in out.chunks] == ["a"]
+    plan = s.schedule()
+    assert plan.preempted_req_ids == ["b"]
+    assert [c.req_id for c in plan.scheduled] == ["a"]
     assert b.status == RequestStatus.PREEMPTED and b.num_computed_tokens == 0
     assert s.waiting[0] is b
     assert s.num_preemptions == 1
     assert s.kv.num_used_blocks == 3
+
+
+def test_plan_round_trips_through_pickle_and_names_placement() -> None:
+    s = make(num_blocks=64, budget=6)
+    s.add(request("a", 10))
+    plan = s.schedule()
+    again = pickle.loads(pickle.dumps(plan))
+    assert again == plan
+    (chunk,) = again.scheduled
+    assert chunk.new_token_ids == list(range(6)) and chunk.num_computed_tokens == 0 and not chunk.sample
+    assert chunk.table_update is not None and chunk.table_update.start == 0
+    assert list(chunk.table_update.block_ids) == s.kv.block_table(s.requests["a"])
+    assert [d.req_id for d in again.new_requests] == ["a"]
+
+
+def test_update_from_output_finishes_on_eos_stop_token_and_max_tokens() -> None:
+    s = make(num_blocks=64, budget=100)
+    eos = request("eos", 3)
+    stop = Request("stop", [1, 2], SamplingParams(max_tokens=8, stop_token_ids=[7]))
+    short = Request("short", [1, 2], SamplingParams(max_tokens=2))
+    for r in (eos, stop, short):
+        s.add(r)
+    plan = s.schedule()
+    tokens = {"eos": EOS, "stop": 7, "short": 5}
+    s.update_from_output(plan, StepOutput(plan.step_id, {k: SampledToken(v) for k, v in tokens.items()}))
+    assert (eos.finish_reason, eos.stop_reason) == ("stop", EOS)
+    assert (stop.finish_reason, stop.stop_reason) == ("stop", 7)
+    assert short.status == RequestStatus.RUNNING
+    run_step(s, token=5)
+    assert short.finish_reason == "length" and short.output_token_ids == [5, 5]
+    assert s.kv.num_used_blocks == 0 and not s.has_unfinished()
+    # The worker hears of every ended request in the next plan.
+    assert sorted(s.schedule().finished_req_ids) == ["short"]
+
+
+def test_n_siblings_obey_max_num_seqs_and_the_token_budget() -> None:
+    s = make(num_blocks=64, budget=100, max_seqs=2)
+    params = SamplingParams(max_tokens=4)
+    s.add(Request("p", [1, 2, 3, 4, 5, 6], params))
+    for i in (1, 2):
+        s.add(Request(f"p#{i}", [1, 2, 3, 4, 5, 6], params, fork_of="p", seed_offset=i))
+    assert run_step(s) == {"p": 6}  # siblings wait until the prompt is computed
+    # One slot is left: one sibling forks (computing only the last prompt token), the other waits.
+    assert run_step(s) == {"p": 1, "p#1": 1}
+    assert len(s.running) == 2 and [r.req_id for r in s.waiting] == ["p#2"]
+    parent, child = s.requests["p"], s.requests["p#1"]
+    # The child shares the parent's first full block and has its own copy of the partial one.
+    assert s.kv.block_table(child)[0] == s.kv.block_table(parent)[0]
+    assert s.kv.block_table(child)[1] != s.kv.block_table(parent)[1]
+
+
+def test_fork_plans_a_copy_on_write_of_the_shared_partial_block() -> None:
+    s = make(num_blocks=64, budget=100)
+    params = SamplingParams(max_tokens=4)
+    s.add(Request("p", [1, 2, 3, 4, 5, 6], params))
+    s.add(Request("p#1", [1, 2, 3, 4, 5, 6], params, fork_of="p", seed_offset=1))
+    run_step(s)
+    plan = s.schedule()
+    parent_tail = s.kv.block_table(s.requests["p"])[1]
+    child_tail = s.kv.block_table(s.requests["p#1"])[1]
+    (copy,) = plan.copies
+    assert (copy.src_slot, copy.dst_slot, copy.num_slots) == (parent_tail * 4, child_tail * 4, 4)
+    (child_chunk,) = [c for c in plan.scheduled if c.req_id == "p#1"]
+    assert child_chunk.num_computed_tokens == 5 and child_chunk.new_token_ids == [6] and child_chunk.sample

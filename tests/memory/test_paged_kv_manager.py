@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from kvos.engine.request import Request
-from kvos.memory.block_allocator import BlockAllocator
+from kvos.core.plan import CopyKV
+from kvos.core.request import Request
+from kvos.memory.block_allocator import BlockAllocator, BlockRemoved, BlockStored
+from kvos.memory.block_hash import block_hash, root_hash
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sampling_params import SamplingParams
 
@@ -15,27 +16,28 @@ BS = 4
 
 def make_manager(num_blocks: int = 8, prefix_caching: bool = True) -> PagedKVCacheManager:
     return PagedKVCacheManager(
-        num_blocks=num_blocks,
-        block_size=BS,
-        num_layers=2,
-        num_kv_heads=1,
-        head_dim=2,
-        dtype=torch.float32,
-        device="cpu",
-        max_model_len=1000,
-        enable_prefix_caching=prefix_caching,
+        num_blocks=num_blocks, block_size=BS, max_model_len=1000, enable_prefix_caching=prefix_caching
     )
 
 
-def make_request(req_id: str, tokens: list[int]) -> Request:
-    return Request(req_id=req_id, prompt_token_ids=tokens, params=SamplingParams(max_tokens=4))
+def make_request(req_id: str, tokens: list[int], salt: str | None = None) -> Request:
+    return Request(req_id=req_id, prompt_token_ids=tokens, params=SamplingParams(max_tokens=4), cache_salt=salt)
 
 
 def admit(kv: PagedKVCacheManager, request: Request) -> int:
+    """Allocate the whole prompt, then report the step that computed it as done."""
     cached = kv.lookup_prefix(request)
     assert kv.allocate_slots(request, request.num_tokens - cached, cached)
     request.num_computed_tokens = request.num_tokens
+    kv.publish(request, request.num_tokens)
+    kv.end_step()
     return cached
+
+
+def slots(kv: PagedKVCacheManager, request: Request, num_tokens: int) -> list[int]:
+    """Flat slots of the first `num_tokens` positions, by the addressing rule the worker applies."""
+    table = kv.block_table(request)
+    return [table[p // BS] * BS + p % BS for p in range(num_tokens)]
 
 
 def test_allocate_and_free_returns_every_block() -> None:
@@ -43,9 +45,7 @@ def test_allocate_and_free_returns_every_block() -> None:
     a = make_request("a", list(range(10)))
     admit(kv, a)
     assert kv.num_used_blocks == 3
-    assert kv.kv_indices(a, 10).tolist() == [
-        s for b in kv.block_table(a) for s in range(b * BS, b * BS + BS)
-    ][:10]
+    assert len(set(slots(kv, a, 10))) == 10
     kv.free(a)
     kv.free(a)
     assert kv.num_used_blocks == 0
@@ -97,26 +97,50 @@ def test_freed_cached_blocks_are_hit_then_evicted_lru() -> None:
     assert kv.num_used_blocks == 0
 
 
+def test_lru_evicts_the_least_recently_freed_block_first() -> None:
+    kv = make_manager(num_blocks=4)
+    old, new = make_request("old", [1] * 4 + [0]), make_request("new", [2] * 4 + [0])
+    admit(kv, old)
+    admit(kv, new)
+    kv.free(old)  # freed first: its cached block goes first
+    kv.free(new)
+    # Free list, oldest first: old's tail, old's head, new's tail, new's head.
+    x = make_request("x", [3] * 4 + [0])
+    assert kv.allocate_slots(x, 5)  # two blocks: old's, so old's cached head is evicted and new's is not
+    assert kv.lookup_prefix(make_request("old2", [1] * 4 + [0])) == 0
+    assert kv.lookup_prefix(make_request("new2", [2] * 4 + [0])) == 4
+    y = make_request("y", [4] * 8)
+    assert kv.allocate_slots(y, 8)
+    assert kv.lookup_prefix(make_request("new3", [2] * 4 + [0])) == 0
+
+
 def test_fork_shares_blocks_and_copies_partial_tail_on_write() -> None:
     kv = make_manager()
     parent = make_request("p", list(range(6)))
     admit(kv, parent)
-    k0 = kv.kv_caches[0][0]
-    tail = kv.block_table(parent)[1]
-    k0[tail * BS : tail * BS + 2] = 5.0
+    head, tail = kv.block_table(parent)
+    assert kv.allocator.blocks[head].ref_count == 1
     child = make_request("c", list(range(6)))
-    assert kv.fork(parent, child)
-    child.num_computed_tokens = 6
-    assert kv.block_table(child) == kv.block_table(parent)
-    child.output_token_ids.append(1)
-    assert kv.allocate_slots(child, 1)
-    new_tail = kv.block_table(child)[1]
-    assert new_tail != tail
-    assert kv.block_table(child)[0] == kv.block_table(parent)[0]
-    assert torch.equal(k0[new_tail * BS : new_tail * BS + 2], k0[tail * BS : tail * BS + 2])
+    allocation = kv.fork(parent, child, num_tokens=5, num_new_tokens=1)
+    assert allocation is not None
+    new_head, new_tail = kv.block_table(child)
+    # The full block is shared (two references); the partial one the child writes into is copied.
+    assert new_head == head and kv.allocator.blocks[head].ref_count == 2
+    assert new_tail != tail and kv.allocator.blocks[tail].ref_count == 1
+    assert allocation.copies == [CopyKV(tail * BS, new_tail * BS, BS)]
+    assert allocation.table_update is not None and list(allocation.table_update.block_ids) == [head, new_tail]
     kv.free(parent)
     kv.free(child)
     assert kv.num_used_blocks == 0
+
+
+def test_failed_fork_changes_nothing() -> None:
+    kv = make_manager(num_blocks=2)
+    parent = make_request("p", list(range(6)))
+    admit(kv, parent)
+    child = make_request("c", list(range(6)))
+    assert kv.fork(parent, child, num_tokens=5, num_new_tokens=1) is None  # no block left for the copy
+    assert kv.block_table(child) == [] and kv.allocator.blocks[kv.block_table(parent)[0]].ref_count == 1
 
 
 def test_check_fits_names_length_and_capacity() -> None:
@@ -128,3 +152,47 @@ def test_check_fits_names_length_and_capacity() -> None:
 def test_block_allocator_refuses_zero_blocks() -> None:
     with pytest.raises(ValueError, match="at least one block"):
         BlockAllocator(0)
+
+
+def test_blocks_are_findable_only_after_publish() -> None:
+    kv = make_manager()
+    a = make_request("a", list(range(9)))
+    assert kv.allocate_slots(a, 9)
+    kv.end_step()  # the step failed: nothing was published
+    kv.free(a)
+    assert kv.lookup_prefix(make_request("b", list(range(9)))) == 0
+    assert kv.drain_events() == []
+
+
+def test_block_identity_is_a_chained_sha256_rooted_in_the_model() -> None:
+    kv = PagedKVCacheManager(num_blocks=8, block_size=BS, max_model_len=1000, model_identity="m")
+    a = make_request("a", list(range(9)))
+    admit(kv, a)
+    root = root_hash("m", BS)
+    h0 = block_hash(root, [0, 1, 2, 3])
+    h1 = block_hash(h0, [4, 5, 6, 7])
+    assert kv.block_hashes(a) == [h0, h1]
+    assert [type(e) for e in kv.drain_events()] == [BlockStored, BlockStored]
+    # Another model's blocks never match.
+    other = PagedKVCacheManager(num_blocks=8, block_size=BS, max_model_len=1000, model_identity="n")
+    assert other.block_hashes(make_request("a", list(range(9))))[0] != h0
+
+
+def test_cache_salt_keeps_tenants_apart() -> None:
+    kv = make_manager()
+    admit(kv, make_request("a", list(range(9)), salt="tenant-1"))
+    assert kv.lookup_prefix(make_request("b", list(range(9)), salt="tenant-2")) == 0
+    assert kv.lookup_prefix(make_request("c", list(range(9)))) == 0
+    assert kv.lookup_prefix(make_request("d", list(range(9)), salt="tenant-1")) == 8
+
+
+def test_eviction_is_reported_as_an_event() -> None:
+    kv = make_manager(num_blocks=2)
+    a = make_request("a", list(range(5)))
+    admit(kv, a)
+    kv.free(a)
+    stored = kv.drain_events()
+    assert len(stored) == 1 and isinstance(stored[0], BlockStored)
+    assert kv.allocate_slots(make_request("b", [9] * 8), 8)
+    (removed,) = kv.drain_events()
+    assert removed == BlockRemoved(stored[0].block_hash, stored[0].block_id)

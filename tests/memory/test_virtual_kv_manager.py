@@ -11,11 +11,12 @@ import gc
 import pytest
 import torch
 
-from kvos.engine.request import Request
-from kvos.memory.factory import KVShape
+from kvos.core.request import Request
+from kvos.memory.shape import KVShape
 from kvos.memory.virtual import VirtualKVCacheManager
 from kvos.memory.virtual.layout import LayoutKind
 from kvos.sampling_params import SamplingParams
+from kvos.worker.kv_cache import VirtualKVBuffer
 
 # 2 layers x 2 KV heads x 64 x fp32: 2048 bytes per token, 2 tokens per 4 KiB page
 # in the megacache, 8 tokens per page in each of the 4 per-layer planes.
@@ -54,6 +55,18 @@ def decode(kv: VirtualKVCacheManager, request: Request, steps: int) -> None:
         request.output_token_ids.append(0)
         assert kv.allocate_slots(request, 1)
         request.num_computed_tokens += 1
+
+
+def buffer(kv: VirtualKVCacheManager) -> VirtualKVBuffer:
+    """The worker's tensors over the manager's region."""
+    return VirtualKVBuffer(kv.layout, kv.region)
+
+
+def indices(kv: VirtualKVCacheManager, request: Request, num_tokens: int) -> torch.Tensor:
+    """Flat slots of the request's first positions: its row's run (the worker's addressing rule)."""
+    (row,) = kv.block_table(request)
+    start = row * kv.table_block_size
+    return torch.arange(start, start + num_tokens)
 
 
 def check_page_map(kv: VirtualKVCacheManager) -> None:
@@ -112,20 +125,21 @@ def test_flat_indices_and_contiguous_views_address_the_same_memory(layout: Layou
     a, b = make_request("a", 9), make_request("b", 4)
     prefill(kv, a)
     prefill(kv, b)
-    for layer, (k_cache, v_cache) in enumerate(kv.kv_caches):
+    buf = buffer(kv)
+    for layer, (k_cache, v_cache) in enumerate(buf.kv_caches):
         for request in (a, b):
-            idx = kv.kv_indices(request, request.num_tokens)
+            idx = indices(kv, request, request.num_tokens)
             assert idx.tolist() == list(range(kv.kv_start(request), kv.kv_start(request) + request.num_tokens))
             k_cache[idx] = torch.randn(request.num_tokens, 2, 64)
             v_cache[idx] = torch.randn(request.num_tokens, 2, 64)
-    for layer, (k_cache, v_cache) in enumerate(kv.kv_caches):
+    for layer, (k_cache, v_cache) in enumerate(buf.kv_caches):
         for request in (a, b):
             row = kv.row_of(request)
-            k, v = kv.contiguous_kv(layer, slice(row, row + 1), request.num_tokens)
-            idx = kv.kv_indices(request, request.num_tokens)
+            k, v = buf.contiguous_kv(layer, slice(row, row + 1), request.num_tokens)
+            idx = indices(kv, request, request.num_tokens)
             assert k.shape == (1, request.num_tokens, 2, 64)
             assert torch.equal(k[0], k_cache[idx]) and torch.equal(v[0], v_cache[idx])
-    assert not torch.equal(kv.kv_caches[0][0][kv.kv_indices(a, 4)], kv.kv_caches[1][0][kv.kv_indices(a, 4)])
+    assert not torch.equal(buf.kv_caches[0][0][indices(kv, a, 4)], buf.kv_caches[1][0][indices(kv, a, 4)])
     check_page_map(kv)  # writing through the views touched no page outside the map
 
 
@@ -178,19 +192,22 @@ def test_fork_copies_the_parents_kv_into_its_own_row() -> None:
     kv = make_manager()
     parent, child = make_request("p", 11), make_request("c", 11)
     prefill(kv, parent)
-    for k_cache, v_cache in kv.kv_caches:
-        idx = kv.kv_indices(parent, 11)
+    buf = buffer(kv)
+    for k_cache, v_cache in buf.kv_caches:
+        idx = indices(kv, parent, 11)
         k_cache[idx] = torch.randn(11, 2, 64)
         v_cache[idx] = torch.randn(11, 2, 64)
-    assert kv.fork(parent, child)
+    allocation = kv.fork(parent, child, 11, 0)
+    assert allocation is not None
     assert kv.row_of(child) != kv.row_of(parent)
-    for k_cache, v_cache in kv.kv_caches:
-        assert torch.equal(k_cache[kv.kv_indices(child, 11)], k_cache[kv.kv_indices(parent, 11)])
-        assert torch.equal(v_cache[kv.kv_indices(child, 11)], v_cache[kv.kv_indices(parent, 11)])
+    buf.copy(allocation.copies)  # what the worker does with the plan's copies
+    for k_cache, v_cache in buf.kv_caches:
+        assert torch.equal(k_cache[indices(kv, child, 11)], k_cache[indices(kv, parent, 11)])
+        assert torch.equal(v_cache[indices(kv, child, 11)], v_cache[indices(kv, parent, 11)])
     check_page_map(kv)
     full = make_manager(rows=1)
     prefill(full, parent)
-    assert not full.fork(parent, child)  # no free row: the engine recomputes the prompt instead
+    assert full.fork(parent, child, 11, 0) is None  # no free row: the engine recomputes the prompt instead
 
 
 def test_over_long_request_is_refused_with_lengths() -> None:
@@ -270,14 +287,15 @@ def test_cuda_manager_matches_cpu_manager() -> None:
         a.num_computed_tokens = b.num_computed_tokens = 0
         prefill(kv, a)
         prefill(kv, b)
-    for (k_cpu, _), (k_gpu, _) in zip(cpu.kv_caches, gpu.kv_caches):
+    cpu_buf, gpu_buf = buffer(cpu), buffer(gpu)
+    for (k_cpu, _), (k_gpu, _) in zip(cpu_buf.kv_caches, gpu_buf.kv_caches):
         values = torch.randn(37, 2, 64)
-        k_cpu[cpu.kv_indices(a, 37)] = values
-        k_gpu[gpu.kv_indices(a, 37)] = values.to("cuda", torch.bfloat16)
+        k_cpu[indices(cpu, a, 37)] = values
+        k_gpu[indices(gpu, a, 37).cuda()] = values.to("cuda", torch.bfloat16)
         row = gpu.row_of(a)
-        k_view, _ = gpu.contiguous_kv(0, slice(row, row + 1), 37)
+        k_view, _ = gpu_buf.contiguous_kv(0, slice(row, row + 1), 37)
         assert k_view.device.type == "cuda"
-        assert torch.equal(k_gpu[gpu.kv_indices(a, 37)].cpu(), values.to(torch.bfloat16))
+        assert torch.equal(k_gpu[indices(gpu, a, 37).cuda()].cpu(), values.to(torch.bfloat16))
     gpu.free(a)
     gpu.free(b)
     assert gpu.num_used_blocks == 0

@@ -281,7 +281,8 @@ class CudaRegion:
         with torch.cuda.device(self.device):
             view = torch.as_tensor(_CudaArray(self.base_address, self._num_bytes), device=self.device)
         self.release(0, 1)
-        assert view.data_ptr() == self.base_address and view.device == self.device
+        if view.data_ptr() != self.base_address or view.device != self.device:
+            raise RuntimeError("torch placed the region's view at another address or device")
         return view
 
     @property
@@ -297,7 +298,8 @@ class CudaRegion:
         with self._lock:
             self._driver.make_current()
             for page in range(first_page, first_page + num_pages):
-                assert page not in self._mapped, f"page {page} committed twice"
+                if page in self._mapped:
+                    raise RuntimeError(f"page {page} committed twice")
                 handle = self._spare_handles.pop() if self._spare_handles else self._driver.create(self.page_size)
                 self._driver.map(self.base_address + page * self.page_size, self.page_size, handle)
                 self._mapped[page] = handle
@@ -335,7 +337,8 @@ class CudaRegion:
             self._closed = True
 
     def _check_range(self, first_page: int, num_pages: int) -> None:
-        assert not self._closed, "region is closed"
-        assert 0 <= first_page and num_pages >= 0 and first_page + num_pages <= self.num_pages, (
-            f"pages [{first_page}, {first_page + num_pages}) outside region of {self.num_pages}"
-        )
+        # Raised, not asserted: under `python -O` a bad index would unmap memory that is not ours.
+        if self._closed:
+            raise RuntimeError("region is closed")
+        if not (0 <= first_page and num_pages >= 0 and first_page + num_pages <= self.num_pages):
+            raise IndexError(f"pages [{first_page}, {first_page + num_pages}) outside region of {self.num_pages}")

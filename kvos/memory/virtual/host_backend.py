@@ -145,7 +145,8 @@ class HostRegion:
             raise OSError(code, f"madvise(advice={advice}) failed: {os.strerror(code)}")
 
     def _check_range(self, first_page: int, num_pages: int) -> None:
-        assert self._mmap is not None, "region is closed"
-        assert 0 <= first_page and num_pages >= 0 and first_page + num_pages <= self.num_pages, (
-            f"pages [{first_page}, {first_page + num_pages}) outside region of {self.num_pages}"
-        )
+        # Raised, not asserted: under `python -O` a bad index would madvise memory that is not ours.
+        if self._mmap is None:
+            raise RuntimeError("region is closed")
+        if not (0 <= first_page and num_pages >= 0 and first_page + num_pages <= self.num_pages):
+            raise IndexError(f"pages [{first_page}, {first_page + num_pages}) outside region of {self.num_pages}")

@@ -112,7 +112,8 @@ class KVLayout:
 
         Pure views: nothing is read or written, so no page is touched.
         """
-        assert region_bytes.numel() >= self.num_bytes
+        if region_bytes.numel() < self.num_bytes:
+            raise ValueError(f"region of {region_bytes.numel()} bytes is smaller than the layout's {self.num_bytes}")
         elements = region_bytes[: self.num_bytes].view(self.dtype)
         num_slots = self.num_rows * self.row_tokens
         token_elements = self.num_kv_heads * self.head_dim

@@ -92,7 +92,8 @@ class SlotPageTable:
 
     def assign(self, row: int, req_id: str, num_pages: int) -> bool:
         """Give idle `row` to `req_id` with `num_pages` mapped; False (nothing changed) if short."""
-        assert self.tenant[row] is None, f"row {row} already held by {self.tenant[row]}"
+        if self.tenant[row] is not None:
+            raise RuntimeError(f"row {row} already held by {self.tenant[row]}")
         if not self.ensure(row, num_pages):
             return False
         self.tenant[row] = req_id
@@ -101,7 +102,8 @@ class SlotPageTable:
 
     def grow(self, row: int, num_pages: int) -> bool:
         """Make the tenant's first `num_pages` pages mapped; False (nothing changed) if short."""
-        assert self.tenant[row] is not None, f"row {row} has no tenant"
+        if self.tenant[row] is None:
+            raise RuntimeError(f"row {row} has no tenant")
         if not self.ensure(row, num_pages):
             return False
         self.needed[row] = max(self.needed[row], num_pages)
@@ -129,7 +131,8 @@ class SlotPageTable:
 
     def ensure(self, row: int, num_pages: int) -> bool:
         """Map `row` up to `num_pages` pages, reclaiming idle pages if the budget demands it."""
-        assert num_pages <= self.row_pages, f"{num_pages} pages exceed a row of {self.row_pages}"
+        if not 0 <= num_pages <= self.row_pages:
+            raise IndexError(f"{num_pages} pages outside a row of {self.row_pages}")
         extra = num_pages - self.mapped[row]
         if extra <= 0:
             return True

@@ -12,8 +12,15 @@ of the request in row r is flat slot `r * row_tokens + p`, so a request's KV
 is one strided run that stock kernels read as a view, without a block table.
 
 What this backend does not do is share KV between requests: `lookup_prefix`
-always answers 0, and `fork` copies the parent's computed KV into the child's
-row (see docs/virtual_kv_cache.md).
+always answers 0, and `fork` gives the child its own row and asks for a copy
+of the parent's KV (a `CopyKV` in the plan; see docs/virtual_kv_cache.md).
+
+Who owns what: this manager keeps the books (rows, the page table, the
+budget) and, like an OS kernel, maps and unmaps the region's pages. The
+worker views the same region as per-layer K/V tensors
+(`kvos.worker.kv_cache.VirtualKVBuffer`) and does every read, write and copy.
+In a table, a request's one block is its row: `table_block_size` is a row's
+length in tokens.
 """
 
 from __future__ import annotations
@@ -22,8 +29,11 @@ import logging
 
 import torch
 
-from kvos.engine.request import Request
-from kvos.memory.factory import KVShape
+from kvos.core.plan import CopyKV, TableUpdate
+from kvos.core.request import Request
+from kvos.memory.block_allocator import KVEvent
+from kvos.memory.kv_manager import KVAllocation
+from kvos.memory.shape import KVShape
 from kvos.memory.virtual.layout import KVLayout, LayoutKind
 from kvos.memory.virtual.page_mapper import PageMapper
 from kvos.memory.virtual.page_table import SlotPageTable
@@ -42,9 +52,6 @@ class VirtualKVCacheManager:
     space only). The budget caps committed memory, exactly as it caps the
     paged pool: `capacity_tokens = budget_bytes // bytes_per_token`.
     """
-
-    contiguous = True
-    """Each request's KV is one run of flat slots (`kv_start(request)` onwards)."""
 
     def __init__(
         self,
@@ -79,8 +86,9 @@ class VirtualKVCacheManager:
             release=self._release,
         )
         self.region = open_region(self.layout.num_bytes, self.device)
-        assert self.region.page_size == self.layout.page_size
-        self.kv_caches = self.layout.layer_views(self.region.as_bytes())
+        if self.region.page_size != self.layout.page_size:
+            raise RuntimeError(f"region pages of {self.region.page_size} bytes, layout expects {self.layout.page_size}")
+        self.table_block_size = self.layout.row_tokens
         self.block_size = max(1, self.layout.page_size // self.layout.plane_token_bytes)
         self.capacity_tokens = budget_bytes // self.layout.bytes_per_token
         self.max_tokens_per_request = min(max_model_len, self.layout.tokens_in(self.table.max_row_pages))
@@ -137,6 +145,10 @@ class VirtualKVCacheManager:
     def prefix_cache_stats(self) -> tuple[int, int]:
         return self._num_queried_tokens, 0
 
+    def drain_events(self) -> list[KVEvent]:
+        """Nothing is ever cached for sharing, so nothing is stored or removed."""
+        return []
+
     def check_fits(self, num_tokens: int) -> None:
         """Refuse a request that could never fit, even alone in an empty cache."""
         if num_tokens > self.max_tokens_per_request:
@@ -152,49 +164,59 @@ class VirtualKVCacheManager:
         """No prefix sharing: rows are private, so nothing is ever already cached."""
         return 0
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> bool:
-        assert num_cached_tokens == 0, "the virtual KV cache never reports prefix hits"
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> KVAllocation | None:
+        if num_cached_tokens:
+            raise ValueError("the virtual KV cache never reports prefix hits")
         req_id = request.req_id
         with self.table.lock:
             row = self._rows.get(req_id)
             total = (0 if row is None else request.num_computed_tokens) + num_new_tokens
             if total > self.max_tokens_per_request:
-                return False
+                return None
             num_pages = self.layout.pages_for(total)
+            is_new = row is None
             if row is None:
                 row = self.table.pick_row(num_pages)
                 if row is None or not self.table.assign(row, req_id, num_pages):
-                    return False
+                    return None
                 self._rows[req_id] = row
                 self._num_queried_tokens += request.num_tokens
             elif not self.table.grow(row, num_pages):
-                return False
+                return None
             self._num_tokens[req_id] = total
         self._look_ahead(request, row, total)
-        return True
+        return KVAllocation(TableUpdate(0, (row,))) if is_new else KVAllocation()
 
-    def fork(self, parent: Request, child: Request) -> bool:
-        """Give `child` its own row holding a copy of `parent`'s computed KV.
+    def fork(self, parent: Request, child: Request, num_tokens: int, num_new_tokens: int) -> KVAllocation | None:
+        """Give `child` its own row and ask for a copy of `parent`'s first `num_tokens` tokens of KV.
 
-        Rows are never shared, so this costs the pages and a copy of the prompt;
-        False (nothing changed) when no row or memory is free.
+        Rows are never shared, so this costs the pages and a copy of the
+        prompt; None (nothing changed) when no row or memory is free.
         """
-        num_tokens = parent.num_computed_tokens
+        total = num_tokens + num_new_tokens
         with self.table.lock:
-            assert child.req_id not in self._rows, f"{child.req_id} already holds a row"
-            num_pages = self.layout.pages_for(num_tokens)
+            if child.req_id in self._rows:
+                raise RuntimeError(f"{child.req_id} already holds a row")
+            num_pages = self.layout.pages_for(total)
             row = self.table.pick_row(num_pages)
             if row is None or not self.table.assign(row, child.req_id, num_pages):
-                return False
+                return None
             self._rows[child.req_id] = row
-            self._num_tokens[child.req_id] = num_tokens
+            self._num_tokens[child.req_id] = total
             source = self._rows[parent.req_id]
-        region_bytes = self.region.as_bytes()
-        for (src, length), (dst, _) in zip(
-            self.layout.token_runs(source, num_tokens), self.layout.token_runs(row, num_tokens)
-        ):
-            region_bytes[dst : dst + length].copy_(region_bytes[src : src + length])
-        return True
+        self._look_ahead(child, row, total)
+        row_tokens = self.layout.row_tokens
+        return KVAllocation(TableUpdate(0, (row,)), [CopyKV(source * row_tokens, row * row_tokens, num_tokens)])
+
+    def publish(self, request: Request, num_computed_tokens: int) -> None:
+        """Rows are private: nothing becomes findable."""
+
+    def end_step(self) -> None:
+        """Nothing is pending: rows are private."""
+
+    def block_table(self, request: Request) -> list[int]:
+        row = self._rows.get(request.req_id)
+        return [] if row is None else [row]
 
     def free(self, request: Request) -> None:
         """Vacate the request's row; its pages stay mapped for the row's next tenant."""
@@ -204,28 +226,12 @@ class VirtualKVCacheManager:
             if row is not None:
                 self.table.vacate(row)
 
-    def kv_indices(self, request: Request, num_tokens: int) -> torch.Tensor:
-        start = self.kv_start(request)
-        return torch.arange(start, start + num_tokens, dtype=torch.long, device=self.device)
-
-    # -- the contiguous view ------------------------------------------------------------
-
     def kv_start(self, request: Request) -> int:
         """Flat slot of the request's token 0; its token p is at `kv_start + p`."""
         return self._rows[request.req_id] * self.layout.row_tokens
 
     def row_of(self, request: Request) -> int:
         return self._rows[request.req_id]
-
-    def contiguous_kv(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-copy (K, V) views `[num_rows, length, kv_heads, head_dim]` of rows `rows`.
-
-        Only read rows whose first `length` tokens are allocated: other pages
-        may be unmapped.
-        """
-        k_flat, v_flat = self.kv_caches[layer]
-        shape = (self.layout.num_rows, self.layout.row_tokens)
-        return k_flat.unflatten(0, shape)[rows, :length], v_flat.unflatten(0, shape)[rows, :length]
 
     # -- memory management --------------------------------------------------------------
 
@@ -250,8 +256,8 @@ class VirtualKVCacheManager:
                     f"{self.table.budget_pages * self.layout.page_size}"
                 )
             for row in range(self.layout.num_rows):
-                mapped = self.table.ensure(row, self.layout.row_pages)
-                assert mapped, "the budget check above guarantees room"
+                if not self.table.ensure(row, self.layout.row_pages):
+                    raise RuntimeError("the budget check above guarantees room")
 
     def wait_for_mapper(self) -> None:
         """Block until the background mapper has done all it was asked (tests, benchmarks)."""

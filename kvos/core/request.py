@@ -1,8 +1,11 @@
-"""A request as the engine tracks it: one sequence of tokens being extended.
+"""A request as the engine core tracks it: one sequence of token ids being extended.
 
-A user request with n > 1 becomes n `Request`s that share a `group_id`; the
-siblings wait until the first has prefilled the prompt, then fork its KV blocks
-(copy-on-write) instead of recomputing them.
+Small, plain and picklable on purpose: token ids, parameters and progress,
+nothing about text, streams or KV placement (the KV managers keep placement
+in their own tables, keyed by `req_id`). A user request with n > 1 becomes n
+of these: sibling i has `fork_of` set to the first sequence's id and, once
+that sequence has computed the prompt, takes a copy-on-write fork of its KV
+instead of recomputing it (see `Scheduler`).
 """
 
 from __future__ import annotations
@@ -11,19 +14,17 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from kvos.outputs import FinishReason, TokenLogprob
 from kvos.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
-    WAITING_FOR_FORK = "waiting_for_fork"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """One sequence: prompt tokens, generated tokens, and how far KV is computed.
 
@@ -36,26 +37,20 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
-    prompt: str | None = None
-    group_id: str | None = None
-    index: int = 0
     priority: int = 0
+    fork_of: str | None = None
+    """The sibling whose prompt KV this one forks (n > 1), if any."""
+    seed_offset: int = 0
+    cache_salt: str | None = None
+    """Mixed into the first KV block's identity: only requests with the same salt share prefixes."""
 
     output_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: FinishReason | None = None
+    finish_reason: str | None = None
     stop_reason: str | int | None = None
-    output_text: str = ""
-    first_token_time: float | None = None
-    finish_time: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.params.logprobs is not None and self.logprobs is None:
-            self.logprobs = []
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -1,0 +1,209 @@
+"""The engine core: requests as token ids in, token ids out, one step at a time.
+
+    step():  scheduler.schedule() -> StepPlan
+             worker.execute(plan) -> StepOutput          (or raises: fail that plan's requests only)
+             scheduler.update_from_output(plan, output)  -> [SequenceUpdate]
+
+The core knows no text: tokenizing, detokenizing, stop strings and n > 1
+fan-out happen in the front end (`kvos.frontend`). So its per-request state
+is a few lists of ints, which is what a swap, a migration or a simulator
+needs to move or replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+
+import torch
+
+from kvos.attention.backend import make_backend
+from kvos.config import EngineConfig
+from kvos.core.plan import SequenceUpdate
+from kvos.core.request import Request
+from kvos.core.scheduler import Scheduler
+from kvos.engine.stats import EngineStats
+from kvos.errors import InvalidRequestError
+from kvos.memory.block_allocator import KVEvent
+from kvos.memory.factory import make_kv_manager
+from kvos.memory.shape import KVShape
+from kvos.model.arch import ModelArch
+from kvos.model.loader import LoadedModel
+from kvos.model.quantization import quantize
+from kvos.model.registry import build_model
+from kvos.worker.kv_cache import make_kv_buffer
+from kvos.worker.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+STEP_FAILED = "the engine failed while computing this request"
+"""What a client hears when the whole step raised (the traceback goes to the log)."""
+
+MAX_KV_EVENTS = 65536
+"""KV events kept for subscribers that have not drained them (oldest dropped first)."""
+
+
+def model_identity(loaded: LoadedModel, config: EngineConfig) -> str:
+    """What a KV block's digest is rooted in: the weights' identity and how they are computed."""
+    model = config.model
+    weights = f"dummy(seed={model.seed})" if loaded.state_dict is None else loaded.name
+    arch_digest = hashlib.sha256(repr(loaded.arch).encode()).hexdigest()[:16]
+    return f"{weights}|{arch_digest}|{model.dtype}|{model.quantization}"
+
+
+def context_length(loaded_arch: ModelArch, configured: int | None) -> int:
+    max_model_len = min(configured or loaded_arch.max_position_embeddings, loaded_arch.max_position_embeddings)
+    if loaded_arch.sliding_window is not None and loaded_arch.sliding_window < max_model_len:
+        # Within the window, full attention is exact; past it kvos would differ from the model.
+        logger.warning("capping the context at the sliding window of %d tokens", loaded_arch.sliding_window)
+        max_model_len = loaded_arch.sliding_window
+    return max_model_len
+
+
+class EngineCore:
+    """Owns the scheduler (with the KV books) and the worker (with the model and KV tensors)."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, eos_token_ids: frozenset[int]) -> None:
+        self.config = config
+        start = time.monotonic()
+        arch = loaded.arch
+        self.vocab_size = arch.vocab_size
+        self.max_model_len = context_length(arch, config.model.max_model_len)
+        device = torch.device(config.model.device)
+        dtype = _DTYPES[config.model.dtype]
+        attention = config.model.resolved_attention_backend(config.cache.kv_cache)
+        with torch.device("meta"):
+            model = build_model(arch, self.max_model_len, make_backend(attention))
+        if loaded.state_dict is None:
+            model.init_dummy_weights(device, config.model.seed)
+        else:
+            model.load_weights(loaded.state_dict)
+        model = model.to(device=device, dtype=dtype).eval()
+        if config.model.quantization is not None:
+            quantize(model, config.model.quantization)
+        shape = KVShape(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, dtype, device)
+        self.kv_shape = shape
+        self.kv_manager = make_kv_manager(
+            config.cache, shape, config.scheduler.max_num_seqs, self.max_model_len, model_identity(loaded, config)
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, eos_token_ids, self.max_model_len)
+        self.worker = Worker(
+            model,
+            make_kv_buffer(self.kv_manager, shape),
+            self.kv_manager.table_block_size,
+            device,
+            compile_decode=config.model.compile,
+        )
+        if config.model.compile:
+            self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))
+        self._kv_events: deque[KVEvent] = deque(maxlen=MAX_KV_EVENTS)
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        logger.info(
+            "kvos: %s ready in %.1fs; KV cache (%s, attention %s) holds %d tokens (%.1f MiB, %d B/token); "
+            "max context %d",
+            loaded.name,
+            time.monotonic() - start,
+            config.cache.kv_cache,
+            attention,
+            self.kv_manager.capacity_tokens,
+            self.kv_manager.capacity_tokens * shape.bytes_per_token / 2**20,
+            shape.bytes_per_token,
+            self.max_model_len,
+        )
+
+    # -- requests ---------------------------------------------------------------------
+
+    def check_request(self, prompt_token_ids: list[int], max_tokens: int) -> None:
+        """Raise InvalidRequestError for a request this engine could never serve."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", "prompt"
+            )
+        total = len(prompt_token_ids) + max_tokens
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({max_tokens}) = {total} tokens "
+                f"exceeds the model's context length of {self.max_model_len}",
+                "max_tokens",
+            )
+        try:
+            self.kv_manager.check_fits(total)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "max_tokens") from exc
+
+    def add_request(self, request: Request) -> None:
+        self.check_request(request.prompt_token_ids, request.params.max_tokens)
+        bias = request.params.logit_bias or {}
+        bad_bias = [t for t in bias if t >= self.vocab_size]
+        if bad_bias:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {self.vocab_size})", "logit_bias"
+            )
+        self.scheduler.add(request)
+        if request.fork_of is None:  # n > 1 siblings share the first sequence's prompt
+            self._num_prompt_tokens += request.num_prompt_tokens
+
+    def abort_request(self, req_id: str) -> None:
+        self.scheduler.abort(req_id)
+        self._flush_if_idle()
+
+    def _flush_if_idle(self) -> None:
+        """With nothing left to run, hand the worker the ended requests now, so it holds no state for them."""
+        if not self.scheduler.has_unfinished():
+            plan = self.scheduler.schedule()
+            try:
+                self.worker.execute(plan)
+            except Exception:  # no request is left to fail; the next plan repeats nothing, so say so
+                logger.exception("worker failed to drop %d ended requests", len(plan.finished_req_ids))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def step(self) -> list[SequenceUpdate]:
+        """One iteration: what happened to every sequence that progressed or ended."""
+        plan = self.scheduler.schedule()
+        try:
+            output = self.worker.execute(plan)
+        except Exception:  # a failed step fails its requests, never the engine
+            logger.exception("step %d failed; failing its %d requests", plan.step_id, len(plan.scheduled))
+            updates = self.scheduler.fail_step(plan, STEP_FAILED)
+        else:
+            updates = self.scheduler.update_from_output(plan, output)
+        self._flush_if_idle()
+        self._kv_events.extend(self.kv_manager.drain_events())
+        self._num_generation_tokens += sum(len(u.new_token_ids) for u in updates)
+        return updates
+
+    # -- observation ------------------------------------------------------------------
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """KV blocks stored and removed since the last call (what a router or a tier subscribes to)."""
+        events = list(self._kv_events)
+        self._kv_events.clear()
+        return events
+
+    def stats(self) -> EngineStats:
+        queries, hits = self.kv_manager.prefix_cache_stats()
+        scheduler = self.scheduler
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            num_free_seq_slots=max(0, scheduler.config.max_num_seqs - len(scheduler.running)),
+            num_used_blocks=self.kv_manager.num_used_blocks,
+            num_free_blocks=self.kv_manager.num_free_blocks,
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
+            num_preemptions=scheduler.num_preemptions,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens,
+        )

@@ -1,0 +1,138 @@
+"""One engine step as plain data: what the scheduler asks, what the worker answers.
+
+    Scheduler.schedule() --StepPlan--> Worker.execute() --StepOutput--> Scheduler.update_from_output()
+
+Everything here is picklable (ints, lists, frozen dataclasses, SamplingParams),
+so a plan can cross a process or machine boundary, be logged, or be replayed
+by a simulator that swaps the worker for a step-time model.
+
+Placement: every KV manager addresses a request's tokens through a table of
+equal-sized blocks: token p lives at flat slot
+`table[p // table_block_size] * table_block_size + p % table_block_size`.
+The paged cache's blocks are its pages; the virtual cache gives each request
+a one-entry table whose block is its whole row. The plan carries only changes
+to a table (`TableUpdate`); the worker keeps the tables between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvos.outputs import TokenLogprob
+from kvos.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TableUpdate:
+    """Overwrite the request's block table from index `start` on with `block_ids`.
+
+    Appending blocks is `start == len(table)`; a copy-on-write replaces the
+    block at `start` (and the copy itself is a `CopyKV` in the same plan).
+    """
+
+    start: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CopyKV:
+    """Copy `num_slots` consecutive flat slots of every layer's K and V, before the forward pass.
+
+    Copy-on-write of a shared partial block, and the virtual cache's fork of a
+    parent's row into a child's, are both one of these.
+    """
+
+    src_slot: int
+    dst_slot: int
+    num_slots: int
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """Sent the first time a request is scheduled, and again when it resumes after preemption.
+
+    The worker keeps it (plus the tokens it samples) until the request finishes,
+    so later steps carry only `ScheduledRequest` deltas.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    seed_offset: int
+    """Added to `params.seed`: sibling i of an n > 1 request samples with seed + i."""
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of the step."""
+
+    req_id: str
+    new_token_ids: list[int]
+    """Tokens whose KV this step computes (a prompt chunk, or the last sampled token)."""
+    num_computed_tokens: int
+    """Positions already in the KV cache before this step; new tokens sit at the following positions."""
+    sample: bool
+    """True when the chunk reaches the request's last known token, so a new token is sampled."""
+    table_update: TableUpdate | None = None
+    """Placement change for this step (None: the table the worker holds already covers it)."""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything the worker needs for one step, in execution order.
+
+    `copies` run first, then the forward pass over `scheduled` (in order: the
+    flat batch is their `new_token_ids` concatenated), then sampling.
+    `new_requests` introduce (or re-introduce) state the worker keeps;
+    `finished_req_ids` tell it to drop state for requests that ended.
+    """
+
+    step_id: int
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    copies: list[CopyKV] = field(default_factory=list)
+    finished_req_ids: list[str] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+    """Requests that lost their KV this step; their tables are void until they resume."""
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(s.new_token_ids) for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What the worker hands back: one token per request that sampled, or why it could not.
+
+    A failure in one request's sampling (`failed`, req_id -> client-safe
+    message) ends that request only; its neighbours' tokens are still here.
+    """
+
+    step_id: int
+    sampled: dict[str, SampledToken] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SequenceUpdate:
+    """The core's report on one sequence after a step, for the front end (token ids only)."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob]
+    num_cached_tokens: int
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    error: str | None = None
+    """Set when the engine failed this sequence: a client-safe message."""

@@ -1,0 +1,232 @@
+"""Iteration-level scheduling: plans each step, and alone turns its output into progress.
+
+    schedule()                      -> StepPlan  (who computes which tokens, where their KV lives, what to copy)
+    update_from_output(plan, out)   -> progress, finishes (EOS, stop token ids, max_tokens, context), updates
+
+One path for everything: each step has a token budget; running requests are
+served first (a decode costs one token, a prompt chunk whatever budget is
+left), then waiting requests are admitted in arrival order while budget, KV
+memory and `max_num_seqs` allow. A long prompt is thereby split across steps
+(chunked prefill) and never stalls running decodes. When KV memory runs out,
+the most recently admitted request is preempted: its blocks are freed and it
+waits again, to be recomputed (with prefix-cache hits) later.
+
+n > 1 siblings are admitted here like everyone else, under the same budget
+and sequence limit: once the first sequence has computed the prompt, a
+sibling forks its KV (shared copy-on-write, or copied) for all prompt tokens
+but the last, and computes that last one itself, so its first token is
+sampled from its own logits row like any other request's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvos.config import SchedulerConfig
+from kvos.core.plan import NewRequestData, ScheduledRequest, SequenceUpdate, StepOutput, StepPlan
+from kvos.core.request import Request, RequestStatus
+from kvos.memory.kv_manager import KVAllocation, KVCacheManager
+
+
+class Scheduler:
+    """FCFS continuous batching over a KV cache manager."""
+
+    def __init__(
+        self, config: SchedulerConfig, kv_manager: KVCacheManager, eos_token_ids: frozenset[int], max_model_len: int
+    ) -> None:
+        self.config = config
+        self.kv = kv_manager
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        """Every unfinished request by id."""
+        self.num_preemptions = 0
+        self._step_id = 0
+        self._finished_ids: list[str] = []
+        """Ended since the last plan: the worker drops their state."""
+
+    # -- requests in and out ----------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        request.status = RequestStatus.WAITING
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def abort(self, req_id: str) -> None:
+        """End a request now and free its KV; unknown or finished ids are ignored."""
+        request = self.requests.get(req_id)
+        if request is not None:
+            self._finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- planning -----------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        self._step_id += 1
+        plan = StepPlan(self._step_id, finished_req_ids=self._finished_ids)
+        self._finished_ids = []
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            allocation = self.kv.allocate_slots(request, num_tokens)
+            while allocation is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                plan.preempted_req_ids.append(victim.req_id)
+                if victim is request:
+                    break
+                allocation = self.kv.allocate_slots(request, num_tokens)
+            if allocation is None:
+                continue
+            self._plan_chunk(plan, request, num_tokens, allocation)
+            budget -= num_tokens
+            i += 1
+        if plan.preempted_req_ids:
+            return plan
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            admitted = self._admit_fork(plan, request) if request.fork_of is not None else None
+            if admitted is False:
+                break
+            if admitted is None and not self._admit(plan, request, budget):
+                break
+            budget -= len(plan.scheduled[-1].new_token_ids)
+        return plan
+
+    def _admit(self, plan: StepPlan, request: Request, budget: int) -> bool:
+        num_cached = self.kv.lookup_prefix(request)
+        num_tokens = min(request.num_tokens - num_cached, budget)
+        allocation = self.kv.allocate_slots(request, num_tokens, num_cached)
+        if allocation is None:
+            return False
+        request.num_computed_tokens = num_cached
+        request.num_cached_tokens = max(request.num_cached_tokens, num_cached)
+        self._start(plan, request)
+        self._plan_chunk(plan, request, num_tokens, allocation)
+        return True
+
+    def _admit_fork(self, plan: StepPlan, request: Request) -> bool | None:
+        """Fork a sibling's prompt KV: True if admitted, False to wait, None to prefill as usual."""
+        parent = self.requests.get(request.fork_of or "")
+        if parent is None or request.num_computed_tokens or request.output_token_ids:
+            return None  # the parent has ended (or this one ran before): compute the prompt, prefix hits help
+        if parent.status != RequestStatus.RUNNING or parent.num_computed_tokens < parent.num_prompt_tokens:
+            return False  # the parent has not computed the prompt yet
+        num_shared = request.num_prompt_tokens - 1
+        allocation = self.kv.fork(parent, request, num_shared, 1)
+        if allocation is None:
+            return False
+        request.num_computed_tokens = num_shared
+        request.num_cached_tokens = num_shared
+        self._start(plan, request)
+        self._plan_chunk(plan, request, 1, allocation)
+        return True
+
+    def _start(self, plan: StepPlan, request: Request) -> None:
+        self.waiting.popleft()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        plan.new_requests.append(
+            NewRequestData(
+                request.req_id,
+                list(request.prompt_token_ids),
+                list(request.output_token_ids),
+                request.params,
+                request.seed_offset,
+            )
+        )
+
+    def _plan_chunk(self, plan: StepPlan, request: Request, num_tokens: int, allocation: KVAllocation) -> None:
+        start = request.num_computed_tokens
+        plan.scheduled.append(
+            ScheduledRequest(
+                req_id=request.req_id,
+                new_token_ids=request.all_token_ids[start : start + num_tokens],
+                num_computed_tokens=start,
+                sample=start + num_tokens == request.num_tokens,
+                table_update=allocation.table_update,
+            )
+        )
+        plan.copies.extend(allocation.copies)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # -- progress -------------------------------------------------------------------------
+
+    def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[SequenceUpdate]:
+        """Advance every request the plan ran; finish those that are done; report what changed."""
+        updates = []
+        for scheduled in plan.scheduled:
+            request = self.requests.get(scheduled.req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens = scheduled.num_computed_tokens + len(scheduled.new_token_ids)
+            # Only now, with the step done, may other requests find these blocks.
+            self.kv.publish(request, request.num_computed_tokens)
+            error = output.failed.get(request.req_id)
+            if error is not None:
+                self._finish(request, "abort")
+                updates.append(SequenceUpdate(request.req_id, [], [], request.num_cached_tokens, "abort", None, error))
+                continue
+            if not scheduled.sample:
+                continue
+            token = output.sampled[request.req_id]
+            request.output_token_ids.append(token.token_id)
+            self._check_stop(request, token.token_id)
+            updates.append(
+                SequenceUpdate(
+                    request.req_id,
+                    [token.token_id],
+                    [token.logprob] if token.logprob is not None else [],
+                    request.num_cached_tokens,
+                    request.finish_reason,
+                    request.stop_reason,
+                )
+            )
+        self.kv.end_step()
+        return updates
+
+    def fail_step(self, plan: StepPlan, error: str) -> list[SequenceUpdate]:
+        """The worker raised: end the plan's requests (nothing they wrote is published), keep serving."""
+        updates = []
+        for scheduled in plan.scheduled:
+            request = self.requests.get(scheduled.req_id)
+            if request is None:
+                continue
+            self._finish(request, "abort")
+            updates.append(SequenceUpdate(request.req_id, [], [], request.num_cached_tokens, "abort", None, error))
+        self.kv.end_step()
+        return updates
+
+    def _check_stop(self, request: Request, token_id: int) -> None:
+        params = request.params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            self._finish(request, "stop", token_id)
+        elif request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        del self.requests[request.req_id]
+        self._finished_ids.append(request.req_id)

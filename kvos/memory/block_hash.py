@@ -1,0 +1,41 @@
+"""Stable identity of a KV block: a chained SHA-256 digest of everything its KV depends on.
+
+    root = H("kvos-kv-v1" | model identity)           fixed per model, dtype, block size, layout
+    salt = H(root | cache_salt)                       only when the request brings a salt
+    h_0  = H(root-or-salt | token ids of block 0)
+    h_i  = H(h_{i-1}   | token ids of block i)
+
+The digest names the KV of a whole prefix, so two blocks with equal digests
+hold equal KV (for one model) in any process, on any machine, after any
+restart: what a prefix-aware router and a disk tier need. SHA-256 rather than
+Python's `hash` because the latter is salted per process for strings and is
+not collision-resistant: a client could otherwise choose prompts that collide
+with someone else's prefix. A per-request `cache_salt` keeps tenants from
+sharing or probing each other's prefixes (a hit is observable as latency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+BlockHash = bytes
+
+LAYOUT_VERSION = "kvos-kv-v1"
+
+
+def root_hash(model_identity: str, block_size: int) -> BlockHash:
+    """The chain's fixed root for one model's KV in blocks of `block_size` tokens."""
+    return hashlib.sha256(f"{LAYOUT_VERSION}\0{model_identity}\0{block_size}".encode()).digest()
+
+
+def salted_root(root: BlockHash, cache_salt: str | None) -> BlockHash:
+    if cache_salt is None:
+        return root
+    return hashlib.sha256(root + b"salt\0" + cache_salt.encode("utf-8", "surrogatepass")).digest()
+
+
+def block_hash(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+    """Digest of a full block given its parent's digest (little-endian int64 token ids)."""
+    return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()

@@ -1,0 +1,95 @@
+"""The KV memory itself: per-layer K and V tensors, owned by the worker.
+
+The KV managers (`kvos.memory`) decide which slots each request holds; the
+buffers here are what those slots index. Each layer's K and V are viewed as
+`[num_slots, num_kv_heads, head_dim]`, so attention addresses a token by one
+flat slot whatever the manager: a paged pool's `block * block_size + offset`,
+or a virtual row's `row * row_tokens + position`. Copies the managers ask for
+(`CopyKV`) run here, before the step's forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kvos.core.plan import CopyKV
+from kvos.memory.kv_manager import KVCacheManager
+from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.shape import KVShape
+from kvos.memory.virtual.layout import KVLayout
+from kvos.memory.virtual.region import VirtualRegion
+
+KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class KVBuffer(Protocol):
+    kv_caches: KVCaches
+    """Per layer (K, V), each `[num_slots, num_kv_heads, head_dim]`."""
+
+    def copy(self, ops: list[CopyKV]) -> None:
+        """Run the plan's copies in order, in every layer."""
+        ...
+
+
+def _copy(kv_caches: KVCaches, ops: list[CopyKV]) -> None:
+    for op in ops:
+        src = slice(op.src_slot, op.src_slot + op.num_slots)
+        dst = slice(op.dst_slot, op.dst_slot + op.num_slots)
+        for k_cache, v_cache in kv_caches:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
+
+class PagedKVBuffer:
+    """One zero-filled pool of `num_slots` token slots per layer."""
+
+    def __init__(self, num_slots: int, shape: KVShape) -> None:
+        size = (num_slots, shape.num_kv_heads, shape.head_dim)
+        self.kv_caches: KVCaches = [
+            (
+                torch.zeros(size, dtype=shape.dtype, device=shape.device),
+                torch.zeros(size, dtype=shape.dtype, device=shape.device),
+            )
+            for _ in range(shape.num_layers)
+        ]
+
+    def copy(self, ops: list[CopyKV]) -> None:
+        _copy(self.kv_caches, ops)
+
+
+class VirtualKVBuffer:
+    """Per-layer views over a virtual region whose pages the manager maps on demand.
+
+    Only slots under committed pages may be touched: the manager commits a
+    request's pages before the plan that uses them reaches the worker.
+    """
+
+    def __init__(self, layout: KVLayout, region: VirtualRegion) -> None:
+        self.layout = layout
+        self.kv_caches: KVCaches = layout.layer_views(region.as_bytes())
+
+    def copy(self, ops: list[CopyKV]) -> None:
+        _copy(self.kv_caches, ops)
+
+    def contiguous_kv(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-copy (K, V) views `[num_rows, length, kv_heads, head_dim]` of rows `rows`.
+
+        Only read rows whose first `length` tokens are allocated: other pages
+        may be unmapped.
+        """
+        k_flat, v_flat = self.kv_caches[layer]
+        shape = (self.layout.num_rows, self.layout.row_tokens)
+        return k_flat.unflatten(0, shape)[rows, :length], v_flat.unflatten(0, shape)[rows, :length]
+
+
+def make_kv_buffer(manager: KVCacheManager, shape: KVShape) -> KVBuffer:
+    """The buffer whose slots `manager`'s tables address."""
+    from kvos.memory.virtual import VirtualKVCacheManager
+
+    if isinstance(manager, VirtualKVCacheManager):
+        return VirtualKVBuffer(manager.layout, manager.region)
+    if isinstance(manager, PagedKVCacheManager):
+        return PagedKVBuffer(manager.allocator.num_blocks * manager.block_size, shape)
+    raise TypeError(f"no KV buffer for {type(manager).__name__}")

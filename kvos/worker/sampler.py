@@ -1,0 +1,116 @@
+"""Turn logits into tokens: logit bias, penalties, temperature, top-k/top-p/min-p, seeds.
+
+Greedy rows are an argmax over the whole batch at once; sampled rows go one
+by one, because each may carry its own seeded generator and its own filters.
+A row that fails (whatever the cause) yields its exception in its place and
+never costs the other rows their tokens: one request's bad luck or bad
+input ends that request only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvos.core.plan import SampledToken
+from kvos.outputs import TokenLogprob
+from kvos.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs to know about one request."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken | Exception]:
+    """logits: (R, V) float32, one row per entry of `rows`; a failed row holds its exception."""
+    results: list[SampledToken | Exception | None] = [None] * len(rows)
+    want_logprobs = any(r.params.logprobs is not None for r in rows)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    adjusted = [i for i, r in enumerate(rows) if _adjusts_logits(r.params)]
+    if adjusted:
+        logits = logits.clone()
+        for i in adjusted:
+            try:
+                _adjust_row(logits[i], rows[i])
+            except Exception as exc:  # this row fails alone
+                results[i] = exc
+    greedy_ids = logits.argmax(dim=-1).tolist()
+    for i, row in enumerate(rows):
+        if results[i] is not None:
+            continue
+        try:
+            token_id = greedy_ids[i] if row.params.greedy else _sample_row(logits[i], row.params, row.generator)
+            logprob = None
+            if raw_logprobs is not None and row.params.logprobs is not None:
+                logprob = _token_logprob(raw_logprobs[i], token_id, row.params.logprobs)
+            results[i] = SampledToken(token_id, logprob)
+        except Exception as exc:  # this row fails alone
+            results[i] = exc
+    return [r for r in results if r is not None]
+
+
+def _adjusts_logits(p: SamplingParams) -> bool:
+    return bool(p.logit_bias) or p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty)
+
+
+def _adjust_row(row: torch.Tensor, r: SamplingRow) -> None:
+    """Logit bias, then penalties, in place on one row of logits (V,)."""
+    p = r.params
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
+        row[ids] += torch.tensor(list(p.logit_bias.values()), dtype=row.dtype, device=row.device)
+    if p.repetition_penalty != 1.0:
+        # As in HF: the whole context counts; positive logits shrink, negative grow.
+        seen = torch.tensor(sorted(set(r.prompt_token_ids + r.output_token_ids)), dtype=torch.long, device=row.device)
+        if len(seen):
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and r.output_token_ids:
+        # As in OpenAI: only generated tokens count.
+        ids, counts = torch.tensor(r.output_token_ids, dtype=torch.long, device=row.device).unique(return_counts=True)
+        row[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(row.dtype)
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(filtered_probs(logits, p), 1, generator=generator).item())
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from: temperature, then top-k, top-p, min-p.
+
+    The order and the rules are Hugging Face's (its logits warpers), so the two
+    sample from the same distribution; each filter sees the renormalised
+    survivors of the one before.
+    """
+    logits = logits / p.temperature
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        cumulative = sorted_probs.cumsum(-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the top token).
+        drop = cumulative - sorted_probs >= p.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        probs = probs / probs.sum()
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
+    return probs
+
+
+def _token_logprob(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
+    top: dict[int, float] = {}
+    if k > 0:
+        values, ids = torch.topk(logprobs, k)
+        top = dict(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id]), top=top)

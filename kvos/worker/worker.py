@@ -1,0 +1,187 @@
+"""The worker: owns the model, the KV tensors and per-request batch state; executes plans.
+
+    execute(plan):
+        drop finished requests, adopt new ones        (state kept between steps)
+        apply table updates                           (block tables / rows, cached as slot indices)
+        run the plan's KV copies                      (copy-on-write, forks)
+        flat batch -> attention metadata -> forward   (the backend chosen at start-up)
+        sample the rows that complete their tokens    (one row's failure is that row's alone)
+        -> StepOutput
+
+The worker never decides anything: which tokens, where their KV lives and
+what to copy all come in the plan. What it remembers between steps is what
+it would otherwise rebuild every step: each request's block table as a
+tensor of slot indices, its sampling parameters, its seeded generator and
+its tokens (for penalties).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvos.attention.backend import AttentionBackend, SeqLayout
+from kvos.attention.gather_sdpa import decode_batch
+from kvos.attention.metadata import AttentionMetadata
+from kvos.core.plan import NewRequestData, SampledToken, StepOutput, StepPlan, TableUpdate
+from kvos.model import compiled_decode
+from kvos.model.llama import LlamaForCausalLM
+from kvos.sampling_params import SamplingParams
+from kvos.worker.kv_cache import KVBuffer
+from kvos.worker.sampler import SamplingRow, sample
+
+logger = logging.getLogger(__name__)
+
+SAMPLING_FAILED = "sampling failed for this request"
+"""What a client hears when its row of the sampler raised (the cause goes to the log)."""
+
+
+@dataclass
+class _RequestState:
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    block_table: list[int]
+    slots: torch.Tensor
+    """(len(block_table) * table_block_size,) flat slot of every position the table covers."""
+
+
+class Worker:
+    """Executes `StepPlan`s on one model and one KV buffer."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_buffer: KVBuffer,
+        table_block_size: int,
+        device: torch.device,
+        compile_decode: bool = False,
+    ) -> None:
+        self.model = model
+        self.attention: AttentionBackend = model.attention
+        self.kv_buffer = kv_buffer
+        self.table_block_size = table_block_size
+        self.device = device
+        self._offsets = torch.arange(table_block_size, device=device)
+        self._requests: dict[str, _RequestState] = {}
+        self._decode_forward = compiled_decode.compile_decode(model) if compile_decode else model.forward
+
+    @property
+    def num_requests(self) -> int:
+        """Requests whose state the worker holds (zero once every request has ended)."""
+        return len(self._requests)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepOutput:
+        for req_id in plan.finished_req_ids:
+            self._requests.pop(req_id, None)
+        for data in plan.new_requests:
+            self._adopt(data)
+        for req_id in plan.preempted_req_ids:
+            state = self._requests.get(req_id)
+            if state is not None:
+                self._set_table(state, TableUpdate(0, ()))
+        if plan.is_empty:
+            return StepOutput(plan.step_id)
+        for scheduled in plan.scheduled:
+            if scheduled.table_update is not None:
+                self._set_table(self._requests[scheduled.req_id], scheduled.table_update)
+        self.kv_buffer.copy(plan.copies)
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        seqs: list[SeqLayout] = []
+        sample_rows: list[int] = []
+        sampling_ids: list[str] = []
+        for scheduled in plan.scheduled:
+            state = self._requests[scheduled.req_id]
+            start, n = scheduled.num_computed_tokens, len(scheduled.new_token_ids)
+            row = len(input_ids)
+            input_ids.extend(scheduled.new_token_ids)
+            positions.extend(range(start, start + n))
+            seqs.append(SeqLayout(row, n, start, state.slots[: start + n]))
+            if scheduled.sample:
+                sample_rows.append(row + n - 1)
+                sampling_ids.append(scheduled.req_id)
+        meta = self.attention.build_metadata(seqs, len(input_ids), self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        # Compiled graphs assume a context of 2+ tokens; one-token prompts run eagerly.
+        pure_decode = meta.decode is not None and meta.decode.all_rows and meta.decode.kv_indices.shape[1] > 1
+        forward = self._decode_forward if pure_decode else self.model
+        hidden = forward(ids, pos, self.kv_buffer.kv_caches, meta)
+        if not sample_rows:
+            return StepOutput(plan.step_id)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[rows])
+        return self._sample(plan.step_id, logits, sampling_ids)
+
+    def _sample(self, step_id: int, logits: torch.Tensor, req_ids: list[str]) -> StepOutput:
+        states = [self._requests[r] for r in req_ids]
+        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in states]
+        sampled: dict[str, SampledToken] = {}
+        failed: dict[str, str] = {}
+        for req_id, state, result in zip(req_ids, states, sample(logits, rows)):
+            if isinstance(result, Exception):
+                logger.error("sampling failed for %s: %s: %s", req_id, type(result).__name__, result)
+                failed[req_id] = SAMPLING_FAILED
+            else:
+                state.output_token_ids.append(result.token_id)
+                sampled[req_id] = result
+        return StepOutput(step_id, sampled, failed)
+
+    def _adopt(self, data: NewRequestData) -> None:
+        """Take a new request, or one resuming after preemption (its generator carries on)."""
+        old = self._requests.get(data.req_id)
+        generator = old.generator if old is not None else self._generator(data.params, data.seed_offset)
+        self._requests[data.req_id] = _RequestState(
+            prompt_token_ids=list(data.prompt_token_ids),
+            output_token_ids=list(data.output_token_ids),
+            params=data.params,
+            generator=generator,
+            block_table=[],
+            slots=torch.empty(0, dtype=torch.long, device=self.device),
+        )
+
+    def _generator(self, params: SamplingParams, seed_offset: int) -> torch.Generator | None:
+        if params.seed is None or params.greedy:
+            return None
+        # On the logits' device: a CPU generator cannot drive sampling from CUDA logits.
+        return torch.Generator(device=self.device).manual_seed(params.seed + seed_offset)
+
+    def _set_table(self, state: _RequestState, update: TableUpdate) -> None:
+        """Overwrite the table from `update.start` on, and the cached slot indices with it."""
+        bs = self.table_block_size
+        del state.block_table[update.start :]
+        state.block_table.extend(update.block_ids)
+        blocks = torch.tensor(update.block_ids, dtype=torch.long, device=self.device)
+        new_slots = (blocks[:, None] * bs + self._offsets).flatten()
+        state.slots = torch.cat([state.slots[: update.start * bs], new_slots])
+
+    @torch.inference_mode()
+    def warm_up_decode(self, batch_sizes: Sequence[int]) -> None:
+        """Run a throw-away decode step per batch size, so a compiled forward compiles now.
+
+        Every sequence's context is cache slot 0 repeated. Nothing holds KV
+        memory at start-up, so the step overwrites nothing in use.
+        """
+        start = time.monotonic()
+        for batch_size in batch_sizes:
+            context = torch.zeros(batch_size + 1, dtype=torch.long, device=self.device)
+            seqs = [SeqLayout(b, 1, batch_size, context) for b in range(batch_size)]
+            meta = AttentionMetadata(
+                slot_mapping=torch.zeros(batch_size, dtype=torch.long, device=self.device),
+                decode=decode_batch(seqs, batch_size, self.device),
+            )
+            ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            positions = torch.full_like(ids, batch_size)
+            compiled_decode.mark_dynamic_sizes(ids, positions, meta)
+            self._decode_forward(ids, positions, self.kv_buffer.kv_caches, meta)
+        logger.info(
+            "decode step ready for batch sizes %s in %.1fs", ", ".join(map(str, batch_sizes)), time.monotonic() - start
+        )
