@@ -6,7 +6,7 @@ JSON, lone surrogates, control characters, nested lists and objects) into
 every field of an otherwise valid request; schemathesis generates requests
 from /openapi.json and checks the responses against it. After every request
 the engine must be idle with no KV block held, and still serve.
-KVOS_FUZZ_EXAMPLES (default 40) sets hypothesis' examples per test.
+KVOS_FUZZ_EXAMPLES (default 40) sets the examples per test (per operation for schemathesis).
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from kvos.engine.async_engine import AsyncLLMEngine
 from kvos.entrypoints.server import build_app
 from kvos.entrypoints.server_config import ServerConfig
 
+EXAMPLES = int(os.environ.get("KVOS_FUZZ_EXAMPLES", "40"))
 FUZZ_SETTINGS = settings(
-    max_examples=int(os.environ.get("KVOS_FUZZ_EXAMPLES", "40")),
+    max_examples=EXAMPLES,
     deadline=None,
     database=None,  # no .hypothesis folder in the checkout
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -271,7 +272,7 @@ schema = schemathesis.pytest.from_fixture("openapi")
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 def test_openapi_schema_holds(case: schemathesis.Case) -> None:
     case.call_and_validate(
         checks=[
