@@ -74,6 +74,12 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         help="compile decode steps with torch.compile (slower start, faster tokens)",
     )
     parser.add_argument("--device", default=d["device"])
+    parser.add_argument(
+        "--attention-backend",
+        default=d["attention_backend"],
+        choices=_choices(ModelConfig, "attention_backend"),
+        help="attention implementation (auto: the one that suits --kv-cache)",
+    )
     parser.add_argument("--max-model-len", type=int, default=d["max_model_len"])
     parser.add_argument("--kv-cache", default=d["kv_cache"], choices=_choices(CacheConfig, "kv_cache"))
     parser.add_argument("--block-size", type=int, default=d["block_size"])
@@ -96,6 +102,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         quantization=args.quantization,
         compile=args.compile,
         device=args.device,
+        attention_backend=args.attention_backend,
         max_model_len=args.max_model_len,
         kv_cache=args.kv_cache,
         block_size=args.block_size,

@@ -313,11 +313,12 @@ def test_serve_flags_default_to_the_config_defaults(monkeypatch: pytest.MonkeyPa
 def test_serve_flags_reach_the_configs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KVOS_API_KEY", raising=False)
     argv = ["serve", "--shutdown-timeout", "0.5", "--metrics-require-key", "--no-prefix-caching", "--max-num-seqs", "3"]
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args([*argv, "--kv-cache", "virtual", "--attention-backend", "contiguous"])
     server = ServerConfig.from_args(args)
     assert (server.shutdown_timeout, server.metrics_require_key) == (0.5, True)
     engine = EngineConfig.from_kwargs(**engine_options(args))
     assert (engine.cache.enable_prefix_caching, engine.scheduler.max_num_seqs) == (False, 3)
+    assert (engine.cache.kv_cache, engine.model.attention_backend) == ("virtual", "contiguous")
 
 
 def test_shutdown_timeout_must_be_finite_and_not_negative() -> None:
