@@ -3,6 +3,8 @@
 The server runs the real model with four running slots and at most four
 requests queued beyond them. Neighbours stream greedily while each kind of bad
 request arrives; their text must equal what the same requests produce alone.
+The last test stops the server: what runs at SIGTERM finishes within the
+grace or is cut, and every client still gets a well-formed answer.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from server_process import MODEL_NAME, ServerProcess, start_server
 
 MAX_NUM_SEQS = 4
 MAX_WAITING = 4
+SHUTDOWN_TIMEOUT_S = 3.0
 NEIGHBOUR_TOKENS = 24
 NEIGHBOUR_PROMPTS = ["The capital of France is", "Three colours of the rainbow are"]
 POISON_PROMPT = "My favourite season is"
@@ -34,6 +37,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         str(MAX_NUM_SEQS),
         "--max-waiting",
         str(MAX_WAITING),
+        "--shutdown-timeout",
+        str(SHUTDOWN_TIMEOUT_S),
     )
     proc.wait_ready()
     yield proc
@@ -67,8 +72,10 @@ def alone(server: ServerProcess) -> dict[str, str]:
     return texts
 
 
-async def stream_text(client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event | None = None) -> str:
-    """A streamed completion's whole text; checks that it ends with a finish reason and [DONE]."""
+async def stream_chunks(
+    client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event | None = None
+) -> list[dict[str, Any]]:
+    """A streamed completion's chunks; checks that the stream ends with [DONE]."""
     payloads = []
     async with client.stream("POST", "/completions", json={**body, "stream": True}) as response:
         assert response.status_code == 200, await response.aread()
@@ -78,7 +85,12 @@ async def stream_text(client: httpx.AsyncClient, body: dict[str, Any], started: 
                 if started is not None:
                     started.set()
     assert payloads[-1] == "[DONE]"
-    chunks = [json.loads(p) for p in payloads[:-1]]
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+async def stream_text(client: httpx.AsyncClient, body: dict[str, Any], started: asyncio.Event | None = None) -> str:
+    """A streamed completion's whole text; checks that it ran to max_tokens."""
+    chunks = await stream_chunks(client, body, started)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     return "".join(c["choices"][0]["text"] for c in chunks)
 
@@ -191,4 +203,38 @@ def test_soak_with_random_hang_ups(server: ServerProcess) -> None:
         if baseline is None:
             baseline = rss
         assert rss <= baseline + RSS_GROWTH_LIMIT, f"round {round_index}: RSS {rss >> 20} MiB, first {baseline >> 20}"
+    assert "Traceback" not in server.log()
+
+
+def test_sigterm_lets_short_requests_finish_and_cuts_long_ones(server: ServerProcess) -> None:
+    """Runs last: it stops the module's server.
+
+    At SIGTERM a short stream, a long stream and a long unstreamed request
+    run. The short one ends normally within the grace; the long ones are cut
+    when it expires: the stream with a last chunk (finish_reason "abort") and
+    [DONE], the other with a normal body with that finish reason. Exit status 0.
+    """
+    server.wait_drained()
+
+    async def main() -> tuple[list[dict[str, Any]], list[dict[str, Any]], httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120) as client:
+            short_started, long_started = asyncio.Event(), asyncio.Event()
+            short = asyncio.create_task(stream_chunks(client, greedy("Short:", max_tokens=6), short_started))
+            long = asyncio.create_task(stream_chunks(client, greedy("Long:", max_tokens=4000), long_started))
+            whole = asyncio.create_task(client.post("/completions", json=greedy("Whole:", max_tokens=4000)))
+            await asyncio.gather(short_started.wait(), long_started.wait())
+            while (await asyncio.to_thread(server.metrics))["kvos_num_requests_running"] < 3:
+                await asyncio.sleep(0.05)
+            server.process.terminate()
+            return await short, await long, await whole
+
+    short, long, whole = asyncio.run(main())
+    assert short[-1]["choices"][0]["finish_reason"] == "length"
+    assert long[-1]["choices"][0]["finish_reason"] == "abort"
+    assert all(c["choices"][0]["finish_reason"] is None for c in long[:-1])
+    assert whole.status_code == 200, whole.text
+    choice = whole.json()["choices"][0]
+    assert choice["finish_reason"] == "abort" and choice["text"]
+    assert whole.json()["usage"]["completion_tokens"] > 0
+    assert server.process.wait(60) == 0
     assert "Traceback" not in server.log()
