@@ -231,8 +231,7 @@ class Serving:
         for stream in job.streams:
             if not stream.finished:
                 self.engine.abort(stream.req_id)
-            elif _completed(stream.output):
-                assert stream.output is not None
+            elif stream.output is not None and _ran_to_end(stream.output):
                 self.metrics.observe(stream, max(len(c.token_ids) for c in stream.output.outputs))
 
     async def run_to_end(self, request: Request, job: Job) -> list[RequestOutput] | None:
@@ -266,11 +265,7 @@ def finite(logprob: float) -> float:
     return max(logprob, MIN_LOGPROB)
 
 
-def _completed(output: RequestOutput | None) -> bool:
-    """Ran to its end: only such requests enter the latency histograms (cut ones would skew them)."""
-    return (
-        output is not None
-        and output.finished
-        and output.error is None
-        and all(c.finish_reason in ("stop", "length") for c in output.outputs)
-    )
+def _ran_to_end(output: RequestOutput) -> bool:
+    """Only such requests enter the latency histograms: cut ones would skew them."""
+    ended = all(c.finish_reason in ("stop", "length") for c in output.outputs)
+    return output.finished and output.error is None and ended
