@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: run test setup bench
+.PHONY: run test lint setup bench
 
 # Set up, then answer one prompt with the default model (SmolLM2-135M-Instruct).
 run:
@@ -11,6 +11,13 @@ run:
 test:
 	bash scripts/setup.sh test
 	$(PYTHON) -m pytest -q
+
+# ruff (lint and format) and mypy over the package, as CI runs them.
+lint:
+	bash scripts/setup.sh test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+	$(PYTHON) -m mypy
 
 bench:
 	bash scripts/setup.sh test

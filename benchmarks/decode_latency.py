@@ -225,7 +225,10 @@ def matching_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def format_table(result: LatencyResult) -> str:
-    header = f"{'engine':<9} {'TTFT ms':>8} {'total s':>8} {'decode tok/s':>12} {'tok/s':>7} {'bound s':>8} {'% of limit':>10}"
+    header = (
+        f"{'engine':<9} {'TTFT ms':>8} {'total s':>8} {'decode tok/s':>12} {'tok/s':>7} {'bound s':>8} "
+        f"{'% of limit':>10}"
+    )
     lines = [header, "-" * len(header)]
     for run in result.runs:
         lines.append(
@@ -248,9 +251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--engines", default="kvos,llama.cpp,hf", help="comma-separated subset of kvos,llama.cpp,hf")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument(
-        "--quantization", default=None, choices=["int8", "int4"], help="kvos weight-only int8 / int4"
-    )
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"], help="kvos weight-only int8 / int4")
     parser.add_argument("--compile", action="store_true", help="kvos decode steps through torch.compile")
     parser.add_argument("--kv-cache", choices=["paged", "virtual"], default="paged")
     parser.add_argument("--llama-cpp-threads", type=int, default=2)
@@ -283,7 +284,8 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
     pad_token_id = tokenizer.eos_token_ids[0]  # any id will do: the attention mask hides padding
     n = args.new_tokens
     print(
-        f"decode latency: {gguf_path.name}, batch 1, {len(prompt_ids)} prompt tokens, {n} new tokens, greedy, EOS ignored"
+        f"decode latency: {gguf_path.name}, batch 1, {len(prompt_ids)} prompt tokens, {n} new tokens, "
+        "greedy, EOS ignored"
     )
     print(f"machine: {machine.device_name}, {machine.num_threads} torch threads, torch {torch.__version__}")
 
@@ -324,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
         runs.append(LatencyRun(engine, ttft, total, len(ids), bound.total_s, weight_bytes, ids))
     if "kvos" in timings and "hf" in timings:
         notes.append(
-            f"greedy tokens identical for kvos and hf: first {matching_prefix(timings['kvos'][2], timings['hf'][2])} of {n}"
+            "greedy tokens identical for kvos and hf: first "
+            f"{matching_prefix(timings['kvos'][2], timings['hf'][2])} of {n}"
         )
     if "llama.cpp" in timings:
         notes.append(f"llama-cpp-python {version}, n_threads={args.llama_cpp_threads}")

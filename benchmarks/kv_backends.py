@@ -47,8 +47,8 @@ import torch
 from kvos.config import EngineConfig
 from kvos.engine.llm_engine import LLMEngine
 from kvos.memory.factory import available_memory_bytes
-from kvos.memory.shape import KVShape
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.shape import KVShape
 from kvos.memory.virtual import VirtualKVCacheManager
 from kvos.memory.virtual.layout import KVLayout
 from kvos.model.loader import load_model

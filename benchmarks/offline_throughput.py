@@ -168,7 +168,10 @@ def _hf_generate(model: Any, prompts: list[list[int]], max_new_tokens: int, pad_
 
 
 def format_table(result: ThroughputResult) -> str:
-    header = f"{'engine':<6} {'batch':>5} {'out tokens':>10} {'generated':>10} {'time s':>8} {'tok/s':>8} {'bound s':>8} {'% of limit':>10}"
+    header = (
+        f"{'engine':<6} {'batch':>5} {'out tokens':>10} {'generated':>10} {'time s':>8} {'tok/s':>8} "
+        f"{'bound s':>8} {'% of limit':>10}"
+    )
     lines = [header, "-" * len(header)]
     for run in result.runs:
         lines.append(

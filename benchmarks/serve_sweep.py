@@ -45,10 +45,31 @@ KVOS_WEIGHT_BYTES = {"float32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 
 def server_command(name: str, gguf: Path, port: int, args: argparse.Namespace) -> list[str]:
     if name == "kvos":
-        return [sys.executable, "-m", "kvos.entrypoints.cli", "serve", str(gguf), "--port", str(port),
-                *shlex.split(args.kvos_args)]
-    return [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port),
-            "--n_threads", str(args.llama_cpp_threads), "--n_ctx", "2048", "--interrupt_requests", "False"]
+        return [
+            sys.executable,
+            "-m",
+            "kvos.entrypoints.cli",
+            "serve",
+            str(gguf),
+            "--port",
+            str(port),
+            *shlex.split(args.kvos_args),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--port",
+        str(port),
+        "--n_threads",
+        str(args.llama_cpp_threads),
+        "--n_ctx",
+        "2048",
+        "--interrupt_requests",
+        "False",
+    ]
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
@@ -73,8 +94,18 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
         try:
             wait_ready(url, process, args.start_timeout)
             client_args = serve.build_parser().parse_args(
-                [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress",
-                 "--ttft-slo", str(args.ttft_slo), "--tpot-slo", str(args.tpot_slo)]
+                [
+                    url,
+                    "--request-rate",
+                    str(rate),
+                    "--seed",
+                    str(args.seed),
+                    "--no-progress",
+                    "--ttft-slo",
+                    str(args.ttft_slo),
+                    "--tpot-slo",
+                    str(args.tpot_slo),
+                ]
             )
             return asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
         finally:
@@ -86,8 +117,10 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
 
 
 def format_rows(results: dict[str, dict[str, dict]], bounds: dict[str, float]) -> str:
-    header = (f"{'rate':>5} {'server':<10} {'tok/s':>7} {'goodput':>8} {'TTFT p50/p99 s':>15} "
-              f"{'TPOT p50/p99 ms':>16} {'% of limit':>10}")
+    header = (
+        f"{'rate':>5} {'server':<10} {'tok/s':>7} {'goodput':>8} {'TTFT p50/p99 s':>15} "
+        f"{'TPOT p50/p99 ms':>16} {'% of limit':>10}"
+    )
     lines = [header, "-" * len(header)]
     for rate, by_server in results.items():
         for name, r in by_server.items():
@@ -140,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     def count_tokens(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False)
 
-    requests = sample_requests(tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens,
-                               seed=args.seed)
+    requests = sample_requests(
+        tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
+    )
     machine = load_or_measure("cpu")
     shape = ArchShape.from_any(arch_from_gguf(gguf))
     work = [(len(r.prompt_token_ids), r.max_tokens) for r in requests]
@@ -149,13 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     kvos_format = kvos_flags[kvos_flags.index("--quantization") + 1] if "--quantization" in kvos_flags else "float32"
     bounds = {
         # kvos runs up to 64 sequences at once; llama-cpp-python's server one request at a time.
-        "kvos": Roofline.for_machine(shape, machine, kv_bytes_per_elem=4).lower_bound_seconds(
-            work, max_batch=64, weight_bytes_per_param=KVOS_WEIGHT_BYTES[kvos_format]).total_s,
-        "llama.cpp": Roofline.for_machine(shape, machine, kv_bytes_per_elem=2).lower_bound_seconds(
-            work, max_batch=1, weight_bytes_per_param=gguf.stat().st_size / shape.num_params).total_s,
+        "kvos": Roofline.for_machine(shape, machine, kv_bytes_per_elem=4)
+        .lower_bound_seconds(work, max_batch=64, weight_bytes_per_param=KVOS_WEIGHT_BYTES[kvos_format])
+        .total_s,
+        "llama.cpp": Roofline.for_machine(shape, machine, kv_bytes_per_elem=2)
+        .lower_bound_seconds(work, max_batch=1, weight_bytes_per_param=gguf.stat().st_size / shape.num_params)
+        .total_s,
     }
-    print(f"serve sweep: {gguf.name}, {len(requests)} ShareGPT requests, rates {args.rates}, "
-          f"kvos flags {args.kvos_args!r}, llama-cpp-python {llama_cpp_version()} n_threads={args.llama_cpp_threads}")
+    print(
+        f"serve sweep: {gguf.name}, {len(requests)} ShareGPT requests, rates {args.rates}, "
+        f"kvos flags {args.kvos_args!r}, llama-cpp-python {llama_cpp_version()} n_threads={args.llama_cpp_threads}"
+    )
     load_before = os.getloadavg()[0]
     results: dict[str, dict[str, dict]] = {}
     for rate in rates:
@@ -166,8 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     print(format_rows(results, bounds))
     print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
     if args.json is not None:
-        report = {"date": datetime.date.today().isoformat(), "model": gguf.name, "config": vars(args) | {"json": None},
-                  "bounds_s": bounds, "results": results, "load_average": [load_before, os.getloadavg()[0]]}
+        report = {
+            "date": datetime.date.today().isoformat(),
+            "model": gguf.name,
+            "config": vars(args) | {"json": None},
+            "bounds_s": bounds,
+            "results": results,
+            "load_average": [load_before, os.getloadavg()[0]],
+        }
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0
 

@@ -93,9 +93,7 @@ class CacheConfig:
         if self.kv_cache_memory_bytes is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise ValueError(
-                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
-            )
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
 
 
 @dataclass(frozen=True)
@@ -116,12 +114,25 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Where the engine's parts run.
+
+    `core_process=True` runs the engine core (scheduler, KV books, worker) in
+    its own process, as vLLM does; the front end (tokenizer, detokenizer,
+    stop strings, server) stays in the caller's process.
+    """
+
+    core_process: bool = False
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Root config handed to `LLMEngine`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         if self.model.compile and self.cache.kv_cache != "paged":
@@ -129,7 +140,10 @@ class EngineConfig:
                 "compile=True needs kv_cache='paged': the virtual cache attends each request "
                 "on its own view, which would recompile every step"
             )
-        if self.model.resolved_attention_backend(self.cache.kv_cache) == "contiguous" and self.cache.kv_cache != "virtual":
+        if (
+            self.model.resolved_attention_backend(self.cache.kv_cache) == "contiguous"
+            and self.cache.kv_cache != "virtual"
+        ):
             raise ValueError(
                 "attention_backend='contiguous' needs kv_cache='virtual': only there is each request's KV one run"
             )
@@ -140,7 +154,7 @@ class EngineConfig:
 
         Unknown keys are rejected with a ValueError naming them.
         """
-        groups: dict[type, dict[str, Any]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}}
+        groups: dict[type, dict[str, Any]] = {ModelConfig: {}, CacheConfig: {}, SchedulerConfig: {}, ParallelConfig: {}}
         owner = {f.name: sub for sub in groups for f in fields(sub)}
         unknown = sorted(k for k in kwargs if k not in owner)
         if unknown:
@@ -151,4 +165,5 @@ class EngineConfig:
             model=ModelConfig(**groups[ModelConfig]),
             cache=CacheConfig(**groups[CacheConfig]),
             scheduler=SchedulerConfig(**groups[SchedulerConfig]),
+            parallel=ParallelConfig(**groups[ParallelConfig]),
         )

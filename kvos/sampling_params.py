@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvos.errors import InvalidRequestError
 
@@ -53,7 +53,7 @@ class SamplingParams:
     def _validate(self) -> None:
         def check_int(name: str, value: object, low: int) -> None:
             if isinstance(value, bool) or not isinstance(value, int):
-                    raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
+                raise InvalidRequestError(f"{name} must be an integer, got {value!r}", name)
             if value < low:
                 raise InvalidRequestError(f"{name} must be >= {low}, got {value}", name)
 
@@ -89,7 +89,9 @@ class SamplingParams:
             raise InvalidRequestError("repetition_penalty must be > 0, got 0", "repetition_penalty")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise InvalidRequestError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}", "logit_bias")
+                raise InvalidRequestError(
+                    f"logit_bias must map token ids to numbers, got {self.logit_bias!r}", "logit_bias"
+                )
             for token_id, bias in self.logit_bias.items():
                 check_int("logit_bias", token_id, 0)
                 check_float("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)

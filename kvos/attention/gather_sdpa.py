@@ -109,7 +109,9 @@ def _gather(cache: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, indices.reshape(-1)).view(*indices.shape, *cache.shape[1:])
 
 
-def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float) -> torch.Tensor:
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeBatch, scale: float
+) -> torch.Tensor:
     """q: (B, H, D), one query per request -> (B, H, D) over each request's gathered context.
 
     The query heads sharing a KV head ride as that head's query rows,

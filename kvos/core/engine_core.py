@@ -16,6 +16,7 @@ import hashlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -62,6 +63,40 @@ def context_length(loaded_arch: ModelArch, configured: int | None) -> int:
         logger.warning("capping the context at the sliding window of %d tokens", loaded_arch.sliding_window)
         max_model_len = loaded_arch.sliding_window
     return max_model_len
+
+
+def check_request(
+    prompt_token_ids: list[int],
+    max_tokens: int,
+    vocab_size: int,
+    max_model_len: int,
+    check_fits: Callable[[int], None],
+) -> None:
+    """Raise InvalidRequestError (naming the field) for a request that could never be served."""
+    if not prompt_token_ids:
+        raise InvalidRequestError("prompt is empty", "prompt")
+    bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
+    total = len(prompt_token_ids) + max_tokens
+    if total > max_model_len:
+        raise InvalidRequestError(
+            f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({max_tokens}) = {total} tokens "
+            f"exceeds the model's context length of {max_model_len}",
+            "max_tokens",
+        )
+    try:
+        check_fits(total)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc), "max_tokens") from exc
+
+
+def check_logit_bias(request: Request, vocab_size: int) -> None:
+    bad = [t for t in (request.params.logit_bias or {}) if t >= vocab_size]
+    if bad:
+        raise InvalidRequestError(
+            f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "logit_bias"
+        )
 
 
 class EngineCore:
@@ -120,33 +155,11 @@ class EngineCore:
 
     def check_request(self, prompt_token_ids: list[int], max_tokens: int) -> None:
         """Raise InvalidRequestError for a request this engine could never serve."""
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})", "prompt"
-            )
-        total = len(prompt_token_ids) + max_tokens
-        if total > self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({max_tokens}) = {total} tokens "
-                f"exceeds the model's context length of {self.max_model_len}",
-                "max_tokens",
-            )
-        try:
-            self.kv_manager.check_fits(total)
-        except ValueError as exc:
-            raise InvalidRequestError(str(exc), "max_tokens") from exc
+        check_request(prompt_token_ids, max_tokens, self.vocab_size, self.max_model_len, self.kv_manager.check_fits)
 
     def add_request(self, request: Request) -> None:
         self.check_request(request.prompt_token_ids, request.params.max_tokens)
-        bias = request.params.logit_bias or {}
-        bad_bias = [t for t in bias if t >= self.vocab_size]
-        if bad_bias:
-            raise InvalidRequestError(
-                f"logit_bias token id {bad_bias[0]} is outside the vocabulary [0, {self.vocab_size})", "logit_bias"
-            )
+        check_logit_bias(request, self.vocab_size)
         self.scheduler.add(request)
         if request.fork_of is None:  # n > 1 siblings share the first sequence's prompt
             self._num_prompt_tokens += request.num_prompt_tokens
@@ -185,6 +198,13 @@ class EngineCore:
         return updates
 
     # -- observation ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Give back the KV memory and stop background threads. Safe to call twice."""
+        for owner in (self.worker.kv_buffer, self.kv_manager):
+            close = getattr(owner, "close", None)
+            if close is not None:
+                close()
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV blocks stored and removed since the last call (what a router or a tier subscribes to)."""

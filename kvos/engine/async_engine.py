@@ -140,11 +140,13 @@ class AsyncLLMEngine:
         self._commands.put(_Drain(grace_s))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Cut everything still running and stop the engine thread."""
+        """Cut everything still running, stop the engine thread, and free the engine's memory."""
         self.begin_shutdown(0.0)
         self._commands.put(_Stop())
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():  # never free memory under a step still running
+            self.engine.close()
 
     # -- requests (event loop side) ---------------------------------------------------
 
@@ -299,7 +301,9 @@ class AsyncLLMEngine:
 def _cut(req_id: str, live: _Live) -> RequestOutput:
     """The final output of a request cut short: what it had, every unfinished choice ended "abort"."""
     if live.last is None:
-        outputs = [CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort") for i in range(live.params.n)]
+        outputs = [
+            CompletionOutput(index=i, text="", token_ids=[], finish_reason="abort") for i in range(live.params.n)
+        ]
         return RequestOutput(req_id=req_id, prompt=None, prompt_token_ids=[], outputs=outputs, finished=True)
     outputs = [c if c.finished else replace(c, finish_reason="abort") for c in live.last.outputs]
     return replace(live.last, outputs=outputs, finished=True)

@@ -3,6 +3,9 @@
     add_request(text | ids) -> tokenize -> OutputProcessor fans out n sequences -> EngineCore.add_request
     step()                  -> EngineCore.step() -> [SequenceUpdate] -> OutputProcessor -> [RequestOutput]
 
+The core runs in this process (`EngineCore`) or in its own
+(`EngineCoreProcess`, with `core_process=True`); both answer the same calls.
+
 Not thread-safe: one thread drives `step()`; servers hand requests to that
 thread (see `async_engine`).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 
 from kvos.config import EngineConfig
+from kvos.core.core_process import EngineCoreProcess
 from kvos.core.engine_core import EngineCore
 from kvos.core.scheduler import Scheduler
 from kvos.engine.stats import EngineStats
@@ -35,17 +39,37 @@ class LLMEngine:
         self.model_name = loaded.name
         self.arch = loaded.arch
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.arch.eos_token_ids)
-        self.core = EngineCore(config, loaded, self.eos_token_ids)
+        self.core: EngineCore | EngineCoreProcess
+        if config.parallel.core_process:
+            self.core = EngineCoreProcess(config, self.eos_token_ids)
+        else:
+            self.core = EngineCore(config, loaded, self.eos_token_ids)
         self.max_model_len = self.core.max_model_len
         self.processor = OutputProcessor(self.tokenizer)
 
     @property
     def kv_manager(self) -> KVCacheManager:
-        return self.core.kv_manager
+        """The KV books (in-process core only: a core process keeps its own)."""
+        return self._local_core().kv_manager
 
     @property
     def scheduler(self) -> Scheduler:
-        return self.core.scheduler
+        return self._local_core().scheduler
+
+    def _local_core(self) -> EngineCore:
+        if not isinstance(self.core, EngineCore):
+            raise AttributeError("the engine core runs in its own process; its state is not visible here")
+        return self.core
+
+    def close(self) -> None:
+        """Free the KV memory and stop the core (and its process). Safe to call twice."""
+        self.core.close()
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- requests in and out ----------------------------------------------------------
 
@@ -61,7 +85,9 @@ class LLMEngine:
         if req_id in self.processor:
             raise InvalidRequestError(f"request id {req_id!r} is already in use")
         if params.n > self.config.scheduler.max_num_seqs:
-            raise InvalidRequestError(f"n ({params.n}) exceeds max_num_seqs ({self.config.scheduler.max_num_seqs})", "n")
+            raise InvalidRequestError(
+                f"n ({params.n}) exceeds max_num_seqs ({self.config.scheduler.max_num_seqs})", "n"
+            )
         if priority != 0 and self.config.scheduler.policy == "fcfs":
             raise InvalidRequestError(
                 f"priority {priority} needs a priority scheduling policy; this engine runs 'fcfs'", "priority"

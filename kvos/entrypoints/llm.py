@@ -29,6 +29,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Free the engine's KV memory (and its core process, if any). Safe to call twice."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
@@ -36,9 +46,10 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (a string or token ids) together; outputs in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
+        prompts = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
         if params is None:
             params = SamplingParams()
         param_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
@@ -46,7 +57,7 @@ class LLM:
             raise ValueError(f"got {len(param_list)} SamplingParams for {len(prompts)} prompts")
         req_ids = [f"offline-{next(self._ids)}" for _ in prompts]
         try:
-            for req_id, prompt, p in zip(req_ids, prompts, param_list, strict=True):
+            for req_id, prompt, p in zip(req_ids, prompts, param_list):
                 self.engine.add_request(req_id, prompt, p)
             return self._run(req_ids, use_tqdm)
         finally:
@@ -60,11 +71,9 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
-        if messages and isinstance(messages[0], dict):
-            conversations = [cast(list[Message], messages)]
-        else:
-            conversations = list(cast(Sequence[list[Message]], messages))
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        one = bool(messages) and isinstance(messages[0], dict)
+        conversations = [cast(list[Message], messages)] if one else list(cast(Sequence[list[Message]], messages))
+        prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
         token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_prompts, params, use_tqdm)
 

@@ -7,6 +7,7 @@ from the same config and the manager's sizes.
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from kvos.config import CacheConfig

@@ -80,8 +80,13 @@ def compile_decode(model: LlamaForCausalLM) -> Callable[..., torch.Tensor]:
 def mark_dynamic_sizes(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
     """Compile the next call for any batch size (when it is not 1) and any context length."""
     assert meta.decode is not None
-    batch_dims = [(input_ids, 0), (positions, 0), (meta.slot_mapping, 0), (meta.decode.kv_indices, 0),
-                  (meta.decode.mask, 0)]
+    batch_dims = [
+        (input_ids, 0),
+        (positions, 0),
+        (meta.slot_mapping, 0),
+        (meta.decode.kv_indices, 0),
+        (meta.decode.mask, 0),
+    ]
     if input_ids.shape[0] > 1:
         for tensor, dim in batch_dims:
             torch._dynamo.mark_dynamic(tensor, dim)

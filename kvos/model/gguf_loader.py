@@ -78,9 +78,7 @@ def gguf_hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
     """The file's metadata as an HF `config.json` dict (parsed by `ModelArch.from_hf_config`)."""
     gguf_arch = _field(reader, "general.architecture")
     if gguf_arch not in GGUF_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported GGUF architecture {gguf_arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}"
-        )
+        raise ValueError(f"unsupported GGUF architecture {gguf_arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
     model_type = GGUF_ARCHITECTURES[gguf_arch]
 
     def key(name: str, default: Any = None) -> Any:
@@ -165,7 +163,7 @@ def gguf_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     backend = BackendTokenizer(
         models.BPE(
             vocab={t: i for i, t in enumerate(spelled)},
-            merges=[tuple(m.split(" ", 1)) for m in merges],
+            merges=[(left, right) for left, right in (m.split(" ", 1) for m in merges)],
             ignore_merges=pre == "llama-bpe",
         )
     )

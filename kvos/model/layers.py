@@ -49,6 +49,9 @@ class RotaryEmbedding(nn.Module):
     around them is built on the meta device.
     """
 
+    cos: torch.Tensor
+    sin_rotated: torch.Tensor
+
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))

@@ -111,7 +111,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     path = Path(config.model).expanduser() if config.model is not None else Path(default_model_path())
     if not path.exists():
         raise ModelLoadError(path, "no such file or folder", "Pass a .gguf file or a Hugging Face model folder")
-    fmt = config.load_format
+    fmt: str = config.load_format
     if fmt == "auto":
         fmt = _detect_format(path)
     if fmt == "dummy":

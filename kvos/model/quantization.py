@@ -38,6 +38,9 @@ DEFAULT_MAX_QUANTIZED_ROWS: dict[str, int] = {"int8": 8, "int4": 12}
 class QuantizedLinear(nn.Module):
     """y = x @ dequant(W).T + b, with W stored quantized; subclasses pick the format."""
 
+    weight_bf16: torch.Tensor
+    """The dequantized weight, for batches too large for the quantized kernel (a buffer)."""
+
     def __init__(self, linear: nn.Linear, max_quantized_rows: int) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -91,7 +94,9 @@ class Int4Linear(QuantizedLinear):
         codes = codes.to(torch.int32).view(out_features, in_features)
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
         # (in / 32, out, 2): scale and zero of every group.
-        self.register_buffer("scales_and_zeros", torch.cat([scale_bf16, zero_bf16], dim=-1).transpose(0, 1).contiguous())
+        self.register_buffer(
+            "scales_and_zeros", torch.cat([scale_bf16, zero_bf16], dim=-1).transpose(0, 1).contiguous()
+        )
         dequantized = (codes.view_as(groups).float() - 8) * scale_bf16.float() + zero_bf16.float()
         self.register_buffer("weight_bf16", dequantized.view(out_features, in_features).to(torch.bfloat16))
 

@@ -77,9 +77,7 @@ class Tokenizer:
         """Text of `ids`; ids outside the vocabulary decode to nothing."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(
-        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
-    ) -> str:
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """Render a conversation as the model's prompt text, as transformers does.
 
         Raises ValueError for a model without a template, for malformed

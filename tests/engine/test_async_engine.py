@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from kvos.engine.async_engine import AsyncLLMEngine
-from kvos.errors import EngineUnavailableError, QueueFullError, RequestFailedError
 from kvos.engine.stats import EngineStats
+from kvos.errors import EngineUnavailableError, QueueFullError, RequestFailedError
 from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams
 
@@ -36,6 +36,9 @@ class FakeEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def close(self) -> None:
+        self.closed = True
 
     def step(self) -> list[RequestOutput]:
         if self.fail_next_step:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from kvos import LLM, SamplingParams
-
 from tests.conftest import GreedyFn, hf_greedy_fn
 
 MAX_NEW = 12
@@ -27,9 +26,19 @@ SHARED_PREFIX = (
     "You are a careful assistant. Answer briefly and precisely, and never invent facts. "
     "If you are unsure, say so. Keep the answer to one sentence. Question: "
 )
-SHARED = [SHARED_PREFIX + q for q in ["Why is the sky blue?", "What is a prime number?", "Who wrote Hamlet?",
-                                       "What is rust?", "How do bees make honey?", "What is DNA?",
-                                       "Why do we sleep?", "What is an atom?"]]
+SHARED = [
+    SHARED_PREFIX + q
+    for q in [
+        "Why is the sky blue?",
+        "What is a prime number?",
+        "Who wrote Hamlet?",
+        "What is rust?",
+        "How do bees make honey?",
+        "What is DNA?",
+        "Why do we sleep?",
+        "What is an atom?",
+    ]
+]
 
 
 def greedy(max_tokens: int = MAX_NEW) -> SamplingParams:

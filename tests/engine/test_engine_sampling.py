@@ -53,8 +53,9 @@ def test_stop_string_cuts_exactly_and_is_not_emitted(llm: LLM) -> None:
     # Stop on a string that starts mid-way through the text, spanning a token boundary.
     stop = text[11:16]
     assert len(stop) == 5
-    (cut,) = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]),
-                         use_tqdm=False)
+    (cut,) = llm.generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]), use_tqdm=False
+    )
     assert cut.outputs[0].text == text[: text.index(stop)]
     assert cut.outputs[0].finish_reason == "stop"
     assert cut.outputs[0].stop_reason == stop
@@ -64,8 +65,9 @@ def test_max_tokens_finishes_with_length_and_eos_with_stop(llm: LLM) -> None:
     (out,) = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)
     assert out.outputs[0].finish_reason == "length"
     assert len(out.outputs[0].token_ids) == 5
-    (chat,) = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=200),
-                       use_tqdm=False)
+    (chat,) = llm.chat(
+        [{"role": "user", "content": "Say hi."}], SamplingParams(temperature=0, max_tokens=200), use_tqdm=False
+    )
     assert chat.outputs[0].finish_reason == "stop"
     assert chat.outputs[0].token_ids[-1] in llm.engine.eos_token_ids
 

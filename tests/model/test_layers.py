@@ -47,13 +47,27 @@ def test_fuse_projections_stacks_hf_weights_in_order() -> None:
     q, k, v = torch.randn(8, 4), torch.randn(2, 4), torch.randn(2, 4)
     gate, up = torch.randn(6, 4), torch.randn(6, 4)
     p = "model.layers.0."
-    fused = fuse_projections({
-        p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-        p + "self_attn.q_proj.bias": q[:, 0], p + "self_attn.k_proj.bias": k[:, 0], p + "self_attn.v_proj.bias": v[:, 0],
-        p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up, "model.norm.weight": torch.ones(4),
-    })
-    assert sorted(fused) == sorted([p + "self_attn.qkv_proj.weight", p + "self_attn.qkv_proj.bias",
-                                    p + "mlp.gate_up_proj.weight", "model.norm.weight"])
+    fused = fuse_projections(
+        {
+            p + "self_attn.q_proj.weight": q,
+            p + "self_attn.k_proj.weight": k,
+            p + "self_attn.v_proj.weight": v,
+            p + "self_attn.q_proj.bias": q[:, 0],
+            p + "self_attn.k_proj.bias": k[:, 0],
+            p + "self_attn.v_proj.bias": v[:, 0],
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            "model.norm.weight": torch.ones(4),
+        }
+    )
+    assert sorted(fused) == sorted(
+        [
+            p + "self_attn.qkv_proj.weight",
+            p + "self_attn.qkv_proj.bias",
+            p + "mlp.gate_up_proj.weight",
+            "model.norm.weight",
+        ]
+    )
     assert torch.equal(fused[p + "self_attn.qkv_proj.weight"], torch.cat([q, k, v]))
     assert torch.equal(fused[p + "self_attn.qkv_proj.bias"], torch.cat([q[:, 0], k[:, 0], v[:, 0]]))
     assert torch.equal(fused[p + "mlp.gate_up_proj.weight"], torch.cat([gate, up]))

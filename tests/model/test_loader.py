@@ -18,7 +18,6 @@ from kvos.config import ModelConfig
 from kvos.model import gguf_loader, loader
 from kvos.model.arch import ModelArch
 from kvos.model.loader import LoadedModel, ModelLoadError, default_model_path, load_model
-
 from tests.model.tiny_models import TINY_GGUF_CHAT_TEMPLATE, make_tiny_gguf, make_tiny_hf_model
 
 
@@ -49,11 +48,22 @@ def test_default_model_is_smollm2(default_model: LoadedModel) -> None:
     assert default_model.name == "SmolLM2-135M-Instruct"
     assert default_model.source == str(Path(default_model_path()).resolve())
     assert default_model.arch == ModelArch(
-        architecture="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-        rms_norm_eps=default_model.arch.rms_norm_eps, rope_theta=100000.0, rope_scaling=None,
-        max_position_embeddings=8192, tie_word_embeddings=True, attention_bias=False,
-        bos_token_id=1, eos_token_ids=(2,),
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rms_norm_eps=default_model.arch.rms_norm_eps,
+        rope_theta=100000.0,
+        rope_scaling=None,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        bos_token_id=1,
+        eos_token_ids=(2,),
     )
     assert default_model.arch.rms_norm_eps == pytest.approx(1e-5)
 
@@ -61,9 +71,19 @@ def test_default_model_is_smollm2(default_model: LoadedModel) -> None:
 def test_gguf_arch_matches_transformers(default_model: LoadedModel, transformers_gguf) -> None:
     config, _ = transformers_gguf
     arch = default_model.arch
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
-                  "tie_word_embeddings", "bos_token_id"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+    ):
         assert getattr(arch, field) == getattr(config, field), field
     assert arch.rope_theta == config.rope_parameters["rope_theta"]
     assert arch.eos_token_ids == (config.eos_token_id,)
@@ -212,8 +232,18 @@ def test_conversion_removes_staging_left_by_a_killed_process(tiny_gguf: Path, tm
 @pytest.mark.parametrize(
     ("arch", "overrides"),
     [
-        ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 256}}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 256,
+                }
+            },
+        ),
         ("qwen2", {"tie_word_embeddings": True}),
         ("mistral", {}),
     ],
@@ -238,8 +268,13 @@ def test_hf_folder_round_trip(tmp_path: Path, arch: str, overrides: dict) -> Non
     assert loaded.arch.vocab_size == loaded.tokenizer.vocab_size == 49152
     assert loaded.arch.tie_word_embeddings == tied
     if arch == "llama":
-        assert loaded.arch.rope_scaling == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 256}
+        assert loaded.arch.rope_scaling == {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        }
     else:
         assert loaded.arch.rope_scaling is None
     assert loaded.tokenizer.encode("<|im_start|>user\nHi 42") == [1, 4093, 198, 26843, 216, 36, 34]
@@ -269,9 +304,17 @@ def test_sharded_hf_folder(tmp_path: Path) -> None:
 
 
 def test_dummy_from_config_file_uses_default_tokenizer(tmp_path: Path, default_model: LoadedModel) -> None:
-    config = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 128, "intermediate_size": 256,
-              "num_hidden_layers": 3, "num_attention_heads": 8, "num_key_value_heads": 2,
-              "max_position_embeddings": 4096, "eos_token_id": [7, 9]}
+    config = {
+        "model_type": "qwen2",
+        "vocab_size": 1000,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "eos_token_id": [7, 9],
+    }
     folder = tmp_path / "Big-Model-7B"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))

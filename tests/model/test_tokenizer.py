@@ -38,7 +38,7 @@ HANDWRITTEN = [
     "emoji: 🤖🚀👍🏽 family: 👨‍👩‍👧‍👦",
     "def f(x):\n    return x ** 2  # square\n",
     "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "<html><body class=\"x\">&amp;</body></html>",
+    '<html><body class="x">&amp;</body></html>',
     "SELECT * FROM users WHERE id = 42;",
     "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
     "text with <|endoftext|> in the middle",
@@ -213,8 +213,7 @@ def test_model_without_template_is_rejected() -> None:
 
 def test_template_raise_exception_becomes_value_error() -> None:
     template = (
-        "{% if messages[0]['role'] != 'system' %}"
-        "{{ raise_exception('first message must be system') }}{% endif %}"
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}"
     )
     with pytest.raises(ValueError, match="first message must be system"):
         _bare_tokenizer(template).apply_chat_template([{"role": "user", "content": "a"}])
@@ -242,7 +241,10 @@ def test_save_and_reload_keeps_everything(ours: Tokenizer, tmp_path) -> None:
     ours.save_pretrained(tmp_path)
     again = Tokenizer.from_hf_folder(tmp_path)
     assert (again.vocab_size, again.bos_token_id, again.eos_token_ids, again.add_bos_token) == (
-        ours.vocab_size, ours.bos_token_id, ours.eos_token_ids, ours.add_bos_token,
+        ours.vocab_size,
+        ours.bos_token_id,
+        ours.eos_token_ids,
+        ours.add_bos_token,
     )
     assert again.chat_template == ours.chat_template
     for text in TEXTS[:40]:
@@ -270,10 +272,12 @@ def test_llama3_pre_tokenization_matches_transformers_split() -> None:
     from tokenizers import Regex, pre_tokenizers
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    reference = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    reference = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     normalizer, pre_tokenizer = gguf_loader._pre_tokenization("llama-bpe")
     assert normalizer is None
     for text in TEXTS:

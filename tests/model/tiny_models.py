@@ -46,8 +46,14 @@ def make_tiny_hf_model(tmp_dir: str | Path, arch: str, seed: int = 0, **config_o
     is `tmp_dir/tiny-<arch>` and loads with both `kvos.model.loader.load_model`
     and `transformers.AutoModelForCausalLM.from_pretrained`.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {
         "llama": (LlamaConfig, LlamaForCausalLM),
@@ -167,13 +173,24 @@ def make_tiny_gguf(tmp_dir: str | Path, arch: str, seed: int = 0) -> tuple[str, 
 
 def _gguf_name(hf_name: str) -> str:
     """llama.cpp's name for an HF parameter (the inverse of kvos's mapping, written out independently)."""
-    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+    fixed = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in fixed:
         return fixed[hf_name]
-    parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
     module, kind = rest.rsplit(".", 1)
     return f"blk.{layer}.{parts[module]}.{kind}"

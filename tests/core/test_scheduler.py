@@ -16,9 +16,7 @@ EOS = 99
 
 def make(num_blocks: int, budget: int, max_seqs: int = 8) -> Scheduler:
     kv = PagedKVCacheManager(num_blocks=num_blocks, block_size=4, max_model_len=1000, enable_prefix_caching=False)
-    return Scheduler(
-        SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv, frozenset({EOS}), 1000
-    )
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_seqs), kv, frozenset({EOS}), 1000)
 
 
 def request(req_id: str, n: int) -> Request:
