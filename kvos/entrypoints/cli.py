@@ -6,13 +6,25 @@ import argparse
 import logging
 import re
 import sys
-from typing import Any
+from dataclasses import fields
+from typing import Any, get_args, get_type_hints
 
+from kvos.config import CacheConfig, ModelConfig, SchedulerConfig
 from kvos.entrypoints.server_config import add_server_args
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -24,28 +36,62 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+def _engine_defaults() -> dict[str, Any]:
+    """The sub-configs' field defaults by field name, flat as `EngineConfig.from_kwargs` takes them.
+
+    Flags take their defaults from here, so `kvos serve` with no flags builds
+    exactly `EngineConfig()` and a changed default cannot drift from the CLI.
+    """
+    return {f.name: f.default for config in (ModelConfig, CacheConfig, SchedulerConfig) for f in fields(config)}
+
+
+def _choices(config: type, name: str) -> list[str]:
+    """The strings a config field's Literal type allows (None, where allowed, is the flag left out)."""
+    hint = get_type_hints(config)[name]
+    # `Literal[...] | None` holds the Literal inside a Union.
+    return [value for member in (hint, *get_args(hint)) for value in get_args(member) if isinstance(value, str)]
+
+
 def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = False) -> None:
+    d = _engine_defaults()
+    model_help = "GGUF file or HF folder (default: SmolLM2-135M-Instruct)"
     if positional_model:
-        parser.add_argument("model", nargs="?", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+        parser.add_argument("model", nargs="?", default=d["model"], help=model_help)
     else:
-        parser.add_argument("--model", default=None, help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--load-format", default="auto", choices=["auto", "gguf", "hf", "dummy"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        parser.add_argument("--model", default=d["model"], help=model_help)
+    parser.add_argument("--load-format", default=d["load_format"], choices=_choices(ModelConfig, "load_format"))
+    parser.add_argument("--dtype", default=d["dtype"], choices=_choices(ModelConfig, "dtype"))
     parser.add_argument(
-        "--quantization", default=None, choices=["int8", "int4"], help="weight-only int8 / int4 linears"
+        "--quantization",
+        default=d["quantization"],
+        choices=_choices(ModelConfig, "quantization"),
+        help="weight-only int8 / int4 linears",
     )
     parser.add_argument(
-        "--compile", action="store_true", help="compile decode steps with torch.compile (slower start, faster tokens)"
+        "--compile",
+        action="store_true",
+        default=d["compile"],
+        help="compile decode steps with torch.compile (slower start, faster tokens)",
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--kv-cache", default="paged", choices=["paged", "virtual"])
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", type=parse_size, default=None, help="KV budget, e.g. 2GiB")
-    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.1)
-    parser.add_argument("--no-prefix-caching", action="store_true")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--device", default=d["device"])
+    parser.add_argument(
+        "--attention-backend",
+        default=d["attention_backend"],
+        choices=_choices(ModelConfig, "attention_backend"),
+        help="attention implementation (auto: the one that suits --kv-cache)",
+    )
+    parser.add_argument("--max-model-len", type=int, default=d["max_model_len"])
+    parser.add_argument("--kv-cache", default=d["kv_cache"], choices=_choices(CacheConfig, "kv_cache"))
+    parser.add_argument("--block-size", type=int, default=d["block_size"])
+    parser.add_argument(
+        "--kv-cache-memory", type=parse_size, default=d["kv_cache_memory_bytes"], help="KV budget, e.g. 2GiB"
+    )
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=d["kv_cache_memory_fraction"])
+    parser.add_argument(
+        "--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=d["enable_prefix_caching"]
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"])
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -56,12 +102,13 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         quantization=args.quantization,
         compile=args.compile,
         device=args.device,
+        attention_backend=args.attention_backend,
         max_model_len=args.max_model_len,
         kv_cache=args.kv_cache,
         block_size=args.block_size,
         kv_cache_memory_bytes=args.kv_cache_memory,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )

@@ -50,7 +50,9 @@ class LLM:
 
         `priority` (one per prompt, lower is served sooner) needs `policy="priority"`.
         """
-        single = isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int))
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        )
         prompts = [cast(Prompt, prompts)] if single else list(cast(Sequence[Prompt], prompts))
         if params is None:
             params = SamplingParams()

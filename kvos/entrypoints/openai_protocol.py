@@ -4,16 +4,21 @@ Requests are validated strictly (no "5" for 5, no true for 1) because a client
 that sends the wrong type has a bug it should hear about. Every problem
 becomes a `ProtocolError`, which the server turns into OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`. Ranges are checked once, by
-`SamplingParams`; only OpenAI's own tighter limits (temperature <= 2,
-n <= 128, a 64-bit seed) are declared here.
+`SamplingParams`, whose `InvalidRequestError` names the field at fault; only
+OpenAI's own tighter limits (temperature <= 2, n <= 128, a 64-bit seed) are
+declared here. Fields kvos cannot honour yet (tools, structured output) are
+refused by name rather than ignored: a client asking for JSON output must not
+silently get prose.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypeVar
+import re
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
+from kvos.errors import InvalidRequestError
 from kvos.sampling_params import SamplingParams
 
 # Parameters of several types, with the words an error message should use for them.
@@ -23,9 +28,21 @@ _UNION_EXPECTED = {
     "content": "a string or a list of text parts",
 }
 
+# A token id as OpenAI writes logit_bias keys. 18 digits keep int() cheap and exceed every vocabulary.
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,18}")
+
+
+def printable(text: str) -> str:
+    """`text` with lone UTF-16 surrogates written as `\\udXXX`, so it can be encoded as UTF-8.
+
+    Error messages echo the client's words (a model name, a field path); a lone
+    surrogate in them would make the error body itself unencodable.
+    """
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 class ProtocolError(Exception):
-    """A request the server refuses, with its HTTP status and OpenAI error fields."""
+    """A request the server refuses, with its HTTP status, OpenAI error fields and response headers."""
 
     def __init__(
         self,
@@ -35,13 +52,15 @@ class ProtocolError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
-        self.message = message
+        self.message = printable(message)
         self.type = type
-        self.param = param
+        self.param = None if param is None else printable(param)
         self.code = code
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -58,6 +77,19 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+# Fields kvos reads only to refuse: any JSON is parsed (so the refusal can name the field),
+# while the schema shows what is served. Anything else is a 400 naming the field.
+_ResponseFormat = Annotated[
+    Any, WithJsonSchema(_or_null({"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]}))
+]
+_NoTools = Annotated[Any, WithJsonSchema(_or_null({"type": "array", "maxItems": 0}))]
+_NoToolChoice = Annotated[Any, WithJsonSchema(_or_null({"const": "none"}))]
 
 
 class _SamplingFields(_Request):
@@ -78,11 +110,56 @@ class _SamplingFields(_Request):
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = Field(
+        default=None, json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,18}$"}}
+    )
+    """Token id (as a string, since JSON keys are strings) -> bias in [-100, 100]."""
+    response_format: _ResponseFormat = None
+    tools: _NoTools = None
+    tool_choice: _NoToolChoice = None
+    functions: _NoTools = None
+    function_call: _NoToolChoice = None
+
+    def _check_supported(self) -> None:
+        """Refuse tool calling and structured output rather than answer with plain text."""
+        unsupported = [
+            ("response_format", self.response_format not in (None, {"type": "text"}), "structured output"),
+            ("tools", self.tools not in (None, []), "tool calling"),
+            ("tool_choice", self.tool_choice not in (None, "none"), "tool calling"),
+            ("functions", self.functions not in (None, []), "function calling"),
+            ("function_call", self.function_call not in (None, "none"), "function calling"),
+        ]
+        for param, present, feature in unsupported:
+            if present:
+                raise ProtocolError(
+                    400,
+                    f"'{param}' is not supported: kvos does not support {feature} yet.",
+                    param=param,
+                    code="unsupported_parameter",
+                )
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        """OpenAI's string keys as token ids; the range of ids and biases is checked downstream."""
+        if self.logit_bias is None:
+            return None
+        bias = {}
+        for key, value in self.logit_bias.items():
+            if not _TOKEN_ID_KEY.fullmatch(key):
+                raise ProtocolError(
+                    400,
+                    f"Invalid key for 'logit_bias': {key!r} is not a token id (a non-negative integer string).",
+                    param="logit_bias",
+                    code="invalid_value",
+                )
+            bias[int(key)] = value
+        return bias
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, renames: dict[str, str]) -> SamplingParams:
-        """Build SamplingParams, reporting its ValueError against the request's field names."""
+        """Build SamplingParams, reporting its InvalidRequestError against the request's field names."""
+        self._check_supported()
         if self.stream_options is not None and not self.stream:
             raise ProtocolError(400, "stream_options is only allowed when stream is true", param="stream_options")
+        logit_bias = self._logit_bias()
         try:
             return SamplingParams(
                 n=1 if self.n is None else self.n,
@@ -92,15 +169,17 @@ class _SamplingFields(_Request):
                 top_k=0 if self.top_k is None else self.top_k,
                 min_p=0.0 if self.min_p is None else self.min_p,
                 seed=self.seed,
-                stop=() if self.stop is None else self.stop,
+                stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
                 logprobs=logprobs,
                 presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
                 frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
                 ignore_eos=self.ignore_eos,
+                logit_bias=logit_bias,
             )
-        except ValueError as exc:
-            field = str(exc).split(" ", 1)[0]
-            param = renames.get(field, field if field in type(self).model_fields else None)
+        except InvalidRequestError as exc:
+            param = renames.get(exc.param, exc.param) if exc.param is not None else None
+            if param not in type(self).model_fields:
+                param = None
             where = f" for '{param}'" if param else ""
             raise ProtocolError(400, f"Invalid value{where}: {exc}.", param=param, code="invalid_value") from exc
 
@@ -192,6 +271,7 @@ def parse_request(model: type[RequestT], body: Any) -> RequestT:
     """Validate a decoded JSON body, turning the first problem into a ProtocolError."""
     if not isinstance(body, dict):
         raise ProtocolError(400, "the request body must be a JSON object", code="invalid_type")
+    _refuse_lone_surrogates(body)
     try:
         return model.model_validate(body)
     except ValidationError as exc:
@@ -213,6 +293,35 @@ def _protocol_error(exc: ValidationError) -> ProtocolError:
     return ProtocolError(400, f"Invalid value for '{param}': {error['msg']}.", param=param, code=code)
 
 
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    """400 naming the first string (key or value) that holds a lone UTF-16 surrogate.
+
+    JSON allows the escape "\\ud800" on its own, but it is not Unicode text: the
+    tokenizer cannot encode it, and nothing built from it (an error message, a
+    chat template) could be sent back as UTF-8. Walked with an explicit stack, so
+    deep nesting cannot exhaust Python's recursion limit.
+    """
+    stack: list[tuple[str, Any]] = [(key, value) for key, value in reversed(body.items())]
+    while stack:
+        path, value = stack.pop()
+        for text in (path, value) if isinstance(value, str) else (path,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                surrogate = f"\\u{ord(text[exc.start]):04x}"
+                raise ProtocolError(
+                    400,
+                    f"Invalid value for '{path}': it holds a lone UTF-16 surrogate ({surrogate}), "
+                    "which is not Unicode text.",
+                    param=path,
+                    code="invalid_value",
+                ) from exc
+        if isinstance(value, dict):
+            stack.extend((f"{path}.{key}", item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}", item) for i, item in reversed(list(enumerate(value))))
+
+
 def _is_union_tag(segment: int | str) -> bool:
     """Unions add a location segment naming the member that failed ('str', 'list[int]', 'TextPart')."""
     if isinstance(segment, int):
@@ -221,6 +330,19 @@ def _is_union_tag(segment: int | str) -> bool:
 
 
 # -- responses ----------------------------------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, for every 4xx and 5xx (and as an event when a stream fails)."""
+
+    error: ErrorInfo
 
 
 class UsageInfo(BaseModel):
@@ -240,7 +362,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -280,7 +402,7 @@ class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -295,9 +417,11 @@ class ChatCompletionResponse(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: dict[str, str]
-    """{"role": "assistant", "content": ""} first, then {"content": ...}, then {} with the finish reason."""
+    """{"role": "assistant", "content": ""} first, then {"content": ...}, then {} with the finish reason.
+
+    finish_reason "abort" (vLLM's word) ends a request the server cut short while shutting down."""
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "abort"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

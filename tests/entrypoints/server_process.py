@@ -49,7 +49,7 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples of GET /metrics, by sample name."""
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=30).text
         return {
             sample.name: sample.value
             for family in text_string_to_metric_families(text)
@@ -102,6 +102,8 @@ class ServerProcess:
 def start_server(log_path: Path, *args: str, api_key: str | None = None) -> ServerProcess:
     """Launch `kvos serve`; call `wait_ready()` before use (loading the model takes a while)."""
     env = dict(os.environ)
+    # This checkout's kvos, not whichever one is pip-installed (e.g. an editable install of another worktree).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     env.pop("KVOS_API_KEY", None)
     if api_key is not None:
         env["KVOS_API_KEY"] = api_key

@@ -230,7 +230,7 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == result.usage.completion_tokens
     assert "".join(lp.tokens) == result.choices[0].text
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
-    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert len(top) == 3
         # Greedy: the chosen token is the most likely one.
         assert top[token] == pytest.approx(logprob) == pytest.approx(max(top.values()))
@@ -255,15 +255,20 @@ def test_chat_logprobs(client: openai.OpenAI) -> None:
         assert bytes(entry.bytes).decode() == entry.token
 
 
-def test_seed_reproducible(client: openai.OpenAI) -> None:
+def test_seed_reproducible_and_temperature_honoured(client: openai.OpenAI, offline: dict) -> None:
+    """Same seed, same text; other seeds at temperature 1 wander off the greedy path.
+
+    Fails if the seed were ignored (two runs differ) or the temperature were
+    (every seed would give the greedy text).
+    """
+
     def sample(seed: int) -> str:
         return (
             client.completions.create(
                 model=MODEL_NAME,
                 prompt=PROMPT,
-                max_tokens=10,
+                max_tokens=MAX_TOKENS,
                 temperature=1.0,
-                top_p=0.95,
                 seed=seed,
                 extra_body={"ignore_eos": True},
             )
@@ -271,7 +276,12 @@ def test_seed_reproducible(client: openai.OpenAI) -> None:
             .text
         )
 
+    greedy_text, greedy_ids = offline["completion"]
+    assert len(greedy_ids) == MAX_TOKENS  # the comparison below is between equally long texts
     assert sample(1234) == sample(1234)
+    samples = {sample(seed) for seed in range(4)}
+    assert len(samples) > 1
+    assert samples != {greedy_text}
 
 
 def test_echo(client: openai.OpenAI, offline: dict) -> None:

@@ -1,7 +1,8 @@
 """Everything a client can get wrong is a 4xx with OpenAI's error body, and the server carries on.
 
-The server here requires an API key and queues at most one request behind a
-single running sequence, so the 429 path can be driven deterministically.
+The server here requires an API key (on /metrics too), queues at most one
+request behind a single running sequence, so the 429 path can be driven
+deterministically, and gives running requests one second after SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from server_process import MODEL_NAME, ServerProcess, start_server
 
 API_KEY = "sk-test-kvos"
 MAX_BODY_BYTES = 8 * 2**20  # the default
+SHUTDOWN_TIMEOUT_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "1",
         "--max-num-seqs",
         "1",
+        "--metrics-require-key",
+        "--shutdown-timeout",
+        str(SHUTDOWN_TIMEOUT_S),
     )
     proc.api_key = API_KEY
     proc.wait_ready()
@@ -183,11 +188,23 @@ def test_api_key_required_on_v1(server: ServerProcess, path: str, authorization:
         response = httpx.post(f"{server.base_url}{path}", headers=headers, json=body)
     error = assert_error(response, 401, None, "API key")
     assert error["type"] == "authentication_error"
+    assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_health_and_metrics_need_no_key(server: ServerProcess) -> None:
+def test_health_needs_no_key_metrics_does(server: ServerProcess) -> None:
+    """--metrics-require-key: /metrics is behind the key too; /health stays open for load balancers."""
     assert httpx.get(f"{server.url}/health").status_code == 200
-    assert httpx.get(f"{server.url}/metrics").status_code == 200
+    response = httpx.get(f"{server.url}/metrics")
+    assert_error(response, 401, None, "API key")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert httpx.get(f"{server.url}/metrics", headers=server.headers).status_code == 200
+
+
+def test_openapi_and_docs_are_published(server: ServerProcess) -> None:
+    schema = httpx.get(f"{server.url}/openapi.json")
+    assert schema.status_code == 200
+    assert "/v1/chat/completions" in schema.json()["paths"]
+    assert httpx.get(f"{server.url}/docs").status_code == 200
 
 
 def test_valid_key_is_accepted(api: httpx.Client) -> None:
@@ -236,9 +253,11 @@ def test_full_queue_is_429(server: ServerProcess, api: httpx.Client) -> None:
             while server.metrics()["kvos_num_requests_waiting"] < 1 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert server.metrics()["kvos_num_requests_waiting"] == 1
-            error = assert_error(api.post("/completions", json=completion()), 429, None, "max_waiting=1")
+            refused = api.post("/completions", json=completion())
+            error = assert_error(refused, 429, None, "max_waiting=1")
             assert error["code"] == "queue_full"
             assert error["type"] == "rate_limit_error"
+            assert refused.headers["Retry-After"].isdigit() and int(refused.headers["Retry-After"]) >= 1
     # Both clients hung up: their requests are aborted and their KV freed.
     m = server.wait_drained()
     assert (m["kvos_num_requests_running"], m["kvos_num_requests_waiting"], m["kvos_kv_cache_used_blocks"]) == (0, 0, 0)
@@ -251,18 +270,28 @@ def test_still_serving_after_all_that(server: ServerProcess, api: httpx.Client) 
     assert "Traceback" not in server.log()
 
 
-def test_sigterm_aborts_streams_and_exits_cleanly(server: ServerProcess, api: httpx.Client) -> None:
-    """Runs last: it stops the module's server."""
-    with api.stream("POST", "/completions", json=completion(max_tokens=4000, stream=True, ignore_eos=True)) as stream:
+def test_sigterm_cuts_streams_after_the_grace_and_exits_cleanly(server: ServerProcess, api: httpx.Client) -> None:
+    """Runs last: it stops the module's server.
+
+    A stream running at SIGTERM goes on for --shutdown-timeout seconds, then
+    ends as a normal stream does: a last chunk (finish_reason "abort", as vLLM
+    names it), then `data: [DONE]`; the process exits with status 0.
+    """
+    body = completion(max_tokens=4000, stream=True, ignore_eos=True)
+    with api.stream("POST", "/completions", json=body) as stream:
         lines = stream.iter_lines()
         first = next(lines)
         assert first.startswith("data: {")
+        started = time.monotonic()
         server.process.terminate()
-        rest = [line for line in lines if line]
-    assert rest, "the stream should end with an error event"
-    last = json.loads(rest[-1].removeprefix("data: "))
-    assert last["error"]["code"] == "unavailable"
-    assert "shutting down" in last["error"]["message"]
+        rest = [line.removeprefix("data: ") for line in lines if line]
+        cut_after = time.monotonic() - started
+    assert rest[-1] == "[DONE]"
+    chunks = [json.loads(payload) for payload in rest[:-1]]
+    assert all("error" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "abort"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    assert SHUTDOWN_TIMEOUT_S * 0.9 <= cut_after < SHUTDOWN_TIMEOUT_S + 10, cut_after
     assert server.process.wait(60) == 0
     assert "Traceback" not in server.log()
 
@@ -279,3 +308,4 @@ def test_api_key_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ServerConfig.from_args(parser.parse_args(["serve", "--api-key", "from-flag"])).api_key == "from-flag"
     defaults = ServerConfig.from_args(parser.parse_args(["serve"]))
     assert (defaults.host, defaults.port, defaults.max_body_bytes) == ("127.0.0.1", 8000, 8 * 2**20)
+    assert (defaults.shutdown_timeout, defaults.metrics_require_key) == (5.0, False)

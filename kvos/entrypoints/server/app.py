@@ -1,0 +1,211 @@
+"""The ASGI app and the process around it: routes, error bodies, start-up and a graceful shutdown.
+
+`build_app` wires the endpoint modules to one `EngineClient` and turns every
+refusal into OpenAI's error body (with Retry-After on 429 and
+WWW-Authenticate on 401). `run_server` is the composition root: it builds the
+in-process engine, then runs uvicorn until SIGINT/SIGTERM. On the signal the
+engine stops taking requests and gives running ones `shutdown_timeout`
+seconds; uvicorn waits that long (and a little more) for their responses,
+which end normally, with finish_reason "abort" where they were cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import FrameType
+from typing import Any, Literal
+
+import uvicorn
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from kvos.config import EngineConfig
+from kvos.engine.client import EngineClient
+from kvos.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
+from kvos.entrypoints.openai_protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    ProtocolError,
+)
+from kvos.entrypoints.server.chat import Chat
+from kvos.entrypoints.server.completions import Completions
+from kvos.entrypoints.server.openapi import error_responses, openapi_schema, request_body, streamed_or_whole
+from kvos.entrypoints.server.plumbing import Serving, api_key_check
+from kvos.entrypoints.server_config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+_SHUTDOWN_MARGIN_S = 2.0
+"""uvicorn's wait beyond the engine's grace (rounded up to whole seconds, as uvicorn takes it):
+time for cut requests to send their last chunk and [DONE]."""
+
+
+class HealthStatus(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
+    """The ASGI app; it starts the engine on startup and shuts it down on shutdown."""
+    serving = Serving(engine, config, ServerMetrics(engine.stats))
+    completions = Completions(serving)
+    chat = Chat(serving)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(
+        title="kvos",
+        description="An OpenAI-compatible server for one model.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+    app.state.serving = serving
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ProtocolError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        error = ProtocolError(500, "Internal server error.", type="server_error", code="internal_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    async def health() -> Response:
+        if not engine.is_running:
+            body = ProtocolError(503, "The engine is not running.", type="server_error", code="unavailable").body()
+            return JSONResponse(body, status_code=503)
+        return JSONResponse(HealthStatus().model_dump())
+
+    async def metrics() -> Response:
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models() -> ModelList:
+        card = ModelCard(id=serving.model_name, created=serving.created, max_model_len=engine.max_model_len)
+        return ModelList(data=[card])
+
+    require_key = [Depends(api_key_check(config.api_key))]
+    secured_paths = ["/v1/models", "/v1/completions", "/v1/chat/completions"] if config.api_key else []
+    metrics_secured = config.metrics_require_key and config.api_key is not None
+    if metrics_secured:
+        secured_paths.append("/metrics")
+
+    app.add_api_route("/health", health, methods=["GET"], response_model=HealthStatus, responses=error_responses(503))
+    app.add_api_route(
+        "/metrics",
+        metrics,
+        methods=["GET"],
+        response_class=PlainTextResponse,
+        dependencies=require_key if metrics_secured else None,
+        responses=error_responses(401) if metrics_secured else None,
+        description="Prometheus text format.",
+    )
+    v1 = APIRouter(prefix="/v1", dependencies=require_key)
+    v1.add_api_route("/models", models, methods=["GET"], responses=error_responses(401))
+    post_errors = error_responses(400, 401, 404, 413, 429, 503)
+    v1.add_api_route(
+        "/completions",
+        completions.create,
+        methods=["POST"],
+        response_model=CompletionResponse,
+        responses={**streamed_or_whole("A completion, or its chunks as events", CompletionResponse), **post_errors},
+        openapi_extra=request_body(CompletionRequest),
+    )
+    v1.add_api_route(
+        "/chat/completions",
+        chat.create,
+        methods=["POST"],
+        response_model=ChatCompletionResponse,
+        responses={
+            **streamed_or_whole("A chat completion, or its chunks as events", ChatCompletionChunk),
+            **post_errors,
+        },
+        openapi_extra=request_body(ChatCompletionRequest),
+    )
+    app.include_router(v1)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_schema(app, serving.model_name, secured_paths)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, with a shutdown that lets the engine wind down and exits with status 0.
+
+    Stock uvicorn re-raises the signal once it has stopped, so the process
+    would die by SIGINT/SIGTERM instead of exiting cleanly. A second SIGINT
+    forces the exit, as in stock uvicorn.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None], banner: Callable[[str], str]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+        self._banner = banner
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(self._banner(f"http://{host}:{port}"), flush=True)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+        self._on_exit()
+
+
+def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
+    """Load the model, serve until SIGINT/SIGTERM, then return."""
+    # Imported here: the app itself depends on the EngineClient protocol only.
+    from kvos.engine.async_engine import AsyncLLMEngine
+    from kvos.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(engine_config)
+    async_engine = AsyncLLMEngine(engine, server_config.max_waiting)
+    app = build_app(async_engine, server_config)
+    kv = engine.kv_manager
+    grace_s = server_config.shutdown_timeout
+
+    def banner(url: str) -> str:
+        return (
+            f"kvos: serving {app.state.serving.model_name} at {url}/v1 "
+            f"(KV cache, {engine.config.cache.kv_cache}: {kv.capacity_tokens} tokens; "
+            f"max context {engine.max_model_len}; "
+            f"max waiting {server_config.max_waiting}; API key {'required' if server_config.api_key else 'off'})"
+        )
+
+    uv_config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level="info",
+        timeout_graceful_shutdown=math.ceil(grace_s + _SHUTDOWN_MARGIN_S),
+    )
+    _Server(uv_config, lambda: async_engine.begin_shutdown(grace_s), banner).run()
