@@ -102,7 +102,7 @@ class EngineCoreProcess:
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         self._max_tokens_per_request = info.max_tokens_per_request
-        self._capacity_tokens = info.capacity_tokens
+        self.capacity_tokens = info.capacity_tokens
         self._stats = info.stats
         self._live: set[str] = set()
 
@@ -119,7 +119,7 @@ class EngineCoreProcess:
         if num_tokens > self._max_tokens_per_request:
             raise ValueError(
                 f"request needs {num_tokens} tokens of KV cache (prompt + max_tokens) but at most "
-                f"{self._max_tokens_per_request} fit (KV capacity {self._capacity_tokens} tokens)"
+                f"{self._max_tokens_per_request} fit (KV capacity {self.capacity_tokens} tokens)"
             )
 
     def add_request(self, request: Request) -> None:

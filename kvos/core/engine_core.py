@@ -133,6 +133,7 @@ class EngineCore:
         self.kv_manager = make_kv_manager(
             config.cache, shape, config.scheduler.max_num_seqs, self.max_model_len, model_identity(loaded, config)
         )
+        self.capacity_tokens = self.kv_manager.capacity_tokens
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, eos_token_ids, self.max_model_len)
         self.worker = Worker(
             model,

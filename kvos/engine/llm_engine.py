@@ -45,6 +45,8 @@ class LLMEngine:
         else:
             self.core = EngineCore(config, loaded, self.eos_token_ids)
         self.max_model_len = self.core.max_model_len
+        self.capacity_tokens = self.core.capacity_tokens
+        """Tokens the KV cache holds at once."""
         self.processor = OutputProcessor(self.tokenizer)
 
     @property

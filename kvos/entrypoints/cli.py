@@ -9,7 +9,7 @@ import sys
 from dataclasses import fields
 from typing import Any, get_args, get_type_hints
 
-from kvos.config import CacheConfig, ModelConfig, SchedulerConfig
+from kvos.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_tenant_weights
 from kvos.entrypoints.server_config import add_server_args
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -42,7 +42,8 @@ def _engine_defaults() -> dict[str, Any]:
     Flags take their defaults from here, so `kvos serve` with no flags builds
     exactly `EngineConfig()` and a changed default cannot drift from the CLI.
     """
-    return {f.name: f.default for config in (ModelConfig, CacheConfig, SchedulerConfig) for f in fields(config)}
+    configs = (ModelConfig, CacheConfig, SchedulerConfig, ParallelConfig)
+    return {f.name: f.default for config in configs for f in fields(config)}
 
 
 def _choices(config: type, name: str) -> list[str]:
@@ -92,6 +93,33 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     )
     parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
+    parser.add_argument(
+        "--scheduling-policy",
+        dest="policy",
+        default=d["policy"],
+        choices=_choices(SchedulerConfig, "policy"),
+        help="fcfs; priority (request field `priority`, lower first); fair (VTC between `user`s)",
+    )
+    parser.add_argument(
+        "--preemption-quantum-steps",
+        type=int,
+        default=d["preemption_quantum_steps"],
+        help="steps a request runs before a more urgent one may take its slot (priority policy)",
+    )
+    parser.add_argument(
+        "--tenant-weights",
+        type=_tenant_weights,
+        default=d["tenant_weights"],
+        help="fair shares, e.g. alice=2,bob=1 (others weigh 1)",
+    )
+    parser.add_argument("--fair-input-weight", type=float, default=d["fair_input_weight"])
+    parser.add_argument("--fair-output-weight", type=float, default=d["fair_output_weight"])
+    parser.add_argument(
+        "--core-process",
+        action="store_true",
+        default=d["core_process"],
+        help="run the engine core (scheduler, KV, model) in its own process",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +139,20 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        policy=args.policy,
+        preemption_quantum_steps=args.preemption_quantum_steps,
+        tenant_weights=args.tenant_weights,
+        fair_input_weight=args.fair_input_weight,
+        fair_output_weight=args.fair_output_weight,
+        core_process=args.core_process,
     )
+
+
+def _tenant_weights(text: str) -> tuple[tuple[str, float], ...]:
+    try:
+        return parse_tenant_weights(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_sampling_args(parser: argparse.ArgumentParser) -> None:

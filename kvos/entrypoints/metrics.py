@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from kvos.engine.client import RequestStream
-from kvos.engine.stats import EngineStats
+from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -47,7 +47,21 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "kvos_prefix_cache_hits", "Prompt tokens found in the prefix cache.", value=s.prefix_cache_hits
         )
-        yield CounterMetricFamily("kvos_num_preemptions", "Sequences preempted for memory.", value=s.num_preemptions)
+        yield CounterMetricFamily("kvos_num_preemptions", "Sequences preempted (any reason).", value=s.num_preemptions)
+        by_reason = CounterMetricFamily(
+            "kvos_preemptions_by_reason", "Sequences preempted: kv_memory or priority.", labels=["reason"]
+        )
+        for reason, count in s.preemptions_by_reason:
+            by_reason.add_metric([reason], count)
+        yield by_reason
+        service = GaugeMetricFamily(
+            "kvos_tenant_service",
+            "Weighted service (fair policy): the most served tenants, the rest as 'other'.",
+            labels=["tenant"],
+        )
+        for tenant, value in s.tenant_service:
+            service.add_metric([tenant], value)
+        yield service
         yield CounterMetricFamily("kvos_prompt_tokens", "Prompt tokens computed.", value=s.num_prompt_tokens)
         yield CounterMetricFamily("kvos_generation_tokens", "Tokens generated.", value=s.num_generation_tokens)
 
@@ -70,6 +84,14 @@ class ServerMetrics:
             buckets=_TOKEN_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.tenant_time_to_first_token = Histogram(
+            "kvos_tenant_time_to_first_token_seconds",
+            "Request arrival to first token, per tenant (the OpenAI `user`; the first few named, the rest 'other').",
+            labelnames=["tenant"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._named_tenants: set[str] = set()
         self.e2e_request_latency = Histogram(
             "kvos_e2e_request_latency_seconds",
             "Request arrival to its last token.",
@@ -77,11 +99,20 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def observe(self, stream: RequestStream, num_output_tokens: int) -> None:
+    def _tenant_label(self, tenant: str) -> str:
+        """Label cardinality stays bounded: the first tenants seen keep their names."""
+        if tenant in self._named_tenants or len(self._named_tenants) < MAX_TENANTS_REPORTED:
+            self._named_tenants.add(tenant)
+            return tenant
+        return "other"
+
+    def observe(self, stream: RequestStream, num_output_tokens: int, tenant: str = "") -> None:
         """Record a request that ran to completion (aborted ones would skew latency)."""
         if stream.first_token_time is None or stream.finish_time is None:
             return
-        self.time_to_first_token.observe(stream.first_token_time - stream.arrival_time)
+        ttft = stream.first_token_time - stream.arrival_time
+        self.time_to_first_token.observe(ttft)
+        self.tenant_time_to_first_token.labels(self._tenant_label(tenant)).observe(ttft)
         self.e2e_request_latency.observe(stream.finish_time - stream.arrival_time)
         if num_output_tokens > 1:
             self.time_per_output_token.observe((stream.finish_time - stream.first_token_time) / (num_output_tokens - 1))

@@ -108,6 +108,9 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     """A vLLM extension: generate exactly max_tokens (benchmarks need fixed output lengths)."""
     user: str | None = None
+    """Also the tenant whose fair share the request counts against (`--scheduling-policy fair`)."""
+    priority: int = 0
+    """A vLLM extension: lower is served sooner (`--scheduling-policy priority`)."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(

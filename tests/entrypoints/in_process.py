@@ -52,8 +52,9 @@ def write_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def tiny_engine(folder: Path) -> LLMEngine:
+def tiny_engine(folder: Path, **options: Any) -> LLMEngine:
     config = EngineConfig.from_kwargs(
+        **options,
         model=str(folder),
         load_format="dummy",
         max_model_len=TINY_MAX_MODEL_LEN,
@@ -64,10 +65,12 @@ def tiny_engine(folder: Path) -> LLMEngine:
 
 
 @contextmanager
-def serve_in_process(model_dir: Path, config: ServerConfig | None = None) -> Iterator[tuple[TestClient, FastAPI]]:
+def serve_in_process(
+    model_dir: Path, config: ServerConfig | None = None, **engine_options: Any
+) -> Iterator[tuple[TestClient, FastAPI]]:
     """A started app (lifespan run) over a fresh tiny engine, and a client that returns 5xx instead of raising."""
     config = config or ServerConfig()
-    app = build_app(AsyncLLMEngine(tiny_engine(model_dir), config.max_waiting), config)
+    app = build_app(AsyncLLMEngine(tiny_engine(model_dir, **engine_options), config.max_waiting), config)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, app
 

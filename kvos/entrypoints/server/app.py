@@ -190,14 +190,14 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
     engine = LLMEngine(engine_config)
     async_engine = AsyncLLMEngine(engine, server_config.max_waiting)
     app = build_app(async_engine, server_config)
-    kv = engine.kv_manager
     grace_s = server_config.shutdown_timeout
 
     def banner(url: str) -> str:
         return (
             f"kvos: serving {app.state.serving.model_name} at {url}/v1 "
-            f"(KV cache, {engine.config.cache.kv_cache}: {kv.capacity_tokens} tokens; "
-            f"max context {engine.max_model_len}; "
+            f"(KV cache, {engine.config.cache.kv_cache}: {engine.capacity_tokens} tokens; "
+            f"max context {engine.max_model_len}; scheduling {engine.config.scheduler.policy}; "
+            f"engine core {'in its own process' if engine.config.parallel.core_process else 'in process'}; "
             f"max waiting {server_config.max_waiting}; API key {'required' if server_config.api_key else 'off'})"
         )
 

@@ -147,6 +147,7 @@ class Job:
     created: int
     prompt_token_ids: list[list[int]]
     params: SamplingParams
+    tenant: str = ""
     streams: list[RequestStream] = field(default_factory=list)
     prompt_texts: list[str] = field(default_factory=list)
     """Filled for echo only."""
@@ -202,13 +203,20 @@ class Serving:
             )
 
     async def start_job(
-        self, prefix: str, prompt_token_ids: list[list[int]], params: SamplingParams, prompt_param: str
+        self,
+        prefix: str,
+        prompt_token_ids: list[list[int]],
+        params: SamplingParams,
+        prompt_param: str,
+        priority: int = 0,
+        tenant: str = "",
     ) -> Job:
         """Hand every prompt to the engine; all or none of them run."""
-        job = Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_token_ids, params)
+        job = Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_token_ids, params, tenant)
         try:
             for i, ids in enumerate(prompt_token_ids):
-                job.streams.append(await self.engine.add_request(f"{job.request_id}-{i}", ids, params))
+                stream = await self.engine.add_request(f"{job.request_id}-{i}", ids, params, priority, tenant)
+                job.streams.append(stream)
         except InvalidRequestError as exc:
             self.close_job(job)
             # The engine speaks of the prompt's token ids; the request's field for them is
@@ -232,7 +240,7 @@ class Serving:
             if not stream.finished:
                 self.engine.abort(stream.req_id)
             elif stream.output is not None and _ran_to_end(stream.output):
-                self.metrics.observe(stream, max(len(c.token_ids) for c in stream.output.outputs))
+                self.metrics.observe(stream, max(len(c.token_ids) for c in stream.output.outputs), job.tenant)
 
     async def run_to_end(self, request: Request, job: Job) -> list[RequestOutput] | None:
         """Final output per prompt, or None if the client disconnected first."""
