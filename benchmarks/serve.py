@@ -73,8 +73,14 @@ def poisson_delays(num: int, rate: float, seed: int) -> list[float]:
 
 
 async def stream_one(
-    client: httpx.AsyncClient, model: str, request: BenchRequest, ignore_eos: bool, count_tokens: Any
+    client: httpx.AsyncClient,
+    model: str,
+    request: BenchRequest,
+    ignore_eos: bool,
+    count_tokens: Any,
+    extra: dict[str, Any] | None = None,
 ) -> RequestResult:
+    """Stream one completion; `extra` fields (e.g. `user`, `priority`) join the request body."""
     result = RequestResult(prompt_tokens=len(request.prompt_token_ids), expected_tokens=request.max_tokens)
     body: dict[str, Any] = {
         "model": model,
@@ -86,6 +92,7 @@ async def stream_one(
     }
     if ignore_eos:
         body |= {"ignore_eos": True, "min_tokens": request.max_tokens}
+    body |= extra or {}
     text = ""
     usage_tokens: int | None = None
     start = time.perf_counter()
