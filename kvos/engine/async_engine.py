@@ -48,6 +48,7 @@ class _Add:
     params: SamplingParams
     priority: int
     tenant: str
+    cache_salt: str | None
     accepted: concurrent.futures.Future[None]
     displace: bool
     """The queue looked full: admit only by refusing a less urgent waiting request."""
@@ -156,7 +157,13 @@ class AsyncLLMEngine:
     # -- requests (event loop side) ---------------------------------------------------
 
     async def add_request(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, tenant: str = ""
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        tenant: str = "",
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Queue a request and return the stream of its outputs.
 
@@ -174,7 +181,7 @@ class AsyncLLMEngine:
             self._num_pending += 1
         stream = RequestStream(req_id, asyncio.get_running_loop())
         accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(_Add(stream, prompt_token_ids, params, priority, tenant, accepted, full))
+        self._commands.put(_Add(stream, prompt_token_ids, params, priority, tenant, cache_salt, accepted, full))
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -256,7 +263,12 @@ class AsyncLLMEngine:
             if command.displace:
                 self._make_room(command.priority)
             self.engine.add_request(
-                req_id, command.prompt_token_ids, command.params, command.priority, tenant=command.tenant
+                req_id,
+                command.prompt_token_ids,
+                command.params,
+                command.priority,
+                cache_salt=command.cache_salt,
+                tenant=command.tenant,
             )
         except Exception as exc:  # the caller's fault or a full queue; anything else is reported to it too
             if not isinstance(exc, (ValueError, EngineUnavailableError, QueueFullError)):

@@ -91,12 +91,19 @@ class EngineClient(Protocol):
     def start(self) -> None: ...
 
     async def add_request(
-        self, req_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0, tenant: str = ""
+        self,
+        req_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        tenant: str = "",
+        cache_salt: str | None = None,
     ) -> RequestStream:
         """Queue a request and return the stream of its outputs.
 
         `priority`: lower is served sooner (the priority policy); `tenant`:
-        whose fair share it counts against (the fair policy; OpenAI's `user`).
+        whose fair share it counts against (the fair policy; OpenAI's `user`);
+        `cache_salt`: only requests with the same salt share prefix-cache blocks.
 
         Raises `InvalidRequestError` (a ValueError naming the field) for input
         it could never serve, `QueueFullError` when too many wait,

@@ -111,6 +111,8 @@ class _SamplingFields(_Request):
     """Also the tenant whose fair share the request counts against (`--scheduling-policy fair`)."""
     priority: int = 0
     """A vLLM extension: lower is served sooner (`--scheduling-policy priority`)."""
+    cache_salt: str | None = Field(default=None, min_length=1)
+    """A vLLM extension: only requests with the same salt share prefix-cache blocks (tenant isolation)."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(

@@ -28,7 +28,13 @@ class FakeEngine:
         self.num_aborted = 0
 
     def add_request(
-        self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0, tenant: str = ""
+        self,
+        req_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+        tenant: str = "",
     ) -> None:
         if not prompt:
             raise ValueError("prompt is empty")

@@ -53,7 +53,9 @@ class Chat:
         max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = req.to_sampling_params(default_max_tokens=max(1, serving.engine.max_model_len - len(ids)))
         serving.check_context(len(ids), 0 if requested is None else params.max_tokens, "messages", max_tokens_param)
-        job = await serving.start_job("chatcmpl", [ids], params, "messages", req.priority, req.user or "")
+        job = await serving.start_job(
+            "chatcmpl", [ids], params, "messages", req.priority, req.user or "", req.cache_salt
+        )
         if req.stream:
             return EventStream(guarded(self._events(job, req), job), lambda: serving.close_job(job))
         finals = await serving.run_to_end(request, job)

@@ -210,12 +210,15 @@ class Serving:
         prompt_param: str,
         priority: int = 0,
         tenant: str = "",
+        cache_salt: str | None = None,
     ) -> Job:
         """Hand every prompt to the engine; all or none of them run."""
         job = Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_token_ids, params, tenant)
         try:
             for i, ids in enumerate(prompt_token_ids):
-                stream = await self.engine.add_request(f"{job.request_id}-{i}", ids, params, priority, tenant)
+                stream = await self.engine.add_request(
+                    f"{job.request_id}-{i}", ids, params, priority, tenant, cache_salt
+                )
                 job.streams.append(stream)
         except InvalidRequestError as exc:
             self.close_job(job)
