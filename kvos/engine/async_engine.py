@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from kvos.engine.client import RequestStream
 from kvos.engine.stats import EngineStats
-from kvos.errors import EngineUnavailableError, QueueFullError, RequestFailedError
+from kvos.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestFailedError
 from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams
 
@@ -259,7 +259,7 @@ class AsyncLLMEngine:
             if not self._accepting or self._drain_deadline is not None:
                 raise EngineUnavailableError("the server is shutting down")
             if req_id in self._live:
-                raise ValueError(f"request id {req_id!r} is already in use")
+                raise InvalidRequestError(f"request id {req_id!r} is already in use")
             if command.displace:
                 self._make_room(command.priority)
             self.engine.add_request(
