@@ -259,14 +259,14 @@ def test_cuda_region_maps_and_unmaps_pages() -> None:
     region = CudaRegion(8 * 2**21, torch.device("cuda"))
     data = region.as_bytes()
     assert data.device.type == "cuda" and data.numel() == region.num_pages * region.page_size
-    region.commit(2, 3)
+    region.commit([(2, 3)])
     page = region.page_size
     data[2 * page : 5 * page].fill_(7)
     assert int(data[2 * page : 5 * page].sum()) == 7 * 3 * page
-    region.release(3, 2)
+    region.release([(3, 2)])
     assert region.is_mapped(2) and not region.is_mapped(3)
     assert region.num_physical_pages == 3  # released pages stay in the pool
-    region.commit(6, 2)
+    region.commit([(6, 2)])
     assert region.num_physical_pages == 3
     data[6 * page : 8 * page].fill_(1)
     torch.cuda.synchronize()
