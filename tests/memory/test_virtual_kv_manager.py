@@ -126,7 +126,7 @@ def test_flat_indices_and_contiguous_views_address_the_same_memory(layout: Layou
     prefill(kv, a)
     prefill(kv, b)
     buf = buffer(kv)
-    for layer, (k_cache, v_cache) in enumerate(buf.kv_caches):
+    for k_cache, v_cache in buf.kv_caches:
         for request in (a, b):
             idx = indices(kv, request, request.num_tokens)
             assert idx.tolist() == list(range(kv.kv_start(request), kv.kv_start(request) + request.num_tokens))
@@ -288,7 +288,7 @@ def test_cuda_manager_matches_cpu_manager() -> None:
         prefill(kv, a)
         prefill(kv, b)
     cpu_buf, gpu_buf = buffer(cpu), buffer(gpu)
-    for (k_cpu, _), (k_gpu, _) in zip(cpu_buf.kv_caches, gpu_buf.kv_caches):
+    for (k_cpu, _), (k_gpu, _) in zip(cpu_buf.kv_caches, gpu_buf.kv_caches, strict=True):
         values = torch.randn(37, 2, 64)
         k_cpu[indices(cpu, a, 37)] = values
         k_gpu[indices(gpu, a, 37).cuda()] = values.to("cuda", torch.bfloat16)

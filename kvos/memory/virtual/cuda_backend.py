@@ -426,6 +426,8 @@ class _Reservation:
         self.broken: str | None = None
         self.address_freed = False
         self.driver_closed = False
+        self.closing = False
+        """Set while close() drops its references: the finalizer then leaves freeing to close()."""
         try:
             with self._current():
                 self.page_size = driver.granularity()
@@ -623,7 +625,12 @@ class _Reservation:
 
 
 def _free_logging_errors(reservation: _Reservation) -> None:
-    """The finalizer's body: it may run inside a tensor's deleter, where nothing can be raised."""
+    """The finalizer's body: it may run inside a tensor's deleter, where nothing can be raised.
+
+    While close() drops the region's own references it frees (and raises) itself.
+    """
+    if reservation.closing:
+        return
     try:
         reservation.free()
     except Exception:
@@ -734,8 +741,10 @@ class CudaRegion:
         """
         if not self._closed:
             self._closed = True
+            self._reservation.closing = True
             self._bytes = None
             self._token = None  # the views' storages hold the other references
+            self._reservation.closing = False
         if self._finalizer.alive:
             logger.info("CUDA region closed while views of it are alive: its memory goes with the last one")
             return
