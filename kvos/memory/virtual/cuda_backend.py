@@ -113,7 +113,9 @@ class _BindingsDriver:
 
     def __init__(self, device_index: int, cu: Any = None) -> None:
         if cu is None:
-            from cuda.bindings import driver as cu
+            from cuda.bindings import driver
+
+            cu = driver
         self._cu = cu
         self._check("cuInit", cu.cuInit(0))
         self._device = self._check("cuDeviceGet", cu.cuDeviceGet(device_index))
