@@ -6,6 +6,12 @@ buffers here are what those slots index. Each layer's K and V are viewed as
 flat slot whatever the manager: a paged pool's `block * block_size + offset`,
 or a virtual row's `row * row_tokens + position`. Copies the managers ask for
 (`CopyKV`) run here, before the step's forward pass.
+
+Both buffers have `close()` (safe to call twice): it drops the buffer's
+tensors, after which `copy` and `kv_caches` must not be used. For the virtual
+buffer that is also what lets the region's device memory go: the region gives
+its pages back only when it is closed by the manager and no view of it is
+left (a view keeps the reservation alive through its storage).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ class KVBuffer(Protocol):
 
     def copy(self, ops: list[CopyKV]) -> None:
         """Run the plan's copies in order, in every layer."""
+        ...
+
+    def close(self) -> None:
+        """Drop the KV tensors. Safe to call twice."""
         ...
 
 
@@ -58,19 +68,41 @@ class PagedKVBuffer:
     def copy(self, ops: list[CopyKV]) -> None:
         _copy(self.kv_caches, ops)
 
+    def close(self) -> None:
+        """Drop the pool's tensors; torch's allocator gets them back once nothing else holds them."""
+        self.kv_caches = []
+
 
 class VirtualKVBuffer:
     """Per-layer views over a virtual region whose pages the manager maps on demand.
 
     Only slots under committed pages may be touched: the manager commits a
-    request's pages before the plan that uses them reaches the worker.
+    request's pages before the plan that uses them reaches the worker. On a
+    GPU an unmapped page has no zero page behind it, so a read of one is an
+    illegal address that ends the process's CUDA context: never apply a
+    whole-tensor operation (`.contiguous()`, `.clone()`, printing, reductions)
+    to `kv_caches`; address runs of slots only (docs/virtual_kv_cache.md).
+
+    The buffer holds the region, and each view keeps the region's reservation
+    alive, so no tensor handed out here can outlive the memory under it.
     """
 
     def __init__(self, layout: KVLayout, region: VirtualRegion) -> None:
         self.layout = layout
+        self._region: VirtualRegion | None = region
         self.kv_caches: KVCaches = layout.layer_views(region.as_bytes())
 
+    def __repr__(self) -> str:
+        # Never the tensors: printing one would read every page, mapped or not.
+        state = "closed" if self._region is None else f"{len(self.kv_caches)} layers"
+        return f"VirtualKVBuffer({self.layout.kind}, {self.layout.num_rows} rows x {self.layout.row_tokens}, {state})"
+
     def copy(self, ops: list[CopyKV]) -> None:
+        """Run the copies; each source and destination must be a run of slots inside one row."""
+        self._check_open()
+        for op in ops:
+            self._check_slots(op.src_slot, op.num_slots)
+            self._check_slots(op.dst_slot, op.num_slots)
         _copy(self.kv_caches, ops)
 
     def contiguous_kv(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,9 +111,35 @@ class VirtualKVBuffer:
         Only read rows whose first `length` tokens are allocated: other pages
         may be unmapped.
         """
+        self._check_open()
+        if not 0 <= length <= self.layout.row_tokens:
+            raise IndexError(f"length {length} outside a row of {self.layout.row_tokens} tokens")
         k_flat, v_flat = self.kv_caches[layer]
         shape = (self.layout.num_rows, self.layout.row_tokens)
         return k_flat.unflatten(0, shape)[rows, :length], v_flat.unflatten(0, shape)[rows, :length]
+
+    def close(self) -> None:
+        """Drop the views and the region; the region's memory goes once the manager has closed it too.
+
+        Safe to call twice. Views taken from `kv_caches` before this stay
+        valid memory (they keep the reservation) until they are dropped.
+        """
+        self.kv_caches = []
+        self._region = None
+
+    def _check_open(self) -> None:
+        if self._region is None:
+            raise RuntimeError("the KV buffer is closed")
+
+    def _check_slots(self, first_slot: int, num_slots: int) -> None:
+        # Raised, not asserted: a copy across a row's end would read or write
+        # another row's pages, which on a GPU may be unmapped.
+        row_tokens = self.layout.row_tokens
+        position = first_slot % row_tokens
+        if first_slot < 0 or num_slots < 0 or first_slot // row_tokens >= self.layout.num_rows:
+            raise IndexError(f"slots [{first_slot}, {first_slot + num_slots}) outside the KV buffer")
+        if position + num_slots > row_tokens:
+            raise IndexError(f"slots [{first_slot}, {first_slot + num_slots}) cross the end of a row")
 
 
 def make_kv_buffer(manager: KVCacheManager, shape: KVShape) -> KVBuffer:

@@ -126,7 +126,7 @@ def test_flat_indices_and_contiguous_views_address_the_same_memory(layout: Layou
     prefill(kv, a)
     prefill(kv, b)
     buf = buffer(kv)
-    for layer, (k_cache, v_cache) in enumerate(buf.kv_caches):
+    for k_cache, v_cache in buf.kv_caches:
         for request in (a, b):
             idx = indices(kv, request, request.num_tokens)
             assert idx.tolist() == list(range(kv.kv_start(request), kv.kv_start(request) + request.num_tokens))
@@ -250,56 +250,6 @@ def test_megacache_wastes_less_than_per_layer() -> None:
         assert kv.used_bytes == 42 * SHAPE.bytes_per_token
     # at most half a page per request in the megacache; up to a page per plane per request per-layer
     assert waste["megacache"] < waste["per_layer"]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_region_maps_and_unmaps_pages() -> None:
-    from kvos.memory.virtual.cuda_backend import CudaRegion
-
-    region = CudaRegion(8 * 2**21, torch.device("cuda"))
-    data = region.as_bytes()
-    assert data.device.type == "cuda" and data.numel() == region.num_pages * region.page_size
-    region.commit(2, 3)
-    page = region.page_size
-    data[2 * page : 5 * page].fill_(7)
-    assert int(data[2 * page : 5 * page].sum()) == 7 * 3 * page
-    region.release(3, 2)
-    assert region.is_mapped(2) and not region.is_mapped(3)
-    assert region.num_physical_pages == 3  # released pages stay in the pool
-    region.commit(6, 2)
-    assert region.num_physical_pages == 3
-    data[6 * page : 8 * page].fill_(1)
-    torch.cuda.synchronize()
-    region.close()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_manager_matches_cpu_manager() -> None:
-    cpu = make_manager()
-    gpu = VirtualKVCacheManager(
-        budget_bytes=64 * 2**21,
-        shape=KVShape(2, 2, 64, torch.bfloat16, torch.device("cuda")),
-        max_num_seqs=4,
-        max_model_len=256,
-    )
-    a, b = make_request("a", 37), make_request("b", 5)
-    for kv in (cpu, gpu):
-        a.num_computed_tokens = b.num_computed_tokens = 0
-        prefill(kv, a)
-        prefill(kv, b)
-    cpu_buf, gpu_buf = buffer(cpu), buffer(gpu)
-    for (k_cpu, _), (k_gpu, _) in zip(cpu_buf.kv_caches, gpu_buf.kv_caches):
-        values = torch.randn(37, 2, 64)
-        k_cpu[indices(cpu, a, 37)] = values
-        k_gpu[indices(gpu, a, 37).cuda()] = values.to("cuda", torch.bfloat16)
-        row = gpu.row_of(a)
-        k_view, _ = gpu_buf.contiguous_kv(0, slice(row, row + 1), 37)
-        assert k_view.device.type == "cuda"
-        assert torch.equal(k_gpu[indices(gpu, a, 37).cuda()].cpu(), values.to(torch.bfloat16))
-    gpu.free(a)
-    gpu.free(b)
-    assert gpu.num_used_blocks == 0
-    gpu.close()
 
 
 def test_static_reservation_commits_every_row_once() -> None:

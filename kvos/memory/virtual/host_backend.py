@@ -16,8 +16,11 @@ import ctypes
 import errno
 import mmap
 import os
+from collections.abc import Sequence
 
 import torch
+
+from kvos.memory.virtual.region import DeviceOutOfMemory, PageRun, RegionError, check_runs
 
 _MAP_NORESERVE = 0x4000  # Linux value; Python's mmap module does not export it.
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14: fault pages in writable, without touching data.
@@ -67,26 +70,54 @@ class HostRegion:
             raise OSError(code, f"mprotect of the guard page failed: {os.strerror(code)}")
         self._madvise(0, self.num_pages, mmap.MADV_NOHUGEPAGE)
         self._can_populate = self._probe_populate()
+        self._num_committed = 0
+
+    @property
+    def num_physical_pages(self) -> int:
+        """Pages committed (the page table never commits a page twice); the host keeps none in reserve."""
+        return self._num_committed
 
     def as_bytes(self) -> torch.Tensor:
         return self._bytes
 
-    def commit(self, first_page: int, num_pages: int) -> None:
-        self._check_range(first_page, num_pages)
-        if num_pages == 0:
-            return
-        if self._can_populate:
-            self._madvise(first_page, num_pages, _MADV_POPULATE_WRITE)
-        else:
-            # Older kernels: a write fault per page commits it. The pages are
-            # fresh (never committed, or released), so the byte written is moot.
-            start = first_page * self.page_size
-            self._bytes[start : start + num_pages * self.page_size : self.page_size] = 0
+    def commit(self, runs: Sequence[PageRun]) -> None:
+        """Populate every page of `runs`; on failure give back what this call populated and raise."""
+        pages = self._check_runs(runs)
+        done: list[PageRun] = []
+        try:
+            for first, count in runs:
+                if count == 0:
+                    continue
+                done.append((first, count))  # a failed populate may have faulted in part of the run
+                if self._can_populate:
+                    self._madvise(first, count, _MADV_POPULATE_WRITE)
+                else:
+                    # Older kernels: a write fault per page commits it. The pages are
+                    # fresh (never committed, or released), so the byte written is moot.
+                    start = first * self.page_size
+                    self._bytes[start : start + count * self.page_size : self.page_size] = 0
+        except OSError as exc:
+            for first, count in done:
+                self._madvise(first, count, mmap.MADV_DONTNEED)
+            if exc.errno in (errno.ENOMEM, errno.EAGAIN):
+                raise DeviceOutOfMemory(f"the host has no memory for {len(pages)} more pages") from exc
+            raise RegionError(f"committing {len(pages)} host pages failed: {exc}") from exc
+        self._num_committed += len(pages)
 
-    def release(self, first_page: int, num_pages: int) -> None:
-        self._check_range(first_page, num_pages)
-        if num_pages:
-            self._madvise(first_page, num_pages, mmap.MADV_DONTNEED)
+    def release(self, runs: Sequence[PageRun]) -> None:
+        """Drop every page of `runs`. madvise(DONTNEED) fails only on a bad range, which is checked first."""
+        pages = self._check_runs(runs)
+        for first, count in runs:
+            if count:
+                self._madvise(first, count, mmap.MADV_DONTNEED)
+        self._num_committed -= len(pages)
+
+    def trim(self) -> int:
+        """Nothing to give back: released host pages go straight to the kernel."""
+        return 0
+
+    def make_room(self) -> None:
+        """Nothing to ask: torch's CPU allocator caches nothing that madvise could use."""
 
     def resident_pages(self, first_page: int, num_pages: int) -> torch.Tensor:
         """Which of these pages the kernel has backed right now (mincore), as bools.
@@ -125,6 +156,7 @@ class HostRegion:
         if self._mmap is None:
             return
         self._madvise(0, self.num_pages, mmap.MADV_DONTNEED)
+        self._num_committed = 0
         self._mmap = None
 
     def _probe_populate(self) -> bool:
@@ -145,8 +177,9 @@ class HostRegion:
             raise OSError(code, f"madvise(advice={advice}) failed: {os.strerror(code)}")
 
     def _check_range(self, first_page: int, num_pages: int) -> None:
-        # Raised, not asserted: under `python -O` a bad index would madvise memory that is not ours.
+        self._check_runs([(first_page, num_pages)])
+
+    def _check_runs(self, runs: Sequence[PageRun]) -> list[int]:
         if self._mmap is None:
-            raise RuntimeError("region is closed")
-        if not (0 <= first_page and num_pages >= 0 and first_page + num_pages <= self.num_pages):
-            raise IndexError(f"pages [{first_page}, {first_page + num_pages}) outside region of {self.num_pages}")
+            raise RegionError("region is closed")
+        return check_runs(runs, self.num_pages)

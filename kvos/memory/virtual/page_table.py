@@ -10,7 +10,15 @@ lives here, so the host and CUDA regions share it:
   next tenant; they are unmapped, tail first, only when a commit would exceed
   the budget;
 - look-ahead: pages for the next few steps may be committed early (by the
-  background mapper) but only from free budget, never by reclaiming.
+  background mapper) but only from free budget, never by reclaiming;
+- out of device memory: a commit the budget allows can still find the device
+  full (torch's cache or another process holds it). That is a shortage like
+  any other: after one retry, the allocation is refused and the scheduler
+  preempts, exactly as when the budget is short.
+
+Commit and release are all-or-nothing (see region.py) and the table records
+a change only after the call returns, so a failure of either leaves table
+and memory in step.
 
 A lock guards the table because the background mapper commits pages while
 the engine thread allocates and frees; callers hold `lock` around each
@@ -19,8 +27,13 @@ compound operation.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
+
+from kvos.memory.virtual.region import DeviceOutOfMemory
+
+logger = logging.getLogger(__name__)
 
 CommitFn = Callable[[int, int, int], None]
 """(row, first row page, number of row pages) -> None; commits or releases them in every plane."""
@@ -37,6 +50,7 @@ class SlotPageTable:
         budget_pages: int,
         commit: CommitFn,
         release: CommitFn,
+        make_room: Callable[[], None] | None = None,
     ) -> None:
         if budget_pages < num_planes:
             raise ValueError(
@@ -49,6 +63,8 @@ class SlotPageTable:
         self.budget_pages = budget_pages
         self._commit = commit
         self._release = release
+        self._make_room = make_room
+        """Asked, before the retry, to free device memory held outside the table (torch's cache)."""
         self.lock = threading.RLock()
         self.tenant: list[str | None] = [None] * num_rows
         self.mapped: list[int] = [0] * num_rows
@@ -56,6 +72,8 @@ class SlotPageTable:
         """Pages the tenant's allocated tokens occupy; mapped beyond it is look-ahead."""
         self._num_mapped = 0
         self.num_reclaimed_pages = 0
+        self.num_out_of_memory = 0
+        """Allocations refused because the device, not the budget, ran out of memory."""
 
     # -- accounting (physical pages, all planes) --------------------------------------------
 
@@ -66,7 +84,7 @@ class SlotPageTable:
     @property
     def num_live_pages(self) -> int:
         """Pages under rows that have a tenant (including their look-ahead)."""
-        return sum(m for m, t in zip(self.mapped, self.tenant) if t is not None) * self.num_planes
+        return sum(m for m, t in zip(self.mapped, self.tenant, strict=True) if t is not None) * self.num_planes
 
     @property
     def num_deferred_pages(self) -> int:
@@ -126,7 +144,10 @@ class SlotPageTable:
         extra = min(target - self.mapped[row], free)
         if extra <= 0:
             return 0
-        self._map(row, extra)
+        try:
+            self._map(row, extra)
+        except DeviceOutOfMemory:
+            return 0  # look-ahead is a bet; the step maps what it needs itself
         return extra
 
     def ensure(self, row: int, num_pages: int) -> bool:
@@ -139,8 +160,7 @@ class SlotPageTable:
         shortage = self.num_committed_pages + extra * self.num_planes - self.budget_pages
         if shortage > 0 and not self._reclaim(-(-shortage // self.num_planes), keep=row):
             return False
-        self._map(row, extra)
-        return True
+        return self._map_or_refuse(row, extra)
 
     def reclaim_all_idle(self) -> int:
         """Unmap every page of idle rows; returns how many (physical) pages were freed."""
@@ -151,29 +171,62 @@ class SlotPageTable:
                 self._unmap(row, self.mapped[row])
         return freed
 
-    def _reclaim(self, num_row_pages: int, keep: int) -> bool:
-        """Unmap `num_row_pages` (per plane) of deferred or look-ahead pages, or nothing at all.
+    def _map_or_refuse(self, row: int, count: int) -> bool:
+        """Map `count` more pages of `row`; a device out of memory is a refusal after one retry.
 
-        Idle rows go first, those with the most pages first (fewest unmap
-        calls); then the look-ahead tails of live rows.
+        The budget allowed these pages, so the memory is held outside the
+        table. Before the retry, deferred and look-ahead pages are reclaimed:
+        their handles stay with the region, which maps them again without
+        asking the device; if they cannot cover the need, the rest of the
+        process is asked to make room too.
         """
+        try:
+            self._map(row, count)
+            return True
+        except DeviceOutOfMemory:
+            pass
+        if self._reclaim_up_to(count, keep=row) < count and self._make_room is not None:
+            self._make_room()
+        try:
+            self._map(row, count)
+            return True
+        except DeviceOutOfMemory as exc:
+            self.num_out_of_memory += 1
+            logger.info("KV page commit refused, the device is out of memory: %s", exc)
+            return False
+
+    def _reclaimable(self, keep: int) -> list[tuple[int, int]]:
+        """(pages, row) that may be unmapped, in order: idle rows, most pages first; then look-ahead tails."""
         idle = [(self.mapped[r], r) for r in range(self.num_rows) if r != keep and self.tenant[r] is None]
         spare = [
             (self.mapped[r] - self.needed[r], r)
             for r in range(self.num_rows)
             if r != keep and self.tenant[r] is not None and self.mapped[r] > self.needed[r]
         ]
-        if sum(n for n, _ in idle) + sum(n for n, _ in spare) < num_row_pages:
+        return sorted(idle, reverse=True) + sorted(spare, reverse=True)
+
+    def _reclaim(self, num_row_pages: int, keep: int) -> bool:
+        """Unmap `num_row_pages` (per plane) of deferred or look-ahead pages, or nothing at all."""
+        candidates = self._reclaimable(keep)
+        if sum(n for n, _ in candidates) < num_row_pages:
             return False
+        self._take(candidates, num_row_pages)
+        return True
+
+    def _reclaim_up_to(self, num_row_pages: int, keep: int) -> int:
+        """Unmap as many as `num_row_pages` (per plane) of deferred or look-ahead pages; how many were."""
+        return self._take(self._reclaimable(keep), num_row_pages)
+
+    def _take(self, candidates: list[tuple[int, int]], num_row_pages: int) -> int:
         remaining = num_row_pages
-        for available, row in sorted(idle, reverse=True) + sorted(spare, reverse=True):
+        for available, row in candidates:
             if remaining <= 0:
                 break
             take = min(available, remaining)
             if take > 0:
                 self._unmap(row, take)
                 remaining -= take
-        return True
+        return num_row_pages - remaining
 
     def _map(self, row: int, count: int) -> None:
         self._commit(row, self.mapped[row], count)

@@ -19,6 +19,9 @@ Who owns what: this manager keeps the books (rows, the page table, the
 budget) and, like an OS kernel, maps and unmaps the region's pages. The
 worker views the same region as per-layer K/V tensors
 (`kvos.worker.kv_cache.VirtualKVBuffer`) and does every read, write and copy.
+The memory itself belongs to those views as much as to the manager: the
+region gives its pages and address range back only once it is closed (or
+dropped) and no view of it is left, so a tensor can never outlive it.
 In a table, a request's one block is its row: `table_block_size` is a row's
 length in tokens.
 """
@@ -26,6 +29,7 @@ length in tokens.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import torch
 
@@ -37,7 +41,7 @@ from kvos.memory.shape import KVShape
 from kvos.memory.virtual.layout import KVLayout, LayoutKind
 from kvos.memory.virtual.page_mapper import PageMapper
 from kvos.memory.virtual.page_table import SlotPageTable
-from kvos.memory.virtual.region import open_region, region_page_size
+from kvos.memory.virtual.region import DeviceOutOfMemory, VirtualRegion, open_region, region_page_size
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +81,26 @@ class VirtualKVCacheManager:
             max_context=max_model_len,
             page_size=region_page_size(self.device),
         )
+        if budget_bytes // self.layout.page_size < self.layout.num_planes:
+            raise ValueError(
+                f"the KV memory budget holds {budget_bytes // self.layout.page_size} pages, fewer than the "
+                f"{self.layout.num_planes} a single token needs; raise kv_cache_memory_bytes"
+            )
+        self.region = open_region(self.layout.num_bytes, self.device)
+        if self.region.page_size != self.layout.page_size:
+            self.region.close()
+            raise RuntimeError(f"region pages of {self.region.page_size} bytes, layout expects {self.layout.page_size}")
+        # Plain functions over the region, not bound methods: the table must not
+        # hold the manager, so a dropped manager is freed at once, not by the GC.
         self.table = SlotPageTable(
             num_rows=max_num_seqs,
             row_pages=self.layout.row_pages,
             num_planes=self.layout.num_planes,
             budget_pages=budget_bytes // self.layout.page_size,
-            commit=self._commit,
-            release=self._release,
+            commit=partial(_commit_rows, self.region, self.layout),
+            release=partial(_release_rows, self.region, self.layout),
+            make_room=self.region.make_room,
         )
-        self.region = open_region(self.layout.num_bytes, self.device)
-        if self.region.page_size != self.layout.page_size:
-            raise RuntimeError(f"region pages of {self.region.page_size} bytes, layout expects {self.layout.page_size}")
         self.table_block_size = self.layout.row_tokens
         self.block_size = max(1, self.layout.page_size // self.layout.plane_token_bytes)
         self.capacity_tokens = budget_bytes // self.layout.bytes_per_token
@@ -135,7 +148,30 @@ class VirtualKVCacheManager:
 
     @property
     def committed_bytes(self) -> int:
-        return self.num_committed_pages * self.layout.page_size
+        """Device memory this cache holds: mapped pages plus, on CUDA, unmapped handles kept for reuse.
+
+        The same as `physical_bytes`; the mapped pages alone are `num_committed_pages`.
+        """
+        return self.physical_bytes
+
+    @property
+    def physical_bytes(self) -> int:
+        """Bytes of pages held, mapped or spare: what the device really gives this cache."""
+        return self.region.num_physical_pages * self.layout.page_size
+
+    @property
+    def num_out_of_memory(self) -> int:
+        """Allocations refused because the device (not the budget) was out of memory."""
+        return self.table.num_out_of_memory
+
+    @property
+    def num_mapper_failures(self) -> int:
+        """Look-ahead jobs that raised (each logged); the mapper keeps serving."""
+        return 0 if self._mapper is None else self._mapper.num_failed_jobs
+
+    @property
+    def last_mapper_error(self) -> BaseException | None:
+        return None if self._mapper is None else self._mapper.last_error
 
     @property
     def used_bytes(self) -> int:
@@ -236,9 +272,16 @@ class VirtualKVCacheManager:
     # -- memory management --------------------------------------------------------------
 
     def release_idle_pages(self) -> int:
-        """Unmap every deferred page now (e.g. when the engine goes idle); returns pages freed."""
+        """Give every deferred page back to the device now (e.g. when the engine goes idle); returns pages unmapped.
+
+        Unmapped pages keep their handles in the region's spare pool while
+        the engine runs (the next commit reuses them); this also trims that
+        pool, so afterwards `physical_bytes` is what live requests hold.
+        """
         with self.table.lock:
-            return self.table.reclaim_all_idle()
+            freed = self.table.reclaim_all_idle()
+            self.region.trim()
+            return freed
 
     def commit_all_rows(self) -> None:
         """Commit every row to its full length now, as servers before PagedAttention did.
@@ -257,7 +300,9 @@ class VirtualKVCacheManager:
                 )
             for row in range(self.layout.num_rows):
                 if not self.table.ensure(row, self.layout.row_pages):
-                    raise RuntimeError("the budget check above guarantees room")
+                    raise DeviceOutOfMemory(
+                        f"the device ran out of memory committing row {row} of a static reservation"
+                    )
 
     def wait_for_mapper(self) -> None:
         """Block until the background mapper has done all it was asked (tests, benchmarks)."""
@@ -265,7 +310,12 @@ class VirtualKVCacheManager:
             self._mapper.drain()
 
     def close(self) -> None:
-        """Stop the mapper and give all memory and address space back. Safe to call twice."""
+        """Stop the mapper thread, then close the region. Safe to call twice.
+
+        The region's pages, handles and address range go back to the device
+        as soon as no view of it is left: at once if the worker's buffer is
+        closed (or dropped) too, else when it is. Commits after this raise.
+        """
         if self._mapper is not None:
             self._mapper.close()
         self.region.close()
@@ -278,10 +328,11 @@ class VirtualKVCacheManager:
         if num_pages > self.table.mapped[row]:
             self._mapper.submit(row, request.req_id, num_pages)
 
-    def _commit(self, row: int, first: int, count: int) -> None:
-        for page, num_pages in self.layout.page_runs(row, first, count):
-            self.region.commit(page, num_pages)
 
-    def _release(self, row: int, first: int, count: int) -> None:
-        for page, num_pages in self.layout.page_runs(row, first, count):
-            self.region.release(page, num_pages)
+def _commit_rows(region: VirtualRegion, layout: KVLayout, row: int, first: int, count: int) -> None:
+    """Commit row pages `[first, first + count)` in every plane, all or none."""
+    region.commit(layout.page_runs(row, first, count))
+
+
+def _release_rows(region: VirtualRegion, layout: KVLayout, row: int, first: int, count: int) -> None:
+    region.release(layout.page_runs(row, first, count))
