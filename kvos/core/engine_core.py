@@ -209,11 +209,18 @@ class EngineCore:
     # -- observation ------------------------------------------------------------------
 
     def close(self) -> None:
-        """Give back the KV memory and stop background threads. Safe to call twice."""
-        for owner in (self.worker.kv_buffer, self.kv_manager):
-            close = getattr(owner, "close", None)
-            if close is not None:
-                close()
+        """Give back the KV memory and stop background threads. Safe to call twice.
+
+        The worker's views go first; the virtual cache's region (held by its
+        manager, which maps the pages) is freed once no view of it is left.
+        """
+        self.worker.kv_buffer.close()
+        close_books = getattr(self.kv_manager, "close", None)  # only the virtual cache's books hold memory
+        if close_books is not None:
+            try:
+                close_books()
+            except Exception:  # a driver call failed while freeing: say so, the caller is shutting down anyway
+                logger.exception("closing the KV cache failed; a second close() retries")
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV blocks stored and removed since the last call (what a router or a tier subscribes to)."""

@@ -99,3 +99,12 @@ def test_over_long_request_is_refused_with_a_clear_error(virtual: LLM) -> None:
     with pytest.raises(ValueError, match="exceeds the model's context length"):
         engine.add_request("y", [1, 2, 3], SamplingParams(max_tokens=engine.max_model_len))
     assert not engine.has_unfinished_requests()
+
+
+def test_close_gives_the_region_back(prompts: list[list[int]]) -> None:
+    with LLM(kv_cache="virtual", kv_cache_memory_bytes=16 * 2**20, max_num_seqs=2) as llm:
+        llm.generate(prompts[:2], greedy(4), use_tqdm=False)
+        kv = kv_of(llm)
+        assert kv.region.rss_bytes() > 0
+    assert kv.region.rss_bytes() == 0  # closed: every committed page released
+    llm.close()  # twice is fine
