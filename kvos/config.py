@@ -119,6 +119,9 @@ class SchedulerConfig:
     tenant_weights: tuple[tuple[str, float], ...] = ()
     fair_input_weight: float = 1.0
     fair_output_weight: float = 2.0
+    fair_preemption_lead: float | None = None
+    """Fair policy: when set, a tenant whose counter leads a waiting tenant's by more than this
+    gives up a running request's slot (after `preemption_quantum_steps`); None never preempts."""
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < 1:
@@ -134,6 +137,8 @@ class SchedulerConfig:
                 raise ValueError(f"tenant_weights must be (name, number) pairs, got {(tenant, weight)!r}")
             if not weight > 0:
                 raise ValueError(f"tenant weight of {tenant!r} must be > 0, got {weight}")
+        if self.fair_preemption_lead is not None and not self.fair_preemption_lead > 0:
+            raise ValueError(f"fair_preemption_lead must be > 0, got {self.fair_preemption_lead}")
         for name in ("fair_input_weight", "fair_output_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

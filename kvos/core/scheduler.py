@@ -45,7 +45,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         """Every unfinished request by id."""
         self.num_preemptions = 0
-        self.preemptions_by_reason = {"kv_memory": 0, "priority": 0}
+        self.preemptions_by_reason = {"kv_memory": 0, "displaced": 0}
         self._step_id = 0
         self._finished_ids: list[str] = []
         """Ended since the last plan: the worker drops their state."""
@@ -81,7 +81,7 @@ class Scheduler:
             if displaced is None:
                 break
             self.running.remove(displaced)
-            self._preempt(displaced, "priority")
+            self._preempt(displaced, "displaced")
             plan.preempted_req_ids.append(displaced.req_id)
         memory_short = False
         i = 0

@@ -22,7 +22,7 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     preemptions_by_reason: tuple[tuple[str, int], ...] = ()
-    """("kv_memory" | "priority", count): why running requests lost their KV."""
+    """("kv_memory" | "displaced", count): why running requests lost their KV (memory, or a slot handed over)."""
     tenant_service: tuple[tuple[str, float], ...] = ()
     """(tenant, weighted service) under the fair policy: the most served, then "other"."""
 

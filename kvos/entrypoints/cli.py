@@ -115,6 +115,14 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument("--fair-input-weight", type=float, default=d["fair_input_weight"])
     parser.add_argument("--fair-output-weight", type=float, default=d["fair_output_weight"])
     parser.add_argument(
+        "--fair-preemption",
+        dest="fair_preemption_lead",
+        type=float,
+        default=d["fair_preemption_lead"],
+        metavar="LEAD",
+        help="fair policy: preempt a request of a tenant leading a waiting one by more than LEAD service",
+    )
+    parser.add_argument(
         "--core-process",
         action="store_true",
         default=d["core_process"],
@@ -144,6 +152,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         tenant_weights=args.tenant_weights,
         fair_input_weight=args.fair_input_weight,
         fair_output_weight=args.fair_output_weight,
+        fair_preemption_lead=args.fair_preemption_lead,
         core_process=args.core_process,
     )
 

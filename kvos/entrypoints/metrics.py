@@ -49,7 +49,9 @@ class _EngineCollector(Collector):
         )
         yield CounterMetricFamily("kvos_num_preemptions", "Sequences preempted (any reason).", value=s.num_preemptions)
         by_reason = CounterMetricFamily(
-            "kvos_preemptions_by_reason", "Sequences preempted: kv_memory or priority.", labels=["reason"]
+            "kvos_preemptions_by_reason",
+            "Sequences preempted: kv_memory (memory ran out) or displaced (slot given to a more urgent request).",
+            labels=["reason"],
         )
         for reason, count in s.preemptions_by_reason:
             by_reason.add_metric([reason], count)

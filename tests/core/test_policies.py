@@ -190,3 +190,30 @@ def test_priority_under_fcfs_is_refused_naming_the_flag() -> None:
         with pytest.raises(InvalidRequestError, match="needs --scheduling-policy priority") as refused:
             llm.generate(["Hi"], priority=[1], use_tqdm=False)
         assert refused.value.param == "priority"
+
+
+def test_fair_preemption_hands_a_starved_tenant_a_slot() -> None:
+    s = make("fair", budget=64, max_seqs=1, fair_preemption_lead=20.0, preemption_quantum_steps=2)
+    s.add(request("hog", 8, max_tokens=200, tenant="hog"))
+    for _ in range(10):
+        step(s)  # the hog runs alone and piles up service
+    s.add(request("starved", 8, max_tokens=2, tenant="newcomer"))
+    # The newcomer was lifted to the hog's counter on arrival: no lead yet, no preemption.
+    assert step(s) == ["hog"]
+    for _ in range(12):
+        if "starved" in step(s):
+            break
+    else:
+        raise AssertionError("the starved tenant never got a slot")
+    assert s.requests["hog"].status == RequestStatus.PREEMPTED
+    assert s.preemptions_by_reason["displaced"] == 1
+
+
+def test_without_fair_preemption_a_starved_tenant_waits_for_a_free_slot() -> None:
+    s = make("fair", budget=64, max_seqs=1)
+    s.add(request("hog", 8, max_tokens=30, tenant="hog"))
+    step(s)
+    s.add(request("starved", 8, max_tokens=2, tenant="newcomer"))
+    ran = [step(s) for _ in range(29)]
+    assert all(r == ["hog"] for r in ran)
+    assert step(s) == ["starved"]

@@ -45,4 +45,4 @@ def test_fair_policy_accounts_service_and_ttft_per_user(tiny_model: Path) -> Non
         per_request = len(app.state.serving.tokenizer.encode("Hello there")) + 2 * 3
         assert (service["alice"], service["bob"]) == (3 * per_request, 2 * per_request)
         assert 'kvos_tenant_time_to_first_token_seconds_count{tenant="alice"} 2.0' in metrics
-        assert 'kvos_preemptions_by_reason_total{reason="priority"} 0.0' in metrics
+        assert 'kvos_preemptions_by_reason_total{reason="displaced"} 0.0' in metrics

@@ -77,5 +77,11 @@ def make_policy(config: SchedulerConfig) -> SchedulingPolicy:
     if config.policy == "fair":
         from kvos.core.policies.fair import FairPolicy
 
-        return FairPolicy(dict(config.tenant_weights), config.fair_input_weight, config.fair_output_weight)
+        return FairPolicy(
+            dict(config.tenant_weights),
+            config.fair_input_weight,
+            config.fair_output_weight,
+            config.fair_preemption_lead,
+            config.preemption_quantum_steps,
+        )
     raise ValueError(f"unknown scheduling policy {config.policy!r}; kvos has {', '.join(POLICIES)}")

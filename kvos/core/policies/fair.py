@@ -11,6 +11,12 @@ lifted to the smallest counter among those backlogged, so idling banks no
 credit. Under KV pressure the victim is the latest-arrived running request of
 the tenant furthest ahead.
 
+With `preemption_lead` set (FastSwitch's point: fairness needs cheap context
+switches), when every sequence slot is taken and the tenant furthest ahead
+leads the waiting head's tenant by more than that much service, its latest
+running request gives up its slot (once it has run `quantum_steps` steps).
+Without it, a starved tenant waits for the next free slot.
+
 What this bounds (VTC's theorem): between two continuously backlogged
 tenants the counters never differ by more than about
 2 x max(w_in x longest prompt, w_out x tokens per step).
@@ -28,10 +34,19 @@ from kvos.core.request import Request
 class FairPolicy:
     name = "fair"
 
-    def __init__(self, weights: dict[str, float], input_weight: float, output_weight: float) -> None:
+    def __init__(
+        self,
+        weights: dict[str, float],
+        input_weight: float,
+        output_weight: float,
+        preemption_lead: float | None = None,
+        quantum_steps: int = 0,
+    ) -> None:
         self.weights = weights
         self.input_weight = input_weight
         self.output_weight = output_weight
+        self.preemption_lead = preemption_lead
+        self.quantum_steps = quantum_steps
         self.counters: dict[str, float] = {}
         self._queues: dict[str, deque[Request]] = {}
         self._running: dict[str, int] = {}
@@ -80,7 +95,15 @@ class FairPolicy:
         return max(running, key=lambda r: (self.counters.get(r.tenant, 0.0), r.arrival_time))
 
     def displace(self, running: list[Request], step: int) -> Request | None:
-        return None
+        head = self.peek()
+        if self.preemption_lead is None or head is None:
+            return None
+        others = [r for r in running if r.tenant != head.tenant and step - r.admitted_step >= self.quantum_steps]
+        if not others:
+            return None
+        leader = max(others, key=lambda r: (self.counters.get(r.tenant, 0.0), r.arrival_time))
+        lead = self.counters.get(leader.tenant, 0.0) - self.counters.get(head.tenant, 0.0)
+        return leader if lead > self.preemption_lead else None
 
     def on_step(self, plan: StepPlan, output: StepOutput, requests: dict[str, Request]) -> None:
         for scheduled in plan.scheduled:
