@@ -133,10 +133,14 @@ class Scheduler:
     def _admit_fork(self, plan: StepPlan, request: Request) -> bool | None:
         """Fork a sibling's prompt KV: True if admitted, False to wait, None to prefill as usual."""
         parent = self.requests.get(request.fork_of or "")
-        if parent is None or request.num_computed_tokens or request.output_token_ids:
-            return None  # the parent has ended (or this one ran before): compute the prompt, prefix hits help
-        if parent.status != RequestStatus.RUNNING or parent.num_computed_tokens < parent.num_prompt_tokens:
-            return False  # the parent has not computed the prompt yet
+        if parent is None or parent.status != RequestStatus.RUNNING or request.num_computed_tokens:
+            # The parent has ended or waits (preempted, perhaps queued behind us): compute the
+            # prompt as usual, with prefix hits where the parent's blocks are still cached.
+            return None
+        if request.output_token_ids:
+            return None  # this sibling ran before and was preempted: it has tokens of its own
+        if parent.num_computed_tokens < parent.num_prompt_tokens:
+            return False  # the parent is still computing the prompt: wait for it, it is running
         num_shared = request.num_prompt_tokens - 1
         allocation = self.kv.fork(parent, request, num_shared, 1)
         if allocation is None:

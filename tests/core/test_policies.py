@@ -217,3 +217,26 @@ def test_without_fair_preemption_a_starved_tenant_waits_for_a_free_slot() -> Non
     ran = [step(s) for _ in range(29)]
     assert all(r == ["hog"] for r in ran)
     assert step(s) == ["starved"]
+
+
+def test_a_sibling_queued_ahead_of_its_preempted_parent_does_not_stall() -> None:
+    s = make("priority", max_seqs=1, preemption_quantum_steps=1)
+    parent = request("p", 6, max_tokens=3)
+    s.add(parent)
+    s.add(
+        Request(
+            "p#1",
+            list(parent.prompt_token_ids),
+            parent.params,
+            arrival_time=parent.arrival_time,
+            fork_of="p",
+            seed_offset=1,
+        )
+    )
+    step(s)
+    s.add(request("urgent", 4, max_tokens=2, priority=-1))
+    for _ in range(40):  # the urgent one displaces the parent, which requeues behind its sibling
+        if not s.has_unfinished():
+            break
+        step(s)
+    assert not s.has_unfinished() and s.kv.num_used_blocks == 0
