@@ -17,35 +17,38 @@ from typing import Any
 
 import numpy as np
 
+from kvos.sim.repo import benchmarks
 from kvos.sim.simulator import SimResult
 
 
 def nearest_rank_ms(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     """`benchmarks.serve.percentiles_ms` for large arrays: mean and nearest-rank percentiles, in ms."""
-    from benchmarks.serve import PERCENTILES
-
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
-        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in PERCENTILES}}
+        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in benchmarks("serve").PERCENTILES}}
     ordered = np.sort(data)
-    picks = {f"p{p}": 1000 * float(ordered[max(0, math.ceil(p / 100 * data.size) - 1)]) for p in PERCENTILES}
+    picks = {
+        f"p{p}": 1000 * float(ordered[max(0, math.ceil(p / 100 * data.size) - 1)])
+        for p in benchmarks("serve").PERCENTILES
+    }
     return {"mean": 1000 * float(ordered.mean()), **picks}
 
 
 def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> dict[str, Any]:
     """The serving benchmark's summary of a simulated run, plus what only a simulator sees."""
-    from benchmarks.serve import RequestResult, summarize
-
+    serve = benchmarks("serve")
     times = result.times
     rejected = set(times.rejected)
     results = []
     for k in range(len(times.arrival_s)):
         if k in rejected:
-            results.append(RequestResult(times.prompt_tokens[k], times.expected_tokens[k], error="rejected: too long"))
+            results.append(
+                serve.RequestResult(times.prompt_tokens[k], times.expected_tokens[k], error="rejected: too long")
+            )
             continue
         arrival = times.arrival_s[k]
         results.append(
-            RequestResult(
+            serve.RequestResult(
                 prompt_tokens=times.prompt_tokens[k],
                 expected_tokens=times.expected_tokens[k],
                 ok=True,
@@ -56,7 +59,7 @@ def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> di
         )
     start = min(times.arrival_s, default=0.0)
     duration = max(result.end_s - start, 1e-9)
-    summary = summarize(results, duration, ttft_slo_s, tpot_slo_s)
+    summary = serve.summarize(results, duration, ttft_slo_s, tpot_slo_s)
     summary["itl_ms"] = nearest_rank_ms(np.frombuffer(times.itl_s, dtype=np.float64))
     instances = result.instances
     summary["simulation"] = {

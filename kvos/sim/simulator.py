@@ -6,7 +6,10 @@
                                                       SimWorker.execute(plan) -> StepOutput, + step time
     pop the earliest   ---> instance.finish_step():    Scheduler.update_from_output(plan, output)
 
-Each instance is kvos's own `Scheduler` over a `PagedKVCacheManager`; the
+An arrival that finds its instance idle schedules a wake-up at the same
+instant, which sorts after every arrival of that instant, so simultaneous
+arrivals share the first step as they do in the engine. Each instance is
+kvos's own `Scheduler` over a `PagedKVCacheManager`; the
 order of calls is `EngineCore.step`'s (including its flush of ended
 requests when nothing is left), so the plans are the ones the engine would
 make given the same arrivals and step times.
@@ -86,6 +89,8 @@ class SimInstance:
         self.worker = SimWorker(step_model)
         self.inbox: list[Request] = []
         self.in_flight: tuple[StepPlan, StepOutput] | None = None
+        self.waking = False
+        """An arrival found it idle: its next step starts once every arrival of that instant is in."""
         self.num_steps = 0
         self.peak_used_blocks = 0
         self._num_empty_steps = 0
@@ -112,7 +117,9 @@ class SimInstance:
 
     def finish_step(self) -> list[SequenceUpdate]:
         """Apply the step in flight, as `EngineCore.step` does after the worker returns."""
-        assert self.in_flight is not None, "finish_step without a step in flight"
+        if self.in_flight is None:  # a wake-up, not a step: nothing ran
+            self.waking = False
+            return []
         plan, output = self.in_flight
         self.in_flight = None
         updates = self.scheduler.update_from_output(plan, output)
@@ -123,7 +130,7 @@ class SimInstance:
 
     @property
     def busy(self) -> bool:
-        return self.in_flight is not None
+        return self.in_flight is not None or self.waking
 
 
 @dataclass
@@ -217,8 +224,12 @@ class Simulator:
                 )
                 instance.inbox.append(request)
                 i += 1
-                if instance.busy:
-                    continue
+                if not instance.busy:
+                    # Start at this instant, but after every arrival of the same instant: the engine
+                    # drains all queued requests before it steps.
+                    instance.waking = True
+                    heapq.heappush(ends, (now, index))
+                continue
             else:
                 now, index = heapq.heappop(ends)
                 instance = instances[index]

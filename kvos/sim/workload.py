@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvos.sim.repo import benchmarks
+
 ARRIVAL_PROCESSES = ("poisson", "gamma")
 
 
@@ -90,11 +92,11 @@ def sharegpt_lengths(
     `SHAREGPT_POOL` requests the lengths repeat, which keeps a million-request
     fleet run from tokenizing a million conversations.
     """
-    from benchmarks.peers import load_tokenizer, resolve_gguf
-    from benchmarks.sharegpt import sample_requests
-
-    tokenizer = load_tokenizer(resolve_gguf(None))
-    sample = sample_requests(tokenizer, min(num, SHAREGPT_POOL), max_prompt_tokens, max_output_tokens, seed)
+    peers = benchmarks("peers")
+    tokenizer = peers.load_tokenizer(peers.resolve_gguf(None))
+    sample = benchmarks("sharegpt").sample_requests(
+        tokenizer, min(num, SHAREGPT_POOL), max_prompt_tokens, max_output_tokens, seed
+    )
     pairs = [(len(r.prompt_token_ids), r.max_tokens) for r in sample]
     return [pairs[i % len(pairs)] for i in range(num)]
 
