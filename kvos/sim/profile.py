@@ -76,7 +76,7 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         if grid.max_tokens_held > core.capacity_tokens:
             raise ValueError(
                 f"the grid holds up to {grid.max_tokens_held} KV tokens at once but the engine's cache holds "
-                f"{core.capacity_tokens}; raise --kv-cache-memory-bytes"
+                f"{core.capacity_tokens}; raise --kv-cache-memory"
             )
         longest = max(max(grid.prefill_tokens), max(grid.contexts) + 1)
         if longest > core.max_model_len:
