@@ -232,3 +232,60 @@ def test_simulation_speed_is_reported() -> None:
         f"\nsimulated {num} requests on 50 instances: {sim['num_events']} events "
         f"({sim['num_steps']} steps) in {sim['wall_s']:.2f} s = {sim['events_per_s']:.0f} events/s"
     )
+
+
+def test_poisson_arrivals_are_the_serving_benchmarks() -> None:
+    from benchmarks.serve import poisson_delays
+
+    assert arrival_times(300, 3.0, seed=7) == poisson_delays(300, 3.0, 7)
+
+
+def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
+    from kvos.entrypoints.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    profile = tmp_path / "profile.json"
+    common = ["--model", str(tmp_path), "--load-format", "dummy", "--kv-cache-memory", "16MiB"]
+    assert main(["sim", "profile", *common, "--smoke", "--out", str(profile)]) == 0
+    assert len(json.loads(profile.read_text())["samples"]) == 14
+    out, plot = tmp_path / "run.json", tmp_path / "goodput.png"
+    workload_args = ["--fixed-lengths", "40,10", "--num-requests", "20"]
+    assert (
+        main(
+            [
+                "sim",
+                "run",
+                "--profile",
+                str(profile),
+                *workload_args,
+                "--rates",
+                "1,4",
+                "--json",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
+    assert [run["completed"] for run in json.loads(out.read_text())["runs"]] == [20, 20]
+    assert plot.stat().st_size > 0
+    # SLOs no step time can miss: the smoke profile is timed on whatever load the machine has.
+    assert (
+        main(
+            [
+                "sim",
+                "plan",
+                "--profile",
+                str(profile),
+                *workload_args,
+                "--rate",
+                "0.01",
+                "--ttft-slo",
+                "1e3",
+                "--tpot-slo",
+                "1e3",
+            ]
+        )
+        == 0
+    )
