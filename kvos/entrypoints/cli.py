@@ -1,4 +1,4 @@
-"""`kvos generate | chat | serve | bench`: one entry point for every job."""
+"""`kvos generate | chat | serve | bench | sim`: one entry point for every job."""
 
 from __future__ import annotations
 
@@ -300,7 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=list(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    add_sim_subcommand(sub)
     return parser
+
+
+def add_sim_subcommand(sub: Any) -> None:
+    """`kvos sim run | profile | plan`: the simulator (`kvos.sim`), defined there and registered here."""
+    from kvos.sim.cli import add_sim_parser
+
+    add_sim_parser(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

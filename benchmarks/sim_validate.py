@@ -1,0 +1,163 @@
+"""Simulated against measured: the serving sweep's requests at several rates, through `kvos serve` and `kvos sim`.
+
+1. Profile this machine's engine with the flags the server will run with
+   (`kvos sim profile`, skipped with --profile), unless given one.
+2. For each rate, start `kvos serve` fresh and replay the ShareGPT requests
+   with `benchmarks.serve` (via `benchmarks.serve_sweep.run_one`).
+3. Simulate the same requests at the same Poisson arrival times (the same
+   seed gives the same gaps) on an instance with the server's scheduler
+   config and KV capacity, using the profile's fitted step model.
+4. Print measured and simulated throughput and p50/p90 TTFT and TPOT per
+   rate, with the error in % (issue 14's targets: throughput within 5%,
+   latencies within 10%).
+
+Usage: python -m benchmarks.sim_validate [--rates 1,2,4,inf] [--num-requests 200]
+           [--kvos-args "--quantization int4 --compile --kv-cache-memory 2GiB"] [--profile P.json] [--json out.json]
+       python -m benchmarks.sim_validate --smoke   (a few requests, tiny profile grid: checks the plumbing only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import serve_sweep
+from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.sharegpt import sample_requests
+from kvos.config import EngineConfig
+from kvos.entrypoints.cli import build_parser as kvos_parser
+from kvos.entrypoints.cli import engine_options
+from kvos.sim.metrics import summarize_sim
+from kvos.sim.profile import SMOKE_GRID, ProfileGrid, profile_engine
+from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
+from kvos.sim.step_model import Profile, fit_linear
+from kvos.sim.workload import arrival_times, with_arrivals
+
+DEFAULT_KVOS_ARGS = "--quantization int4 --compile --kv-cache-memory 2GiB"
+FIGURES = (
+    ("output tok/s", lambda s: s["output_throughput"]),
+    ("TTFT p50 ms", lambda s: s["ttft_ms"]["p50"]),
+    ("TTFT p90 ms", lambda s: s["ttft_ms"]["p90"]),
+    ("TPOT p50 ms", lambda s: s["tpot_ms"]["p50"]),
+    ("TPOT p90 ms", lambda s: s["tpot_ms"]["p90"]),
+)
+
+
+def engine_config(kvos_args: str, gguf: Path) -> EngineConfig:
+    """The engine `kvos serve GGUF <kvos_args>` builds, read with kvos's own parser (so no flag is missed)."""
+    args = kvos_parser().parse_args(["serve", str(gguf), *shlex.split(kvos_args)])
+    return EngineConfig.from_kwargs(**engine_options(args))
+
+
+def error_pct(measured: float, simulated: float) -> float:
+    return 100.0 * (simulated - measured) / measured if measured else math.nan
+
+
+def format_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> str:
+    header = f"{'rate':>5} {'figure':<13} {'measured':>10} {'simulated':>10} {'error':>8}"
+    lines = [header, "-" * len(header)]
+    for rate, measured, simulated in rows:
+        for name, pick in FIGURES:
+            m, s = pick(measured), pick(simulated)
+            lines.append(f"{rate:>5} {name:<13} {m:>10.1f} {s:>10.1f} {error_pct(m, s):>+7.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--rates", default="1,2,4,inf", help="comma-separated requests/s; inf = all at once")
+    parser.add_argument("--num-requests", type=int, default=200)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-output-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
+    parser.add_argument("--tpot-slo", type=float, default=0.2, help="seconds")
+    parser.add_argument("--kvos-args", default=DEFAULT_KVOS_ARGS, help="`kvos serve` flags; the profile uses them too")
+    parser.add_argument("--profile", type=Path, default=None, help="a `kvos sim profile` JSON made with --kvos-args")
+    parser.add_argument("--port", type=int, default=8150)
+    parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for a server")
+    parser.add_argument("--log-dir", default="/tmp", help="where each server's output goes")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true", help="4 short requests, 2 rates, eager float32, tiny grid")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rates, args.num_requests, args.max_prompt_tokens, args.max_output_tokens = "4,inf", 4, 64, 16
+        args.kvos_args = "--kv-cache-memory 256MiB"
+    rates = [float(r) for r in args.rates.split(",")]
+    if any(not r > 0 for r in rates):
+        parser.error("--rates must be > 0 (inf sends everything at once)")
+
+    gguf = resolve_gguf(args.model)
+    config = engine_config(args.kvos_args, gguf)
+    if args.profile is None:
+        print("profiling the engine (kvos sim profile) ...", flush=True)
+        profile = profile_engine(config, SMOKE_GRID if args.smoke else ProfileGrid())
+        args.profile = Path(tempfile.mkstemp(prefix="kvos-profile-", suffix=".json")[1])
+        args.profile.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
+        print(f"profile written to {args.profile}")
+    profile = Profile.load(args.profile)
+    step_model, fit = fit_linear(profile.samples)
+    print(f"step model: {step_model.describe()}\nfit error: {fit}")
+    instance = InstanceConfig(
+        scheduler=config.scheduler,
+        kv_capacity_tokens=int(profile.engine["kv_capacity_tokens"]),
+        block_size=int(profile.engine["block_size"]),
+        max_model_len=int(profile.engine["max_model_len"]),
+        enable_prefix_caching=config.cache.enable_prefix_caching,
+    )
+
+    tokenizer = load_tokenizer(gguf)
+
+    def count_tokens(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    requests = sample_requests(
+        tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
+    )
+    lengths = [(len(r.prompt_token_ids), r.max_tokens) for r in requests]
+    sweep_args = argparse.Namespace(
+        port=args.port,
+        log_dir=args.log_dir,
+        kvos_args=args.kvos_args,
+        start_timeout=args.start_timeout,
+        seed=args.seed,
+        ttft_slo=args.ttft_slo,
+        tpot_slo=args.tpot_slo,
+    )
+    load_before = os.getloadavg()[0]
+    rows = []
+    for rate in rates:
+        key = "inf" if math.isinf(rate) else f"{rate:g}"
+        print(f"rate {key}: kvos serve ...", flush=True)
+        measured = serve_sweep.run_one("kvos", rate, gguf, sweep_args, requests, count_tokens)
+        sim_requests = with_arrivals(lengths, arrival_times(len(lengths), rate, "poisson", seed=args.seed))
+        simulated = summarize_sim(
+            Simulator(FleetConfig(instance), step_model).run(sim_requests), args.ttft_slo, args.tpot_slo
+        )
+        rows.append((key, measured, simulated))
+    print(format_table(rows))
+    print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
+    if args.json is not None:
+        report = {
+            "date": datetime.date.today().isoformat(),
+            "model": gguf.name,
+            "config": {k: str(v) for k, v in vars(args).items()},
+            "profile_engine": profile.engine,
+            "step_model": step_model.describe(),
+            "results": {key: {"measured": m, "simulated": s} for key, m, s in rows},
+        }
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

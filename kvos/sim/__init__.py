@@ -1,0 +1,11 @@
+"""A discrete-event simulator that runs kvos's own scheduler, KV books and policies.
+
+Only the worker is replaced: `SimWorker` answers each `StepPlan` with one
+token per sampling request and a step time from a `StepTimeModel`, so the
+decisions (admission, chunking, preemption, policy order) are exactly the
+engine's, and only the clock is modelled. See docs/simulator.md.
+
+The simulator is a repository tool, like `kvos bench`: it reuses the serving
+benchmark's metrics and ShareGPT sampler from `benchmarks/`, so run it from
+the repository root.
+"""

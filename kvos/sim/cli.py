@@ -1,0 +1,254 @@
+"""`kvos sim run | profile | plan`: the simulator's command line (run from the repository root)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvos.config import SCHEDULING_POLICIES, SchedulerConfig
+from kvos.sim.repo import benchmarks
+
+logger = logging.getLogger(__name__)
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def add_sim_parser(sub: Any) -> None:
+    """Register `kvos sim` and its three subcommands on the top-level CLI's subparsers."""
+    sim = sub.add_parser("sim", help="simulate serving with kvos's own scheduler (run from the repository root)")
+    commands = sim.add_subparsers(dest="sim_command", required=True)
+
+    run = commands.add_parser("run", help="simulate a workload at one or more rates; JSON report and goodput PNG")
+    _add_model_args(run)
+    _add_workload_args(run)
+    _add_fleet_args(run)
+    run.add_argument(
+        "--rates", default="1", help="comma-separated requests/s (ignored with --trace); inf = all at once"
+    )
+    run.add_argument("--json", type=Path, default=None, help="write the report here")
+    run.add_argument("--plot", type=Path, default=None, help="write goodput against rate here (PNG)")
+    run.set_defaults(func=cmd_run)
+
+    plan = commands.add_parser("plan", help="fewest colocated instances that meet the SLOs at a rate")
+    _add_model_args(plan)
+    _add_workload_args(plan)
+    _add_fleet_args(plan)
+    plan.add_argument("--rate", type=float, required=True, help="requests/s offered to the whole fleet")
+    plan.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet both SLOs")
+    plan.add_argument("--max-instances", type=int, default=4096)
+    plan.add_argument("--json", type=Path, default=None)
+    plan.set_defaults(func=cmd_plan)
+
+    from kvos.entrypoints.cli import add_engine_args
+
+    profile = commands.add_parser("profile", help="time this machine's real engine steps and fit a step-time model")
+    add_engine_args(profile)
+    profile.add_argument("--out", type=Path, required=True, help="profile JSON to write")
+    profile.add_argument("--smoke", action="store_true", help="a tiny grid, one repeat: checks the command works")
+    profile.set_defaults(func=cmd_profile)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("step-time model (one of --profile or --hardware)")
+    group.add_argument("--profile", type=Path, default=None, help="a `kvos sim profile` JSON: its fitted linear model")
+    group.add_argument("--hardware", type=Path, default=None, help="hardware JSON for the roofline model")
+    group.add_argument("--arch", default=None, help="roofline: model config.json or .gguf (default: kvos's default)")
+    group.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32", help="roofline: compute dtype")
+    group.add_argument("--quantization", choices=["int8", "int4"], default=None, help="roofline: weight format")
+    group.add_argument(
+        "--calibrate", type=Path, default=None, help="roofline: profile whose steps set the efficiencies"
+    )
+
+
+def _add_workload_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("workload (ShareGPT lengths unless --trace or --fixed-lengths)")
+    group.add_argument("--trace", type=Path, default=None, help="JSONL: arrival_s, prompt_tokens, output_tokens, ...")
+    group.add_argument("--fixed-lengths", default=None, help="'PROMPT,OUTPUT': every request the same size")
+    group.add_argument("--num-requests", type=int, default=200)
+    group.add_argument("--max-prompt-tokens", type=int, default=512)
+    group.add_argument("--max-output-tokens", type=int, default=128)
+    group.add_argument("--arrival", choices=["poisson", "gamma"], default="poisson")
+    group.add_argument("--cv", type=float, default=1.0, help="gamma arrivals: coefficient of variation of the gaps")
+    group.add_argument("--seed", type=int, default=0, help="fixes the sampled requests and the arrival times")
+    group.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
+    group.add_argument("--tpot-slo", type=float, default=0.2, help="seconds")
+
+
+def _add_fleet_args(parser: argparse.ArgumentParser) -> None:
+    d = SchedulerConfig()
+    group = parser.add_argument_group("fleet (instance sizes default to the profile's engine)")
+    group.add_argument("--num-instances", type=int, default=1)
+    group.add_argument("--router", choices=["round_robin", "least_load"], default="round_robin")
+    group.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    group.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    group.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=d.policy)
+    group.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache size per instance, tokens")
+    group.add_argument("--max-model-len", type=int, default=None)
+
+
+# -- building the pieces ---------------------------------------------------------------
+
+
+def _profile_engine(args: argparse.Namespace) -> dict[str, Any]:
+    from kvos.sim.step_model import Profile
+
+    source = args.profile or args.calibrate
+    return Profile.load(source).engine if source is not None else {}
+
+
+def make_step_model(args: argparse.Namespace) -> Any:
+    from kvos.sim.step_model import HardwareSpec, Profile, calibrate_roofline, linear_from_profile, roofline_for
+
+    if (args.profile is None) == (args.hardware is None):
+        raise ValueError("give exactly one step-time model: --profile PROFILE.json or --hardware HARDWARE.json")
+    if args.profile is not None:
+        return linear_from_profile(args.profile)
+    weight_bytes: float = DTYPE_BYTES[args.dtype]
+    if args.quantization is not None:
+        weight_bytes = benchmarks("serve_sweep").KVOS_WEIGHT_BYTES[args.quantization]
+    model = roofline_for(
+        _arch(args.arch), HardwareSpec.from_json(args.hardware), args.dtype, weight_bytes, DTYPE_BYTES[args.dtype]
+    )
+    if args.calibrate is not None:
+        model, error = calibrate_roofline(model, Profile.load(args.calibrate).samples)
+        logger.info("roofline calibrated on %s: %s", args.calibrate, error)
+    return model
+
+
+def _arch(source: str | None) -> Any:
+    peers, roofline = benchmarks("peers"), benchmarks("roofline")
+    if source is not None and not source.endswith(".gguf"):
+        path = Path(source)
+        return roofline.ArchShape.from_any(json.loads((path / "config.json" if path.is_dir() else path).read_text()))
+    return roofline.ArchShape.from_any(peers.arch_from_gguf(peers.resolve_gguf(source)))
+
+
+def make_fleet(args: argparse.Namespace, num_instances: int | None = None) -> Any:
+    from kvos.sim.simulator import FleetConfig, InstanceConfig
+
+    engine = _profile_engine(args)
+    scheduler = SchedulerConfig(
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        policy=args.scheduling_policy,
+    )
+    instance = InstanceConfig(
+        scheduler=scheduler,
+        kv_capacity_tokens=args.kv_capacity_tokens
+        or engine.get("kv_capacity_tokens", InstanceConfig.kv_capacity_tokens),
+        block_size=engine.get("block_size", InstanceConfig.block_size),
+        max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
+    )
+    return FleetConfig(instance, num_instances or args.num_instances, args.router)
+
+
+def make_requests(args: argparse.Namespace, rate: float) -> list[Any]:
+    from kvos.sim.workload import arrival_times, load_trace, sharegpt_lengths, with_arrivals
+
+    if args.trace is not None:
+        return load_trace(args.trace)
+    if args.num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.fixed_lengths is not None:
+        try:
+            prompt, output = (int(x) for x in args.fixed_lengths.split(","))
+        except ValueError as exc:
+            raise ValueError(f"--fixed-lengths looks like '256,64', got {args.fixed_lengths!r}") from exc
+        lengths = [(prompt, output)] * args.num_requests
+    else:
+        lengths = sharegpt_lengths(args.num_requests, args.max_prompt_tokens, args.max_output_tokens, args.seed)
+    return with_arrivals(lengths, arrival_times(args.num_requests, rate, args.arrival, args.cv, args.seed))
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",")]
+    except ValueError as exc:
+        raise ValueError(f"--rates looks like '1,2,4,inf', got {text!r}") from exc
+    if any(not r > 0 for r in rates):
+        raise ValueError(f"--rates must be > 0, got {text!r}")
+    return rates
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kvos.sim.metrics import plot_goodput, summarize_sim
+    from kvos.sim.simulator import Simulator
+
+    step_model = make_step_model(args)
+    fleet = make_fleet(args)
+    rates = [math.nan] if args.trace is not None else _rates(args.rates)
+    runs = []
+    for rate in rates:
+        result = Simulator(fleet, step_model).run(make_requests(args, rate))
+        summary = summarize_sim(result, args.ttft_slo, args.tpot_slo)
+        runs.append((rate, summary))
+        print(
+            f"rate {rate:g}: {summary['output_throughput']:.1f} tok/s, goodput {summary['goodput']:.3f} req/s, "
+            f"TTFT p50/p90 {summary['ttft_ms']['p50']:.0f}/{summary['ttft_ms']['p90']:.0f} ms, "
+            f"TPOT p50/p90 {summary['tpot_ms']['p50']:.1f}/{summary['tpot_ms']['p90']:.1f} ms, "
+            f"{summary['simulation']['events_per_s']:.0f} events/s",
+            file=sys.stderr,
+        )
+    report = {
+        "benchmark": "sim",
+        "step_model": step_model.describe(),
+        "fleet": _jsonable(fleet),
+        "runs": [{"rate": str(rate), **summary} for rate, summary in runs],
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    if args.plot is not None:
+        if args.trace is not None:
+            raise ValueError("--plot draws goodput against rate; a trace has one rate of its own")
+        plot_goodput(runs, str(args.plot), f"simulated goodput, {fleet.num_instances} instance(s)")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kvos.sim.planner import SLO, plan_instances
+
+    if not args.rate > 0:
+        raise ValueError(f"--rate must be > 0, got {args.rate}")
+    slo = SLO(args.ttft_slo, args.tpot_slo, args.attainment)
+    result = plan_instances(
+        make_fleet(args), make_step_model(args), make_requests(args, args.rate), slo, args.max_instances
+    )
+    report = {"rate": args.rate, "slo": _jsonable(slo), **result.to_json()}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.write_text(text + "\n")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from kvos.config import EngineConfig
+    from kvos.entrypoints.cli import engine_options
+    from kvos.sim.profile import SMOKE_GRID, ProfileGrid, profile_engine
+
+    grid = SMOKE_GRID if args.smoke else ProfileGrid()
+    profile = profile_engine(EngineConfig.from_kwargs(**engine_options(args)), grid)
+    report = profile.to_json()
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    error = report["fit_error"]
+    print(
+        f"{len(profile.samples)} steps timed; joint linear fit: mean error {error['mean_abs_pct']:.1f}%, "
+        f"p90 {error['p90_abs_pct']:.1f}%, max {error['max_abs_pct']:.1f}%; wrote {args.out}"
+    )
+    return 0
+
+
+def _jsonable(config: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return json.loads(json.dumps(dataclasses.asdict(config), default=str))

@@ -1,0 +1,101 @@
+"""The serving benchmark's report, computed from simulated times by the benchmark's own code.
+
+`benchmarks.serve.summarize` turns per-request results into throughput,
+TTFT / TPOT / end-to-end percentiles and goodput; here each simulated
+request becomes the `RequestResult` a client would have recorded, so a
+simulated figure and a measured one differ only in where the times came
+from. The inter-token gaps are the exception: a million requests make a
+hundred million gaps, too many for Python lists, so their percentiles are
+taken with numpy by the same nearest-rank rule (`nearest_rank_ms`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvos.sim.repo import benchmarks
+from kvos.sim.simulator import SimResult
+
+
+def nearest_rank_ms(values: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """`benchmarks.serve.percentiles_ms` for large arrays: mean and nearest-rank percentiles, in ms."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.size == 0:
+        return {"mean": float("nan"), **{f"p{p}": float("nan") for p in benchmarks("serve").PERCENTILES}}
+    ordered = np.sort(data)
+    picks = {
+        f"p{p}": 1000 * float(ordered[max(0, math.ceil(p / 100 * data.size) - 1)])
+        for p in benchmarks("serve").PERCENTILES
+    }
+    return {"mean": 1000 * float(ordered.mean()), **picks}
+
+
+def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> dict[str, Any]:
+    """The serving benchmark's summary of a simulated run, plus what only a simulator sees."""
+    serve = benchmarks("serve")
+    times = result.times
+    rejected = set(times.rejected)
+    results = []
+    for k in range(len(times.arrival_s)):
+        if k in rejected:
+            results.append(
+                serve.RequestResult(times.prompt_tokens[k], times.expected_tokens[k], error="rejected: too long")
+            )
+            continue
+        arrival = times.arrival_s[k]
+        results.append(
+            serve.RequestResult(
+                prompt_tokens=times.prompt_tokens[k],
+                expected_tokens=times.expected_tokens[k],
+                ok=True,
+                output_tokens=times.num_output_tokens[k],
+                ttft_s=times.first_token_s[k] - arrival,
+                latency_s=times.last_token_s[k] - arrival,
+            )
+        )
+    start = min(times.arrival_s, default=0.0)
+    duration = max(result.end_s - start, 1e-9)
+    summary = serve.summarize(results, duration, ttft_slo_s, tpot_slo_s)
+    summary["itl_ms"] = nearest_rank_ms(np.frombuffer(times.itl_s, dtype=np.float64))
+    instances = result.instances
+    summary["simulation"] = {
+        "num_instances": len(instances),
+        "num_steps": sum(i.num_steps for i in instances),
+        "num_events": result.num_events,
+        "wall_s": result.wall_s,
+        "events_per_s": result.num_events / result.wall_s if result.wall_s > 0 else float("nan"),
+        "preemptions": sum(i.scheduler.num_preemptions for i in instances),
+        "preemptions_by_reason": {
+            reason: sum(i.scheduler.preemptions_by_reason[reason] for i in instances)
+            for reason in instances[0].scheduler.preemptions_by_reason
+        },
+        "kv_peak_use": max(i.peak_used_blocks / i.kv.allocator.num_blocks for i in instances),
+        "busy_fraction": sum(i.worker.busy_s for i in instances) / (len(instances) * duration),
+    }
+    return summary
+
+
+def plot_goodput(points: Sequence[tuple[float, dict[str, Any]]], path: str, title: str) -> None:
+    """Goodput and throughput (requests/s) against offered rate, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here, and none needed for a file
+    import matplotlib.pyplot as plt
+
+    rates = [rate for rate, _ in points]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rates, [s["goodput"] for _, s in points], marker="o", label="goodput (met TTFT and TPOT SLOs)")
+    ax.plot(rates, [s["request_throughput"] for _, s in points], marker="s", linestyle="--", label="throughput")
+    ax.plot(rates, rates, color="grey", linewidth=0.8, label="offered rate")
+    ax.set_xlabel("request rate (requests/s)")
+    ax.set_ylabel("requests/s")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

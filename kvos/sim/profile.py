@@ -1,0 +1,160 @@
+"""`kvos sim profile`: time the real worker on hand-built plans over a grid, and fit a step-time model.
+
+For every grid point (prefill tokens T, decode batch B, context L) one plan
+is built by hand: B decodes, each one new token after L computed ones, then
+(if T > 0) one prompt chunk of T tokens, placed in blocks the engine's own
+paged KV books hand out. The real `Worker` runs it once to warm up (and to
+compile, with `compile=True`), then `repeats` more times; the median is the
+sample. Only `Worker.execute` is timed: the scheduler's and front end's own
+time per step is not in the model (see docs/simulator.md).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvos.config import EngineConfig
+from kvos.core.engine_core import EngineCore
+from kvos.core.plan import NewRequestData, ScheduledRequest, StepPlan
+from kvos.core.request import Request
+from kvos.model.loader import load_model
+from kvos.sampling_params import SamplingParams
+from kvos.sim.step_model import Profile, StepShape
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """The points measured: every prefill size x every decode batch x every context (T = B = 0 skipped)."""
+
+    prefill_tokens: tuple[int, ...] = (0, 32, 128, 256, 512)
+    decode_batch_sizes: tuple[int, ...] = (0, 1, 4, 16, 32, 64)
+    contexts: tuple[int, ...] = (64, 256, 640)
+    repeats: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_tokens", "decode_batch_sizes", "contexts"):
+            values = getattr(self, name)
+            if not values or any(v < 0 for v in values):
+                raise ValueError(f"{name} must be a non-empty tuple of counts >= 0, got {values}")
+        if min(self.contexts) < 1:
+            raise ValueError(f"contexts must be >= 1, got {self.contexts}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+
+    def points(self) -> list[tuple[int, int, int]]:
+        points = []
+        for t in self.prefill_tokens:
+            for b in self.decode_batch_sizes:
+                for length in self.contexts if b else self.contexts[:1]:
+                    if t or b:
+                        points.append((t, b, length))
+        return points
+
+    @property
+    def max_tokens_held(self) -> int:
+        """KV tokens the largest point holds at once."""
+        return max(self.prefill_tokens) + max(self.decode_batch_sizes) * (max(self.contexts) + 1)
+
+
+SMOKE_GRID = ProfileGrid(prefill_tokens=(0, 16, 48), decode_batch_sizes=(0, 1, 4), contexts=(16, 32), repeats=1)
+
+
+def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
+    """Build the engine `config` describes and time its worker over `grid`."""
+    loaded = load_model(config.model)
+    core = EngineCore(config, loaded, frozenset())
+    try:
+        if grid.max_tokens_held > core.capacity_tokens:
+            raise ValueError(
+                f"the grid holds up to {grid.max_tokens_held} KV tokens at once but the engine's cache holds "
+                f"{core.capacity_tokens}; raise --kv-cache-memory"
+            )
+        longest = max(max(grid.prefill_tokens), max(grid.contexts) + 1)
+        if longest > core.max_model_len:
+            raise ValueError(f"the grid needs {longest}-token sequences but the context is {core.max_model_len}")
+        samples = []
+        points = grid.points()
+        for n, (t, b, length) in enumerate(points, 1):
+            seconds = _time_point(core, t, b, length, grid.repeats, step_id=n)
+            shape = StepShape(t, t * t, b, b * (length + 1))
+            samples.append((shape, seconds))
+            logger.info(
+                "point %d/%d: prefill %d, decodes %d x context %d: %.2f ms",
+                n,
+                len(points),
+                t,
+                b,
+                length,
+                1000 * seconds,
+            )
+    finally:
+        core.close()
+    engine = {
+        "model": loaded.name,
+        "dtype": config.model.dtype,
+        "quantization": config.model.quantization,
+        "compile": config.model.compile,
+        "device": config.model.device,
+        "kv_bytes_per_token": core.kv_shape.bytes_per_token,
+        "kv_capacity_tokens": core.capacity_tokens,
+        "block_size": config.cache.block_size,
+        "max_model_len": core.max_model_len,
+        "machine": _machine(config.model.device),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "grid": {"points": len(samples), "repeats": grid.repeats},
+    }
+    return Profile(tuple(samples), engine)
+
+
+def _time_point(core: EngineCore, prefill: int, batch: int, context: int, repeats: int, step_id: int) -> float:
+    """Median seconds of `Worker.execute` on one hand-built step; frees everything it took."""
+    kv, worker = core.kv_manager, core.worker
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    requests: list[tuple[Request, int, int]] = []  # (request, computed before the step, tokens in the step)
+    for i in range(batch):
+        requests.append((Request(f"d{step_id}-{i}", _tokens(step_id, i, context + 1), params), context, 1))
+    if prefill:
+        requests.append((Request(f"p{step_id}", _tokens(step_id, batch, prefill), params), 0, prefill))
+    first: list[ScheduledRequest] = []
+    for request, computed, num_new in requests:
+        allocation = kv.allocate_slots(request, computed + num_new)
+        if allocation is None:
+            raise RuntimeError("KV books ran out below the capacity checked before profiling")
+        ids = request.prompt_token_ids
+        first.append(ScheduledRequest(request.req_id, ids[computed:], computed, True, allocation.table_update))
+    kv.end_step()
+    new = [NewRequestData(r.req_id, list(r.prompt_token_ids), [], r.params, 0) for r, _, _ in requests]
+    worker.execute(StepPlan(step_id, first, new))  # warm-up: adopts the requests, compiles new shapes
+    again = [ScheduledRequest(s.req_id, s.new_token_ids, s.num_computed_tokens, True) for s in first]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        worker.execute(StepPlan(step_id, again))
+        if core.worker.device.type == "cuda":
+            torch.cuda.synchronize(core.worker.device)
+        times.append(time.perf_counter() - start)
+    worker.execute(StepPlan(step_id, finished_req_ids=[r.req_id for r, _, _ in requests]))
+    for request, _, _ in requests:
+        kv.free(request)
+    return statistics.median(times)
+
+
+def _tokens(step_id: int, index: int, length: int) -> list[int]:
+    """Token ids for a profiling prompt: which ids does not change a step's time, only how many."""
+    return [(step_id * 131 + index * 7 + j) % 1000 + 10 for j in range(length)]
+
+
+def _machine(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

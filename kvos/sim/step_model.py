@@ -1,0 +1,338 @@
+"""How long one engine step takes: the only thing the simulator models.
+
+A step is summarised by four numbers (`StepShape`), enough for DistServe's
+forms and for a roofline:
+
+    P  prefill tokens    tokens of requests computing more than one token (prompt chunks)
+    Q  attention pairs   sum over those chunks of chunk x (computed + chunk): query-key pairs, DistServe's tokens^2
+    D  decodes           requests computing one token
+    C  decode context    keys those decodes attend, summed
+
+Two models, one interface (`StepTimeModel.step_seconds`):
+
+- `LinearStepModel`, fitted to profiled steps (`fit_linear`): one joint
+  least-squares fit over prefill-only, decode-only and mixed steps,
+
+      t = a_prefill + b*P + c*Q + d*C + e*D     (a step with any prefill)
+      t = a_decode  + d*C + e*D                 (a decode-only step)
+
+  so a pure prefill is DistServe's a + b*tokens + c*tokens^2, a pure decode
+  its a + b*context + c*batch, and a mixed step is the two summed with one
+  intercept (a step reads the weights once, not once per kind). Decode-only
+  steps keep their own intercept because kvos runs them on another path
+  (the compiled decode, when on).
+- `RooflineStepModel`: FLOPs at peak and bytes at bandwidth from a hardware
+  description and the model's shape, each divided by an efficiency that a
+  profile on that hardware measures (`calibrate_roofline`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from kvos.core.plan import StepPlan
+
+MIN_STEP_S = 1e-6
+"""A fitted line may dip below zero outside its grid; no step is taken as shorter than this."""
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What sets a step's time (see the module docstring for the letters)."""
+
+    prefill_tokens: int = 0
+    attention_pairs: int = 0
+    num_decodes: int = 0
+    decode_context: int = 0
+
+    @classmethod
+    def from_plan(cls, plan: StepPlan) -> StepShape:
+        prefill = pairs = decodes = context = 0
+        for s in plan.scheduled:
+            n = len(s.new_token_ids)
+            if n == 1:
+                decodes += 1
+                context += s.num_computed_tokens + 1
+            else:
+                prefill += n
+                pairs += n * (s.num_computed_tokens + n)
+        return cls(prefill, pairs, decodes, context)
+
+
+class StepTimeModel(Protocol):
+    def step_seconds(self, shape: StepShape) -> float:
+        """Seconds the step takes on the modelled hardware."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """The model's kind and parameters, for reports."""
+        ...
+
+
+# -- fitted (DistServe's form) ---------------------------------------------------------
+
+FEATURES = (
+    "prefill_intercept",
+    "decode_intercept",
+    "per_prefill_token",
+    "per_attention_pair",
+    "per_context_token",
+    "per_decode",
+)
+
+
+def features(shape: StepShape) -> list[float]:
+    """The design-matrix row of one step: which intercept applies, then P, Q, C, D."""
+    has_prefill = shape.prefill_tokens > 0
+    return [
+        float(has_prefill),
+        float(not has_prefill),
+        float(shape.prefill_tokens),
+        float(shape.attention_pairs),
+        float(shape.decode_context),
+        float(shape.num_decodes),
+    ]
+
+
+@dataclass(frozen=True)
+class LinearStepModel:
+    """t = intercept + b*P + c*Q + d*C + e*D, seconds; coefficients in `FEATURES` order."""
+
+    prefill_intercept: float
+    decode_intercept: float
+    per_prefill_token: float
+    per_attention_pair: float
+    per_context_token: float
+    per_decode: float
+
+    def step_seconds(self, shape: StepShape) -> float:
+        # Written out rather than a dot product: this runs once per simulated step.
+        t = (
+            (self.prefill_intercept if shape.prefill_tokens else self.decode_intercept)
+            + self.per_prefill_token * shape.prefill_tokens
+            + self.per_attention_pair * shape.attention_pairs
+            + self.per_context_token * shape.decode_context
+            + self.per_decode * shape.num_decodes
+        )
+        return max(t, MIN_STEP_S)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "linear", **asdict(self)}
+
+
+@dataclass(frozen=True)
+class FitError:
+    """How far the fitted model is from the steps it was fitted on."""
+
+    num_samples: int
+    rmse_s: float
+    mean_abs_pct: float
+    p90_abs_pct: float
+    max_abs_pct: float
+
+
+def fit_error(model: StepTimeModel, samples: Sequence[tuple[StepShape, float]]) -> FitError:
+    predicted = np.array([model.step_seconds(shape) for shape, _ in samples])
+    measured = np.array([t for _, t in samples])
+    pct = np.abs(predicted - measured) / measured * 100
+    return FitError(
+        num_samples=len(samples),
+        rmse_s=float(np.sqrt(np.mean((predicted - measured) ** 2))),
+        mean_abs_pct=float(np.mean(pct)),
+        p90_abs_pct=float(np.percentile(pct, 90)),
+        max_abs_pct=float(np.max(pct)),
+    )
+
+
+def fit_linear(samples: Sequence[tuple[StepShape, float]]) -> tuple[LinearStepModel, FitError]:
+    """Least squares over measured steps, weighted by 1/time so short decode steps count as much as long prefills.
+
+    Minimising relative rather than absolute error matters because step
+    times span two orders of magnitude and TPOT depends on the short ones.
+    """
+    if len(samples) < len(FEATURES):
+        raise ValueError(f"samples must hold at least {len(FEATURES)} measured steps to fit, got {len(samples)}")
+    if any(not t > 0 for _, t in samples):
+        raise ValueError("samples must have measured times > 0")
+    design = np.array([features(shape) for shape, _ in samples])
+    times = np.array([t for _, t in samples])
+    weights = 1.0 / times
+    coefficients, *_ = np.linalg.lstsq(design * weights[:, None], times * weights, rcond=None)
+    model = LinearStepModel(*(float(c) for c in coefficients))
+    return model, fit_error(model, samples)
+
+
+# -- roofline ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """A device as the roofline sees it: peak FLOP/s per dtype and memory bandwidth (bytes/s)."""
+
+    name: str
+    peak_flops: tuple[tuple[str, float], ...]
+    memory_bandwidth: float
+
+    def __post_init__(self) -> None:
+        if not self.peak_flops:
+            raise ValueError("peak_flops must name at least one dtype's FLOP/s")
+        for dtype, flops in self.peak_flops:
+            if not flops > 0:
+                raise ValueError(f"peak_flops[{dtype!r}] must be > 0, got {flops}")
+        if not self.memory_bandwidth > 0:
+            raise ValueError(f"memory_bandwidth must be > 0 bytes/s, got {self.memory_bandwidth}")
+
+    def flops_for(self, dtype: str) -> float:
+        table = dict(self.peak_flops)
+        if dtype not in table:
+            raise ValueError(f"hardware {self.name!r} gives no peak FLOP/s for dtype {dtype!r}; it has {sorted(table)}")
+        return table[dtype]
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> HardwareSpec:
+        """`{"name": "h100", "peak_flops": {"bfloat16": 989e12}, "memory_bandwidth": 3.35e12}`."""
+        data = json.loads(Path(path).read_text())
+        try:
+            return cls(str(data["name"]), tuple(sorted(data["peak_flops"].items())), float(data["memory_bandwidth"]))
+        except KeyError as exc:
+            raise ValueError(f"{path}: hardware description is missing {exc.args[0]!r}") from exc
+
+
+@dataclass(frozen=True)
+class RooflineStepModel:
+    """max(FLOPs / (peak x compute_efficiency), bytes / (bandwidth x memory_efficiency)) per step.
+
+    Bytes are every weight once plus the KV that decodes read and that
+    every new token writes. FLOPs are the linear layers
+    per token, one LM-head row per request and attention per query-key pair
+    (`benchmarks.roofline.ArchShape`'s counts).
+    """
+
+    arch: Any
+    """A `benchmarks.roofline.ArchShape`."""
+    peak_flops: float
+    memory_bandwidth: float
+    weight_bytes_per_param: float
+    kv_bytes_per_elem: int
+    compute_efficiency: float = 1.0
+    memory_efficiency: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("compute_efficiency", "memory_efficiency"):
+            value = getattr(self, name)
+            if not 0 < value <= 1.5:
+                raise ValueError(f"{name} must be in (0, 1.5], got {value}")
+
+    def bounds(self, shape: StepShape) -> tuple[float, float]:
+        """(compute seconds at peak, memory seconds at full bandwidth) of the step."""
+        arch = self.arch
+        tokens = shape.prefill_tokens + shape.num_decodes
+        # A prefill chunk's pairs count its causal triangle as a square: the difference is small next to the linears.
+        flops = (
+            tokens * arch.linear_flops_per_token()
+            + shape.num_decodes * arch.lm_head_flops()
+            + arch.attention_flops(shape.attention_pairs + shape.decode_context)
+        )
+        # Decodes read their whole context; every new token's KV is written. Later prompt chunks also read
+        # the earlier ones, left out: next to the weights and the linears' FLOPs it is small.
+        kv_bytes = (shape.decode_context + tokens) * arch.kv_bytes_per_token(self.kv_bytes_per_elem)
+        memory = arch.params_read_per_step * self.weight_bytes_per_param + kv_bytes
+        return flops / self.peak_flops, memory / self.memory_bandwidth
+
+    def step_seconds(self, shape: StepShape) -> float:
+        compute, memory = self.bounds(shape)
+        return max(compute / self.compute_efficiency, memory / self.memory_efficiency, MIN_STEP_S)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "roofline",
+            "peak_flops": self.peak_flops,
+            "memory_bandwidth": self.memory_bandwidth,
+            "weight_bytes_per_param": self.weight_bytes_per_param,
+            "kv_bytes_per_elem": self.kv_bytes_per_elem,
+            "compute_efficiency": self.compute_efficiency,
+            "memory_efficiency": self.memory_efficiency,
+        }
+
+
+def calibrate_roofline(
+    model: RooflineStepModel, samples: Sequence[tuple[StepShape, float]]
+) -> tuple[RooflineStepModel, FitError]:
+    """Set each efficiency to the median of bound / measured over the steps that bound limits.
+
+    A median, not a mean, so a few steps disturbed by the machine do not move
+    it. With no step limited by one side, that efficiency stays at 1.
+    """
+    if not samples:
+        raise ValueError("samples must hold at least one measured step to calibrate")
+    compute_ratios: list[float] = []
+    memory_ratios: list[float] = []
+    for shape, measured in samples:
+        compute, memory = model.bounds(shape)
+        (compute_ratios if compute >= memory else memory_ratios).append(max(compute, memory) / measured)
+    calibrated = RooflineStepModel(
+        model.arch,
+        model.peak_flops,
+        model.memory_bandwidth,
+        model.weight_bytes_per_param,
+        model.kv_bytes_per_elem,
+        compute_efficiency=min(float(np.median(compute_ratios)), 1.5) if compute_ratios else 1.0,
+        memory_efficiency=min(float(np.median(memory_ratios)), 1.5) if memory_ratios else 1.0,
+    )
+    return calibrated, fit_error(calibrated, samples)
+
+
+# -- profiles on disk ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured steps of one engine configuration on one machine, and what the engine reported about itself."""
+
+    samples: tuple[tuple[StepShape, float], ...]
+    engine: dict[str, Any]
+    """model, dtype, quantization, compile, kv bytes per token, KV capacity, max context, machine."""
+
+    def to_json(self) -> dict[str, Any]:
+        model, error = fit_linear(self.samples)
+        return {
+            "engine": self.engine,
+            "fit": {"form": "joint linear (see kvos.sim.step_model)", **asdict(model)},
+            "fit_error": asdict(error),
+            "samples": [{**asdict(shape), "seconds": t} for shape, t in self.samples],
+        }
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        data = json.loads(Path(path).read_text())
+        try:
+            samples = tuple(
+                (
+                    StepShape(s["prefill_tokens"], s["attention_pairs"], s["num_decodes"], s["decode_context"]),
+                    float(s["seconds"]),
+                )
+                for s in data["samples"]
+            )
+            return cls(samples, dict(data["engine"]))
+        except KeyError as exc:
+            raise ValueError(f"{path}: profile is missing {exc.args[0]!r}") from exc
+
+
+def linear_from_profile(path: str | Path) -> LinearStepModel:
+    """The profile's fitted model (refitted from its samples, so an edited fit cannot drift from the data)."""
+    model, _ = fit_linear(Profile.load(path).samples)
+    return model
+
+
+def roofline_for(
+    arch: Any, hardware: HardwareSpec, dtype: str, weight_bytes_per_param: float, kv_bytes_per_elem: int
+) -> RooflineStepModel:
+    return RooflineStepModel(
+        arch, hardware.flops_for(dtype), hardware.memory_bandwidth, weight_bytes_per_param, kv_bytes_per_elem
+    )

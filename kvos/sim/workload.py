@@ -1,0 +1,133 @@
+"""Simulated requests: where their lengths and arrival times come from.
+
+Three sources, one shape (`SimRequest`):
+
+- ShareGPT lengths (prompt and reference answer, tokenized as the serving
+  benchmark does), with arrivals from a process;
+- a JSONL trace, one request per line:
+  `{"arrival_s": 0.5, "prompt_tokens": 120, "output_tokens": 64, "tenant": "a", "priority": 0}`
+  (`tenant` and `priority` optional);
+- a Poisson process (exponential gaps) or a gamma process (burstier for a
+  coefficient of variation above 1) at a rate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvos.sim.repo import benchmarks
+
+ARRIVAL_PROCESSES = ("poisson", "gamma")
+
+
+@dataclass(frozen=True)
+class SimRequest:
+    """One request as the simulator needs it: no text, only sizes, time and scheduling keys."""
+
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    tenant: str = ""
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.arrival_s) and self.arrival_s >= 0):
+            raise ValueError(f"arrival_s must be a finite time >= 0, got {self.arrival_s}")
+        if self.prompt_tokens < 1 or self.output_tokens < 1:
+            raise ValueError(
+                f"prompt_tokens and output_tokens must be >= 1, got {self.prompt_tokens} and {self.output_tokens}"
+            )
+
+
+def arrival_times(num: int, rate: float, process: str = "poisson", cv: float = 1.0, seed: int = 0) -> list[float]:
+    """Arrival times (seconds from 0) of `num` requests at `rate` per second; all 0 for rate=inf.
+
+    The Poisson case draws exactly the gaps `benchmarks.serve.poisson_delays`
+    draws for the same seed, so a simulated run and a measured one see the
+    same arrivals. The gamma process has mean gap 1/rate and the given
+    coefficient of variation (cv=1 is Poisson's).
+    """
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+    if not rate > 0:
+        raise ValueError(f"rate must be > 0 (inf: all at once), got {rate}")
+    if process not in ARRIVAL_PROCESSES:
+        raise ValueError(f"process must be one of {', '.join(ARRIVAL_PROCESSES)}, got {process!r}")
+    if not cv > 0:
+        raise ValueError(f"cv must be > 0, got {cv}")
+    if math.isinf(rate):
+        return [0.0] * num
+    rng = random.Random(seed)
+    shape = 1.0 / cv**2
+    times, now = [], 0.0
+    for _ in range(num):
+        times.append(now)
+        now += rng.expovariate(rate) if process == "poisson" else rng.gammavariate(shape, 1.0 / (shape * rate))
+    return times
+
+
+def with_arrivals(lengths: Sequence[tuple[int, int]], times: Sequence[float]) -> list[SimRequest]:
+    """Pair (prompt, output) lengths with arrival times, in order."""
+    if len(lengths) != len(times):
+        raise ValueError(f"got {len(lengths)} request lengths but {len(times)} arrival times")
+    return [SimRequest(t, p, o) for (p, o), t in zip(lengths, times)]
+
+
+SHAREGPT_POOL = 1000
+"""Distinct ShareGPT requests tokenized at most; longer runs cycle through them (the distribution is what counts)."""
+
+
+def sharegpt_lengths(
+    num: int, max_prompt_tokens: int = 512, max_output_tokens: int = 128, seed: int = 0
+) -> list[tuple[int, int]]:
+    """(prompt, output) token counts of ShareGPT requests, drawn as `benchmarks.serve` draws them.
+
+    The same seed and bounds give the serving benchmark's requests in its
+    order, so simulated and measured runs serve the same work. Past
+    `SHAREGPT_POOL` requests the lengths repeat, which keeps a million-request
+    fleet run from tokenizing a million conversations.
+    """
+    peers = benchmarks("peers")
+    tokenizer = peers.load_tokenizer(peers.resolve_gguf(None))
+    sample = benchmarks("sharegpt").sample_requests(
+        tokenizer, min(num, SHAREGPT_POOL), max_prompt_tokens, max_output_tokens, seed
+    )
+    pairs = [(len(r.prompt_token_ids), r.max_tokens) for r in sample]
+    return [pairs[i % len(pairs)] for i in range(num)]
+
+
+def load_trace(path: str | Path) -> list[SimRequest]:
+    """Requests from a JSONL trace, sorted by arrival; ValueError naming the line and field that is wrong."""
+    requests = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                requests.append(
+                    SimRequest(
+                        arrival_s=float(entry["arrival_s"]),
+                        prompt_tokens=int(entry["prompt_tokens"]),
+                        output_tokens=int(entry["output_tokens"]),
+                        tenant=str(entry.get("tenant", "")),
+                        priority=int(entry.get("priority", 0)),
+                    )
+                )
+            except KeyError as exc:
+                raise ValueError(f"{path}:{number}: missing field {exc.args[0]!r}") from exc
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{number}: {exc}") from exc
+    requests.sort(key=lambda r: r.arrival_s)
+    return requests
+
+
+def write_trace(path: str | Path, requests: Sequence[SimRequest]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in requests:
+            f.write(json.dumps(r.__dict__) + "\n")

@@ -1,0 +1,291 @@
+"""The simulator against the real engine, the planner's trivial case, routers, and simulation speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kvos.config import EngineConfig
+from kvos.core.engine_core import EngineCore
+from kvos.core.plan import StepPlan
+from kvos.core.request import Request
+from kvos.model.loader import load_model
+from kvos.sampling_params import SamplingParams
+from kvos.sim.metrics import summarize_sim
+from kvos.sim.planner import SLO, plan_instances
+from kvos.sim.router import LeastLoadRouter
+from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
+from kvos.sim.step_model import LinearStepModel, StepShape
+from kvos.sim.workload import SimRequest, arrival_times, load_trace, with_arrivals, write_trace
+
+STEP_MODEL = LinearStepModel(
+    prefill_intercept=0.020,
+    decode_intercept=0.010,
+    per_prefill_token=1.0e-4,
+    per_attention_pair=1.0e-8,
+    per_context_token=1.0e-6,
+    per_decode=2.0e-4,
+)
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 4096,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+TINY_KV_BLOCKS = 24
+"""Few enough blocks that the workload below preempts."""
+
+
+def workload(seed: int = 0, num: int = 40, rate: float = 40.0) -> list[SimRequest]:
+    import random
+
+    rng = random.Random(seed)
+    times = arrival_times(num, rate, seed=seed)
+    return [
+        SimRequest(t, rng.randint(3, 70), rng.randint(1, 40), tenant=f"t{k % 2}", priority=rng.randint(0, 2))
+        for k, t in enumerate(times)
+    ]
+
+
+def tiny_core(tmp_path: Path, **scheduler: Any) -> EngineCore:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    bytes_per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x kv heads x head dim x float32
+    config = EngineConfig.from_kwargs(
+        model=str(tmp_path),
+        load_format="dummy",
+        max_model_len=128,
+        kv_cache_memory_bytes=TINY_KV_BLOCKS * 16 * bytes_per_token,
+        **scheduler,
+    )
+    return EngineCore(config, load_model(config.model), frozenset())
+
+
+def plan_key(plan: StepPlan) -> tuple:
+    """What the scheduler decided, without the sampled token ids (the real model's differ from the simulator's)."""
+    return (
+        plan.step_id,
+        tuple(
+            (s.req_id, len(s.new_token_ids), s.num_computed_tokens, s.sample, s.table_update) for s in plan.scheduled
+        ),
+        tuple(d.req_id for d in plan.new_requests),
+        tuple(plan.copies),
+        tuple(plan.finished_req_ids),
+        tuple(plan.preempted_req_ids),
+    )
+
+
+def drive_real_engine(core: EngineCore, requests: list[SimRequest]) -> list[StepPlan]:
+    """The real EngineCore on a fake clock: each step takes STEP_MODEL's time; requests join between steps."""
+    plans: list[StepPlan] = []
+    execute = core.worker.execute
+
+    def recording(plan: StepPlan):
+        if plan.scheduled:
+            plans.append(plan)
+        return execute(plan)
+
+    core.worker.execute = recording  # type: ignore[method-assign]
+    now, i = 0.0, 0
+    while i < len(requests) or core.has_unfinished_requests():
+        if not core.has_unfinished_requests():
+            now = max(now, requests[i].arrival_s)  # idle until the next arrival
+        while i < len(requests) and requests[i].arrival_s <= now:
+            spec = requests[i]
+            params = SamplingParams(max_tokens=spec.output_tokens, ignore_eos=True, temperature=0.0)
+            prompt = [i] + [0] * (spec.prompt_tokens - 1)
+            core.add_request(Request(str(i), prompt, params, spec.arrival_s, spec.priority, spec.tenant))
+            i += 1
+        num_before = len(plans)
+        core.step()
+        now += sum(STEP_MODEL.step_seconds(StepShape.from_plan(p)) for p in plans[num_before:])
+    return plans
+
+
+def simulated_plans(config: InstanceConfig, requests: list[SimRequest]) -> tuple[list[StepPlan], dict]:
+    from kvos.sim import simulator
+
+    plans: list[StepPlan] = []
+    execute = simulator.SimWorker.execute
+
+    def recording(self, plan: StepPlan):
+        if plan.scheduled:
+            plans.append(plan)
+        return execute(self, plan)
+
+    simulator.SimWorker.execute = recording  # type: ignore[method-assign]
+    try:
+        result = Simulator(FleetConfig(config), STEP_MODEL).run(requests)
+    finally:
+        simulator.SimWorker.execute = execute  # type: ignore[method-assign]
+    return plans, summarize_sim(result, 2.0, 0.2)
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        {"policy": "fcfs", "max_num_batched_tokens": 32, "max_num_seqs": 6},
+        {"policy": "priority", "max_num_batched_tokens": 48, "max_num_seqs": 4, "preemption_quantum_steps": 2},
+        {"policy": "fair", "max_num_batched_tokens": 64, "max_num_seqs": 8},
+    ],
+    ids=["fcfs", "priority", "fair"],
+)
+def test_simulator_makes_the_real_engines_decisions(tmp_path: Path, scheduler: dict) -> None:
+    requests = workload()
+    core = tiny_core(tmp_path, **scheduler)
+    try:
+        real = drive_real_engine(core, requests)
+        config = InstanceConfig(
+            scheduler=core.config.scheduler,
+            kv_capacity_tokens=core.capacity_tokens,
+            block_size=core.config.cache.block_size,
+            max_model_len=core.max_model_len,
+        )
+    finally:
+        core.close()
+    simulated, summary = simulated_plans(config, requests)
+    assert len(simulated) == len(real)
+    for sim_plan, real_plan in zip(simulated, real):
+        assert plan_key(sim_plan) == plan_key(real_plan)
+    assert summary["completed"] == len(requests)
+    assert summary["total_output_tokens"] == sum(r.output_tokens for r in requests)
+    if scheduler["policy"] == "fcfs":
+        assert summary["simulation"]["preemptions"] > 0, "the workload should exercise preemption"
+
+
+def test_plan_for_a_trivial_case_is_one_instance() -> None:
+    requests = with_arrivals([(100, 50)] * 50, arrival_times(50, 0.2, seed=1))
+    result = plan_instances(FleetConfig(), STEP_MODEL, requests, SLO(ttft_s=1.0, tpot_s=0.1))
+    assert result.num_instances == 1
+    assert result.tried[0][0] == 1 and result.tried[0][1] == 1.0
+
+
+def test_plan_grows_the_fleet_with_the_rate() -> None:
+    requests = with_arrivals([(200, 100)] * 400, arrival_times(400, 60.0, seed=2))
+    result = plan_instances(FleetConfig(router="least_load"), STEP_MODEL, requests, SLO(ttft_s=0.5, tpot_s=0.05))
+    assert result.num_instances > 1
+    failing = [n for n, attainment, _ in result.tried if attainment < 0.9]
+    assert max(failing) == result.num_instances - 1
+
+
+def test_least_load_router_picks_the_emptiest_instance() -> None:
+    router = LeastLoadRouter(3)
+    spec = SimRequest(0.0, 1, 1)
+    assert [router.route(spec) for _ in range(4)] == [0, 1, 2, 0]
+    router.on_finish(1)
+    router.on_finish(2)
+    assert router.route(spec) == 1
+    assert router.route(spec) == 2
+    assert router.loads == [2, 1, 1]
+
+
+def test_many_instances_share_one_clock_and_finish_everything() -> None:
+    requests = with_arrivals([(64, 16), (300, 40)] * 200, arrival_times(400, 200.0))
+    for router in ("round_robin", "least_load"):
+        result = Simulator(FleetConfig(num_instances=8, router=router), STEP_MODEL).run(requests)
+        summary = summarize_sim(result, 2.0, 0.2)
+        assert summary["completed"] == 400 and summary["failed"] == 0
+        assert all(instance.num_steps > 0 for instance in result.instances)
+        assert all(instance.kv.num_used_blocks == 0 for instance in result.instances)
+
+
+def test_too_long_requests_fail_as_the_engine_refuses_them() -> None:
+    config = FleetConfig(InstanceConfig(max_model_len=128))
+    requests = [SimRequest(0.0, 100, 10), SimRequest(0.1, 100, 50)]
+    summary = summarize_sim(Simulator(config, STEP_MODEL).run(requests), 2.0, 0.2)
+    assert (summary["completed"], summary["failed"]) == (1, 1)
+
+
+def test_trace_round_trips_and_names_a_bad_line(tmp_path: Path) -> None:
+    requests = workload(num=5)
+    path = tmp_path / "trace.jsonl"
+    write_trace(path, requests)
+    assert load_trace(path) == requests
+    path.write_text('{"arrival_s": 0, "prompt_tokens": 5}\n')
+    with pytest.raises(ValueError, match="trace.jsonl:1: missing field 'output_tokens'"):
+        load_trace(path)
+
+
+def test_simulation_speed_is_reported() -> None:
+    """Events per second on a mid-sized fleet; nothing asserted about time (the machine may be busy)."""
+    num = 5000
+    lengths = [(64 + (k * 37) % 400, 8 + (k * 13) % 120) for k in range(num)]
+    requests = with_arrivals(lengths, arrival_times(num, 500.0, seed=3))
+    result = Simulator(FleetConfig(num_instances=50, router="least_load"), STEP_MODEL).run(requests)
+    summary = summarize_sim(result, 2.0, 0.2)
+    assert summary["completed"] == num
+    sim = summary["simulation"]
+    print(
+        f"\nsimulated {num} requests on 50 instances: {sim['num_events']} events "
+        f"({sim['num_steps']} steps) in {sim['wall_s']:.2f} s = {sim['events_per_s']:.0f} events/s"
+    )
+
+
+def test_poisson_arrivals_are_the_serving_benchmarks() -> None:
+    from benchmarks.serve import poisson_delays
+
+    assert arrival_times(300, 3.0, seed=7) == poisson_delays(300, 3.0, 7)
+
+
+def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
+    from kvos.entrypoints.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    profile = tmp_path / "profile.json"
+    common = ["--model", str(tmp_path), "--load-format", "dummy", "--kv-cache-memory", "16MiB"]
+    assert main(["sim", "profile", *common, "--smoke", "--out", str(profile)]) == 0
+    assert len(json.loads(profile.read_text())["samples"]) == 14
+    out, plot = tmp_path / "run.json", tmp_path / "goodput.png"
+    workload_args = ["--fixed-lengths", "40,10", "--num-requests", "20"]
+    assert (
+        main(
+            [
+                "sim",
+                "run",
+                "--profile",
+                str(profile),
+                *workload_args,
+                "--rates",
+                "1,4",
+                "--json",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
+    assert [run["completed"] for run in json.loads(out.read_text())["runs"]] == [20, 20]
+    assert plot.stat().st_size > 0
+    # SLOs no step time can miss: the smoke profile is timed on whatever load the machine has.
+    assert (
+        main(
+            [
+                "sim",
+                "plan",
+                "--profile",
+                str(profile),
+                *workload_args,
+                "--rate",
+                "0.01",
+                "--ttft-slo",
+                "1e3",
+                "--tpot-slo",
+                "1e3",
+            ]
+        )
+        == 0
+    )

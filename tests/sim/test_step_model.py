@@ -1,0 +1,88 @@
+"""Step-time models: the joint fit recovers known coefficients; the roofline calibrates its efficiencies."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from benchmarks.roofline import SMOLLM2_135M
+from benchmarks.serve import percentiles_ms
+from kvos.core.plan import ScheduledRequest, StepPlan
+from kvos.sim.metrics import nearest_rank_ms
+from kvos.sim.step_model import (
+    LinearStepModel,
+    RooflineStepModel,
+    StepShape,
+    calibrate_roofline,
+    fit_linear,
+)
+
+TRUE = LinearStepModel(
+    prefill_intercept=0.030,
+    decode_intercept=0.012,
+    per_prefill_token=2.0e-4,
+    per_attention_pair=3.0e-8,
+    per_context_token=4.0e-7,
+    per_decode=5.0e-4,
+)
+
+
+def synthetic_steps(model: LinearStepModel, noise: float, seed: int = 0) -> list[tuple[StepShape, float]]:
+    """A profile-like grid (prefill x batch x context), times from `model` with relative noise."""
+    rng = random.Random(seed)
+    samples = []
+    for t in (0, 32, 128, 256, 512):
+        for b in (0, 1, 4, 16, 64):
+            for length in (64, 256, 1024) if b else (64,):
+                if t or b:
+                    shape = StepShape(t, t * t, b, b * (length + 1))
+                    samples.append((shape, model.step_seconds(shape) * (1 + rng.gauss(0, noise))))
+    return samples
+
+
+def test_fit_recovers_known_coefficients_exactly_without_noise() -> None:
+    model, error = fit_linear(synthetic_steps(TRUE, noise=0.0))
+    for name, value in TRUE.__dict__.items():
+        assert getattr(model, name) == pytest.approx(value, rel=1e-6), name
+    assert error.max_abs_pct < 1e-6
+
+
+def test_fit_recovers_known_coefficients_within_noise() -> None:
+    model, error = fit_linear(synthetic_steps(TRUE, noise=0.02))
+    for name in ("prefill_intercept", "decode_intercept", "per_prefill_token", "per_decode"):
+        assert getattr(model, name) == pytest.approx(getattr(TRUE, name), rel=0.1), name
+    assert error.mean_abs_pct < 3.0
+
+
+def test_fit_refuses_too_few_samples() -> None:
+    with pytest.raises(ValueError, match="at least 6"):
+        fit_linear(synthetic_steps(TRUE, 0.0)[:3])
+
+
+def test_shape_from_plan_counts_prefill_pairs_and_decode_context() -> None:
+    plan = StepPlan(
+        1,
+        scheduled=[
+            ScheduledRequest("a", [0], num_computed_tokens=99, sample=True),
+            ScheduledRequest("b", [0] * 10, num_computed_tokens=20, sample=False),
+        ],
+    )
+    assert StepShape.from_plan(plan) == StepShape(
+        prefill_tokens=10, attention_pairs=10 * 30, num_decodes=1, decode_context=100
+    )
+
+
+def test_roofline_calibration_recovers_efficiencies() -> None:
+    ideal = RooflineStepModel(SMOLLM2_135M, 1e12, 1e10, 4.0, 4)
+    truth = RooflineStepModel(SMOLLM2_135M, 1e12, 1e10, 4.0, 4, compute_efficiency=0.4, memory_efficiency=0.7)
+    samples = [(shape, truth.step_seconds(shape)) for shape, _ in synthetic_steps(TRUE, 0.0)]
+    calibrated, error = calibrate_roofline(ideal, samples)
+    assert calibrated.compute_efficiency == pytest.approx(0.4)
+    assert calibrated.memory_efficiency == pytest.approx(0.7)
+    assert error.max_abs_pct < 1e-6
+
+
+def test_itl_percentiles_match_the_serving_benchmark() -> None:
+    values = [random.Random(1).expovariate(10) for _ in range(1001)]
+    assert nearest_rank_ms(values) == pytest.approx(percentiles_ms(values))
