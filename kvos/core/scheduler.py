@@ -172,7 +172,7 @@ class Scheduler:
         plan.scheduled.append(
             ScheduledRequest(
                 req_id=request.req_id,
-                new_token_ids=request.all_token_ids[start : start + num_tokens],
+                new_token_ids=request.token_slice(start, start + num_tokens),
                 num_computed_tokens=start,
                 sample=start + num_tokens == request.num_tokens,
                 table_update=allocation.table_update,

@@ -86,11 +86,10 @@ class PagedKVCacheManager:
     def block_hashes(self, request: Request) -> list[BlockHash]:
         """Chained digests of the request's full blocks, extended incrementally."""
         hashes = self._block_hashes.setdefault(request.req_id, [])
-        token_ids = request.all_token_ids
         bs = self.block_size
-        for i in range(len(hashes), len(token_ids) // bs):
+        for i in range(len(hashes), request.num_tokens // bs):
             parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
-            hashes.append(block_hash(parent, token_ids[i * bs : (i + 1) * bs]))
+            hashes.append(block_hash(parent, request.token_slice(i * bs, (i + 1) * bs)))
         return hashes
 
     def lookup_prefix(self, request: Request) -> int:

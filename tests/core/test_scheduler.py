@@ -130,3 +130,12 @@ def test_fork_plans_a_copy_on_write_of_the_shared_partial_block() -> None:
     assert (copy.src_slot, copy.dst_slot, copy.num_slots) == (parent_tail * 4, child_tail * 4, 4)
     (child_chunk,) = [c for c in plan.scheduled if c.req_id == "p#1"]
     assert child_chunk.num_computed_tokens == 5 and child_chunk.new_token_ids == [6] and child_chunk.sample
+
+
+def test_token_slice_equals_slicing_all_token_ids() -> None:
+    r = Request("r", [1, 2, 3, 4], SamplingParams(max_tokens=8))
+    r.output_token_ids.extend([5, 6, 7])
+    every = r.all_token_ids
+    for start in range(8):
+        for end in range(start, 8):
+            assert r.token_slice(start, end) == every[start:end]
