@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 LoadFormat = Literal["auto", "gguf", "hf", "dummy"]
 KVCacheKind = Literal["paged", "virtual"]
+PreemptionMode = Literal["auto", "swap", "recompute"]
+PREEMPTION_MODES = ("auto", "swap", "recompute")
 AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous"]
 ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous")
 
@@ -77,6 +79,15 @@ class CacheConfig:
     The budget is `kv_cache_memory_bytes` when given, else
     `kv_cache_memory_fraction` of the memory available at start-up (host memory
     on CPU, free device memory after the weights on a GPU).
+
+    `kv_offload_bytes` adds a host tier of that size below the primary pool
+    (paged cache only; None: no host tier): cached blocks the pool evicts are
+    written back there and found again by prefix lookups, and preempted
+    requests can be swapped there. `preemption_mode` says what preemption
+    does with a victim's KV: "recompute" drops it, "swap" copies it to the
+    host tier (dropping it only when the tier is full), "auto" swaps when the
+    copy is estimated cheaper than recomputing (see docs/tiers.md). Without a
+    host tier every preemption recomputes.
     """
 
     kv_cache: KVCacheKind = "paged"
@@ -84,6 +95,8 @@ class CacheConfig:
     kv_cache_memory_bytes: int | None = None
     kv_cache_memory_fraction: float = 0.1
     enable_prefix_caching: bool = True
+    kv_offload_bytes: int | None = None
+    preemption_mode: PreemptionMode = "auto"
 
     def __post_init__(self) -> None:
         if self.kv_cache not in ("paged", "virtual"):
@@ -94,6 +107,16 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_bytes must be > 0, got {self.kv_cache_memory_bytes}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.kv_offload_bytes is not None and self.kv_offload_bytes <= 0:
+            raise ValueError(f"kv_offload_bytes must be > 0, got {self.kv_offload_bytes}")
+        if self.kv_offload_bytes is not None and self.kv_cache != "paged":
+            raise ValueError("kv_offload_bytes needs kv_cache='paged': the virtual cache has no host tier yet")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(
+                f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}"
+            )
+        if self.preemption_mode == "swap" and self.kv_offload_bytes is None:
+            raise ValueError("preemption_mode='swap' needs kv_offload_bytes (a host tier to swap to)")
 
 
 SchedulingPolicyName = Literal["fcfs", "priority", "fair"]

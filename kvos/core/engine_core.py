@@ -17,6 +17,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,16 +26,18 @@ from kvos.config import EngineConfig
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
-from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats
+from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats, TierStats
 from kvos.errors import InvalidRequestError
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.factory import make_kv_manager
+from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
+from kvos.memory.tiers.swap import PreemptionRule, SwapCost, measure_copy_bandwidth, measure_flops
 from kvos.model.arch import ModelArch
 from kvos.model.loader import LoadedModel
 from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
-from kvos.worker.kv_cache import make_kv_buffer
+from kvos.worker.kv_cache import make_host_pool, make_kv_buffer
 from kvos.worker.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -134,13 +137,20 @@ class EngineCore:
             config.cache, shape, config.scheduler.max_num_seqs, self.max_model_len, model_identity(loaded, config)
         )
         self.capacity_tokens = self.kv_manager.capacity_tokens
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, eos_token_ids, self.max_model_len)
+        self.scheduler = Scheduler(
+            config.scheduler,
+            self.kv_manager,
+            eos_token_ids,
+            self.max_model_len,
+            preemption=self._preemption_rule(model, arch, shape),
+        )
         self.worker = Worker(
             model,
             make_kv_buffer(self.kv_manager, shape),
             self.kv_manager.table_block_size,
             device,
             compile_decode=config.model.compile,
+            host_pool=make_host_pool(self.kv_manager, shape),
         )
         if config.model.compile:
             self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))
@@ -159,6 +169,39 @@ class EngineCore:
             shape.bytes_per_token,
             self.max_model_len,
         )
+        host = self.kv_manager.host if isinstance(self.kv_manager, PagedKVCacheManager) else None
+        if host is not None:
+            logger.info(
+                "host KV tier holds %d tokens (%.1f MiB); preemption %s",
+                host.num_blocks * self.kv_manager.block_size,
+                host.num_blocks * self.kv_manager.block_size * shape.bytes_per_token / 2**20,
+                config.cache.preemption_mode,
+            )
+
+    def _preemption_rule(self, model: torch.nn.Module, arch: ModelArch, shape: KVShape) -> PreemptionRule | None:
+        """Swap or recompute per victim; None (recompute) without a host tier. `auto` measures its rates now."""
+        mode = self.config.cache.preemption_mode
+        if self.config.cache.kv_offload_bytes is None or mode == "recompute":
+            return None
+        if mode == "swap":
+            return PreemptionRule("swap")
+        cost = SwapCost(
+            copy_bytes_per_s=measure_copy_bandwidth(shape.device),
+            flops_per_s=measure_flops(shape.device, shape.dtype),
+            bytes_per_token=shape.bytes_per_token,
+            num_parameters=sum(p.numel() for p in model.parameters()),
+            num_layers=arch.num_hidden_layers,
+            q_dim=arch.num_attention_heads * arch.head_dim,
+        )
+        logger.info(
+            "preemption auto: copy %.1f GB/s, compute %.1f GFLOP/s; a 1024-token victim swaps in %.2f ms "
+            "or recomputes in %.1f ms",
+            cost.copy_bytes_per_s / 1e9,
+            cost.flops_per_s / 1e9,
+            cost.swap_seconds(1024) * 1e3,
+            cost.recompute_seconds(1024) * 1e3,
+        )
+        return PreemptionRule("auto", cost)
 
     # -- requests ---------------------------------------------------------------------
 
@@ -244,4 +287,41 @@ class EngineCore:
             num_generation_tokens=self._num_generation_tokens,
             preemptions_by_reason=tuple(scheduler.preemptions_by_reason.items()),
             tenant_service=tenant_service(getattr(scheduler.waiting, "counters", {})),
+            preemptions_by_mode=tuple(scheduler.preemptions_by_mode.items()),
+            **self._tier_stats(),
+        )
+
+    def _tier_stats(self) -> dict[str, Any]:
+        """Per-tier occupancy and traffic, in bytes (the paged cache only: the virtual one has one tier)."""
+        kv = self.kv_manager
+        if not isinstance(kv, PagedKVCacheManager):
+            return {}
+        block_bytes = kv.block_size * self.kv_shape.bytes_per_token
+        counters = kv.counters
+        allocator = kv.allocator
+        tiers = [
+            TierStats(
+                "primary",
+                allocator.num_used_blocks * block_bytes,
+                allocator.num_idle_cached_blocks * block_bytes,
+                allocator.num_blocks * block_bytes,
+                counters.primary_hit_tokens,
+            )
+        ]
+        if kv.host is not None:
+            tiers.append(
+                TierStats(
+                    "host",
+                    kv.host.num_held_blocks * block_bytes,
+                    kv.host.num_idle_cached_blocks * block_bytes,
+                    kv.host.num_blocks * block_bytes,
+                    counters.host_hit_tokens,
+                )
+            )
+        return dict(
+            tiers=tuple(tiers),
+            swap_out_bytes=counters.blocks_swapped_out * block_bytes,
+            swap_in_bytes=counters.blocks_swapped_in * block_bytes,
+            demoted_bytes=counters.blocks_demoted * block_bytes,
+            promoted_bytes=counters.blocks_promoted * block_bytes,
         )

@@ -48,6 +48,65 @@ class CopyKV:
 
 
 @dataclass(frozen=True)
+class SaveToHost:
+    """Copy `num_blocks` consecutive primary blocks into consecutive host-tier blocks, before the forward pass.
+
+    Write-back of a cached block the primary pool is about to reuse, and a
+    swap-out of a preempted request's blocks, are both one of these. Runs of
+    contiguous blocks travel as one op, so the copy is one large transfer.
+    """
+
+    block_id: int
+    host_block_id: int
+    num_blocks: int = 1
+
+
+@dataclass(frozen=True)
+class LoadFromHost:
+    """Copy `num_blocks` consecutive host-tier blocks into consecutive primary blocks, before the forward pass.
+
+    A prefix hit in the host tier and a swap-in both arrive as these; the host
+    copy stays where it is (the tier keeps it).
+    """
+
+    host_block_id: int
+    block_id: int
+    num_blocks: int = 1
+
+
+def coalesce_saves(ops: list[SaveToHost]) -> list[SaveToHost]:
+    """Merge ops whose primary and host runs both continue the previous op's (order kept)."""
+    merged: list[SaveToHost] = []
+    for op in ops:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.block_id + last.num_blocks == op.block_id
+            and last.host_block_id + last.num_blocks == op.host_block_id
+        ):
+            merged[-1] = SaveToHost(last.block_id, last.host_block_id, last.num_blocks + op.num_blocks)
+        else:
+            merged.append(op)
+    return merged
+
+
+def coalesce_loads(ops: list[LoadFromHost]) -> list[LoadFromHost]:
+    """Merge ops whose host and primary runs both continue the previous op's (order kept)."""
+    merged: list[LoadFromHost] = []
+    for op in ops:
+        last = merged[-1] if merged else None
+        if (
+            last is not None
+            and last.block_id + last.num_blocks == op.block_id
+            and last.host_block_id + last.num_blocks == op.host_block_id
+        ):
+            merged[-1] = LoadFromHost(last.host_block_id, last.block_id, last.num_blocks + op.num_blocks)
+        else:
+            merged.append(op)
+    return merged
+
+
+@dataclass(frozen=True)
 class NewRequestData:
     """Sent the first time a request is scheduled, and again when it resumes after preemption.
 
@@ -82,8 +141,11 @@ class ScheduledRequest:
 class StepPlan:
     """Everything the worker needs for one step, in execution order.
 
-    `copies` run first, then the forward pass over `scheduled` (in order: the
-    flat batch is their `new_token_ids` concatenated), then sampling.
+    Memory operations run first: `saves` (primary -> host: they read blocks
+    that loads, copies or the forward pass may overwrite this step), then
+    `loads` (host -> primary), then `copies`; then the forward pass over
+    `scheduled` (in order: the flat batch is their `new_token_ids`
+    concatenated), then sampling.
     `new_requests` introduce (or re-introduce) state the worker keeps;
     `finished_req_ids` tell it to drop state for requests that ended.
     """
@@ -92,9 +154,12 @@ class StepPlan:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     new_requests: list[NewRequestData] = field(default_factory=list)
     copies: list[CopyKV] = field(default_factory=list)
+    saves: list[SaveToHost] = field(default_factory=list)
+    loads: list[LoadFromHost] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
-    """Requests that lost their KV this step; their tables are void until they resume."""
+    """Requests that lost their primary KV this step (swapped to the host tier or dropped);
+    their tables are void until they resume."""
 
     @property
     def num_batched_tokens(self) -> int:

@@ -50,6 +50,8 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
+    num_swapped_tokens: int = 0
+    """Computed tokens whose KV waits in the host tier since a swap-out; restored, not recomputed, on resume."""
     num_preemptions: int = 0
     admitted_step: int = 0
     """The step at which it last started running (the priority policy's minimum quantum)."""

@@ -8,8 +8,10 @@ served first (a decode costs one token, a prompt chunk whatever budget is
 left), then waiting requests are admitted in the policy's order while
 budget, KV memory and `max_num_seqs` allow. A long prompt is thereby split
 across steps (chunked prefill) and never stalls running decodes. When KV
-memory runs out, the policy's victim is preempted: its blocks are freed and
-it waits again, to be recomputed (with prefix-cache hits) later. Which
+memory runs out, the policy's victim is preempted: its KV is either swapped
+to the host tier (when there is one and the preemption rule says so) and
+loaded back when it resumes, or freed, to be recomputed (with prefix-cache
+hits) later. Which
 request waits first, which is the victim, and whether a waiting request may
 take a running one's sequence slot is the policy's (`kvos.core.policies`).
 
@@ -23,18 +25,25 @@ sampled from its own logits row like any other request's.
 from __future__ import annotations
 
 from kvos.config import SchedulerConfig
-from kvos.core.plan import NewRequestData, ScheduledRequest, SequenceUpdate, StepOutput, StepPlan
+from kvos.core.plan import NewRequestData, SaveToHost, ScheduledRequest, SequenceUpdate, StepOutput, StepPlan
 from kvos.core.policies import SchedulingPolicy, make_policy
 from kvos.core.request import Request, RequestStatus
-from kvos.memory.kv_manager import KVAllocation, KVCacheManager
+from kvos.memory.kv_manager import KVAllocation, KVCacheManager, SwappingKVCacheManager
+from kvos.memory.tiers.swap import PreemptionRule
 
 
 class Scheduler:
     """Continuous batching over a KV cache manager, in the order of a scheduling policy."""
 
     def __init__(
-        self, config: SchedulerConfig, kv_manager: KVCacheManager, eos_token_ids: frozenset[int], max_model_len: int
+        self,
+        config: SchedulerConfig,
+        kv_manager: KVCacheManager,
+        eos_token_ids: frozenset[int],
+        max_model_len: int,
+        preemption: PreemptionRule | None = None,
     ) -> None:
+        """`preemption`: swap or recompute per victim (None: always recompute)."""
         self.config = config
         self.kv = kv_manager
         self.eos_token_ids = eos_token_ids
@@ -46,6 +55,8 @@ class Scheduler:
         """Every unfinished request by id."""
         self.num_preemptions = 0
         self.preemptions_by_reason = {"kv_memory": 0, "displaced": 0}
+        self.preemptions_by_mode = {"swap": 0, "recompute": 0}
+        self.preemption = preemption
         self._step_id = 0
         self._finished_ids: list[str] = []
         """Ended since the last plan: the worker drops their state."""
@@ -81,7 +92,7 @@ class Scheduler:
             if displaced is None:
                 break
             self.running.remove(displaced)
-            self._preempt(displaced, "displaced")
+            self._preempt(plan, displaced, "displaced")
             plan.preempted_req_ids.append(displaced.req_id)
         memory_short = False
         i = 0
@@ -94,7 +105,7 @@ class Scheduler:
                 # Only requests not yet planned this step may lose their KV.
                 victim = self.waiting.victim(self.running[i:])
                 self.running.remove(victim)
-                self._preempt(victim, "kv_memory")
+                self._preempt(plan, victim, "kv_memory")
                 plan.preempted_req_ids.append(victim.req_id)
                 if victim is request:
                     break
@@ -119,13 +130,17 @@ class Scheduler:
         return plan
 
     def _admit(self, plan: StepPlan, request: Request, budget: int) -> bool:
-        num_cached = self.kv.lookup_prefix(request)
+        # A swapped-out request resumes where it stopped: the manager loads its KV back.
+        num_swapped = request.num_swapped_tokens
+        num_cached = num_swapped or self.kv.lookup_prefix(request)
         num_tokens = min(request.num_tokens - num_cached, budget)
         allocation = self.kv.allocate_slots(request, num_tokens, num_cached)
         if allocation is None:
             return False
         request.num_computed_tokens = num_cached
-        request.num_cached_tokens = max(request.num_cached_tokens, num_cached)
+        request.num_swapped_tokens = 0
+        if not num_swapped:
+            request.num_cached_tokens = max(request.num_cached_tokens, num_cached)
         self._start(plan, request)
         self._plan_chunk(plan, request, num_tokens, allocation)
         return True
@@ -137,7 +152,7 @@ class Scheduler:
             # The parent has ended or waits (preempted, perhaps queued behind us): compute the
             # prompt as usual, with prefix hits where the parent's blocks are still cached.
             return None
-        if request.output_token_ids:
+        if request.output_token_ids or request.num_swapped_tokens:
             return None  # this sibling ran before and was preempted: it has tokens of its own
         if parent.num_computed_tokens < parent.num_prompt_tokens:
             return False  # the parent is still computing the prompt: wait for it, it is running
@@ -179,15 +194,31 @@ class Scheduler:
             )
         )
         plan.copies.extend(allocation.copies)
+        plan.saves.extend(allocation.saves)
+        plan.loads.extend(allocation.loads)
 
-    def _preempt(self, request: Request, reason: str) -> None:
-        self.kv.free(request)
+    def _preempt(self, plan: StepPlan, request: Request, reason: str) -> None:
+        saves = self._swap_out(request)
+        if saves is None:
+            self.kv.free(request)
+        else:
+            plan.saves.extend(saves)
+            request.num_swapped_tokens = request.num_computed_tokens
+        self.preemptions_by_mode["recompute" if saves is None else "swap"] += 1
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.preemptions_by_reason[reason] += 1
         self.waiting.requeue(request)
+
+    def _swap_out(self, request: Request) -> list[SaveToHost] | None:
+        """The saves that move the victim's KV to the host tier, or None to recompute it instead."""
+        if self.preemption is None or not isinstance(self.kv, SwappingKVCacheManager):
+            return None
+        if not self.preemption.chooses_swap(request.num_computed_tokens):
+            return None
+        return self.kv.swap_out(request)
 
     # -- progress -------------------------------------------------------------------------
 

@@ -9,6 +9,21 @@ MAX_TENANTS_REPORTED = 10
 
 
 @dataclass(frozen=True)
+class TierStats:
+    """One KV tier's occupancy and what prefix lookups found there."""
+
+    tier: str
+    """"primary" (what attention reads) or "host"."""
+    used_bytes: int
+    """Held by requests (running, or swapped out to this tier)."""
+    cached_bytes: int
+    """Held by nobody, kept as prefix cache (evicted when the space is needed)."""
+    capacity_bytes: int
+    hit_tokens: int
+    """Prompt tokens prefix lookups found in this tier."""
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -25,6 +40,16 @@ class EngineStats:
     """("kv_memory" | "displaced", count): why running requests lost their KV (memory, or a slot handed over)."""
     tenant_service: tuple[tuple[str, float], ...] = ()
     """(tenant, weighted service) under the fair policy: the most served, then "other"."""
+    preemptions_by_mode: tuple[tuple[str, int], ...] = ()
+    """("swap" | "recompute", count): what happened to preempted requests' KV."""
+    tiers: tuple[TierStats, ...] = ()
+    """The paged cache's tiers (primary, then host when there is one)."""
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    demoted_bytes: int = 0
+    """Cached KV written back to the host tier as the primary pool reused its blocks."""
+    promoted_bytes: int = 0
+    """Host-tier prefix hits loaded into the primary pool."""
 
     @property
     def prefix_cache_hit_rate(self) -> float:

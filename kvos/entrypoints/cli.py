@@ -91,6 +91,19 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
     parser.add_argument(
         "--no-prefix-caching", dest="enable_prefix_caching", action="store_false", default=d["enable_prefix_caching"]
     )
+    parser.add_argument(
+        "--kv-offload-size",
+        dest="kv_offload_bytes",
+        type=parse_size,
+        default=d["kv_offload_bytes"],
+        help="host-memory KV tier below the primary pool, e.g. 8GiB (paged cache; off by default)",
+    )
+    parser.add_argument(
+        "--preemption-mode",
+        default=d["preemption_mode"],
+        choices=_choices(CacheConfig, "preemption_mode"),
+        help="what preemption does with a victim's KV (auto: swap to the host tier when cheaper than recompute)",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
     parser.add_argument(
@@ -145,6 +158,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         kv_cache_memory_bytes=args.kv_cache_memory,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=args.enable_prefix_caching,
+        kv_offload_bytes=args.kv_offload_bytes,
+        preemption_mode=args.preemption_mode,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         policy=args.policy,

@@ -64,8 +64,50 @@ class _EngineCollector(Collector):
         for tenant, value in s.tenant_service:
             service.add_metric([tenant], value)
         yield service
+        by_mode = CounterMetricFamily(
+            "kvos_preemptions_by_mode",
+            "Sequences preempted: KV swapped to the host tier or recomputed.",
+            labels=["mode"],
+        )
+        for mode, count in s.preemptions_by_mode:
+            by_mode.add_metric([mode], count)
+        yield by_mode
+        yield from _tier_metrics(s)
         yield CounterMetricFamily("kvos_prompt_tokens", "Prompt tokens computed.", value=s.num_prompt_tokens)
         yield CounterMetricFamily("kvos_generation_tokens", "Tokens generated.", value=s.num_generation_tokens)
+
+
+def _tier_metrics(s: EngineStats) -> Iterator[Metric]:
+    """Per-tier occupancy and hits, and the traffic between tiers (paged cache)."""
+    gauges = {
+        "used": GaugeMetricFamily("kvos_kv_tier_used_bytes", "KV bytes held by requests, per tier.", labels=["tier"]),
+        "cached": GaugeMetricFamily(
+            "kvos_kv_tier_cached_bytes", "KV bytes kept as prefix cache (held by nobody), per tier.", labels=["tier"]
+        ),
+        "capacity": GaugeMetricFamily("kvos_kv_tier_capacity_bytes", "KV bytes a tier holds.", labels=["tier"]),
+    }
+    hits = CounterMetricFamily("kvos_kv_tier_hit_tokens", "Prompt tokens found in each tier.", labels=["tier"])
+    for tier in s.tiers:
+        gauges["used"].add_metric([tier.tier], tier.used_bytes)
+        gauges["cached"].add_metric([tier.tier], tier.cached_bytes)
+        gauges["capacity"].add_metric([tier.tier], tier.capacity_bytes)
+        hits.add_metric([tier.tier], tier.hit_tokens)
+    yield from gauges.values()
+    yield hits
+    traffic = CounterMetricFamily(
+        "kvos_kv_tier_moved_bytes",
+        "KV bytes moved between the primary pool and the host tier: swap_out, swap_in, demote (write-back of "
+        "evicted cache), promote (host prefix hits).",
+        labels=["kind"],
+    )
+    for kind, value in (
+        ("swap_out", s.swap_out_bytes),
+        ("swap_in", s.swap_in_bytes),
+        ("demote", s.demoted_bytes),
+        ("promote", s.promoted_bytes),
+    ):
+        traffic.add_metric([kind], value)
+    yield traffic
 
 
 class ServerMetrics:

@@ -70,6 +70,18 @@ class BlockAllocator:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
+    @property
+    def num_idle_cached_blocks(self) -> int:
+        """Free blocks still findable by digest (the prefix cache nobody holds)."""
+        return sum(1 for b in self._free if self.blocks[b].block_hash is not None)
+
+    def next_evicted(self) -> Block | None:
+        """The block `allocate` would take next (None when nothing is free): a write-back tier saves
+        its KV first if it is cached."""
+        if not self._free:
+            return None
+        return self.blocks[next(iter(self._free))]
+
     def allocate(self) -> int:
         """Take the least recently freed block, evicting its cached prefix if any."""
         if not self._free:

@@ -14,6 +14,7 @@ from kvos.config import CacheConfig
 from kvos.memory.kv_manager import KVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
+from kvos.memory.tiers.host import HostBlockPool
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +61,20 @@ def make_kv_manager(
             f"KV cache budget of {budget} bytes is below one block "
             f"({shape.bytes_per_token * cache.block_size} bytes); raise kv_cache_memory_bytes"
         )
+    host = None
+    if cache.kv_offload_bytes is not None:
+        num_host_blocks = cache.kv_offload_bytes // (shape.bytes_per_token * cache.block_size)
+        if num_host_blocks < 1:
+            raise ValueError(
+                f"kv_offload_bytes of {cache.kv_offload_bytes} is below one block "
+                f"({shape.bytes_per_token * cache.block_size} bytes)"
+            )
+        host = HostBlockPool(num_host_blocks)
     return PagedKVCacheManager(
         num_blocks=num_blocks,
         block_size=cache.block_size,
         max_model_len=max_model_len,
         enable_prefix_caching=cache.enable_prefix_caching,
         model_identity=f"{model_identity}|{shape.dtype}",
+        host=host,
     )

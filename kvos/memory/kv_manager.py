@@ -3,8 +3,9 @@
 A manager keeps books only: which blocks (or pages) each request holds, what
 is free, what is cached under which identity. It owns no tensors and copies
 nothing: where KV must move (copy-on-write, a fork into another row) it says
-so as `CopyKV` operations, which travel in the step's plan to the worker that
-owns the memory.
+so as `CopyKV` operations (and, with a host tier, `SaveToHost` and
+`LoadFromHost`), which travel in the step's plan to the worker that owns
+the memory.
 
 The scheduler decides how many tokens each request computes in a step; the
 manager only answers whether the memory for them exists. `allocate_slots`
@@ -18,19 +19,23 @@ where `table` is the block table the manager hands out (see `kvos.core.plan`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from kvos.core.plan import CopyKV, TableUpdate
+from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost, TableUpdate
 from kvos.core.request import Request
 from kvos.memory.block_allocator import KVEvent
 
 
 @dataclass(frozen=True)
 class KVAllocation:
-    """What changed for one request: its table (if at all) and the copies to run first."""
+    """What changed for one request: its table (if at all) and the memory operations to run first."""
 
     table_update: TableUpdate | None = None
     copies: list[CopyKV] = field(default_factory=list)
+    saves: list[SaveToHost] = field(default_factory=list)
+    """Write-backs of cached blocks this allocation reuses (host tier only)."""
+    loads: list[LoadFromHost] = field(default_factory=list)
+    """Host-tier prefix hits and swapped-out KV coming back (host tier only)."""
 
 
 class KVCacheManager(Protocol):
@@ -111,4 +116,21 @@ class KVCacheManager(Protocol):
 
     def prefix_cache_stats(self) -> tuple[int, int]:
         """(queried tokens, hit tokens) since start, for the hit rate."""
+        ...
+
+
+@runtime_checkable
+class SwappingKVCacheManager(KVCacheManager, Protocol):
+    """A manager with a host tier: preemption may move a request's KV there instead of dropping it.
+
+    A swapped-out request resumes through the usual `allocate_slots` with
+    `num_cached_tokens` = the tokens it had computed; the manager loads them back.
+    """
+
+    def swap_out(self, request: Request) -> list[SaveToHost] | None:
+        """Save the request's computed KV to the host tier and free its primary blocks.
+
+        Returns the saves to run, or None, changing nothing, when the host tier
+        cannot take it (then the caller frees and recomputes as usual).
+        """
         ...

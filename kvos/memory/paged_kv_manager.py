@@ -19,15 +19,33 @@ findable as *pending*: a request admitted in the same step may read them,
 because every layer writes the whole batch's KV before any request reads it.
 If the step fails, every request in it fails too, and `end_step` forgets
 the pending entries, so nothing half-written is ever found later.
+
+Host tier (optional, `kvos.memory.tiers.host`): blocks move between the pool
+and a larger, slower pool in host memory, by plan operations the worker
+runs before the forward pass (`SaveToHost`, `LoadFromHost`):
+
+    write-back   a cached block the allocator is about to reuse is saved to
+                 the host tier first, unless the tier already holds its digest
+    lookup       a prefix lookup walks the digest chain through both tiers;
+                 a host hit becomes a fresh block here plus a load (the host
+                 copy stays, as cache)
+    swap         a preempted request's computed blocks (its partial tail
+                 included) go to host blocks it holds, and come back on
+                 resume; the host copy is kept while it runs again, so the
+                 next swap-out writes only the blocks that changed
 """
 
 from __future__ import annotations
 
-from kvos.core.plan import CopyKV, TableUpdate
+from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost, TableUpdate, coalesce_loads, coalesce_saves
 from kvos.core.request import Request
 from kvos.memory.block_allocator import BlockAllocator, KVEvent
 from kvos.memory.block_hash import BlockHash, block_hash, root_hash, salted_root
 from kvos.memory.kv_manager import KVAllocation
+from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters
+
+PRIMARY = "primary"
+HOST = "host"
 
 
 class PagedKVCacheManager:
@@ -40,6 +58,7 @@ class PagedKVCacheManager:
         max_model_len: int,
         enable_prefix_caching: bool = True,
         model_identity: str = "",
+        host: HostBlockPool | None = None,
     ) -> None:
         self.block_size = block_size
         self.table_block_size = block_size
@@ -55,7 +74,14 @@ class PagedKVCacheManager:
         self._pending: dict[BlockHash, int] = {}
         self._pending_digest: dict[int, BlockHash] = {}
         self._num_queried_tokens = 0
-        self._num_hit_tokens = 0
+        self.host = host
+        """The host tier's books, or None when there is no host tier."""
+        self._host_copies: dict[str, HostCopy] = {}
+        # Host blocks that loads planned this step read: no save may overwrite them before the step runs.
+        self._step_host_pins: list[int] = []
+        # Write-backs forced by the allocation being planned; they travel with its KVAllocation.
+        self._demotions: list[SaveToHost] = []
+        self.counters = TierCounters()
 
     # -- accounting -----------------------------------------------------------------
 
@@ -68,7 +94,12 @@ class PagedKVCacheManager:
         return self.allocator.num_free_blocks
 
     def prefix_cache_stats(self) -> tuple[int, int]:
-        return self._num_queried_tokens, self._num_hit_tokens
+        return self._num_queried_tokens, self.counters.primary_hit_tokens + self.counters.host_hit_tokens
+
+    @property
+    def num_host_copies(self) -> int:
+        """Requests holding KV in the host tier (swapped out, or kept after a swap-in)."""
+        return len(self._host_copies)
 
     def drain_events(self) -> list[KVEvent]:
         return self.allocator.drain_events()
@@ -93,16 +124,24 @@ class PagedKVCacheManager:
         return hashes
 
     def lookup_prefix(self, request: Request) -> int:
+        """Prefix hits in every tier: the digest chain is followed through the pool and the host tier."""
+        return len(self._prefix_hits(request, (request.num_tokens - 1) // self.block_size)) * self.block_size
+
+    def _prefix_hits(self, request: Request, max_blocks: int) -> list[tuple[str, int]]:
+        """(tier, block id in that tier) of each leading block found, the pool preferred."""
         if not self.enable_prefix_caching:
-            return 0
-        num_hit_blocks = 0
-        # Leave at least one token to compute so the step yields logits.
-        max_blocks = (request.num_tokens - 1) // self.block_size
+            return []
+        hits = []
         for digest in self.block_hashes(request)[:max_blocks]:
-            if self._lookup(digest) is None:
+            block_id = self._lookup(digest)
+            if block_id is not None:
+                hits.append((PRIMARY, block_id))
+                continue
+            host_block_id = self.host.lookup(digest) if self.host is not None else None
+            if host_block_id is None:
                 break
-            num_hit_blocks += 1
-        return num_hit_blocks * self.block_size
+            hits.append((HOST, host_block_id))
+        return hits
 
     def _lookup(self, digest: BlockHash) -> int | None:
         block_id = self.allocator.lookup(digest)
@@ -112,48 +151,89 @@ class PagedKVCacheManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> KVAllocation | None:
         is_new = request.req_id not in self._block_tables
+        if is_new and request.req_id in self._host_copies:
+            return self._swap_in(request, num_new_tokens, num_cached_tokens)
         table = self._block_tables.get(request.req_id, [])
-        cached_ids = self._cached_block_ids(request, num_cached_tokens) if is_new else []
+        hits = self._cached_blocks(request, num_cached_tokens) if is_new else []
+        primary_hits = [b for tier, b in hits if tier == PRIMARY]
         num_computed = num_cached_tokens if is_new else request.num_computed_tokens
         total = num_computed + num_new_tokens
-        num_needed = max(-(-total // self.block_size) - len(table) - len(cached_ids), 0)
+        # Host hits need fresh blocks here like new tokens do.
+        num_needed = max(-(-total // self.block_size) - len(table) - len(primary_hits), 0)
         # A fork shares the last partial block; writing into it needs a private copy.
         needs_copy = self._shared_tail(table, num_computed)
         # Cached blocks that sit on the free list are not free capacity for this request.
-        num_idle_cached = sum(1 for b in cached_ids if self.allocator.blocks[b].ref_count == 0)
+        num_idle_cached = sum(1 for b in primary_hits if self.allocator.blocks[b].ref_count == 0)
         if num_needed + needs_copy > self.allocator.num_free_blocks - num_idle_cached:
             return None
         if is_new:
             self._block_tables[request.req_id] = table
             self._num_queried_tokens += request.num_tokens
-            self._num_hit_tokens += num_cached_tokens
-        for block_id in cached_ids:
+        for block_id in primary_hits:
             self.allocator.take_cached(block_id)
         first_changed = 0 if is_new else len(table)
-        table.extend(cached_ids)
+        loads = self._take_hits(hits, table)
+        num_needed -= len(hits) - len(primary_hits)
         copies = []
         if needs_copy:
             index = num_computed // self.block_size
             copies.append(self._copy_on_write(table, index))
             first_changed = index
         for _ in range(num_needed):
-            table.append(self.allocator.allocate())
+            table.append(self._allocate_block())
         self._mark_pending(request, table, total)
+        saves, self._demotions = self._demotions, []
         if first_changed == len(table):
-            return KVAllocation()
-        return KVAllocation(TableUpdate(first_changed, tuple(table[first_changed:])), copies)
+            return KVAllocation(saves=coalesce_saves(saves))
+        return KVAllocation(
+            TableUpdate(first_changed, tuple(table[first_changed:])), copies, coalesce_saves(saves), loads
+        )
 
-    def _cached_block_ids(self, request: Request, num_cached_tokens: int) -> list[int]:
+    def _take_hits(self, hits: list[tuple[str, int]], table: list[int]) -> list[LoadFromHost]:
+        """Append the prefix hits to `table` in order; each host hit gets a fresh block and a load."""
+        host_ids = [b for tier, b in hits if tier == HOST]
+        assert self.host is not None or not host_ids
+        for host_block_id in host_ids:  # pinned before any allocation here can evict them from the host tier
+            self.host.hold(host_block_id)  # type: ignore[union-attr]
+            self._step_host_pins.append(host_block_id)
+        loads = []
+        for tier, block_id in hits:
+            if tier == PRIMARY:
+                table.append(block_id)
+                self.counters.primary_hit_tokens += self.block_size
+            else:
+                new = self._allocate_block()
+                table.append(new)
+                loads.append(LoadFromHost(block_id, new))
+                self.counters.host_hit_tokens += self.block_size
+                self.counters.blocks_promoted += 1
+        return coalesce_loads(loads)
+
+    def _cached_blocks(self, request: Request, num_cached_tokens: int) -> list[tuple[str, int]]:
         if num_cached_tokens % self.block_size:
             raise ValueError(f"cached tokens ({num_cached_tokens}) must be whole blocks of {self.block_size}")
-        hashes = self.block_hashes(request)[: num_cached_tokens // self.block_size]
-        block_ids = []
-        for digest in hashes:
-            block_id = self._lookup(digest)
-            if block_id is None:
-                raise RuntimeError("prefix hit vanished between lookup_prefix and allocate_slots")
-            block_ids.append(block_id)
-        return block_ids
+        num_blocks = num_cached_tokens // self.block_size
+        hits = self._prefix_hits(request, num_blocks)
+        if len(hits) < num_blocks:
+            raise RuntimeError("prefix hit vanished between lookup_prefix and allocate_slots")
+        return hits
+
+    def _allocate_block(self) -> int:
+        """Take a block; if it holds cached KV the host tier lacks, write it back there first."""
+        evicted = self.allocator.next_evicted()
+        if (
+            self.host is not None
+            and evicted is not None
+            and evicted.block_hash is not None
+            and self.host.lookup(evicted.block_hash) is None
+            and self.host.num_free_blocks > 0
+        ):
+            host_block_id = self.host.allocate()
+            self.host.index(host_block_id, evicted.block_hash)
+            self.host.release(host_block_id)  # nobody holds it: the tier keeps it as cache
+            self._demotions.append(SaveToHost(evicted.block_id, host_block_id))
+            self.counters.blocks_demoted += 1
+        return self.allocator.allocate()
 
     def _shared_tail(self, table: list[int], num_computed: int) -> bool:
         if num_computed % self.block_size == 0 or not table:
@@ -162,7 +242,7 @@ class PagedKVCacheManager:
 
     def _copy_on_write(self, table: list[int], index: int) -> CopyKV:
         old = table[index]
-        new = self.allocator.allocate()
+        new = self._allocate_block()
         self.allocator.release(old)
         table[index] = new
         return CopyKV(old * self.block_size, new * self.block_size, self.block_size)
@@ -182,6 +262,10 @@ class PagedKVCacheManager:
         """The planned step is over (published or failed): pending blocks are findable no more."""
         self._pending.clear()
         self._pending_digest.clear()
+        assert self.host is not None or not self._step_host_pins
+        for host_block_id in self._step_host_pins:
+            self.host.release(host_block_id)  # type: ignore[union-attr]
+        self._step_host_pins.clear()
 
     def publish(self, request: Request, num_computed_tokens: int) -> None:
         """Make the request's full, computed blocks findable by prefix digest."""
@@ -209,9 +293,93 @@ class PagedKVCacheManager:
             self.free(child)
             child.num_computed_tokens = 0
             return None
-        return KVAllocation(TableUpdate(0, tuple(self._block_tables[child.req_id])), allocation.copies)
+        return KVAllocation(
+            TableUpdate(0, tuple(self._block_tables[child.req_id])), allocation.copies, allocation.saves
+        )
+
+    # -- swap -----------------------------------------------------------------------
+
+    def swap_out(self, request: Request) -> list[SaveToHost] | None:
+        """Move the request's computed KV to host blocks it holds, and free its blocks here.
+
+        Returns the saves to run (before anything this step overwrites the
+        freed blocks), or None, changing nothing, when the host tier lacks the
+        room. Blocks the request's host copy already holds in full are not
+        written again; full blocks whose digest the tier already holds are
+        shared, not copied.
+        """
+        table = self._block_tables.get(request.req_id)
+        if self.host is None or table is None:
+            return None
+        host = self.host
+        num_tokens = request.num_computed_tokens
+        bs = self.block_size
+        copy = self._host_copies.get(request.req_id, HostCopy([], 0))
+        hashes = self.block_hashes(request) if self.enable_prefix_caching else []
+        # Per block: reuse our own copy, share the tier's copy of its digest, or take a new host block.
+        shared: dict[int, int] = {}
+        num_new = 0
+        for i in range(len(copy.host_block_ids), -(-num_tokens // bs)):
+            found = host.lookup(hashes[i]) if i < len(hashes) and (i + 1) * bs <= num_tokens else None
+            if found is not None:
+                shared[i] = found
+            else:
+                num_new += 1
+        num_idle_shared = sum(1 for b in set(shared.values()) if host.blocks[b].ref_count == 0)
+        if num_new > host.num_free_blocks - num_idle_shared:
+            return None
+        for host_block_id in shared.values():
+            host.hold(host_block_id)
+        saves = []
+        for i in range(-(-num_tokens // bs)):
+            if i < len(copy.host_block_ids):
+                if (i + 1) * bs <= copy.num_tokens:
+                    continue  # full and unchanged since the last swap-in
+                host_block_id = copy.host_block_ids[i]  # the old partial tail, rewritten in place
+            elif i in shared:
+                copy.host_block_ids.append(shared[i])
+                continue
+            else:
+                host_block_id = host.allocate()
+                copy.host_block_ids.append(host_block_id)
+            saves.append(SaveToHost(table[i], host_block_id))
+            if i < len(hashes) and (i + 1) * bs <= num_tokens:
+                host.index(host_block_id, hashes[i])
+        copy.num_tokens = num_tokens
+        self._host_copies[request.req_id] = copy
+        self.counters.blocks_swapped_out += len(saves)
+        self._free_primary(request)
+        return coalesce_saves(saves)
+
+    def _swap_in(self, request: Request, num_new_tokens: int, num_cached_tokens: int) -> KVAllocation | None:
+        """Fresh blocks for a swapped-out request, loaded from its host copy, plus room for new tokens."""
+        copy = self._host_copies[request.req_id]
+        if num_cached_tokens != copy.num_tokens:
+            raise RuntimeError(
+                f"{request.req_id} resumes with {num_cached_tokens} tokens but {copy.num_tokens} were swapped out"
+            )
+        num_copied = -(-copy.num_tokens // self.block_size)
+        total = num_cached_tokens + num_new_tokens
+        num_needed = max(-(-total // self.block_size), num_copied)
+        if num_needed > self.allocator.num_free_blocks:
+            return None
+        table = [self._allocate_block() for _ in range(num_needed)]
+        self._block_tables[request.req_id] = table
+        loads = coalesce_loads([LoadFromHost(h, b) for h, b in zip(copy.host_block_ids, table)])
+        self.counters.blocks_swapped_in += num_copied
+        self._mark_pending(request, table, total)
+        saves, self._demotions = self._demotions, []
+        return KVAllocation(TableUpdate(0, tuple(table)), [], coalesce_saves(saves), loads)
 
     def free(self, request: Request) -> None:
+        """Give back the request's blocks here and in the host tier (cached host blocks stay as cache)."""
+        self._free_primary(request)
+        copy = self._host_copies.pop(request.req_id, None)
+        if copy is not None and self.host is not None:
+            for host_block_id in copy.host_block_ids:
+                self.host.release(host_block_id)
+
+    def _free_primary(self, request: Request) -> None:
         table = self._block_tables.pop(request.req_id, None)
         self._block_hashes.pop(request.req_id, None)
         if table is None:

@@ -5,7 +5,9 @@ buffers here are what those slots index. Each layer's K and V are viewed as
 `[num_slots, num_kv_heads, head_dim]`, so attention addresses a token by one
 flat slot whatever the manager: a paged pool's `block * block_size + offset`,
 or a virtual row's `row * row_tokens + position`. Copies the managers ask for
-(`CopyKV`) run here, before the step's forward pass.
+(`CopyKV`) run here, before the step's forward pass, and so do moves to and
+from the host tier (`SaveToHost`, `LoadFromHost`), whose memory is a
+`HostKVPool` of the same per-layer shape in host RAM.
 
 Both buffers have `close()` (safe to call twice): it drops the buffer's
 tensors, after which `copy` and `kv_caches` must not be used. For the virtual
@@ -20,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from kvos.core.plan import CopyKV
+from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost
 from kvos.memory.kv_manager import KVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
@@ -140,6 +142,56 @@ class VirtualKVBuffer:
             raise IndexError(f"slots [{first_slot}, {first_slot + num_slots}) outside the KV buffer")
         if position + num_slots > row_tokens:
             raise IndexError(f"slots [{first_slot}, {first_slot + num_slots}) cross the end of a row")
+
+
+class HostKVPool:
+    """The host tier's memory: per layer K and V for `num_blocks` blocks of `block_size` tokens, in host RAM.
+
+    Allocated with `torch.empty`, so the kernel backs pages only as blocks
+    are first written (an 8 GiB tier costs nothing until used). Pinned when
+    the primary pool is on CUDA, so copies can run at the link's speed.
+    Today every copy is synchronous, before the forward pass: plain memcpy on
+    CPU; on CUDA the place for a side stream and events is `save`/`load`.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, shape: KVShape) -> None:
+        self.block_size = block_size
+        size = (num_blocks * block_size, shape.num_kv_heads, shape.head_dim)
+        pin = shape.device.type == "cuda"
+        self.kv_caches: KVCaches = [
+            (
+                torch.empty(size, dtype=shape.dtype, pin_memory=pin),
+                torch.empty(size, dtype=shape.dtype, pin_memory=pin),
+            )
+            for _ in range(shape.num_layers)
+        ]
+
+    def save(self, primary: KVCaches, ops: list[SaveToHost]) -> None:
+        """Primary blocks -> host blocks, one run per op, in every layer."""
+        bs = self.block_size
+        for op in ops:
+            src = slice(op.block_id * bs, (op.block_id + op.num_blocks) * bs)
+            dst = slice(op.host_block_id * bs, (op.host_block_id + op.num_blocks) * bs)
+            for (k, v), (host_k, host_v) in zip(primary, self.kv_caches):
+                host_k[dst].copy_(k[src])
+                host_v[dst].copy_(v[src])
+
+    def load(self, primary: KVCaches, ops: list[LoadFromHost]) -> None:
+        """Host blocks -> primary blocks, one run per op, in every layer."""
+        bs = self.block_size
+        for op in ops:
+            src = slice(op.host_block_id * bs, (op.host_block_id + op.num_blocks) * bs)
+            dst = slice(op.block_id * bs, (op.block_id + op.num_blocks) * bs)
+            for (k, v), (host_k, host_v) in zip(primary, self.kv_caches):
+                k[dst].copy_(host_k[src])
+                v[dst].copy_(host_v[src])
+
+
+def make_host_pool(manager: KVCacheManager, shape: KVShape) -> HostKVPool | None:
+    """The memory behind `manager`'s host tier, if it has one."""
+    if isinstance(manager, PagedKVCacheManager) and manager.host is not None:
+        return HostKVPool(manager.host.num_blocks, manager.block_size, shape)
+    return None
 
 
 def make_kv_buffer(manager: KVCacheManager, shape: KVShape) -> KVBuffer:

@@ -3,7 +3,7 @@
     execute(plan):
         drop finished requests, adopt new ones        (state kept between steps)
         apply table updates                           (block tables / rows, cached as slot indices)
-        run the plan's KV copies                      (copy-on-write, forks)
+        run the plan's memory ops                     (host tier saves, loads; copy-on-write, forks)
         flat batch -> attention metadata -> forward   (the backend chosen at start-up)
         sample the rows that complete their tokens    (one row's failure is that row's alone)
         -> StepOutput
@@ -31,7 +31,7 @@ from kvos.core.plan import NewRequestData, SampledToken, StepOutput, StepPlan, T
 from kvos.model import compiled_decode
 from kvos.model.llama import LlamaForCausalLM
 from kvos.sampling_params import SamplingParams
-from kvos.worker.kv_cache import KVBuffer
+from kvos.worker.kv_cache import HostKVPool, KVBuffer
 from kvos.worker.sampler import SamplingRow, sample
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class Worker:
         table_block_size: int,
         device: torch.device,
         compile_decode: bool = False,
+        host_pool: HostKVPool | None = None,
     ) -> None:
         self.model = model
+        self.host_pool = host_pool
         self.attention: AttentionBackend = model.attention
         self.kv_buffer = kv_buffer
         self.table_block_size = table_block_size
@@ -86,6 +88,12 @@ class Worker:
             state = self._requests.get(req_id)
             if state is not None:
                 self._set_table(state, TableUpdate(0, ()))
+        # Before anything else: saves read blocks that loads, copies and the forward pass may overwrite.
+        if plan.saves or plan.loads:
+            if self.host_pool is None:
+                raise RuntimeError("the plan moves KV to or from a host tier, but this worker has none")
+            self.host_pool.save(self.kv_buffer.kv_caches, plan.saves)
+            self.host_pool.load(self.kv_buffer.kv_caches, plan.loads)
         if plan.is_empty:
             return StepOutput(plan.step_id)
         for scheduled in plan.scheduled:

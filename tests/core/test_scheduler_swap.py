@@ -1,0 +1,120 @@
+"""Preemption by swap: the plans the scheduler emits (exact ops), progress restored, no leaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvos.config import SchedulerConfig
+from kvos.core.plan import LoadFromHost, SampledToken, SaveToHost, StepOutput, StepPlan
+from kvos.core.request import Request, RequestStatus
+from kvos.core.scheduler import Scheduler
+from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.tiers.host import HostBlockPool
+from kvos.memory.tiers.swap import PreemptionRule, SwapCost
+from kvos.sampling_params import SamplingParams
+
+EOS = 99
+
+
+def make(num_blocks: int, num_host_blocks: int, mode: str = "swap", prefix_caching: bool = False) -> Scheduler:
+    kv = PagedKVCacheManager(
+        num_blocks=num_blocks,
+        block_size=4,
+        max_model_len=1000,
+        enable_prefix_caching=prefix_caching,
+        host=HostBlockPool(num_host_blocks),
+    )
+    rule = PreemptionRule("swap") if mode == "swap" else PreemptionRule("recompute")
+    return Scheduler(SchedulerConfig(max_num_batched_tokens=100), kv, frozenset({EOS}), 1000, preemption=rule)
+
+
+def request(req_id: str, n: int, max_tokens: int = 8) -> Request:
+    return Request(req_id=req_id, prompt_token_ids=list(range(n)), params=SamplingParams(max_tokens=max_tokens))
+
+
+def finish_step(s: Scheduler, plan: StepPlan, token: int = 0) -> None:
+    sampled = {c.req_id: SampledToken(token) for c in plan.scheduled if c.sample}
+    s.update_from_output(plan, StepOutput(plan.step_id, sampled))
+
+
+def test_out_of_memory_swaps_the_victim_out_and_back_in_with_its_progress() -> None:
+    s = make(num_blocks=4, num_host_blocks=8)
+    a, b = request("a", 8), request("b", 4)
+    s.add(a)
+    s.add(b)
+    finish_step(s, s.schedule())
+    b_block = s.kv.block_table(b)[0]
+    # a takes the last free block for its 9th token; b needs a second block for its 5th and is the victim.
+    plan = s.schedule()
+    assert plan.preempted_req_ids == ["b"]
+    assert plan.saves == [SaveToHost(b_block, 0)]
+    assert b.status == RequestStatus.PREEMPTED and b.num_swapped_tokens == 4 and b.num_computed_tokens == 0
+    assert s.preemptions_by_mode == {"swap": 1, "recompute": 0}
+    finish_step(s, plan)
+    s.abort("a")  # room again
+    plan = s.schedule()
+    (resumed,) = plan.scheduled
+    assert resumed.req_id == "b"
+    assert resumed.num_computed_tokens == 4 and resumed.new_token_ids == [0]  # only the sampled token: no recompute
+    assert resumed.table_update is not None and len(resumed.table_update.block_ids) == 2
+    assert plan.loads == [LoadFromHost(0, resumed.table_update.block_ids[0])]
+    assert [n.req_id for n in plan.new_requests] == ["b"]
+    assert b.num_cached_tokens == 0  # a swap-in is not a prefix-cache hit
+    finish_step(s, plan)
+    assert b.num_computed_tokens == 5 and b.num_swapped_tokens == 0
+
+
+def test_recompute_mode_frees_the_victim_and_moves_nothing() -> None:
+    s = make(num_blocks=4, num_host_blocks=8, mode="recompute")
+    s.add(request("a", 8))
+    s.add(request("b", 4))
+    finish_step(s, s.schedule())
+    plan = s.schedule()
+    assert plan.preempted_req_ids == ["b"] and plan.saves == [] and plan.loads == []
+    assert s.preemptions_by_mode == {"swap": 0, "recompute": 1}
+
+
+def test_full_host_tier_falls_back_to_recompute() -> None:
+    s = make(num_blocks=4, num_host_blocks=1)
+    s.add(request("a", 8))
+    s.add(request("b", 8))
+    finish_step(s, s.schedule())
+    plan = s.schedule()  # b holds two blocks: the host tier has room for one
+    assert plan.preempted_req_ids == ["b"] and plan.saves == []
+    assert s.preemptions_by_mode == {"swap": 0, "recompute": 1}
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_every_tier_returns_to_baseline_when_all_requests_end(prefix_caching: bool) -> None:
+    s = make(num_blocks=6, num_host_blocks=12, prefix_caching=prefix_caching)
+    for i in range(6):
+        s.add(request(f"r{i}", 3 + 2 * i, max_tokens=6 + i))
+    for _ in range(200):
+        if not s.has_unfinished():
+            break
+        finish_step(s, s.schedule(), token=1)
+    assert not s.has_unfinished()
+    assert s.preemptions_by_mode["swap"] > 0
+    kv = s.kv
+    assert isinstance(kv, PagedKVCacheManager) and kv.host is not None
+    assert kv.num_used_blocks == 0 and kv.host.num_held_blocks == 0 and kv.num_host_copies == 0
+    # What stays is cache (findable by digest), and only with prefix caching on.
+    assert (kv.host.num_idle_cached_blocks > 0) == prefix_caching
+
+
+def test_auto_swaps_when_the_copy_is_cheaper_than_recompute() -> None:
+    cost = SwapCost(
+        copy_bytes_per_s=1e9, flops_per_s=1e9, bytes_per_token=2000, num_parameters=1000, num_layers=1, q_dim=8
+    )
+    rule = PreemptionRule("auto", cost)
+    # swap: 2 x n x 2000 B / 1e9 B/s = 4n us; recompute: (2 x 1000 x n + 2 x 8 x n^2) / 1e9 = (2n + 0.016 n^2) us:
+    # recompute wins below n = 125 tokens, swap above (attention's quadratic term).
+    assert not rule.chooses_swap(100)
+    assert rule.chooses_swap(200)
+    assert not PreemptionRule("swap").chooses_swap(0)  # nothing computed: nothing to save
+    assert PreemptionRule("swap").chooses_swap(1) and not PreemptionRule("recompute").chooses_swap(1000)
+
+
+def test_auto_without_a_cost_model_is_refused() -> None:
+    with pytest.raises(ValueError, match="auto"):
+        PreemptionRule("auto")

@@ -1,0 +1,123 @@
+"""Greedy tokens with the host tier equal HF transformers': after swap-out / swap-in, and after a
+conversation's prefix was evicted from the primary pool and came back from the host tier."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvos import LLM
+from kvos.config import CacheConfig
+from kvos.entrypoints.cli import build_parser, engine_options
+from kvos.entrypoints.metrics import ServerMetrics
+from tests.conftest import GreedyFn, hf_greedy_fn
+from tests.engine.test_engine_equivalence import MAX_NEW, TEXTS, check_against_hf, greedy
+
+TINY_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, head_dim 16, fp32
+SMOLLM_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
+
+
+def tier(llm: LLM, name: str):
+    (found,) = [t for t in llm.engine.stats().tiers if t.tier == name]
+    return found
+
+
+def assert_host_back_to_baseline(llm: LLM) -> None:
+    assert llm.engine.kv_manager.num_used_blocks == 0
+    assert tier(llm, "host").used_bytes == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> tuple[str, GreedyFn]:
+    from transformers import AutoModelForCausalLM
+
+    from tests.model.tiny_models import make_tiny_hf_model
+
+    folder = make_tiny_hf_model(str(tmp_path_factory.mktemp("tiers")), "llama")
+    return folder, hf_greedy_fn(AutoModelForCausalLM.from_pretrained(folder).eval())
+
+
+def test_tiny_swap_preemption_matches_hf(tiny_llama: tuple[str, GreedyFn]) -> None:
+    folder, hf = tiny_llama
+    llm = LLM(
+        folder,
+        block_size=4,
+        kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
+        enable_prefix_caching=False,
+        kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
+        preemption_mode="swap",
+    )
+    check_against_hf(llm, TEXTS, hf)
+    stats = llm.engine.stats()
+    assert dict(stats.preemptions_by_mode)["swap"] > 0
+    assert stats.swap_in_bytes > 0 and stats.swap_out_bytes > 0
+    assert_host_back_to_baseline(llm)
+
+
+def conversation_comes_back_warm(llm: LLM, hf: GreedyFn, fillers: list[str]) -> None:
+    """Turn 1, then other prompts that evict it from the primary pool, then turn 2 on turn 1's history."""
+    tokenizer = llm.tokenizer
+    turn1 = tokenizer.encode("User: tell me about the sea and the ships that sail on it.\nAssistant:")
+    (out1,) = llm.generate([turn1], greedy(), use_tqdm=False)
+    assert out1.outputs[0].token_ids == hf([turn1], MAX_NEW)[0]
+    for text in fillers:  # one at a time, so each one's blocks are cached and then evicted in turn
+        llm.generate([tokenizer.encode(text)], greedy(), use_tqdm=False)
+    hits_before = tier(llm, "host").hit_tokens
+    turn2 = turn1 + list(out1.outputs[0].token_ids) + tokenizer.encode("\nUser: and the fish?\nAssistant:")
+    (out2,) = llm.generate([turn2], greedy(), use_tqdm=False)
+    assert out2.outputs[0].token_ids == hf([turn2], MAX_NEW)[0]
+    assert out2.num_cached_tokens > 0
+    assert tier(llm, "host").hit_tokens > hits_before
+    assert llm.engine.stats().promoted_bytes > 0
+    assert_host_back_to_baseline(llm)
+
+
+def test_tiny_evicted_conversation_comes_back_from_host_tier(tiny_llama: tuple[str, GreedyFn]) -> None:
+    folder, hf = tiny_llama
+    llm = LLM(
+        folder,
+        block_size=4,
+        kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
+        kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
+    )
+    conversation_comes_back_warm(llm, hf, TEXTS)
+    assert llm.engine.stats().demoted_bytes > 0
+
+
+def test_smollm_swap_preemption_matches_hf(hf_smollm: GreedyFn) -> None:
+    llm = LLM(
+        kv_cache_memory_bytes=144 * SMOLLM_BYTES_PER_TOKEN,
+        enable_prefix_caching=False,
+        kv_offload_bytes=64 * 2**20,
+        preemption_mode="swap",
+    )
+    check_against_hf(llm, TEXTS, hf_smollm)
+    assert dict(llm.engine.stats().preemptions_by_mode)["swap"] > 0
+    assert_host_back_to_baseline(llm)
+
+
+def test_smollm_evicted_conversation_comes_back_from_host_tier(hf_smollm: GreedyFn) -> None:
+    llm = LLM(kv_cache_memory_bytes=144 * SMOLLM_BYTES_PER_TOKEN, kv_offload_bytes=64 * 2**20)
+    conversation_comes_back_warm(llm, hf_smollm, TEXTS[4:8])
+    text = ServerMetrics(llm.engine.stats).render().decode()
+    assert 'kvos_kv_tier_capacity_bytes{tier="host"}' in text
+    assert 'kvos_kv_tier_hit_tokens_total{tier="host"}' in text
+    assert 'kvos_preemptions_by_mode_total{mode="swap"}' in text
+
+
+def test_cache_config_validates_the_tier_fields() -> None:
+    with pytest.raises(ValueError, match="kv_offload_bytes"):
+        CacheConfig(preemption_mode="swap")
+    with pytest.raises(ValueError, match="kv_offload_bytes"):
+        CacheConfig(kv_cache="virtual", kv_offload_bytes=2**20)
+    with pytest.raises(ValueError, match="kv_offload_bytes"):
+        CacheConfig(kv_offload_bytes=0)
+    with pytest.raises(ValueError, match="preemption_mode"):
+        CacheConfig(preemption_mode="spill")  # type: ignore[arg-type]
+
+
+def test_cli_flags_set_the_tier_fields() -> None:
+    args = build_parser().parse_args(["serve", "--kv-offload-size", "8GiB", "--preemption-mode", "swap"])
+    options = engine_options(args)
+    assert options["kv_offload_bytes"] == 8 * 2**30 and options["preemption_mode"] == "swap"
+    defaults = engine_options(build_parser().parse_args(["serve"]))
+    assert defaults["kv_offload_bytes"] is None and defaults["preemption_mode"] == "auto"
