@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 LoadFormat = Literal["auto", "gguf", "hf", "dummy"]
 KVCacheKind = Literal["paged", "virtual"]
-AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous"]
-ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous")
+AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous", "paged"]
+ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous", "paged")
 
 
 @dataclass(frozen=True)
