@@ -71,6 +71,12 @@ class Worker:
         self.device = device
         self._offsets = torch.arange(table_block_size, device=device)
         self._requests: dict[str, _RequestState] = {}
+        if compile_decode and self.attention.name != "gather_sdpa":
+            # The compiled step is warmed up and shape-marked on gather_sdpa's padded decode batch.
+            raise ValueError(
+                f"compile=True compiles decode steps for attention_backend='gather_sdpa' only, "
+                f"not {self.attention.name!r}; drop compile=True or use gather_sdpa"
+            )
         self._decode_forward = compiled_decode.compile_decode(model) if compile_decode else model.forward
 
     @property
