@@ -184,3 +184,11 @@ def test_paged_backend_names_missing_tables_and_bad_blocks() -> None:
 def test_unknown_backend_is_named() -> None:
     with pytest.raises(ValueError, match="unknown attention backend 'flash'.*gather_sdpa"):
         make_backend("flash")
+
+
+def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
+    from kvos.attention import paged_cpu
+
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
+        paged_cpu.load_kernel.__wrapped__()
