@@ -14,8 +14,8 @@ LoadFormat = Literal["auto", "gguf", "hf", "dummy"]
 KVCacheKind = Literal["paged", "virtual"]
 PreemptionMode = Literal["auto", "swap", "recompute"]
 PREEMPTION_MODES = ("auto", "swap", "recompute")
-AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous"]
-ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous")
+AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous", "paged"]
+ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous", "paged")
 
 
 @dataclass(frozen=True)

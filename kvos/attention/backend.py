@@ -32,6 +32,10 @@ class SeqLayout:
     """Positions already in the KV cache before this step."""
     context_slots: torch.Tensor
     """(num_computed + num_tokens,) int64 flat cache slot of every position of its context."""
+    block_table: torch.Tensor | None = None
+    """int32 ids of the blocks holding its context, in position order (for backends that walk tables)."""
+    block_size: int | None = None
+    """Positions per block of `block_table`: slot = block_table[p // block_size] * block_size + p % block_size."""
 
     @property
     def kv_start(self) -> int:
@@ -63,7 +67,7 @@ class AttentionBackend(Protocol):
 
 
 def backend_names() -> tuple[str, ...]:
-    return ("gather_sdpa", "contiguous")
+    return ("gather_sdpa", "contiguous", "paged")
 
 
 def make_backend(name: str) -> AttentionBackend:
@@ -76,6 +80,10 @@ def make_backend(name: str) -> AttentionBackend:
         from kvos.attention.contiguous import ContiguousBackend
 
         return ContiguousBackend()
+    if name == "paged":
+        from kvos.attention.paged_cpu import PagedCPUBackend
+
+        return PagedCPUBackend()
     raise ValueError(f"unknown attention backend {name!r}; kvos has {', '.join(backend_names())}")
 
 

@@ -3,7 +3,9 @@
 The batch is a flat list of tokens from many requests (no padding in the
 linear layers). The gather backend splits it: requests decoding one token are
 run together as one padded batch; each prefill chunk is run on its own. The
-contiguous backend reads each request's run of slots in place (`spans`).
+contiguous backend reads each request's run of slots in place (`spans`); the
+paged backend reads each request's blocks in place through its block table
+(`paged`).
 """
 
 from __future__ import annotations
@@ -48,9 +50,20 @@ class KVSpan:
 
 
 @dataclass
+class PagedBatch:
+    """Every request of the step for one paged-attention call per layer."""
+
+    block_tables: torch.Tensor  # (S, max_blocks) int32, each request's table, padded with block 0
+    seqs: torch.Tensor  # (S, 3) int64 rows of (token_start, num_tokens, num_computed)
+    block_size: int  # positions per table entry (a virtual row's length for the virtual cache)
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     decode: DecodeBatch | None = None
     prefills: list[PrefillChunk] = field(default_factory=list)
     spans: list[KVSpan] | None = None
     """Set by the contiguous backend instead of `decode` and `prefills`."""
+    paged: PagedBatch | None = None
+    """Set by the paged backend instead of `decode` and `prefills`."""

@@ -47,6 +47,8 @@ class _RequestState:
     params: SamplingParams
     generator: torch.Generator | None
     block_table: list[int]
+    table: torch.Tensor
+    """(len(block_table),) int32: the block table as a tensor, for backends that walk it."""
     slots: torch.Tensor
     """(len(block_table) * table_block_size,) flat slot of every position the table covers."""
 
@@ -71,6 +73,12 @@ class Worker:
         self.device = device
         self._offsets = torch.arange(table_block_size, device=device)
         self._requests: dict[str, _RequestState] = {}
+        if compile_decode and self.attention.name != "gather_sdpa":
+            # The compiled step is warmed up and shape-marked on gather_sdpa's padded decode batch.
+            raise ValueError(
+                f"compile=True compiles decode steps for attention_backend='gather_sdpa' only, "
+                f"not {self.attention.name!r}; drop compile=True or use gather_sdpa"
+            )
         self._decode_forward = compiled_decode.compile_decode(model) if compile_decode else model.forward
 
     @property
@@ -112,7 +120,7 @@ class Worker:
             row = len(input_ids)
             input_ids.extend(scheduled.new_token_ids)
             positions.extend(range(start, start + n))
-            seqs.append(SeqLayout(row, n, start, state.slots[: start + n]))
+            seqs.append(SeqLayout(row, n, start, state.slots[: start + n], state.table, self.table_block_size))
             if scheduled.sample:
                 sample_rows.append(row + n - 1)
                 sampling_ids.append(scheduled.req_id)
@@ -153,6 +161,7 @@ class Worker:
             params=data.params,
             generator=generator,
             block_table=[],
+            table=torch.empty(0, dtype=torch.int32, device=self.device),
             slots=torch.empty(0, dtype=torch.long, device=self.device),
         )
 
@@ -167,6 +176,7 @@ class Worker:
         bs = self.table_block_size
         del state.block_table[update.start :]
         state.block_table.extend(update.block_ids)
+        state.table = torch.tensor(state.block_table, dtype=torch.int32, device=self.device)
         blocks = torch.tensor(update.block_ids, dtype=torch.long, device=self.device)
         new_slots = (blocks[:, None] * bs + self._offsets).flatten()
         state.slots = torch.cat([state.slots[: update.start * bs], new_slots])

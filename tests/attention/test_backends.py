@@ -1,9 +1,10 @@
 """Every attention backend against a naive softmax(QK^T / sqrt(d)) V written out by hand.
 
 The KV sits in a real virtual cache (each request's run of slots inside the
-megacache or per-layer layout), the cases mix a fresh prefill, a later
-prompt chunk and decodes of different lengths, and the heads are grouped
-(GQA), so masking, positions and head mapping are all checked.
+megacache or per-layer layout) or in a paged pool whose block tables are
+scrambled; the cases mix a fresh prefill, a later prompt chunk and decodes of
+different lengths, and the heads are grouped (GQA), so masking, positions,
+block walks and head mapping are all checked, in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def naive_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n
     return out
 
 
-@pytest.mark.parametrize("backend_name", ["gather_sdpa", "contiguous"])
+@pytest.mark.parametrize("backend_name", ["gather_sdpa", "contiguous", "paged"])
 @pytest.mark.parametrize("layout", ["megacache", "per_layer"])
 def test_backend_matches_naive_attention(backend_name: str, layout: LayoutKind) -> None:
     torch.manual_seed(0)
@@ -56,13 +57,14 @@ def test_backend_matches_naive_attention(backend_name: str, layout: LayoutKind) 
     for i, (done, new) in enumerate(cases):
         request = Request(f"r{i}", list(range(done + new)), SamplingParams(max_tokens=1))
         assert kv.allocate_slots(request, done + new)
-        start = kv.block_table(request)[0] * kv.table_block_size
+        table = kv.block_table(request)
+        start = table[0] * kv.table_block_size
         slots = torch.arange(start, start + done + new)
         keys, values = torch.randn(done, NUM_KV_HEADS, HEAD_DIM), torch.randn(done, NUM_KV_HEADS, HEAD_DIM)
         k_cache[slots[:done]] = keys
         v_cache[slots[:done]] = values
         cached.append((keys, values))
-        seqs.append(SeqLayout(row, new, done, slots))
+        seqs.append(SeqLayout(row, new, done, slots, torch.tensor(table, dtype=torch.int32), kv.table_block_size))
         row += new
     q = torch.randn(row, NUM_HEADS, HEAD_DIM)
     k = torch.randn(row, NUM_KV_HEADS, HEAD_DIM)
@@ -82,6 +84,111 @@ def test_backend_matches_naive_attention(backend_name: str, layout: LayoutKind) 
     kv.close()
 
 
+# (tokens already cached, tokens computed this step). Past 16 query tokens the
+# kernel tiles the queries, past 32 positions the keys, past 512 it splits the
+# context into partitions and merges them.
+PAGED_CASES = [(0, 7), (4, 5), (9, 1), (3, 1), (0, 1), (40, 1), (600, 1), (500, 40), (0, 35)]
+
+
+def _paged_step(
+    block_size: int, dtype: torch.dtype, cases: list[tuple[int, int]]
+) -> tuple[list[SeqLayout], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Requests laid out in a paged pool through scrambled block tables, their cached KV written in place.
+
+    Returns the layouts, each request's cached (keys, values), and the pool's K and V.
+    """
+    torch.manual_seed(0)
+    num_blocks = [-(-(done + new) // block_size) for done, new in cases]
+    # Block ids handed out in a random order, with spare blocks in between, so no table is a run.
+    pool_blocks = 2 * sum(num_blocks) + 3
+    order = torch.randperm(pool_blocks)
+    k_cache = torch.zeros(pool_blocks * block_size, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    seqs, cached = [], []
+    row, used = 0, 0
+    for (done, new), n in zip(cases, num_blocks):
+        table = order[used : used + n].to(torch.int32)
+        used += n
+        slots = (table[:, None].long() * block_size + torch.arange(block_size)).flatten()[: done + new]
+        keys = torch.randn(done, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+        values = torch.randn(done, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+        k_cache[slots[:done]] = keys
+        v_cache[slots[:done]] = values
+        cached.append((keys, values))
+        seqs.append(SeqLayout(row, new, done, slots, table, block_size))
+        row += new
+    return seqs, cached, k_cache, v_cache
+
+
+@pytest.mark.parametrize("backend_name", ["gather_sdpa", "paged"])
+@pytest.mark.parametrize("block_size", [16, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_cache_matches_naive_attention(backend_name: str, block_size: int, dtype: torch.dtype) -> None:
+    """Scrambled tables over a paged pool; bfloat16 caches are checked to bfloat16's resolution."""
+    seqs, cached, k_cache, v_cache = _paged_step(block_size, dtype, PAGED_CASES)
+    num_tokens = sum(s.num_tokens for s in seqs)
+    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM).to(dtype)
+    k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+    v = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+
+    backend = make_backend(backend_name)
+    meta = backend.build_metadata(seqs, num_tokens, torch.device("cpu"))
+    got = backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for seq, (keys, values) in zip(seqs, cached):
+        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+        all_keys, all_values = torch.cat([keys, k[rows]]), torch.cat([values, v[rows]])
+        expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
+        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
+        assert torch.equal(v_cache[seq.context_slots[seq.num_computed :]], v[rows])
+
+
+def test_paged_backend_reads_the_virtual_cache_through_one_entry_tables() -> None:
+    """A virtual row is a table of one block as long as the row: the same walk, B = row length."""
+    row_tokens = 64
+    k_cache = torch.randn(4 * row_tokens, NUM_KV_HEADS, HEAD_DIM)
+    v_cache = torch.randn_like(k_cache)
+    # Requests on rows 2 and 0: a decode at position 50 and a chunk of 6 after 20 cached positions.
+    seqs = [
+        SeqLayout(0, 1, 50, torch.arange(2 * row_tokens, 2 * row_tokens + 51), torch.tensor([2]), row_tokens),
+        SeqLayout(1, 6, 20, torch.arange(0, 26), torch.tensor([0], dtype=torch.int32), row_tokens),
+    ]
+    q = torch.randn(7, NUM_HEADS, HEAD_DIM)
+    k, v = torch.randn(7, NUM_KV_HEADS, HEAD_DIM), torch.randn(7, NUM_KV_HEADS, HEAD_DIM)
+    paged, contiguous = make_backend("paged"), make_backend("contiguous")
+    got = paged.forward(q, k, v, k_cache, v_cache, paged.build_metadata(seqs, 7, torch.device("cpu")), 0.25)
+    want = contiguous.forward(q, k, v, k_cache, v_cache, contiguous.build_metadata(seqs, 7, torch.device("cpu")), 0.25)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_paged_backend_names_missing_tables_and_bad_blocks() -> None:
+    backend = make_backend("paged")
+    bare = SeqLayout(0, 1, 3, torch.arange(4))
+    with pytest.raises(ValueError, match="block_table and block_size"):
+        backend.build_metadata([bare], 1, torch.device("cpu"))
+    short = SeqLayout(0, 1, 20, torch.arange(21), torch.tensor([0], dtype=torch.int32), 16)
+    with pytest.raises(ValueError, match="covers 1 blocks of 16"):
+        backend.build_metadata([short], 1, torch.device("cpu"))
+    # Block 9 of 16 slots lies past a 64-slot cache: the kernel refuses rather than read outside it.
+    outside = SeqLayout(0, 1, 3, torch.arange(4), torch.tensor([9], dtype=torch.int32), 16)
+    meta = backend.build_metadata([outside], 1, torch.device("cpu"))
+    cache = torch.zeros(64, NUM_KV_HEADS, HEAD_DIM)
+    q, kv = torch.randn(1, NUM_HEADS, HEAD_DIM), torch.randn(1, NUM_KV_HEADS, HEAD_DIM)
+    meta.slot_mapping = torch.tensor([3])
+    with pytest.raises(ValueError, match="block 0 is block id 9, outside a cache of 4 blocks of 16"):
+        backend.forward(q, kv, kv, cache, cache.clone(), meta, 0.25)
+
+
 def test_unknown_backend_is_named() -> None:
     with pytest.raises(ValueError, match="unknown attention backend 'flash'.*gather_sdpa"):
         make_backend("flash")
+
+
+def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
+    from kvos.attention import paged_cpu
+
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
+        paged_cpu.load_kernel.__wrapped__()

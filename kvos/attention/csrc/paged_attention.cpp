@@ -1,0 +1,377 @@
+/*
+ * Paged attention on CPU: every request's keys and values are read where they lie,
+ * through its block table. No gather copy, no padding, one call per layer for the
+ * whole batch (decodes and prompt chunks alike).
+ *
+ * The block-table walk, for one request with block_size B = 4 and 10 positions:
+ *
+ *     block_tables[s] = [ 7,          2,          9     , (padding) ]
+ *                         |           |           |
+ *     position p:      0  1  2  3 | 4  5  6  7 | 8  9
+ *     slot:           28 29 30 31 | 8  9 10 11 |36 37      slot = table[p / B] * B + p % B
+ *                         |
+ *     k_cache: (num_slots, KV, D), any slot and head strides, head_dim contiguous
+ *              row `slot`, kv head h  ->  k_cache + slot * stride_slot + h * stride_head
+ *
+ * The virtual cache is the same walk with a one-entry table whose block is the
+ * request's whole row (B = row length).
+ *
+ * Work is cut into items of (request, kv head, query tile, KV partition):
+ *
+ *     query tile:    up to 16 of the request's query tokens, times the G query heads
+ *                    that share kv head h (GQA): R = tokens x G rows of one small matmul
+ *     KV partition:  up to 512 positions of its context, so a single long decode still
+ *                    spreads over every thread (flash-decoding)
+ *
+ * An item walks its partition in tiles of 32 positions and keeps, per query row,
+ * an online softmax: the running max m, the running sum l and the unnormalised
+ * output acc, rescaled whenever m grows. Memory per item is O(tile), whatever the
+ * context. Query token i of a request sits at position num_computed + i and sees
+ * positions 0 ..= num_computed + i (causal; a decode sees its whole context).
+ * A second pass merges each (request, head, query tile)'s partitions:
+ *
+ *     M = max_k m_k     L = sum_k l_k e^(m_k - M)     out = sum_k acc_k e^(m_k - M) / L
+ *
+ * Caches are float32 or bfloat16; bfloat16 tiles are widened to float32 once per
+ * tile, and every product and sum accumulates in float32. The loops are written for
+ * the compiler's vectoriser (-O3 -march=native, `omp simd`), exp included.
+ */
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQueryTile = 16;      // query tokens per item
+constexpr int64_t kKeyTile = 32;        // positions scored together
+constexpr int64_t kPartition = 512;     // positions per item (a multiple of kKeyTile)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+/* e^x for x <= 0 (a score minus its running max), in a form the vectoriser accepts:
+ * e^x = 2^n * 2^f with n = round(x log2 e) and |f| <= 1/2; 2^f by a degree-7
+ * polynomial in f ln 2 (relative error ~1e-8, below float32's). Below -87 the
+ * result would be subnormal; it is flushed to 0. */
+inline float exp_nonpositive(float x) {
+  const float clamped = std::max(x, -87.0f);
+  const float t = clamped * 1.4426950408889634f;
+  const float n = std::nearbyint(t);
+  const float g = (t - n) * 0.6931471805599453f;
+  float p = 1.0f / 5040.0f;
+  p = p * g + 1.0f / 720.0f;
+  p = p * g + 1.0f / 120.0f;
+  p = p * g + 1.0f / 24.0f;
+  p = p * g + 1.0f / 6.0f;
+  p = p * g + 0.5f;
+  p = p * g + 1.0f;
+  p = p * g + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
+inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+}
+
+inline void widen(float* __restrict dst, const c10::BFloat16* __restrict src, int64_t n) {
+  const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    const uint32_t bits = static_cast<uint32_t>(raw[d]) << 16;
+    float value;
+    std::memcpy(&value, &bits, sizeof(value));
+    dst[d] = value;
+  }
+}
+
+/* One request in the batch: its query rows and how much of its context is cached. */
+struct Seq {
+  int64_t token_start;
+  int64_t num_tokens;
+  int64_t num_computed;
+};
+
+/* A unit of parallel work; its R = (q_end - q_begin) * G partial rows start at `row`. */
+struct Item {
+  int64_t seq;
+  int64_t kv_head;
+  int64_t q_begin, q_end;  // query tokens, relative to the request
+  int64_t p_begin, p_end;  // context positions
+  int64_t row;
+};
+
+/* Partitions of one (request, kv head, query tile): items [first, first + count). */
+struct Group {
+  int64_t first;
+  int64_t count;
+};
+
+/* Where a position's K and V rows are, for one request and kv head. */
+template <typename scalar_t>
+struct KVWalk {
+  const scalar_t* k_base;  // k_cache + kv_head * stride_head
+  const scalar_t* v_base;
+  int64_t k_stride;  // between slots
+  int64_t v_stride;
+  const int32_t* table;
+  int64_t block_size;
+
+  int64_t slot(int64_t position) const {
+    return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
+  }
+};
+
+/* Pointers to the float32 K and V rows of positions [start, start + n): the cache rows
+ * themselves for a float32 cache, rows widened into `k_buf`/`v_buf` for bfloat16. */
+inline void load_tile(const KVWalk<float>& walk, int64_t start, int64_t n, int64_t /*head_dim*/,
+                      float* /*k_buf*/, float* /*v_buf*/, const float** keys, const float** values) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t slot = walk.slot(start + j);
+    keys[j] = walk.k_base + slot * walk.k_stride;
+    values[j] = walk.v_base + slot * walk.v_stride;
+  }
+}
+
+inline void load_tile(const KVWalk<c10::BFloat16>& walk, int64_t start, int64_t n, int64_t head_dim,
+                      float* k_buf, float* v_buf, const float** keys, const float** values) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t slot = walk.slot(start + j);
+    widen(k_buf + j * head_dim, walk.k_base + slot * walk.k_stride, head_dim);
+    widen(v_buf + j * head_dim, walk.v_base + slot * walk.v_stride, head_dim);
+    keys[j] = k_buf + j * head_dim;
+    values[j] = v_buf + j * head_dim;
+  }
+}
+
+/* Run one item: online softmax over its partition into partial rows (acc, m, l). */
+template <typename scalar_t>
+void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, const float* q, int64_t q_stride_token,
+              int64_t group, int64_t head_dim, float scale, float* acc, float* m, float* l, float* q_buf,
+              float* k_buf, float* v_buf) {
+  const int64_t num_rows = (item.q_end - item.q_begin) * group;
+  // Query rows of this tile, scaled once: row r is token q_begin + r / G, head kv_head * G + r % G.
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const int64_t token = seq.token_start + item.q_begin + r / group;
+    const float* src = q + token * q_stride_token + (item.kv_head * group + r % group) * head_dim;
+    for (int64_t d = 0; d < head_dim; ++d) q_buf[r * head_dim + d] = src[d] * scale;
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+    std::fill(acc + r * head_dim, acc + (r + 1) * head_dim, 0.0f);
+  }
+  const float* keys[kKeyTile];
+  const float* values[kKeyTile];
+  float scores[kKeyTile];
+  for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, item.p_end - start);
+    load_tile(walk, start, n, head_dim, k_buf, v_buf, keys, values);
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const int64_t visible_end = seq.num_computed + item.q_begin + r / group + 1;  // causal limit
+      const int64_t visible = std::min(n, visible_end - start);
+      if (visible <= 0) continue;
+      const float* q_row = q_buf + r * head_dim;
+      float tile_max = kNegInf;
+      for (int64_t j = 0; j < visible; ++j) {
+        scores[j] = dot(q_row, keys[j], head_dim);
+        tile_max = std::max(tile_max, scores[j]);
+      }
+      const float m_new = std::max(m[r], tile_max);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < visible; ++j) {
+        scores[j] = exp_nonpositive(scores[j] - m_new);
+        sum += scores[j];
+      }
+      float* acc_row = acc + r * head_dim;
+      if (m_new > m[r]) {
+        const float alpha = m[r] == kNegInf ? 0.0f : exp_nonpositive(m[r] - m_new);
+        l[r] *= alpha;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= alpha;
+        m[r] = m_new;
+      }
+      l[r] += sum;
+      for (int64_t j = 0; j < visible; ++j) axpy(acc_row, scores[j], values[j], head_dim);
+    }
+  }
+}
+
+/* The items of the batch, in (request, query tile, kv head, partition) order, and their groups. */
+void plan_items(const std::vector<Seq>& seqs, int64_t num_kv_heads, int64_t group, std::vector<Item>& items,
+                std::vector<Group>& groups, int64_t& num_rows) {
+  num_rows = 0;
+  for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
+    const Seq& seq = seqs[s];
+    for (int64_t q_begin = 0; q_begin < seq.num_tokens; q_begin += kQueryTile) {
+      const int64_t q_end = std::min(seq.num_tokens, q_begin + kQueryTile);
+      const int64_t context = seq.num_computed + q_end;  // what the tile's last token sees
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const int64_t first = static_cast<int64_t>(items.size());
+        for (int64_t p_begin = 0; p_begin < context; p_begin += kPartition) {
+          items.push_back({s, h, q_begin, q_end, p_begin, std::min(context, p_begin + kPartition), num_rows});
+          num_rows += (q_end - q_begin) * group;
+        }
+        groups.push_back({first, static_cast<int64_t>(items.size()) - first});
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const std::vector<Seq>& seqs, int64_t block_size,
+                          double scale, at::Tensor& out) {
+  const int64_t num_heads = q.size(1);
+  const int64_t head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(1);
+  const int64_t group = num_heads / num_kv_heads;
+
+  std::vector<Item> items;
+  std::vector<Group> groups;
+  int64_t num_rows = 0;
+  plan_items(seqs, num_kv_heads, group, items, groups, num_rows);
+  // Partial results of every item: acc (num_rows, D), then m and l (num_rows each).
+  std::vector<float> partial(static_cast<size_t>(num_rows) * (head_dim + 2));
+  float* acc_all = partial.data();
+  float* m_all = acc_all + num_rows * head_dim;
+  float* l_all = m_all + num_rows;
+
+  const float* q_data = q.data_ptr<float>();
+  const int64_t q_stride_token = q.stride(0);
+  const scalar_t* k_data = k_cache.data_ptr<scalar_t>();
+  const scalar_t* v_data = v_cache.data_ptr<scalar_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.stride(0);
+
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_buf(kQueryTile * group * head_dim);
+    std::vector<float> k_buf(kKeyTile * head_dim);
+    std::vector<float> v_buf(kKeyTile * head_dim);
+    for (int64_t i = begin; i < end; ++i) {
+      const Item& item = items[i];
+      const KVWalk<scalar_t> walk{k_data + item.kv_head * k_cache.stride(1),
+                                  v_data + item.kv_head * v_cache.stride(1),
+                                  k_cache.stride(0),
+                                  v_cache.stride(0),
+                                  tables + item.seq * table_stride,
+                                  block_size};
+      run_item(item, seqs[item.seq], walk, q_data, q_stride_token, group, head_dim, static_cast<float>(scale),
+               acc_all + item.row * head_dim, m_all + item.row, l_all + item.row, q_buf.data(), k_buf.data(),
+               v_buf.data());
+    }
+  });
+
+  float* out_data = out.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const Item& head_item = items[groups[g].first];
+      const Seq& seq = seqs[head_item.seq];
+      const int64_t rows = (head_item.q_end - head_item.q_begin) * group;
+      for (int64_t r = 0; r < rows; ++r) {
+        float m_max = kNegInf;
+        for (int64_t k = 0; k < groups[g].count; ++k) m_max = std::max(m_max, m_all[items[groups[g].first + k].row + r]);
+        const int64_t token = seq.token_start + head_item.q_begin + r / group;
+        float* dst = out_data + (token * num_heads + head_item.kv_head * group + r % group) * head_dim;
+        std::fill(dst, dst + head_dim, 0.0f);
+        float total = 0.0f;
+        for (int64_t k = 0; k < groups[g].count; ++k) {
+          const int64_t row = items[groups[g].first + k].row + r;
+          if (l_all[row] == 0.0f) continue;  // a partition this row cannot see
+          const float weight = exp_nonpositive(m_all[row] - m_max);
+          total += l_all[row] * weight;
+          axpy(dst, weight, acc_all + row * head_dim, head_dim);
+        }
+        const float inv = 1.0f / total;
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) dst[d] *= inv;
+      }
+    }
+  });
+}
+
+/*
+ * q: (T, H, D) float32, any token stride.      k_cache, v_cache: (num_slots, KV, D) float32 or bfloat16.
+ * block_tables: (S, max_blocks) int32.   seqs: (S, 3) int64 rows of (token_start, num_tokens, num_computed).
+ * Returns (T, H, D) float32; rows no request covers are 0.
+ */
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& block_tables, const at::Tensor& seqs, int64_t block_size, double scale) {
+  TORCH_CHECK_VALUE(q.dim() == 3 && q.scalar_type() == at::kFloat && q.stride(2) == 1 && q.stride(1) == q.size(2),
+                    "paged_attention: q must be float32 (tokens, heads, head_dim), each token's heads contiguous");
+  TORCH_CHECK_VALUE(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes(),
+                    "paged_attention: k_cache and v_cache must both be (num_slots, kv_heads, head_dim)");
+  TORCH_CHECK_VALUE(k_cache.scalar_type() == v_cache.scalar_type() &&
+                        (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+                    "paged_attention: caches must both be float32 or both bfloat16, got ", k_cache.scalar_type(),
+                    " and ", v_cache.scalar_type());
+  TORCH_CHECK_VALUE(k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+                    "paged_attention: the caches' head_dim must be contiguous");
+  TORCH_CHECK_VALUE(k_cache.size(2) == q.size(2), "paged_attention: q has head_dim ", q.size(2), ", the cache ",
+                    k_cache.size(2));
+  TORCH_CHECK_VALUE(q.size(1) % k_cache.size(1) == 0, "paged_attention: ", q.size(1),
+                    " query heads cannot be grouped over ", k_cache.size(1), " kv heads");
+  TORCH_CHECK_VALUE(block_tables.dim() == 2 && block_tables.scalar_type() == at::kInt && block_tables.stride(1) == 1,
+                    "paged_attention: block_tables must be an int32 (requests, max_blocks) tensor, rows contiguous");
+  TORCH_CHECK_VALUE(seqs.dim() == 2 && seqs.size(1) == 3 && seqs.scalar_type() == at::kLong &&
+                        seqs.size(0) == block_tables.size(0),
+                    "paged_attention: seqs must be int64 (requests, 3), one row per block table");
+  TORCH_CHECK_VALUE(block_size >= 1, "paged_attention: block_size must be >= 1, got ", block_size);
+
+  const int64_t num_tokens = q.size(0);
+  const int64_t num_slots = k_cache.size(0);
+  const at::Tensor seqs_c = seqs.contiguous();
+  const int64_t* seq_data = seqs_c.data_ptr<int64_t>();
+  std::vector<Seq> batch(seqs.size(0));
+  for (int64_t s = 0; s < seqs.size(0); ++s) {
+    Seq seq{seq_data[3 * s], seq_data[3 * s + 1], seq_data[3 * s + 2]};
+    TORCH_CHECK_VALUE(seq.num_tokens >= 1 && seq.num_computed >= 0 && seq.token_start >= 0 &&
+                          seq.token_start + seq.num_tokens <= num_tokens,
+                      "paged_attention: request ", s, " has query rows [", seq.token_start, ", ",
+                      seq.token_start + seq.num_tokens, ") outside the batch of ", num_tokens, " tokens");
+    // Every block the request reads must lie inside the cache: one check per block, not per key.
+    const int64_t num_blocks = (seq.num_computed + seq.num_tokens + block_size - 1) / block_size;
+    TORCH_CHECK_VALUE(num_blocks <= block_tables.size(1), "paged_attention: request ", s, " needs ", num_blocks,
+                      " blocks, its table has ", block_tables.size(1));
+    const int32_t* table = block_tables.data_ptr<int32_t>() + s * block_tables.stride(0);
+    for (int64_t b = 0; b < num_blocks; ++b) {
+      TORCH_CHECK_VALUE(table[b] >= 0 && (static_cast<int64_t>(table[b]) + 1) * block_size <= num_slots,
+                        "paged_attention: request ", s, " block ", b, " is block id ", table[b],
+                        ", outside a cache of ", num_slots / block_size, " blocks of ", block_size);
+    }
+    batch[s] = seq;
+  }
+
+  at::Tensor out = at::zeros({num_tokens, q.size(1), q.size(2)}, q.options());
+  if (k_cache.scalar_type() == at::kFloat) {
+    paged_attention_impl<float>(q, k_cache, v_cache, block_tables, batch, block_size, scale, out);
+  } else {
+    paged_attention_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, batch, block_size, scale, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kvos, m) {
+  m.def(
+      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqs, "
+      "int block_size, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kvos, CPU, m) { m.impl("paged_attention", &paged_attention); }

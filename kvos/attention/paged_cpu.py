@@ -1,0 +1,152 @@
+"""Paged attention on CPU that reads KV in place: a C++ kernel walks each request's block table.
+
+The gather backend copies every request's context out of the blocks before
+attending (about 200 ms of a 480 ms decode step at batch 64); this one hands
+the kernel the block tables instead, so each key and value is read once,
+where it lies. One call per layer covers the whole batch, decodes and prompt
+chunks alike (see `csrc/paged_attention.cpp` for the walk and the online
+softmax). It reads the paged cache and the virtual cache alike: a virtual
+request's table is one entry, its row, with the row length as block size.
+
+    worker: SeqLayout(block_table, block_size) per request
+        -> PagedBatch(block_tables (S, max_blocks) int32, seqs (S, 3) int64, block_size)
+    layer:  write the step's K/V at slot_mapping, then torch.ops.kvos.paged_attention
+
+The kernel is compiled on first use with the machine's own instruction set
+(`-march=native`) and cached under `$KVOS_CACHE_DIR/torch_extensions`, in a
+folder named for the torch version and the CPU's feature flags, so a cache
+shared between machines never hands one CPU code built for another. It is
+registered as a torch operator with a fake (shape-only) implementation, so
+torch.compile can trace through it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from kvos.attention.backend import SeqLayout, slot_mapping
+from kvos.attention.gather_sdpa import write_kv
+from kvos.attention.metadata import AttentionMetadata, PagedBatch
+
+_SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+_EXTENSION_NAME = "kvos_paged_attention"
+
+
+class PagedCPUBackend:
+    name: ClassVar[str] = "paged"
+    needs_contiguous_kv: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        # Built (or loaded from the cache) now, at start-up, so a missing compiler is
+        # reported before any request, and so the operator exists before torch.compile traces.
+        load_kernel()
+
+    def build_metadata(self, seqs: list[SeqLayout], num_tokens: int, device: torch.device) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping=slot_mapping(seqs), paged=paged_batch(seqs, device))
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D), strided views allowed. Returns (T, H, D)."""
+        if meta.paged is None:
+            raise ValueError("the paged backend needs metadata built by its own build_metadata")
+        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        p = meta.paged
+        # The kernel takes float32 queries (small: T x H x D) and accumulates in float32 for any cache dtype.
+        out = torch.ops.kvos.paged_attention(q.float(), k_cache, v_cache, p.block_tables, p.seqs, p.block_size, scale)
+        return out.to(q.dtype)
+
+
+def paged_batch(seqs: list[SeqLayout], device: torch.device) -> PagedBatch:
+    """The step's block tables, padded into one int32 tensor, and each request's rows and lengths."""
+    if not seqs:
+        raise ValueError("paged attention needs at least one request in the step")
+    block_sizes = {s.block_size for s in seqs}
+    if None in block_sizes or any(s.block_table is None for s in seqs):
+        raise ValueError("the paged backend needs every SeqLayout's block_table and block_size")
+    if len(block_sizes) != 1:
+        raise ValueError(f"one step's requests must share a block size, got {sorted(block_sizes)}")  # type: ignore[type-var]
+    block_size = int(next(iter(block_sizes)))  # type: ignore[arg-type]
+    tables = []
+    for i, s in enumerate(seqs):
+        assert s.block_table is not None
+        needed = -(-(s.num_computed + s.num_tokens) // block_size)
+        if s.block_table.numel() < needed:
+            raise ValueError(
+                f"request {i} has {s.num_computed + s.num_tokens} positions but its block table "
+                f"covers {s.block_table.numel()} blocks of {block_size}"
+            )
+        tables.append(s.block_table[:needed].to(torch.int32))
+    block_tables = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(device)
+    rows = torch.tensor([[s.token_start, s.num_tokens, s.num_computed] for s in seqs], dtype=torch.long, device=device)
+    return PagedBatch(block_tables=block_tables, seqs=rows, block_size=block_size)
+
+
+@functools.cache
+def load_kernel() -> None:
+    """Compile (first use on this machine) and load the kernel: defines torch.ops.kvos.paged_attention."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise ValueError(
+            f"attention_backend='paged' builds a C++ kernel on first use and needs a C++ compiler; {compiler!r} "
+            "is not on PATH (install g++, or set CXX)"
+        )
+    if shutil.which("ninja") is None:
+        raise ValueError("attention_backend='paged' builds its C++ kernel with ninja, which is not on PATH")
+    from torch.utils import cpp_extension
+
+    build_dir = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=_EXTENSION_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+
+    @torch.library.register_fake("kvos::paged_attention")
+    def _(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seqs: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:
+        return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def _build_dir() -> Path:
+    """A build folder per torch version and CPU feature set (the code is built with -march=native)."""
+    from kvos.model.loader import cache_root
+
+    return cache_root() / "torch_extensions" / f"{_EXTENSION_NAME}-torch{torch.__version__}-{_cpu_key()}"
+
+
+def _cpu_key() -> str:
+    flags = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags += next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
