@@ -55,14 +55,21 @@ def _copy(kv_caches: KVCaches, ops: list[CopyKV]) -> None:
 
 
 class PagedKVBuffer:
-    """One zero-filled pool of `num_slots` token slots per layer."""
+    """One pool of `num_slots` token slots per layer.
+
+    Left uninitialised (`torch.empty`): on the host, large allocations are
+    fresh anonymous pages that the kernel backs only when first written, so
+    the KV budget is a ceiling, not memory taken at start-up. Attention reads
+    only slots a request has written (padding repeats a written slot and is
+    masked), so no uninitialised value is ever used.
+    """
 
     def __init__(self, num_slots: int, shape: KVShape) -> None:
         size = (num_slots, shape.num_kv_heads, shape.head_dim)
         self.kv_caches: KVCaches = [
             (
-                torch.zeros(size, dtype=shape.dtype, device=shape.device),
-                torch.zeros(size, dtype=shape.dtype, device=shape.device),
+                torch.empty(size, dtype=shape.dtype, device=shape.device),
+                torch.empty(size, dtype=shape.dtype, device=shape.device),
             )
             for _ in range(shape.num_layers)
         ]
