@@ -34,6 +34,7 @@ from kvos.model.arch import ModelArch
 from kvos.model.loader import LoadedModel
 from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
+from kvos.structured.grammar import GrammarCompiler
 from kvos.worker.kv_cache import make_kv_buffer
 from kvos.worker.worker import Worker
 
@@ -141,6 +142,7 @@ class EngineCore:
             self.kv_manager.table_block_size,
             device,
             compile_decode=config.model.compile,
+            grammars=GrammarCompiler(loaded.tokenizer, arch.vocab_size),
         )
         if config.model.compile:
             self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))
