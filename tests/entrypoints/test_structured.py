@@ -197,3 +197,16 @@ def test_tool_choice_none_answers_in_text(client: openai.OpenAI) -> None:
     )
     assert completion.choices[0].message.tool_calls is None
     assert completion.choices[0].message.content
+
+
+def test_langchain_structured_output_and_tools(server: ServerProcess) -> None:
+    """As a LangChain user would: `with_structured_output(method="json_schema")` and `bind_tools`."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    llm = langchain_openai.ChatOpenAI(
+        model=MODEL_NAME, base_url=server.base_url, api_key="unused", temperature=0, max_tokens=MAX_TOKENS
+    )
+    city = llm.with_structured_output(City, method="json_schema").invoke("Describe the largest city of France.")
+    assert isinstance(city, City)
+    reply = llm.bind_tools([WEATHER_TOOL], tool_choice="required").invoke("What is the weather in Paris?")
+    assert reply.tool_calls and reply.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(reply.tool_calls[0]["args"]["city"], str)
