@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvos.errors import InvalidRequestError
+from kvos.structured.spec import StructuredOutput
 
 MIN_TEMPERATURE = 1e-5
 """Temperatures below this sample greedily, as vLLM does: dividing logits by a
@@ -22,6 +23,9 @@ class SamplingParams:
     sampling, as OpenAI's field does. `stop` strings are matched on the decoded text,
     across token boundaries, and are not part of the output. `logprobs=k`
     returns the k most likely tokens at each step besides the chosen one.
+    `structured` constrains the output to JSON (any object, or a schema): each
+    step only tokens that keep the text a prefix of valid output may be sampled,
+    and EOS only once the output is complete.
     """
 
     n: int = 1
@@ -40,6 +44,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -95,6 +100,8 @@ class SamplingParams:
             for token_id, bias in self.logit_bias.items():
                 check_int("logit_bias", token_id, 0)
                 check_float("logit_bias", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise InvalidRequestError(f"structured must be a StructuredOutput, got {self.structured!r}", "structured")
 
     @property
     def greedy(self) -> bool:

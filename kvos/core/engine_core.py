@@ -37,6 +37,7 @@ from kvos.model.arch import ModelArch
 from kvos.model.loader import LoadedModel
 from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
+from kvos.structured.grammar import GrammarCompiler
 from kvos.worker.kv_cache import make_host_pool, make_kv_buffer
 from kvos.worker.worker import Worker
 
@@ -151,6 +152,7 @@ class EngineCore:
             device,
             compile_decode=config.model.compile,
             host_pool=make_host_pool(self.kv_manager, shape),
+            grammars=GrammarCompiler(loaded.tokenizer, arch.vocab_size),
         )
         if config.model.compile:
             self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))

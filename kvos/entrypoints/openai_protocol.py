@@ -6,13 +6,16 @@ becomes a `ProtocolError`, which the server turns into OpenAI's error body
 `{"error": {"message", "type", "param", "code"}}`. Ranges are checked once, by
 `SamplingParams`, whose `InvalidRequestError` names the field at fault; only
 OpenAI's own tighter limits (temperature <= 2, n <= 128, a 64-bit seed) are
-declared here. Fields kvos cannot honour yet (tools, structured output) are
-refused by name rather than ignored: a client asking for JSON output must not
-silently get prose.
+declared here. Structured output (`response_format`) and tools (chat only)
+become plain data for the engine (`StructuredOutput`, `ToolPlan`); what kvos
+cannot honour (the legacy `functions`/`function_call`, tools on
+/v1/completions) is refused by name rather than ignored: a client asking for
+a function call must not silently get prose.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -20,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 
 from kvos.errors import InvalidRequestError
 from kvos.sampling_params import SamplingParams
+from kvos.structured.spec import StructuredOutput
+from kvos.structured.tools import FunctionTool, ToolPlan, call_schema, calls_text, tool_prompt
 
 # Parameters of several types, with the words an error message should use for them.
 _UNION_EXPECTED = {
@@ -85,11 +90,37 @@ def _or_null(schema: dict[str, Any]) -> dict[str, Any]:
 
 # Fields kvos reads only to refuse: any JSON is parsed (so the refusal can name the field),
 # while the schema shows what is served. Anything else is a 400 naming the field.
-_ResponseFormat = Annotated[
-    Any, WithJsonSchema(_or_null({"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"]}))
-]
 _NoTools = Annotated[Any, WithJsonSchema(_or_null({"type": "array", "maxItems": 0}))]
 _NoToolChoice = Annotated[Any, WithJsonSchema(_or_null({"const": "none"}))]
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field(min_length=1, max_length=64)
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+    """Accepted and always honoured: the output is constrained to the schema either way."""
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput("json_object")
+        if self.json_schema is None:
+            raise ProtocolError(
+                400,
+                "Missing required parameter: 'response_format.json_schema'.",
+                param="response_format.json_schema",
+                code="missing_required_parameter",
+            )
+        return StructuredOutput.json_schema(self.json_schema.schema_ or {})
 
 
 class _SamplingFields(_Request):
@@ -119,19 +150,14 @@ class _SamplingFields(_Request):
         default=None, json_schema_extra={"propertyNames": {"pattern": "^[0-9]{1,18}$"}}
     )
     """Token id (as a string, since JSON keys are strings) -> bias in [-100, 100]."""
-    response_format: _ResponseFormat = None
-    tools: _NoTools = None
-    tool_choice: _NoToolChoice = None
+    response_format: ResponseFormat | None = None
     functions: _NoTools = None
     function_call: _NoToolChoice = None
 
     def _check_supported(self) -> None:
-        """Refuse tool calling and structured output rather than answer with plain text."""
+        """Refuse the legacy function-calling fields rather than answer with plain text."""
         unsupported = [
-            ("response_format", self.response_format not in (None, {"type": "text"}), "structured output"),
-            ("tools", self.tools not in (None, []), "tool calling"),
-            ("tool_choice", self.tool_choice not in (None, "none"), "tool calling"),
-            ("functions", self.functions not in (None, []), "function calling"),
+            ("functions", self.functions not in (None, []), "the legacy function calling (use tools)"),
             ("function_call", self.function_call not in (None, "none"), "function calling"),
         ]
         for param, present, feature in unsupported:
@@ -159,7 +185,16 @@ class _SamplingFields(_Request):
             bias[int(key)] = value
         return bias
 
-    def _sampling_params(self, max_tokens: int, logprobs: int | None, renames: dict[str, str]) -> SamplingParams:
+    def _structured(self) -> StructuredOutput | None:
+        return None if self.response_format is None else self.response_format.structured()
+
+    def _sampling_params(
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        renames: dict[str, str],
+        structured: StructuredOutput | None = None,
+    ) -> SamplingParams:
         """Build SamplingParams, reporting its InvalidRequestError against the request's field names."""
         self._check_supported()
         if self.stream_options is not None and not self.stream:
@@ -180,6 +215,7 @@ class _SamplingFields(_Request):
                 frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
                 ignore_eos=self.ignore_eos,
                 logit_bias=logit_bias,
+                structured=structured,
             )
         except InvalidRequestError as exc:
             param = renames.get(exc.param, exc.param) if exc.param is not None else None
@@ -198,6 +234,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool = False
+    tools: _NoTools = None
+    tool_choice: _NoToolChoice = None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) to run: a list of strings or token ids is several prompts."""
@@ -222,7 +260,15 @@ class CompletionRequest(_SamplingFields):
             )
         # OpenAI's default for /v1/completions.
         max_tokens = 16 if self.max_tokens is None else self.max_tokens
-        return self._sampling_params(max_tokens, self.logprobs, {})
+        for param, present in (("tools", self.tools not in (None, [])), ("tool_choice", self.tool_choice)):
+            if present not in (None, False, "none"):
+                raise ProtocolError(
+                    400,
+                    f"'{param}' is not supported on /v1/completions: use /v1/chat/completions.",
+                    param=param,
+                    code="unsupported_parameter",
+                )
+        return self._sampling_params(max_tokens, self.logprobs, {}, self._structured())
 
 
 class TextPart(_Request):
@@ -230,10 +276,46 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionSpec(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpec(_Request):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCallIn(_Request):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(_Request):
+    """A call the assistant made earlier in the conversation, as the client echoes it back."""
+
+    id: str
+    type: Literal["function"]
+    function: FunctionCallIn
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -249,10 +331,56 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them ("developer" is OpenAI's new name for "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def tool_plan(self) -> ToolPlan | None:
+        """The tools in play, or None when the model must answer in text (no tools, or tool_choice "none")."""
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ProtocolError(400, "tool_choice needs tools", param="tool_choice", code="invalid_value")
+        if not self.tools or self.tool_choice == "none":
+            return None
+        tools = tuple(
+            FunctionTool(
+                t.function.name,
+                t.function.description or "",
+                json.dumps(t.function.parameters if t.function.parameters is not None else {"type": "object"}),
+            )
+            for t in self.tools
+        )
+        if len({t.name for t in tools}) != len(tools):
+            raise ProtocolError(400, "tools must have distinct names", param="tools", code="invalid_value")
+        parallel = self.parallel_tool_calls is not False
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in {t.name for t in tools}:
+                raise ProtocolError(
+                    400, f"tool_choice names {name!r}, which is not in tools", param="tool_choice", code="invalid_value"
+                )
+            return ToolPlan(tools, "named", name, parallel)
+        return ToolPlan(tools, self.tool_choice or "auto", None, parallel)
+
+    def conversation(self, tools: ToolPlan | None = None) -> list[dict[str, str]]:
+        """Messages as the chat template expects them, with the tool block in the system prompt.
+
+        "developer" is OpenAI's new name for "system". Earlier tool calls are
+        written as the assistant's text, in the format the model is asked for.
+        """
+        messages = []
+        for m in self.messages:
+            role = "system" if m.role == "developer" else m.role
+            content = m.text()
+            if m.tool_calls:
+                content = calls_text([(c.function.name, c.function.arguments) for c in m.tool_calls])
+            messages.append({"role": role, "content": content})
+        if tools is not None:
+            block = tool_prompt(tools)
+            if messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{block}"}
+            else:
+                messages.insert(0, {"role": "system", "content": block})
+        return messages
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -266,7 +394,22 @@ class ChatCompletionRequest(_SamplingFields):
         renames = {"logprobs": "top_logprobs"}
         if self.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        return self._sampling_params(max_tokens, logprobs, renames)
+        return self._sampling_params(max_tokens, logprobs, renames, self._chat_structured())
+
+    def _chat_structured(self) -> StructuredOutput | None:
+        """The response format's grammar, or the call format's when a call is forced (never both)."""
+        structured = self._structured()
+        tools = self.tool_plan()
+        if tools is None:
+            return structured
+        if structured is not None:
+            raise ProtocolError(
+                400,
+                "response_format cannot be combined with tools (set tool_choice to 'none' for structured output)",
+                param="response_format",
+                code="unsupported_value",
+            )
+        return call_schema(tools) if tools.mode in ("required", "named") else None
 
 
 RequestT = TypeVar("RequestT", bound="_Request")
@@ -398,16 +541,29 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+    """A JSON object as a string, as OpenAI sends it."""
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatResponseMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -421,12 +577,13 @@ class ChatCompletionResponse(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int
-    delta: dict[str, str]
-    """{"role": "assistant", "content": ""} first, then {"content": ...}, then {} with the finish reason.
+    delta: dict[str, Any]
+    """{"role": "assistant", "content": ""} first, then {"content": ...} or {"tool_calls": [...]},
+    then {} with the finish reason.
 
     finish_reason "abort" (vLLM's word) ends a request the server cut short while shutting down."""
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "abort"] | None = None
+    finish_reason: Literal["stop", "length", "abort", "tool_calls"] | None = None
 
 
 class ChatCompletionChunk(BaseModel):

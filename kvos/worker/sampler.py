@@ -1,10 +1,15 @@
-"""Turn logits into tokens: logit bias, penalties, temperature, top-k/top-p/min-p, seeds.
+"""Turn logits into tokens: logit bias, penalties, grammar masks, temperature, top-k/top-p/min-p, seeds.
 
 Greedy rows are an argmax over the whole batch at once; sampled rows go one
 by one, because each may carry its own seeded generator and its own filters.
 A row that fails (whatever the cause) yields its exception in its place and
 never costs the other rows their tokens: one request's bad luck or bad
 input ends that request only.
+
+A row with a grammar (structured output) has every token its grammar refuses
+masked to -inf after bias and penalties, so greedy and sampled rows alike pick
+an allowed token; the grammar then consumes that token here, inside the row's
+own failure boundary.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 from kvos.core.plan import SampledToken
 from kvos.outputs import TokenLogprob
 from kvos.sampling_params import SamplingParams
+from kvos.structured.grammar import GrammarError, GrammarMatcher
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,8 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None
+    grammar: GrammarMatcher | None = None
+    """Advanced by `sample` with the token it picks for this row."""
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken | Exception]:
@@ -33,7 +41,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken |
     results: list[SampledToken | Exception | None] = [None] * len(rows)
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    adjusted = [i for i, r in enumerate(rows) if _adjusts_logits(r.params)]
+    adjusted = [i for i, r in enumerate(rows) if _adjusts_logits(r.params) or r.grammar is not None]
     if adjusted:
         logits = logits.clone()
         for i in adjusted:
@@ -47,6 +55,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> list[SampledToken |
             continue
         try:
             token_id = greedy_ids[i] if row.params.greedy else _sample_row(logits[i], row.params, row.generator)
+            if row.grammar is not None:
+                row.grammar.advance([token_id])
             logprob = None
             if raw_logprobs is not None and row.params.logprobs is not None:
                 logprob = _token_logprob(raw_logprobs[i], token_id, row.params.logprobs)
@@ -61,7 +71,7 @@ def _adjusts_logits(p: SamplingParams) -> bool:
 
 
 def _adjust_row(row: torch.Tensor, r: SamplingRow) -> None:
-    """Logit bias, then penalties, in place on one row of logits (V,)."""
+    """Logit bias, then penalties, then the grammar's mask, in place on one row of logits (V,)."""
     p = r.params
     if p.logit_bias:
         ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=row.device)
@@ -76,6 +86,11 @@ def _adjust_row(row: torch.Tensor, r: SamplingRow) -> None:
         # As in OpenAI: only generated tokens count.
         ids, counts = torch.tensor(r.output_token_ids, dtype=torch.long, device=row.device).unique(return_counts=True)
         row[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(row.dtype)
+    if r.grammar is not None:
+        allowed = r.grammar.allowed().to(row.device)
+        if not bool(allowed.any()):
+            raise GrammarError("the grammar allows no token")
+        row.masked_fill_(~allowed, float("-inf"))
 
 
 def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:

@@ -11,8 +11,9 @@
 The worker never decides anything: which tokens, where their KV lives and
 what to copy all come in the plan. What it remembers between steps is what
 it would otherwise rebuild every step: each request's block table as a
-tensor of slot indices, its sampling parameters, its seeded generator and
-its tokens (for penalties).
+tensor of slot indices, its sampling parameters, its seeded generator,
+its tokens (for penalties) and its grammar matcher (structured output; on
+resume rebuilt by replaying the tokens generated so far).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kvos.core.plan import NewRequestData, SampledToken, StepOutput, StepPlan, T
 from kvos.model import compiled_decode
 from kvos.model.llama import LlamaForCausalLM
 from kvos.sampling_params import SamplingParams
+from kvos.structured.grammar import GrammarCompiler, GrammarMatcher
 from kvos.worker.kv_cache import HostKVPool, KVBuffer
 from kvos.worker.sampler import SamplingRow, sample
 
@@ -51,6 +53,9 @@ class _RequestState:
     """(len(block_table),) int32: the block table as a tensor, for backends that walk it."""
     slots: torch.Tensor
     """(len(block_table) * table_block_size,) flat slot of every position the table covers."""
+    grammar: GrammarMatcher | None = None
+    grammar_error: Exception | None = None
+    """Why the matcher could not be built; the request fails at its first sample."""
 
 
 class Worker:
@@ -64,6 +69,7 @@ class Worker:
         device: torch.device,
         compile_decode: bool = False,
         host_pool: HostKVPool | None = None,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.model = model
         self.host_pool = host_pool
@@ -79,6 +85,7 @@ class Worker:
                 f"compile=True compiles decode steps for attention_backend='gather_sdpa' only, "
                 f"not {self.attention.name!r}; drop compile=True or use gather_sdpa"
             )
+        self.grammars = grammars
         self._decode_forward = compiled_decode.compile_decode(model) if compile_decode else model.forward
 
     @property
@@ -139,10 +146,16 @@ class Worker:
 
     def _sample(self, step_id: int, logits: torch.Tensor, req_ids: list[str]) -> StepOutput:
         states = [self._requests[r] for r in req_ids]
-        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in states]
+        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.grammar) for s in states]
         sampled: dict[str, SampledToken] = {}
         failed: dict[str, str] = {}
+        for req_id, state in zip(req_ids, states):
+            if state.grammar_error is not None:
+                logger.error("no grammar for %s: %s", req_id, state.grammar_error)
+                failed[req_id] = SAMPLING_FAILED
         for req_id, state, result in zip(req_ids, states, sample(logits, rows)):
+            if req_id in failed:
+                continue
             if isinstance(result, Exception):
                 logger.error("sampling failed for %s: %s: %s", req_id, type(result).__name__, result)
                 failed[req_id] = SAMPLING_FAILED
@@ -164,6 +177,19 @@ class Worker:
             table=torch.empty(0, dtype=torch.int32, device=self.device),
             slots=torch.empty(0, dtype=torch.long, device=self.device),
         )
+        if data.params.structured is not None:
+            self._adopt_grammar(self._requests[data.req_id], data)
+
+    def _adopt_grammar(self, state: _RequestState, data: NewRequestData) -> None:
+        """A matcher at the start of the grammar, advanced past the tokens already generated (resume)."""
+        try:
+            if self.grammars is None:
+                raise RuntimeError("this worker has no grammar compiler")
+            assert data.params.structured is not None
+            state.grammar = self.grammars.matcher(data.params.structured)
+            state.grammar.advance(list(data.output_token_ids))
+        except Exception as exc:  # this request fails alone, at its first sample
+            state.grammar_error = exc
 
     def _generator(self, params: SamplingParams, seed_offset: int) -> torch.Generator | None:
         if params.seed is None or params.greedy:

@@ -117,23 +117,21 @@ def test_unknown_model_404_echoes_the_name(client: TestClient, model: str) -> No
     assert error["code"] == "model_not_found"
 
 
-# -- unsupported OpenAI features ----------------------------------------------------------
+# -- unsupported and structured-output OpenAI features ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("path", "field", "value"),
     [
-        ("response_format", {"type": "json_object"}),
-        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-        ("response_format", "text"),
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
-        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
-        ("functions", [{"name": "f"}]),
-        ("function_call", "auto"),
+        (path, field, value)
+        for path in ("/v1/chat/completions", "/v1/completions")
+        for field, value in (("functions", [{"name": "f"}]), ("function_call", "auto"))
+    ]
+    + [
+        ("/v1/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("/v1/completions", "tool_choice", "auto"),
     ],
 )
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_unsupported_feature_is_400_naming_it(
     client: TestClient, model: str, path: str, field: str, value: Any
 ) -> None:
@@ -143,8 +141,36 @@ def test_unsupported_feature_is_400_naming_it(
 
 
 @pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("response_format", "text"),
+        ("response_format", {"type": "yaml"}),
+        ("response_format", {"type": "json_schema"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}}),
+        ("tool_choice", "auto"),
+        ("tool_choice", "sometimes"),
+        ("tools", [{"type": "function", "function": {"name": "has space"}}]),
+    ],
+)
+def test_malformed_structured_fields_are_400_naming_them(
+    client: TestClient, model: str, field: str, value: Any
+) -> None:
+    response = client.post("/v1/chat/completions", json=chat(model, **{field: value}))
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith(field)
+
+
+@pytest.mark.parametrize(
     "fields",
-    [{"response_format": {"type": "text"}}, {"tool_choice": "none"}, {"tools": []}, {"function_call": "none"}],
+    [
+        {"response_format": {"type": "text"}},
+        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+        {"tool_choice": "none"},
+        {"tools": []},
+        {"function_call": "none"},
+        {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+    ],
 )
 def test_what_is_served_of_those_features_is_accepted(client: TestClient, model: str, fields: dict) -> None:
     assert client.post("/v1/chat/completions", json=chat(model, **fields)).status_code == 200

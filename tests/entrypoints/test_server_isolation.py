@@ -126,7 +126,10 @@ async def beside_neighbours(server: ServerProcess, poison: str) -> tuple[list[st
         elif poison == "surrogate prompt":
             result = await send_raw(client, greedy(f"{POISON_PROMPT} \ud800"))
         elif poison == "response_format":
-            body = greedy(POISON_PROMPT, response_format={"type": "json_object"})
+            schema = {"not": {"type": "string"}}  # a keyword the grammar engine does not implement
+            body = greedy(
+                POISON_PROMPT, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+            )
             result = await client.post("/completions", json=body)
         else:
             result = await hang_up(client, greedy(POISON_PROMPT, max_tokens=2000), after_chunks=3)

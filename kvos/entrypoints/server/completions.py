@@ -36,6 +36,7 @@ class Completions:
         req = parse_request(CompletionRequest, await serving.read_json(request))
         serving.check_model(req.model)
         params = req.to_sampling_params()
+        await serving.check_grammar(params)
         prompts = req.prompts()
         tokenizer = serving.tokenizer
         prompt_ids = [await asyncio.to_thread(tokenizer.encode, p) if isinstance(p, str) else p for p in prompts]

@@ -32,8 +32,12 @@ from kvos.entrypoints.server_config import ServerConfig
 from kvos.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestFailedError
 from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams
+from kvos.structured.grammar import GrammarCompiler
 
 logger = logging.getLogger(__name__)
+
+GRAMMAR_COMPILE_TIMEOUT_S = 10.0
+"""A schema that takes longer to compile is refused (400) rather than waited for."""
 
 MIN_LOGPROB = -9999.0
 """JSON has no -inf: a token the model rules out is reported with this log-probability instead."""
@@ -175,6 +179,33 @@ class Serving:
         self.tokenizer = engine.tokenizer
         self.model_name = config.served_model_name or engine.model_name
         self.created = int(time.time())
+        self._grammars: GrammarCompiler | None = None
+
+    async def check_grammar(self, params: SamplingParams) -> None:
+        """Compile the request's grammar off the event loop and the engine step, or refuse it (400).
+
+        The engine compiles again when it adopts the request (its own cache, a
+        hit from the second request on); compiling here first means a schema
+        that is invalid, unsupported or too slow is the client's 400 and never
+        reaches the engine. A compile that runs past the limit finishes in the
+        background, bounded by llguidance's own limits, and is cached.
+        """
+        spec = params.structured
+        if spec is None:
+            return
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self._grammars.compile, spec), GRAMMAR_COMPILE_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise ProtocolError(
+                400,
+                f"The JSON schema did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s; simplify it.",
+                param=spec.param,
+                code="invalid_value",
+            ) from exc
+        except InvalidRequestError as exc:
+            raise ProtocolError(400, f"Invalid value for '{spec.param}': {exc}.", param=spec.param) from exc
 
     async def read_json(self, request: Request) -> Any:
         return await read_json(request, self.config.max_body_bytes)
