@@ -92,6 +92,7 @@ def run_kvos(
     kv_cache: str,
     max_num_seqs: int,
     max_num_batched_tokens: int,
+    engine_options: dict[str, str],
 ) -> EngineRun:
     from kvos import LLM, SamplingParams
 
@@ -100,6 +101,7 @@ def run_kvos(
         kv_cache=kv_cache,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
+        **engine_options,
     )
     llm.generate([warmup_ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
@@ -196,6 +198,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--hf-batch-size", type=int, default=16)
+    parser.add_argument("--attention-backend", default=None, help="kvos attention backend (default: kvos's choice)")
     parser.add_argument("--remeasure", action="store_true", help="measure the machine's roofline again")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here as JSON")
     args = parser.parse_args(argv)
@@ -229,7 +232,14 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
     if "kvos" in args.engines:
         runs.append(
             run_kvos(
-                requests, gguf_path, roofline, warmup_ids, args.kv_cache, args.max_num_seqs, args.max_num_batched_tokens
+                requests,
+                gguf_path,
+                roofline,
+                warmup_ids,
+                args.kv_cache,
+                args.max_num_seqs,
+                args.max_num_batched_tokens,
+                {"attention_backend": args.attention_backend} if args.attention_backend else {},
             )
         )
     if "hf" in args.engines:
