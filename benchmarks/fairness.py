@@ -5,7 +5,8 @@ For every policy (fcfs; priority with the light tenant urgent; fair) a fresh
 ShareGPT requests, tagged with OpenAI's `user` field (and `priority`). Per
 tenant it reports output tokens/s and p50 / p99 time to first token; for the
 whole run, total output tokens/s; under fair, the largest gap between the
-tenants' service counters (sampled from /metrics) against VTC's bound,
+tenants' service counters (sampled from /metrics while both tenants have
+requests in flight: VTC bounds the gap between backlogged tenants only) against VTC's bound,
 2 x max(w_in x longest prompt, w_out x max_num_batched_tokens). The service
 each tenant received over time (measured at the client: prompt tokens when
 the first token arrives, output tokens as they stream) is drawn per policy
@@ -52,8 +53,10 @@ def tenant_fields(policy: str, tenant: str) -> dict[str, Any]:
     return fields
 
 
-async def sample_service(client: httpx.AsyncClient, until: asyncio.Event, samples: list[dict[str, float]]) -> None:
-    """Poll the server's per-tenant service counters (fair policy) twice a second."""
+async def sample_service(
+    client: httpx.AsyncClient, until: asyncio.Event, in_flight: dict[str, int], samples: list[dict[str, float]]
+) -> None:
+    """Poll the server's per-tenant service counters (fair policy) twice a second, while both tenants wait."""
     while not until.is_set():
         text = (await client.get("/metrics")).text
         counters = {
@@ -61,7 +64,8 @@ async def sample_service(client: httpx.AsyncClient, until: asyncio.Event, sample
             for line in text.splitlines()
             if line.startswith("kvos_tenant_service{")
         }
-        samples.append(counters)
+        if all(in_flight[t] for t in TENANTS):
+            samples.append(counters)
         try:
             await asyncio.wait_for(until.wait(), 0.5)
         except TimeoutError:
@@ -78,15 +82,20 @@ async def run_policy(
         await serve.stream_one(client, model, warmup, True, count_tokens)
         done = asyncio.Event()
         samples: list[dict[str, float]] = []
-        sampler = asyncio.create_task(sample_service(client, done, samples))
+        in_flight = dict.fromkeys(TENANTS, 0)
+        sampler = asyncio.create_task(sample_service(client, done, in_flight, samples))
         start = time.perf_counter()
 
         async def send(tenant: str, at: float, request: BenchRequest) -> tuple[str, float, serve.RequestResult]:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
             sent = time.perf_counter() - start
-            result = await serve.stream_one(
-                client, model, request, True, count_tokens, extra=tenant_fields(policy, tenant)
-            )
+            in_flight[tenant] += 1
+            try:
+                result = await serve.stream_one(
+                    client, model, request, True, count_tokens, extra=tenant_fields(policy, tenant)
+                )
+            finally:
+                in_flight[tenant] -= 1
             return tenant, sent, result
 
         jobs = [send(tenant, at, r) for tenant, stream in streams.items() for at, r in stream]
@@ -148,12 +157,16 @@ def draw(reports: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--heavy-rate", type=float, default=1.5, help="heavy tenant's requests/s (light: a tenth)")
-    parser.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per policy")
+    parser.add_argument("--heavy-rate", type=float, default=2.0, help="heavy tenant's requests/s (light: a tenth)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per policy")
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--max-output-tokens", type=int, default=128)
+    parser.add_argument("--max-output-tokens", type=int, default=64)
     parser.add_argument("--port", type=int, default=8100)
-    parser.add_argument("--kvos-args", default="", help="extra `kvos serve` flags, e.g. '--quantization int4'")
+    parser.add_argument(
+        "--kvos-args",
+        default="--max-num-seqs 4",
+        help="extra `kvos serve` flags; the default keeps few slots so that the heavy tenant's queue builds up",
+    )
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/fairness")
