@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from kvos.attention.backend import make_backend
+from kvos.attention.backend import AttentionBackend, make_backend
 from kvos.config import EngineConfig
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
@@ -123,8 +123,10 @@ class EngineCore:
         device = torch.device(config.model.device)
         dtype = _DTYPES[config.model.dtype]
         attention = config.model.resolved_attention_backend(config.cache.kv_cache)
+        backend = self._attention_backend(config, attention)
+        attention = backend.name
         with torch.device("meta"):
-            model = build_model(arch, self.max_model_len, make_backend(attention))
+            model = build_model(arch, self.max_model_len, backend)
         if loaded.state_dict is None:
             model.init_dummy_weights(device, config.model.seed)
         else:
@@ -204,6 +206,17 @@ class EngineCore:
             cost.recompute_seconds(1024) * 1e3,
         )
         return PreemptionRule("auto", cost)
+
+    @staticmethod
+    def _attention_backend(config: EngineConfig, name: str) -> AttentionBackend:
+        """The backend by name; "auto" falls back to the reference when the kernel cannot be built here."""
+        try:
+            return make_backend(name)
+        except ValueError as exc:
+            if config.model.attention_backend != "auto":
+                raise
+            logger.warning("attention backend %r is unavailable (%s); using gather_sdpa", name, exc)
+            return make_backend("gather_sdpa")
 
     # -- requests ---------------------------------------------------------------------
 
