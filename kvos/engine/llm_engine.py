@@ -105,7 +105,7 @@ class LLMEngine:
                 "priority",
             )
         text, token_ids = self._tokenize(prompt)
-        self.core.check_request(token_ids, params.max_tokens)
+        # The core checks lengths and token ids as each sequence arrives; a refusal unregisters the lot.
         sequences = self.processor.add_request(req_id, text, token_ids, params, priority, cache_salt, tenant)
         try:
             for sequence in sequences:
