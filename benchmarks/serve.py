@@ -79,12 +79,17 @@ async def stream_one(
     ignore_eos: bool,
     count_tokens: Any,
     extra: dict[str, Any] | None = None,
+    prompt_ids: bool = False,
 ) -> RequestResult:
-    """Stream one completion; `extra` fields (e.g. `user`, `priority`) join the request body."""
+    """Stream one completion; `extra` fields (e.g. `user`, `priority`) join the request body.
+
+    With `prompt_ids` the prompt goes as token ids, so servers with different
+    tokenizer front ends still run exactly the same tokens.
+    """
     result = RequestResult(prompt_tokens=len(request.prompt_token_ids), expected_tokens=request.max_tokens)
     body: dict[str, Any] = {
         "model": model,
-        "prompt": request.prompt,
+        "prompt": list(request.prompt_token_ids) if prompt_ids else request.prompt,
         "max_tokens": request.max_tokens,
         "temperature": 0.0,
         "stream": True,
@@ -177,7 +182,7 @@ async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest], 
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
         model = args.model_name or (await client.get("/v1/models")).json()["data"][0]["id"]
         warmup = BenchRequest(WARMUP_PROMPT, count_tokens(WARMUP_PROMPT), 8)
-        warm = await stream_one(client, model, warmup, args.ignore_eos, count_tokens)
+        warm = await stream_one(client, model, warmup, args.ignore_eos, count_tokens, prompt_ids=args.prompt_ids)
         if not warm.ok:
             raise RuntimeError(f"warm-up request failed: {warm.error}")
 
@@ -187,7 +192,7 @@ async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest], 
 
         async def send(request: BenchRequest, at: float) -> RequestResult:
             await asyncio.sleep(max(0.0, at - (time.perf_counter() - start)))
-            result = await stream_one(client, model, request, args.ignore_eos, count_tokens)
+            result = await stream_one(client, model, request, args.ignore_eos, count_tokens, prompt_ids=args.prompt_ids)
             bar.update(1)
             return result
 
@@ -211,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default=None, help="model id to send (default: the first of GET /v1/models)")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false", help="let requests stop at EOS")
+    parser.add_argument("--prompt-ids", action="store_true", help="send prompts as token ids instead of text")
     parser.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
     parser.add_argument("--tpot-slo", type=float, default=0.2, help="seconds")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout, seconds")

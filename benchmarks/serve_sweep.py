@@ -1,14 +1,18 @@
-"""Serving sweep: kvos's server and llama-cpp-python's, same requests, several request rates.
+"""Serving sweep: kvos's server beside llama.cpp's servers, same requests, several request rates.
 
-For every rate each server is started fresh (so no run inherits another's
-queue or cache), warmed up, replayed the same ShareGPT requests by
-`benchmarks.serve` and stopped. The table puts the two side by side per rate:
-output tokens/s, goodput under the SLOs, p50/p99 TTFT and TPOT, and the
-kvos / llama.cpp ratios. At the saturating rate (inf) it also prints each
-server's % of the roofline limit for the same requests.
+Peers: llama.cpp's own C++ `llama-server` (continuous batching over `-np`
+parallel slots; `--llama-server PATH`) and llama-cpp-python's server (one
+request at a time). For every rate each server is started fresh (so no run
+inherits another's queue or prompt cache: both keep a prompt's KV), warmed
+up, replayed the same ShareGPT requests by `benchmarks.serve` as token ids,
+and stopped. The table puts them side by side per rate: output tokens/s,
+goodput under the SLOs, p50/p99 TTFT and TPOT, idle and peak resident
+memory, and the kvos / peer ratios. At the saturating rate (inf) it also
+prints each server's % of the roofline limit for the same requests.
 
 Usage: python -m benchmarks.serve_sweep [--rates 1,2,4,inf] [--num-requests 200]
-           [--kvos-args "--quantization int4 --compile"] [--json out.json]
+           [--servers kvos,llama-server] [--llama-server PATH --llama-server-np 16]
+           [--kvos-args "..."] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,11 +43,33 @@ from benchmarks.peers import (
 from benchmarks.roofline import ArchShape, Roofline, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import sample_requests
 
-SERVERS = ("kvos", "llama.cpp")
-KVOS_WEIGHT_BYTES = {"float32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+SERVERS = ("kvos", "llama-server", "llama-cpp-python")
+KVOS_WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+
+
+def llama_server_command(binary: str, gguf: Path, port: int, threads: int, slots: int, ctx_per_slot: int) -> list[str]:
+    """llama-server with its defaults plus 2 threads, continuous batching and `slots` parallel slots."""
+    return [
+        binary,
+        "-m",
+        str(gguf),
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "--cont-batching",
+        "-np",
+        str(slots),
+        "-c",
+        str(slots * ctx_per_slot),
+    ]
 
 
 def server_command(name: str, gguf: Path, port: int, args: argparse.Namespace) -> list[str]:
+    if name == "llama-server":
+        return llama_server_command(
+            args.llama_server, gguf, port, args.llama_cpp_threads, args.llama_server_np, args.ctx_per_slot
+        )
     if name == "kvos":
         return [
             sys.executable,
@@ -86,13 +112,26 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f}s")
 
 
-def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any) -> dict:
-    port = args.port + (0 if name == "kvos" else 1)
+def memory_mib(pid: int) -> dict[str, float]:
+    """Resident memory now and its high-water mark (Linux /proc), in MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields
+
+
+def run_server(
+    command: list[str], port: int, rate: float, args: argparse.Namespace, requests: list, count_tokens: Any, log: Path
+) -> dict:
+    """Start a fresh server, replay the requests at `rate`, stop it; the report adds idle and peak RSS."""
     url = f"http://127.0.0.1:{port}"
-    with open(Path(args.log_dir) / f"{name}-{rate}.log", "w", encoding="utf-8") as log:
-        process = subprocess.Popen(server_command(name, gguf, port, args), stdout=log, stderr=subprocess.STDOUT)
+    with open(log, "w", encoding="utf-8") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             wait_ready(url, process, args.start_timeout)
+            idle_rss = memory_mib(process.pid)["VmRSS"]
             client_args = serve.build_parser().parse_args(
                 [
                     url,
@@ -101,13 +140,15 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
                     "--seed",
                     str(args.seed),
                     "--no-progress",
+                    "--prompt-ids",
                     "--ttft-slo",
                     str(args.ttft_slo),
                     "--tpot-slo",
                     str(args.tpot_slo),
                 ]
             )
-            return asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            report = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            return report | {"idle_rss_mib": idle_rss, "peak_rss_mib": memory_mib(process.pid)["VmHWM"]}
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -116,42 +157,81 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
                 process.kill()
 
 
+def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any) -> dict:
+    port = args.port + SERVERS.index(name)
+    log = Path(args.log_dir) / f"{name}-{rate}.log"
+    return run_server(server_command(name, gguf, port, args), port, rate, args, requests, count_tokens, log)
+
+
 def format_rows(results: dict[str, dict[str, dict]], bounds: dict[str, float]) -> str:
     header = (
-        f"{'rate':>5} {'server':<10} {'tok/s':>7} {'goodput':>8} {'TTFT p50/p99 s':>15} "
-        f"{'TPOT p50/p99 ms':>16} {'% of limit':>10}"
+        f"{'rate':>5} {'server':<17} {'tok/s':>7} {'goodput':>8} {'TTFT p50/p99 s':>15} "
+        f"{'TPOT p50/p99 ms':>16} {'RSS idle/peak MiB':>18} {'% of limit':>10}"
     )
     lines = [header, "-" * len(header)]
     for rate, by_server in results.items():
         for name, r in by_server.items():
             limit = f"{percent_of_limit(r['duration_s'], bounds[name]):.1f}%" if rate == "inf" else "-"
             lines.append(
-                f"{rate:>5} {name:<10} {r['output_throughput']:>7.1f} {r['goodput']:>8.3f} "
+                f"{rate:>5} {name:<17} {r['output_throughput']:>7.1f} {r['goodput']:>8.3f} "
                 f"{r['ttft_ms']['p50'] / 1000:>7.2f}/{r['ttft_ms']['p99'] / 1000:<7.2f} "
-                f"{r['tpot_ms']['p50']:>7.1f}/{r['tpot_ms']['p99']:<8.1f} {limit:>10}"
+                f"{r['tpot_ms']['p50']:>7.1f}/{r['tpot_ms']['p99']:<8.1f} "
+                f"{r['idle_rss_mib']:>8.0f}/{r['peak_rss_mib']:<9.0f} {limit:>10}"
             )
-        if len(by_server) == 2:
-            k, p = by_server["kvos"], by_server["llama.cpp"]
+        k = by_server.get("kvos")
+        for peer, p in by_server.items():
+            if k is None or peer == "kvos":
+                continue
             lines.append(
-                f"{rate:>5} kvos/llama.cpp: throughput {k['output_throughput'] / p['output_throughput']:.2f}x, "
-                f"goodput {k['goodput']:.3f} vs {p['goodput']:.3f}, "
+                f"{rate:>5} kvos/{peer}: throughput {k['output_throughput'] / p['output_throughput']:.2f}x, "
+                f"goodput {k['goodput']:.3f} vs {p['goodput']:.3f} "
+                f"({k['goodput'] / p['goodput'] if p['goodput'] else math.inf:.2f}x), "
                 f"p99 TTFT {p['ttft_ms']['p99'] / k['ttft_ms']['p99']:.2f}x shorter"
             )
     return "\n".join(lines)
+
+
+def kvos_bound(shape: ArchShape, machine: Any, work: list[tuple[int, int]], kvos_args: str) -> float:
+    """kvos's roofline bound for these flags: weights in the GEMMs' format, KV in the compute dtype."""
+    flags = shlex.split(kvos_args)
+
+    def flag(name: str, default: str) -> str:
+        return flags[flags.index(name) + 1] if name in flags else default
+
+    dtype = flag("--dtype", "float32")
+    weights = flag("--quantization", dtype)
+    max_batch = int(flag("--max-num-seqs", "64"))
+    return (
+        Roofline.for_machine(shape, machine, kv_bytes_per_elem=KVOS_WEIGHT_BYTES[dtype])
+        .lower_bound_seconds(work, max_batch=max_batch, weight_bytes_per_param=KVOS_WEIGHT_BYTES[weights])
+        .total_s
+    )
+
+
+def llama_cpp_bound(shape: ArchShape, machine: Any, work: list[tuple[int, int]], gguf: Path, slots: int) -> float:
+    """llama.cpp reads the GGUF's quantized blocks (the file is almost all weights) and keeps KV in float16."""
+    return (
+        Roofline.for_machine(shape, machine, kv_bytes_per_elem=2)
+        .lower_bound_seconds(work, max_batch=slots, weight_bytes_per_param=gguf.stat().st_size / shape.num_params)
+        .total_s
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
     parser.add_argument("--rates", default="1,2,4,inf", help="comma-separated requests/s; inf = all at once")
-    parser.add_argument("--servers", default="kvos,llama.cpp")
+    parser.add_argument("--servers", default="kvos,llama-server", help=f"subset of {','.join(SERVERS)}")
     parser.add_argument("--num-requests", type=int, default=200)
     parser.add_argument("--max-prompt-tokens", type=int, default=512)
     parser.add_argument("--max-output-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ttft-slo", type=float, default=2.0, help="seconds")
     parser.add_argument("--tpot-slo", type=float, default=0.2, help="seconds")
-    parser.add_argument("--kvos-args", default="--quantization int4 --compile", help="extra `kvos serve` flags")
+    parser.add_argument("--kvos-args", default="", help="extra `kvos serve` flags (default: none, kvos's defaults)")
+    parser.add_argument("--llama-server", default=None, help="path of llama.cpp's llama-server binary")
+    parser.add_argument("--llama-server-np", type=int, default=16, help="llama-server's parallel slots (-np)")
+    parser.add_argument("--ctx-per-slot", type=int, default=1024, help="llama-server context per slot (-c = np x this)")
     parser.add_argument("--llama-cpp-threads", type=int, default=2)
     parser.add_argument("--port", type=int, default=8140)
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for a server")
@@ -164,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--servers must be a subset of {','.join(SERVERS)}, got {args.servers!r}")
     if any(r <= 0 for r in rates):
         parser.error("--rates must be > 0 (inf sends everything at once)")
-    if "llama.cpp" in servers and llama_cpp_version() is None:
+    if "llama-cpp-python" in servers and llama_cpp_version() is None:
         parser.error("llama-cpp-python is not installed (pip install llama-cpp-python; benchmarks only)")
+    if "llama-server" in servers and (args.llama_server is None or not Path(args.llama_server).is_file()):
+        parser.error("--llama-server must name llama.cpp's llama-server binary (see BENCHMARKS.md for the build)")
 
     gguf = resolve_gguf(args.model)
     tokenizer = load_tokenizer(gguf)
@@ -179,20 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     machine = load_or_measure("cpu")
     shape = ArchShape.from_any(arch_from_gguf(gguf))
     work = [(len(r.prompt_token_ids), r.max_tokens) for r in requests]
-    kvos_flags = shlex.split(args.kvos_args)
-    kvos_format = kvos_flags[kvos_flags.index("--quantization") + 1] if "--quantization" in kvos_flags else "float32"
     bounds = {
-        # kvos runs up to 64 sequences at once; llama-cpp-python's server one request at a time.
-        "kvos": Roofline.for_machine(shape, machine, kv_bytes_per_elem=4)
-        .lower_bound_seconds(work, max_batch=64, weight_bytes_per_param=KVOS_WEIGHT_BYTES[kvos_format])
-        .total_s,
-        "llama.cpp": Roofline.for_machine(shape, machine, kv_bytes_per_elem=2)
-        .lower_bound_seconds(work, max_batch=1, weight_bytes_per_param=gguf.stat().st_size / shape.num_params)
-        .total_s,
+        "kvos": kvos_bound(shape, machine, work, args.kvos_args),
+        "llama-server": llama_cpp_bound(shape, machine, work, gguf, args.llama_server_np),
+        "llama-cpp-python": llama_cpp_bound(shape, machine, work, gguf, 1),  # one request at a time
     }
     print(
         f"serve sweep: {gguf.name}, {len(requests)} ShareGPT requests, rates {args.rates}, "
-        f"kvos flags {args.kvos_args!r}, llama-cpp-python {llama_cpp_version()} n_threads={args.llama_cpp_threads}"
+        f"kvos flags {args.kvos_args!r}, llama-server -np {args.llama_server_np}, "
+        f"llama-cpp-python {llama_cpp_version()}, llama.cpp threads {args.llama_cpp_threads}"
     )
     load_before = os.getloadavg()[0]
     results: dict[str, dict[str, dict]] = {}
