@@ -79,6 +79,16 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def skip_decode_steps(self, num_steps: int) -> None:
+        """Count `num_steps` pure decode steps applied outside `schedule` (the simulator's decode runs).
+
+        Step ids advance as if each had been planned (the priority policy's
+        quantum is counted in steps), and requests ended before them count as
+        handed to the worker, as the first of those plans would have done.
+        """
+        self._step_id += num_steps
+        self._finished_ids = []
+
     # -- planning -----------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:

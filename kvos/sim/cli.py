@@ -8,9 +8,9 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from kvos.config import SCHEDULING_POLICIES, SchedulerConfig
+from kvos.config import SCHEDULING_POLICIES, SchedulerConfig, SchedulingPolicyName
 from kvos.sim.repo import benchmarks
 
 logger = logging.getLogger(__name__)
@@ -34,13 +34,26 @@ def add_sim_parser(sub: Any) -> None:
     run.add_argument("--plot", type=Path, default=None, help="write goodput against rate here (PNG)")
     run.set_defaults(func=cmd_run)
 
-    plan = commands.add_parser("plan", help="fewest colocated instances that meet the SLOs at a rate")
+    plan = commands.add_parser(
+        "plan", help="fewest instances that meet the SLOs at a rate, per layout, router and policy"
+    )
     _add_model_args(plan)
     _add_workload_args(plan)
-    _add_fleet_args(plan)
+    _add_fleet_args(plan, several=True)
     plan.add_argument("--rate", type=float, required=True, help="requests/s offered to the whole fleet")
     plan.add_argument("--attainment", type=float, default=0.9, help="fraction of requests that must meet both SLOs")
     plan.add_argument("--max-instances", type=int, default=4096)
+    plan.add_argument(
+        "--disaggregated", action="store_true", help="also size prefill/decode-disaggregated fleets (needs a link)"
+    )
+    plan.add_argument("--link-bandwidth", type=float, default=None, help="disaggregation: KV link, bytes/s")
+    plan.add_argument("--link-latency", type=float, default=0.0, help="disaggregation: per transfer, seconds")
+    plan.add_argument(
+        "--kv-bytes-per-token",
+        type=int,
+        default=None,
+        help="disaggregation: KV bytes per token (default: the profile's engine, or --arch at --dtype)",
+    )
     plan.add_argument("--json", type=Path, default=None)
     plan.set_defaults(func=cmd_plan)
 
@@ -49,7 +62,12 @@ def add_sim_parser(sub: Any) -> None:
     profile = commands.add_parser("profile", help="time this machine's real engine steps and fit a step-time model")
     add_engine_args(profile)
     profile.add_argument("--out", type=Path, required=True, help="profile JSON to write")
-    profile.add_argument("--smoke", action="store_true", help="a tiny grid, one repeat: checks the command works")
+    profile.add_argument(
+        "--grid",
+        choices=["full", "quick", "smoke"],
+        default="full",
+        help="points timed: full (76), quick (27, for validation runs) or smoke (14, one repeat: a plumbing check)",
+    )
     profile.set_defaults(func=cmd_profile)
 
 
@@ -79,14 +97,23 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tpot-slo", type=float, default=0.2, help="seconds")
 
 
-def _add_fleet_args(parser: argparse.ArgumentParser) -> None:
+def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
+    """Fleet flags; with `several`, --router and --scheduling-policy take comma-separated lists to compare."""
+    from kvos.sim.router import ROUTERS
+
     d = SchedulerConfig()
     group = parser.add_argument_group("fleet (instance sizes default to the profile's engine)")
-    group.add_argument("--num-instances", type=int, default=1)
-    group.add_argument("--router", choices=["round_robin", "least_load"], default="round_robin")
+    if several:
+        group.add_argument("--router", default="round_robin", help=f"comma-separated, of {', '.join(ROUTERS)}")
+        group.add_argument(
+            "--scheduling-policy", default=d.policy, help=f"comma-separated, of {', '.join(SCHEDULING_POLICIES)}"
+        )
+    else:
+        group.add_argument("--num-instances", type=int, default=1)
+        group.add_argument("--router", choices=list(ROUTERS), default="round_robin")
+        group.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=d.policy)
     group.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     group.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
-    group.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=d.policy)
     group.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache size per instance, tokens")
     group.add_argument("--max-model-len", type=int, default=None)
 
@@ -102,12 +129,12 @@ def _profile_engine(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def make_step_model(args: argparse.Namespace) -> Any:
-    from kvos.sim.step_model import HardwareSpec, Profile, calibrate_roofline, linear_from_profile, roofline_for
+    from kvos.sim.step_model import HardwareSpec, Profile, calibrate_roofline, fit_overhead, roofline_for
 
     if (args.profile is None) == (args.hardware is None):
         raise ValueError("give exactly one step-time model: --profile PROFILE.json or --hardware HARDWARE.json")
     if args.profile is not None:
-        return linear_from_profile(args.profile)
+        return Profile.load(args.profile).step_model()
     weight_bytes: float = DTYPE_BYTES[args.dtype]
     if args.quantization is not None:
         weight_bytes = benchmarks("serve_sweep").KVOS_WEIGHT_BYTES[args.quantization]
@@ -115,8 +142,13 @@ def make_step_model(args: argparse.Namespace) -> Any:
         _arch(args.arch), HardwareSpec.from_json(args.hardware), args.dtype, weight_bytes, DTYPE_BYTES[args.dtype]
     )
     if args.calibrate is not None:
-        model, error = calibrate_roofline(model, Profile.load(args.calibrate).samples)
+        profile = Profile.load(args.calibrate)
+        model, error = calibrate_roofline(model, profile.samples)
         logger.info("roofline calibrated on %s: %s", args.calibrate, error)
+        if profile.served:
+            served, error = fit_overhead(model, profile.served)
+            logger.info("serving overhead fitted on %s: %s", args.calibrate, error)
+            return served
     return model
 
 
@@ -128,14 +160,16 @@ def _arch(source: str | None) -> Any:
     return roofline.ArchShape.from_any(peers.arch_from_gguf(peers.resolve_gguf(source)))
 
 
-def make_fleet(args: argparse.Namespace, num_instances: int | None = None) -> Any:
+def make_fleet(
+    args: argparse.Namespace, num_instances: int | None = None, router: str | None = None, policy: str | None = None
+) -> Any:
     from kvos.sim.simulator import FleetConfig, InstanceConfig
 
     engine = _profile_engine(args)
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
-        policy=args.scheduling_policy,
+        policy=cast(SchedulingPolicyName, policy or args.scheduling_policy),
     )
     instance = InstanceConfig(
         scheduler=scheduler,
@@ -144,7 +178,7 @@ def make_fleet(args: argparse.Namespace, num_instances: int | None = None) -> An
         block_size=engine.get("block_size", InstanceConfig.block_size),
         max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
     )
-    return FleetConfig(instance, num_instances or args.num_instances, args.router)
+    return FleetConfig(instance, num_instances or int(getattr(args, "num_instances", 1)), router or args.router)
 
 
 def make_requests(args: argparse.Namespace, rate: float) -> list[Any]:
@@ -214,16 +248,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(text: str, known: Any, flag: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise ValueError(f"{flag} takes comma-separated names of {', '.join(known)}, got {text!r}")
+    return names
+
+
+def _link(args: argparse.Namespace) -> Any:
+    from kvos.sim.disagg import LinkModel
+
+    if args.link_bandwidth is None:
+        raise ValueError("--disaggregated needs --link-bandwidth (bytes/s of the prefill-to-decode KV link)")
+    kv_bytes = args.kv_bytes_per_token or _profile_engine(args).get("kv_bytes_per_token")
+    if kv_bytes is None:
+        kv_bytes = _arch(args.arch).kv_bytes_per_token(DTYPE_BYTES[args.dtype])
+    return LinkModel(args.link_bandwidth, int(kv_bytes), args.link_latency)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kvos.sim.planner import SLO, plan_instances
+    from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
+    from kvos.sim.router import ROUTERS
 
     if not args.rate > 0:
         raise ValueError(f"--rate must be > 0, got {args.rate}")
     slo = SLO(args.ttft_slo, args.tpot_slo, args.attainment)
-    result = plan_instances(
-        make_fleet(args), make_step_model(args), make_requests(args, args.rate), slo, args.max_instances
-    )
-    report = {"rate": args.rate, "slo": _jsonable(slo), **result.to_json()}
+    routers = _names(args.router, ROUTERS, "--router")
+    policies = _names(args.scheduling_policy, SCHEDULING_POLICIES, "--scheduling-policy")
+    link = _link(args) if args.disaggregated else None
+    step_model = make_step_model(args)
+    requests = make_requests(args, args.rate)
+    plans: list[dict[str, Any]] = []
+    for router in routers:
+        for policy in policies:
+            fleet = make_fleet(args, router=router, policy=policy)
+            for layout in ("colocated", "disaggregated") if link is not None else ("colocated",):
+                entry: dict[str, Any] = {"layout": layout, "router": router, "policy": policy}
+                try:
+                    if link is None or layout == "colocated":
+                        entry |= plan_instances(fleet, step_model, requests, slo, args.max_instances).to_json()
+                    else:
+                        entry |= plan_disaggregated(
+                            fleet, link, step_model, requests, slo, args.max_instances
+                        ).to_json()
+                except ValueError as exc:  # no fleet within --max-instances: say so, keep comparing
+                    entry |= {"num_instances": None, "error": str(exc)}
+                plans.append(entry)
+                tiers = entry.get("num_prefill"), entry.get("num_decode")
+                split = f" = {tiers[0]} prefill + {tiers[1]} decode" if tiers[0] is not None else ""
+                print(
+                    f"{layout:>13} {router:>11} {policy:>8}: {entry['num_instances']} instances{split}", file=sys.stderr
+                )
+    sized = [p for p in plans if p["num_instances"] is not None]
+    best = min(sized, key=lambda p: p["num_instances"]) if sized else None
+    report = {
+        "rate": args.rate,
+        "slo": _jsonable(slo),
+        "link": _jsonable(link) if link is not None else None,
+        "best": {k: best[k] for k in ("layout", "router", "policy", "num_instances")} if best else None,
+        "plans": plans,
+    }
     text = json.dumps(report, indent=2)
     print(text)
     if args.json is not None:
@@ -234,10 +319,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from kvos.config import EngineConfig
     from kvos.entrypoints.cli import engine_options
-    from kvos.sim.profile import SMOKE_GRID, ProfileGrid, profile_engine
+    from kvos.sim.profile import GRIDS, profile_engine
 
-    grid = SMOKE_GRID if args.smoke else ProfileGrid()
-    profile = profile_engine(EngineConfig.from_kwargs(**engine_options(args)), grid)
+    profile = profile_engine(EngineConfig.from_kwargs(**engine_options(args)), GRIDS[args.grid])
     report = profile.to_json()
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     error = report["fit_error"]

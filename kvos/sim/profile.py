@@ -5,8 +5,9 @@ is built by hand: B decodes, each one new token after L computed ones, then
 (if T > 0) one prompt chunk of T tokens, placed in blocks the engine's own
 paged KV books hand out. The real `Worker` runs it once to warm up (and to
 compile, with `compile=True`), then `repeats` more times; the median is the
-sample. Only `Worker.execute` is timed: the scheduler's and front end's own
-time per step is not in the model (see docs/simulator.md).
+sample. Only `Worker.execute` is timed here: the scheduler's and front
+end's own time per step is measured separately, on a served run
+(`benchmarks.profile_serving`), and added to the same profile.
 """
 
 from __future__ import annotations
@@ -65,7 +66,12 @@ class ProfileGrid:
         return max(self.prefill_tokens) + max(self.decode_batch_sizes) * (max(self.contexts) + 1)
 
 
+QUICK_GRID = ProfileGrid(
+    prefill_tokens=(0, 64, 256, 512), decode_batch_sizes=(0, 1, 8, 32), contexts=(64, 512), repeats=3
+)
+"""27 points: about a fifth of the full grid's time, for a validation run that must fit in minutes."""
 SMOKE_GRID = ProfileGrid(prefill_tokens=(0, 16, 48), decode_batch_sizes=(0, 1, 4), contexts=(16, 32), repeats=1)
+GRIDS = {"full": ProfileGrid(), "quick": QUICK_GRID, "smoke": SMOKE_GRID}
 
 
 def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
@@ -85,7 +91,7 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         points = grid.points()
         for n, (t, b, length) in enumerate(points, 1):
             seconds = _time_point(core, t, b, length, grid.repeats, step_id=n)
-            shape = StepShape(t, t * t, b, b * (length + 1))
+            shape = StepShape(t, t * t, b, b * (length + 1), int(t > 0))
             samples.append((shape, seconds))
             logger.info(
                 "point %d/%d: prefill %d, decodes %d x context %d: %.2f ms",

@@ -13,10 +13,29 @@ kvos's own `Scheduler` over a `PagedKVCacheManager`; the
 order of calls is `EngineCore.step`'s (including its flush of ended
 requests when nothing is left), so the plans are the ones the engine would
 make given the same arrivals and step times.
+
+Decode runs (the fast path). Most steps change nothing the scheduler
+decides on: every running request decodes one token, nobody waits, nobody
+finishes, and the KV pool has blocks to spare. For such a state the next k
+steps are known in advance: the same requests, one token each, the step
+times from the model, new blocks at block boundaries. The instance then
+takes them as one event (`DecodeRun`): k is capped at the step before the
+first request finishes and at what the free blocks cover; an arrival
+routed to the instance mid-run cuts the run at the first step boundary at
+or after it, where the one-by-one engine would have taken it in. Applying
+a run makes the same calls on the real books as the steps would (blocks
+taken from `allocate_slots` in step order, the full blocks published) and
+advances the scheduler's step counter; the next step that could decide
+something (a finish, an admission, a preemption) runs through
+`Scheduler.schedule` as before. Only policies whose queue and accounting
+ignore pure decode steps with an empty queue qualify (`FAST_POLICIES`);
+`tests/sim` checks that runs and one-by-one steps give the same plans and
+times.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import time
@@ -31,12 +50,31 @@ from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sampling_params import SamplingParams
 from kvos.sim.router import make_router
-from kvos.sim.step_model import StepTimeModel
-from kvos.sim.worker import SimWorker
+from kvos.sim.step_model import StepShape, StepTimeModel
+from kvos.sim.worker import SIM_TOKEN_ID, SimWorker
 from kvos.sim.workload import SimRequest
 
 MAX_EMPTY_STEPS = 1000
 """Consecutive steps that plan nothing while requests wait: the scheduler is stuck, not slow."""
+
+FAST_POLICIES = frozenset({"fcfs", "priority"})
+"""Policies for which a pure decode step with nobody waiting changes no queue state: their `on_step` does
+nothing and `displace` needs a waiting head. (The fair policy counts every decoded token as service.)"""
+
+MIN_DECODE_RUN = 2
+"""Shorter runs take the ordinary path: one step gains nothing from the bookkeeping."""
+
+
+@dataclass
+class DecodeRun:
+    """Steps 1..k of a stretch of pure decodes, taken as one event; `ends[j-1]` is when step j ends."""
+
+    start_s: float
+    requests: list[Request]
+    ends: list[float]
+    seconds: list[float]
+    context0: list[int]
+    """Each request's computed tokens before the run."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +115,7 @@ class FleetConfig:
 class SimInstance:
     """One engine: the real scheduler and KV books, the simulated worker."""
 
-    def __init__(self, config: InstanceConfig, step_model: StepTimeModel) -> None:
+    def __init__(self, config: InstanceConfig, step_model: StepTimeModel, decode_runs: bool = True) -> None:
         self.kv = PagedKVCacheManager(
             num_blocks=config.kv_capacity_tokens // config.block_size,
             block_size=config.block_size,
@@ -87,8 +125,16 @@ class SimInstance:
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, frozenset(), config.max_model_len)
         self.worker = SimWorker(step_model)
-        self.inbox: list[Request] = []
+        self.step_model = step_model
+        self.decode_runs = decode_runs and config.scheduler.policy in FAST_POLICIES
+        self.inbox: list[tuple[Request, int]] = []
+        """Arrivals since the last step began, each with the tokens of KV it brings (disaggregation), or 0."""
         self.in_flight: tuple[StepPlan, StepOutput] | None = None
+        self.run: DecodeRun | None = None
+        """A decode run in flight instead of a step."""
+        self.version = 0
+        """Bumped when the instance's pending event moves (a run cut short): older heap entries are stale."""
+        self.num_runs = 0
         self.waking = False
         """An arrival found it idle: its next step starts once every arrival of that instant is in."""
         self.num_steps = 0
@@ -97,11 +143,19 @@ class SimInstance:
 
     def start_step(self, now: float) -> float | None:
         """Take the inbox, plan and run a step from `now`: when it ends, or None with nothing to do."""
-        for request in self.inbox:
+        for request, num_kv_tokens in self.inbox:
+            if num_kv_tokens:
+                self._import_kv(request, num_kv_tokens)
             self.scheduler.add(request)
         self.inbox.clear()
         if not self.scheduler.has_unfinished():
             return None
+        if self.decode_runs:
+            run = self._plan_decode_run(now)
+            if run is not None:
+                self.run = run
+                self.num_runs += 1
+                return run.ends[-1]
         plan = self.scheduler.schedule()
         if plan.is_empty:
             self._num_empty_steps += 1
@@ -114,6 +168,134 @@ class SimInstance:
         self.in_flight = (plan, self.worker.execute(plan))
         self.num_steps += 1
         return self.worker.clock_s
+
+    def _import_kv(self, request: Request, num_tokens: int) -> None:
+        """KV computed elsewhere lands here: its full blocks become cached blocks of the request's prefix.
+
+        Through the real books (allocate, publish, free), so the scheduler
+        admits the request with prefix hits as it would any cached prefix,
+        and memory pressure may evict them first. No room: nothing lands, the
+        request recomputes.
+        """
+        kv = self.kv
+        if kv.allocate_slots(request, num_tokens) is None:
+            return
+        kv.publish(request, num_tokens)
+        kv.free(request)
+        kv.end_step()
+
+    # -- decode runs ----------------------------------------------------------------
+
+    def _plan_decode_run(self, now: float) -> DecodeRun | None:
+        """The longest stretch of steps from `now` in which nothing the scheduler decides can change, or None.
+
+        Holds while: nobody waits (so nobody is admitted or displaces anyone),
+        every running request computes exactly one token (its last sampled
+        one) and none ends before the run's last step has passed (the sampled
+        token is never a stop token: simulated requests ignore EOS), all fit
+        the step's token budget, no request shares a written block (no n > 1
+        fork), and the free blocks cover every block boundary in the run (no
+        preemption). The run stops one step before the first finish, which
+        then runs as an ordinary step.
+        """
+        scheduler = self.scheduler
+        running = scheduler.running
+        if len(scheduler.waiting) or not running or len(running) > scheduler.config.max_num_batched_tokens:
+            return None
+        max_len = scheduler.max_model_len
+        eos = scheduler.eos_token_ids
+        num_steps = 1 << 30
+        context0 = []
+        for request in running:
+            computed = request.num_computed_tokens
+            num_tokens = request.num_tokens
+            params = request.params
+            if num_tokens - computed != 1 or request.fork_of is not None or params.n != 1:
+                return None
+            if SIM_TOKEN_ID in params.stop_token_ids or (not params.ignore_eos and SIM_TOKEN_ID in eos):
+                return None
+            # Step j appends the j-th token; the request ends at the step where either limit is reached.
+            ends_at = min(params.max_tokens - len(request.output_token_ids), max_len - num_tokens)
+            num_steps = min(num_steps, ends_at - 1)
+            context0.append(computed)
+        if num_steps < MIN_DECODE_RUN:
+            return None
+        num_steps = min(num_steps, self._steps_memory_covers(running, context0, num_steps))
+        if num_steps < MIN_DECODE_RUN:
+            return None
+        num_decodes = len(running)
+        context = sum(context0)
+        model = self.step_model
+        ends, seconds = [], []
+        clock = now
+        for j in range(1, num_steps + 1):
+            step = model.step_seconds(StepShape(0, 0, num_decodes, context + j * num_decodes, 0))
+            clock += step
+            seconds.append(step)
+            ends.append(clock)
+        return DecodeRun(now, list(running), ends, seconds, context0)
+
+    def _steps_memory_covers(self, running: list[Request], context0: list[int], num_steps: int) -> int:
+        """How many of the next `num_steps` decode steps the free blocks cover (new blocks at block boundaries)."""
+        kv = self.kv
+        bs = kv.block_size
+        free = kv.num_free_blocks
+        boundaries: list[int] = []
+        for request, computed in zip(running, context0):
+            # Step j writes position computed + j - 1; it needs a block when that position is past the table.
+            first = len(kv.block_table(request)) * bs - computed + 1
+            boundaries.extend(range(first, num_steps + 1, bs))
+        if len(boundaries) <= free:
+            return num_steps
+        boundaries.sort()
+        return boundaries[free] - 1
+
+    def cut_run(self, arrival_s: float) -> float | None:
+        """An arrival during the run: keep the steps up to the first boundary at or after it; the new end if moved."""
+        run = self.run
+        assert run is not None
+        keep = bisect.bisect_left(run.ends, arrival_s) + 1
+        if keep >= len(run.ends):
+            return None
+        del run.ends[keep:]
+        del run.seconds[keep:]
+        self.version += 1
+        return run.ends[-1]
+
+    def finish_run(self) -> DecodeRun:
+        """Apply the run: the state `len(run.ends)` decode steps leave the scheduler and the KV books in."""
+        run = self.run
+        assert run is not None
+        self.run = None
+        num_steps = len(run.ends)
+        kv, scheduler = self.kv, self.scheduler
+        bs = kv.block_size
+        # New blocks in the order the steps would take them: by step, then by place in the batch.
+        needs: list[tuple[int, int]] = []
+        for position, (request, computed) in enumerate(zip(run.requests, run.context0)):
+            first = len(kv.block_table(request)) * bs - computed + 1
+            needs.extend((j, position) for j in range(first, num_steps + 1, bs))
+        needs.sort()
+        for j, position in needs:
+            request = run.requests[position]
+            request.num_computed_tokens = run.context0[position] + j - 1
+            if kv.allocate_slots(request, 1) is None:
+                raise RuntimeError("a decode run ran out of KV blocks its plan counted on")
+            kv.end_step()
+        tokens = [SIM_TOKEN_ID] * num_steps
+        for request, computed in zip(run.requests, run.context0):
+            request.num_computed_tokens = computed + num_steps
+            request.output_token_ids.extend(tokens)
+            kv.publish(request, computed + num_steps)
+        scheduler.skip_decode_steps(num_steps)
+        kv.drain_events()
+        self.peak_used_blocks = max(self.peak_used_blocks, kv.num_used_blocks)
+        self.num_steps += num_steps
+        self._num_empty_steps = 0
+        for seconds in run.seconds:
+            self.worker.busy_s += seconds
+        self.worker.clock_s = run.ends[-1]
+        return run
 
     def finish_step(self) -> list[SequenceUpdate]:
         """Apply the step in flight, as `EngineCore.step` does after the worker returns."""
@@ -130,7 +312,7 @@ class SimInstance:
 
     @property
     def busy(self) -> bool:
-        return self.in_flight is not None or self.waking
+        return self.in_flight is not None or self.waking or self.run is not None
 
 
 @dataclass
@@ -166,9 +348,11 @@ class SimResult:
 class Simulator:
     """Runs requests through a fleet of simulated instances."""
 
-    def __init__(self, config: FleetConfig, step_model: StepTimeModel) -> None:
+    def __init__(self, config: FleetConfig, step_model: StepTimeModel, decode_runs: bool = True) -> None:
+        """`decode_runs=False` steps every instance one step at a time (the reference the fast path is tested on)."""
         self.config = config
         self.step_model = step_model
+        self.decode_runs = decode_runs
         self._params: dict[int, SamplingParams] = {}
 
     def _sampling_params(self, max_tokens: int) -> SamplingParams:
@@ -182,7 +366,9 @@ class Simulator:
         if any(b.arrival_s < a.arrival_s for a, b in zip(requests, requests[1:])):
             raise ValueError("requests must be sorted by arrival_s")
         config = self.config
-        instances = [SimInstance(config.instance, self.step_model) for _ in range(config.num_instances)]
+        instances = [
+            SimInstance(config.instance, self.step_model, self.decode_runs) for _ in range(config.num_instances)
+        ]
         router = make_router(config.router, config.num_instances)
         times = RequestTimes()
         nan = math.nan
@@ -194,7 +380,8 @@ class Simulator:
         times.last_token_s.extend([nan] * n)
         times.num_output_tokens.extend([0] * n)
         max_len = config.instance.max_model_len
-        ends: list[tuple[float, int]] = []
+        ends: list[tuple[float, int, int]] = []
+        """(when, instance, its version then): each instance's next step end, wake-up or run end."""
         start_wall = time.perf_counter()
         num_events = 0
         i = 0
@@ -222,17 +409,27 @@ class Simulator:
                     priority=spec.priority,
                     tenant=spec.tenant,
                 )
-                instance.inbox.append(request)
+                instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
                 i += 1
-                if not instance.busy:
+                if instance.run is not None:
+                    # The engine would take it in at the first step boundary from now: the run stops there.
+                    moved = instance.cut_run(now)
+                    if moved is not None:
+                        heapq.heappush(ends, (moved, index, instance.version))
+                elif not instance.busy:
                     # Start at this instant, but after every arrival of the same instant: the engine
                     # drains all queued requests before it steps.
                     instance.waking = True
-                    heapq.heappush(ends, (now, index))
+                    heapq.heappush(ends, (now, index, instance.version))
                 continue
             else:
-                now, index = heapq.heappop(ends)
+                now, index, version = heapq.heappop(ends)
                 instance = instances[index]
+                if version != instance.version:
+                    num_events -= 1  # superseded by a cut run's earlier end
+                    continue
+                if instance.run is not None:
+                    self._record_run(instance.finish_run(), times)
                 for update in instance.finish_step():
                     k = int(update.req_id)
                     if update.new_token_ids:
@@ -247,5 +444,21 @@ class Simulator:
                         router.on_finish(index)
             end = instance.start_step(now)
             if end is not None:
-                heapq.heappush(ends, (end, index))
+                heapq.heappush(ends, (end, index, instance.version))
         return SimResult(times, instances, time.perf_counter() - start_wall, num_events)
+
+    @staticmethod
+    def _record_run(run: DecodeRun, times: RequestTimes) -> None:
+        """Every request of the run got one token at each step's end."""
+        ends = run.ends
+        num_steps = len(ends)
+        gaps = [b - a for a, b in zip(ends, ends[1:])]
+        for request in run.requests:
+            k = int(request.req_id)
+            if times.num_output_tokens[k] == 0:
+                times.first_token_s[k] = ends[0]
+            else:
+                times.itl_s.append(ends[0] - times.last_token_s[k])
+            times.itl_s.extend(gaps)
+            times.last_token_s[k] = ends[-1]
+            times.num_output_tokens[k] += num_steps

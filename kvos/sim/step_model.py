@@ -1,14 +1,15 @@
 """How long one engine step takes: the only thing the simulator models.
 
-A step is summarised by four numbers (`StepShape`), enough for DistServe's
-forms and for a roofline:
+A step is summarised by `StepShape`: four numbers enough for DistServe's
+forms and for a roofline, and the count the serving overhead depends on:
 
     P  prefill tokens    tokens of requests computing more than one token (prompt chunks)
     Q  attention pairs   sum over those chunks of chunk x (computed + chunk): query-key pairs, DistServe's tokens^2
     D  decodes           requests computing one token
     C  decode context    keys those decodes attend, summed
+    R  prefill chunks    requests computing more than one token (so R + D requests are in the step)
 
-Two models, one interface (`StepTimeModel.step_seconds`):
+Models, one interface (`StepTimeModel.step_seconds`):
 
 - `LinearStepModel`, fitted to profiled steps (`fit_linear`): one joint
   least-squares fit over prefill-only, decode-only and mixed steps,
@@ -24,6 +25,11 @@ Two models, one interface (`StepTimeModel.step_seconds`):
 - `RooflineStepModel`: FLOPs at peak and bytes at bandwidth from a hardware
   description and the model's shape, each divided by an efficiency that a
   profile on that hardware measures (`calibrate_roofline`).
+- `ServedStepModel`: either of those plus `ServingOverhead`, the time a
+  served step spends outside `Worker.execute` (scheduler, output
+  processing, detokenizing, the async engine's hand-offs, HTTP/SSE work on
+  the same cores), `a + b*(R + D)`, fitted by `fit_overhead` to the
+  steps of a profiled `kvos serve` run (`benchmarks.profile_serving`).
 """
 
 from __future__ import annotations
@@ -50,19 +56,21 @@ class StepShape:
     attention_pairs: int = 0
     num_decodes: int = 0
     decode_context: int = 0
+    num_prefills: int = 0
 
     @classmethod
     def from_plan(cls, plan: StepPlan) -> StepShape:
-        prefill = pairs = decodes = context = 0
+        prefill = pairs = decodes = context = chunks = 0
         for s in plan.scheduled:
             n = len(s.new_token_ids)
             if n == 1:
                 decodes += 1
                 context += s.num_computed_tokens + 1
             else:
+                chunks += 1
                 prefill += n
                 pairs += n * (s.num_computed_tokens + n)
-        return cls(prefill, pairs, decodes, context)
+        return cls(prefill, pairs, decodes, context, chunks)
 
 
 class StepTimeModel(Protocol):
@@ -166,6 +174,62 @@ def fit_linear(samples: Sequence[tuple[StepShape, float]]) -> tuple[LinearStepMo
     coefficients, *_ = np.linalg.lstsq(design * weights[:, None], times * weights, rcond=None)
     model = LinearStepModel(*(float(c) for c in coefficients))
     return model, fit_error(model, samples)
+
+
+# -- serving overhead -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServingOverhead:
+    """Seconds a served step spends outside the worker: per step and per request in it.
+
+    Per request rather than per streamed token: nearly every scheduled
+    request samples (all but the non-final chunks of a long prompt), so the
+    two counts are too collinear to fit apart.
+    """
+
+    per_step: float
+    per_sequence: float
+
+    def seconds(self, shape: StepShape) -> float:
+        return self.per_step + self.per_sequence * (shape.num_prefills + shape.num_decodes)
+
+
+@dataclass(frozen=True)
+class ServedStepModel:
+    """A worker step-time model plus the serving overhead: what one iteration of `kvos serve`'s engine loop takes."""
+
+    worker: StepTimeModel
+    overhead: ServingOverhead
+
+    def step_seconds(self, shape: StepShape) -> float:
+        return max(self.worker.step_seconds(shape) + self.overhead.seconds(shape), MIN_STEP_S)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "served", "worker": self.worker.describe(), "overhead": asdict(self.overhead)}
+
+
+def fit_overhead(worker: StepTimeModel, served: Sequence[tuple[StepShape, float]]) -> tuple[ServedStepModel, FitError]:
+    """Fit `ServingOverhead` to served steps (shape, seconds from one step's start to the next).
+
+    The target is what the worker model does not explain: served seconds
+    minus `worker`'s prediction. That residual holds the scheduler and front
+    end's own time and also the worker's slowdown from sharing the cores with
+    them, which is what the simulator must add. Weighted by 1/time, as
+    `fit_linear` is. The error reported is the whole served model's against
+    the served steps.
+    """
+    if len(served) < 3:
+        raise ValueError(f"served must hold at least 3 steps to fit the overhead, got {len(served)}")
+    if any(not t > 0 for _, t in served):
+        raise ValueError("served steps must have measured times > 0")
+    design = np.array([[1.0, float(s.num_prefills + s.num_decodes)] for s, _ in served])
+    times = np.array([t for _, t in served])
+    residual = times - np.array([worker.step_seconds(s) for s, _ in served])
+    weights = 1.0 / times
+    coefficients, *_ = np.linalg.lstsq(design * weights[:, None], residual * weights, rcond=None)
+    model = ServedStepModel(worker, ServingOverhead(*(float(c) for c in coefficients)))
+    return model, fit_error(model, served)
 
 
 # -- roofline ---------------------------------------------------------------------------
@@ -298,36 +362,70 @@ class Profile:
     samples: tuple[tuple[StepShape, float], ...]
     engine: dict[str, Any]
     """model, dtype, quantization, compile, kv bytes per token, KV capacity, max context, machine."""
+    served: tuple[tuple[StepShape, float], ...] = ()
+    """Steps of a profiled `kvos serve` run (start to next start), for the serving overhead; empty: none taken."""
+    serving: dict[str, Any] | None = None
+    """How the served steps were taken (rates, requests) and where their time went, for reports."""
 
     def to_json(self) -> dict[str, Any]:
         model, error = fit_linear(self.samples)
-        return {
+        data: dict[str, Any] = {
             "engine": self.engine,
             "fit": {"form": "joint linear (see kvos.sim.step_model)", **asdict(model)},
             "fit_error": asdict(error),
-            "samples": [{**asdict(shape), "seconds": t} for shape, t in self.samples],
+            "samples": [_sample_json(shape, t) for shape, t in self.samples],
         }
+        if self.served:
+            served, served_error = fit_overhead(model, self.served)
+            data["serving"] = {
+                **(self.serving or {}),
+                "overhead_fit": {"form": "a + b*(R + D) (see kvos.sim.step_model)", **asdict(served.overhead)},
+                "fit_error": asdict(served_error),
+                "steps": [_sample_json(shape, t) for shape, t in self.served],
+            }
+        return data
+
+    def step_model(self) -> StepTimeModel:
+        """The fitted worker model, plus the serving overhead when served steps were profiled."""
+        model, _ = fit_linear(self.samples)
+        return fit_overhead(model, self.served)[0] if self.served else model
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
         data = json.loads(Path(path).read_text())
         try:
-            samples = tuple(
-                (
-                    StepShape(s["prefill_tokens"], s["attention_pairs"], s["num_decodes"], s["decode_context"]),
-                    float(s["seconds"]),
-                )
-                for s in data["samples"]
-            )
-            return cls(samples, dict(data["engine"]))
+            samples = tuple(_sample_from_json(s) for s in data["samples"])
+            serving = data.get("serving")
+            served = tuple(_sample_from_json(s) for s in serving["steps"]) if serving else ()
+            derived = ("steps", "overhead_fit", "fit_error")
+            info = {k: v for k, v in serving.items() if k not in derived} if serving else None
+            return cls(samples, dict(data["engine"]), served, info)
         except KeyError as exc:
             raise ValueError(f"{path}: profile is missing {exc.args[0]!r}") from exc
 
 
-def linear_from_profile(path: str | Path) -> LinearStepModel:
-    """The profile's fitted model (refitted from its samples, so an edited fit cannot drift from the data)."""
-    model, _ = fit_linear(Profile.load(path).samples)
-    return model
+def _sample_json(shape: StepShape, seconds: float) -> dict[str, Any]:
+    return {**asdict(shape), "seconds": seconds}
+
+
+def _sample_from_json(s: dict[str, Any]) -> tuple[StepShape, float]:
+    shape = StepShape(
+        s["prefill_tokens"],
+        s["attention_pairs"],
+        s["num_decodes"],
+        s["decode_context"],
+        s.get("num_prefills", 0),
+    )
+    return shape, float(s["seconds"])
+
+
+def model_from_profile(path: str | Path) -> StepTimeModel:
+    """The profile's fitted model, refitted from its samples (so an edited fit cannot drift from the data).
+
+    With served steps in the profile, the serving overhead is added: the
+    simulator then times what `kvos serve` does per step, not the worker alone.
+    """
+    return Profile.load(path).step_model()
 
 
 def roofline_for(

@@ -34,6 +34,8 @@ class SimRequest:
     output_tokens: int
     tenant: str = ""
     priority: int = 0
+    kv_ready: bool = False
+    """Its prompt's KV but the last token's arrives with it (a disaggregated decode tier's request)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.arrival_s) and self.arrival_s >= 0):
@@ -130,4 +132,5 @@ def load_trace(path: str | Path) -> list[SimRequest]:
 def write_trace(path: str | Path, requests: Sequence[SimRequest]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in requests:
-            f.write(json.dumps(r.__dict__) + "\n")
+            fields = {"arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens}
+            f.write(json.dumps({**fields, "tenant": r.tenant, "priority": r.priority}) + "\n")

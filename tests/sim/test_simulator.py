@@ -8,14 +8,15 @@ from typing import Any
 
 import pytest
 
-from kvos.config import EngineConfig
+from kvos.config import EngineConfig, SchedulerConfig, SchedulingPolicyName
 from kvos.core.engine_core import EngineCore
 from kvos.core.plan import StepPlan
 from kvos.core.request import Request
 from kvos.model.loader import load_model
 from kvos.sampling_params import SamplingParams
+from kvos.sim.disagg import DisaggConfig, LinkModel, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
-from kvos.sim.planner import SLO, plan_instances
+from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
 from kvos.sim.router import LeastLoadRouter
 from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
 from kvos.sim.step_model import LinearStepModel, StepShape
@@ -128,7 +129,8 @@ def simulated_plans(config: InstanceConfig, requests: list[SimRequest]) -> tuple
 
     simulator.SimWorker.execute = recording  # type: ignore[method-assign]
     try:
-        result = Simulator(FleetConfig(config), STEP_MODEL).run(requests)
+        # One step at a time: the plans of decode runs are never built (their equivalence is tested below).
+        result = Simulator(FleetConfig(config), STEP_MODEL, decode_runs=False).run(requests)
     finally:
         simulator.SimWorker.execute = execute  # type: ignore[method-assign]
     return plans, summarize_sim(result, 2.0, 0.2)
@@ -171,6 +173,37 @@ def test_plan_for_a_trivial_case_is_one_instance() -> None:
     result = plan_instances(FleetConfig(), STEP_MODEL, requests, SLO(ttft_s=1.0, tpot_s=0.1))
     assert result.num_instances == 1
     assert result.tried[0][0] == 1 and result.tried[0][1] == 1.0
+
+
+def test_disaggregated_plan_for_a_trivial_case_is_one_of_each() -> None:
+    requests = with_arrivals([(100, 50)] * 50, arrival_times(50, 0.2, seed=1))
+    link = LinkModel(bandwidth_bytes_per_s=1e9, kv_bytes_per_token=4096)
+    result = plan_disaggregated(FleetConfig(), link, STEP_MODEL, requests, SLO(ttft_s=1.0, tpot_s=0.1))
+    assert (result.num_prefill, result.num_decode) == (1, 1)
+
+
+def test_disaggregated_fleet_hands_the_kv_to_the_decode_tier() -> None:
+    lengths = [(100, 20), (40, 1), (300, 10)] * 10
+    requests = with_arrivals(lengths, arrival_times(len(lengths), 5.0, seed=4))
+    link = LinkModel(bandwidth_bytes_per_s=1e6, kv_bytes_per_token=1000, latency_s=0.01)  # 10 ms + 1 ms/token
+    config = DisaggConfig(FleetConfig(num_instances=1), FleetConfig(num_instances=2), link)
+    result = simulate_disaggregated(config, STEP_MODEL, requests)
+    summary = summarize_sim(result, 2.0, 0.2)
+    assert summary["completed"] == len(requests)
+    assert summary["total_output_tokens"] == sum(r.output_tokens for r in requests)
+    # The first token is the prefill tier's alone; the next ones wait at least for the transfer.
+    prefill_alone = Simulator(FleetConfig(), STEP_MODEL).run(
+        [SimRequest(r.arrival_s, r.prompt_tokens, 1) for r in requests]
+    )
+    assert result.times.first_token_s == prefill_alone.times.first_token_s
+    for k, r in enumerate(requests):
+        if r.output_tokens > 1:
+            assert result.times.last_token_s[k] >= result.times.first_token_s[k] + link.seconds(r.prompt_tokens)
+    # The decode tier admitted each handed-over request with its prompt's full blocks as prefix hits.
+    decode = result.instances[1:]
+    handed = [r for r in requests if r.output_tokens > 1]
+    assert sum(i.kv.counters.primary_hit_tokens for i in decode) == sum(r.prompt_tokens // 16 * 16 for r in handed)
+    assert all(i.kv.num_used_blocks == 0 for i in result.instances)
 
 
 def test_plan_grows_the_fleet_with_the_rate() -> None:
@@ -246,7 +279,7 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
     profile = tmp_path / "profile.json"
     common = ["--model", str(tmp_path), "--load-format", "dummy", "--kv-cache-memory", "16MiB"]
-    assert main(["sim", "profile", *common, "--smoke", "--out", str(profile)]) == 0
+    assert main(["sim", "profile", *common, "--grid", "smoke", "--out", str(profile)]) == 0
     assert len(json.loads(profile.read_text())["samples"]) == 14
     out, plot = tmp_path / "run.json", tmp_path / "goodput.png"
     workload_args = ["--fixed-lengths", "40,10", "--num-requests", "20"]
@@ -285,7 +318,97 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
                 "1e3",
                 "--tpot-slo",
                 "1e3",
+                "--router",
+                "round_robin,least_load",
+                "--disaggregated",
+                "--link-bandwidth",
+                "1e9",
+                "--json",
+                str(out),
             ]
         )
         == 0
     )
+    plans = json.loads(out.read_text())["plans"]
+    assert [(p["layout"], p["router"]) for p in plans] == [
+        ("colocated", "round_robin"),
+        ("disaggregated", "round_robin"),
+        ("colocated", "least_load"),
+        ("disaggregated", "least_load"),
+    ]
+    assert [p["num_instances"] for p in plans] == [1, 2, 1, 2]
+
+
+def run_recording_plans(config: FleetConfig, requests: list[SimRequest], decode_runs: bool) -> tuple[Any, dict]:
+    """A run, and every plan the real scheduler made in it, by (instance, step id)."""
+    from kvos.sim import simulator
+
+    plans: dict[tuple[int, int], StepPlan] = {}
+    schedule = simulator.Scheduler.schedule
+
+    def recording(self, *args, **kwargs):
+        plan = schedule(self, *args, **kwargs)
+        if plan.scheduled:
+            plans[(id(self), plan.step_id)] = plan
+        return plan
+
+    simulator.Scheduler.schedule = recording  # type: ignore[method-assign]
+    try:
+        result = Simulator(config, STEP_MODEL, decode_runs=decode_runs).run(requests)
+    finally:
+        simulator.Scheduler.schedule = schedule  # type: ignore[method-assign]
+    order = {id(instance.scheduler): n for n, instance in enumerate(result.instances)}
+    return result, {(order[key[0]], key[1]): plan for key, plan in plans.items()}
+
+
+@pytest.mark.parametrize(
+    "policy, num_instances, router, kv_tokens",
+    [
+        ("fcfs", 1, "round_robin", 24 * 16),  # small enough to preempt
+        ("priority", 1, "round_robin", 24 * 16),
+        ("fcfs", 4, "least_load", 64 * 16),
+        ("fair", 2, "round_robin", 64 * 16),  # not a fast policy: runs stay off, results unchanged
+    ],
+)
+def test_decode_runs_make_the_same_decisions_as_single_steps(
+    policy: SchedulingPolicyName, num_instances: int, router: str, kv_tokens: int
+) -> None:
+    requests = workload(seed=5, num=120, rate=12.0)
+    if policy != "priority":
+        requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.output_tokens, r.tenant) for r in requests]
+    instance = InstanceConfig(
+        scheduler=SchedulerConfig(policy=policy, max_num_batched_tokens=64, max_num_seqs=8),
+        kv_capacity_tokens=kv_tokens,
+        max_model_len=128,
+    )
+    config = FleetConfig(instance, num_instances, router)
+    slow, slow_plans = run_recording_plans(config, requests, decode_runs=False)
+    fast, fast_plans = run_recording_plans(config, requests, decode_runs=True)
+    runs = sum(i.num_runs for i in fast.instances)
+    if policy == "fair":
+        assert runs == 0
+    else:
+        assert runs > 0 and len(fast_plans) < len(slow_plans) / 2, "the workload should have decode runs"
+    # Every plan the fast path made is the one-by-one path's plan of that step, exactly.
+    for key, plan in fast_plans.items():
+        assert plan_key(plan) == plan_key(slow_plans[key]), key
+    # The steps it skipped were pure decodes: no admission, preemption, copy or prompt chunk.
+    for key in slow_plans.keys() - fast_plans.keys():
+        plan = slow_plans[key]
+        assert not plan.new_requests and not plan.preempted_req_ids and not plan.copies
+        assert all(len(s.new_token_ids) == 1 and s.sample for s in plan.scheduled)
+    # The same token times for every request, and the same state left behind.
+    for name in ("first_token_s", "last_token_s", "num_output_tokens"):
+        assert getattr(fast.times, name) == getattr(slow.times, name), name
+    assert sorted(fast.times.itl_s) == sorted(slow.times.itl_s)
+    for a, b in zip(fast.instances, slow.instances):
+        assert (a.num_steps, a.scheduler.num_preemptions, a.peak_used_blocks) == (
+            b.num_steps,
+            b.scheduler.num_preemptions,
+            b.peak_used_blocks,
+        )
+        assert a.worker.busy_s == b.worker.busy_s
+        assert list(a.kv.allocator._free) == list(b.kv.allocator._free)
+        assert a.kv.allocator._cached == b.kv.allocator._cached
+    if policy == "fcfs" and num_instances == 1:
+        assert fast.instances[0].scheduler.num_preemptions > 0, "the workload should exercise preemption"

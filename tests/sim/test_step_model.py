@@ -13,9 +13,11 @@ from kvos.sim.metrics import nearest_rank_ms
 from kvos.sim.step_model import (
     LinearStepModel,
     RooflineStepModel,
+    ServingOverhead,
     StepShape,
     calibrate_roofline,
     fit_linear,
+    fit_overhead,
 )
 
 TRUE = LinearStepModel(
@@ -69,7 +71,7 @@ def test_shape_from_plan_counts_prefill_pairs_and_decode_context() -> None:
         ],
     )
     assert StepShape.from_plan(plan) == StepShape(
-        prefill_tokens=10, attention_pairs=10 * 30, num_decodes=1, decode_context=100
+        prefill_tokens=10, attention_pairs=10 * 30, num_decodes=1, decode_context=100, num_prefills=1
     )
 
 
@@ -86,3 +88,21 @@ def test_roofline_calibration_recovers_efficiencies() -> None:
 def test_itl_percentiles_match_the_serving_benchmark() -> None:
     values = [random.Random(1).expovariate(10) for _ in range(1001)]
     assert nearest_rank_ms(values) == pytest.approx(percentiles_ms(values))
+
+
+def test_overhead_fit_recovers_the_serving_overhead_on_top_of_the_worker_model() -> None:
+    overhead = ServingOverhead(per_step=0.015, per_sequence=0.0012)
+    rng = random.Random(2)
+    served = []
+    for _ in range(200):
+        decodes, chunks = rng.randint(0, 40), rng.randint(0, 2)
+        prefill = chunks * rng.randint(16, 256)
+        shape = StepShape(prefill, prefill * prefill, decodes, decodes * rng.randint(20, 600), chunks)
+        if chunks + decodes:
+            served.append((shape, TRUE.step_seconds(shape) + overhead.seconds(shape)))
+    model, error = fit_overhead(TRUE, served)
+    assert model.overhead.per_step == pytest.approx(overhead.per_step, rel=1e-6)
+    assert model.overhead.per_sequence == pytest.approx(overhead.per_sequence, rel=1e-6)
+    assert error.max_abs_pct < 1e-6
+    shape = served[0][0]
+    assert model.step_seconds(shape) == pytest.approx(TRUE.step_seconds(shape) + overhead.seconds(shape))

@@ -1,0 +1,279 @@
+"""Where a served step's time goes, and the serving overhead the simulator adds to the worker's step time.
+
+`kvos sim profile` times `Worker.execute` alone. A step of `kvos serve`
+also pays the scheduler, the front end (output processing, detokenizing),
+the async engine's hand-offs and the HTTP/SSE work that shares the cores.
+This script measures that:
+
+1. For each rate, start `kvos serve` in a child process whose engine loop is
+   instrumented (`--child`): every iteration of `AsyncLLMEngine._step` records
+   when it started and ended, the time in `LLMEngine.step`, `EngineCore.step`
+   and `Worker.execute`, and the step's shape (`StepShape.from_plan`).
+2. Replay ShareGPT requests at that rate with `benchmarks.serve` (another
+   seed than the validation's, so validating does not reuse the fitted data).
+3. Each busy step's served time is the time from its start to the next
+   step's start. Print where it went, by number of requests in the step, and
+   fit `ServingOverhead` (`kvos.sim.step_model.fit_overhead`) on the served
+   time minus the profile's worker model; report the fit's error.
+4. Write the served steps into the profile JSON (`serving`), so
+   `kvos sim --profile` simulates served steps from then on.
+
+Usage: python -m benchmarks.profile_serving --profile P.json [--rates 2,inf] [--num-requests 60]
+           [--kvos-args "--kv-cache-memory 2GiB"]   (the flags the profile was taken with)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import json
+import math
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from benchmarks import serve, serve_sweep
+from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.sharegpt import sample_requests
+
+DEFAULT_SEED = 1
+"""Not the validation's seed (0): the overhead is fitted on other requests than those it is checked on."""
+
+BINS = ((1, 1), (2, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 1 << 30))
+PARTS = ("worker", "scheduler", "front_end", "streams", "loop")
+
+
+# -- the child: kvos serve with an instrumented engine loop ----------------------------------
+
+
+def instrument(trace_path: Path) -> None:
+    """Wrap the engine loop's calls to time them; the records are written when the server exits."""
+    from kvos.core.engine_core import EngineCore
+    from kvos.engine.async_engine import AsyncLLMEngine
+    from kvos.engine.llm_engine import LLMEngine
+    from kvos.sim.step_model import StepShape
+    from kvos.worker.worker import Worker
+
+    clock = time.perf_counter
+    records: list[dict[str, Any]] = []
+    current: dict[str, Any] = {}
+    async_step, engine_step, core_step, execute = AsyncLLMEngine._step, LLMEngine.step, EngineCore.step, Worker.execute
+
+    def timed_async_step(self: AsyncLLMEngine) -> None:
+        current.clear()
+        current.update(start=clock(), worker_s=0.0, engine_s=0.0, core_s=0.0)
+        async_step(self)
+        current["end"] = clock()
+        current["busy_after"] = self.engine.has_unfinished_requests()
+        records.append(dict(current))
+
+    def timed_engine_step(self: LLMEngine) -> Any:
+        start = clock()
+        outputs = engine_step(self)
+        current["engine_s"] = clock() - start
+        return outputs
+
+    def timed_core_step(self: EngineCore) -> Any:
+        start = clock()
+        updates = core_step(self)
+        current["core_s"] = clock() - start
+        return updates
+
+    def timed_execute(self: Worker, plan: Any) -> Any:
+        start = clock()
+        output = execute(self, plan)
+        current["worker_s"] = current.get("worker_s", 0.0) + clock() - start
+        if plan.scheduled:
+            current["shape"] = asdict(StepShape.from_plan(plan))
+        return output
+
+    AsyncLLMEngine._step = timed_async_step  # type: ignore[method-assign]
+    LLMEngine.step = timed_engine_step  # type: ignore[method-assign]
+    EngineCore.step = timed_core_step  # type: ignore[method-assign]
+    Worker.execute = timed_execute  # type: ignore[method-assign]
+
+    def write() -> None:
+        trace_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    atexit.register(write)
+
+
+def child_main(trace_path: Path, serve_argv: list[str]) -> int:
+    instrument(trace_path)
+    from kvos.entrypoints.cli import main as kvos_main
+
+    return kvos_main(serve_argv)
+
+
+# -- the parent: load, then analyse ------------------------------------------------------------
+
+
+def served_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Busy steps after the warm-up, each with its served time and its parts (seconds).
+
+    The warm-up request's steps (everything up to the first idle moment) are
+    dropped. A step counts only when the engine still had work after it, so
+    the next step started at once and start-to-start is a served step's time.
+    """
+    first = next((k for k, r in enumerate(records) if not r["busy_after"]), len(records))
+    steps = []
+    for r, after in zip(records[first + 1 :], records[first + 2 :]):
+        if not r["busy_after"] or "shape" not in r:
+            continue
+        steps.append(
+            {
+                "shape": r["shape"],
+                "seconds": after["start"] - r["start"],
+                "worker": r["worker_s"],
+                "scheduler": r["core_s"] - r["worker_s"],
+                "front_end": r["engine_s"] - r["core_s"],
+                "streams": (r["end"] - r["start"]) - r["engine_s"],
+                "loop": after["start"] - r["end"],
+            }
+        )
+    return steps
+
+
+def breakdown(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean ms per part of the served step, by requests in the step."""
+    rows = []
+    for low, high in BINS:
+        group = [s for s in steps if low <= s["shape"]["num_prefills"] + s["shape"]["num_decodes"] <= high]
+        if not group:
+            continue
+        row: dict[str, Any] = {"requests": f"{low}-{high}" if high < 1 << 30 else f"{low}+", "steps": len(group)}
+        for part in (*PARTS, "seconds"):
+            row[f"{part}_ms"] = 1000 * statistics.fmean(s[part] for s in group)
+        rows.append(row)
+    return rows
+
+
+def format_breakdown(rows: list[dict[str, Any]]) -> str:
+    header = f"{'requests':>9} {'steps':>6} " + " ".join(f"{p:>9}" for p in (*PARTS, "served"))
+    lines = [header + "   (mean ms per step)", "-" * len(header)]
+    for row in rows:
+        parts = " ".join(f"{row[f'{p}_ms']:>9.1f}" for p in (*PARTS, "seconds"))
+        lines.append(f"{row['requests']:>9} {row['steps']:>6} {parts}")
+    return "\n".join(lines)
+
+
+def run_rate(rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any) -> list[dict]:
+    """Serve `requests` at `rate` on an instrumented server; its served steps."""
+    trace = Path(args.log_dir) / f"kvos-serving-trace-{rate}.jsonl"
+    trace.unlink(missing_ok=True)
+    url = f"http://127.0.0.1:{args.port}"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.profile_serving",
+        "--child",
+        str(trace),
+        "serve",
+        str(gguf),
+        "--port",
+        str(args.port),
+        *shlex.split(args.kvos_args),
+    ]
+    with open(Path(args.log_dir) / f"kvos-profile-serving-{rate}.log", "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            serve_sweep.wait_ready(url, process, args.start_timeout)
+            client_args = serve.build_parser().parse_args(
+                [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress"]
+            )
+            summary = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            print(
+                f"rate {rate:g}: {summary['completed']} requests, {summary['output_throughput']:.1f} tok/s",
+                flush=True,
+            )
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    if not trace.exists():
+        raise RuntimeError(f"the server wrote no step trace to {trace}; see its log in {args.log_dir}")
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    return served_steps(records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child_main(Path(argv[1]), argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=Path, required=True, help="a `kvos sim profile` JSON; the steps join it")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="profile with served steps to write (default: --profile)"
+    )
+    parser.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    parser.add_argument("--rates", default="2,inf", help="comma-separated requests/s; inf = all at once")
+    parser.add_argument("--num-requests", type=int, default=60)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512)
+    parser.add_argument("--max-output-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--kvos-args", default="--kv-cache-memory 2GiB", help="`kvos serve` flags (the profile's)")
+    parser.add_argument("--port", type=int, default=8160)
+    parser.add_argument("--start-timeout", type=float, default=900.0)
+    parser.add_argument("--log-dir", default="/tmp")
+    args = parser.parse_args(argv)
+    rates = [float(r) for r in args.rates.split(",")]
+    if any(not r > 0 for r in rates):
+        parser.error("--rates must be > 0 (inf sends everything at once)")
+
+    from kvos.sim.step_model import Profile, StepShape, fit_linear, fit_overhead
+
+    profile = Profile.load(args.profile)
+    gguf = resolve_gguf(args.model)
+    tokenizer = load_tokenizer(gguf)
+
+    def count_tokens(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    requests = sample_requests(
+        tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
+    )
+    load_before = os.getloadavg()[0]
+    steps: list[dict[str, Any]] = []
+    for rate in rates:
+        steps.extend(run_rate(rate, gguf, args, requests, count_tokens))
+    if len(steps) < 3:
+        raise RuntimeError(f"only {len(steps)} busy served steps were recorded; send more requests")
+    rows = breakdown(steps)
+    print(format_breakdown(rows))
+    served = tuple((StepShape(**s["shape"]), s["seconds"]) for s in steps)
+    worker, _ = fit_linear(profile.samples)
+    model, error = fit_overhead(worker, served)
+    worker_error = [abs(worker.step_seconds(s) - s_meas) / s_meas for s, s_meas in served]
+    print(
+        f"served steps: {len(served)}; worker model alone: mean error {100 * statistics.fmean(worker_error):.1f}%\n"
+        f"overhead fit: {asdict(model.overhead)}\n"
+        f"worker + overhead against the served steps: mean {error.mean_abs_pct:.1f}%, "
+        f"p90 {error.p90_abs_pct:.1f}%, max {error.max_abs_pct:.1f}%"
+    )
+    info = {
+        "rates": [r if math.isfinite(r) else "inf" for r in rates],
+        "num_requests": args.num_requests,
+        "seed": args.seed,
+        "kvos_args": args.kvos_args,
+        "breakdown_ms": rows,
+        "load_before_after": [load_before, os.getloadavg()[0]],
+    }
+    out = args.out or args.profile
+    with_serving = Profile(profile.samples, profile.engine, served, info)
+    out.write_text(json.dumps(with_serving.to_json(), indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""How fast `kvos sim` simulates: a large fleet under a steady load, wall time and events per second.
+
+Issue 14's target is 1,000,000 requests across 1,000 instances in at most
+60 s. The workload is synthetic (no tokenizer, so the timing is the
+simulator's alone): prompts of 64 to 463 tokens and outputs of 8 to 127, in
+a fixed pseudo-random order, Poisson arrivals at `--rate-per-instance`
+times the fleet size, the least-load router, a fixed linear step model
+(about 10 ms per decode step, so an instance runs tens of requests at once).
+
+Reported: wall seconds, events (arrivals and step or decode-run ends) per
+second, simulated steps per second (every step the engine would take,
+whether run one by one or inside a decode run), and requests per second.
+`--one-by-one` turns decode runs off (the reference path); `--profile-out`
+writes a cProfile of the run.
+
+Usage: python -m benchmarks.sim_speed [--num-requests 1000000] [--num-instances 1000] [--one-by-one]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import sys
+from pathlib import Path
+
+from kvos.config import SchedulerConfig
+from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
+from kvos.sim.step_model import LinearStepModel
+from kvos.sim.workload import arrival_times, with_arrivals
+
+STEP_MODEL = LinearStepModel(
+    prefill_intercept=0.020,
+    decode_intercept=0.010,
+    per_prefill_token=1.0e-4,
+    per_attention_pair=1.0e-8,
+    per_context_token=1.0e-6,
+    per_decode=2.0e-4,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-requests", type=int, default=1_000_000)
+    parser.add_argument("--num-instances", type=int, default=1000)
+    parser.add_argument("--rate-per-instance", type=float, default=2.0, help="requests/s offered per instance")
+    parser.add_argument("--router", default="least_load")
+    parser.add_argument("--one-by-one", action="store_true", help="no decode runs: every step through schedule()")
+    parser.add_argument("--profile-out", type=Path, default=None, help="write a cProfile of the run here")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    n = args.num_requests
+    lengths = [(64 + (k * 37) % 400, 8 + (k * 13) % 120) for k in range(n)]
+    requests = with_arrivals(lengths, arrival_times(n, args.rate_per_instance * args.num_instances, seed=3))
+    instance = InstanceConfig(scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64))
+    simulator = Simulator(
+        FleetConfig(instance, args.num_instances, args.router), STEP_MODEL, decode_runs=not args.one_by_one
+    )
+    profiler = cProfile.Profile() if args.profile_out is not None else None
+    if profiler is not None:
+        profiler.enable()
+    result = simulator.run(requests)
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(str(args.profile_out))
+    steps = sum(i.num_steps for i in result.instances)
+    runs = sum(i.num_runs for i in result.instances)
+    report = {
+        "num_requests": n,
+        "num_instances": args.num_instances,
+        "decode_runs": not args.one_by_one,
+        "wall_s": result.wall_s,
+        "num_events": result.num_events,
+        "events_per_s": result.num_events / result.wall_s,
+        "simulated_steps": steps,
+        "steps_per_s": steps / result.wall_s,
+        "decode_runs_taken": runs,
+        "requests_per_s": n / result.wall_s,
+        "simulated_s": result.end_s,
+        "completed": sum(1 for t in result.times.num_output_tokens if t > 0),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
