@@ -5,7 +5,9 @@ queue or cache), warmed up, replayed the same ShareGPT requests by
 `benchmarks.serve` and stopped. The table puts the two side by side per rate:
 output tokens/s, goodput under the SLOs, p50/p99 TTFT and TPOT, and the
 kvos / llama.cpp ratios. At the saturating rate (inf) it also prints each
-server's % of the roofline limit for the same requests.
+server's % of the roofline limit for the same requests. Each server's resident
+memory (its process and children) is reported idle, once it answers and
+before the requests, and at its peak during them.
 
 Usage: python -m benchmarks.serve_sweep [--rates 1,2,4,inf] [--num-requests 200]
            [--kvos-args "--quantization int4 --compile"] [--json out.json]
@@ -30,6 +32,7 @@ from typing import Any
 import httpx
 
 from benchmarks import serve
+from benchmarks.memory import RSSSampler, mib
 from benchmarks.peers import (
     arch_from_gguf,
     llama_cpp_version,
@@ -93,6 +96,8 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
         process = subprocess.Popen(server_command(name, gguf, port, args), stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_ready(url, process, args.start_timeout)
+            sampler = RSSSampler(process.pid)
+            idle = sampler.sample()
             client_args = serve.build_parser().parse_args(
                 [
                     url,
@@ -107,7 +112,9 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
                     str(args.tpot_slo),
                 ]
             )
-            return asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            with sampler:
+                result = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            return result | {"rss_idle_mib": mib(idle), "rss_peak_mib": mib(sampler.peak_bytes)}
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -119,16 +126,17 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
 def format_rows(results: dict[str, dict[str, dict]], bounds: dict[str, float]) -> str:
     header = (
         f"{'rate':>5} {'server':<10} {'tok/s':>7} {'goodput':>8} {'TTFT p50/p99 s':>15} "
-        f"{'TPOT p50/p99 ms':>16} {'% of limit':>10}"
+        f"{'TPOT p50/p99 ms':>16} {'% of limit':>10} {'RSS idle/peak MiB':>18}"
     )
     lines = [header, "-" * len(header)]
     for rate, by_server in results.items():
         for name, r in by_server.items():
             limit = f"{percent_of_limit(r['duration_s'], bounds[name]):.1f}%" if rate == "inf" else "-"
+            rss = "/".join("-" if r.get(k) is None else f"{r[k]:.0f}" for k in ("rss_idle_mib", "rss_peak_mib"))
             lines.append(
                 f"{rate:>5} {name:<10} {r['output_throughput']:>7.1f} {r['goodput']:>8.3f} "
                 f"{r['ttft_ms']['p50'] / 1000:>7.2f}/{r['ttft_ms']['p99'] / 1000:<7.2f} "
-                f"{r['tpot_ms']['p50']:>7.1f}/{r['tpot_ms']['p99']:<8.1f} {limit:>10}"
+                f"{r['tpot_ms']['p50']:>7.1f}/{r['tpot_ms']['p99']:<8.1f} {limit:>10} {rss:>18}"
             )
         if len(by_server) == 2:
             k, p = by_server["kvos"], by_server["llama.cpp"]
