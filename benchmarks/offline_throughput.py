@@ -6,6 +6,11 @@ differ. kvos batches continuously; transformers runs static, left-padded
 batches in the order given, so it generates up to the longest answer of each
 batch, and only each request's own tokens count as useful output.
 
+Beside throughput each engine's resident memory is reported: this process's
+RSS after warm-up (idle) and its peak during the run. Both engines run in
+this process, one after the other, so run them apart (`--engines kvos`) for
+figures that hold only one engine's memory.
+
 Usage: python -m benchmarks.offline_throughput [--num-requests 200] [--engines kvos,hf] [--json out.json]
 """
 
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from benchmarks.memory import RSSSampler, mib
 from benchmarks.peers import arch_from_gguf, load_hf_model, load_tokenizer, resolve_gguf
 from benchmarks.roofline import MachinePeak, Roofline, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import BenchRequest, sample_requests
@@ -46,6 +52,8 @@ class EngineRun:
     num_generated_tokens: int  # everything generated, padding overshoot included
     elapsed_s: float
     bound_s: float  # roofline lower bound at this engine's batch size
+    rss_idle_mib: float | None = None  # this process's resident memory after warm-up, before the requests
+    rss_peak_mib: float | None = None  # its peak while serving them
 
     @property
     def tokens_per_s(self) -> float:
@@ -106,8 +114,11 @@ def run_kvos(
     llm.generate([warmup_ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
 
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+    sampler = RSSSampler()
+    idle = sampler.sample()
     start = time.perf_counter()
-    outputs = llm.generate([list(r.prompt_token_ids) for r in requests], params)
+    with sampler:
+        outputs = llm.generate([list(r.prompt_token_ids) for r in requests], params)
     elapsed = time.perf_counter() - start
 
     counts = [(r.max_tokens, len(out.outputs[0].token_ids)) for r, out in zip(requests, outputs)]
@@ -121,7 +132,9 @@ def run_kvos(
     )
     num_useful = sum(min(wanted, got) for wanted, got in counts)
     num_generated = sum(got for _, got in counts)
-    return EngineRun("kvos", max_num_seqs, num_useful, num_generated, elapsed, bound.total_s)
+    return EngineRun(
+        "kvos", max_num_seqs, num_useful, num_generated, elapsed, bound.total_s, mib(idle), mib(sampler.peak_bytes)
+    )
 
 
 def run_hf(
@@ -137,19 +150,25 @@ def run_hf(
 
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     num_generated = 0
+    sampler = RSSSampler()
+    idle = sampler.sample()
     start = time.perf_counter()
-    for batch in tqdm(batches, desc="hf batches", unit="batch"):
-        max_new = max(r.max_tokens for r in batch)
-        _hf_generate(
-            model, [list(r.prompt_token_ids) for r in batch], max_new_tokens=max_new, pad_token_id=pad_token_id
-        )
-        num_generated += len(batch) * max_new
+    with sampler:
+        for batch in tqdm(batches, desc="hf batches", unit="batch"):
+            max_new = max(r.max_tokens for r in batch)
+            _hf_generate(
+                model, [list(r.prompt_token_ids) for r in batch], max_new_tokens=max_new, pad_token_id=pad_token_id
+            )
+            num_generated += len(batch) * max_new
     elapsed = time.perf_counter() - start
 
     bound = roofline.lower_bound_seconds(
         [(len(r.prompt_token_ids), r.max_tokens) for r in requests], batch_size, WEIGHT_BYTES_PER_PARAM
     )
-    return EngineRun("hf", batch_size, sum(r.max_tokens for r in requests), num_generated, elapsed, bound.total_s)
+    num_useful = sum(r.max_tokens for r in requests)
+    return EngineRun(
+        "hf", batch_size, num_useful, num_generated, elapsed, bound.total_s, mib(idle), mib(sampler.peak_bytes)
+    )
 
 
 def _hf_generate(model: Any, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
@@ -172,13 +191,15 @@ def _hf_generate(model: Any, prompts: list[list[int]], max_new_tokens: int, pad_
 def format_table(result: ThroughputResult) -> str:
     header = (
         f"{'engine':<6} {'batch':>5} {'out tokens':>10} {'generated':>10} {'time s':>8} {'tok/s':>8} "
-        f"{'bound s':>8} {'% of limit':>10}"
+        f"{'bound s':>8} {'% of limit':>10} {'RSS idle/peak MiB':>18}"
     )
     lines = [header, "-" * len(header)]
     for run in result.runs:
+        rss = f"{_mib_text(run.rss_idle_mib)}/{_mib_text(run.rss_peak_mib)}"
         lines.append(
             f"{run.engine:<6} {run.max_batch:>5} {run.num_output_tokens:>10} {run.num_generated_tokens:>10} "
-            f"{run.elapsed_s:>8.1f} {run.tokens_per_s:>8.1f} {run.bound_s:>8.1f} {run.percent_of_limit:>9.1f}%"
+            f"{run.elapsed_s:>8.1f} {run.tokens_per_s:>8.1f} {run.bound_s:>8.1f} {run.percent_of_limit:>9.1f}% "
+            f"{rss:>18}"
         )
     ratio = result.ratio()
     if ratio is not None:
@@ -186,6 +207,10 @@ def format_table(result: ThroughputResult) -> str:
     before, after = result.load_average
     lines.append(f"1-minute load average before/after: {before:.2f}/{after:.2f}")
     return "\n".join(lines)
+
+
+def _mib_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

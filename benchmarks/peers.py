@@ -54,7 +54,11 @@ def llama_cpp_version() -> str | None:
     """The installed llama-cpp-python version, or None when it is not installed."""
     if importlib.util.find_spec("llama_cpp") is None:
         return None
-    import llama_cpp
+    try:
+        import llama_cpp
+    except (OSError, RuntimeError):
+        # Installed on a shared llama.cpp build (scripts/build_peers.sh) without LLAMA_CPP_LIB_PATH set.
+        return None
 
     return str(llama_cpp.__version__)
 

@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 
 from benchmarks import serve
+from benchmarks.memory import RSSSampler, mib
 from benchmarks.peers import (
     arch_from_gguf,
     llama_cpp_version,
@@ -112,16 +113,6 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f}s")
 
 
-def memory_mib(pid: int) -> dict[str, float]:
-    """Resident memory now and its high-water mark (Linux /proc), in MiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields
-
-
 def run_server(
     command: list[str], port: int, rate: float, args: argparse.Namespace, requests: list, count_tokens: Any, log: Path
 ) -> dict:
@@ -131,7 +122,8 @@ def run_server(
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             wait_ready(url, process, args.start_timeout)
-            idle_rss = memory_mib(process.pid)["VmRSS"]
+            sampler = RSSSampler(process.pid)
+            idle = sampler.sample()
             client_args = serve.build_parser().parse_args(
                 [
                     url,
@@ -147,8 +139,9 @@ def run_server(
                     str(args.tpot_slo),
                 ]
             )
-            report = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
-            return report | {"idle_rss_mib": idle_rss, "peak_rss_mib": memory_mib(process.pid)["VmHWM"]}
+            with sampler:
+                result = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            return result | {"rss_idle_mib": mib(idle), "rss_peak_mib": mib(sampler.peak_bytes)}
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -166,17 +159,17 @@ def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, reques
 def format_rows(results: dict[str, dict[str, dict]], bounds: dict[str, float]) -> str:
     header = (
         f"{'rate':>5} {'server':<17} {'tok/s':>7} {'goodput':>8} {'TTFT p50/p99 s':>15} "
-        f"{'TPOT p50/p99 ms':>16} {'RSS idle/peak MiB':>18} {'% of limit':>10}"
+        f"{'TPOT p50/p99 ms':>16} {'% of limit':>10} {'RSS idle/peak MiB':>18}"
     )
     lines = [header, "-" * len(header)]
     for rate, by_server in results.items():
         for name, r in by_server.items():
             limit = f"{percent_of_limit(r['duration_s'], bounds[name]):.1f}%" if rate == "inf" else "-"
+            rss = "/".join("-" if r.get(k) is None else f"{r[k]:.0f}" for k in ("rss_idle_mib", "rss_peak_mib"))
             lines.append(
                 f"{rate:>5} {name:<17} {r['output_throughput']:>7.1f} {r['goodput']:>8.3f} "
                 f"{r['ttft_ms']['p50'] / 1000:>7.2f}/{r['ttft_ms']['p99'] / 1000:<7.2f} "
-                f"{r['tpot_ms']['p50']:>7.1f}/{r['tpot_ms']['p99']:<8.1f} "
-                f"{r['idle_rss_mib']:>8.0f}/{r['peak_rss_mib']:<9.0f} {limit:>10}"
+                f"{r['tpot_ms']['p50']:>7.1f}/{r['tpot_ms']['p99']:<8.1f} {limit:>10} {rss:>18}"
             )
         k = by_server.get("kvos")
         for peer, p in by_server.items():

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from benchmarks.sharegpt import sample_requests
 
 
 def run_kvos(args: argparse.Namespace) -> dict:
-    """kvos's offline run in a child process; its report plus the child's peak RSS."""
+    """kvos's offline run in a child process, so that the RSS it reports is kvos's alone."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "kvos.json"
         command = [
@@ -56,13 +55,13 @@ def run_kvos(args: argparse.Namespace) -> dict:
         ]
         subprocess.run(command, check=True)
         report = json.loads(out.read_text())
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # only child so far: kvos
     run = next(r for r in report["runs"] if r["engine"] == "kvos")
     return {
         "output_throughput": run["num_output_tokens"] / run["elapsed_s"],
         "duration_s": run["elapsed_s"],
         "bound_s": run["bound_s"],
-        "peak_rss_mib": peak_kib / 1024,
+        "rss_idle_mib": run["rss_idle_mib"],
+        "rss_peak_mib": run["rss_peak_mib"],
     }
 
 
@@ -113,13 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     peers = {k: v for k, v in results.items() if k != "kvos"}
     best = max(peers, key=lambda k: peers[k]["output_throughput"]) if peers else None
     print(f"\n{len(requests)} ShareGPT requests, {sum(r.max_tokens for r in requests)} output tokens, cold engines")
-    print(f"{'engine':<20} {'tok/s':>7} {'% of limit':>10} {'peak RSS MiB':>12} {'kvos / this':>11}")
+    print(f"{'engine':<20} {'tok/s':>7} {'% of limit':>10} {'RSS idle/peak MiB':>18} {'kvos / this':>11}")
     for name, r in results.items():
         pct = percent_of_limit(r["duration_s"], r["bound_s"])
         ratio = kvos["output_throughput"] / r["output_throughput"]
         completed = f"  ({r['completed']} done, {r['failed']} failed)" if "completed" in r else ""
         print(
-            f"{name:<20} {r['output_throughput']:>7.1f} {pct:>9.1f}% {r['peak_rss_mib']:>12.0f} {ratio:>10.2f}x"
+            f"{name:<20} {r['output_throughput']:>7.1f} {pct:>9.1f}% "
+            f"{r['rss_idle_mib'] or 0:>8.0f}/{r['rss_peak_mib'] or 0:<9.0f} {ratio:>10.2f}x"
             f"{completed}"
         )
     if best is not None:

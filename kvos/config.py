@@ -33,9 +33,9 @@ class ModelConfig:
     per token; the graphs are compiled at start-up, about a minute the first
     time, seconds once Inductor's disk cache holds them). `attention_backend`
     names the attention implementation (`kvos.attention`); "auto" is the
-    C++ "paged" kernel (fastest measured, both caches), or "gather_sdpa" with
-    `compile=True` (the compiled decode step is built on it) and where the
-    kernel cannot be built (no C++ compiler; the engine logs why).
+    C++ "paged" kernel (fastest measured, both caches, eager or compiled), or
+    "gather_sdpa" where the kernel cannot be built (no C++ compiler; the
+    engine logs why).
     """
 
     model: str | None = None
@@ -51,7 +51,7 @@ class ModelConfig:
     def resolved_attention_backend(self, kv_cache: KVCacheKind) -> str:
         if self.attention_backend != "auto":
             return self.attention_backend
-        return "gather_sdpa" if self.compile else "paged"
+        return "paged"
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "gguf", "hf", "dummy"):

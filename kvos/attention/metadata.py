@@ -51,11 +51,18 @@ class KVSpan:
 
 @dataclass
 class PagedBatch:
-    """Every request of the step for one paged-attention call per layer."""
+    """Every request of the step for one paged-attention call per layer.
+
+    Whole prompts (nothing cached before them) of `PROMPT_SDPA_MIN_TOKENS` or
+    more attend only to their own new keys, which the layer holds already:
+    they go to torch's causal SDPA instead (`prompts`), and the kernel gets the rest.
+    """
 
     block_tables: torch.Tensor  # (S, max_blocks) int32, each request's table, padded with block 0
-    seqs: torch.Tensor  # (S, 3) int64 rows of (token_start, num_tokens, num_computed)
+    seqs: torch.Tensor  # (S, 3) int64 rows of (token_start, num_tokens, num_computed); S may be 0
     block_size: int  # positions per table entry (a virtual row's length for the virtual cache)
+    prompts: list[tuple[int, int]] = field(default_factory=list)
+    """(token_start, num_tokens) of the whole prompts attended by SDPA on the step's own K/V."""
 
 
 @dataclass

@@ -14,8 +14,8 @@ request's table is one entry, its row, with the row length as block size.
 
 The kernel is compiled on first use with the machine's own instruction set
 (`-march=native`) and cached under `$KVOS_CACHE_DIR/torch_extensions`, in a
-folder named for the torch version and the CPU's feature flags, so a cache
-shared between machines never hands one CPU code built for another. It is
+folder named for the torch version, the CPU's feature flags and the source, so a
+cache shared between machines never hands one CPU code built for another. It is
 registered as a torch operator with a fake (shape-only) implementation, so
 torch.compile can trace through it.
 """
@@ -31,12 +31,16 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvos.attention.backend import SeqLayout, slot_mapping
 from kvos.attention.gather_sdpa import write_kv
 from kvos.attention.metadata import AttentionMetadata, PagedBatch
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+
+PROMPT_SDPA_MIN_TOKENS = 32
+"""Whole prompts at least this long go to torch's causal SDPA on the step's own K/V, not the kernel."""
 _EXTENSION_NAME = "kvos_paged_attention"
 
 
@@ -68,7 +72,21 @@ class PagedCPUBackend:
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         p = meta.paged
         # The kernel takes float32 queries (small: T x H x D) and accumulates in float32 for any cache dtype.
-        out = torch.ops.kvos.paged_attention(q.float(), k_cache, v_cache, p.block_tables, p.seqs, p.block_size, scale)
+        if p.seqs.shape[0] > 0:
+            out = torch.ops.kvos.paged_attention(
+                q.float(), k_cache, v_cache, p.block_tables, p.seqs, p.block_size, scale
+            )
+        else:
+            out = q.new_empty(q.shape, dtype=torch.float32)
+        for start, n in p.prompts:
+            # In the cache's dtype, as the kernel reads the keys; SDPA's flash kernel is GEMM-tiled,
+            # where the kernel's prompt tiles are dot products (BENCHMARKS.md).
+            rows = slice(start, start + n)
+            q_p, k_p, v_p = (x[rows].to(k_cache.dtype).transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            o = F.scaled_dot_product_attention(
+                q_p, k_p, v_p, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+            out[rows] = o.squeeze(0).transpose(0, 1)
         return out.to(q.dtype)
 
 
@@ -83,6 +101,8 @@ def paged_batch(seqs: list[SeqLayout], device: torch.device) -> PagedBatch:
         raise ValueError(f"one step's requests must share a block size, got {sorted(block_sizes)}")  # type: ignore[type-var]
     block_size = int(next(iter(block_sizes)))  # type: ignore[arg-type]
     tables = []
+    kernel_seqs = []
+    prompts = []
     for i, s in enumerate(seqs):
         assert s.block_table is not None
         needed = -(-(s.num_computed + s.num_tokens) // block_size)
@@ -91,10 +111,24 @@ def paged_batch(seqs: list[SeqLayout], device: torch.device) -> PagedBatch:
                 f"request {i} has {s.num_computed + s.num_tokens} positions but its block table "
                 f"covers {s.block_table.numel()} blocks of {block_size}"
             )
+        if s.num_computed == 0 and s.num_tokens >= PROMPT_SDPA_MIN_TOKENS:
+            prompts.append((s.token_start, s.num_tokens))
+            continue
+        kernel_seqs.append(s)
         tables.append(s.block_table[:needed].to(torch.int32))
-    block_tables = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True).to(device)
-    rows = torch.tensor([[s.token_start, s.num_tokens, s.num_computed] for s in seqs], dtype=torch.long, device=device)
-    return PagedBatch(block_tables=block_tables, seqs=rows, block_size=block_size)
+    if tables:
+        block_tables = torch.nn.utils.rnn.pad_sequence(tables, batch_first=True)
+    else:  # every request is a whole prompt for SDPA
+        block_tables = torch.zeros(0, 2, dtype=torch.int32)
+    if block_tables.shape[1] < 2:
+        # At least two entries: a compiled decode step marks the width dynamic, and a width
+        # of 1 would be specialised (a recompile in the middle of serving).
+        block_tables = torch.nn.functional.pad(block_tables, (0, 2 - block_tables.shape[1]))
+    block_tables = block_tables.to(device)
+    rows = torch.tensor(
+        [[s.token_start, s.num_tokens, s.num_computed] for s in kernel_seqs], dtype=torch.long, device=device
+    ).view(-1, 3)
+    return PagedBatch(block_tables=block_tables, seqs=rows, block_size=block_size, prompts=prompts)
 
 
 @functools.cache
@@ -136,10 +170,15 @@ def load_kernel() -> None:
 
 
 def _build_dir() -> Path:
-    """A build folder per torch version and CPU feature set (the code is built with -march=native)."""
+    """A build folder per torch version, CPU feature set (the code is built with -march=native) and source.
+
+    Keyed on the source too, so checkouts with different kernels that share one
+    cache each keep their own build instead of rebuilding over each other.
+    """
     from kvos.model.loader import cache_root
 
-    return cache_root() / "torch_extensions" / f"{_EXTENSION_NAME}-torch{torch.__version__}-{_cpu_key()}"
+    source_key = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    return cache_root() / "torch_extensions" / f"{_EXTENSION_NAME}-torch{torch.__version__}-{_cpu_key()}-{source_key}"
 
 
 def _cpu_key() -> str:

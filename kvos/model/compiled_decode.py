@@ -40,6 +40,9 @@ import torch
 from kvos.attention.metadata import AttentionMetadata
 from kvos.model.llama import KVCaches, LlamaForCausalLM
 
+# Attention backends whose decode metadata the warm-up builds and marks dynamic.
+COMPILED_BACKENDS = ("paged", "gather_sdpa")
+
 # The forward's own arguments; guards on anything else (modules, weights, KV cache, globals) are dropped.
 _GUARDED_INPUTS = ("input_ids", "positions", "meta")
 
@@ -79,16 +82,16 @@ def compile_decode(model: LlamaForCausalLM) -> Callable[..., torch.Tensor]:
 
 def mark_dynamic_sizes(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
     """Compile the next call for any batch size (when it is not 1) and any context length."""
-    assert meta.decode is not None
-    batch_dims = [
-        (input_ids, 0),
-        (positions, 0),
-        (meta.slot_mapping, 0),
-        (meta.decode.kv_indices, 0),
-        (meta.decode.mask, 0),
-    ]
+    batch_dims = [(input_ids, 0), (positions, 0), (meta.slot_mapping, 0)]
+    if meta.paged is not None:
+        batch_dims += [(meta.paged.block_tables, 0), (meta.paged.seqs, 0)]
+        context_dims = [(meta.paged.block_tables, 1)]
+    else:
+        assert meta.decode is not None
+        batch_dims += [(meta.decode.kv_indices, 0), (meta.decode.mask, 0)]
+        context_dims = [(meta.decode.kv_indices, 1), (meta.decode.mask, 3)]
     if input_ids.shape[0] > 1:
         for tensor, dim in batch_dims:
             torch._dynamo.mark_dynamic(tensor, dim)
-    torch._dynamo.mark_dynamic(meta.decode.kv_indices, 1)
-    torch._dynamo.mark_dynamic(meta.decode.mask, 3)
+    for tensor, dim in context_dims:
+        torch._dynamo.mark_dynamic(tensor, dim)

@@ -79,11 +79,12 @@ class Worker:
         self.device = device
         self._offsets = torch.arange(table_block_size, device=device)
         self._requests: dict[str, _RequestState] = {}
-        if compile_decode and self.attention.name != "gather_sdpa":
-            # The compiled step is warmed up and shape-marked on gather_sdpa's padded decode batch.
+        if compile_decode and self.attention.name not in compiled_decode.COMPILED_BACKENDS:
+            # The compiled step is warmed up and shape-marked on those backends' metadata.
             raise ValueError(
-                f"compile=True compiles decode steps for attention_backend='gather_sdpa' only, "
-                f"not {self.attention.name!r}; drop compile=True or use gather_sdpa"
+                f"compile=True compiles decode steps for attention_backend "
+                f"{' or '.join(map(repr, compiled_decode.COMPILED_BACKENDS))}, not {self.attention.name!r}; "
+                "drop compile=True or use one of those"
             )
         self.grammars = grammars
         self._decode_forward = compiled_decode.compile_decode(model) if compile_decode else model.forward
@@ -134,9 +135,7 @@ class Worker:
         meta = self.attention.build_metadata(seqs, len(input_ids), self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        # Compiled graphs assume a context of 2+ tokens; one-token prompts run eagerly.
-        pure_decode = meta.decode is not None and meta.decode.all_rows and meta.decode.kv_indices.shape[1] > 1
-        forward = self._decode_forward if pure_decode else self.model
+        forward = self._decode_forward if _pure_decode(meta, seqs) else self.model
         hidden = forward(ids, pos, self.kv_buffer.kv_caches, meta)
         if not sample_rows:
             return StepOutput(plan.step_id)
@@ -211,17 +210,29 @@ class Worker:
     def warm_up_decode(self, batch_sizes: Sequence[int]) -> None:
         """Run a throw-away decode step per batch size, so a compiled forward compiles now.
 
-        Every sequence's context is cache slot 0 repeated. Nothing holds KV
-        memory at start-up, so the step overwrites nothing in use.
+        Every sequence's context is cache slot 0 repeated (for the paged kernel,
+        block 0 repeated). Nothing holds KV memory at start-up, so the step
+        overwrites nothing in use.
         """
         start = time.monotonic()
         for batch_size in batch_sizes:
-            context = torch.zeros(batch_size + 1, dtype=torch.long, device=self.device)
-            seqs = [SeqLayout(b, 1, batch_size, context) for b in range(batch_size)]
-            meta = AttentionMetadata(
-                slot_mapping=torch.zeros(batch_size, dtype=torch.long, device=self.device),
-                decode=decode_batch(seqs, batch_size, self.device),
-            )
+            if self.attention.name == "paged":
+                # Tables of block 0, as wide as the batch plus two: equal sizes would be assumed equal forever.
+                num_blocks = batch_size + 2
+                context = torch.zeros(num_blocks * self.table_block_size, dtype=torch.long, device=self.device)
+                table = torch.zeros(num_blocks, dtype=torch.int32, device=self.device)
+                seqs = [
+                    SeqLayout(b, 1, context.numel() - 1, context, table, self.table_block_size)
+                    for b in range(batch_size)
+                ]
+                meta = self.attention.build_metadata(seqs, batch_size, self.device)
+            else:
+                context = torch.zeros(batch_size + 1, dtype=torch.long, device=self.device)
+                seqs = [SeqLayout(b, 1, batch_size, context) for b in range(batch_size)]
+                meta = AttentionMetadata(
+                    slot_mapping=torch.zeros(batch_size, dtype=torch.long, device=self.device),
+                    decode=decode_batch(seqs, batch_size, self.device),
+                )
             ids = torch.zeros(batch_size, dtype=torch.long, device=self.device)
             positions = torch.full_like(ids, batch_size)
             compiled_decode.mark_dynamic_sizes(ids, positions, meta)
@@ -229,3 +240,14 @@ class Worker:
         logger.info(
             "decode step ready for batch sizes %s in %.1fs", ", ".join(map(str, batch_sizes)), time.monotonic() - start
         )
+
+
+def _pure_decode(meta: AttentionMetadata, seqs: list[SeqLayout]) -> bool:
+    """A step the compiled decode graph covers: one token per request, in batch order.
+
+    gather_sdpa's graphs assume a padded context of 2+ tokens (one-token prompts
+    run eagerly); the paged kernel's tables are at least two entries wide.
+    """
+    if meta.paged is not None:
+        return all(s.num_tokens == 1 for s in seqs)
+    return meta.decode is not None and meta.decode.all_rows and meta.decode.kv_indices.shape[1] > 1

@@ -91,7 +91,7 @@ PAGED_CASES = [(0, 7), (4, 5), (9, 1), (3, 1), (0, 1), (40, 1), (600, 1), (500, 
 
 
 def _paged_step(
-    block_size: int, dtype: torch.dtype, cases: list[tuple[int, int]]
+    block_size: int, dtype: torch.dtype, cases: list[tuple[int, int]], head_dim: int = HEAD_DIM
 ) -> tuple[list[SeqLayout], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
     """Requests laid out in a paged pool through scrambled block tables, their cached KV written in place.
 
@@ -102,7 +102,7 @@ def _paged_step(
     # Block ids handed out in a random order, with spare blocks in between, so no table is a run.
     pool_blocks = 2 * sum(num_blocks) + 3
     order = torch.randperm(pool_blocks)
-    k_cache = torch.zeros(pool_blocks * block_size, NUM_KV_HEADS, HEAD_DIM, dtype=dtype)
+    k_cache = torch.zeros(pool_blocks * block_size, NUM_KV_HEADS, head_dim, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     seqs, cached = [], []
     row, used = 0, 0
@@ -110,8 +110,8 @@ def _paged_step(
         table = order[used : used + n].to(torch.int32)
         used += n
         slots = (table[:, None].long() * block_size + torch.arange(block_size)).flatten()[: done + new]
-        keys = torch.randn(done, NUM_KV_HEADS, HEAD_DIM).to(dtype)
-        values = torch.randn(done, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+        keys = torch.randn(done, NUM_KV_HEADS, head_dim).to(dtype)
+        values = torch.randn(done, NUM_KV_HEADS, head_dim).to(dtype)
         k_cache[slots[:done]] = keys
         v_cache[slots[:done]] = values
         cached.append((keys, values))
@@ -123,17 +123,24 @@ def _paged_step(
 @pytest.mark.parametrize("backend_name", ["gather_sdpa", "paged"])
 @pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_cache_matches_naive_attention(backend_name: str, block_size: int, dtype: torch.dtype) -> None:
-    """Scrambled tables over a paged pool; bfloat16 caches are checked to bfloat16's resolution."""
-    seqs, cached, k_cache, v_cache = _paged_step(block_size, dtype, PAGED_CASES)
+@pytest.mark.parametrize("head_dim", [16, 64, 128])
+def test_paged_cache_matches_naive_attention(
+    backend_name: str, block_size: int, dtype: torch.dtype, head_dim: int
+) -> None:
+    """Scrambled tables over a paged pool; bfloat16 caches are checked to bfloat16's resolution.
+
+    The kernel has its own code for head sizes 64 and 128 (unrolled at compile time) and
+    one for any other size (16 here), so all three are checked.
+    """
+    seqs, cached, k_cache, v_cache = _paged_step(block_size, dtype, PAGED_CASES, head_dim)
     num_tokens = sum(s.num_tokens for s in seqs)
-    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM).to(dtype)
-    k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM).to(dtype)
-    v = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+    q = torch.randn(num_tokens, NUM_HEADS, head_dim).to(dtype)
+    k = torch.randn(num_tokens, NUM_KV_HEADS, head_dim).to(dtype)
+    v = torch.randn(num_tokens, NUM_KV_HEADS, head_dim).to(dtype)
 
     backend = make_backend(backend_name)
     meta = backend.build_metadata(seqs, num_tokens, torch.device("cpu"))
-    got = backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+    got = backend.forward(q, k, v, k_cache, v_cache, meta, head_dim**-0.5)
 
     assert got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -192,3 +199,21 @@ def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler++")
     with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
         paged_cpu.load_kernel.__wrapped__()
+
+
+def test_paged_step_of_whole_prompts_only_skips_the_kernel_and_matches_naive_attention() -> None:
+    """Prompts of 32+ tokens with nothing cached go to causal SDPA; a step of only those calls no kernel."""
+    seqs, _, k_cache, v_cache = _paged_step(16, torch.float32, [(0, 40), (0, 33)])
+    num_tokens = sum(s.num_tokens for s in seqs)
+    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM)
+    k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
+    v = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
+    backend = make_backend("paged")
+    meta = backend.build_metadata(seqs, num_tokens, torch.device("cpu"))
+    assert meta.paged is not None and meta.paged.seqs.shape[0] == 0
+    got = backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+    for seq in seqs:
+        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+        expected = naive_attention(q[rows].double(), k[rows], v[rows], 0)
+        torch.testing.assert_close(got[rows].double(), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(k_cache[seq.context_slots], k[rows])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from kvos import LLM
 from tests.conftest import GreedyFn
 from tests.engine.test_engine_equivalence import SHARED, TEXTS, check_against_hf
@@ -26,9 +24,3 @@ def test_paged_backend_on_the_virtual_cache_matches_hf(hf_smollm: GreedyFn) -> N
     """Each request's table is one entry, its row: the same kernel, a block as long as the row."""
     llm = LLM(attention_backend="paged", kv_cache="virtual", kv_cache_memory_bytes=64 * 2**20)
     check_against_hf(llm, TEXTS, hf_smollm)
-
-
-def test_compile_with_the_paged_backend_is_a_clear_error() -> None:
-    """The compiled decode step is shaped on gather_sdpa's metadata; other backends say so at start-up."""
-    with pytest.raises(ValueError, match="compile=True compiles decode steps for attention_backend='gather_sdpa'"):
-        LLM(attention_backend="paged", compile=True, kv_cache_memory_bytes=2**24)

@@ -10,7 +10,8 @@ from tests.conftest import hf_greedy_fn
 from tests.engine.test_engine_equivalence import TEXTS, check_against_hf
 
 
-def test_compiled_decode_matches_hf_and_compiles_only_at_start_up(tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["paged", "gather_sdpa"])
+def test_compiled_decode_matches_hf_and_compiles_only_at_start_up(tmp_path, backend: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from tests.model.tiny_models import make_tiny_hf_model
@@ -18,7 +19,7 @@ def test_compiled_decode_matches_hf_and_compiles_only_at_start_up(tmp_path) -> N
     folder = make_tiny_hf_model(str(tmp_path), "llama")
     hf = hf_greedy_fn(AutoModelForCausalLM.from_pretrained(folder).eval())
     torch._dynamo.reset()
-    llm = LLM(folder, block_size=4, max_num_seqs=4, compile=True)
+    llm = LLM(folder, block_size=4, max_num_seqs=4, compile=True, attention_backend=backend)
     graphs_at_start_up = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs_at_start_up >= 1
     # Batches of 4, then 3, 2 and 1 as requests finish; contexts of every length.

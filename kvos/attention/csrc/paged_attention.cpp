@@ -28,9 +28,17 @@
  * output acc, rescaled whenever m grows. Memory per item is O(tile), whatever the
  * context. Query token i of a request sits at position num_computed + i and sees
  * positions 0 ..= num_computed + i (causal; a decode sees its whole context).
- * A second pass merges each (request, head, query tile)'s partitions:
+ * An item that is its (request, head, query tile)'s only partition (every context up
+ * to 512 positions) writes its rows straight to the output, acc / l. Longer contexts
+ * leave partial rows, and a second pass merges each group's partitions:
  *
  *     M = max_k m_k     L = sum_k l_k e^(m_k - M)     out = sum_k acc_k e^(m_k - M) / L
+ *
+ * The head dimension is a template parameter for the common sizes (64, 128), so the
+ * compiler unrolls every loop over it into whole vector registers; other sizes take
+ * the same code with the size known only at run time. A tile's slots come from one
+ * division and a walk along the blocks, and the next tile's rows are prefetched
+ * while the current one is scored (blocks sit anywhere in the pool).
  *
  * Caches are float32 or bfloat16; bfloat16 tiles are widened to float32 once per
  * tile, and every product and sum accumulates in float32. The loops are written for
@@ -46,6 +54,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -114,7 +123,7 @@ struct Item {
   int64_t kv_head;
   int64_t q_begin, q_end;  // query tokens, relative to the request
   int64_t p_begin, p_end;  // context positions
-  int64_t row;
+  int64_t row;     // first partial row (items with one partition have none: row = -1)
 };
 
 /* Partitions of one (request, kv head, query tile): items [first, first + count). */
@@ -132,44 +141,76 @@ struct KVWalk {
   int64_t v_stride;
   const int32_t* table;
   int64_t block_size;
-
-  int64_t slot(int64_t position) const {
-    return static_cast<int64_t>(table[position / block_size]) * block_size + position % block_size;
-  }
 };
+
+/* The slots of positions [start, start + n): one division for the tile, then a walk along
+ * the blocks (a division per position cost more than the dot products at small head sizes). */
+template <typename scalar_t>
+inline void tile_slots(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, int64_t* slots) {
+  int64_t block = start / walk.block_size;
+  int64_t offset = start - block * walk.block_size;
+  for (int64_t j = 0; j < n; ++j) {
+    slots[j] = static_cast<int64_t>(walk.table[block]) * walk.block_size + offset;
+    if (++offset == walk.block_size) {
+      offset = 0;
+      ++block;
+    }
+  }
+}
+
+/* Asks for the K and V rows of positions [start, start + n) ahead of their use. */
+template <typename scalar_t>
+inline void prefetch_tile(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, int64_t head_dim) {
+  int64_t slots[kKeyTile];
+  tile_slots(walk, start, n, slots);
+  const int64_t lines = std::max<int64_t>(1, head_dim * static_cast<int64_t>(sizeof(scalar_t)) / 64);
+  for (int64_t j = 0; j < n; ++j) {
+    const char* k_row = reinterpret_cast<const char*>(walk.k_base + slots[j] * walk.k_stride);
+    const char* v_row = reinterpret_cast<const char*>(walk.v_base + slots[j] * walk.v_stride);
+    for (int64_t c = 0; c < lines; ++c) {
+      __builtin_prefetch(k_row + 64 * c);
+      __builtin_prefetch(v_row + 64 * c);
+    }
+  }
+}
 
 /* Pointers to the float32 K and V rows of positions [start, start + n): the cache rows
  * themselves for a float32 cache, rows widened into `k_buf`/`v_buf` for bfloat16. */
 inline void load_tile(const KVWalk<float>& walk, int64_t start, int64_t n, int64_t /*head_dim*/,
                       float* /*k_buf*/, float* /*v_buf*/, const float** keys, const float** values) {
+  int64_t slots[kKeyTile];
+  tile_slots(walk, start, n, slots);
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t slot = walk.slot(start + j);
-    keys[j] = walk.k_base + slot * walk.k_stride;
-    values[j] = walk.v_base + slot * walk.v_stride;
+    keys[j] = walk.k_base + slots[j] * walk.k_stride;
+    values[j] = walk.v_base + slots[j] * walk.v_stride;
   }
 }
 
 inline void load_tile(const KVWalk<c10::BFloat16>& walk, int64_t start, int64_t n, int64_t head_dim,
                       float* k_buf, float* v_buf, const float** keys, const float** values) {
+  int64_t slots[kKeyTile];
+  tile_slots(walk, start, n, slots);
   for (int64_t j = 0; j < n; ++j) {
-    const int64_t slot = walk.slot(start + j);
-    widen(k_buf + j * head_dim, walk.k_base + slot * walk.k_stride, head_dim);
-    widen(v_buf + j * head_dim, walk.v_base + slot * walk.v_stride, head_dim);
+    widen(k_buf + j * head_dim, walk.k_base + slots[j] * walk.k_stride, head_dim);
+    widen(v_buf + j * head_dim, walk.v_base + slots[j] * walk.v_stride, head_dim);
     keys[j] = k_buf + j * head_dim;
     values[j] = v_buf + j * head_dim;
   }
 }
 
-/* Run one item: online softmax over its partition into partial rows (acc, m, l). */
-template <typename scalar_t>
+/* Run one item: online softmax over its partition into partial rows (acc, m, l).
+ * kD is the head dimension when known at compile time, 0 when only `head_dim_rt` knows it. */
+template <typename scalar_t, int64_t kD>
 void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, const float* q, int64_t q_stride_token,
-              int64_t group, int64_t head_dim, float scale, float* acc, float* m, float* l, float* q_buf,
+              int64_t group, int64_t head_dim_rt, float scale, float* acc, float* m, float* l, float* q_buf,
               float* k_buf, float* v_buf) {
+  const int64_t head_dim = kD > 0 ? kD : head_dim_rt;
   const int64_t num_rows = (item.q_end - item.q_begin) * group;
   // Query rows of this tile, scaled once: row r is token q_begin + r / G, head kv_head * G + r % G.
   for (int64_t r = 0; r < num_rows; ++r) {
     const int64_t token = seq.token_start + item.q_begin + r / group;
     const float* src = q + token * q_stride_token + (item.kv_head * group + r % group) * head_dim;
+#pragma omp simd
     for (int64_t d = 0; d < head_dim; ++d) q_buf[r * head_dim + d] = src[d] * scale;
     m[r] = kNegInf;
     l[r] = 0.0f;
@@ -181,6 +222,7 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
     const int64_t n = std::min(kKeyTile, item.p_end - start);
     load_tile(walk, start, n, head_dim, k_buf, v_buf, keys, values);
+    if (start + kKeyTile < item.p_end) prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), head_dim);
     for (int64_t r = 0; r < num_rows; ++r) {
       const int64_t visible_end = seq.num_computed + item.q_begin + r / group + 1;  // causal limit
       const int64_t visible = std::min(n, visible_end - start);
@@ -212,7 +254,22 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
   }
 }
 
-/* The items of the batch, in (request, query tile, kv head, partition) order, and their groups. */
+/* An item's rows, normalised, into the output: for items that are their group's only partition. */
+void write_rows(const Item& item, const Seq& seq, int64_t group, int64_t num_heads, int64_t head_dim,
+                const float* acc, const float* l, float* out) {
+  const int64_t num_rows = (item.q_end - item.q_begin) * group;
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const int64_t token = seq.token_start + item.q_begin + r / group;
+    float* dst = out + (token * num_heads + item.kv_head * group + r % group) * head_dim;
+    const float inv = 1.0f / l[r];  // > 0: every row sees position 0, which is in its only partition
+    const float* src = acc + r * head_dim;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) dst[d] = src[d] * inv;
+  }
+}
+
+/* The items of the batch, in (request, query tile, kv head, partition) order, and the groups of
+ * those with several partitions (num_rows: their partial rows). */
 void plan_items(const std::vector<Seq>& seqs, int64_t num_kv_heads, int64_t group, std::vector<Item>& items,
                 std::vector<Group>& groups, int64_t& num_rows) {
   num_rows = 0;
@@ -222,6 +279,10 @@ void plan_items(const std::vector<Seq>& seqs, int64_t num_kv_heads, int64_t grou
       const int64_t q_end = std::min(seq.num_tokens, q_begin + kQueryTile);
       const int64_t context = seq.num_computed + q_end;  // what the tile's last token sees
       for (int64_t h = 0; h < num_kv_heads; ++h) {
+        if (context <= kPartition) {  // one partition: its rows go straight to the output
+          items.push_back({s, h, q_begin, q_end, 0, context, -1});
+          continue;
+        }
         const int64_t first = static_cast<int64_t>(items.size());
         for (int64_t p_begin = 0; p_begin < context; p_begin += kPartition) {
           items.push_back({s, h, q_begin, q_end, p_begin, std::min(context, p_begin + kPartition), num_rows});
@@ -233,7 +294,7 @@ void plan_items(const std::vector<Seq>& seqs, int64_t num_kv_heads, int64_t grou
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int64_t kD>
 void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                           const at::Tensor& block_tables, const std::vector<Seq>& seqs, int64_t block_size,
                           double scale, at::Tensor& out) {
@@ -247,8 +308,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   int64_t num_rows = 0;
   plan_items(seqs, num_kv_heads, group, items, groups, num_rows);
   // Partial results of every item: acc (num_rows, D), then m and l (num_rows each).
-  std::vector<float> partial(static_cast<size_t>(num_rows) * (head_dim + 2));
-  float* acc_all = partial.data();
+  std::unique_ptr<float[]> partial(new float[static_cast<size_t>(num_rows) * (head_dim + 2)]);
+  float* acc_all = partial.get();
   float* m_all = acc_all + num_rows * head_dim;
   float* l_all = m_all + num_rows;
 
@@ -259,10 +320,17 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int64_t table_stride = block_tables.stride(0);
 
+  float* out_data = out.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_buf(kQueryTile * group * head_dim);
-    std::vector<float> k_buf(kKeyTile * head_dim);
-    std::vector<float> v_buf(kKeyTile * head_dim);
+    const int64_t max_rows = kQueryTile * group;
+    // Scratch of this thread: scaled queries, widened K/V tiles, and the rows of a one-partition item.
+    std::vector<float> scratch(max_rows * head_dim + 2 * kKeyTile * head_dim + max_rows * (head_dim + 2));
+    float* q_buf = scratch.data();
+    float* k_buf = q_buf + max_rows * head_dim;
+    float* v_buf = k_buf + kKeyTile * head_dim;
+    float* acc_own = v_buf + kKeyTile * head_dim;
+    float* m_own = acc_own + max_rows * head_dim;
+    float* l_own = m_own + max_rows;
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
       const KVWalk<scalar_t> walk{k_data + item.kv_head * k_cache.stride(1),
@@ -271,13 +339,16 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
                                   v_cache.stride(0),
                                   tables + item.seq * table_stride,
                                   block_size};
-      run_item(item, seqs[item.seq], walk, q_data, q_stride_token, group, head_dim, static_cast<float>(scale),
-               acc_all + item.row * head_dim, m_all + item.row, l_all + item.row, q_buf.data(), k_buf.data(),
-               v_buf.data());
+      const bool direct = item.row < 0;
+      float* acc = direct ? acc_own : acc_all + item.row * head_dim;
+      float* m = direct ? m_own : m_all + item.row;
+      float* l = direct ? l_own : l_all + item.row;
+      run_item<scalar_t, kD>(item, seqs[item.seq], walk, q_data, q_stride_token, group, head_dim,
+                             static_cast<float>(scale), acc, m, l, q_buf, k_buf, v_buf);
+      if (direct) write_rows(item, seqs[item.seq], group, num_heads, head_dim, acc, l, out_data);
     }
   });
 
-  float* out_data = out.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(groups.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       const Item& head_item = items[groups[g].first];
@@ -303,6 +374,20 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       }
     }
   });
+}
+
+template <typename scalar_t>
+void dispatch_head_dim(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const at::Tensor& block_tables, const std::vector<Seq>& seqs, int64_t block_size, double scale,
+                       at::Tensor& out) {
+  switch (q.size(2)) {
+    case 64:
+      return paged_attention_impl<scalar_t, 64>(q, k_cache, v_cache, block_tables, seqs, block_size, scale, out);
+    case 128:
+      return paged_attention_impl<scalar_t, 128>(q, k_cache, v_cache, block_tables, seqs, block_size, scale, out);
+    default:
+      return paged_attention_impl<scalar_t, 0>(q, k_cache, v_cache, block_tables, seqs, block_size, scale, out);
+  }
 }
 
 /*
@@ -359,9 +444,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 
   at::Tensor out = at::zeros({num_tokens, q.size(1), q.size(2)}, q.options());
   if (k_cache.scalar_type() == at::kFloat) {
-    paged_attention_impl<float>(q, k_cache, v_cache, block_tables, batch, block_size, scale, out);
+    dispatch_head_dim<float>(q, k_cache, v_cache, block_tables, batch, block_size, scale, out);
   } else {
-    paged_attention_impl<c10::BFloat16>(q, k_cache, v_cache, block_tables, batch, block_size, scale, out);
+    dispatch_head_dim<c10::BFloat16>(q, k_cache, v_cache, block_tables, batch, block_size, scale, out);
   }
   return out;
 }
