@@ -135,6 +135,8 @@ class ClusterCore:
         self._sequences: dict[str, _Sequence] = {}
         self._next_id = 0
         self._closed = False
+        self.num_resumed = 0
+        """Requests re-added elsewhere after their instance died or was drained."""
         try:
             for _ in range(cluster.instances):
                 self._spawn()
@@ -422,6 +424,7 @@ class ClusterCore:
 
     def _orphan(self, seq: _Sequence) -> None:
         seq.orphaned_at = time.monotonic()
+        self.num_resumed += 1
         if seq.request.fork_of is not None:  # its parent may land elsewhere: compute the prompt itself
             seq.request = replace(seq.request, fork_of=None)
 

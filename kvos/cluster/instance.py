@@ -23,12 +23,12 @@ from dataclasses import dataclass
 import torch
 
 from kvos.config import EngineConfig
-from kvos.core.engine_core import EngineCore, check_logit_bias, model_identity
+from kvos.core.engine_core import EngineCore, check_logit_bias
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
 from kvos.engine.stats import EngineStats
 from kvos.memory.block_allocator import KVEvent
-from kvos.memory.block_hash import BlockHash, root_hash
+from kvos.memory.block_hash import BlockHash
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.model.loader import load_model
 
@@ -89,11 +89,10 @@ class EngineInstance:
 
     def __init__(self, config: EngineConfig, eos_token_ids: frozenset[int], num_threads: int) -> None:
         torch.set_num_threads(num_threads)
-        loaded = load_model(config.model)
-        self.core = EngineCore(config, loaded, eos_token_ids)
+        self.core = EngineCore(config, load_model(config.model), eos_token_ids)
         kv = self.core.kv_manager
         prefix_events = isinstance(kv, PagedKVCacheManager) and config.cache.enable_prefix_caching
-        self._kv_root = root_hash(model_identity(loaded, config), kv.block_size) if prefix_events else None
+        self._kv_root = kv.root_digest if prefix_events and isinstance(kv, PagedKVCacheManager) else None
         self._rejected: list[SequenceUpdate] = []
 
     def info(self) -> InstanceInfo:

@@ -114,6 +114,11 @@ class PagedKVCacheManager:
 
     # -- prefix cache ---------------------------------------------------------------
 
+    @property
+    def root_digest(self) -> BlockHash:
+        """The root of this cache's digest chain: a router hashing prompts with it names the same blocks."""
+        return self._root
+
     def block_hashes(self, request: Request) -> list[BlockHash]:
         """Chained digests of the request's full blocks, extended incrementally."""
         hashes = self._block_hashes.setdefault(request.req_id, [])
