@@ -397,5 +397,25 @@ class PagedKVCacheManager:
         for block_id in reversed(table):
             self.allocator.release(block_id)
 
+    def reserve(self, request: Request, num_tokens: int) -> list[SaveToHost] | None:
+        """Make the request's table hold `num_tokens` tokens with fresh blocks, for KV copied in from elsewhere.
+
+        A live migration's destination calls this before the first block
+        arrives, and again with the final length. No prefix lookup and no
+        pending marks: the blocks are filled by copies, not by a step; they
+        become findable once a step of the resumed request publishes them.
+        Returns the write-backs of cached blocks it evicts (host tier), to run
+        before anything is copied in; None, changing nothing, when memory is short.
+        """
+        table = self._block_tables.get(request.req_id, [])
+        num_needed = max(-(-num_tokens // self.block_size) - len(table), 0)
+        if num_needed > self.allocator.num_free_blocks:
+            return None
+        self._block_tables[request.req_id] = table
+        for _ in range(num_needed):
+            table.append(self._allocate_block())
+        saves, self._demotions = self._demotions, []
+        return coalesce_saves(saves)
+
     def block_table(self, request: Request) -> list[int]:
         return list(self._block_tables.get(request.req_id, ()))
