@@ -42,6 +42,7 @@ from ray.exceptions import RayActorError
 
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.instance import EngineInstance, InstanceInfo, InstanceLoad, StepReport
+from kvos.cluster.migration import InstanceDied, MigrationResult, migrate
 from kvos.cluster.routers import InstanceView, make_router
 from kvos.cluster.stats import merge_stats
 from kvos.config import EngineConfig
@@ -106,6 +107,7 @@ class _Sequence:
     """Tokens already returned from `step()` (what the client has, or will have)."""
     orphaned_at: float | None = None
     """When it lost its instance and started waiting for another (None: placed)."""
+    migrating: bool = False
 
 
 def connect(cluster: ClusterConfig) -> bool:
@@ -136,7 +138,13 @@ class ClusterCore:
         self._next_id = 0
         self._closed = False
         self.num_resumed = 0
-        """Requests re-added elsewhere after their instance died or was drained."""
+        """Requests re-added elsewhere (recomputed) after their instance died or was drained."""
+        self.migrations: list[MigrationResult] = []
+        """Every live migration tried, in order (the benchmark and tests read them)."""
+        self._pending_updates: list[SequenceUpdate] = []
+        """Tokens a migration's commit found the router had not yet heard of: returned by the next `step()`."""
+        self._next_rebalance = 0.0
+        self._rebalancer: threading.Thread | None = None
         try:
             for _ in range(cluster.instances):
                 self._spawn()
@@ -189,10 +197,12 @@ class ClusterCore:
             return self._spawn().instance_id
 
     def drain_instance(self, instance_id: int) -> int:
-        """Take an instance out: its requests move to the others (recomputing their KV), then it stops.
+        """Take an instance out: its requests move to the others, then it stops. Returns how many moved.
 
-        Returns how many requests moved. Raises ValueError for an unknown id
-        or the last instance that can serve.
+        Each request migrates live (its KV copied, see `migration.py`); one
+        that cannot (no room anywhere, it ended meanwhile) is recomputed on
+        another instance from the tokens already sent. Raises ValueError for
+        an unknown id or the last instance that can serve.
         """
         with self._lock:
             inst = self._instances.get(instance_id)
@@ -203,15 +213,112 @@ class ClusterCore:
                 raise InvalidRequestError(
                     f"engine instance {instance_id} is the last one; add another before draining it", "instance_id"
                 )
+            was_healthy = inst.state == "healthy"
             inst.state = "draining"
-            moved = sorted(inst.live)
-            for seq_id in moved:
+            moving = sorted(inst.live)
+        if was_healthy:
+            for seq_id in moving:
+                self.migrate(seq_id)
+        with self._lock:
+            for seq_id in sorted(inst.live):
                 inst.handle.abort.remote(seq_id)
                 self._orphan(self._sequences[seq_id])
             inst.live.clear()
             self._remove(inst)
             self._place_orphans()
-            return len(moved)
+            return len(moving)
+
+    # -- live migration -------------------------------------------------------------------
+
+    def migrate(self, req_id: str, destination_id: int | None = None) -> MigrationResult | None:
+        """Move a running request to `destination_id` (default: the instance with the most freeness).
+
+        Blocks until done; None when there is nothing to do (unknown or
+        already migrating request, no other healthy instance).
+        """
+        with self._lock:
+            seq = self._sequences.get(req_id)
+            if seq is None or seq.migrating or seq.orphaned_at is not None:
+                return None
+            source = self._instances[seq.instance_id]
+            candidates = [i for i in self._routable() if i is not source]
+            if destination_id is not None:
+                candidates = [i for i in candidates if i.instance_id == destination_id]
+            if not candidates:
+                return None
+            destination = max(candidates, key=lambda i: i.view_load().freeness)
+            seq.migrating = True
+            request = replace(seq.request, output_token_ids=list(seq.delivered), fork_of=None)
+
+        def on_commit(state: Request) -> bool:
+            """Switch the stream to the destination (called with the lock held)."""
+            current = self._sequences.get(req_id)
+            if current is not seq or seq.instance_id != source.instance_id or seq.orphaned_at is not None:
+                return False
+            new = state.output_token_ids[len(seq.delivered) :]
+            if new:
+                seq.delivered.extend(new)
+                self._pending_updates.append(SequenceUpdate(req_id, list(new), [], state.num_cached_tokens))
+            source.live.discard(req_id)
+            destination.live.add(req_id)
+            seq.instance_id = destination.instance_id
+            return True
+
+        try:
+            result = migrate(
+                self._call, source.handle, destination.handle, request, request.num_tokens, on_commit, self._lock
+            )
+        finally:
+            with self._lock:
+                seq.migrating = False
+        logger.info(
+            "migration of %s from instance %d to %d: %s (%d stages, %d blocks, %.1f ms stopped)",
+            req_id,
+            source.instance_id,
+            destination.instance_id,
+            result.outcome,
+            result.stages,
+            result.blocks_copied,
+            result.downtime_s * 1e3,
+        )
+        with self._lock:
+            self.migrations.append(result)
+        return result
+
+    @staticmethod
+    def _call(handle: Any, method: str, *args: Any) -> Any:
+        try:
+            return ray.get(getattr(handle, method).remote(*args))
+        except RayActorError as exc:
+            raise InstanceDied(str(exc)) from exc
+
+    def _maybe_rebalance(self) -> None:
+        """Llumnix's load balancing: past a freeness gap, move the shortest request off the fullest instance."""
+        gap = self.cluster.migration_freeness_gap
+        now = time.monotonic()
+        if gap is None or now < self._next_rebalance:
+            return
+        self._next_rebalance = now + self.cluster.migration_interval_s
+        if self._rebalancer is not None and self._rebalancer.is_alive():
+            return
+        routable = [i for i in self._routable() if i.load is not None]
+        if len(routable) < 2:
+            return
+        fullest = min(routable, key=lambda i: i.view_load().freeness)
+        freest = max(routable, key=lambda i: i.view_load().freeness)
+        if freest.view_load().freeness - fullest.view_load().freeness < gap:
+            return
+        movable = [self._sequences[s] for s in fullest.live if not self._sequences[s].migrating]
+        if not movable:
+            return
+        shortest = min(movable, key=lambda s: s.request.num_prompt_tokens + len(s.delivered))
+        self._rebalancer = threading.Thread(
+            target=self.migrate,
+            args=(shortest.request.req_id, freest.instance_id),
+            name="kvos-rebalance",
+            daemon=True,
+        )
+        self._rebalancer.start()
 
     def _remove(self, inst: _Instance) -> None:
         self._instances.pop(inst.instance_id, None)
@@ -352,10 +459,12 @@ class ClusterCore:
         """The updates of every instance step that ended since the last call (waits up to `WAIT_S`)."""
         with self._lock:
             self._check_health()
-            updates = self._place_orphans()
+            updates, self._pending_updates = self._pending_updates, []
+            updates += self._place_orphans()
+            self._maybe_rebalance()
             in_flight: dict[Any, _Instance] = {}
             for inst in self._instances.values():
-                if inst.state != "healthy":
+                if inst.state not in ("healthy", "draining"):
                     continue
                 if inst.step_ref is None and inst.live:
                     inst.step_ref = inst.handle.step.remote()
@@ -432,7 +541,8 @@ class ClusterCore:
         """Re-add requests that lost their instance; fail those that waited too long for one."""
         updates = []
         now = time.monotonic()
-        for seq in [s for s in self._sequences.values() if s.orphaned_at is not None]:
+        # One still migrating waits for its migration to give up (it cancels the destination's reservation).
+        for seq in [s for s in self._sequences.values() if s.orphaned_at is not None and not s.migrating]:
             target = self._choose(seq.request)
             if target is not None:
                 self._send(seq, target)

@@ -26,6 +26,10 @@ class ClusterConfig:
     cached prefix unless that instance's freeness is below this many decode
     steps (then it routes by load). `failover_timeout_s`: how long a request
     whose instance died may wait for a healthy one before it fails.
+    `migration_freeness_gap`: every `migration_interval_s` seconds, when the
+    freest and the fullest instance differ by more than this many decode
+    steps of freeness, the shortest request on the fullest moves live to the
+    freest (Llumnix's load balancing; None: only draining migrates).
     """
 
     instances: int = 1
@@ -35,6 +39,8 @@ class ClusterConfig:
     max_restarts: int = 3
     prefix_overload_steps: float = 4.0
     failover_timeout_s: float = 60.0
+    migration_freeness_gap: float | None = None
+    migration_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -45,6 +51,10 @@ class ClusterConfig:
             raise ValueError(f"threads_per_instance must be >= 1, got {self.threads_per_instance}")
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.migration_freeness_gap is not None and self.migration_freeness_gap <= 0:
+            raise ValueError(f"migration_freeness_gap must be > 0, got {self.migration_freeness_gap}")
+        if self.migration_interval_s <= 0:
+            raise ValueError(f"migration_interval_s must be > 0, got {self.migration_interval_s}")
         if self.failover_timeout_s <= 0:
             raise ValueError(f"failover_timeout_s must be > 0, got {self.failover_timeout_s}")
 
@@ -87,6 +97,21 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         default=d.failover_timeout_s,
         help="seconds a request may wait for a healthy instance after its own died",
     )
+    group.add_argument(
+        "--migrate-on-imbalance",
+        dest="migration_freeness_gap",
+        type=float,
+        default=d.migration_freeness_gap,
+        metavar="GAP",
+        help="live-migrate a request when instances' freeness differs by more than GAP decode steps",
+    )
+    group.add_argument(
+        "--migration-interval",
+        dest="migration_interval_s",
+        type=float,
+        default=d.migration_interval_s,
+        help="seconds between load-imbalance checks",
+    )
 
 
 def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
@@ -98,4 +123,6 @@ def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
         max_restarts=args.max_restarts,
         prefix_overload_steps=args.prefix_overload_steps,
         failover_timeout_s=args.failover_timeout_s,
+        migration_freeness_gap=args.migration_freeness_gap,
+        migration_interval_s=args.migration_interval_s,
     )

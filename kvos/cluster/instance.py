@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kvos.config import EngineConfig
-from kvos.core.engine_core import EngineCore, check_logit_bias
+from kvos.core.engine_core import EngineCore, KVChunk, check_logit_bias
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
 from kvos.engine.stats import EngineStats
@@ -132,6 +132,32 @@ class EngineInstance:
             self.core.stats(),
             self.core.take_kv_events(),
         )
+
+    # -- live migration (kvos/cluster/migration.py): the engine core's hooks, one call each --
+
+    def migration_snapshot(self, req_id: str, first_block: int) -> KVChunk | None:
+        return self.core.migration_snapshot(req_id, first_block)
+
+    def migration_suspend(self, req_id: str, first_block: int) -> tuple[Request, KVChunk] | None:
+        return self.core.migration_suspend(req_id, first_block)
+
+    def migration_resume_here(self, req_id: str) -> None:
+        self.core.migration_resume_here(req_id)
+
+    def migration_release(self, req_id: str) -> None:
+        self.core.migration_release(req_id)
+
+    def migration_reserve(self, request: Request, num_tokens: int) -> bool:
+        return self.core.migration_reserve(request, num_tokens)
+
+    def migration_import(self, req_id: str, chunk: KVChunk) -> bool:
+        return self.core.migration_import(req_id, chunk)
+
+    def migration_commit(self, state: Request, chunk: KVChunk) -> bool:
+        return self.core.migration_commit(state, chunk)
+
+    def migration_cancel(self, req_id: str) -> None:
+        self.core.migration_cancel(req_id)
 
     def _load(self) -> InstanceLoad:
         scheduler = self.core.scheduler
