@@ -85,7 +85,7 @@ class _Instance:
     step_ref: Any = None
     ping_ref: Any = None
     ping_after: float = 0.0
-    failed_pings: int = 0
+    down_since: float = 0.0
     restarts: int = 0
 
     def view_load(self) -> InstanceLoad:
@@ -184,7 +184,6 @@ class ClusterCore:
         inst.cached.clear()
         inst.routed_tokens = inst.routed_requests = 0
         inst.ping_ref = None
-        inst.failed_pings = 0
         if inst.state in ("starting", "restarting"):
             inst.state = "healthy"
             logger.info("engine instance %d is healthy", inst.instance_id)
@@ -360,10 +359,11 @@ class ClusterCore:
             try:
                 info = ray.get(inst.ping_ref)
             except RayActorError:
+                # Restarting (Ray reloads it) or dead for good (restarts used up): the same error
+                # until it answers, so give it as long as a request may wait for an instance.
                 inst.ping_ref = None
-                inst.failed_pings += 1
                 inst.ping_after = now + PING_RETRY_S
-                if inst.failed_pings > self.cluster.max_restarts + 1:
+                if now - inst.down_since > self.cluster.failover_timeout_s:
                     inst.state = "dead"
                     logger.error("engine instance %d is dead for good", inst.instance_id)
                 continue
@@ -526,6 +526,7 @@ class ClusterCore:
         inst.cached.clear()
         inst.ping_ref = None
         inst.ping_after = 0.0
+        inst.down_since = time.monotonic()
         self.router.forget(inst.instance_id)
         for seq_id in sorted(inst.live):
             self._orphan(self._sequences[seq_id])

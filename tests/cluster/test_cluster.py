@@ -8,6 +8,7 @@ kills an instance, runs last.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterator
 
@@ -160,8 +161,10 @@ def test_add_and_drain_under_load_lose_nothing(cluster: ClusterEngine, reference
         async for out in first:  # some tokens are out before the drain
             if len(out.outputs[0].token_ids) >= 3:
                 break
+        migrations_before = len(core(cluster).migrations)
         moved = await asyncio.to_thread(cluster.drain_instance, 0)
         assert moved > 0  # instance 0 was serving some of them
+        assert [r.outcome for r in core(cluster).migrations[migrations_before:]].count("migrated") > 0
         results = []
         for stream in streams:
             tokens = stream.output.outputs[0].token_ids if stream.output is not None else []
@@ -174,6 +177,57 @@ def test_add_and_drain_under_load_lose_nothing(cluster: ClusterEngine, reference
     assert [i["id"] for i in cluster.instances()] == [1, 2, new_id]
     with pytest.raises(ValueError, match="no engine instance 0"):
         cluster.drain_instance(0)
+    assert_all_kv_freed(cluster)
+
+
+def test_live_migration_mid_stream_keeps_one_unbroken_stream(cluster: ClusterEngine, reference) -> None:
+    prompts = [prompt(500, length=40), prompt(501, length=40)]
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def one(i: int) -> list[int]:
+        stream = await cluster.add_request(f"mig-{i}", prompts[i], long)
+        seen: list[int] = []
+        result = None
+        async for out in stream:
+            tokens = out.outputs[0].token_ids
+            assert tokens[: len(seen)] == seen, "the stream went back on a token"
+            seen = list(tokens)
+            if result is None and len(seen) >= 5 * (i + 1):
+                result = await asyncio.to_thread(core(cluster).migrate, f"mig-{i}")
+                assert result is not None and result.outcome == "migrated", result
+                assert result.blocks_copied >= 3 and result.downtime_s > 0
+        assert result is not None
+        return seen
+
+    async def main() -> list[list[int]]:
+        return list(await asyncio.gather(one(0), one(1)))
+
+    assert asyncio.run(main()) == reference(prompts, 200)
+    assert_all_kv_freed(cluster)
+
+
+def test_load_imbalance_triggers_a_migration(cluster: ClusterEngine, reference) -> None:
+    class First:
+        wants_prefix = False
+
+        def choose(self, request, views):
+            return min(v.instance_id for v in views)
+
+        def forget(self, instance_id: int) -> None:
+            pass
+
+    the_core = core(cluster)
+    the_core.router = First()
+    before = len(the_core.migrations)
+    the_core.cluster = dataclasses.replace(the_core.cluster, migration_freeness_gap=1.0, migration_interval_s=0.05)
+    try:
+        prompts = [prompt(600 + i, length=30) for i in range(4)]
+        long = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+        assert run_all(cluster, prompts, long) == reference(prompts, 50)
+    finally:
+        the_core.cluster = dataclasses.replace(the_core.cluster, migration_freeness_gap=None)
+        the_core.router = RoundRobinRouter()
+    assert any(r.outcome == "migrated" for r in the_core.migrations[before:])
     assert_all_kv_freed(cluster)
 
 
