@@ -65,12 +65,15 @@ PING_RETRY_S = 0.5
 NO_INSTANCE = "no healthy engine instance could take over this request"
 
 InstanceState = Literal["starting", "healthy", "restarting", "draining", "dead"]
+Role = Literal["both", "prefill", "decode"]
 
 
 @dataclass
 class _Instance:
     instance_id: int
     handle: Any
+    role: Role = "both"
+    """What it serves: everything, or (disaggregated) prompts only or decoding only."""
     state: InstanceState = "starting"
     info: InstanceInfo | None = None
     load: InstanceLoad | None = None
@@ -108,6 +111,8 @@ class _Sequence:
     orphaned_at: float | None = None
     """When it lost its instance and started waiting for another (None: placed)."""
     migrating: bool = False
+    handed_off: bool = False
+    """Disaggregation: its move to a decode instance was tried (it is not tried twice)."""
 
 
 def connect(cluster: ClusterConfig) -> bool:
@@ -146,8 +151,16 @@ class ClusterCore:
         self._next_rebalance = 0.0
         self._rebalancer: threading.Thread | None = None
         try:
-            for _ in range(cluster.instances):
-                self._spawn()
+            prefill: list[Role] = ["prefill"]
+            decode: list[Role] = ["decode"]
+            both: list[Role] = ["both"]
+            roles = (
+                prefill * cluster.prefill_instances + decode * cluster.decode_instances
+                if cluster.disaggregated
+                else both * cluster.instances
+            )
+            for role in roles:
+                self._spawn(role)
             infos = ray.get([inst.ping_ref for inst in self._instances.values()])
         except Exception:
             self.close()
@@ -165,14 +178,14 @@ class ClusterCore:
 
     # -- instances ----------------------------------------------------------------------
 
-    def _spawn(self) -> _Instance:
+    def _spawn(self, role: Role) -> _Instance:
         instance_id = self._next_id
         self._next_id += 1
         threads = self.cluster.num_threads
         handle: Any = self._actor.options(max_restarts=self.cluster.max_restarts, num_cpus=threads).remote(
             self.config, self._eos_token_ids, threads
         )
-        inst = _Instance(instance_id, handle)
+        inst = _Instance(instance_id, handle, role)
         inst.ping_ref = handle.info.remote()
         self._instances[instance_id] = inst
         return inst
@@ -189,11 +202,11 @@ class ClusterCore:
             logger.info("engine instance %d is healthy", inst.instance_id)
 
     def add_instance(self) -> int:
-        """Start one more instance; it takes requests once it has loaded (see `instances()`)."""
+        """Start one more instance (disaggregated: a decode instance); it serves once loaded (see `instances()`)."""
         with self._lock:
             if self._closed:
                 raise EngineUnavailableError("the cluster is shut down")
-            return self._spawn().instance_id
+            return self._spawn("decode" if self.cluster.disaggregated else "both").instance_id
 
     def drain_instance(self, instance_id: int) -> int:
         """Take an instance out: its requests move to the others, then it stops. Returns how many moved.
@@ -240,7 +253,9 @@ class ClusterCore:
             if seq is None or seq.migrating or seq.orphaned_at is not None:
                 return None
             source = self._instances[seq.instance_id]
-            candidates = [i for i in self._routable() if i is not source]
+            # Disaggregated: requests decode on decode instances; otherwise any instance serves.
+            roles: tuple[Role, ...] = ("decode",) if source.role != "both" else ("both",)
+            candidates = [i for i in self._routable(roles) if i is not source]
             if destination_id is not None:
                 candidates = [i for i in candidates if i.instance_id == destination_id]
             if not candidates:
@@ -284,6 +299,15 @@ class ClusterCore:
             self.migrations.append(result)
         return result
 
+    def _hand_off(self, seq: _Sequence) -> None:
+        """Disaggregation: the prompt is computed; move the request's KV to a decode instance.
+
+        In the background (the router keeps stepping); if no decode instance
+        takes it, it decodes where it is.
+        """
+        seq.handed_off = True
+        threading.Thread(target=self.migrate, args=(seq.request.req_id,), name="kvos-handoff", daemon=True).start()
+
     @staticmethod
     def _call(handle: Any, method: str, *args: Any) -> Any:
         try:
@@ -300,7 +324,8 @@ class ClusterCore:
         self._next_rebalance = now + self.cluster.migration_interval_s
         if self._rebalancer is not None and self._rebalancer.is_alive():
             return
-        routable = [i for i in self._routable() if i.load is not None]
+        roles: tuple[Role, ...] = ("decode",) if self.cluster.disaggregated else ("both",)
+        routable = [i for i in self._routable(roles) if i.load is not None]
         if len(routable) < 2:
             return
         fullest = min(routable, key=lambda i: i.view_load().freeness)
@@ -332,6 +357,7 @@ class ClusterCore:
             return [
                 {
                     "id": inst.instance_id,
+                    "role": inst.role,
                     "state": inst.state,
                     "requests": len(inst.live),
                     "freeness": inst.view_load().freeness if inst.load is not None else None,
@@ -340,8 +366,9 @@ class ClusterCore:
                 for inst in self._instances.values()
             ]
 
-    def _routable(self) -> list[_Instance]:
-        return [inst for inst in self._instances.values() if inst.state == "healthy"]
+    def _routable(self, roles: tuple[Role, ...] = ("both", "prefill")) -> list[_Instance]:
+        """Healthy instances of these roles (by default: those that take new requests)."""
+        return [inst for inst in self._instances.values() if inst.state == "healthy" and inst.role in roles]
 
     def _check_health(self) -> None:
         """Collect answered health checks; ask again where one failed (no waiting)."""
@@ -511,6 +538,8 @@ class ClusterCore:
             if update.finish_reason is not None:
                 del self._sequences[update.req_id]
                 inst.live.discard(update.req_id)
+            elif inst.role == "prefill" and seq.delivered and not seq.handed_off and not seq.migrating:
+                self._hand_off(seq)
             updates.append(update)
         for req_id in report.running:
             if req_id not in inst.live:

@@ -30,6 +30,10 @@ class ClusterConfig:
     freest and the fullest instance differ by more than this many decode
     steps of freeness, the shortest request on the fullest moves live to the
     freest (Llumnix's load balancing; None: only draining migrates).
+    `prefill_instances` / `decode_instances` (DistServe): when set, new
+    requests go to prefill instances only, and once a request's prompt is
+    computed (its first token sampled) its KV moves to a decode instance by
+    the same path as a live migration; `instances` is then their sum.
     """
 
     instances: int = 1
@@ -41,8 +45,19 @@ class ClusterConfig:
     failover_timeout_s: float = 60.0
     migration_freeness_gap: float | None = None
     migration_interval_s: float = 1.0
+    prefill_instances: int = 0
+    decode_instances: int = 0
 
     def __post_init__(self) -> None:
+        if self.prefill_instances < 0 or self.decode_instances < 0:
+            raise ValueError("prefill_instances and decode_instances must be >= 0")
+        if (self.prefill_instances > 0) != (self.decode_instances > 0):
+            raise ValueError(
+                "disaggregation needs both --prefill-instances and --decode-instances "
+                f"(got {self.prefill_instances} and {self.decode_instances})"
+            )
+        if self.disaggregated:
+            object.__setattr__(self, "instances", self.prefill_instances + self.decode_instances)
         if self.instances < 1:
             raise ValueError(f"instances must be >= 1, got {self.instances}")
         if self.router not in ROUTERS:
@@ -64,6 +79,10 @@ class ClusterConfig:
         if self.threads_per_instance is not None:
             return self.threads_per_instance
         return max(1, (os.cpu_count() or 1) // self.instances)
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill_instances > 0
 
     @property
     def enabled(self) -> bool:
@@ -106,6 +125,18 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         help="live-migrate a request when instances' freeness differs by more than GAP decode steps",
     )
     group.add_argument(
+        "--prefill-instances",
+        type=int,
+        default=d.prefill_instances,
+        help="disaggregation: instances that only compute prompts (needs --decode-instances)",
+    )
+    group.add_argument(
+        "--decode-instances",
+        type=int,
+        default=d.decode_instances,
+        help="disaggregation: instances that decode what prefill instances hand over",
+    )
+    group.add_argument(
         "--migration-interval",
         dest="migration_interval_s",
         type=float,
@@ -125,4 +156,6 @@ def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
         failover_timeout_s=args.failover_timeout_s,
         migration_freeness_gap=args.migration_freeness_gap,
         migration_interval_s=args.migration_interval_s,
+        prefill_instances=args.prefill_instances,
+        decode_instances=args.decode_instances,
     )

@@ -267,3 +267,31 @@ def test_chaos_an_instance_killed_mid_stream_loses_no_request(cluster: ClusterEn
         time.sleep(0.2)
     assert run_all(cluster, prompts[:6], params) == expected[:6]
     assert_all_kv_freed(cluster)
+
+
+def test_disaggregated_prefill_and_decode_equal_colocated(
+    config: EngineConfig, cluster: ClusterEngine, reference
+) -> None:
+    """Runs last: its own cluster, one prefill and one decode instance, on the module's Ray runtime."""
+    cluster.shutdown()  # free the module cluster's instances first (this machine's cores are few)
+    disaggregated = ClusterEngine(
+        config, ClusterConfig(prefill_instances=1, decode_instances=1, threads_per_instance=1)
+    )
+    disaggregated.start()
+    try:
+        prompts = [prompt(700 + i, length=20 + i) for i in range(6)]
+        long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        assert run_all(disaggregated, prompts, long) == reference(prompts, 40)
+        handoffs = [r.outcome for r in disaggregated.cluster.migrations]
+        assert handoffs.count("migrated") == len(prompts)
+        roles = {i["id"]: i["role"] for i in disaggregated.instances()}
+        disaggregated.cluster.refresh()
+        stats = disaggregated.cluster.instance_stats()
+        prefill_id = next(i for i, r in roles.items() if r == "prefill")
+        decode_id = next(i for i, r in roles.items() if r == "decode")
+        assert stats[prefill_id].num_prompt_tokens == sum(len(p) for p in prompts)
+        assert stats[decode_id].num_prompt_tokens == 0  # it computed no prompt: the KV came over
+        assert stats[decode_id].num_generation_tokens > stats[prefill_id].num_generation_tokens
+        assert all(s.num_used_blocks == 0 for s in stats.values())
+    finally:
+        disaggregated.shutdown()

@@ -199,6 +199,8 @@ def run_server(
         app = build_app(async_engine, server_config)
         add_admin_routes(app, cluster_engine, server_config.api_key)
         placement = f"{cluster_config.instances} instances on Ray, router {cluster_config.router}"
+        if cluster_config.disaggregated:
+            placement += f" ({cluster_config.prefill_instances} prefill, {cluster_config.decode_instances} decode)"
     else:
         async_engine = AsyncLLMEngine(LLMEngine(engine_config), server_config.max_waiting)
         app = build_app(async_engine, server_config)
