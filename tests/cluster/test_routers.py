@@ -61,3 +61,16 @@ def test_session_sticks_to_one_instance_while_it_is_there() -> None:
     assert router.choose(request("alice"), [view(0, 5000, 0)]) == 0
     assert router.choose(request("alice"), [view(0, 10, 9), view(1, 5000, 0)]) == 0  # re-stuck to 0
     assert router.choose(request(""), [view(0, 10, 9), view(1, 5000, 0)]) == 1  # no session: by load
+
+
+def test_cluster_config_refuses_half_a_disaggregation_and_counts_its_instances() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="needs both --prefill-instances and --decode-instances"):
+        ClusterConfig(prefill_instances=2)
+    config = ClusterConfig(prefill_instances=1, decode_instances=2)
+    assert config.instances == 3 and config.disaggregated and config.enabled
+    assert not ClusterConfig().enabled and ClusterConfig(ray_address="auto").enabled
+    assert ClusterConfig(instances=2, threads_per_instance=3).num_threads == 3
+    with pytest.raises(ValueError, match="router must be one of"):
+        ClusterConfig(router="random")  # type: ignore[arg-type]
