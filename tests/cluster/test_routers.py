@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.instance import InstanceLoad
 from kvos.cluster.routers import InstanceView, make_router
@@ -64,8 +66,6 @@ def test_session_sticks_to_one_instance_while_it_is_there() -> None:
 
 
 def test_cluster_config_refuses_half_a_disaggregation_and_counts_its_instances() -> None:
-    import pytest
-
     with pytest.raises(ValueError, match="needs both --prefill-instances and --decode-instances"):
         ClusterConfig(prefill_instances=2)
     config = ClusterConfig(prefill_instances=1, decode_instances=2)
