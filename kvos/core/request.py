@@ -21,6 +21,8 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    MIGRATING = "migrating"
+    """Stopped for a live migration out: KV kept, not scheduled (see `Scheduler.detach`)."""
     FINISHED = "finished"
 
 

@@ -25,7 +25,15 @@ sampled from its own logits row like any other request's.
 from __future__ import annotations
 
 from kvos.config import SchedulerConfig
-from kvos.core.plan import NewRequestData, SaveToHost, ScheduledRequest, SequenceUpdate, StepOutput, StepPlan
+from kvos.core.plan import (
+    NewRequestData,
+    SaveToHost,
+    ScheduledRequest,
+    SequenceUpdate,
+    StepOutput,
+    StepPlan,
+    TableUpdate,
+)
 from kvos.core.policies import SchedulingPolicy, make_policy
 from kvos.core.request import Request, RequestStatus
 from kvos.memory.kv_manager import KVAllocation, KVCacheManager, SwappingKVCacheManager
@@ -60,6 +68,8 @@ class Scheduler:
         self._step_id = 0
         self._finished_ids: list[str] = []
         """Ended since the last plan: the worker drops their state."""
+        self._attached: list[Request] = []
+        """Migrated in since the last plan: the worker learns of them (and their whole table) next step."""
 
     # -- requests in and out ----------------------------------------------------------
 
@@ -89,12 +99,61 @@ class Scheduler:
         self._step_id += num_steps
         self._finished_ids = []
 
+    # -- live migration ---------------------------------------------------------------------
+
+    def detach(self, req_id: str) -> Request | None:
+        """Stop a running request for a migration out, keeping its KV; None if it is not running.
+
+        It stays in `requests` (an abort still finds and frees it) but is
+        scheduled no more until `reattach` (the migration failed) or
+        `release_detached` (the destination took over).
+        """
+        request = self.requests.get(req_id)
+        if request is None or request.status != RequestStatus.RUNNING:
+            return None
+        self.running.remove(request)
+        request.status = RequestStatus.MIGRATING
+        return request
+
+    def reattach(self, req_id: str) -> None:
+        """The migration failed: the detached request runs here again, where it stopped."""
+        request = self.requests.get(req_id)
+        if request is not None and request.status == RequestStatus.MIGRATING:
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+
+    def release_detached(self, req_id: str) -> None:
+        """The destination committed: free the detached request's KV and forget it here."""
+        request = self.requests.get(req_id)
+        if request is None or request.status != RequestStatus.MIGRATING:
+            return
+        self.kv.free(request)
+        del self.requests[req_id]
+        self._finished_ids.append(req_id)
+
+    def attach(self, request: Request) -> None:
+        """A request migrated in: its KV (`num_computed_tokens` of it) is already in the blocks the
+        manager reserved under its id; it runs from the next step as if it had been running here."""
+        if request.req_id in self.requests:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        request.status = RequestStatus.RUNNING
+        request.admitted_step = self._step_id
+        self.requests[request.req_id] = request
+        self.running.append(request)
+        self._attached.append(request)
+
     # -- planning -----------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
         self._step_id += 1
         plan = StepPlan(self._step_id, finished_req_ids=self._finished_ids)
         self._finished_ids = []
+        fresh_tables = set()
+        for request in self._attached:
+            if request.status == RequestStatus.RUNNING:
+                plan.new_requests.append(self._request_data(request))
+                fresh_tables.add(request.req_id)
+        self._attached = []
         budget = self.config.max_num_batched_tokens
         # Sequence slots first: the policy may hand a running request's slot to a more urgent one.
         while len(self.running) >= self.config.max_num_seqs:
@@ -122,6 +181,9 @@ class Scheduler:
                 allocation = self.kv.allocate_slots(request, num_tokens)
             if allocation is None:
                 continue
+            if request.req_id in fresh_tables:  # the worker has never seen this table
+                full = TableUpdate(0, tuple(self.kv.block_table(request)))
+                allocation = KVAllocation(full, allocation.copies, allocation.saves, allocation.loads)
             self._plan_chunk(plan, request, num_tokens, allocation)
             budget -= num_tokens
             i += 1
@@ -182,14 +244,15 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         request.admitted_step = self._step_id
         self.running.append(request)
-        plan.new_requests.append(
-            NewRequestData(
-                request.req_id,
-                list(request.prompt_token_ids),
-                list(request.output_token_ids),
-                request.params,
-                request.seed_offset,
-            )
+        plan.new_requests.append(self._request_data(request))
+
+    def _request_data(self, request: Request) -> NewRequestData:
+        return NewRequestData(
+            request.req_id,
+            list(request.prompt_token_ids),
+            list(request.output_token_ids),
+            request.params,
+            request.seed_offset,
         )
 
     def _plan_chunk(self, plan: StepPlan, request: Request, num_tokens: int, allocation: KVAllocation) -> None:

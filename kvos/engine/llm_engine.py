@@ -13,34 +13,64 @@ thread (see `async_engine`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Protocol
 
 from kvos.config import EngineConfig
 from kvos.core.core_process import EngineCoreProcess
 from kvos.core.engine_core import EngineCore
+from kvos.core.plan import SequenceUpdate
+from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.engine.stats import EngineStats
 from kvos.errors import InvalidRequestError
 from kvos.frontend.output_processor import OutputProcessor
 from kvos.memory.kv_manager import KVCacheManager
-from kvos.model.loader import load_model
+from kvos.model.loader import LoadedModel, load_model
 from kvos.outputs import RequestOutput
 from kvos.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
+class Core(Protocol):
+    """The engine-core calls `LLMEngine` makes: `EngineCore`, `EngineCoreProcess` and a cluster answer them."""
+
+    max_model_len: int
+    capacity_tokens: int
+
+    def add_request(self, request: Request) -> None: ...
+
+    def abort_request(self, req_id: str) -> None: ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def step(self) -> list[SequenceUpdate]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def close(self) -> None: ...
+
+
+CoreFactory = Callable[[EngineConfig, LoadedModel, frozenset[int]], Core]
+"""Builds the core from the config, the loaded model and the EOS ids (a cluster of instances, say)."""
+
+
 class LLMEngine:
     """Owns the tokenizer and the front end's per-request state, and drives one `EngineCore`."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, core_factory: CoreFactory | None = None) -> None:
+        """`core_factory`: build the core some other way than in this process or a child process."""
         self.config = config
         loaded = load_model(config.model)
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         self.arch = loaded.arch
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(loaded.arch.eos_token_ids)
-        self.core: EngineCore | EngineCoreProcess
-        if config.parallel.core_process:
+        self.core: Core
+        if core_factory is not None:
+            self.core = core_factory(config, loaded, self.eos_token_ids)
+        elif config.parallel.core_process:
             self.core = EngineCoreProcess(config, self.eos_token_ids)
         else:
             self.core = EngineCore(config, loaded, self.eos_token_ids)

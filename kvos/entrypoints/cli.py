@@ -9,6 +9,7 @@ import sys
 from dataclasses import fields
 from typing import Any, get_args, get_type_hints
 
+from kvos.cluster.config import add_cluster_args, cluster_config_from_args
 from kvos.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_tenant_weights
 from kvos.entrypoints.server_config import add_server_args
 
@@ -267,7 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvos.entrypoints.server_config import ServerConfig
 
     server_config = ServerConfig.from_args(args)
-    run_server(EngineConfig.from_kwargs(**engine_options(args)), server_config)
+    run_server(EngineConfig.from_kwargs(**engine_options(args)), server_config, cluster_config_from_args(args))
     return 0
 
 
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve, positional_model=True)
     add_server_args(serve)
+    add_cluster_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help=f"benchmarks: {' | '.join(BENCHMARKS)} (run from the repository root)")

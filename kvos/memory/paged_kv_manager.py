@@ -114,6 +114,11 @@ class PagedKVCacheManager:
 
     # -- prefix cache ---------------------------------------------------------------
 
+    @property
+    def root_digest(self) -> BlockHash:
+        """The root of this cache's digest chain: a router hashing prompts with it names the same blocks."""
+        return self._root
+
     def block_hashes(self, request: Request) -> list[BlockHash]:
         """Chained digests of the request's full blocks, extended incrementally."""
         hashes = self._block_hashes.setdefault(request.req_id, [])
@@ -391,6 +396,26 @@ class PagedKVCacheManager:
         # Tail blocks first, so the LRU evicts a prefix's end before its start.
         for block_id in reversed(table):
             self.allocator.release(block_id)
+
+    def reserve(self, request: Request, num_tokens: int) -> list[SaveToHost] | None:
+        """Make the request's table hold `num_tokens` tokens with fresh blocks, for KV copied in from elsewhere.
+
+        A live migration's destination calls this before the first block
+        arrives, and again with the final length. No prefix lookup and no
+        pending marks: the blocks are filled by copies, not by a step; they
+        become findable once a step of the resumed request publishes them.
+        Returns the write-backs of cached blocks it evicts (host tier), to run
+        before anything is copied in; None, changing nothing, when memory is short.
+        """
+        table = self._block_tables.get(request.req_id, [])
+        num_needed = max(-(-num_tokens // self.block_size) - len(table), 0)
+        if num_needed > self.allocator.num_free_blocks:
+            return None
+        self._block_tables[request.req_id] = table
+        for _ in range(num_needed):
+            table.append(self._allocate_block())
+        saves, self._demotions = self._demotions, []
+        return coalesce_saves(saves)
 
     def block_table(self, request: Request) -> list[int]:
         return list(self._block_tables.get(request.req_id, ()))

@@ -28,7 +28,7 @@ import torch
 from kvos.attention.backend import AttentionBackend, SeqLayout
 from kvos.attention.gather_sdpa import decode_batch
 from kvos.attention.metadata import AttentionMetadata
-from kvos.core.plan import NewRequestData, SampledToken, StepOutput, StepPlan, TableUpdate
+from kvos.core.plan import NewRequestData, SampledToken, SaveToHost, StepOutput, StepPlan, TableUpdate
 from kvos.model import compiled_decode
 from kvos.model.llama import LlamaForCausalLM
 from kvos.sampling_params import SamplingParams
@@ -195,6 +195,31 @@ class Worker:
             return None
         # On the logits' device: a CPU generator cannot drive sampling from CUDA logits.
         return torch.Generator(device=self.device).manual_seed(params.seed + seed_offset)
+
+    # -- KV in and out of this worker (live migration) -------------------------------------
+
+    def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A copy of the blocks' K and V: `[layers, 2, len(block_ids) * block_size, kv_heads, head_dim]`, on the CPU."""
+        slots = self._block_slots(block_ids)
+        return torch.stack([torch.stack((k[slots], v[slots])) for k, v in self.kv_buffer.kv_caches]).cpu()
+
+    def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        """Copy what `read_blocks` returned (on another worker) into these blocks."""
+        slots = self._block_slots(block_ids)
+        for layer, (k, v) in enumerate(self.kv_buffer.kv_caches):
+            k[slots] = data[layer, 0].to(k.device)
+            v[slots] = data[layer, 1].to(v.device)
+
+    def save_to_host(self, saves: list[SaveToHost]) -> None:
+        """Run write-backs now (before blocks they read are overwritten outside a step)."""
+        if saves:
+            if self.host_pool is None:
+                raise RuntimeError("write-backs to a host tier, but this worker has none")
+            self.host_pool.save(self.kv_buffer.kv_caches, saves)
+
+    def _block_slots(self, block_ids: Sequence[int]) -> torch.Tensor:
+        blocks = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
+        return (blocks[:, None] * self.table_block_size + self._offsets).flatten()
 
     def _set_table(self, state: _RequestState, update: TableUpdate) -> None:
         """Overwrite the table from `update.start` on, and the cached slot indices with it."""

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from kvos.cluster.config import ClusterConfig
 from kvos.config import EngineConfig
 from kvos.engine.client import EngineClient
 from kvos.entrypoints.metrics import CONTENT_TYPE, ServerMetrics
@@ -181,15 +182,30 @@ class _Server(uvicorn.Server):
         self._on_exit()
 
 
-def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None:
-    """Load the model, serve until SIGINT/SIGTERM, then return."""
+def run_server(
+    engine_config: EngineConfig, server_config: ServerConfig, cluster_config: ClusterConfig | None = None
+) -> None:
+    """Load the model (or start a cluster of instances), serve until SIGINT/SIGTERM, then return."""
     # Imported here: the app itself depends on the EngineClient protocol only.
     from kvos.engine.async_engine import AsyncLLMEngine
     from kvos.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(engine_config)
-    async_engine = AsyncLLMEngine(engine, server_config.max_waiting)
-    app = build_app(async_engine, server_config)
+    if cluster_config is not None and cluster_config.enabled:
+        from kvos.cluster.admin import add_admin_routes
+        from kvos.cluster.client import ClusterEngine
+
+        cluster_engine = ClusterEngine(engine_config, cluster_config, server_config.max_waiting)
+        async_engine: AsyncLLMEngine = cluster_engine
+        app = build_app(async_engine, server_config)
+        add_admin_routes(app, cluster_engine, server_config.api_key)
+        placement = f"{cluster_config.instances} instances on Ray, router {cluster_config.router}"
+        if cluster_config.disaggregated:
+            placement += f" ({cluster_config.prefill_instances} prefill, {cluster_config.decode_instances} decode)"
+    else:
+        async_engine = AsyncLLMEngine(LLMEngine(engine_config), server_config.max_waiting)
+        app = build_app(async_engine, server_config)
+        placement = "in its own process" if engine_config.parallel.core_process else "in process"
+    engine = async_engine.engine
     grace_s = server_config.shutdown_timeout
 
     def banner(url: str) -> str:
@@ -197,7 +213,7 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> None
             f"kvos: serving {app.state.serving.model_name} at {url}/v1 "
             f"(KV cache, {engine.config.cache.kv_cache}: {engine.capacity_tokens} tokens; "
             f"max context {engine.max_model_len}; scheduling {engine.config.scheduler.policy}; "
-            f"engine core {'in its own process' if engine.config.parallel.core_process else 'in process'}; "
+            f"engine core {placement}; "
             f"max waiting {server_config.max_waiting}; API key {'required' if server_config.api_key else 'off'})"
         )
 

@@ -1,0 +1,189 @@
+"""Live migration between two engine instances, in one process (no Ray): tokens, every abort path, KV freed.
+
+The protocol (`kvos.cluster.migration.migrate`) runs against two
+`EngineInstance`s through a `call` that steps the source between stages (so
+the request keeps decoding while it is staged) and can make any call fail as
+if that instance had died.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from kvos.cluster.instance import EngineInstance
+from kvos.cluster.migration import InstanceDied, migrate
+from kvos.config import EngineConfig
+from kvos.core.request import Request
+from kvos.sampling_params import SamplingParams
+from tests.engine.test_engine_dummy import write_config
+
+MAX_TOKENS = 40
+PROMPT = [(11 * j) % 4000 + 20 for j in range(70)]
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory: pytest.TempPathFactory) -> EngineConfig:
+    path = write_config(tmp_path_factory.mktemp("tiny"))
+    return EngineConfig.from_kwargs(
+        model=path, load_format="dummy", kv_cache_memory_bytes=2 * 2**20, max_num_batched_tokens=32
+    )
+
+
+@pytest.fixture(scope="module")
+def pair(config: EngineConfig) -> tuple[EngineInstance, EngineInstance]:
+    return EngineInstance(config, frozenset(), 1), EngineInstance(config, frozenset(), 1)
+
+
+def request(req_id: str, max_tokens: int = MAX_TOKENS) -> Request:
+    return Request(req_id, list(PROMPT), SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def run(instance: EngineInstance, tokens: dict[str, list[int]], steps: int | None = None) -> None:
+    """Step until idle (or `steps` steps), collecting each request's tokens."""
+    done = 0
+    while instance.core.has_unfinished_requests() and (steps is None or done < steps):
+        for update in instance.step().updates:
+            tokens.setdefault(update.req_id, []).extend(update.new_token_ids)
+        done += 1
+
+
+@pytest.fixture(scope="module")
+def expected(pair) -> list[int]:
+    source, _ = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("reference"))
+    run(source, tokens)
+    return tokens["reference"]
+
+
+def caller(
+    source: EngineInstance,
+    tokens: dict[str, list[int]],
+    fail: str | None = None,
+    before: Callable[[], Any] | None = None,
+):
+    """Runs methods directly; steps the source at every stage; `fail`: that method raises InstanceDied."""
+
+    def call(instance: EngineInstance, method: str, *args: Any) -> Any:
+        if method == fail:
+            raise InstanceDied(method)
+        if method == "migration_snapshot":
+            run(source, tokens, steps=1)
+            if before is not None:
+                before()
+        return getattr(instance, method)(*args)
+
+    return call
+
+
+def assert_idle(*instances: EngineInstance) -> None:
+    for instance in instances:
+        assert not instance.core.has_unfinished_requests()
+        assert instance.core.stats().num_used_blocks == 0
+        assert not instance.core._incoming
+
+
+@pytest.mark.parametrize("after_steps", [1, 6, 30], ids=["during-prefill", "mid-decode", "near-the-end"])
+def test_a_migrated_request_yields_the_unmigrated_tokens(pair, expected, after_steps: int) -> None:
+    source, destination = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("r"))
+    run(source, tokens, steps=after_steps)
+    committed: list[Request] = []
+
+    def on_commit(state: Request) -> bool:
+        # What the router does: emit the tokens the source made that it had not reported yet.
+        tokens.setdefault("r", []).extend(state.output_token_ids[len(tokens.get("r", [])) :])
+        committed.append(state)
+        return True
+
+    result = migrate(caller(source, tokens), source, destination, request("r"), len(PROMPT), on_commit)
+    assert result.outcome == "migrated"
+    assert result.stages >= 2 and result.blocks_copied >= len(PROMPT) // 16
+    run(destination, tokens)
+    run(source, tokens)  # frees the worker state of the released copy
+    assert tokens["r"] == expected
+    assert_idle(source, destination)
+
+
+def test_destination_without_room_changes_nothing(pair, expected) -> None:
+    source, destination = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("r"))
+    run(source, tokens, steps=4)
+    huge = destination.core.kv_manager.capacity_tokens * 2
+    result = migrate(caller(source, tokens), source, destination, request("r"), huge, lambda s: True)
+    assert result.outcome == "no_room"
+    assert destination.core.stats().num_used_blocks == 0
+    run(source, tokens)
+    assert tokens["r"] == expected
+    assert_idle(source, destination)
+
+
+def test_a_request_aborted_mid_migration_leaves_both_sides_clean(pair) -> None:
+    source, destination = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("r"))
+    run(source, tokens, steps=4)
+    result = migrate(
+        caller(source, tokens, before=lambda: source.abort("r")), source, destination, request("r"), 80, lambda s: True
+    )
+    assert result.outcome == "ended"
+    run(source, tokens)
+    assert_idle(source, destination)
+
+
+def test_a_request_that_finishes_mid_migration_ends_normally(pair, expected) -> None:
+    source, destination = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("r", max_tokens=6))
+    run(source, tokens, steps=4)
+    result = migrate(caller(source, tokens), source, destination, request("r", 6), 80, lambda s: True)
+    assert result.outcome == "ended"
+    run(source, tokens)
+    assert tokens["r"] == expected[:6]
+    assert_idle(source, destination)
+
+
+def test_aborted_between_commit_and_switch_is_dropped_at_the_destination(pair) -> None:
+    source, destination = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("r"))
+    run(source, tokens, steps=4)
+    result = migrate(caller(source, tokens), source, destination, request("r"), 80, lambda s: False)
+    assert result.outcome == "aborted"
+    run(destination, tokens)
+    run(source, tokens)
+    assert_idle(source, destination)
+
+
+def test_destination_dying_at_commit_lets_the_source_go_on(pair, expected) -> None:
+    source, destination = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("r"))
+    run(source, tokens, steps=4)
+    call = caller(source, tokens, fail="migration_commit")
+    result = migrate(call, source, destination, request("r"), 80, lambda s: True)
+    assert result.outcome == "destination_died"
+    # The real destination process would be gone with its reservation; this one was told to cancel.
+    run(source, tokens)
+    assert tokens["r"] == expected
+    assert_idle(source, destination)
+
+
+def test_source_dying_mid_migration_cancels_the_reservation(pair) -> None:
+    source, destination = pair
+    tokens: dict[str, list[int]] = {}
+    source.add(request("r"))
+    run(source, tokens, steps=4)
+    result = migrate(
+        caller(source, tokens, fail="migration_suspend"), source, destination, request("r"), 80, lambda s: True
+    )
+    assert result.outcome == "source_died"
+    assert destination.core.stats().num_used_blocks == 0 and not destination.core._incoming
+    source.abort("r")  # what the dead process would have lost anyway
+    run(source, tokens)
+    assert_idle(source, destination)
