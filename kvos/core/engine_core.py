@@ -30,6 +30,7 @@ from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats, TierStats
 from kvos.errors import InvalidRequestError
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.factory import make_kv_manager
+from kvos.memory.kv_manager import HoldingKVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
 from kvos.memory.tiers.swap import PreemptionRule, SwapCost, measure_copy_bandwidth, measure_flops
@@ -234,6 +235,11 @@ class EngineCore:
     def abort_request(self, req_id: str) -> None:
         self.scheduler.abort(req_id)
         self._flush_if_idle()
+
+    def release_session(self, key: str) -> None:
+        """Unpin the KV a session holds under `key` (its blocks stay as prefix cache); unknown keys are ignored."""
+        if isinstance(self.kv_manager, HoldingKVCacheManager):
+            self.kv_manager.release_hold(key)
 
     def _flush_if_idle(self) -> None:
         """With nothing left to run, hand the worker the ended requests now, so it holds no state for them."""

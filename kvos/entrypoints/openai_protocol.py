@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
+from kvos.engine.sessions import MAX_SESSION_ID_LEN, SESSION_ID_PATTERN, SessionInfo
 from kvos.errors import InvalidRequestError
 from kvos.sampling_params import SamplingParams
 from kvos.structured.spec import StructuredOutput
@@ -144,6 +145,10 @@ class _SamplingFields(_Request):
     """A vLLM extension: lower is served sooner (`--scheduling-policy priority`)."""
     cache_salt: str | None = Field(default=None, min_length=1)
     """A vLLM extension: only requests with the same salt share prefix-cache blocks (tenant isolation)."""
+    session_id: str | None = Field(
+        default=None, min_length=1, max_length=MAX_SESSION_ID_LEN, pattern=SESSION_ID_PATTERN
+    )
+    """A kvos extension: keep this conversation's KV for its next call (see docs/server.md, Sessions)."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(
@@ -493,10 +498,16 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens whose KV was found cached (a session's earlier turns, shared prefixes), not computed."""
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -606,3 +617,38 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class SessionObject(BaseModel):
+    """A session as `GET /v1/sessions` lists it (times in Unix seconds)."""
+
+    id: str
+    object: Literal["session"] = "session"
+    created: int
+    last_used_at: int
+    expires_at: int
+    num_calls: int
+    num_tokens: int
+    """Tokens of the conversation as its last finished call left it."""
+
+    @classmethod
+    def of(cls, info: SessionInfo) -> SessionObject:
+        return cls(
+            id=info.session_id,
+            created=info.created,
+            last_used_at=info.last_used_at,
+            expires_at=info.expires_at,
+            num_calls=info.num_calls,
+            num_tokens=info.num_tokens,
+        )
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionObject]
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True
