@@ -155,7 +155,7 @@ class EngineCore:
             device,
             compile_decode=config.model.compile,
             host_pool=make_host_pool(self.kv_manager, shape),
-            grammars=GrammarCompiler(loaded.tokenizer, arch.vocab_size),
+            grammars=GrammarCompiler.shared(loaded.tokenizer, arch.vocab_size),
         )
         if config.model.compile:
             self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))

@@ -229,13 +229,14 @@ class Serving:
         if spec is None:
             return
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)
+            self._grammars = GrammarCompiler.shared(self.tokenizer, self.tokenizer.vocab_size)
         try:
             await asyncio.wait_for(asyncio.to_thread(self._grammars.compile, spec), GRAMMAR_COMPILE_TIMEOUT_S)
         except TimeoutError as exc:
             raise ProtocolError(
                 400,
-                f"The JSON schema did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s; simplify it.",
+                f"{spec.what[0].upper()}{spec.what[1:]} did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s; "
+                "simplify it.",
                 param=spec.param,
                 code="invalid_value",
             ) from exc
