@@ -475,9 +475,9 @@ class ChatCompletionRequest(_SamplingFields):
         renames = {"logprobs": "top_logprobs"}
         if self.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        return self._sampling_params(max_tokens, logprobs, renames, self._chat_structured())
+        return self._sampling_params(max_tokens, logprobs, renames, self.chat_structured())
 
-    def _chat_structured(self) -> StructuredOutput | None:
+    def chat_structured(self) -> StructuredOutput | None:
         """The response format's grammar, or the call format's when a call is forced (never both)."""
         structured = self._structured()
         tools = self.tool_plan()
