@@ -159,3 +159,16 @@ def test_sessions_need_one_sequence_and_the_paged_prefix_cache(folder: str) -> N
         no_prefix.add_request("t", ids(8, 1), greedy(), session=SessionRef("s"))
     assert info.value.param == "session_id"
     assert engine.list_sessions() == []
+
+
+def test_sessions_with_the_core_in_its_own_process(folder: str) -> None:
+    """The hold key travels in the Request and the release as one message down the core's pipe."""
+    with make_llm(folder, core_process=True) as llm:
+        engine = llm.engine
+        turn1 = ids(30, 1)
+        out1 = run(engine, "t1", turn1, SessionRef("remote"))
+        out2 = run(engine, "t2", turn1 + out1.outputs[0].token_ids + ids(9, 77), SessionRef("remote"))
+        assert out2.num_cached_tokens == (len(turn1) + 6 - 1) // BLOCK * BLOCK
+        engine.delete_session("remote")
+        run(engine, "after", ids(5, 3))  # its step brings the core's stats, taken after the release
+        assert engine.stats().num_used_blocks == 0
