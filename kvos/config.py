@@ -90,6 +90,9 @@ class CacheConfig:
     host tier (dropping it only when the tier is full), "auto" swaps when the
     copy is estimated cheaper than recomputing (see docs/tiers.md). Without a
     host tier every preemption recomputes.
+
+    `session_ttl` is how many seconds a session (`kvos.engine.sessions`)
+    outlives its last call: its books and the KV it holds are dropped then.
     """
 
     kv_cache: KVCacheKind = "paged"
@@ -99,8 +102,11 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     kv_offload_bytes: int | None = None
     preemption_mode: PreemptionMode = "auto"
+    session_ttl: float = 600.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.session_ttl < float("inf"):
+            raise ValueError(f"session_ttl must be a finite number of seconds > 0, got {self.session_ttl}")
         if self.kv_cache not in ("paged", "virtual"):
             raise ValueError(f"kv_cache must be 'paged' or 'virtual', got {self.kv_cache!r}")
         if self.block_size < 1:

@@ -16,6 +16,18 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+class SessionNotFoundError(InvalidRequestError):
+    """No session by that id belongs to the caller (it never existed, expired, or is someone else's).
+
+    The three cases are one error on purpose: a caller must not learn which
+    ids other callers use. The server answers it with 404.
+    """
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"no session {session_id!r} (it may have expired)", "session_id")
+        self.session_id = session_id
+
+
 class EngineUnavailableError(RuntimeError):
     """The engine is shutting down or has stopped; retrying elsewhere may help."""
 

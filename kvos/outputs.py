@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from kvos.structured.tools import ToolCall
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -27,6 +30,8 @@ class CompletionOutput:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The calls the text makes (offline `LLM.chat` with tools); empty for a text answer."""
 
     @property
     def finished(self) -> bool:

@@ -20,14 +20,14 @@ from kvos.entrypoints.openai_protocol import ProtocolError
 from kvos.entrypoints.server.plumbing import api_key_check
 
 
-def add_admin_routes(app: FastAPI, engine: ClusterEngine, api_key: str | None) -> None:
+def add_admin_routes(app: FastAPI, engine: ClusterEngine, api_keys: tuple[str, ...]) -> None:
     async def require_key_set() -> None:
-        if api_key is None:
+        if not api_keys:
             raise ProtocolError(
                 403, "Admin routes need the server started with --api-key.", type="permission_error", code="forbidden"
             )
 
-    router = APIRouter(prefix="/admin", dependencies=[Depends(require_key_set), Depends(api_key_check(api_key))])
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_key_set), Depends(api_key_check(api_keys))])
 
     async def list_instances() -> dict[str, Any]:
         return {"instances": await asyncio.to_thread(engine.instances)}

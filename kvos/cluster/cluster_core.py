@@ -477,6 +477,13 @@ class ClusterCore:
                 if inst.state in ("healthy", "draining"):
                     inst.handle.abort.remote(req_id)
 
+    def release_session(self, key: str) -> None:
+        """A session's hold lives on the instances that ran its calls: tell every live one (unknown keys: no-op)."""
+        with self._lock:
+            for inst in self._instances.values():
+                if inst.state in ("healthy", "draining"):
+                    inst.handle.release_session.remote(key)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._sequences)
 

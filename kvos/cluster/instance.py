@@ -120,6 +120,9 @@ class EngineInstance:
     def abort(self, req_id: str) -> None:
         self.core.abort_request(req_id)
 
+    def release_session(self, key: str) -> None:
+        self.core.release_session(key)
+
     def step(self) -> StepReport:
         """One engine step (nothing to do: none), and the state after it."""
         updates, self._rejected = self._rejected, []

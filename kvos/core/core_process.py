@@ -4,6 +4,7 @@
     -----------------                           ------------
     LLMEngine --("add", Request)----------->    EngineCore.add_request
               --("abort", req_id)---------->    EngineCore.abort_request
+              --("release_session", key)--->    EngineCore.release_session
               <-("step", [SequenceUpdate], EngineStats)--  EngineCore.step(), as fast as it can
 
 Only plain data crosses the pipe (`Request`, `SequenceUpdate`, `EngineStats`
@@ -75,6 +76,8 @@ def _serve(config: EngineConfig, eos_token_ids: frozenset[int], conn: multiproce
                     rejected.append(SequenceUpdate(request.req_id, [], [], 0, "abort", None, str(exc)))
             elif command[0] == "abort":
                 core.abort_request(command[1])
+            elif command[0] == "release_session":
+                core.release_session(command[1])
             elif command[0] == "close":
                 return
             idle = False
@@ -132,6 +135,9 @@ class EngineCoreProcess:
         if req_id in self._live:
             self._live.discard(req_id)
             self._conn.send(("abort", req_id))
+
+    def release_session(self, key: str) -> None:
+        self._conn.send(("release_session", key))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._live)

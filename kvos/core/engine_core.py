@@ -31,6 +31,7 @@ from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats, TierStats
 from kvos.errors import InvalidRequestError
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.factory import make_kv_manager
+from kvos.memory.kv_manager import HoldingKVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
 from kvos.memory.tiers.swap import PreemptionRule, SwapCost, measure_copy_bandwidth, measure_flops
@@ -171,7 +172,7 @@ class EngineCore:
             device,
             compile_decode=config.model.compile,
             host_pool=make_host_pool(self.kv_manager, shape),
-            grammars=GrammarCompiler(loaded.tokenizer, arch.vocab_size),
+            grammars=GrammarCompiler.shared(loaded.tokenizer, arch.vocab_size),
         )
         if config.model.compile:
             self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))
@@ -253,6 +254,11 @@ class EngineCore:
     def abort_request(self, req_id: str) -> None:
         self.scheduler.abort(req_id)
         self._flush_if_idle()
+
+    def release_session(self, key: str) -> None:
+        """Unpin the KV a session holds under `key` (its blocks stay as prefix cache); unknown keys are ignored."""
+        if isinstance(self.kv_manager, HoldingKVCacheManager):
+            self.kv_manager.release_hold(key)
 
     def _flush_if_idle(self) -> None:
         """With nothing left to run, hand the worker the ended requests now, so it holds no state for them."""

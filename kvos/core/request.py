@@ -48,6 +48,8 @@ class Request:
     seed_offset: int = 0
     cache_salt: str | None = None
     """Mixed into the first KV block's identity: only requests with the same salt share prefixes."""
+    session_id: str | None = None
+    """The hold key of the session this call belongs to: its KV stays held under it when it ends."""
 
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

@@ -15,6 +15,11 @@ hits) later. Which
 request waits first, which is the victim, and whether a waiting request may
 take a running one's sequence slot is the policy's (`kvos.core.policies`).
 
+Sessions' holds (KV kept for a conversation's next call) give way first:
+before any request is preempted or kept waiting for memory, the oldest hold
+is released, and so on until the allocation fits or nothing is held. A
+request of a session leaves its KV held under the session's key when it ends.
+
 n > 1 siblings are admitted here like everyone else, under the same budget
 and sequence limit: once the first sequence has computed the prompt, a
 sibling forks its KV (shared copy-on-write, or copied) for all prompt tokens
@@ -36,7 +41,7 @@ from kvos.core.plan import (
 )
 from kvos.core.policies import SchedulingPolicy, make_policy
 from kvos.core.request import Request, RequestStatus
-from kvos.memory.kv_manager import KVAllocation, KVCacheManager, SwappingKVCacheManager
+from kvos.memory.kv_manager import HoldingKVCacheManager, KVAllocation, KVCacheManager, SwappingKVCacheManager
 from kvos.memory.tiers.swap import PreemptionRule
 
 
@@ -65,6 +70,8 @@ class Scheduler:
         self.preemptions_by_reason = {"kv_memory": 0, "displaced": 0}
         self.preemptions_by_mode = {"swap": 0, "recompute": 0}
         self.preemption = preemption
+        self.num_hold_releases = 0
+        """Session holds released to make room for live requests."""
         self._step_id = 0
         self._finished_ids: list[str] = []
         """Ended since the last plan: the worker drops their state."""
@@ -169,6 +176,8 @@ class Scheduler:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             allocation = self.kv.allocate_slots(request, num_tokens)
+            while allocation is None and self._release_hold():
+                allocation = self.kv.allocate_slots(request, num_tokens)
             while allocation is None:
                 memory_short = True
                 # Only requests not yet planned this step may lose their KV.
@@ -207,6 +216,8 @@ class Scheduler:
         num_cached = num_swapped or self.kv.lookup_prefix(request)
         num_tokens = min(request.num_tokens - num_cached, budget)
         allocation = self.kv.allocate_slots(request, num_tokens, num_cached)
+        while allocation is None and self._release_hold():
+            allocation = self.kv.allocate_slots(request, num_tokens, num_cached)
         if allocation is None:
             return False
         request.num_computed_tokens = num_cached
@@ -230,6 +241,8 @@ class Scheduler:
             return False  # the parent is still computing the prompt: wait for it, it is running
         num_shared = request.num_prompt_tokens - 1
         allocation = self.kv.fork(parent, request, num_shared, 1)
+        while allocation is None and self._release_hold():
+            allocation = self.kv.fork(parent, request, num_shared, 1)
         if allocation is None:
             return False
         request.num_computed_tokens = num_shared
@@ -269,6 +282,13 @@ class Scheduler:
         plan.copies.extend(allocation.copies)
         plan.saves.extend(allocation.saves)
         plan.loads.extend(allocation.loads)
+
+    def _release_hold(self) -> bool:
+        """Free the oldest session hold for a live request's sake; False when none is left."""
+        if not isinstance(self.kv, HoldingKVCacheManager) or not self.kv.release_oldest_hold():
+            return False
+        self.num_hold_releases += 1
+        return True
 
     def _preempt(self, plan: StepPlan, request: Request, reason: str) -> None:
         saves = self._swap_out(request)
@@ -358,6 +378,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.waiting.on_finish(request, was_running)
+        if request.session_id is not None and isinstance(self.kv, HoldingKVCacheManager):
+            self.kv.hold(request.session_id, request)
         self.kv.free(request)
         del self.requests[request.req_id]
         self._finished_ids.append(request.req_id)

@@ -12,6 +12,7 @@ running batch.
     add_request() --_Add------------>  engine.add_request()  (InvalidRequestError -> caller)
     abort()       --_Abort---------->  engine.abort_request()
     begin_shutdown() --_Drain------->  no new requests; running ones get a grace period, then are cut
+    list_sessions(), delete_session() --_Call-->  the engine's session books (answered on a future)
     RequestStream <-RequestOutput----  engine.step()
 """
 
@@ -23,10 +24,12 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kvos.engine.client import RequestStream
+from kvos.engine.sessions import SessionInfo, SessionRef
 from kvos.engine.stats import EngineStats
 from kvos.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestFailedError
 from kvos.outputs import CompletionOutput, RequestOutput
@@ -52,6 +55,15 @@ class _Add:
     accepted: concurrent.futures.Future[None]
     displace: bool
     """The queue looked full: admit only by refusing a less urgent waiting request."""
+    session: SessionRef | None = None
+
+
+@dataclass
+class _Call:
+    """Run `fn` on the engine thread (it touches the engine's books); its result or error goes to `done`."""
+
+    fn: Callable[[], Any]
+    done: concurrent.futures.Future[Any]
 
 
 @dataclass
@@ -69,7 +81,7 @@ class _Stop:
     pass
 
 
-_Command = _Add | _Abort | _Drain | _Stop
+_Command = _Add | _Abort | _Drain | _Stop | _Call
 
 
 @dataclass
@@ -164,6 +176,7 @@ class AsyncLLMEngine:
         priority: int = 0,
         tenant: str = "",
         cache_salt: str | None = None,
+        session: SessionRef | None = None,
     ) -> RequestStream:
         """Queue a request and return the stream of its outputs.
 
@@ -181,7 +194,9 @@ class AsyncLLMEngine:
             self._num_pending += 1
         stream = RequestStream(req_id, asyncio.get_running_loop())
         accepted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._commands.put(_Add(stream, prompt_token_ids, params, priority, tenant, cache_salt, accepted, full))
+        self._commands.put(
+            _Add(stream, prompt_token_ids, params, priority, tenant, cache_salt, accepted, full, session)
+        )
         try:
             await asyncio.wrap_future(accepted)
         except asyncio.CancelledError:
@@ -193,6 +208,22 @@ class AsyncLLMEngine:
     def abort(self, req_id: str) -> None:
         """Stop a request and free its KV memory; unknown or finished ids are ignored."""
         self._commands.put(_Abort(req_id))
+
+    async def list_sessions(self, owner: str = "") -> list[SessionInfo]:
+        """The owner's live sessions, most recently used first."""
+        result: list[SessionInfo] = await self._call(lambda: self.engine.list_sessions(owner))
+        return result
+
+    async def delete_session(self, session_id: str, owner: str = "") -> None:
+        """Forget the owner's session and free its KV now; SessionNotFoundError if it is not theirs."""
+        await self._call(lambda: self.engine.delete_session(session_id, owner))
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        if not self.is_running:
+            raise EngineUnavailableError("the engine is not running")
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._commands.put(_Call(fn, done))
+        return await asyncio.wrap_future(done)
 
     # -- the engine thread ---------------------------------------------------------------
 
@@ -225,6 +256,8 @@ class AsyncLLMEngine:
                 with self._pending_lock:
                     self._num_pending -= 1
                 command.accepted.set_exception(EngineUnavailableError("the engine is not running"))
+            elif isinstance(command, _Call):
+                command.done.set_exception(EngineUnavailableError("the engine is not running"))
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply every queued command; wait for one when idle. False means stop."""
@@ -243,9 +276,14 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return True
 
-    def _apply(self, command: _Add | _Abort | _Drain) -> None:
+    def _apply(self, command: _Add | _Abort | _Drain | _Call) -> None:
         if isinstance(command, _Add):
             self._add(command)
+        elif isinstance(command, _Call):
+            try:
+                command.done.set_result(command.fn())
+            except Exception as exc:  # noqa: BLE001 (the caller decides what its client sees)
+                command.done.set_exception(exc)
         elif isinstance(command, _Abort):
             if self._live.pop(command.req_id, None) is not None:
                 self.engine.abort_request(command.req_id)
@@ -269,6 +307,7 @@ class AsyncLLMEngine:
                 command.priority,
                 cache_salt=command.cache_salt,
                 tenant=command.tenant,
+                session=command.session,
             )
         except Exception as exc:  # the caller's fault or a full queue; anything else is reported to it too
             if not isinstance(exc, (ValueError, EngineUnavailableError, QueueFullError)):

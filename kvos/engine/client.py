@@ -19,6 +19,7 @@ from kvos.errors import RequestFailedError
 from kvos.outputs import RequestOutput
 
 if TYPE_CHECKING:
+    from kvos.engine.sessions import SessionInfo, SessionRef
     from kvos.engine.stats import EngineStats
     from kvos.model.tokenizer import Tokenizer
     from kvos.sampling_params import SamplingParams
@@ -98,12 +99,14 @@ class EngineClient(Protocol):
         priority: int = 0,
         tenant: str = "",
         cache_salt: str | None = None,
+        session: SessionRef | None = None,
     ) -> RequestStream:
         """Queue a request and return the stream of its outputs.
 
         `priority`: lower is served sooner (the priority policy); `tenant`:
         whose fair share it counts against (the fair policy; OpenAI's `user`);
-        `cache_salt`: only requests with the same salt share prefix-cache blocks.
+        `cache_salt`: only requests with the same salt share prefix-cache blocks;
+        `session`: keep the conversation's KV for its next call (`kvos.engine.sessions`).
 
         Raises `InvalidRequestError` (a ValueError naming the field) for input
         it could never serve, `QueueFullError` when too many wait,
@@ -113,6 +116,17 @@ class EngineClient(Protocol):
 
     def abort(self, req_id: str) -> None:
         """Stop a request and free all its memory; unknown or finished ids are ignored."""
+        ...
+
+    async def list_sessions(self, owner: str = "") -> list[SessionInfo]:
+        """The owner's live sessions, most recently used first."""
+        ...
+
+    async def delete_session(self, session_id: str, owner: str = "") -> None:
+        """Forget the owner's session and free the KV it holds now.
+
+        Raises `SessionNotFoundError` when no such session is the owner's.
+        """
         ...
 
     def begin_shutdown(self, grace_s: float = 0.0) -> None:

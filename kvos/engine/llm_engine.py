@@ -22,6 +22,7 @@ from kvos.core.engine_core import EngineCore
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
+from kvos.engine.sessions import SessionBooks, SessionInfo, SessionRef
 from kvos.engine.stats import EngineStats
 from kvos.errors import InvalidRequestError
 from kvos.frontend.output_processor import OutputProcessor
@@ -42,6 +43,8 @@ class Core(Protocol):
     def add_request(self, request: Request) -> None: ...
 
     def abort_request(self, req_id: str) -> None: ...
+
+    def release_session(self, key: str) -> None: ...
 
     def has_unfinished_requests(self) -> bool: ...
 
@@ -78,6 +81,7 @@ class LLMEngine:
         self.capacity_tokens = self.core.capacity_tokens
         """Tokens the KV cache holds at once."""
         self.processor = OutputProcessor(self.tokenizer)
+        self.sessions = SessionBooks(config.cache.session_ttl)
 
     @property
     def kv_manager(self) -> KVCacheManager:
@@ -113,12 +117,15 @@ class LLMEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         tenant: str = "",
+        session: SessionRef | None = None,
     ) -> None:
         """Queue a request; raises InvalidRequestError (a ValueError) on anything it could never serve.
 
         `priority` (lower is sooner) needs the priority policy; `tenant` is
         whose service it counts as under the fair policy; `cache_salt` keeps
-        its prefix blocks apart from requests with another salt.
+        its prefix blocks apart from requests with another salt; `session`
+        keeps its KV for the conversation's next call (SessionNotFoundError
+        if the id is another owner's).
         """
         if req_id in self.processor:
             raise InvalidRequestError(f"request id {req_id!r} is already in use")
@@ -134,20 +141,63 @@ class LLMEngine:
                 f"{self.config.scheduler.policy!r}",
                 "priority",
             )
+        if session is not None:
+            self._check_session(session, params)
         text, token_ids = self._tokenize(prompt)
         # The core checks lengths and token ids as each sequence arrives; a refusal unregisters the lot.
         sequences = self.processor.add_request(req_id, text, token_ids, params, priority, cache_salt, tenant)
         try:
+            if session is not None:
+                hold_key = self.sessions.begin(session, req_id)
+                for sequence in sequences:
+                    sequence.session_id = hold_key
             for sequence in sequences:
                 self.core.add_request(sequence)
         except Exception:
+            released = self.sessions.cancel(req_id)
             self.abort_request(req_id)
+            if released is not None:
+                self.core.release_session(released)
             raise
+
+    def _check_session(self, session: SessionRef, params: SamplingParams) -> None:
+        cache = self.config.cache
+        if cache.kv_cache != "paged" or not cache.enable_prefix_caching:
+            raise InvalidRequestError(
+                "session_id needs the paged KV cache with prefix caching (its KV is found again by prefix)",
+                "session_id",
+            )
+        if params.n != 1:
+            raise InvalidRequestError(f"session_id needs n = 1 (one conversation), got n = {params.n}", "n")
+
+    def list_sessions(self, owner: str = "") -> list[SessionInfo]:
+        """The owner's live sessions, most recently used first."""
+        self._expire_sessions()
+        return self.sessions.list(owner)
+
+    def delete_session(self, session_id: str, owner: str = "") -> None:
+        """Forget a session and release its KV now (SessionNotFoundError if it is not the owner's)."""
+        self._expire_sessions()
+        self.core.release_session(self.sessions.delete(session_id, owner))
+
+    def _expire_sessions(self) -> None:
+        for key in self.sessions.expire():
+            self.core.release_session(key)
+
+    def _end_session_call(self, output: RequestOutput | None, req_id: str) -> None:
+        """Book the end of a session's call; release the KV it left if its session is gone."""
+        num_tokens = None
+        if output is not None and output.error is None and output.outputs:
+            num_tokens = len(output.prompt_token_ids) + len(output.outputs[0].token_ids)
+        key = self.sessions.end(req_id, num_tokens)
+        if key is not None:
+            self.core.release_session(key)
 
     def abort_request(self, req_id: str) -> None:
         """Stop a request now and free all it holds; unknown ids are ignored."""
         for seq_id in self.processor.abort(req_id):
             self.core.abort_request(seq_id)
+        self._end_session_call(None, req_id)
 
     def least_urgent_waiting(self, priority: int) -> str | None:
         """The waiting user request least urgent of those strictly less urgent than `priority`, if any.
@@ -176,6 +226,11 @@ class LLMEngine:
         outputs, to_abort = self.processor.process(self.core.step())
         for seq_id in to_abort:
             self.core.abort_request(seq_id)
+        if self.sessions.active:
+            for output in outputs:
+                if output.finished:
+                    self._end_session_call(output, output.req_id)
+            self._expire_sessions()
         return outputs
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:

@@ -105,6 +105,12 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         choices=_choices(CacheConfig, "preemption_mode"),
         help="what preemption does with a victim's KV (auto: swap to the host tier when cheaper than recompute)",
     )
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=d["session_ttl"],
+        help="seconds a session (request field session_id) and the KV it holds outlive its last call",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
     parser.add_argument(
@@ -161,6 +167,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=args.enable_prefix_caching,
         kv_offload_bytes=args.kv_offload_bytes,
         preemption_mode=args.preemption_mode,
+        session_ttl=args.session_ttl,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         policy=args.policy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any, cast
@@ -10,11 +11,15 @@ from tqdm.auto import tqdm
 
 from kvos.config import EngineConfig
 from kvos.engine.llm_engine import LLMEngine
+from kvos.entrypoints.openai_protocol import ChatCompletionRequest, ProtocolError, parse_request
+from kvos.errors import InvalidRequestError
 from kvos.outputs import RequestOutput
 from kvos.sampling_params import SamplingParams
+from kvos.structured.spec import StructuredOutput
+from kvos.structured.tools import ToolPlan, parse_calls
 
 Prompt = str | list[int]
-Message = dict[str, str]
+Message = dict[str, Any]
 
 
 class LLM:
@@ -76,13 +81,52 @@ class LLM:
         messages: list[Message] | Sequence[list[Message]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate.
+
+        Messages, `tools`, `tool_choice`, `parallel_tool_calls` and
+        `response_format` are OpenAI's chat fields, read exactly as the server
+        reads them (`kvos.structured`): with tools, each finished choice's
+        calls are parsed into `CompletionOutput.tool_calls` (empty for a text
+        answer); with `tool_choice` "required" or a named function, or a
+        `response_format`, the output is constrained. Anything invalid is an
+        InvalidRequestError (a ValueError) naming the field.
+        """
         one = bool(messages) and isinstance(messages[0], dict)
         conversations = [cast(list[Message], messages)] if one else list(cast(Sequence[list[Message]], messages))
-        prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
-        token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
-        return self.generate(token_prompts, params, use_tqdm)
+        fields: dict[str, Any] = {
+            "tools": tools,
+            "tool_choice": tool_choice,
+            "parallel_tool_calls": parallel_tool_calls,
+            "response_format": response_format,
+        }
+        plans: list[ToolPlan | None] = []
+        token_prompts = []
+        structured: StructuredOutput | None = None
+        for conversation in conversations:
+            body = {"model": "", "messages": list(conversation), **{k: v for k, v in fields.items() if v is not None}}
+            try:
+                request = parse_request(ChatCompletionRequest, body)
+                plan = request.tool_plan()
+                structured = request.chat_structured()
+                chat = request.conversation(plan)
+            except ProtocolError as exc:
+                raise InvalidRequestError(exc.message, exc.param) from exc
+            plans.append(plan)
+            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True)
+            token_prompts.append(self.tokenizer.encode(text, add_special_tokens=False))
+        outputs = self.generate(token_prompts, _constrained(params, structured, len(conversations)), use_tqdm)
+        for output, plan in zip(outputs, plans):
+            if plan is None:
+                continue
+            for choice in output.outputs:
+                if choice.finish_reason == "stop":
+                    choice.tool_calls = parse_calls(choice.text, plan) or []
+        return outputs
 
     def _run(self, req_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(req_ids)
@@ -95,3 +139,20 @@ class LLM:
                         finished[out.req_id] = out
                         bar.update(1)
         return [finished[r] for r in req_ids]
+
+
+def _constrained(
+    params: SamplingParams | Sequence[SamplingParams] | None, structured: StructuredOutput | None, count: int
+) -> list[SamplingParams]:
+    """One SamplingParams per conversation, each constrained to `structured` (the same for all of them)."""
+    if params is None:
+        params = SamplingParams()
+    param_list = [params] * count if isinstance(params, SamplingParams) else list(params)
+    if structured is None:
+        return param_list
+    if any(p.structured is not None for p in param_list):
+        raise InvalidRequestError(
+            "SamplingParams.structured cannot be combined with tools or response_format: give one constraint",
+            "structured",
+        )
+    return [dataclasses.replace(p, structured=structured) for p in param_list]

@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 
+from kvos.engine.sessions import MAX_SESSION_ID_LEN, SESSION_ID_PATTERN, SessionInfo
 from kvos.errors import InvalidRequestError
 from kvos.sampling_params import SamplingParams
 from kvos.structured.spec import StructuredOutput
@@ -123,6 +124,69 @@ class ResponseFormat(_Request):
         return StructuredOutput.json_schema(self.json_schema.schema_ or {})
 
 
+class StructuredOutputsParams(_Request):
+    """vLLM's `structured_outputs` extension: exactly one constraint.
+
+    Unknown keys are refused, not ignored (a client that asks for a
+    constraint kvos does not know must not get unconstrained text).
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    """A JSON schema, as an object or as JSON text."""
+    regex: str | None = Field(default=None, min_length=1)
+    """Rust regex syntax (llguidance's); the whole output must match."""
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+    """llguidance's Lark syntax (a `start` rule; `%json {...}` embeds a JSON schema)."""
+    json_object: bool | None = None
+
+    def structured(self) -> StructuredOutput:
+        given = [
+            name
+            for name, value in (
+                ("json", self.json_),
+                ("regex", self.regex),
+                ("choice", self.choice),
+                ("grammar", self.grammar),
+                ("json_object", self.json_object or None),
+            )
+            if value is not None
+        ]
+        if len(given) != 1:
+            raise ProtocolError(
+                400,
+                "structured_outputs needs exactly one of json, regex, choice, grammar or json_object; "
+                f"got {', '.join(given) or 'none'}.",
+                param="structured_outputs",
+                code="invalid_value",
+            )
+        param = f"structured_outputs.{given[0]}"
+        if self.regex is not None:
+            return StructuredOutput("regex", param=param, source=self.regex)
+        if self.choice is not None:
+            return StructuredOutput("choice", param=param, choices=tuple(self.choice))
+        if self.grammar is not None:
+            return StructuredOutput("grammar", param=param, source=self.grammar)
+        if self.json_object:
+            return StructuredOutput("json_object", param=param)
+        schema = self.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as exc:
+                raise ProtocolError(
+                    400, f"structured_outputs.json is not valid JSON: {exc}.", param=param, code="invalid_value"
+                ) from exc
+            if not isinstance(schema, dict):
+                raise ProtocolError(
+                    400, "structured_outputs.json must be a JSON schema object.", param=param, code="invalid_value"
+                )
+        assert isinstance(schema, dict)
+        return StructuredOutput.json_schema(schema, param=param)
+
+
 class _SamplingFields(_Request):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -144,6 +208,10 @@ class _SamplingFields(_Request):
     """A vLLM extension: lower is served sooner (`--scheduling-policy priority`)."""
     cache_salt: str | None = Field(default=None, min_length=1)
     """A vLLM extension: only requests with the same salt share prefix-cache blocks (tenant isolation)."""
+    session_id: str | None = Field(
+        default=None, min_length=1, max_length=MAX_SESSION_ID_LEN, pattern=SESSION_ID_PATTERN
+    )
+    """A kvos extension: keep this conversation's KV for its next call (see docs/server.md, Sessions)."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = Field(
@@ -151,6 +219,8 @@ class _SamplingFields(_Request):
     )
     """Token id (as a string, since JSON keys are strings) -> bias in [-100, 100]."""
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    """A vLLM extension: output matching a regex, one of several strings, a Lark grammar or a JSON schema."""
     functions: _NoTools = None
     function_call: _NoToolChoice = None
 
@@ -186,7 +256,18 @@ class _SamplingFields(_Request):
         return bias
 
     def _structured(self) -> StructuredOutput | None:
-        return None if self.response_format is None else self.response_format.structured()
+        """The one constraint the request asks for: `response_format` or `structured_outputs`, never both."""
+        from_format = None if self.response_format is None else self.response_format.structured()
+        if self.structured_outputs is None:
+            return from_format
+        if from_format is not None:
+            raise ProtocolError(
+                400,
+                "response_format and structured_outputs cannot be combined: send one constraint.",
+                param="structured_outputs",
+                code="invalid_value",
+            )
+        return self.structured_outputs.structured()
 
     def _sampling_params(
         self,
@@ -394,9 +475,9 @@ class ChatCompletionRequest(_SamplingFields):
         renames = {"logprobs": "top_logprobs"}
         if self.max_completion_tokens is not None:
             renames["max_tokens"] = "max_completion_tokens"
-        return self._sampling_params(max_tokens, logprobs, renames, self._chat_structured())
+        return self._sampling_params(max_tokens, logprobs, renames, self.chat_structured())
 
-    def _chat_structured(self) -> StructuredOutput | None:
+    def chat_structured(self) -> StructuredOutput | None:
         """The response format's grammar, or the call format's when a call is forced (never both)."""
         structured = self._structured()
         tools = self.tool_plan()
@@ -405,8 +486,9 @@ class ChatCompletionRequest(_SamplingFields):
         if structured is not None:
             raise ProtocolError(
                 400,
-                "response_format cannot be combined with tools (set tool_choice to 'none' for structured output)",
-                param="response_format",
+                f"{structured.param.split('.')[0]} cannot be combined with tools "
+                "(set tool_choice to 'none' for structured output)",
+                param=structured.param.split(".")[0],
                 code="unsupported_value",
             )
         return call_schema(tools) if tools.mode in ("required", "named") else None
@@ -493,10 +575,16 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens whose KV was found cached (a session's earlier turns, shared prefixes), not computed."""
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -606,3 +694,38 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class SessionObject(BaseModel):
+    """A session as `GET /v1/sessions` lists it (times in Unix seconds)."""
+
+    id: str
+    object: Literal["session"] = "session"
+    created: int
+    last_used_at: int
+    expires_at: int
+    num_calls: int
+    num_tokens: int
+    """Tokens of the conversation as its last finished call left it."""
+
+    @classmethod
+    def of(cls, info: SessionInfo) -> SessionObject:
+        return cls(
+            id=info.session_id,
+            created=info.created,
+            last_used_at=info.last_used_at,
+            expires_at=info.expires_at,
+            num_calls=info.num_calls,
+            num_tokens=info.num_tokens,
+        )
+
+
+class SessionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SessionObject]
+
+
+class SessionDeleted(BaseModel):
+    id: str
+    object: Literal["session.deleted"] = "session.deleted"
+    deleted: bool = True

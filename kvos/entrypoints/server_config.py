@@ -24,12 +24,13 @@ class ServerConfig:
     `shutdown_timeout` is how long running requests may go on after SIGTERM
     before they are cut (finish_reason "abort"). `metrics_require_key` puts
     /metrics behind the API key too, for servers whose queue sizes and
-    latencies are nobody else's business.
+    latencies are nobody else's business. Each of `api_keys` is a caller of
+    its own: sessions (`session_id`) belong to the key that created them.
     """
 
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_keys: tuple[str, ...] = ()
     max_waiting: int = 256
     max_body_bytes: int = 8 * 2**20
     served_model_name: str | None = None
@@ -43,18 +44,19 @@ class ServerConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
-        if self.api_key == "":
-            raise ValueError("api_key must not be empty")
+        if any(not key for key in self.api_keys):
+            raise ValueError("an API key must not be empty")
         if not 0.0 <= self.shutdown_timeout < float("inf"):
             raise ValueError(f"shutdown_timeout must be a finite number of seconds >= 0, got {self.shutdown_timeout}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
-        """From `kvos serve` flags; the API key may come from KVOS_API_KEY instead."""
+        """From `kvos serve` flags; without --api-key, one key may come from KVOS_API_KEY."""
+        env_key = os.environ.get(_API_KEY_ENV)
         return cls(
             host=args.host,
             port=args.port,
-            api_key=args.api_key or os.environ.get(_API_KEY_ENV) or None,
+            api_keys=tuple(args.api_key or ()) or ((env_key,) if env_key else ()),
             max_waiting=args.max_waiting,
             max_body_bytes=args.max_body_bytes,
             served_model_name=args.served_model_name,
@@ -69,7 +71,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=defaults.host)
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument(
-        "--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on /v1 (or set {_API_KEY_ENV})"
+        "--api-key",
+        action="append",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 (or set {_API_KEY_ENV}); repeat for several callers",
     )
     parser.add_argument(
         "--max-waiting",

@@ -134,3 +134,24 @@ class SwappingKVCacheManager(KVCacheManager, Protocol):
         cannot take it (then the caller frees and recomputes as usual).
         """
         ...
+
+
+@runtime_checkable
+class HoldingKVCacheManager(KVCacheManager, Protocol):
+    """A manager that can keep a finished request's KV pinned under a key (a session's hold).
+
+    Holds never starve live requests: the scheduler releases them, oldest
+    first, before it preempts anyone.
+    """
+
+    def hold(self, key: str, request: Request) -> None:
+        """Pin the ending request's computed, published KV under `key`, replacing `key`'s old hold."""
+        ...
+
+    def release_hold(self, key: str) -> bool:
+        """Unpin what `key` holds; False if it held nothing."""
+        ...
+
+    def release_oldest_hold(self) -> bool:
+        """Unpin the oldest hold; False when nothing is held."""
+        ...

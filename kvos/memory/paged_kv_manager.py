@@ -33,9 +33,19 @@ runs before the forward pass (`SaveToHost`, `LoadFromHost`):
                  included) go to host blocks it holds, and come back on
                  resume; the host copy is kept while it runs again, so the
                  next swap-out writes only the blocks that changed
+
+Holds (sessions, `kvos.engine.sessions`): when a request of a session ends,
+its published blocks are kept under the session's key (one reference each)
+instead of returning to the free list, so the conversation's next call finds
+them whatever else ran meanwhile. A hold is only a pin: releasing it (the
+session is deleted or expires, or the scheduler needs the memory for a live
+request, oldest hold first) leaves the blocks as ordinary prefix cache,
+which the LRU evicts, writing them back to the host tier when there is one.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost, TableUpdate, coalesce_loads, coalesce_saves
 from kvos.core.request import Request
@@ -82,6 +92,8 @@ class PagedKVCacheManager:
         # Write-backs forced by the allocation being planned; they travel with its KVAllocation.
         self._demotions: list[SaveToHost] = []
         self.counters = TierCounters()
+        # Session holds: key -> the blocks it pins, oldest hold first.
+        self._holds: OrderedDict[str, list[int]] = OrderedDict()
 
     # -- accounting -----------------------------------------------------------------
 
@@ -301,6 +313,51 @@ class PagedKVCacheManager:
         return KVAllocation(
             TableUpdate(0, tuple(self._block_tables[child.req_id])), allocation.copies, allocation.saves
         )
+
+    # -- holds (sessions) -----------------------------------------------------------
+
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks pinned by holds (a block pinned by two holds counts twice)."""
+        return sum(len(blocks) for blocks in self._holds.values())
+
+    def held_keys(self) -> list[str]:
+        """Keys holding KV, oldest hold first (the order they give way in)."""
+        return list(self._holds)
+
+    def hold(self, key: str, request: Request) -> None:
+        """Pin the request's leading published blocks under `key`, replacing what `key` held before.
+
+        Called as the request ends, before `free`. A request that computed no
+        published block (aborted while waiting, say) leaves the old hold as it
+        was: it is still the conversation's latest KV.
+        """
+        blocks = []
+        for block_id in self._block_tables.get(request.req_id, ()):
+            if self.allocator.blocks[block_id].block_hash is None:
+                break
+            blocks.append(block_id)
+        if not blocks:
+            return
+        for block_id in blocks:  # taken before the old hold goes, so shared blocks never touch the free list
+            self.allocator.share(block_id)
+        self.release_hold(key)
+        self._holds[key] = blocks
+
+    def release_hold(self, key: str) -> bool:
+        """Unpin what `key` holds (its blocks stay findable as prefix cache); False if it held nothing."""
+        blocks = self._holds.pop(key, None)
+        if blocks is None:
+            return False
+        for block_id in reversed(blocks):  # tail first, so the LRU evicts a prefix's end before its start
+            self.allocator.release(block_id)
+        return True
+
+    def release_oldest_hold(self) -> bool:
+        """Unpin the oldest hold to make room for a live request; False when nothing is held."""
+        if not self._holds:
+            return False
+        return self.release_hold(next(iter(self._holds)))
 
     # -- swap -----------------------------------------------------------------------
 

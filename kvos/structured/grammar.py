@@ -15,7 +15,9 @@ hostile schema returns; the server adds a wall-clock limit on top.
 
 from __future__ import annotations
 
+import json
 import threading
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -77,6 +79,23 @@ class GrammarMatcher:
             raise GrammarError(self._matcher.get_error())
 
 
+def _grammar(spec: StructuredOutput) -> str:
+    """llguidance's grammar text for `spec` (ValueError for what it cannot even parse)."""
+    if spec.kind in ("json_object", "json_schema"):
+        return llguidance.LLMatcher.grammar_from_json_schema(spec.schema_dict(), defaults=JSON_OPTIONS)
+    if spec.kind == "regex":
+        assert spec.source is not None
+        return llguidance.LLMatcher.grammar_from_regex(spec.source)
+    if spec.kind == "choice":
+        return "start: " + " | ".join(json.dumps(choice) for choice in spec.choices)
+    assert spec.source is not None
+    return llguidance.LLMatcher.grammar_from_lark(spec.source)
+
+
+_SHARED: weakref.WeakKeyDictionary[Tokenizer, dict[int, GrammarCompiler]] = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
 class GrammarCompiler:
     """Compiles `StructuredOutput`s for one tokenizer and vocabulary, keeping the last few hundred.
 
@@ -84,7 +103,24 @@ class GrammarCompiler:
     builds matchers. Two threads missing on the same schema at once both
     compile it; the result is the same and compiling is cheap next to a lock
     held across it.
+
+    `shared` hands every caller in a process the same compiler for a
+    tokenizer: the server compiles a request's grammar on a worker thread,
+    under its time limit, before the request reaches the engine, and the
+    engine's worker then finds it in the cache instead of compiling on the
+    step. (A core in its own process has its own cache: there the first
+    request of a schema compiles on the core's step, bounded by llguidance's
+    parser limits.)
     """
+
+    @classmethod
+    def shared(cls, tokenizer: Tokenizer, vocab_size: int) -> GrammarCompiler:
+        """The process's compiler for `tokenizer` and `vocab_size`."""
+        with _SHARED_LOCK:
+            by_vocab = _SHARED.setdefault(tokenizer, {})
+            if vocab_size not in by_vocab:
+                by_vocab[vocab_size] = cls(tokenizer, vocab_size)
+            return by_vocab[vocab_size]
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, max_cached: int = MAX_CACHED_GRAMMARS) -> None:
         self._tokenizer = tokenizer
@@ -102,12 +138,12 @@ class GrammarCompiler:
                 self._cache.move_to_end(spec)
                 return template
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.schema_dict(), defaults=JSON_OPTIONS)
+            grammar = _grammar(spec)
         except ValueError as exc:
-            raise InvalidRequestError(f"the JSON schema is not valid: {exc}", spec.param) from exc
+            raise InvalidRequestError(f"{spec.what} is not valid: {exc}", spec.param) from exc
         template = llguidance.LLMatcher(self._llg_tokenizer(), grammar, log_level=0)
         if template.is_error():
-            raise InvalidRequestError(f"the JSON schema cannot be served: {template.get_error()}", spec.param)
+            raise InvalidRequestError(f"{spec.what} cannot be served: {template.get_error()}", spec.param)
         with self._lock:
             self._cache[spec] = template
             while len(self._cache) > self._max_cached:

@@ -8,27 +8,54 @@ from typing import Any, Literal
 
 from kvos.errors import InvalidRequestError
 
-StructuredKind = Literal["json_object", "json_schema"]
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+_WHAT = {
+    "json_object": "the JSON object grammar",
+    "json_schema": "the JSON schema",
+    "regex": "the regex",
+    "choice": "the choice",
+    "grammar": "the grammar (llguidance's Lark syntax)",
+}
 
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """Output constrained to JSON: any object (`json_object`) or one matching `schema` (`json_schema`).
+    """What the output must be: JSON (any object, or matching `schema`), a regex, one of `choices`, or a grammar.
 
-    The schema travels as JSON text, not a dict: the dataclass stays hashable
-    (it is the grammar cache's key). `param` is the request
-    field to blame when the schema cannot be compiled.
+    `json_object` and `json_schema` come from OpenAI's `response_format`; all
+    five from vLLM's `structured_outputs` extension. `source` is the regex
+    (`regex`, Rust regex syntax as llguidance reads it, matched in full) or
+    the grammar (`grammar`, llguidance's Lark syntax). The schema travels as
+    JSON text, not a dict: the dataclass stays hashable (it is the grammar
+    cache's key). `param` is the request field to blame when it cannot be compiled.
     """
 
     kind: StructuredKind
     schema: str | None = None
     param: str = field(default="response_format", compare=False)
+    source: str | None = None
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("json_object", "json_schema"):
+        if self.kind not in STRUCTURED_KINDS:
             raise InvalidRequestError(f"unknown structured output kind {self.kind!r}", self.param)
         if (self.kind == "json_schema") != (self.schema is not None):
             raise InvalidRequestError("a schema is needed for json_schema, and only there", self.param)
+        if (self.kind in ("regex", "grammar")) != (self.source is not None):
+            raise InvalidRequestError(f"a source text is needed for {self.kind}, and only there", self.param)
+        if self.kind in ("regex", "grammar") and not self.source:
+            raise InvalidRequestError(f"the {self.kind} is empty", self.param)
+        if (self.kind == "choice") != bool(self.choices):
+            raise InvalidRequestError("choices are needed for choice (at least one), and only there", self.param)
+        if not all(isinstance(c, str) for c in self.choices):
+            raise InvalidRequestError("every choice must be a string", self.param)
+
+    @property
+    def what(self) -> str:
+        """How an error message names it."""
+        return _WHAT[self.kind]
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any], param: str = "response_format") -> StructuredOutput:
@@ -39,6 +66,8 @@ class StructuredOutput:
         """The schema llguidance compiles: `json_object` is any JSON object; integers are bounded."""
         if self.schema is None:
             return {"type": "object"}
+        if self.kind != "json_schema":
+            raise ValueError(f"{self.kind} has no JSON schema")
         value: dict[str, Any] = json.loads(self.schema)
         return _bound_integers(value)
 

@@ -35,6 +35,7 @@ class FakeEngine:
         priority: int = 0,
         cache_salt: str | None = None,
         tenant: str = "",
+        session: object = None,
     ) -> None:
         if not prompt:
             raise ValueError("prompt is empty")

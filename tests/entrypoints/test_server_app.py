@@ -210,7 +210,7 @@ def test_logit_bias_steers_greedy_tokens(client: TestClient, model: str) -> None
 @pytest.fixture(scope="module")
 def keyed(tiny_model: Path) -> Iterator[TestClient]:
     """An app that wants a key on /v1 and on /metrics."""
-    config = ServerConfig(api_key=API_KEY, metrics_require_key=True)
+    config = ServerConfig(api_keys=(API_KEY,), metrics_require_key=True)
     with serve_in_process(tiny_model, config) as (client, _):
         yield client
 
@@ -234,7 +234,7 @@ def test_metrics_require_key_when_asked(keyed: TestClient) -> None:
 
 def test_metrics_open_by_default_even_with_a_key(client: TestClient) -> None:
     assert client.get("/metrics").status_code == 200
-    assert ServerConfig(api_key=API_KEY).metrics_require_key is False
+    assert ServerConfig(api_keys=(API_KEY,)).metrics_require_key is False
 
 
 def test_metrics_require_key_without_a_key_changes_nothing(tiny_model: Path) -> None:

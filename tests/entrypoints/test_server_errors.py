@@ -302,10 +302,12 @@ def test_api_key_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
     parser = build_parser()
     monkeypatch.delenv("KVOS_API_KEY", raising=False)
-    assert ServerConfig.from_args(parser.parse_args(["serve"])).api_key is None
+    assert ServerConfig.from_args(parser.parse_args(["serve"])).api_keys == ()
     monkeypatch.setenv("KVOS_API_KEY", "from-env")
-    assert ServerConfig.from_args(parser.parse_args(["serve"])).api_key == "from-env"
-    assert ServerConfig.from_args(parser.parse_args(["serve", "--api-key", "from-flag"])).api_key == "from-flag"
+    assert ServerConfig.from_args(parser.parse_args(["serve"])).api_keys == ("from-env",)
+    assert ServerConfig.from_args(parser.parse_args(["serve", "--api-key", "from-flag"])).api_keys == ("from-flag",)
+    two = parser.parse_args(["serve", "--api-key", "a", "--api-key", "b"])
+    assert ServerConfig.from_args(two).api_keys == ("a", "b")
     defaults = ServerConfig.from_args(parser.parse_args(["serve"]))
     assert (defaults.host, defaults.port, defaults.max_body_bytes) == ("127.0.0.1", 8000, 8 * 2**20)
     assert (defaults.shutdown_timeout, defaults.metrics_require_key) == (5.0, False)

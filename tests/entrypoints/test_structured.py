@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 
+import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
@@ -210,3 +211,41 @@ def test_langchain_structured_output_and_tools(server: ServerProcess) -> None:
     reply = llm.bind_tools([WEATHER_TOOL], tool_choice="required").invoke("What is the weather in Paris?")
     assert reply.tool_calls and reply.tool_calls[0]["name"] == "get_weather"
     assert isinstance(reply.tool_calls[0]["args"]["city"], str)
+
+
+class GetWeather(BaseModel):
+    """The current weather in a city."""
+
+    city: str = Field(max_length=20)
+
+
+def test_langchain_tool_round_trip_streaming_and_a_session(server: ServerProcess) -> None:
+    """A LangChain agent's loop: a pydantic tool, the call streamed, the result sent back, all in one session
+    whose second call finds the first one's KV (LangChain reports it as `cache_read`)."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, ToolMessage
+
+    llm = langchain_openai.ChatOpenAI(
+        model=MODEL_NAME,
+        base_url=server.base_url,
+        api_key="unused",
+        temperature=0,
+        max_tokens=40,
+        extra_body={"session_id": "langchain-agent"},
+    )
+    with_tools = llm.bind_tools([GetWeather], tool_choice="GetWeather")
+    question = [HumanMessage("What is the weather in Paris?")]
+    chunks = list(with_tools.stream(question))
+    streamed = chunks[0]
+    for chunk in chunks[1:]:
+        streamed = streamed + chunk
+    reply = with_tools.invoke(question)
+    assert [c["name"] for c in reply.tool_calls] == ["GetWeather"]
+    assert [(c["name"], c["args"]) for c in streamed.tool_calls] == [(c["name"], c["args"]) for c in reply.tool_calls]
+    call = reply.tool_calls[0]
+    answer = llm.bind(max_tokens=8).invoke(
+        [*question, reply, ToolMessage("Sunny, 24 degrees.", tool_call_id=call["id"])]
+    )
+    assert isinstance(answer.content, str) and answer.content
+    assert answer.usage_metadata["input_token_details"]["cache_read"] > 0
+    assert httpx.delete(f"{server.base_url}/sessions/langchain-agent").status_code == 200

@@ -1,8 +1,9 @@
 """Session: every request of one conversation goes to the instance that served its first one.
 
-The conversation is named by the OpenAI `user` field (the request's
-tenant); its KV prefix then stays on one instance across turns without any
-prefix lookup. A new conversation, a request without a `user`, and a
+The conversation is named by its session (the `session_id` extension,
+whose held KV lives on one instance), else by the OpenAI `user` field (the
+request's tenant); its KV prefix then stays on one instance across turns
+without any prefix lookup. A new conversation, a request without a `user`, and a
 conversation whose instance died or left go to the least-loaded instance
 (and stick there from then on).
 """
@@ -26,7 +27,7 @@ class SessionRouter:
         self._sessions: OrderedDict[str, int] = OrderedDict()
 
     def choose(self, request: Request, views: Sequence[InstanceView]) -> int:
-        key = request.tenant
+        key = request.session_id or request.tenant
         if not key:
             return least_loaded(views).instance_id
         sticky = self._sessions.get(key)

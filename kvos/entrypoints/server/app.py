@@ -39,12 +39,16 @@ from kvos.entrypoints.openai_protocol import (
     ModelCard,
     ModelList,
     ProtocolError,
+    SessionDeleted,
+    SessionList,
+    SessionObject,
 )
 from kvos.entrypoints.server.chat import Chat
 from kvos.entrypoints.server.completions import Completions
 from kvos.entrypoints.server.openapi import error_responses, openapi_schema, request_body, streamed_or_whole
-from kvos.entrypoints.server.plumbing import Serving, api_key_check
+from kvos.entrypoints.server.plumbing import Serving, api_key_check, session_not_found
 from kvos.entrypoints.server_config import ServerConfig
+from kvos.errors import InvalidRequestError, SessionNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +111,26 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
         card = ModelCard(id=serving.model_name, created=serving.created, max_model_len=engine.max_model_len)
         return ModelList(data=[card])
 
-    require_key = [Depends(api_key_check(config.api_key))]
-    secured_paths = ["/v1/models", "/v1/completions", "/v1/chat/completions"] if config.api_key else []
-    metrics_secured = config.metrics_require_key and config.api_key is not None
+    async def sessions(request: Request) -> SessionList:
+        infos = await engine.list_sessions(request.state.owner)
+        return SessionList(data=[SessionObject.of(info) for info in infos])
+
+    async def delete_session(request: Request, session_id: str) -> SessionDeleted:
+        try:
+            await engine.delete_session(session_id, request.state.owner)
+        except SessionNotFoundError as exc:
+            raise session_not_found(exc) from exc
+        except InvalidRequestError as exc:
+            raise ProtocolError(400, f"Invalid session id: {exc}.", param="session_id", code="invalid_value") from exc
+        return SessionDeleted(id=session_id)
+
+    require_key = [Depends(api_key_check(config.api_keys))]
+    secured_paths = (
+        ["/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/sessions", "/v1/sessions/{session_id}"]
+        if config.api_keys
+        else []
+    )
+    metrics_secured = config.metrics_require_key and bool(config.api_keys)
     if metrics_secured:
         secured_paths.append("/metrics")
 
@@ -144,6 +165,22 @@ def build_app(engine: EngineClient, config: ServerConfig) -> FastAPI:
             **post_errors,
         },
         openapi_extra=request_body(ChatCompletionRequest),
+    )
+    v1.add_api_route(
+        "/sessions",
+        sessions,
+        methods=["GET"],
+        response_model=SessionList,
+        responses=error_responses(401),
+        description="The caller's sessions (kvos extension; see `session_id`), most recently used first.",
+    )
+    v1.add_api_route(
+        "/sessions/{session_id}",
+        delete_session,
+        methods=["DELETE"],
+        response_model=SessionDeleted,
+        responses=error_responses(400, 401, 404),
+        description="Forget a session and free the KV it holds now (404 if it is not the caller's).",
     )
     app.include_router(v1)
 
@@ -197,7 +234,7 @@ def run_server(
         cluster_engine = ClusterEngine(engine_config, cluster_config, server_config.max_waiting)
         async_engine: AsyncLLMEngine = cluster_engine
         app = build_app(async_engine, server_config)
-        add_admin_routes(app, cluster_engine, server_config.api_key)
+        add_admin_routes(app, cluster_engine, server_config.api_keys)
         placement = f"{cluster_config.instances} instances on Ray, router {cluster_config.router}"
         if cluster_config.disaggregated:
             placement += f" ({cluster_config.prefill_instances} prefill, {cluster_config.decode_instances} decode)"
@@ -214,7 +251,7 @@ def run_server(
             f"(KV cache, {engine.config.cache.kv_cache}: {engine.capacity_tokens} tokens; "
             f"max context {engine.max_model_len}; scheduling {engine.config.scheduler.policy}; "
             f"engine core {placement}; "
-            f"max waiting {server_config.max_waiting}; API key {'required' if server_config.api_key else 'off'})"
+            f"max waiting {server_config.max_waiting}; API key {'required' if server_config.api_keys else 'off'})"
         )
 
     uv_config = uvicorn.Config(

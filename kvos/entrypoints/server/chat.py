@@ -65,8 +65,9 @@ class Chat:
         params = req.to_sampling_params(default_max_tokens=max(1, serving.engine.max_model_len - len(ids)))
         await serving.check_grammar(params)
         serving.check_context(len(ids), 0 if requested is None else params.max_tokens, "messages", max_tokens_param)
+        session, tenant = serving.session(request, req.session_id, req.user)
         job = await serving.start_job(
-            "chatcmpl", [ids], params, "messages", req.priority, req.user or "", req.cache_salt
+            "chatcmpl", [ids], params, "messages", req.priority, tenant, req.cache_salt, session
         )
         if req.stream:
             return EventStream(guarded(self._events(job, req, tools), job), lambda: serving.close_job(job))

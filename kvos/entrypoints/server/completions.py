@@ -42,8 +42,9 @@ class Completions:
         prompt_ids = [await asyncio.to_thread(tokenizer.encode, p) if isinstance(p, str) else p for p in prompts]
         for ids in prompt_ids:
             serving.check_context(len(ids), params.max_tokens, "prompt", "max_tokens")
+        session, tenant = serving.session(request, req.session_id, req.user)
         job = await serving.start_job(
-            "cmpl", prompt_ids, params, "prompt", req.priority, req.user or "", req.cache_salt
+            "cmpl", prompt_ids, params, "prompt", req.priority, tenant, req.cache_salt, session
         )
         if req.echo:
             # Decoded only now: the engine has checked that the ids are in its vocabulary.

@@ -13,6 +13,7 @@ traceback and answered without its text, which may hold internal details.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -26,10 +27,17 @@ from typing import Any
 from fastapi import Request
 
 from kvos.engine.client import EngineClient, RequestStream
+from kvos.engine.sessions import SessionRef
 from kvos.entrypoints.metrics import ServerMetrics
-from kvos.entrypoints.openai_protocol import ProtocolError, UsageInfo
+from kvos.entrypoints.openai_protocol import PromptTokensDetails, ProtocolError, UsageInfo
 from kvos.entrypoints.server_config import ServerConfig
-from kvos.errors import EngineUnavailableError, InvalidRequestError, QueueFullError, RequestFailedError
+from kvos.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestFailedError,
+    SessionNotFoundError,
+)
 from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams
 from kvos.structured.grammar import GrammarCompiler
@@ -43,15 +51,28 @@ MIN_LOGPROB = -9999.0
 """JSON has no -inf: a token the model rules out is reported with this log-probability instead."""
 
 
-def api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A FastAPI dependency that refuses (401) requests without `Authorization: Bearer <api_key>`."""
+def key_owner(key: str) -> str:
+    """The name a key's sessions are booked under: a digest, so the key itself is never stored or shown."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def api_key_check(api_keys: tuple[str, ...]) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency that refuses (401) requests without `Authorization: Bearer <one of api_keys>`.
+
+    The caller's identity (`key_owner` of the key, "" without keys) is left in
+    `request.state.owner`: sessions belong to it.
+    """
 
     async def check(request: Request) -> None:
-        if api_key is None:
+        request.state.owner = ""
+        if not api_keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        sent = token.strip().encode()
         # compare_digest: the time taken must not tell an attacker how much of a guess was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        # Every key is compared, so the time does not tell which key came closest either.
+        matches = [hmac.compare_digest(sent, key.encode()) for key in api_keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise ProtocolError(
                 401,
                 "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
@@ -59,6 +80,7 @@ def api_key_check(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        request.state.owner = key_owner(token.strip())
 
     return check
 
@@ -78,6 +100,13 @@ async def read_json(request: Request, limit: int) -> Any:
         return json.loads(body)
     except (ValueError, RecursionError) as exc:  # bad syntax or encoding, over-long integers, deep nesting
         raise ProtocolError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def session_not_found(exc: SessionNotFoundError) -> ProtocolError:
+    """404 whether the session never existed, expired or is another key's: ids cannot be probed."""
+    return ProtocolError(
+        404, f"No session '{exc.session_id}' (it may have expired).", param="session_id", code="session_not_found"
+    )
 
 
 def engine_error(exc: BaseException, req_id: str) -> ProtocolError:
@@ -166,7 +195,13 @@ class Job:
             len(c.token_ids) for s in self.streams if s.output is not None for c in s.output.outputs
         )
         total_tokens = prompt_tokens + completion_tokens
-        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total_tokens)
+        cached = sum(s.output.num_cached_tokens for s in self.streams if s.output is not None)
+        return UsageInfo(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=total_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
 
 class Serving:
@@ -194,13 +229,14 @@ class Serving:
         if spec is None:
             return
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer, self.tokenizer.vocab_size)
+            self._grammars = GrammarCompiler.shared(self.tokenizer, self.tokenizer.vocab_size)
         try:
             await asyncio.wait_for(asyncio.to_thread(self._grammars.compile, spec), GRAMMAR_COMPILE_TIMEOUT_S)
         except TimeoutError as exc:
             raise ProtocolError(
                 400,
-                f"The JSON schema did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s; simplify it.",
+                f"{spec.what[0].upper()}{spec.what[1:]} did not compile within {GRAMMAR_COMPILE_TIMEOUT_S:g} s; "
+                "simplify it.",
                 param=spec.param,
                 code="invalid_value",
             ) from exc
@@ -242,15 +278,22 @@ class Serving:
         priority: int = 0,
         tenant: str = "",
         cache_salt: str | None = None,
+        session: SessionRef | None = None,
     ) -> Job:
         """Hand every prompt to the engine; all or none of them run."""
         job = Job(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), prompt_token_ids, params, tenant)
+        if session is not None and len(prompt_token_ids) != 1:
+            message = "session_id needs a single prompt (one conversation)"
+            raise ProtocolError(400, message, param="session_id", code="invalid_value")
         try:
             for i, ids in enumerate(prompt_token_ids):
                 stream = await self.engine.add_request(
-                    f"{job.request_id}-{i}", ids, params, priority, tenant, cache_salt
+                    f"{job.request_id}-{i}", ids, params, priority, tenant, cache_salt, session
                 )
                 job.streams.append(stream)
+        except SessionNotFoundError as exc:
+            self.close_job(job)
+            raise session_not_found(exc) from exc
         except InvalidRequestError as exc:
             self.close_job(job)
             # The engine speaks of the prompt's token ids; the request's field for them is
@@ -264,6 +307,17 @@ class Serving:
             self.close_job(job)
             raise engine_error(exc, job.request_id) from exc
         return job
+
+    def session(self, request: Request, session_id: str | None, user: str | None) -> tuple[SessionRef | None, str]:
+        """The call's session (None without `session_id`) and the tenant it counts against.
+
+        A session's calls count against its owner (the API key) under the
+        fair policy; without API keys, against `user` as any call does.
+        """
+        owner: str = request.state.owner
+        if session_id is None:
+            return None, user or ""
+        return SessionRef(session_id, owner), owner or user or ""
 
     def close_job(self, job: Job) -> None:
         """Abort what still runs (the client left, or a sibling failed); record latencies once."""
