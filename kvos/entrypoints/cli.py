@@ -104,6 +104,19 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         choices=_choices(CacheConfig, "preemption_mode"),
         help="what preemption does with a victim's KV (auto: swap to the host tier when cheaper than recompute)",
     )
+    parser.add_argument(
+        "--kv-disk-path",
+        default=d["kv_disk_path"],
+        metavar="DIR",
+        help="directory of the disk KV tier (with --kv-disk-size; survives restarts; one engine per directory)",
+    )
+    parser.add_argument(
+        "--kv-disk-size",
+        dest="kv_disk_bytes",
+        type=parse_size,
+        default=d["kv_disk_bytes"],
+        help="size of the disk KV tier, e.g. 50GiB",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
     parser.add_argument(
@@ -160,6 +173,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=args.enable_prefix_caching,
         kv_offload_bytes=args.kv_offload_bytes,
         preemption_mode=args.preemption_mode,
+        kv_disk_path=args.kv_disk_path,
+        kv_disk_bytes=args.kv_disk_bytes,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         policy=args.policy,
