@@ -141,6 +141,9 @@ class Server:
                 raise RuntimeError("kvos serve did not become healthy in 300 s")
             time.sleep(0.25)
         self.model = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]["id"]
+        # One throw-away request, so the first measured one does not pay for first-use work (kernels, pages).
+        warm_up = {"model": self.model, "messages": [{"role": "user", "content": "Warm-up: say hi."}], "max_tokens": 2}
+        httpx.post(f"{self.url}/v1/chat/completions", json=warm_up, timeout=300).raise_for_status()
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         text = httpx.get(f"{self.url}/metrics", timeout=30).text
