@@ -93,6 +93,12 @@ class CacheConfig:
 
     `session_ttl` is how many seconds a session (`kvos.engine.sessions`)
     outlives its last call: its books and the KV it holds are dropped then.
+
+    `kv_disk_path` and `kv_disk_bytes` add a disk tier below (paged cache
+    only; both or neither): blocks the tier above evicts are written to files
+    in that directory, named by their digest, and a later prompt (in this
+    process or after a restart) with the same prefix reads them back instead
+    of recomputing. One engine per directory (a lock file says so).
     """
 
     kv_cache: KVCacheKind = "paged"
@@ -103,6 +109,8 @@ class CacheConfig:
     kv_offload_bytes: int | None = None
     preemption_mode: PreemptionMode = "auto"
     session_ttl: float = 600.0
+    kv_disk_path: str | None = None
+    kv_disk_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.session_ttl < float("inf"):
@@ -123,6 +131,12 @@ class CacheConfig:
             raise ValueError(
                 f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}"
             )
+        if (self.kv_disk_path is None) != (self.kv_disk_bytes is None):
+            raise ValueError("the disk KV tier needs both kv_disk_path and kv_disk_bytes (or neither)")
+        if self.kv_disk_bytes is not None and self.kv_disk_bytes <= 0:
+            raise ValueError(f"kv_disk_bytes must be > 0, got {self.kv_disk_bytes}")
+        if self.kv_disk_path is not None and self.kv_cache != "paged":
+            raise ValueError("kv_disk_path needs kv_cache='paged': the virtual cache has no disk tier yet")
         if self.preemption_mode == "swap" and self.kv_offload_bytes is None:
             raise ValueError("preemption_mode='swap' needs kv_offload_bytes (a host tier to swap to)")
 

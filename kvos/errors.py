@@ -32,6 +32,10 @@ class EngineUnavailableError(RuntimeError):
     """The engine is shutting down or has stopped; retrying elsewhere may help."""
 
 
+class DiskTierInUseError(RuntimeError):
+    """Another engine holds the disk KV tier's directory; each engine needs its own `kv_disk_path`."""
+
+
 class QueueFullError(RuntimeError):
     """More requests are waiting than `max_waiting` allows; retrying later may help."""
 

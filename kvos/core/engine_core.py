@@ -24,22 +24,24 @@ import torch
 
 from kvos.attention.backend import AttentionBackend, make_backend
 from kvos.config import EngineConfig
-from kvos.core.plan import SequenceUpdate
+from kvos.core.plan import SequenceUpdate, StepPlan
 from kvos.core.request import Request, RequestStatus
 from kvos.core.scheduler import Scheduler
-from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats, TierStats
+from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats, HistogramRecorder, TierStats
 from kvos.errors import InvalidRequestError
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.factory import make_kv_manager
 from kvos.memory.kv_manager import HoldingKVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
+from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.swap import PreemptionRule, SwapCost, measure_copy_bandwidth, measure_flops
 from kvos.model.arch import ModelArch
 from kvos.model.loader import LoadedModel
 from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
 from kvos.structured.grammar import GrammarCompiler
+from kvos.worker.disk_store import DiskKVStore
 from kvos.worker.kv_cache import make_host_pool, make_kv_buffer
 from kvos.worker.worker import Worker
 
@@ -154,9 +156,19 @@ class EngineCore:
             quantize(model, config.model.quantization)
         shape = KVShape(arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, dtype, device)
         self.kv_shape = shape
+        cache = config.cache
+        # The worker's files, opened (and locked) first: the disk tier's books start from what is there.
+        disk_store = None
+        disk = None
+        if cache.kv_disk_path is not None and cache.kv_disk_bytes is not None:
+            disk_store = DiskKVStore(cache.kv_disk_path, cache.kv_disk_bytes, cache.block_size, shape)
+            disk = DiskBlockIndex(disk_store.num_blocks, disk_store.opened.present)
         self.kv_manager = make_kv_manager(
-            config.cache, shape, config.scheduler.max_num_seqs, self.max_model_len, model_identity(loaded, config)
+            cache, shape, config.scheduler.max_num_seqs, self.max_model_len, model_identity(loaded, config), disk
         )
+        if disk_store is not None:
+            assert isinstance(self.kv_manager, PagedKVCacheManager)
+            self.kv_manager.counters.disk_corrupted += disk_store.opened.num_torn
         self.capacity_tokens = self.kv_manager.capacity_tokens
         self.scheduler = Scheduler(
             config.scheduler,
@@ -173,6 +185,7 @@ class EngineCore:
             compile_decode=config.model.compile,
             host_pool=make_host_pool(self.kv_manager, shape),
             grammars=GrammarCompiler.shared(loaded.tokenizer, arch.vocab_size),
+            disk_store=disk_store,
         )
         if config.model.compile:
             self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))
@@ -181,6 +194,9 @@ class EngineCore:
         """Requests migrating in: blocks reserved under their id, not yet scheduled."""
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
+        self._copy_seconds = {
+            kind: HistogramRecorder(kind) for kind in ("to_host", "from_host", "to_disk", "from_disk")
+        }
         logger.info(
             "kvos: %s ready in %.1fs; KV cache (%s, attention %s) holds %d tokens (%.1f MiB, %d B/token); "
             "max context %d",
@@ -200,6 +216,15 @@ class EngineCore:
                 host.num_blocks * self.kv_manager.block_size,
                 host.num_blocks * self.kv_manager.block_size * shape.bytes_per_token / 2**20,
                 config.cache.preemption_mode,
+            )
+        if disk_store is not None:
+            logger.info(
+                "disk KV tier at %s holds %d tokens (%.1f MiB in %d block files); %d blocks found there",
+                disk_store.path,
+                disk_store.num_blocks * cache.block_size,
+                disk_store.num_blocks * disk_store.file_bytes / 2**20,
+                disk_store.num_blocks,
+                len(disk_store.opened.present),
             )
 
     def _preemption_rule(self, model: torch.nn.Module, arch: ModelArch, shape: KVShape) -> PreemptionRule | None:
@@ -376,6 +401,8 @@ class EngineCore:
             updates = self.scheduler.fail_step(plan, STEP_FAILED)
         else:
             updates = self.scheduler.update_from_output(plan, output)
+            for kind, seconds in output.copy_seconds.items():
+                self._copy_seconds[kind].observe(seconds)
         self._flush_if_idle()
         self._kv_events.extend(self.kv_manager.drain_events())
         self._num_generation_tokens += sum(len(u.new_token_ids) for u in updates)
@@ -388,7 +415,12 @@ class EngineCore:
 
         The worker's views go first; the virtual cache's region (held by its
         manager, which maps the pages) is freed once no view of it is left.
+        With a disk tier, the KV still cached in the tiers above is written
+        there first, so the next start finds it.
         """
+        if self.worker.disk_store is not None and self.worker.kv_buffer.kv_caches:
+            self._flush_to_disk()
+            self.worker.disk_store.close()
         self.worker.kv_buffer.close()
         close_books = getattr(self.kv_manager, "close", None)  # only the virtual cache's books hold memory
         if close_books is not None:
@@ -396,6 +428,21 @@ class EngineCore:
                 close_books()
             except Exception:  # a driver call failed while freeing: say so, the caller is shutting down anyway
                 logger.exception("closing the KV cache failed; a second close() retries")
+
+    def _flush_to_disk(self) -> None:
+        kv = self.kv_manager
+        assert isinstance(kv, PagedKVCacheManager)
+        ops = kv.flush_to_disk()
+        plan = StepPlan(-1, disk_drops=ops.disk_drops, disk_saves=ops.disk_saves)
+        try:
+            output = self.worker.execute(plan)
+        except Exception:  # shutting down: what was not written is recomputed after the restart
+            logger.exception("writing the cached KV to the disk tier at shutdown failed")
+            kv.end_step(failed=True)
+            return
+        kv.apply_disk_report([], {}, output.disk_save_failed)
+        kv.end_step()
+        logger.info("wrote %d cached KV blocks to the disk tier", len(ops.disk_saves) - len(output.disk_save_failed))
 
     def take_kv_events(self) -> list[KVEvent]:
         """KV blocks stored and removed since the last call (what a router or a tier subscribes to)."""
@@ -450,10 +497,28 @@ class EngineCore:
                     counters.host_hit_tokens,
                 )
             )
+        disk_store = self.worker.disk_store
+        if kv.disk is not None and disk_store is not None:
+            tiers.append(
+                TierStats(
+                    "disk",
+                    0,  # nothing on disk is held: every block there is cache
+                    kv.disk.num_stored_blocks * disk_store.file_bytes,
+                    kv.disk.num_blocks * disk_store.file_bytes,
+                    counters.disk_hit_tokens,
+                )
+            )
         return dict(
             tiers=tuple(tiers),
             swap_out_bytes=counters.blocks_swapped_out * block_bytes,
             swap_in_bytes=counters.blocks_swapped_in * block_bytes,
             demoted_bytes=counters.blocks_demoted * block_bytes,
             promoted_bytes=counters.blocks_promoted * block_bytes,
+            disk_write_bytes=counters.blocks_to_disk * block_bytes,
+            disk_read_bytes=counters.blocks_from_disk * block_bytes,
+            disk_corrupted_blocks=counters.disk_corrupted,
+            disk_missing_blocks=counters.disk_missing,
+            disk_write_failures=counters.disk_write_failures,
+            disk_accepting=kv.disk.accepting if kv.disk is not None else True,
+            copy_seconds=tuple(h.snapshot() for h in self._copy_seconds.values()),
         )

@@ -17,6 +17,7 @@ to a table (`TableUpdate`); the worker keeps the tables between steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kvos.outputs import TokenLogprob
 from kvos.sampling_params import SamplingParams
@@ -72,6 +73,38 @@ class LoadFromHost:
     host_block_id: int
     block_id: int
     num_blocks: int = 1
+
+
+TierName = Literal["primary", "host"]
+"""A tier whose blocks a disk operation reads or fills (the disk tier sits below both)."""
+
+
+@dataclass(frozen=True)
+class SaveToDisk:
+    """Write one block's KV to the disk tier, in a file named by its digest, before anything else this step.
+
+    `tier` and `block_id` say where the KV is now: a cached block the host tier
+    (or, without one, the primary pool) is about to reuse.
+    """
+
+    tier: TierName
+    block_id: int
+    key: bytes
+    """The block's digest (`kvos.memory.block_hash`): the file's name and what it is checked against."""
+
+
+@dataclass(frozen=True)
+class LoadFromDisk:
+    """Read the block `key` from the disk tier into block `block_id` of `tier`, checking it first.
+
+    No request reads the block in the step that loads it: the worker reports
+    which loads passed their checks (`StepOutput.disk_loaded`), and only those
+    become findable.
+    """
+
+    key: bytes
+    tier: TierName
+    block_id: int
 
 
 def coalesce_saves(ops: list[SaveToHost]) -> list[SaveToHost]:
@@ -141,9 +174,11 @@ class ScheduledRequest:
 class StepPlan:
     """Everything the worker needs for one step, in execution order.
 
-    Memory operations run first: `saves` (primary -> host: they read blocks
-    that loads, copies or the forward pass may overwrite this step), then
-    `loads` (host -> primary), then `copies`; then the forward pass over
+    Memory operations run first: `disk_drops` (files the disk tier evicts),
+    `disk_saves` (host or primary -> disk), `saves` (primary -> host), all of
+    which read blocks that later operations or the forward pass may overwrite
+    this step; then `loads` (host -> primary), `disk_loads` (disk -> host or
+    primary) and `copies`; then the forward pass over
     `scheduled` (in order: the flat batch is their `new_token_ids`
     concatenated), then sampling.
     `new_requests` introduce (or re-introduce) state the worker keeps;
@@ -156,6 +191,9 @@ class StepPlan:
     copies: list[CopyKV] = field(default_factory=list)
     saves: list[SaveToHost] = field(default_factory=list)
     loads: list[LoadFromHost] = field(default_factory=list)
+    disk_drops: list[bytes] = field(default_factory=list)
+    disk_saves: list[SaveToDisk] = field(default_factory=list)
+    disk_loads: list[LoadFromDisk] = field(default_factory=list)
     finished_req_ids: list[str] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
     """Requests that lost their primary KV this step (swapped to the host tier or dropped);
@@ -168,6 +206,11 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def moves_kv(self) -> bool:
+        """True when the plan copies KV between tiers (host or disk)."""
+        return bool(self.saves or self.loads or self.disk_drops or self.disk_saves or self.disk_loads)
 
 
 @dataclass(frozen=True)
@@ -187,6 +230,15 @@ class StepOutput:
     step_id: int
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    disk_loaded: list[bytes] = field(default_factory=list)
+    """Keys of `disk_loads` whose files passed every check and were copied in."""
+    disk_load_failed: dict[bytes, str] = field(default_factory=dict)
+    """Keys of `disk_loads` that did not: "corrupt" (bad header, size or checksum) or "missing"."""
+    disk_save_failed: dict[bytes, str] = field(default_factory=dict)
+    """Keys of `disk_saves` the worker could not write (the OS error, for the log)."""
+    copy_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time of this step's KV moves by direction: "to_host" (swap-outs and write-backs), "from_host"
+    (swap-ins and host prefix hits), "to_disk", "from_disk"; for the latency histograms."""
 
 
 @dataclass(frozen=True)

@@ -196,8 +196,17 @@ class Scheduler:
             self._plan_chunk(plan, request, num_tokens, allocation)
             budget -= num_tokens
             i += 1
-        if memory_short:
-            return plan
+        if not memory_short:
+            self._admit_waiting(plan, budget)
+        if isinstance(self.kv, SwappingKVCacheManager):
+            ops = self.kv.take_tier_ops()
+            plan.saves.extend(ops.saves)
+            plan.disk_drops.extend(ops.disk_drops)
+            plan.disk_saves.extend(ops.disk_saves)
+            plan.disk_loads.extend(ops.disk_loads)
+        return plan
+
+    def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
         while budget > 0 and len(self.running) < self.config.max_num_seqs:
             head = self.waiting.peek()
             if head is None:
@@ -208,11 +217,12 @@ class Scheduler:
             if admitted is None and not self._admit(plan, head, budget):
                 break
             budget -= len(plan.scheduled[-1].new_token_ids)
-        return plan
 
     def _admit(self, plan: StepPlan, request: Request, budget: int) -> bool:
         # A swapped-out request resumes where it stopped: the manager loads its KV back.
         num_swapped = request.num_swapped_tokens
+        if not num_swapped and isinstance(self.kv, SwappingKVCacheManager) and self.kv.prefetch(request):
+            return False  # its prefix is coming up from disk this step; it is admitted once that is checked
         num_cached = num_swapped or self.kv.lookup_prefix(request)
         num_tokens = min(request.num_tokens - num_cached, budget)
         allocation = self.kv.allocate_slots(request, num_tokens, num_cached)
@@ -346,11 +356,22 @@ class Scheduler:
                     request.stop_reason,
                 )
             )
+        if isinstance(self.kv, SwappingKVCacheManager):
+            self.kv.apply_disk_report(output.disk_loaded, output.disk_load_failed, output.disk_save_failed)
         self.kv.end_step()
         return updates
 
     def fail_step(self, plan: StepPlan, error: str) -> list[SequenceUpdate]:
-        """The worker raised: end the plan's requests (nothing they wrote is published), keep serving."""
+        """The worker raised: end the plan's requests (nothing they wrote is published), keep serving.
+
+        Requests swapped out by this plan lose their host copy (its saves may not
+        have run) and will recompute; the tiers below forget what this plan was
+        to make findable there."""
+        for req_id in plan.preempted_req_ids:
+            victim = self.requests.get(req_id)
+            if victim is not None and victim.num_swapped_tokens:
+                self.kv.free(victim)
+                victim.num_swapped_tokens = 0
         updates = []
         for scheduled in plan.scheduled:
             request = self.requests.get(scheduled.req_id)
@@ -358,7 +379,7 @@ class Scheduler:
                 continue
             self._finish(request, "abort")
             updates.append(SequenceUpdate(request.req_id, [], [], request.num_cached_tokens, "abort", None, error))
-        self.kv.end_step()
+        self.kv.end_step(failed=True)
         return updates
 
     def _check_stop(self, request: Request, token_id: int) -> None:

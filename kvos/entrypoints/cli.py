@@ -111,6 +111,19 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         default=d["session_ttl"],
         help="seconds a session (request field session_id) and the KV it holds outlive its last call",
     )
+    parser.add_argument(
+        "--kv-disk-path",
+        default=d["kv_disk_path"],
+        metavar="DIR",
+        help="directory of the disk KV tier (with --kv-disk-size; survives restarts; one engine per directory)",
+    )
+    parser.add_argument(
+        "--kv-disk-size",
+        dest="kv_disk_bytes",
+        type=parse_size,
+        default=d["kv_disk_bytes"],
+        help="size of the disk KV tier, e.g. 50GiB",
+    )
     parser.add_argument("--max-num-seqs", type=int, default=d["max_num_seqs"])
     parser.add_argument("--max-num-batched-tokens", type=int, default=d["max_num_batched_tokens"])
     parser.add_argument(
@@ -168,6 +181,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         kv_offload_bytes=args.kv_offload_bytes,
         preemption_mode=args.preemption_mode,
         session_ttl=args.session_ttl,
+        kv_disk_path=args.kv_disk_path,
+        kv_disk_bytes=args.kv_disk_bytes,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         policy=args.policy,

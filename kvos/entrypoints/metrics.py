@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvos.engine.client import RequestStream
@@ -96,8 +96,9 @@ def _tier_metrics(s: EngineStats) -> Iterator[Metric]:
     yield hits
     traffic = CounterMetricFamily(
         "kvos_kv_tier_moved_bytes",
-        "KV bytes moved between the primary pool and the host tier: swap_out, swap_in, demote (write-back of "
-        "evicted cache), promote (host prefix hits).",
+        "KV bytes moved between tiers: swap_out, swap_in, demote (write-back of evicted cache to the host "
+        "tier), promote (host prefix hits), disk_write (evicted to or flushed to disk), disk_read (checked "
+        "reads from disk).",
         labels=["kind"],
     )
     for kind, value in (
@@ -105,9 +106,42 @@ def _tier_metrics(s: EngineStats) -> Iterator[Metric]:
         ("swap_in", s.swap_in_bytes),
         ("demote", s.demoted_bytes),
         ("promote", s.promoted_bytes),
+        ("disk_write", s.disk_write_bytes),
+        ("disk_read", s.disk_read_bytes),
     ):
         traffic.add_metric([kind], value)
     yield traffic
+    yield CounterMetricFamily(
+        "kvos_kv_disk_corrupted_blocks",
+        "Disk tier blocks discarded as corrupted (checksum, header or size); their tokens were recomputed.",
+        value=s.disk_corrupted_blocks,
+    )
+    yield CounterMetricFamily(
+        "kvos_kv_disk_missing_blocks", "Disk tier blocks whose file was gone when read.", value=s.disk_missing_blocks
+    )
+    yield CounterMetricFamily(
+        "kvos_kv_disk_write_failures",
+        "Disk tier writes that failed (disk full or unwritable); after the first the tier takes no blocks.",
+        value=s.disk_write_failures,
+    )
+    yield GaugeMetricFamily(
+        "kvos_kv_disk_accepting",
+        "1 while the disk tier takes new blocks, 0 after a write failed.",
+        value=s.disk_accepting,
+    )
+    copies = HistogramMetricFamily(
+        "kvos_kv_copy_seconds",
+        "Per step, wall time of KV copies between tiers by direction (to_host: swap-outs and write-backs; "
+        "from_host: swap-ins and host hits; to_disk; from_disk).",
+        labels=["direction"],
+    )
+    for h in s.copy_seconds:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*map(str, h.bounds), "+Inf"), h.counts):
+            cumulative += count
+            buckets.append((bound, cumulative))
+        copies.add_metric([h.name], buckets, h.total)
+    yield copies
 
 
 class ServerMetrics:

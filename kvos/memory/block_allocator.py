@@ -98,6 +98,10 @@ class BlockAllocator:
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cached.get(block_hash)
 
+    def cached_blocks(self) -> list[tuple[BlockHash, int]]:
+        """(digest, block id) of every block findable by digest, held or idle."""
+        return list(self._cached.items())
+
     def take_cached(self, block_id: int) -> None:
         """Add a reference to a cached block, pulling it off the free list if idle."""
         block = self.blocks[block_id]

@@ -14,6 +14,7 @@ from kvos.config import CacheConfig
 from kvos.memory.kv_manager import KVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
+from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import HostBlockPool
 
 logger = logging.getLogger(__name__)
@@ -45,9 +46,15 @@ def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
 
 
 def make_kv_manager(
-    cache: CacheConfig, shape: KVShape, max_num_seqs: int, max_model_len: int, model_identity: str = ""
+    cache: CacheConfig,
+    shape: KVShape,
+    max_num_seqs: int,
+    max_model_len: int,
+    model_identity: str = "",
+    disk: DiskBlockIndex | None = None,
 ) -> KVCacheManager:
-    """`model_identity` roots the prefix cache's block digests (see `block_hash`)."""
+    """`model_identity` roots the prefix cache's block digests (see `block_hash`); `disk` is the disk
+    tier's books, built from what the worker's store found in its directory."""
     budget = kv_budget_bytes(cache, shape.device)
     if cache.kv_cache == "virtual":
         from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
@@ -77,4 +84,5 @@ def make_kv_manager(
         enable_prefix_caching=cache.enable_prefix_caching,
         model_identity=f"{model_identity}|{shape.dtype}",
         host=host,
+        disk=disk,
     )

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost, TableUpdate
+from kvos.core.plan import CopyKV, LoadFromDisk, LoadFromHost, SaveToDisk, SaveToHost, TableUpdate
 from kvos.core.request import Request
 from kvos.memory.block_allocator import KVEvent
 
@@ -36,6 +36,17 @@ class KVAllocation:
     """Write-backs of cached blocks this allocation reuses (host tier only)."""
     loads: list[LoadFromHost] = field(default_factory=list)
     """Host-tier prefix hits and swapped-out KV coming back (host tier only)."""
+
+
+@dataclass
+class TierOps:
+    """Memory operations a manager planned outside any one request's allocation (the scheduler adds
+    them to the step's plan): disk traffic, and host saves forced by a prefetch."""
+
+    saves: list[SaveToHost] = field(default_factory=list)
+    disk_drops: list[bytes] = field(default_factory=list)
+    disk_saves: list[SaveToDisk] = field(default_factory=list)
+    disk_loads: list[LoadFromDisk] = field(default_factory=list)
 
 
 class KVCacheManager(Protocol):
@@ -85,8 +96,8 @@ class KVCacheManager(Protocol):
         """
         ...
 
-    def end_step(self) -> None:
-        """The step planned last has ended (its requests published, or failed)."""
+    def end_step(self, failed: bool = False) -> None:
+        """The step planned last has ended (its requests published, or, with `failed`, the worker raised)."""
         ...
 
     def free(self, request: Request) -> None:
@@ -121,7 +132,8 @@ class KVCacheManager(Protocol):
 
 @runtime_checkable
 class SwappingKVCacheManager(KVCacheManager, Protocol):
-    """A manager with a host tier: preemption may move a request's KV there instead of dropping it.
+    """A manager with tiers below the pool: preemption may move a request's KV to the host tier
+    instead of dropping it, and waiting requests may prefetch their prefix from disk.
 
     A swapped-out request resumes through the usual `allocate_slots` with
     `num_cached_tokens` = the tokens it had computed; the manager loads them back.
@@ -133,6 +145,20 @@ class SwappingKVCacheManager(KVCacheManager, Protocol):
         Returns the saves to run, or None, changing nothing, when the host tier
         cannot take it (then the caller frees and recomputes as usual).
         """
+        ...
+
+    def prefetch(self, request: Request) -> bool:
+        """Plan loads of the waiting request's prefix from a slower tier (disk); True: it waits this step."""
+        ...
+
+    def take_tier_ops(self) -> TierOps:
+        """Memory operations planned outside allocations since the last call (for this step's plan)."""
+        ...
+
+    def apply_disk_report(
+        self, loaded: list[bytes], load_failed: dict[bytes, str], save_failed: dict[bytes, str]
+    ) -> None:
+        """What the worker's disk operations did: checked loads become findable, failures are forgotten."""
         ...
 
 

@@ -41,21 +41,56 @@ them whatever else ran meanwhile. A hold is only a pin: releasing it (the
 session is deleted or expires, or the scheduler needs the memory for a live
 request, oldest hold first) leaves the blocks as ordinary prefix cache,
 which the LRU evicts, writing them back to the host tier when there is one.
+
+Disk tier (optional, `kvos.memory.tiers.disk`), below the host tier (or below
+the pool when there is no host tier): a cached block the tier above is about
+to reuse is written to a file named by its digest (`SaveToDisk`), unless the
+disk holds it already. A waiting request whose prefix continues on disk first
+`prefetch`es it: its blocks are read into fresh blocks of the tier above
+(`LoadFromDisk`) while the request waits, and only those the worker reports
+as checked become findable; the request is admitted in a later step and finds
+them as ordinary hits. A failed step forgets what it planned to publish in
+the host and disk tiers (`end_step(failed=True)`), as it does in the pool.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
+from dataclasses import dataclass
 
-from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost, TableUpdate, coalesce_loads, coalesce_saves
+from kvos.core.plan import (
+    CopyKV,
+    LoadFromDisk,
+    LoadFromHost,
+    SaveToDisk,
+    SaveToHost,
+    TableUpdate,
+    TierName,
+    coalesce_loads,
+    coalesce_saves,
+)
 from kvos.core.request import Request
 from kvos.memory.block_allocator import BlockAllocator, KVEvent
 from kvos.memory.block_hash import BlockHash, block_hash, root_hash, salted_root
-from kvos.memory.kv_manager import KVAllocation
+from kvos.memory.kv_manager import KVAllocation, TierOps
+from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters
 
-PRIMARY = "primary"
-HOST = "host"
+logger = logging.getLogger(__name__)
+
+PRIMARY: TierName = "primary"
+HOST: TierName = "host"
+DISK = "disk"
+
+
+@dataclass(frozen=True)
+class _Prefetched:
+    """A block held for a waiting request by its prefetch: a hit of its prefix, or a disk load's target."""
+
+    tier: TierName
+    block_id: int
+    from_disk: bool
 
 
 class PagedKVCacheManager:
@@ -69,6 +104,7 @@ class PagedKVCacheManager:
         enable_prefix_caching: bool = True,
         model_identity: str = "",
         host: HostBlockPool | None = None,
+        disk: DiskBlockIndex | None = None,
     ) -> None:
         self.block_size = block_size
         self.table_block_size = block_size
@@ -94,6 +130,16 @@ class PagedKVCacheManager:
         self.counters = TierCounters()
         # Session holds: key -> the blocks it pins, oldest hold first.
         self._holds: OrderedDict[str, list[int]] = OrderedDict()
+        self.disk = disk
+        """The disk tier's books, or None when there is no disk tier."""
+        self._tier_ops = TierOps()
+        # Disk loads planned this step: key -> (tier, block id, parent digest), until the worker reports.
+        self._disk_inflight: dict[BlockHash, tuple[TierName, int, BlockHash]] = {}
+        self._prefetched: dict[str, list[_Prefetched]] = {}
+        # What this step made findable in the tiers below, forgotten if the step fails.
+        # Host blocks indexed this step -> the pool block their save reads (it still holds the KV at step start).
+        self._step_host_indexed: dict[int, int] = {}
+        self._step_disk_added: list[BlockHash] = []
 
     # -- accounting -----------------------------------------------------------------
 
@@ -106,7 +152,11 @@ class PagedKVCacheManager:
         return self.allocator.num_free_blocks
 
     def prefix_cache_stats(self) -> tuple[int, int]:
-        return self._num_queried_tokens, self.counters.primary_hit_tokens + self.counters.host_hit_tokens
+        counters = self.counters
+        return (
+            self._num_queried_tokens,
+            counters.primary_hit_tokens + counters.host_hit_tokens + counters.disk_hit_tokens,
+        )
 
     @property
     def num_host_copies(self) -> int:
@@ -140,24 +190,44 @@ class PagedKVCacheManager:
             hashes.append(block_hash(parent, request.token_slice(i * bs, (i + 1) * bs)))
         return hashes
 
+    def block_hashes_of(self, token_ids: list[int], cache_salt: str | None = None) -> list[BlockHash]:
+        """The digests (disk file names included) of the full blocks of a token sequence."""
+        hashes: list[BlockHash] = []
+        bs = self.block_size
+        for i in range(len(token_ids) // bs):
+            parent = hashes[-1] if hashes else salted_root(self._root, cache_salt)
+            hashes.append(block_hash(parent, token_ids[i * bs : (i + 1) * bs]))
+        return hashes
+
     def lookup_prefix(self, request: Request) -> int:
         """Prefix hits in every tier: the digest chain is followed through the pool and the host tier."""
         return len(self._prefix_hits(request, (request.num_tokens - 1) // self.block_size)) * self.block_size
 
-    def _prefix_hits(self, request: Request, max_blocks: int) -> list[tuple[str, int]]:
-        """(tier, block id in that tier) of each leading block found, the pool preferred."""
+    def tier_hits(self, request: Request) -> dict[str, int]:
+        """Tokens of the request's prefix found in each tier, the fastest preferred (disk included)."""
+        found = {PRIMARY: 0, HOST: 0, DISK: 0}
+        for tier, _ in self._prefix_hits(request, (request.num_tokens - 1) // self.block_size, with_disk=True):
+            found[tier] += self.block_size
+        return found
+
+    def _prefix_hits(self, request: Request, max_blocks: int, with_disk: bool = False) -> list[tuple[str, int]]:
+        """(tier, block id in that tier) of each leading block found, the pool preferred; a disk
+        block (with `with_disk`) has id -1: it must be loaded before anyone can use it."""
         if not self.enable_prefix_caching:
             return []
-        hits = []
+        hits: list[tuple[str, int]] = []
         for digest in self.block_hashes(request)[:max_blocks]:
             block_id = self._lookup(digest)
             if block_id is not None:
                 hits.append((PRIMARY, block_id))
                 continue
             host_block_id = self.host.lookup(digest) if self.host is not None else None
-            if host_block_id is None:
+            if host_block_id is not None:
+                hits.append((HOST, host_block_id))
+            elif with_disk and self.disk is not None and digest in self.disk and digest not in self._disk_inflight:
+                hits.append((DISK, -1))
+            else:
                 break
-            hits.append((HOST, host_block_id))
         return hits
 
     def _lookup(self, digest: BlockHash) -> int | None:
@@ -189,7 +259,9 @@ class PagedKVCacheManager:
         for block_id in primary_hits:
             self.allocator.take_cached(block_id)
         first_changed = 0 if is_new else len(table)
-        loads = self._take_hits(hits, table)
+        loads = self._take_hits(hits, table, self._prefetched.get(request.req_id, []))
+        if is_new:
+            self._release_prefetched(request)
         num_needed -= len(hits) - len(primary_hits)
         copies = []
         if needs_copy:
@@ -206,8 +278,13 @@ class PagedKVCacheManager:
             TableUpdate(first_changed, tuple(table[first_changed:])), copies, coalesce_saves(saves), loads
         )
 
-    def _take_hits(self, hits: list[tuple[str, int]], table: list[int]) -> list[LoadFromHost]:
-        """Append the prefix hits to `table` in order; each host hit gets a fresh block and a load."""
+    def _take_hits(
+        self, hits: list[tuple[str, int]], table: list[int], prefetched: list[_Prefetched]
+    ) -> list[LoadFromHost]:
+        """Append the prefix hits to `table` in order; each host hit gets a fresh block and a load.
+
+        Hits on blocks this request's prefetch read from disk were counted as disk hits already."""
+        from_disk = {(p.tier, p.block_id) for p in prefetched if p.from_disk}
         host_ids = [b for tier, b in hits if tier == HOST]
         assert self.host is not None or not host_ids
         for host_block_id in host_ids:  # pinned before any allocation here can evict them from the host tier
@@ -215,14 +292,15 @@ class PagedKVCacheManager:
             self._step_host_pins.append(host_block_id)
         loads = []
         for tier, block_id in hits:
+            counted = (tier, block_id) not in from_disk
             if tier == PRIMARY:
                 table.append(block_id)
-                self.counters.primary_hit_tokens += self.block_size
+                self.counters.primary_hit_tokens += self.block_size * counted
             else:
                 new = self._allocate_block()
                 table.append(new)
                 loads.append(LoadFromHost(block_id, new))
-                self.counters.host_hit_tokens += self.block_size
+                self.counters.host_hit_tokens += self.block_size * counted
                 self.counters.blocks_promoted += 1
         return coalesce_loads(loads)
 
@@ -236,21 +314,55 @@ class PagedKVCacheManager:
         return hits
 
     def _allocate_block(self) -> int:
-        """Take a block; if it holds cached KV the host tier lacks, write it back there first."""
+        """Take a block; if it holds cached KV the tiers below lack, write it back first: to the host
+        tier, or to the disk tier when there is no host tier or it has no room."""
         evicted = self.allocator.next_evicted()
-        if (
-            self.host is not None
-            and evicted is not None
-            and evicted.block_hash is not None
-            and self.host.lookup(evicted.block_hash) is None
-            and self.host.num_free_blocks > 0
-        ):
-            host_block_id = self.host.allocate()
-            self.host.index(host_block_id, evicted.block_hash)
-            self.host.release(host_block_id)  # nobody holds it: the tier keeps it as cache
-            self._demotions.append(SaveToHost(evicted.block_id, host_block_id))
-            self.counters.blocks_demoted += 1
+        digest = evicted.block_hash if evicted is not None else None
+        if evicted is not None and digest is not None:
+            if self.host is not None and self.host.lookup(digest) is None and self.host.num_free_blocks > 0:
+                host_block_id = self._allocate_host_block()
+                self._host_index(host_block_id, digest, evicted.block_id)
+                self.host.release(host_block_id)  # nobody holds it: the tier keeps it as cache
+                self._demotions.append(SaveToHost(evicted.block_id, host_block_id))
+                self.counters.blocks_demoted += 1
+            elif self.host is None or self.host.lookup(digest) is None:
+                self._save_to_disk(PRIMARY, evicted.block_id, digest)
         return self.allocator.allocate()
+
+    def _allocate_host_block(self) -> int:
+        """Take a host block; if it holds cached KV the disk tier lacks, write that to disk first.
+
+        A block indexed during this step does not hold its KV until the step's
+        host saves run, after the disk saves: its disk save reads the pool
+        block that its host save reads."""
+        assert self.host is not None
+        evicted = self.host.next_evicted()
+        if evicted is not None and evicted.block_hash is not None:
+            source = self._step_host_indexed.get(evicted.host_block_id)
+            if source is None:
+                self._save_to_disk(HOST, evicted.host_block_id, evicted.block_hash)
+            else:
+                self._save_to_disk(PRIMARY, source, evicted.block_hash)
+        return self.host.allocate()
+
+    def _host_index(self, host_block_id: int, digest: BlockHash, source_block_id: int) -> None:
+        """Index a host block whose save (from pool block `source_block_id`) is planned this step."""
+        assert self.host is not None
+        self.host.index(host_block_id, digest)
+        if self.host.blocks[host_block_id].block_hash == digest:
+            self._step_host_indexed[host_block_id] = source_block_id
+
+    def _save_to_disk(self, tier: TierName, block_id: int, digest: BlockHash) -> None:
+        """Plan a write of a cached block's KV to the disk tier (if it takes it and lacks it)."""
+        if self.disk is None or digest in self.disk:
+            return
+        evicted = self.disk.add(digest)
+        if evicted is None:
+            return
+        self._tier_ops.disk_drops.extend(evicted)
+        self._tier_ops.disk_saves.append(SaveToDisk(tier, block_id, digest))
+        self._step_disk_added.append(digest)
+        self.counters.blocks_to_disk += 1
 
     def _shared_tail(self, table: list[int], num_computed: int) -> bool:
         if num_computed % self.block_size == 0 or not table:
@@ -275,14 +387,139 @@ class PagedKVCacheManager:
                 self._pending[digest] = block_id
                 self._pending_digest[block_id] = digest
 
-    def end_step(self) -> None:
-        """The planned step is over (published or failed): pending blocks are findable no more."""
+    def end_step(self, failed: bool = False) -> None:
+        """The planned step is over: pending blocks are findable no more. If it `failed`, the
+        worker may not have run its saves, so what they were to make findable below is forgotten."""
         self._pending.clear()
         self._pending_digest.clear()
         assert self.host is not None or not self._step_host_pins
         for host_block_id in self._step_host_pins:
             self.host.release(host_block_id)  # type: ignore[union-attr]
         self._step_host_pins.clear()
+        if failed:
+            for host_block_id in self._step_host_indexed:
+                self.host.unindex(host_block_id)  # type: ignore[union-attr]
+            for key in self._step_disk_added:
+                self.disk.discard(key)  # type: ignore[union-attr]
+            self.counters.blocks_to_disk -= len(self._step_disk_added)
+            self._disk_inflight.clear()  # the targets stay held by their prefetch, findable by nobody
+        if self._disk_inflight:
+            raise RuntimeError("the step ended before the worker reported its disk loads")
+        self._step_host_indexed.clear()
+        self._step_disk_added.clear()
+        if self.disk is not None:
+            self.disk.unpin_all()
+
+    def take_tier_ops(self) -> TierOps:
+        """The disk traffic (and prefetch-forced host saves) planned since the last call, for the plan."""
+        ops, self._tier_ops = self._tier_ops, TierOps()
+        ops.saves = coalesce_saves(ops.saves)
+        return ops
+
+    # -- disk tier --------------------------------------------------------------------
+
+    def prefetch(self, request: Request) -> bool:
+        """Plan loads of the waiting request's prefix blocks that only the disk tier holds.
+
+        Returns True when loads were planned: the request waits this step,
+        holding the loads' targets and the prefix's other hits (so no
+        allocation evicts them), and finds them as hits once admitted. A
+        request prefetches once per admission.
+        """
+        if self.disk is None or request.req_id in self._prefetched or request.req_id in self._host_copies:
+            return False
+        hits = self._prefix_hits(request, (request.num_tokens - 1) // self.block_size, with_disk=True)
+        num_on_disk = sum(tier == DISK for tier, _ in hits)
+        if not num_on_disk:
+            return False
+        target: TierName = HOST if self.host is not None else PRIMARY
+        held: list[_Prefetched] = []
+        for tier, block_id in hits:
+            if tier == PRIMARY:
+                self.allocator.take_cached(block_id)
+                held.append(_Prefetched(PRIMARY, block_id, False))
+            elif tier == HOST:
+                self.host.hold(block_id)  # type: ignore[union-attr]
+                held.append(_Prefetched(HOST, block_id, False))
+        self._prefetched[request.req_id] = held
+        room = self.host.num_free_blocks if self.host is not None else self.allocator.num_free_blocks
+        if room == 0:  # nowhere to load into: admit it with what the faster tiers hold
+            self._release_prefetched(request)
+            return False
+        hashes = self.block_hashes(request)
+        for i, (tier, _) in enumerate(hits):
+            if tier != DISK:
+                continue
+            if room == 0:
+                break
+            room -= 1
+            key = hashes[i]
+            block_id = self._allocate_host_block() if target == HOST else self._allocate_block()
+            self.disk.pin(key)
+            self.disk.touch(key)
+            parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
+            self._disk_inflight[key] = (target, block_id, parent)
+            self._tier_ops.disk_loads.append(LoadFromDisk(key, target, block_id))
+            held.append(_Prefetched(target, block_id, True))
+        self._tier_ops.saves.extend(self._demotions)
+        self._demotions = []
+        return True
+
+    def apply_disk_report(
+        self, loaded: list[BlockHash], load_failed: dict[BlockHash, str], save_failed: dict[BlockHash, str]
+    ) -> None:
+        """The worker ran the step's disk operations: make checked loads findable, forget the rest."""
+        for key in loaded:
+            tier, block_id, parent = self._disk_inflight.pop(key)
+            if tier == HOST:
+                assert self.host is not None
+                self.host.index(block_id, key)
+            else:
+                self.allocator.mark_cached(block_id, key, parent)
+            self.counters.blocks_from_disk += 1
+            self.counters.disk_hit_tokens += self.block_size
+        for key, reason in load_failed.items():
+            self._disk_inflight.pop(key)
+            self.disk.discard(key)  # type: ignore[union-attr]
+            if reason == "missing":
+                self.counters.disk_missing += 1
+            else:
+                self.counters.disk_corrupted += 1
+                logger.warning("disk KV block %s failed its checks (%s): discarded, recomputing", key.hex(), reason)
+        if not save_failed:
+            return
+        assert self.disk is not None
+        for key in save_failed:
+            self.disk.discard(key)
+        self.counters.disk_write_failures += len(save_failed)
+        self.counters.blocks_to_disk -= len(save_failed)
+        if self.disk.accepting:
+            self.disk.accepting = False
+            logger.error(
+                "the disk KV tier stopped taking blocks: a write failed (%s); it keeps serving what it holds",
+                next(iter(save_failed.values())),
+            )
+
+    def flush_to_disk(self) -> TierOps:
+        """Plan writes of every cached block the disk tier lacks (at a clean shutdown), pool first."""
+        if self.disk is not None:
+            for digest, block_id in self.allocator.cached_blocks():
+                self._save_to_disk(PRIMARY, block_id, digest)
+            if self.host is not None:
+                for digest, host_block_id in self.host.cached_blocks():
+                    source = self._step_host_indexed.get(host_block_id)
+                    if source is None:
+                        self._save_to_disk(HOST, host_block_id, digest)
+                    else:
+                        self._save_to_disk(PRIMARY, source, digest)
+        return self.take_tier_ops()
+
+    def _release_prefetched(self, request: Request) -> None:
+        for held in self._prefetched.pop(request.req_id, []):
+            if held.tier == PRIMARY:
+                self.allocator.release(held.block_id)
+            else:
+                self.host.release(held.block_id)  # type: ignore[union-attr]
 
     def publish(self, request: Request, num_computed_tokens: int) -> None:
         """Make the request's full, computed blocks findable by prefix digest."""
@@ -402,11 +639,11 @@ class PagedKVCacheManager:
                 copy.host_block_ids.append(shared[i])
                 continue
             else:
-                host_block_id = host.allocate()
+                host_block_id = self._allocate_host_block()
                 copy.host_block_ids.append(host_block_id)
             saves.append(SaveToHost(table[i], host_block_id))
             if i < len(hashes) and (i + 1) * bs <= num_tokens:
-                host.index(host_block_id, hashes[i])
+                self._host_index(host_block_id, hashes[i], table[i])
         copy.num_tokens = num_tokens
         self._host_copies[request.req_id] = copy
         self.counters.blocks_swapped_out += len(saves)
@@ -435,6 +672,7 @@ class PagedKVCacheManager:
 
     def free(self, request: Request) -> None:
         """Give back the request's blocks here and in the host tier (cached host blocks stay as cache)."""
+        self._release_prefetched(request)
         self._free_primary(request)
         copy = self._host_copies.pop(request.req_id, None)
         if copy is not None and self.host is not None:

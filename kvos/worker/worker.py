@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ from kvos.model import compiled_decode
 from kvos.model.llama import LlamaForCausalLM
 from kvos.sampling_params import SamplingParams
 from kvos.structured.grammar import GrammarCompiler, GrammarMatcher
+from kvos.worker.disk_store import CorruptBlockError, DiskKVStore
 from kvos.worker.kv_cache import HostKVPool, KVBuffer
 from kvos.worker.sampler import SamplingRow, sample
 
@@ -70,9 +72,11 @@ class Worker:
         compile_decode: bool = False,
         host_pool: HostKVPool | None = None,
         grammars: GrammarCompiler | None = None,
+        disk_store: DiskKVStore | None = None,
     ) -> None:
         self.model = model
         self.host_pool = host_pool
+        self.disk_store = disk_store
         self.attention: AttentionBackend = model.attention
         self.kv_buffer = kv_buffer
         self.table_block_size = table_block_size
@@ -104,14 +108,9 @@ class Worker:
             state = self._requests.get(req_id)
             if state is not None:
                 self._set_table(state, TableUpdate(0, ()))
-        # Before anything else: saves read blocks that loads, copies and the forward pass may overwrite.
-        if plan.saves or plan.loads:
-            if self.host_pool is None:
-                raise RuntimeError("the plan moves KV to or from a host tier, but this worker has none")
-            self.host_pool.save(self.kv_buffer.kv_caches, plan.saves)
-            self.host_pool.load(self.kv_buffer.kv_caches, plan.loads)
+        moved = self._move_kv(plan) if plan.moves_kv else {}
         if plan.is_empty:
-            return StepOutput(plan.step_id)
+            return StepOutput(plan.step_id, **moved)
         for scheduled in plan.scheduled:
             if scheduled.table_update is not None:
                 self._set_table(self._requests[scheduled.req_id], scheduled.table_update)
@@ -138,12 +137,70 @@ class Worker:
         forward = self._decode_forward if _pure_decode(meta, seqs) else self.model
         hidden = forward(ids, pos, self.kv_buffer.kv_caches, meta)
         if not sample_rows:
-            return StepOutput(plan.step_id)
+            return StepOutput(plan.step_id, **moved)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
-        return self._sample(plan.step_id, logits, sampling_ids)
+        return self._sample(plan.step_id, logits, sampling_ids, moved)
 
-    def _sample(self, step_id: int, logits: torch.Tensor, req_ids: list[str]) -> StepOutput:
+    def _move_kv(self, plan: StepPlan) -> dict[str, Any]:
+        """Run the plan's moves between tiers, in the order that keeps every read ahead of the
+        writes that would clobber it; returns the disk report and timings for the StepOutput.
+
+        A disk operation that fails is reported, not raised: a bad or missing
+        file costs its block (the scheduler recomputes it), a failed write
+        stops the disk tier taking blocks; serving goes on either way.
+        """
+        if (plan.saves or plan.loads) and self.host_pool is None:
+            raise RuntimeError("the plan moves KV to or from a host tier, but this worker has none")
+        disk_ops = plan.disk_drops or plan.disk_saves or plan.disk_loads
+        if disk_ops and self.disk_store is None:
+            raise RuntimeError("the plan moves KV to or from a disk tier, but this worker has none")
+        caches = {"primary": self.kv_buffer.kv_caches}
+        if self.host_pool is not None:
+            caches["host"] = self.host_pool.kv_caches
+        seconds: dict[str, float] = {}
+        save_failed: dict[bytes, str] = {}
+        loaded: list[bytes] = []
+        load_failed: dict[bytes, str] = {}
+        start = time.perf_counter()
+        if plan.disk_drops or plan.disk_saves:
+            assert self.disk_store is not None
+            for key in plan.disk_drops:
+                self.disk_store.drop(key)
+            for save in plan.disk_saves:
+                try:
+                    self.disk_store.save(caches, save)
+                except OSError as exc:
+                    save_failed[save.key] = f"{type(exc).__name__}: {exc}"
+            seconds["to_disk"] = time.perf_counter() - start
+        if plan.saves:
+            start = time.perf_counter()
+            self.host_pool.save(self.kv_buffer.kv_caches, plan.saves)  # type: ignore[union-attr]
+            seconds["to_host"] = time.perf_counter() - start
+        if plan.loads:
+            start = time.perf_counter()
+            self.host_pool.load(self.kv_buffer.kv_caches, plan.loads)  # type: ignore[union-attr]
+            seconds["from_host"] = time.perf_counter() - start
+        if plan.disk_loads:
+            assert self.disk_store is not None
+            start = time.perf_counter()
+            for load in plan.disk_loads:
+                try:
+                    self.disk_store.load(caches, load)
+                except CorruptBlockError as exc:
+                    load_failed[load.key] = exc.reason
+                except FileNotFoundError:
+                    load_failed[load.key] = "missing"
+                except OSError as exc:
+                    load_failed[load.key] = f"{type(exc).__name__}: {exc}"
+                else:
+                    loaded.append(load.key)
+            seconds["from_disk"] = time.perf_counter() - start
+        return dict(
+            disk_loaded=loaded, disk_load_failed=load_failed, disk_save_failed=save_failed, copy_seconds=seconds
+        )
+
+    def _sample(self, step_id: int, logits: torch.Tensor, req_ids: list[str], moved: dict[str, Any]) -> StepOutput:
         states = [self._requests[r] for r in req_ids]
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.grammar) for s in states]
         sampled: dict[str, SampledToken] = {}
@@ -161,7 +218,7 @@ class Worker:
             else:
                 state.output_token_ids.append(result.token_id)
                 sampled[req_id] = result
-        return StepOutput(step_id, sampled, failed)
+        return StepOutput(step_id, sampled, failed, **moved)
 
     def _adopt(self, data: NewRequestData) -> None:
         """Take a new request, or one resuming after preemption (its generator carries on)."""

@@ -121,3 +121,34 @@ def test_cli_flags_set_the_tier_fields() -> None:
     assert options["kv_offload_bytes"] == 8 * 2**30 and options["preemption_mode"] == "swap"
     defaults = engine_options(build_parser().parse_args(["serve"]))
     assert defaults["kv_offload_bytes"] is None and defaults["preemption_mode"] == "auto"
+
+
+def test_tiny_a_step_failing_in_its_saves_leaves_no_unwritten_block_findable(
+    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, hf = tiny_llama
+    llm = LLM(
+        folder,
+        block_size=4,
+        kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
+        kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
+    )
+    tokenizer = llm.tokenizer
+    prompt = tokenizer.encode(TEXTS[4])
+    llm.generate([prompt], greedy(), use_tqdm=False)
+    worker = llm.engine.core.worker
+    real = worker.execute
+
+    def crash_in_saves(plan):  # the host saves never run
+        if plan.saves:
+            raise RuntimeError("copy engine lost")
+        return real(plan)
+
+    monkeypatch.setattr(worker, "execute", crash_in_saves)
+    failed = llm.generate([tokenizer.encode(t) for t in TEXTS[5:8]], greedy(), use_tqdm=False)
+    assert any(out.error for out in failed)
+    monkeypatch.setattr(worker, "execute", real)
+    assert tier(llm, "host").cached_bytes == 0  # nothing the failed saves were to write is findable
+    (again,) = llm.generate([prompt], greedy(), use_tqdm=False)
+    assert again.outputs[0].token_ids == hf([prompt], MAX_NEW)[0]
+    assert_host_back_to_baseline(llm)

@@ -242,6 +242,36 @@ def test_metrics_require_key_without_a_key_changes_nothing(tiny_model: Path) -> 
         assert client.get("/metrics").status_code == 200
 
 
+def test_metrics_and_start_up_log_show_every_kv_tier(
+    tiny_model: Path, model: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.INFO),
+        serve_in_process(tiny_model, kv_offload_bytes=2**20, kv_disk_path=str(tmp_path), kv_disk_bytes=2**20) as (
+            client,
+            _,
+        ),
+    ):
+        prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen " * 3
+        for _ in range(2):
+            response = client.post("/v1/completions", json=completion(model, prompt=prompt, max_tokens=2))
+            assert response.status_code == 200, response.text
+        text = client.get("/metrics").text
+    for tier in ("primary", "host", "disk"):
+        assert f'kvos_kv_tier_capacity_bytes{{tier="{tier}"}}' in text
+        assert f'kvos_kv_tier_hit_tokens_total{{tier="{tier}"}}' in text
+        assert f'kvos_kv_tier_used_bytes{{tier="{tier}"}} 0.0' in text  # every request ended
+    (hits,) = [line for line in text.splitlines() if line.startswith('kvos_kv_tier_hit_tokens_total{tier="primary"}')]
+    assert float(hits.split()[-1]) >= 16  # the second request found the first one's blocks
+    for direction in ("to_host", "from_host", "to_disk", "from_disk"):
+        assert f'kvos_kv_copy_seconds_count{{direction="{direction}"}}' in text
+    for name in ("kvos_kv_disk_corrupted_blocks_total", "kvos_kv_disk_write_failures_total", "kvos_kv_disk_accepting"):
+        assert f"{name} " in text
+    assert 'kvos_preemptions_by_mode_total{mode="swap"}' in text
+    log = caplog.text
+    assert "host KV tier holds" in log and "disk KV tier at" in log and "tokens" in log
+
+
 # -- internal failures say nothing about themselves -----------------------------------------------
 
 

@@ -61,6 +61,17 @@ class HostBlockPool:
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cached.get(block_hash)
 
+    def next_evicted(self) -> HostBlock | None:
+        """The block `allocate` would take next (None when none is free): the disk tier saves its KV
+        first if it is cached."""
+        if not self._free:
+            return None
+        return self.blocks[next(iter(self._free))]
+
+    def cached_blocks(self) -> list[tuple[BlockHash, int]]:
+        """(digest, host block id) of every block findable by digest."""
+        return list(self._cached.items())
+
     def allocate(self) -> int:
         """Take the least recently used unheld block (dropping its digest, if cached), with one reference."""
         if not self._free:
@@ -107,7 +118,7 @@ class HostBlockPool:
 
 @dataclass
 class TierCounters:
-    """What moved between the primary pool and the host tier since start, in blocks (hits in tokens)."""
+    """What moved between the tiers since start, in blocks (hits in tokens)."""
 
     primary_hit_tokens: int = 0
     host_hit_tokens: int = 0
@@ -117,6 +128,17 @@ class TierCounters:
     """Host-tier prefix hits loaded into the primary pool."""
     blocks_swapped_out: int = 0
     blocks_swapped_in: int = 0
+    disk_hit_tokens: int = 0
+    """Prompt tokens whose KV came up from the disk tier (checked) for the request that needed them."""
+    blocks_to_disk: int = 0
+    """Cached blocks written to the disk tier as the tier above reused them (or at a clean shutdown)."""
+    blocks_from_disk: int = 0
+    """Blocks read back from the disk tier that passed their checks."""
+    disk_corrupted: int = 0
+    """Disk blocks discarded on read: bad header, size or checksum (the tokens were recomputed)."""
+    disk_missing: int = 0
+    """Disk blocks whose file was gone on read (a write that had failed, or removed by hand)."""
+    disk_write_failures: int = 0
 
 
 @dataclass

@@ -247,7 +247,7 @@ class VirtualKVCacheManager:
     def publish(self, request: Request, num_computed_tokens: int) -> None:
         """Rows are private: nothing becomes findable."""
 
-    def end_step(self) -> None:
+    def end_step(self, failed: bool = False) -> None:
         """Nothing is pending: rows are private."""
 
     def block_table(self, request: Request) -> list[int]:
