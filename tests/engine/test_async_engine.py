@@ -196,7 +196,12 @@ def test_a_full_queue_refuses_the_least_urgent_waiting_request_for_an_urgent_one
 
     async def body(engine: AsyncLLMEngine) -> None:
         running = await engine.add_request("running", [1, 2], SamplingParams(max_tokens=200, ignore_eos=True), 0)
-        await asyncio.sleep(0.5)  # admitted: the one slot is taken
+        # Wait until it is admitted (the one slot taken): a fixed sleep raced a slow first step on a cold machine.
+        for _ in range(600):
+            if engine.stats().num_running == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.stats().num_running == 1
         low = await engine.add_request("low", [1, 2], SamplingParams(max_tokens=2), priority=5)
         with pytest.raises(QueueFullError):  # not more urgent than anyone waiting: refused itself
             await engine.add_request("also-low", [1, 2], SamplingParams(max_tokens=2), priority=5)
