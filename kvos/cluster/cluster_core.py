@@ -46,7 +46,7 @@ from kvos.cluster.migration import InstanceDied, MigrationResult, migrate
 from kvos.cluster.routers import InstanceView, make_router
 from kvos.cluster.stats import merge_stats
 from kvos.config import EngineConfig
-from kvos.core.engine_core import check_logit_bias, check_request
+from kvos.core.engine_core import check_fits, check_logit_bias, check_request
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request, RequestStatus
 from kvos.engine.stats import EngineStats
@@ -402,11 +402,7 @@ class ClusterCore:
         check_request(prompt_token_ids, max_tokens, self.vocab_size, self.max_model_len, self._check_fits)
 
     def _check_fits(self, num_tokens: int) -> None:
-        if num_tokens > self._max_tokens_per_request:
-            raise ValueError(
-                f"request needs {num_tokens} tokens of KV cache (prompt + max_tokens) but at most "
-                f"{self._max_tokens_per_request} fit (KV capacity {self.capacity_tokens} tokens)"
-            )
+        check_fits(num_tokens, self._max_tokens_per_request, self.capacity_tokens)
 
     def add_request(self, request: Request) -> None:
         self.check_request(request.prompt_token_ids, request.params.max_tokens)

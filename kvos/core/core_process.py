@@ -23,7 +23,7 @@ import multiprocessing.connection
 from dataclasses import dataclass
 
 from kvos.config import EngineConfig
-from kvos.core.engine_core import check_logit_bias, check_request
+from kvos.core.engine_core import check_fits, check_logit_bias, check_request
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
 from kvos.engine.stats import EngineStats
@@ -119,11 +119,7 @@ class EngineCoreProcess:
         check_request(prompt_token_ids, max_tokens, self.vocab_size, self.max_model_len, self._check_fits)
 
     def _check_fits(self, num_tokens: int) -> None:
-        if num_tokens > self._max_tokens_per_request:
-            raise ValueError(
-                f"request needs {num_tokens} tokens of KV cache (prompt + max_tokens) but at most "
-                f"{self._max_tokens_per_request} fit (KV capacity {self.capacity_tokens} tokens)"
-            )
+        check_fits(num_tokens, self._max_tokens_per_request, self.capacity_tokens)
 
     def add_request(self, request: Request) -> None:
         self.check_request(request.prompt_token_ids, request.params.max_tokens)

@@ -73,6 +73,15 @@ def context_length(loaded_arch: ModelArch, configured: int | None) -> int:
     return max_model_len
 
 
+def check_fits(num_tokens: int, max_tokens_per_request: int, capacity_tokens: int) -> None:
+    """A request's KV (prompt + max_tokens) must fit one request's share of the cache; else ValueError."""
+    if num_tokens > max_tokens_per_request:
+        raise ValueError(
+            f"request needs {num_tokens} tokens of KV cache (prompt + max_tokens) but at most "
+            f"{max_tokens_per_request} fit (KV capacity {capacity_tokens} tokens)"
+        )
+
+
 def check_request(
     prompt_token_ids: list[int],
     max_tokens: int,
