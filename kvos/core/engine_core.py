@@ -299,9 +299,12 @@ class EngineCore:
         if not self.scheduler.has_unfinished():
             plan = self.scheduler.schedule()
             try:
-                self.worker.execute(plan)
+                output = self.worker.execute(plan)
             except Exception:  # no request is left to fail; the next plan repeats nothing, so say so
                 logger.exception("worker failed to drop %d ended requests", len(plan.finished_req_ids))
+                self.scheduler.fail_step(plan, STEP_FAILED)
+            else:  # the copy thread's last reports (disk reads of requests that ended) settle the books
+                self.scheduler.update_from_output(plan, output)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -430,6 +433,7 @@ class EngineCore:
         if self.worker.disk_store is not None and self.worker.kv_buffer.kv_caches:
             self._flush_to_disk()
             self.worker.disk_store.close()
+        self.worker.close()
         self.worker.kv_buffer.close()
         close_books = getattr(self.kv_manager, "close", None)  # only the virtual cache's books hold memory
         if close_books is not None:
@@ -449,7 +453,7 @@ class EngineCore:
             logger.exception("writing the cached KV to the disk tier at shutdown failed")
             kv.end_step(failed=True)
             return
-        kv.apply_disk_report([], {}, output.disk_save_failed)
+        kv.apply_disk_report(output.disk_loaded, output.disk_load_failed, output.disk_save_failed)
         kv.end_step()
         logger.info("wrote %d cached KV blocks to the disk tier", len(ops.disk_saves) - len(output.disk_save_failed))
 

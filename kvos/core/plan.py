@@ -75,6 +75,20 @@ class LoadFromHost:
     num_blocks: int = 1
 
 
+@dataclass(frozen=True)
+class LoadRequestKV:
+    """Bring a resuming request's KV up from the host tier while the step computes other requests.
+
+    The request (a swap-in, or a prefix found in the host tier) computes
+    nothing until the worker reports its loads done (`StepOutput.kv_loaded`);
+    the worker runs them off the step's critical path and adopts the table now.
+    """
+
+    req_id: str
+    table_update: TableUpdate
+    loads: tuple[LoadFromHost, ...]
+
+
 TierName = Literal["primary", "host"]
 """A tier whose blocks a disk operation reads or fills (the disk tier sits below both)."""
 
@@ -97,8 +111,9 @@ class SaveToDisk:
 class LoadFromDisk:
     """Read the block `key` from the disk tier into block `block_id` of `tier`, checking it first.
 
-    No request reads the block in the step that loads it: the worker reports
-    which loads passed their checks (`StepOutput.disk_loaded`), and only those
+    No request reads the block until the worker reports that the load passed
+    its checks (`StepOutput.disk_loaded`, in the output of this step or a
+    later one: the read runs off the step's critical path); only then does it
     become findable.
     """
 
@@ -174,13 +189,16 @@ class ScheduledRequest:
 class StepPlan:
     """Everything the worker needs for one step, in execution order.
 
-    Memory operations run first: `disk_drops` (files the disk tier evicts),
-    `disk_saves` (host or primary -> disk), `saves` (primary -> host), all of
-    which read blocks that later operations or the forward pass may overwrite
-    this step; then `loads` (host -> primary), `disk_loads` (disk -> host or
-    primary) and `copies`; then the forward pass over
-    `scheduled` (in order: the flat batch is their `new_token_ids`
-    concatenated), then sampling.
+    Memory operations are issued first, in this order: `disk_drops` (files
+    the disk tier evicts), `disk_saves` (host or primary -> disk), `saves`
+    (primary -> host), all of which read blocks that later operations or the
+    forward pass may overwrite; then `loads` (host -> primary, for requests
+    scheduled in this step), `kv_loads` (host -> primary, for requests that
+    wait for them), `disk_loads` (disk -> host or primary) and `copies`; then
+    the forward pass over `scheduled` (in order: the flat batch is their
+    `new_token_ids` concatenated), then sampling. Moves between tiers run in
+    that order on the worker's copy thread, overlapping the forward pass; the
+    forward pass waits only for those that touch blocks its requests use.
     `new_requests` introduce (or re-introduce) state the worker keeps;
     `finished_req_ids` tell it to drop state for requests that ended.
     """
@@ -191,6 +209,7 @@ class StepPlan:
     copies: list[CopyKV] = field(default_factory=list)
     saves: list[SaveToHost] = field(default_factory=list)
     loads: list[LoadFromHost] = field(default_factory=list)
+    kv_loads: list[LoadRequestKV] = field(default_factory=list)
     disk_drops: list[bytes] = field(default_factory=list)
     disk_saves: list[SaveToDisk] = field(default_factory=list)
     disk_loads: list[LoadFromDisk] = field(default_factory=list)
@@ -210,7 +229,7 @@ class StepPlan:
     @property
     def moves_kv(self) -> bool:
         """True when the plan copies KV between tiers (host or disk)."""
-        return bool(self.saves or self.loads or self.disk_drops or self.disk_saves or self.disk_loads)
+        return bool(self.saves or self.loads or self.kv_loads or self.disk_drops or self.disk_saves or self.disk_loads)
 
 
 @dataclass(frozen=True)
@@ -230,6 +249,13 @@ class StepOutput:
     step_id: int
     sampled: dict[str, SampledToken] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    kv_loaded: list[tuple[str, int]] = field(default_factory=list)
+    """(req_id, step_id) of every `LoadRequestKV` finished since the last output: the request may compute.
+
+    Copies run on the worker's copy thread, so this and the disk reports
+    below cover moves planned by this step or by earlier ones."""
+    kv_load_failed: list[tuple[str, int, str]] = field(default_factory=list)
+    """(req_id, step_id, error) of `LoadRequestKV`s whose copy raised: that request fails alone."""
     disk_loaded: list[bytes] = field(default_factory=list)
     """Keys of `disk_loads` whose files passed every check and were copied in."""
     disk_load_failed: dict[bytes, str] = field(default_factory=dict)
@@ -237,8 +263,9 @@ class StepOutput:
     disk_save_failed: dict[bytes, str] = field(default_factory=dict)
     """Keys of `disk_saves` the worker could not write (the OS error, for the log)."""
     copy_seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time of this step's KV moves by direction: "to_host" (swap-outs and write-backs), "from_host"
-    (swap-ins and host prefix hits), "to_disk", "from_disk"; for the latency histograms."""
+    """Copy-thread time of the KV moves finished since the last output, by direction: "to_host"
+    (swap-outs and write-backs), "from_host" (swap-ins and host prefix hits), "to_disk",
+    "from_disk"; for the latency histograms."""
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from kvos.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    LOADING = "loading"
+    """Admitted, its KV coming up from the host tier on the worker's copy thread; runs once it is loaded."""
     PREEMPTED = "preempted"
     MIGRATING = "migrating"
     """Stopped for a live migration out: KV kept, not scheduled (see `Scheduler.detach`)."""

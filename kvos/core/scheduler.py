@@ -11,7 +11,18 @@ across steps (chunked prefill) and never stalls running decodes. When KV
 memory runs out, the policy's victim is preempted: its KV is either swapped
 to the host tier (when there is one and the preemption rule says so) and
 loaded back when it resumes, or freed, to be recomputed (with prefix-cache
-hits) later. Which
+hits) later.
+
+KV that comes back from the host tier (a swap-in, or a prefix the host tier
+holds) is loaded off the step's critical path: when other requests compute
+in the step, the resuming request is admitted as LOADING, its loads travel
+as a `LoadRequestKV`, and it joins the running requests once the worker
+reports them done (usually in the same step's output). It computes nothing
+until then, and nobody else is admitted in that step: the blocks it was
+given for its first chunk are marked as about to be written (the pending
+prefix entries) and must not be found before it writes them. With nobody
+else to compute, waiting would gain nothing: it loads and computes in one
+step, as before. Which
 request waits first, which is the victim, and whether a waiting request may
 take a running one's sequence slot is the policy's (`kvos.core.policies`).
 
@@ -31,6 +42,7 @@ from __future__ import annotations
 
 from kvos.config import SchedulerConfig
 from kvos.core.plan import (
+    LoadRequestKV,
     NewRequestData,
     SaveToHost,
     ScheduledRequest,
@@ -43,6 +55,9 @@ from kvos.core.policies import SchedulingPolicy, make_policy
 from kvos.core.request import Request, RequestStatus
 from kvos.memory.kv_manager import HoldingKVCacheManager, KVAllocation, KVCacheManager, SwappingKVCacheManager
 from kvos.memory.tiers.swap import PreemptionRule
+
+KV_LOAD_FAILED = "loading this request's KV from the host tier failed"
+"""What a client hears when the copy of its swapped-out KV raised (the cause goes to the log)."""
 
 
 class Scheduler:
@@ -64,6 +79,8 @@ class Scheduler:
         self.waiting: SchedulingPolicy = make_policy(config)
         """The waiting queue: the policy keeps it in its order."""
         self.running: list[Request] = []
+        self.loading: dict[str, int] = {}
+        """Requests whose KV is coming up from the host tier -> the step that planned the loads."""
         self.requests: dict[str, Request] = {}
         """Every unfinished request by id."""
         self.num_preemptions = 0
@@ -163,7 +180,7 @@ class Scheduler:
         self._attached = []
         budget = self.config.max_num_batched_tokens
         # Sequence slots first: the policy may hand a running request's slot to a more urgent one.
-        while len(self.running) >= self.config.max_num_seqs:
+        while self.num_seqs >= self.config.max_num_seqs:
             displaced = self.waiting.displace(self.running, self._step_id)
             if displaced is None:
                 break
@@ -206,8 +223,13 @@ class Scheduler:
             plan.disk_loads.extend(ops.disk_loads)
         return plan
 
+    @property
+    def num_seqs(self) -> int:
+        """Sequences holding a slot: running, or loading their KV to run."""
+        return len(self.running) + len(self.loading)
+
     def _admit_waiting(self, plan: StepPlan, budget: int) -> None:
-        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while budget > 0 and self.num_seqs < self.config.max_num_seqs:
             head = self.waiting.peek()
             if head is None:
                 break
@@ -216,6 +238,8 @@ class Scheduler:
                 break
             if admitted is None and not self._admit(plan, head, budget):
                 break
+            if head.status == RequestStatus.LOADING:
+                break  # see the module docstring: nobody may find its first chunk's blocks this step
             budget -= len(plan.scheduled[-1].new_token_ids)
 
     def _admit(self, plan: StepPlan, request: Request, budget: int) -> bool:
@@ -234,9 +258,25 @@ class Scheduler:
         request.num_swapped_tokens = 0
         if not num_swapped:
             request.num_cached_tokens = max(request.num_cached_tokens, num_cached)
+        if allocation.loads and plan.scheduled:
+            self._start_loading(plan, request, allocation)
+            return True
         self._start(plan, request)
         self._plan_chunk(plan, request, num_tokens, allocation)
         return True
+
+    def _start_loading(self, plan: StepPlan, request: Request, allocation: KVAllocation) -> None:
+        """Admit `request` to wait for its KV from the host tier while the step computes the others."""
+        if self.waiting.pop() is not request:
+            raise RuntimeError("the policy's queue head changed during admission")
+        assert allocation.table_update is not None  # a first allocation always sets the table
+        request.status = RequestStatus.LOADING
+        request.admitted_step = self._step_id
+        self.loading[request.req_id] = self._step_id
+        plan.new_requests.append(self._request_data(request))
+        plan.kv_loads.append(LoadRequestKV(request.req_id, allocation.table_update, tuple(allocation.loads)))
+        plan.copies.extend(allocation.copies)
+        plan.saves.extend(allocation.saves)
 
     def _admit_fork(self, plan: StepPlan, request: Request) -> bool | None:
         """Fork a sibling's prompt KV: True if admitted, False to wait, None to prefill as usual."""
@@ -329,6 +369,17 @@ class Scheduler:
         """Advance every request the plan ran; finish those that are done; report what changed."""
         self.waiting.on_step(plan, output, self.requests)
         updates = []
+        for req_id, step_id in output.kv_loaded:
+            request = self.requests.get(req_id)
+            if request is not None and self.loading.get(req_id) == step_id:
+                del self.loading[req_id]
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+        for req_id, step_id, _ in output.kv_load_failed:
+            if self.loading.get(req_id) == step_id:
+                request = self.requests[req_id]
+                self._finish(request, "abort")
+                updates.append(SequenceUpdate(req_id, [], [], request.num_cached_tokens, "abort", None, KV_LOAD_FAILED))
         for scheduled in plan.scheduled:
             request = self.requests.get(scheduled.req_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -372,6 +423,15 @@ class Scheduler:
             if victim is not None and victim.num_swapped_tokens:
                 self.kv.free(victim)
                 victim.num_swapped_tokens = 0
+        for kv_load in plan.kv_loads:  # the loads may not have run: these recompute, like the victims above
+            request = self.requests.get(kv_load.req_id)
+            if request is not None and self.loading.get(kv_load.req_id) == plan.step_id:
+                del self.loading[kv_load.req_id]
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                request.num_swapped_tokens = 0
+                request.status = RequestStatus.PREEMPTED
+                self.waiting.requeue(request)
         updates = []
         for scheduled in plan.scheduled:
             request = self.requests.get(scheduled.req_id)
@@ -393,8 +453,10 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.stop_reason = stop_reason
-        was_running = request in self.running
-        if was_running:
+        was_running = request in self.running or request.req_id in self.loading
+        if request.req_id in self.loading:
+            del self.loading[request.req_id]
+        elif was_running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)

@@ -47,10 +47,13 @@ the pool when there is no host tier): a cached block the tier above is about
 to reuse is written to a file named by its digest (`SaveToDisk`), unless the
 disk holds it already. A waiting request whose prefix continues on disk first
 `prefetch`es it: its blocks are read into fresh blocks of the tier above
-(`LoadFromDisk`) while the request waits, and only those the worker reports
-as checked become findable; the request is admitted in a later step and finds
-them as ordinary hits. A failed step forgets what it planned to publish in
-the host and disk tiers (`end_step(failed=True)`), as it does in the pool.
+(`LoadFromDisk`, on the worker's copy thread) while the request waits, and
+only those the worker reports as checked become findable; the request is
+admitted once every read is reported, and finds them as ordinary hits. A
+read's target stays held until its report, even when the request that asked
+for it ends first, so a late read never lands in a block someone else reuses.
+A failed step forgets what it planned to publish in the host and disk tiers
+(`end_step(failed=True)`), as it does in the pool.
 """
 
 from __future__ import annotations
@@ -82,6 +85,17 @@ logger = logging.getLogger(__name__)
 PRIMARY: TierName = "primary"
 HOST: TierName = "host"
 DISK = "disk"
+
+
+@dataclass
+class _DiskRead:
+    """A disk load planned and not yet reported: where it lands, its digest's parent, who asked."""
+
+    tier: TierName
+    block_id: int
+    parent: BlockHash
+    req_id: str | None
+    """The prefetching request; None once it has ended (the read's report then releases the target)."""
 
 
 @dataclass(frozen=True)
@@ -133,8 +147,9 @@ class PagedKVCacheManager:
         self.disk = disk
         """The disk tier's books, or None when there is no disk tier."""
         self._tier_ops = TierOps()
-        # Disk loads planned this step: key -> (tier, block id, parent digest), until the worker reports.
-        self._disk_inflight: dict[BlockHash, tuple[TierName, int, BlockHash]] = {}
+        # Disk loads planned and not yet reported by the worker (they may take several steps).
+        self._disk_inflight: dict[BlockHash, _DiskRead] = {}
+        self._step_disk_loads: list[BlockHash] = []
         self._prefetched: dict[str, list[_Prefetched]] = {}
         # What this step made findable in the tiers below, forgotten if the step fails.
         # Host blocks indexed this step -> the pool block their save reads (it still holds the KV at step start).
@@ -402,9 +417,12 @@ class PagedKVCacheManager:
             for key in self._step_disk_added:
                 self.disk.discard(key)  # type: ignore[union-attr]
             self.counters.blocks_to_disk -= len(self._step_disk_added)
-            self._disk_inflight.clear()  # the targets stay held by their prefetch, findable by nobody
-        if self._disk_inflight:
-            raise RuntimeError("the step ended before the worker reported its disk loads")
+            for key in self._step_disk_loads:  # the worker voids them: no report will come
+                read = self._disk_inflight.pop(key)
+                if read.req_id is None:
+                    self._release_block(read.tier, read.block_id)
+                # else the target stays held by its prefetch, findable by nobody, until the request goes
+        self._step_disk_loads.clear()
         self._step_host_indexed.clear()
         self._step_disk_added.clear()
         if self.disk is not None:
@@ -421,12 +439,14 @@ class PagedKVCacheManager:
     def prefetch(self, request: Request) -> bool:
         """Plan loads of the waiting request's prefix blocks that only the disk tier holds.
 
-        Returns True when loads were planned: the request waits this step,
-        holding the loads' targets and the prefix's other hits (so no
-        allocation evicts them), and finds them as hits once admitted. A
-        request prefetches once per admission.
+        Returns True while the request must wait: its loads were planned now or
+        are not all reported yet. It holds the loads' targets and the prefix's
+        other hits (so no allocation evicts them), and finds them as hits once
+        admitted. A request prefetches once per admission.
         """
-        if self.disk is None or request.req_id in self._prefetched or request.req_id in self._host_copies:
+        if request.req_id in self._prefetched:
+            return any(read.req_id == request.req_id for read in self._disk_inflight.values())
+        if self.disk is None or request.req_id in self._host_copies:
             return False
         hits = self._prefix_hits(request, (request.num_tokens - 1) // self.block_size, with_disk=True)
         num_on_disk = sum(tier == DISK for tier, _ in hits)
@@ -458,7 +478,8 @@ class PagedKVCacheManager:
             self.disk.pin(key)
             self.disk.touch(key)
             parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
-            self._disk_inflight[key] = (target, block_id, parent)
+            self._disk_inflight[key] = _DiskRead(target, block_id, parent, request.req_id)
+            self._step_disk_loads.append(key)
             self._tier_ops.disk_loads.append(LoadFromDisk(key, target, block_id))
             held.append(_Prefetched(target, block_id, True))
         self._tier_ops.saves.extend(self._demotions)
@@ -468,18 +489,23 @@ class PagedKVCacheManager:
     def apply_disk_report(
         self, loaded: list[BlockHash], load_failed: dict[BlockHash, str], save_failed: dict[BlockHash, str]
     ) -> None:
-        """The worker ran the step's disk operations: make checked loads findable, forget the rest."""
+        """The worker ran disk operations (of this step or earlier ones): make checked loads findable,
+        forget the rest."""
         for key in loaded:
-            tier, block_id, parent = self._disk_inflight.pop(key)
-            if tier == HOST:
+            read = self._disk_inflight.pop(key)
+            if read.tier == HOST:
                 assert self.host is not None
-                self.host.index(block_id, key)
+                self.host.index(read.block_id, key)
             else:
-                self.allocator.mark_cached(block_id, key, parent)
+                self.allocator.mark_cached(read.block_id, key, read.parent)
+            if read.req_id is None:  # its request ended: the block stays as cache, held by nobody
+                self._release_block(read.tier, read.block_id)
             self.counters.blocks_from_disk += 1
             self.counters.disk_hit_tokens += self.block_size
         for key, reason in load_failed.items():
-            self._disk_inflight.pop(key)
+            read = self._disk_inflight.pop(key)
+            if read.req_id is None:
+                self._release_block(read.tier, read.block_id)
             self.disk.discard(key)  # type: ignore[union-attr]
             if reason == "missing":
                 self.counters.disk_missing += 1
@@ -515,11 +541,22 @@ class PagedKVCacheManager:
         return self.take_tier_ops()
 
     def _release_prefetched(self, request: Request) -> None:
-        for held in self._prefetched.pop(request.req_id, []):
-            if held.tier == PRIMARY:
-                self.allocator.release(held.block_id)
-            else:
-                self.host.release(held.block_id)  # type: ignore[union-attr]
+        """Let go of what the request's prefetch holds; a target still being read is let go by its report."""
+        held = self._prefetched.pop(request.req_id, [])
+        reading = set()
+        for read in self._disk_inflight.values():
+            if read.req_id == request.req_id:
+                read.req_id = None
+                reading.add((read.tier, read.block_id))
+        for block in held:
+            if (block.tier, block.block_id) not in reading:
+                self._release_block(block.tier, block.block_id)
+
+    def _release_block(self, tier: TierName, block_id: int) -> None:
+        if tier == PRIMARY:
+            self.allocator.release(block_id)
+        else:
+            self.host.release(block_id)  # type: ignore[union-attr]
 
     def publish(self, request: Request, num_computed_tokens: int) -> None:
         """Make the request's full, computed blocks findable by prefix digest."""

@@ -28,4 +28,6 @@ class SimWorker:
         seconds = self.step_seconds(plan)
         self.clock_s += seconds
         self.busy_s += seconds
-        return StepOutput(plan.step_id, {s.req_id: _SAMPLED for s in plan.scheduled if s.sample})
+        sampled = {s.req_id: _SAMPLED for s in plan.scheduled if s.sample}
+        # The step model does not time copies: a swap-in is done by the end of the step that asked for it.
+        return StepOutput(plan.step_id, sampled, kv_loaded=[(load.req_id, plan.step_id) for load in plan.kv_loads])

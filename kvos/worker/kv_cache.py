@@ -157,8 +157,8 @@ class HostKVPool:
     Allocated with `torch.empty`, so the kernel backs pages only as blocks
     are first written (an 8 GiB tier costs nothing until used). Pinned when
     the primary pool is on CUDA, so copies can run at the link's speed.
-    Today every copy is synchronous, before the forward pass: plain memcpy on
-    CPU; on CUDA the place for a side stream and events is `save`/`load`.
+    `save` and `load` run on the worker's copy thread (`kvos.worker.copy_engine`),
+    inside a side CUDA stream when the pool is on a GPU.
     """
 
     def __init__(self, num_blocks: int, block_size: int, shape: KVShape) -> None:

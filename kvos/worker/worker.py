@@ -3,7 +3,8 @@
     execute(plan):
         drop finished requests, adopt new ones        (state kept between steps)
         apply table updates                           (block tables / rows, cached as slot indices)
-        run the plan's memory ops                     (host tier saves, loads; copy-on-write, forks)
+        queue moves between tiers on the copy thread  (host and disk saves, loads: off the critical path)
+        wait for the moves that touch the step's blocks; copy-on-write, forks
         flat batch -> attention metadata -> forward   (the backend chosen at start-up)
         sample the rows that complete their tokens    (one row's failure is that row's alone)
         -> StepOutput
@@ -22,18 +23,29 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from kvos.attention.backend import AttentionBackend, SeqLayout
 from kvos.attention.gather_sdpa import decode_batch
 from kvos.attention.metadata import AttentionMetadata
-from kvos.core.plan import NewRequestData, SampledToken, SaveToHost, StepOutput, StepPlan, TableUpdate
+from kvos.core.plan import (
+    LoadFromDisk,
+    LoadFromHost,
+    LoadRequestKV,
+    NewRequestData,
+    SampledToken,
+    SaveToDisk,
+    SaveToHost,
+    StepOutput,
+    StepPlan,
+    TableUpdate,
+)
 from kvos.model import compiled_decode
 from kvos.model.llama import LlamaForCausalLM
 from kvos.sampling_params import SamplingParams
 from kvos.structured.grammar import GrammarCompiler, GrammarMatcher
+from kvos.worker.copy_engine import CopyEngine, CopyReport
 from kvos.worker.disk_store import CorruptBlockError, DiskKVStore
 from kvos.worker.kv_cache import HostKVPool, KVBuffer
 from kvos.worker.sampler import SamplingRow, sample
@@ -92,6 +104,12 @@ class Worker:
             )
         self.grammars = grammars
         self._decode_forward = compiled_decode.compile_decode(model) if compile_decode else model.forward
+        self.copies = CopyEngine(device)
+        """Moves between tiers, run off the step's critical path."""
+
+    def close(self) -> None:
+        """Finish the queued moves between tiers and stop the copy thread. Safe to call twice."""
+        self.copies.close()
 
     @property
     def num_requests(self) -> int:
@@ -100,6 +118,16 @@ class Worker:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
+        try:
+            return self._execute(plan)
+        except BaseException:
+            # What this plan queued on the copy thread is void (the scheduler forgets it); earlier
+            # plans' moves stand and are reported with the next step that succeeds.
+            self.copies.drain()
+            self.copies.discard(plan.step_id)
+            raise
+
+    def _execute(self, plan: StepPlan) -> StepOutput:
         for req_id in plan.finished_req_ids:
             self._requests.pop(req_id, None)
         for data in plan.new_requests:
@@ -108,12 +136,18 @@ class Worker:
             state = self._requests.get(req_id)
             if state is not None:
                 self._set_table(state, TableUpdate(0, ()))
-        moved = self._move_kv(plan) if plan.moves_kv else {}
+        for kv_load in plan.kv_loads:
+            self._set_table(self._requests[kv_load.req_id], kv_load.table_update)
+        if plan.moves_kv:
+            self._move_kv(plan)
         if plan.is_empty:
-            return StepOutput(plan.step_id, **moved)
+            self.copies.drain()  # nothing to overlap with: let the moves finish, so waiting requests may run
+            return self._output(plan.step_id)
         for scheduled in plan.scheduled:
             if scheduled.table_update is not None:
                 self._set_table(self._requests[scheduled.req_id], scheduled.table_update)
+        if self.copies.num_pending:
+            self.copies.wait_for(self._blocks_in_use(plan), self.table_block_size)
         self.kv_buffer.copy(plan.copies)
 
         input_ids: list[int] = []
@@ -137,70 +171,134 @@ class Worker:
         forward = self._decode_forward if _pure_decode(meta, seqs) else self.model
         hidden = forward(ids, pos, self.kv_buffer.kv_caches, meta)
         if not sample_rows:
-            return StepOutput(plan.step_id, **moved)
+            return self._output(plan.step_id)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
-        return self._sample(plan.step_id, logits, sampling_ids, moved)
+        sampled, failed = self._sample(logits, sampling_ids)
+        return self._output(plan.step_id, sampled, failed)
 
-    def _move_kv(self, plan: StepPlan) -> dict[str, Any]:
-        """Run the plan's moves between tiers, in the order that keeps every read ahead of the
-        writes that would clobber it; returns the disk report and timings for the StepOutput.
+    def _blocks_in_use(self, plan: StepPlan) -> set[int]:
+        """Every block the step's forward pass and copies read or write (in table blocks)."""
+        blocks: set[int] = set()
+        for scheduled in plan.scheduled:
+            blocks.update(self._requests[scheduled.req_id].block_table)
+        tbs = self.table_block_size
+        for copy in plan.copies:
+            for slot in (copy.src_slot, copy.dst_slot):
+                blocks.update(range(slot // tbs, -(-(slot + copy.num_slots) // tbs)))
+        return blocks
 
-        A disk operation that fails is reported, not raised: a bad or missing
-        file costs its block (the scheduler recomputes it), a failed write
-        stops the disk tier taking blocks; serving goes on either way.
+    def _output(
+        self, step_id: int, sampled: dict[str, SampledToken] | None = None, failed: dict[str, str] | None = None
+    ) -> StepOutput:
+        """The step's tokens, plus what the copy thread finished since the last output."""
+        output = StepOutput(step_id, sampled or {}, failed or {})
+        for report in self.copies.take_reports():
+            output.kv_loaded.extend((req_id, report.step_id) for req_id in report.kv_loaded)
+            output.kv_load_failed.extend((req_id, report.step_id, e) for req_id, e in report.kv_load_failed.items())
+            output.disk_loaded.extend(report.disk_loaded)
+            output.disk_load_failed.update(report.disk_load_failed)
+            output.disk_save_failed.update(report.disk_save_failed)
+            for kind, seconds in report.seconds.items():
+                output.copy_seconds[kind] = output.copy_seconds.get(kind, 0.0) + seconds
+        return output
+
+    def _move_kv(self, plan: StepPlan) -> None:
+        """Queue the plan's moves between tiers on the copy thread, in the plan's order.
+
+        Three kinds of job, so that a step waits for no more than it needs:
+        what reads the pool before it is overwritten (disk writes, host
+        saves), loads for requests this step computes, and each waiting
+        request's loads on its own (its report lets it run). A disk operation
+        that fails is reported, not raised: a bad or missing file costs its
+        block (the scheduler recomputes it), a failed write stops the disk
+        tier taking blocks; serving goes on either way.
         """
-        if (plan.saves or plan.loads) and self.host_pool is None:
+        if (plan.saves or plan.loads or plan.kv_loads) and self.host_pool is None:
             raise RuntimeError("the plan moves KV to or from a host tier, but this worker has none")
-        disk_ops = plan.disk_drops or plan.disk_saves or plan.disk_loads
-        if disk_ops and self.disk_store is None:
+        if (plan.disk_drops or plan.disk_saves or plan.disk_loads) and self.disk_store is None:
             raise RuntimeError("the plan moves KV to or from a disk tier, but this worker has none")
-        caches = {"primary": self.kv_buffer.kv_caches}
+        primary = self.kv_buffer.kv_caches
+        caches = {"primary": primary}
+        host_bs = self.table_block_size
         if self.host_pool is not None:
             caches["host"] = self.host_pool.kv_caches
-        seconds: dict[str, float] = {}
-        save_failed: dict[bytes, str] = {}
-        loaded: list[bytes] = []
-        load_failed: dict[bytes, str] = {}
-        start = time.perf_counter()
-        if plan.disk_drops or plan.disk_saves:
-            assert self.disk_store is not None
-            for key in plan.disk_drops:
-                self.disk_store.drop(key)
-            for save in plan.disk_saves:
-                try:
-                    self.disk_store.save(caches, save)
-                except OSError as exc:
-                    save_failed[save.key] = f"{type(exc).__name__}: {exc}"
-            seconds["to_disk"] = time.perf_counter() - start
-        if plan.saves:
-            start = time.perf_counter()
-            self.host_pool.save(self.kv_buffer.kv_caches, plan.saves)  # type: ignore[union-attr]
-            seconds["to_host"] = time.perf_counter() - start
-        if plan.loads:
-            start = time.perf_counter()
-            self.host_pool.load(self.kv_buffer.kv_caches, plan.loads)  # type: ignore[union-attr]
-            seconds["from_host"] = time.perf_counter() - start
-        if plan.disk_loads:
-            assert self.disk_store is not None
-            start = time.perf_counter()
-            for load in plan.disk_loads:
-                try:
-                    self.disk_store.load(caches, load)
-                except CorruptBlockError as exc:
-                    load_failed[load.key] = exc.reason
-                except FileNotFoundError:
-                    load_failed[load.key] = "missing"
-                except OSError as exc:
-                    load_failed[load.key] = f"{type(exc).__name__}: {exc}"
-                else:
-                    loaded.append(load.key)
-            seconds["from_disk"] = time.perf_counter() - start
-        return dict(
-            disk_loaded=loaded, disk_load_failed=load_failed, disk_save_failed=save_failed, copy_seconds=seconds
-        )
+            host_bs = self.host_pool.block_size
+        host, disk = self.host_pool, self.disk_store
+        tbs = self.table_block_size
 
-    def _sample(self, step_id: int, logits: torch.Tensor, req_ids: list[str], moved: dict[str, Any]) -> StepOutput:
+        def host_ranges(ops: Sequence[SaveToHost | LoadFromHost]) -> list[tuple[int, int]]:
+            return [(op.block_id * host_bs, (op.block_id + op.num_blocks) * host_bs) for op in ops]
+
+        def disk_ranges(ops: Sequence[SaveToDisk | LoadFromDisk]) -> list[tuple[int, int]]:
+            return [(op.block_id * tbs, (op.block_id + 1) * tbs) for op in ops if op.tier == "primary"]
+
+        if plan.disk_drops or plan.disk_saves or plan.saves:
+
+            def save(report: CopyReport) -> None:
+                if plan.disk_drops or plan.disk_saves:
+                    assert disk is not None
+                    start = time.perf_counter()
+                    for key in plan.disk_drops:
+                        disk.drop(key)
+                    for op in plan.disk_saves:
+                        try:
+                            disk.save(caches, op)
+                        except OSError as exc:
+                            report.disk_save_failed[op.key] = f"{type(exc).__name__}: {exc}"
+                    report.seconds["to_disk"] = time.perf_counter() - start
+                if plan.saves:
+                    assert host is not None
+                    start = time.perf_counter()
+                    host.save(primary, plan.saves)
+                    report.seconds["to_host"] = time.perf_counter() - start
+
+            self.copies.submit(plan.step_id, disk_ranges(plan.disk_saves) + host_ranges(plan.saves), save)
+        if plan.loads:
+
+            def load(report: CopyReport) -> None:
+                assert host is not None
+                start = time.perf_counter()
+                host.load(primary, plan.loads)
+                report.seconds["from_host"] = time.perf_counter() - start
+
+            self.copies.submit(plan.step_id, host_ranges(plan.loads), load)
+        for kv_load in plan.kv_loads:
+
+            def load_request(report: CopyReport, kv_load: LoadRequestKV = kv_load) -> None:
+                assert host is not None
+                start = time.perf_counter()
+                try:
+                    host.load(primary, list(kv_load.loads))
+                except Exception as exc:  # this request fails alone; the log has the cause
+                    logger.exception("loading %s's KV from the host tier failed", kv_load.req_id)
+                    report.kv_load_failed[kv_load.req_id] = f"{type(exc).__name__}: {exc}"
+                else:
+                    report.kv_loaded.append(kv_load.req_id)
+                report.seconds["from_host"] = time.perf_counter() - start
+
+            self.copies.submit(plan.step_id, host_ranges(kv_load.loads), load_request)
+        if plan.disk_loads:
+
+            def load_disk(report: CopyReport) -> None:
+                assert disk is not None
+                start = time.perf_counter()
+                for op in plan.disk_loads:
+                    try:
+                        disk.load(caches, op)
+                    except CorruptBlockError as exc:
+                        report.disk_load_failed[op.key] = exc.reason
+                    except FileNotFoundError:
+                        report.disk_load_failed[op.key] = "missing"
+                    except OSError as exc:
+                        report.disk_load_failed[op.key] = f"{type(exc).__name__}: {exc}"
+                    else:
+                        report.disk_loaded.append(op.key)
+                report.seconds["from_disk"] = time.perf_counter() - start
+
+            self.copies.submit(plan.step_id, disk_ranges(plan.disk_loads), load_disk)
+
+    def _sample(self, logits: torch.Tensor, req_ids: list[str]) -> tuple[dict[str, SampledToken], dict[str, str]]:
         states = [self._requests[r] for r in req_ids]
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator, s.grammar) for s in states]
         sampled: dict[str, SampledToken] = {}
@@ -218,7 +316,7 @@ class Worker:
             else:
                 state.output_token_ids.append(result.token_id)
                 sampled[req_id] = result
-        return StepOutput(step_id, sampled, failed, **moved)
+        return sampled, failed
 
     def _adopt(self, data: NewRequestData) -> None:
         """Take a new request, or one resuming after preemption (its generator carries on)."""
@@ -257,11 +355,13 @@ class Worker:
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
         """A copy of the blocks' K and V: `[layers, 2, len(block_ids) * block_size, kv_heads, head_dim]`, on the CPU."""
+        self.copies.drain()
         slots = self._block_slots(block_ids)
         return torch.stack([torch.stack((k[slots], v[slots])) for k, v in self.kv_buffer.kv_caches]).cpu()
 
     def write_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Copy what `read_blocks` returned (on another worker) into these blocks."""
+        self.copies.drain()
         slots = self._block_slots(block_ids)
         for layer, (k, v) in enumerate(self.kv_buffer.kv_caches):
             k[slots] = data[layer, 0].to(k.device)
@@ -272,6 +372,7 @@ class Worker:
         if saves:
             if self.host_pool is None:
                 raise RuntimeError("write-backs to a host tier, but this worker has none")
+            self.copies.drain()
             self.host_pool.save(self.kv_buffer.kv_caches, saves)
 
     def _block_slots(self, block_ids: Sequence[int]) -> torch.Tensor:

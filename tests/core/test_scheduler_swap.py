@@ -7,7 +7,7 @@ import pytest
 from kvos.config import SchedulerConfig
 from kvos.core.plan import LoadFromHost, SampledToken, SaveToHost, StepOutput, StepPlan
 from kvos.core.request import Request, RequestStatus
-from kvos.core.scheduler import Scheduler
+from kvos.core.scheduler import KV_LOAD_FAILED, Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.tiers.host import HostBlockPool
 from kvos.memory.tiers.swap import PreemptionRule, SwapCost
@@ -34,7 +34,10 @@ def request(req_id: str, n: int, max_tokens: int = 8) -> Request:
 
 def finish_step(s: Scheduler, plan: StepPlan, token: int = 0) -> None:
     sampled = {c.req_id: SampledToken(token) for c in plan.scheduled if c.sample}
-    s.update_from_output(plan, StepOutput(plan.step_id, sampled))
+    # As the worker does: a waiting request's loads are done by the end of the step.
+    s.update_from_output(
+        plan, StepOutput(plan.step_id, sampled, kv_loaded=[(k.req_id, plan.step_id) for k in plan.kv_loads])
+    )
 
 
 def test_out_of_memory_swaps_the_victim_out_and_back_in_with_its_progress() -> None:
@@ -118,3 +121,80 @@ def test_auto_swaps_when_the_copy_is_cheaper_than_recompute() -> None:
 def test_auto_without_a_cost_model_is_refused() -> None:
     with pytest.raises(ValueError, match="auto"):
         PreemptionRule("auto")
+
+
+def swapped_b_beside_running_c() -> tuple[Scheduler, Request, Request]:
+    """b swapped out (4 tokens) while a and c ran; a ends, so b resumes while c keeps decoding."""
+    s = make(num_blocks=5, num_host_blocks=8)
+    a, b, c = request("a", 8), request("b", 4), request("c", 3, max_tokens=20)
+    for r in (c, a, b):
+        s.add(r)
+    finish_step(s, s.schedule())
+    plan = s.schedule()  # a and c grow; b is the victim
+    assert plan.preempted_req_ids == ["b"] and b.num_swapped_tokens == 4
+    finish_step(s, plan)
+    s.abort("a")
+    return s, b, c
+
+
+def test_a_swap_in_loads_while_the_others_compute_and_runs_once_reported() -> None:
+    s, b, c = swapped_b_beside_running_c()
+    d = request("d", 2)
+    s.add(d)  # queued behind b
+    plan = s.schedule()
+    assert [x.req_id for x in plan.scheduled] == ["c"]  # b computes nothing while its KV comes up
+    (kv_load,) = plan.kv_loads
+    assert kv_load.req_id == "b" and b.status == RequestStatus.LOADING
+    assert kv_load.loads == (LoadFromHost(0, kv_load.table_update.block_ids[0]),) and plan.loads == []
+    assert [n.req_id for n in plan.new_requests] == ["b"]  # d is not admitted in b's loading step
+    # The worker has not finished the copy: b keeps waiting in its own state, c goes on.
+    s.update_from_output(plan, StepOutput(plan.step_id, {"c": SampledToken(0)}))
+    plan2 = s.schedule()
+    assert [x.req_id for x in plan2.scheduled] == ["c", "d"] and b.status == RequestStatus.LOADING
+    sampled = {x.req_id: SampledToken(0) for x in plan2.scheduled if x.sample}
+    s.update_from_output(plan2, StepOutput(plan2.step_id, sampled, kv_loaded=[("b", plan.step_id)]))
+    assert b.status == RequestStatus.RUNNING
+    plan3 = s.schedule()
+    resumed = next(x for x in plan3.scheduled if x.req_id == "b")
+    assert resumed.num_computed_tokens == 4 and resumed.new_token_ids == [0]  # no recompute
+    assert resumed.table_update is None  # the worker took b's table with the loads
+
+
+def test_aborting_a_loading_request_gives_back_every_tier() -> None:
+    s, b, c = swapped_b_beside_running_c()
+    plan = s.schedule()
+    assert plan.kv_loads and b.status == RequestStatus.LOADING
+    s.abort("b")
+    assert "b" not in s.loading and b.status == RequestStatus.FINISHED
+    # A late report of the aborted request's load changes nothing.
+    s.update_from_output(plan, StepOutput(plan.step_id, {"c": SampledToken(0)}, kv_loaded=[("b", plan.step_id)]))
+    assert all(r is not b for r in s.running)
+    s.abort("c")
+    kv = s.kv
+    assert isinstance(kv, PagedKVCacheManager) and kv.host is not None
+    assert kv.num_used_blocks == 0 and kv.host.num_held_blocks == 0 and kv.num_host_copies == 0
+
+
+def test_a_failed_load_ends_that_request_alone_with_a_message() -> None:
+    s, b, c = swapped_b_beside_running_c()
+    plan = s.schedule()
+    updates = s.update_from_output(
+        plan, StepOutput(plan.step_id, {"c": SampledToken(0)}, kv_load_failed=[("b", plan.step_id, "OSError: x")])
+    )
+    (failed,) = [u for u in updates if u.req_id == "b"]
+    assert failed.finish_reason == "abort" and failed.error == KV_LOAD_FAILED
+    assert c.status == RequestStatus.RUNNING and "b" not in s.requests
+
+
+def test_a_failed_step_sends_its_loading_requests_back_to_recompute() -> None:
+    s, b, c = swapped_b_beside_running_c()
+    plan = s.schedule()
+    assert plan.kv_loads
+    s.fail_step(plan, "boom")
+    assert b.status == RequestStatus.PREEMPTED and b.num_swapped_tokens == 0 and "b" not in s.loading
+    assert "c" not in s.requests  # c was in the failed forward pass
+    plan = s.schedule()
+    (rerun,) = plan.scheduled
+    assert rerun.req_id == "b" and rerun.num_computed_tokens == 0  # recomputed from the start
+    kv = s.kv
+    assert isinstance(kv, PagedKVCacheManager) and kv.host is not None and kv.host.num_held_blocks == 0

@@ -7,6 +7,8 @@ import pytest
 
 from kvos import LLM
 from kvos.config import CacheConfig
+from kvos.core.plan import StepPlan
+from kvos.core.scheduler import KV_LOAD_FAILED
 from kvos.entrypoints.cli import build_parser, engine_options
 from kvos.entrypoints.metrics import ServerMetrics
 from tests.conftest import GreedyFn, hf_greedy_fn
@@ -36,9 +38,8 @@ def tiny_llama(tmp_path_factory) -> tuple[str, GreedyFn]:
     return folder, hf_greedy_fn(AutoModelForCausalLM.from_pretrained(folder).eval())
 
 
-def test_tiny_swap_preemption_matches_hf(tiny_llama: tuple[str, GreedyFn]) -> None:
-    folder, hf = tiny_llama
-    llm = LLM(
+def swap_llm(folder: str) -> LLM:
+    return LLM(
         folder,
         block_size=4,
         kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
@@ -46,10 +47,63 @@ def test_tiny_swap_preemption_matches_hf(tiny_llama: tuple[str, GreedyFn]) -> No
         kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
         preemption_mode="swap",
     )
+
+
+def record_plans(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[StepPlan]:
+    worker = llm.engine.core.worker
+    real = worker.execute
+    plans: list[StepPlan] = []
+
+    def execute(plan: StepPlan):
+        plans.append(plan)
+        return real(plan)
+
+    monkeypatch.setattr(worker, "execute", execute)
+    return plans
+
+
+def test_tiny_swap_preemption_matches_hf(tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch) -> None:
+    folder, hf = tiny_llama
+    llm = swap_llm(folder)
+    plans = record_plans(llm, monkeypatch)
     check_against_hf(llm, TEXTS, hf)
     stats = llm.engine.stats()
     assert dict(stats.preemptions_by_mode)["swap"] > 0
     assert stats.swap_in_bytes > 0 and stats.swap_out_bytes > 0
+    # Some swap-ins loaded on the copy thread while the step computed others, and waited for it.
+    loading = [(p, k.req_id) for p in plans for k in p.kv_loads]
+    assert loading and all(p.scheduled and req_id not in {s.req_id for s in p.scheduled} for p, req_id in loading)
+    assert_host_back_to_baseline(llm)
+
+
+def test_tiny_a_failed_swap_in_ends_that_request_alone(
+    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, hf = tiny_llama
+    llm = swap_llm(folder)
+    plans = record_plans(llm, monkeypatch)
+    host_pool = llm.engine.core.worker.host_pool
+    assert host_pool is not None
+    real_load = host_pool.load
+    lost: list[str] = []
+
+    def load(primary, ops):  # the first copy for a waiting request fails; every other one works
+        waiting = {k.loads: k.req_id for p in list(plans) for k in p.kv_loads}
+        if not lost and tuple(ops) in waiting:
+            lost.append(waiting[tuple(ops)])
+            raise OSError("host memory went away")
+        return real_load(primary, ops)
+
+    monkeypatch.setattr(host_pool, "load", load)
+    prompts = [llm.tokenizer.encode(t) for t in TEXTS]
+    outputs = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert len(lost) == 1
+    expected = hf(prompts, MAX_NEW)
+    for out, want in zip(outputs, expected):
+        if out.req_id == lost[0]:
+            assert out.error == KV_LOAD_FAILED and out.finished
+        else:
+            assert out.error is None and out.outputs[0].token_ids == want
     assert_host_back_to_baseline(llm)
 
 

@@ -103,3 +103,34 @@ def test_a_failed_step_forgets_what_it_planned_to_publish_in_the_host_and_disk_t
     assert all(k not in kv.disk for k in keys)  # type: ignore[operator]
     kv.free(b)
     assert kv.num_used_blocks == 0 and host.num_held_blocks == 0
+
+
+def test_a_request_waits_until_every_disk_read_is_reported_across_steps() -> None:
+    kv = make_manager(num_blocks=4)
+    keys = kv.block_hashes_of(list(range(8)))
+    kv.disk = DiskBlockIndex(8, keys)
+    r = make_request("r", list(range(8)) + [1])
+    assert kv.prefetch(r)
+    kv.take_tier_ops()
+    kv.end_step()  # the copy thread has not finished the reads: no report yet
+    assert kv.prefetch(r) and kv.lookup_prefix(r) == 0  # still waiting
+    kv.apply_disk_report([keys[0]], {}, {})
+    kv.end_step()
+    assert kv.prefetch(r)  # the second read is still out
+    kv.apply_disk_report([keys[1]], {}, {})
+    assert not kv.prefetch(r) and kv.lookup_prefix(r) == 8
+
+
+def test_a_read_that_lands_after_its_request_ended_keeps_its_block_until_reported() -> None:
+    kv = make_manager(num_blocks=3)
+    keys = kv.block_hashes_of(list(range(8)))
+    kv.disk = DiskBlockIndex(8, keys)
+    r = make_request("r", list(range(8)) + [1])
+    assert kv.prefetch(r)
+    kv.take_tier_ops()
+    kv.end_step()
+    kv.free(r)  # aborted while its reads run
+    assert kv.num_used_blocks == 2  # the targets are still being written: nobody else may take them
+    kv.apply_disk_report([keys[0]], {keys[1]: "missing"}, {})
+    assert kv.num_used_blocks == 0
+    assert kv.allocator.lookup(keys[0]) is not None and kv.allocator.lookup(keys[1]) is None
