@@ -38,7 +38,7 @@ from benchmarks.sharegpt import BenchRequest, sample_requests
 logger = logging.getLogger(__name__)
 
 ENGINES = ("kvos", "hf")
-WEIGHT_BYTES_PER_PARAM = 4.0  # both engines hold the dequantized weights in float32
+WEIGHT_BYTES_PER_PARAM = 4.0  # HF, and kvos by default, hold the dequantized weights in float32
 WARMUP_PROMPT = "Warm-up request: please say hello."
 
 
@@ -101,6 +101,7 @@ def run_kvos(
     max_num_seqs: int,
     max_num_batched_tokens: int,
     engine_options: dict[str, str],
+    weight_bytes_per_param: float = WEIGHT_BYTES_PER_PARAM,
 ) -> EngineRun:
     from kvos import LLM, SamplingParams
 
@@ -128,7 +129,7 @@ def run_kvos(
             "kvos generated a wrong number of tokens for %d requests (wanted, got): %s", len(wrong), wrong[:5]
         )
     bound = roofline.lower_bound_seconds(
-        [(len(r.prompt_token_ids), r.max_tokens) for r in requests], max_num_seqs, WEIGHT_BYTES_PER_PARAM
+        [(len(r.prompt_token_ids), r.max_tokens) for r in requests], max_num_seqs, weight_bytes_per_param
     )
     num_useful = sum(min(wanted, got) for wanted, got in counts)
     num_generated = sum(got for _, got in counts)
@@ -224,6 +225,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--attention-backend", default=None, help="kvos attention backend (default: kvos's choice)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="kvos's compute dtype (default: kvos's); its roofline uses that dtype's measured GEMM peak and bytes",
+    )
     parser.add_argument("--remeasure", action="store_true", help="measure the machine's roofline again")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here as JSON")
     args = parser.parse_args(argv)
@@ -252,6 +259,16 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
     print(f"offline throughput: {gguf_path.name}, {len(requests)} ShareGPT requests, settings {settings}")
     print(f"machine: {machine.device_name}, {machine.num_threads} threads, torch {torch.__version__}")
 
+    options = {"attention_backend": args.attention_backend} if args.attention_backend else {}
+    kvos_roofline, kvos_weight_bytes = roofline, WEIGHT_BYTES_PER_PARAM
+    if args.dtype is not None:
+        options["dtype"] = args.dtype
+        if args.dtype != "float32":  # weights, activations and KV in 2 bytes, GEMMs at that dtype's peak
+            peak = load_or_measure("cpu", remeasure=args.remeasure, dtype=args.dtype)
+            kvos_roofline = Roofline.for_machine(arch_from_gguf(gguf_path), peak, kv_bytes_per_elem=2)
+            kvos_weight_bytes = 2.0
+            print(f"kvos roofline in {args.dtype}: {peak.peak_flops / 1e9:.0f} GFLOP/s peak")
+
     load_before = os.getloadavg()[0]
     runs: list[EngineRun] = []
     if "kvos" in args.engines:
@@ -259,12 +276,13 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
             run_kvos(
                 requests,
                 gguf_path,
-                roofline,
+                kvos_roofline,
                 warmup_ids,
                 args.kv_cache,
                 args.max_num_seqs,
                 args.max_num_batched_tokens,
-                {"attention_backend": args.attention_backend} if args.attention_backend else {},
+                options,
+                kvos_weight_bytes,
             )
         )
     if "hf" in args.engines:

@@ -272,41 +272,45 @@ def model_gemm_shapes(arch: ArchShape, batch_sizes: Sequence[int]) -> list[tuple
     return [(m, k, n) for m in batch_sizes for k, n in weights]
 
 
-def measure_machine(device: str = "cpu", arch: ArchShape = SMOLLM2_135M, min_seconds: float = 0.25) -> MachinePeak:
-    """Measure the GEMM rate (square and model shapes) and read bandwidth of one device."""
+def measure_machine(
+    device: str = "cpu", arch: ArchShape = SMOLLM2_135M, min_seconds: float = 0.25, dtype: str | None = None
+) -> MachinePeak:
+    """Measure the GEMM rate (square and model shapes) and read bandwidth of one device, in `dtype`
+    (default: bfloat16 on CUDA, float32 on CPU): the peak of the dtype the engine's GEMMs run in."""
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA device")
-        dtype, square, bandwidth_elems = torch.bfloat16, 8192, 1 << 30  # 2 GiB of bf16
+        torch_dtype, square, bandwidth_bytes = _torch_dtype(dtype or "bfloat16"), 8192, 2 << 30
         synchronize = torch.cuda.synchronize
         device_name = torch.cuda.get_device_name()
         batch_sizes: Sequence[int] = (1, 64, 256, 2048)
     elif device == "cpu":
-        dtype, square, bandwidth_elems = torch.float32, 2048, 1 << 27  # 512 MiB of fp32
+        torch_dtype, square, bandwidth_bytes = _torch_dtype(dtype or "float32"), 2048, 512 << 20
         synchronize = _no_sync
         device_name = _cpu_model_name()
         batch_sizes = (1, 16, 64, 256)
     else:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
+    bandwidth_elems = bandwidth_bytes // torch_dtype.itemsize
     gemm_flops: dict[str, float] = {}
     shapes = [(square, square, square)] + model_gemm_shapes(arch, batch_sizes)
     with torch.inference_mode():
         for m, k, n in shapes:
-            a = torch.randn(m, k, dtype=dtype, device=device)
-            b = torch.randn(k, n, dtype=dtype, device=device)
+            a = torch.randn(m, k, dtype=torch_dtype, device=device)
+            b = torch.randn(k, n, dtype=torch_dtype, device=device)
             rate = _sustained_rate(partial(torch.matmul, a, b), 2.0 * m * k * n, synchronize, min_seconds)
             gemm_flops[f"{m}x{k}x{n}"] = rate
             logger.info("GEMM %dx%dx%d: %.1f GFLOP/s", m, k, n, rate / 1e9)
             del a, b
-        big = torch.ones(bandwidth_elems, dtype=dtype, device=device)
+        big = torch.ones(bandwidth_elems, dtype=torch_dtype, device=device)
         bandwidth = _sustained_rate(big.sum, float(big.numel() * big.element_size()), synchronize, min_seconds)
         logger.info("read bandwidth: %.1f GB/s", bandwidth / 1e9)
         del big
     return MachinePeak(
         device=device,
         device_name=device_name,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(torch_dtype).removeprefix("torch."),
         num_threads=torch.get_num_threads() if device == "cpu" else 0,
         peak_flops=max(gemm_flops.values()),
         read_bandwidth=bandwidth,
@@ -334,15 +338,25 @@ def default_cache_path() -> Path:
     return Path.home() / ".cache" / "kvos" / f"roofline-{socket.gethostname()}.json"
 
 
-def load_or_measure(device: str = "cpu", remeasure: bool = False, cache_path: Path | None = None) -> MachinePeak:
-    """The cached measurement of `device` on this host, measuring it when absent or asked to."""
+def _torch_dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
+def load_or_measure(
+    device: str = "cpu", remeasure: bool = False, cache_path: Path | None = None, dtype: str | None = None
+) -> MachinePeak:
+    """The cached measurement of `device` (in `dtype`; None: the device's default) on this host,
+    measuring it when absent or asked to."""
     path = cache_path if cache_path is not None else default_cache_path()
     cached: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
-    if not remeasure and device in cached:
-        return MachinePeak(**cached[device])
-    logger.info("measuring the %s roofline (cached afterwards in %s)", device, path)
-    peak = measure_machine(device)
-    cached[device] = asdict(peak)
+    key = device if dtype is None else f"{device}-{dtype}"
+    if not remeasure and key in cached:
+        return MachinePeak(**cached[key])
+    logger.info("measuring the %s roofline (cached afterwards in %s)", key, path)
+    peak = measure_machine(device) if dtype is None else measure_machine(device, dtype=dtype)
+    cached[key] = asdict(peak)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cached, indent=2) + "\n")
     return peak

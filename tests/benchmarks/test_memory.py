@@ -18,7 +18,10 @@ def test_peak_counts_memory_touched_inside_the_block_and_idle_does_not() -> None
     assert idle is not None and idle > 0
     with sampler:
         block = bytearray(96 * MIB)  # zero-filled: every page touched
-        time.sleep(0.1)
+        # Held until the sampling thread has seen it (on a loaded machine it may start late).
+        deadline = time.monotonic() + 10
+        while (sampler.peak_bytes or 0) < idle + 80 * MIB and time.monotonic() < deadline:
+            time.sleep(0.01)
         del block
     assert sampler.peak_bytes is not None
     assert sampler.peak_bytes >= idle + 80 * MIB
