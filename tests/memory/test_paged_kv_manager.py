@@ -220,6 +220,8 @@ def test_publish_walks_each_block_once_over_a_long_decode() -> None:
     # 16 full blocks, each published once, not again at every later step.
     assert calls == kv.block_table(a)
     assert kv.lookup_prefix(make_request("b", [*a.all_token_ids, 1])) == 64
+    kv.free(a)
+    assert kv._publish_cursor == {} and kv._unpublished == {}
 
 
 def test_a_block_whose_digest_was_taken_is_published_once_the_holder_is_evicted() -> None:
@@ -254,6 +256,8 @@ def test_a_block_whose_digest_was_taken_is_published_once_the_holder_is_evicted(
     # a's own block 1 now carries the digest, as a walk over every block would have done.
     assert [kv.allocator.lookup(h) for h in kv.block_hashes(a)] == kv.block_table(a)
     assert kv.lookup_prefix(make_request("c", [*prompt, 5])) == 12
+    kv.free(a)
+    assert kv.num_used_blocks == 0 and kv._publish_cursor == {} and kv._unpublished == {}
 
 
 def test_a_failed_step_leaves_its_blocks_to_be_marked_pending_again() -> None:
