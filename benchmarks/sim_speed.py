@@ -5,7 +5,7 @@ Issue 14's target is 1,000,000 requests across 1,000 instances in at most
 simulator's alone): prompts of 64 to 463 tokens and outputs of 8 to 127, in
 a fixed pseudo-random order, Poisson arrivals at `--rate-per-instance`
 times the fleet size, the least-load router, a fixed linear step model
-(about 10 ms per decode step, so an instance runs tens of requests at once).
+(about 10 ms per decode step: at 2 req/s an instance runs one or two requests at a time).
 
 Reported: wall seconds, events (arrivals and step or decode-run ends) per
 second, simulated steps per second (every step the engine would take,

@@ -74,6 +74,10 @@ class Scheduler:
         """`preemption`: swap or recompute per victim (None: always recompute)."""
         self.config = config
         self.kv = kv_manager
+        # What the manager offers, decided once: isinstance against a runtime-checkable Protocol re-collects
+        # the Protocol's members on every call (about 40 us each in Python 3.11, a few times a step).
+        self._swapping = kv_manager if isinstance(kv_manager, SwappingKVCacheManager) else None
+        self._holding = kv_manager if isinstance(kv_manager, HoldingKVCacheManager) else None
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.waiting: SchedulingPolicy = make_policy(config)
@@ -215,8 +219,8 @@ class Scheduler:
             i += 1
         if not memory_short:
             self._admit_waiting(plan, budget)
-        if isinstance(self.kv, SwappingKVCacheManager):
-            ops = self.kv.take_tier_ops()
+        if self._swapping is not None:
+            ops = self._swapping.take_tier_ops()
             plan.saves.extend(ops.saves)
             plan.disk_drops.extend(ops.disk_drops)
             plan.disk_saves.extend(ops.disk_saves)
@@ -245,7 +249,7 @@ class Scheduler:
     def _admit(self, plan: StepPlan, request: Request, budget: int) -> bool:
         # A swapped-out request resumes where it stopped: the manager loads its KV back.
         num_swapped = request.num_swapped_tokens
-        if not num_swapped and isinstance(self.kv, SwappingKVCacheManager) and self.kv.prefetch(request):
+        if not num_swapped and self._swapping is not None and self._swapping.prefetch(request):
             return False  # its prefix is coming up from disk this step; it is admitted once that is checked
         num_cached = num_swapped or self.kv.lookup_prefix(request)
         num_tokens = min(request.num_tokens - num_cached, budget)
@@ -335,7 +339,7 @@ class Scheduler:
 
     def _release_hold(self) -> bool:
         """Free the oldest session hold for a live request's sake; False when none is left."""
-        if not isinstance(self.kv, HoldingKVCacheManager) or not self.kv.release_oldest_hold():
+        if self._holding is None or not self._holding.release_oldest_hold():
             return False
         self.num_hold_releases += 1
         return True
@@ -357,11 +361,11 @@ class Scheduler:
 
     def _swap_out(self, request: Request) -> list[SaveToHost] | None:
         """The saves that move the victim's KV to the host tier, or None to recompute it instead."""
-        if self.preemption is None or not isinstance(self.kv, SwappingKVCacheManager):
+        if self.preemption is None or self._swapping is None:
             return None
         if not self.preemption.chooses_swap(request.num_computed_tokens):
             return None
-        return self.kv.swap_out(request)
+        return self._swapping.swap_out(request)
 
     # -- progress -------------------------------------------------------------------------
 
@@ -407,8 +411,8 @@ class Scheduler:
                     request.stop_reason,
                 )
             )
-        if isinstance(self.kv, SwappingKVCacheManager):
-            self.kv.apply_disk_report(output.disk_loaded, output.disk_load_failed, output.disk_save_failed)
+        if self._swapping is not None:
+            self._swapping.apply_disk_report(output.disk_loaded, output.disk_load_failed, output.disk_save_failed)
         self.kv.end_step()
         return updates
 
@@ -461,8 +465,8 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.waiting.on_finish(request, was_running)
-        if request.session_id is not None and isinstance(self.kv, HoldingKVCacheManager):
-            self.kv.hold(request.session_id, request)
+        if request.session_id is not None and self._holding is not None:
+            self._holding.hold(request.session_id, request)
         self.kv.free(request)
         del self.requests[request.req_id]
         self._finished_ids.append(request.req_id)

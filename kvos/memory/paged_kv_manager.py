@@ -133,6 +133,11 @@ class PagedKVCacheManager:
         # Full blocks the step being planned will write: digest -> block id, and back.
         self._pending: dict[BlockHash, int] = {}
         self._pending_digest: dict[int, BlockHash] = {}
+        # Per request, so `publish` and `_mark_pending` walk only what is new: blocks below the cursor are
+        # published (a held block keeps its digest), except the listed ones, whose digest another block held
+        # when they were published; they are retried each call, in order, as a full walk would.
+        self._publish_cursor: dict[str, int] = {}
+        self._unpublished: dict[str, list[int]] = {}
         self._num_queried_tokens = 0
         self.host = host
         """The host tier's books, or None when there is no host tier."""
@@ -396,9 +401,15 @@ class PagedKVCacheManager:
         if not self.enable_prefix_caching:
             return
         hashes = self.block_hashes(request)
-        for i in range(min(num_tokens // self.block_size, len(hashes))):
+        req_id = request.req_id
+        limit = min(num_tokens // self.block_size, len(hashes))
+        start = self._publish_cursor.get(req_id, 0)
+        blocks = self.allocator.blocks
+        for i in [*self._unpublished.get(req_id, ()), *range(start, limit)]:
+            if i >= limit:
+                break
             block_id, digest = table[i], hashes[i]
-            if self.allocator.blocks[block_id].block_hash is None and digest not in self._pending:
+            if blocks[block_id].block_hash is None and digest not in self._pending:
                 self._pending[digest] = block_id
                 self._pending_digest[block_id] = digest
 
@@ -566,9 +577,23 @@ class PagedKVCacheManager:
         if table is None:
             return
         hashes = self.block_hashes(request)
-        for i in range(min(num_computed_tokens // self.block_size, len(hashes), len(table))):
-            parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
-            self.allocator.mark_cached(table[i], hashes[i], parent)
+        req_id = request.req_id
+        limit = min(num_computed_tokens // self.block_size, len(hashes), len(table))
+        start = self._publish_cursor.get(req_id, 0)
+        retry = self._unpublished.pop(req_id, [])
+        if limit <= start and not retry:
+            return
+        blocks = self.allocator.blocks
+        lost: list[int] = []
+        for i in [*retry, *range(start, limit)]:
+            if i < limit:
+                parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
+                self.allocator.mark_cached(table[i], hashes[i], parent)
+            if blocks[table[i]].block_hash is None:  # another block holds its digest (first writer wins)
+                lost.append(i)
+        self._publish_cursor[req_id] = max(start, limit)
+        if lost:
+            self._unpublished[req_id] = lost
 
     def fork(self, parent: Request, child: Request, num_tokens: int, num_new_tokens: int) -> KVAllocation | None:
         """Share the parent's blocks under its first `num_tokens` tokens, then make room for more."""
@@ -719,6 +744,8 @@ class PagedKVCacheManager:
     def _free_primary(self, request: Request) -> None:
         table = self._block_tables.pop(request.req_id, None)
         self._block_hashes.pop(request.req_id, None)
+        self._publish_cursor.pop(request.req_id, None)
+        self._unpublished.pop(request.req_id, None)
         if table is None:
             return
         for block_id in table:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 import time
 from array import array
@@ -50,7 +51,7 @@ from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sampling_params import SamplingParams
 from kvos.sim.router import make_router
-from kvos.sim.step_model import StepShape, StepTimeModel
+from kvos.sim.step_model import StepTimeModel
 from kvos.sim.worker import SIM_TOKEN_ID, SimWorker
 from kvos.sim.workload import SimRequest
 
@@ -223,16 +224,9 @@ class SimInstance:
         num_steps = min(num_steps, self._steps_memory_covers(running, context0, num_steps))
         if num_steps < MIN_DECODE_RUN:
             return None
-        num_decodes = len(running)
-        context = sum(context0)
-        model = self.step_model
-        ends, seconds = [], []
-        clock = now
-        for j in range(1, num_steps + 1):
-            step = model.step_seconds(StepShape(0, 0, num_decodes, context + j * num_decodes, 0))
-            clock += step
-            seconds.append(step)
-            ends.append(clock)
+        seconds = self.step_model.decode_steps_seconds(len(running), sum(context0), num_steps)
+        # The clock advanced one step at a time, as the worker's is: the same sums in the same order.
+        ends = list(itertools.accumulate(seconds, initial=now))[1:]
         return DecodeRun(now, list(running), ends, seconds, context0)
 
     def _steps_memory_covers(self, running: list[Request], context0: list[int], num_steps: int) -> int:

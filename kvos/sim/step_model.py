@@ -78,6 +78,11 @@ class StepTimeModel(Protocol):
         """Seconds the step takes on the modelled hardware."""
         ...
 
+    def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
+        """`step_seconds` of each of `num_steps` pure-decode steps of `num_decodes` requests, step j (from 1)
+        attending `context + j * num_decodes` keys: the simulator's decode runs ask for thousands at once."""
+        ...
+
     def describe(self) -> dict[str, Any]:
         """The model's kind and parameters, for reports."""
         ...
@@ -129,6 +134,16 @@ class LinearStepModel:
             + self.per_decode * shape.num_decodes
         )
         return max(t, MIN_STEP_S)
+
+    def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
+        # The same floating-point operations as `step_seconds`, in its order, with the terms that do not
+        # change from step to step computed once: the times are bit for bit the one-step-at-a-time ones.
+        base = self.decode_intercept + self.per_prefill_token * 0 + self.per_attention_pair * 0
+        per_context, per_decodes = self.per_context_token, self.per_decode * num_decodes
+        return [
+            max(base + per_context * (context + j * num_decodes) + per_decodes, MIN_STEP_S)
+            for j in range(1, num_steps + 1)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "linear", **asdict(self)}
@@ -204,6 +219,12 @@ class ServedStepModel:
 
     def step_seconds(self, shape: StepShape) -> float:
         return max(self.worker.step_seconds(shape) + self.overhead.seconds(shape), MIN_STEP_S)
+
+    def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
+        overhead = self.overhead.seconds(StepShape(num_decodes=num_decodes))
+        return [
+            max(t + overhead, MIN_STEP_S) for t in self.worker.decode_steps_seconds(num_decodes, context, num_steps)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "served", "worker": self.worker.describe(), "overhead": asdict(self.overhead)}
@@ -312,6 +333,12 @@ class RooflineStepModel:
     def step_seconds(self, shape: StepShape) -> float:
         compute, memory = self.bounds(shape)
         return max(compute / self.compute_efficiency, memory / self.memory_efficiency, MIN_STEP_S)
+
+    def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
+        return [
+            self.step_seconds(StepShape(0, 0, num_decodes, context + j * num_decodes, 0))
+            for j in range(1, num_steps + 1)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -196,3 +196,85 @@ def test_eviction_is_reported_as_an_event() -> None:
     assert kv.allocate_slots(make_request("b", [9] * 8), 8)
     (removed,) = kv.drain_events()
     assert removed == BlockRemoved(stored[0].block_hash, stored[0].block_id)
+
+
+def decode_one(kv: PagedKVCacheManager, request: Request) -> None:
+    """One decode step of `request`: a sampled token appended, its slot allocated, then published."""
+    request.output_token_ids.append(7)
+    assert kv.allocate_slots(request, 1) is not None
+    request.num_computed_tokens += 1
+    kv.publish(request, request.num_computed_tokens)
+    kv.end_step()
+
+
+def test_publish_walks_each_block_once_over_a_long_decode() -> None:
+    kv = make_manager(num_blocks=32)
+    a = make_request("a", list(range(6)))
+    calls = []
+    mark_cached = kv.allocator.mark_cached
+    kv.allocator.mark_cached = lambda *args: (calls.append(args[0]), mark_cached(*args))  # type: ignore[method-assign]
+    admit(kv, a)
+    for _ in range(58):
+        decode_one(kv, a)
+    assert a.num_computed_tokens == 64
+    # 16 full blocks, each published once, not again at every later step.
+    assert calls == kv.block_table(a)
+    assert kv.lookup_prefix(make_request("b", [*a.all_token_ids, 1])) == 64
+    kv.free(a)
+    assert kv._publish_cursor == {} and kv._unpublished == {}
+
+
+def test_a_block_whose_digest_was_taken_is_published_once_the_holder_is_evicted() -> None:
+    kv = make_manager(num_blocks=8)
+    prompt = list(range(12))
+    a = make_request("a", prompt)
+    assert kv.allocate_slots(a, 4)  # a computes its prompt in chunks of one block
+    a.num_computed_tokens = 4
+    kv.publish(a, 4)
+    kv.end_step()
+    # b (same prompt) computes blocks 1 and 2 itself in the step where a computes block 1: b publishes first.
+    b = make_request("b", [*prompt, 99])
+    assert kv.allocate_slots(b, 9, kv.lookup_prefix(b))
+    assert kv.allocate_slots(a, 4)
+    b.num_computed_tokens = 13
+    kv.publish(b, 13)
+    a.num_computed_tokens = 8
+    kv.publish(a, 8)
+    kv.end_step()
+    hashes = kv.block_hashes(a)
+    assert kv.allocator.lookup(hashes[1]) == kv.block_table(b)[1]
+    kv.free(b)
+    d = make_request("d", [1000 + t for t in range(24)])
+    assert kv.allocate_slots(d, 24)  # takes every free block: b's cached blocks are evicted
+    kv.end_step()
+    kv.free(d)
+    assert kv.allocator.lookup(hashes[1]) is None
+    assert kv.allocate_slots(a, 4)
+    a.num_computed_tokens = 12
+    kv.publish(a, 12)
+    kv.end_step()
+    # a's own block 1 now carries the digest, as a walk over every block would have done.
+    assert [kv.allocator.lookup(h) for h in kv.block_hashes(a)] == kv.block_table(a)
+    assert kv.lookup_prefix(make_request("c", [*prompt, 5])) == 12
+    kv.free(a)
+    assert kv.num_used_blocks == 0 and kv._publish_cursor == {} and kv._unpublished == {}
+
+
+def test_a_failed_step_leaves_its_blocks_to_be_marked_pending_again() -> None:
+    kv = make_manager()
+    a = make_request("a", list(range(5)))
+    admit(kv, a)
+    reader = make_request("r", [*range(8), 3])
+    a.output_token_ids.extend([5, 6, 7])
+    assert kv.allocate_slots(a, 3)  # fills block 1
+    assert kv.lookup_prefix(reader) == 8  # pending: findable within the step
+    kv.end_step(failed=True)
+    assert kv.lookup_prefix(reader) == 4
+    assert kv.allocate_slots(a, 3)  # the same tokens planned again
+    assert kv.lookup_prefix(reader) == 8
+    a.num_computed_tokens = 8
+    kv.publish(a, 8)
+    kv.end_step()
+    assert kv.lookup_prefix(reader) == 8
+    kv.free(a)
+    assert kv.num_used_blocks == 0

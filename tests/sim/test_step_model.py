@@ -11,10 +11,13 @@ from benchmarks.serve import percentiles_ms
 from kvos.core.plan import ScheduledRequest, StepPlan
 from kvos.sim.metrics import nearest_rank_ms
 from kvos.sim.step_model import (
+    MIN_STEP_S,
     LinearStepModel,
     RooflineStepModel,
+    ServedStepModel,
     ServingOverhead,
     StepShape,
+    StepTimeModel,
     calibrate_roofline,
     fit_linear,
     fit_overhead,
@@ -106,3 +109,25 @@ def test_overhead_fit_recovers_the_serving_overhead_on_top_of_the_worker_model()
     assert error.max_abs_pct < 1e-6
     shape = served[0][0]
     assert model.step_seconds(shape) == pytest.approx(TRUE.step_seconds(shape) + overhead.seconds(shape))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        TRUE,
+        # A fitted line can go negative: the floor applies per step.
+        LinearStepModel(0.03, 1e-4, 2e-4, 3e-8, -4e-7, 1e-5),
+        ServedStepModel(TRUE, ServingOverhead(per_step=0.0031, per_sequence=0.00017)),
+        RooflineStepModel(SMOLLM2_135M, 1e12, 1e10, 4.0, 4, compute_efficiency=0.4, memory_efficiency=0.7),
+    ],
+    ids=["linear", "linear-floor", "served", "roofline"],
+)
+def test_decode_steps_seconds_are_bit_for_bit_the_step_times(model: StepTimeModel) -> None:
+    for num_decodes, context in ((1, 17), (7, 3001), (40, 25_000)):
+        times = model.decode_steps_seconds(num_decodes, context, 300)
+        # Exact equality: a decode run's token times must equal the one-step-at-a-time ones.
+        assert times == [
+            model.step_seconds(StepShape(0, 0, num_decodes, context + j * num_decodes, 0)) for j in range(1, 301)
+        ]
+    floored = LinearStepModel(0.03, 1e-4, 2e-4, 3e-8, -4e-7, 1e-5).decode_steps_seconds(1, 10_000, 3)
+    assert floored == [MIN_STEP_S] * 3
