@@ -83,9 +83,10 @@ class CacheConfig:
     on CPU, free device memory after the weights on a GPU).
 
     `kv_offload_bytes` adds a host tier of that size below the primary pool
-    (paged cache only; None: no host tier): cached blocks the pool evicts are
-    written back there and found again by prefix lookups, and preempted
-    requests can be swapped there. `preemption_mode` says what preemption
+    (None: no host tier): preempted requests can be swapped there and, with
+    the paged cache, cached blocks the pool evicts are written back there and
+    found again by prefix lookups (the virtual cache has no prefix cache, so
+    it only swaps). `preemption_mode` says what preemption
     does with a victim's KV: "recompute" drops it, "swap" copies it to the
     host tier (dropping it only when the tier is full), "auto" swaps when the
     copy is estimated cheaper than recomputing (see docs/tiers.md). Without a
@@ -95,7 +96,7 @@ class CacheConfig:
     outlives its last call: its books and the KV it holds are dropped then.
 
     `kv_disk_path` and `kv_disk_bytes` add a disk tier below (paged cache
-    only; both or neither): blocks the tier above evicts are written to files
+    only, as it holds prefix-cache blocks; both or neither): blocks the tier above evicts are written to files
     in that directory, named by their digest, and a later prompt (in this
     process or after a restart) with the same prefix reads them back instead
     of recomputing. One engine per directory (a lock file says so).
@@ -125,8 +126,6 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.kv_offload_bytes is not None and self.kv_offload_bytes <= 0:
             raise ValueError(f"kv_offload_bytes must be > 0, got {self.kv_offload_bytes}")
-        if self.kv_offload_bytes is not None and self.kv_cache != "paged":
-            raise ValueError("kv_offload_bytes needs kv_cache='paged': the virtual cache has no host tier yet")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(
                 f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption_mode!r}"
@@ -136,7 +135,10 @@ class CacheConfig:
         if self.kv_disk_bytes is not None and self.kv_disk_bytes <= 0:
             raise ValueError(f"kv_disk_bytes must be > 0, got {self.kv_disk_bytes}")
         if self.kv_disk_path is not None and self.kv_cache != "paged":
-            raise ValueError("kv_disk_path needs kv_cache='paged': the virtual cache has no disk tier yet")
+            raise ValueError(
+                "kv_disk_path needs kv_cache='paged': the disk tier keeps prefix-cache blocks by digest, "
+                "and the virtual cache has no prefix cache"
+            )
         if self.preemption_mode == "swap" and self.kv_offload_bytes is None:
             raise ValueError("preemption_mode='swap' needs kv_offload_bytes (a host tier to swap to)")
 

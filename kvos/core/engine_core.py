@@ -30,12 +30,13 @@ from kvos.core.scheduler import Scheduler
 from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats, HistogramRecorder, TierStats
 from kvos.errors import InvalidRequestError
 from kvos.memory.block_allocator import KVEvent
-from kvos.memory.factory import make_kv_manager
+from kvos.memory.factory import host_tier, make_kv_manager
 from kvos.memory.kv_manager import HoldingKVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
 from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.swap import PreemptionRule, SwapCost, measure_copy_bandwidth, measure_flops
+from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
 from kvos.model.arch import ModelArch
 from kvos.model.loader import LoadedModel
 from kvos.model.quantization import quantize
@@ -218,12 +219,14 @@ class EngineCore:
             shape.bytes_per_token,
             self.max_model_len,
         )
-        host = self.kv_manager.host if isinstance(self.kv_manager, PagedKVCacheManager) else None
+        host = host_tier(self.kv_manager)
         if host is not None:
+            host_books, host_block_tokens = host
             logger.info(
-                "host KV tier holds %d tokens (%.1f MiB); preemption %s",
-                host.num_blocks * self.kv_manager.block_size,
-                host.num_blocks * self.kv_manager.block_size * shape.bytes_per_token / 2**20,
+                "host KV tier holds %d tokens (%.1f MiB, blocks of %d tokens); preemption %s",
+                host_books.num_blocks * host_block_tokens,
+                host_books.num_blocks * host_block_tokens * shape.bytes_per_token / 2**20,
+                host_block_tokens,
                 config.cache.preemption_mode,
             )
         if disk_store is not None:
@@ -484,40 +487,48 @@ class EngineCore:
         )
 
     def _tier_stats(self) -> dict[str, Any]:
-        """Per-tier occupancy and traffic, in bytes (the paged cache only: the virtual one has one tier)."""
+        """Per-tier occupancy and traffic, in bytes: the paged cache's tiers, and the virtual cache's
+        when it has a host tier (without one it has a single tier, described by the block counts)."""
         kv = self.kv_manager
-        if not isinstance(kv, PagedKVCacheManager):
-            return {}
-        block_bytes = kv.block_size * self.kv_shape.bytes_per_token
-        counters = kv.counters
-        allocator = kv.allocator
-        tiers = [
-            TierStats(
+        host = host_tier(kv)
+        if isinstance(kv, PagedKVCacheManager):
+            block_bytes = kv.block_size * self.kv_shape.bytes_per_token
+            allocator = kv.allocator
+            primary = TierStats(
                 "primary",
                 allocator.num_used_blocks * block_bytes,
                 allocator.num_idle_cached_blocks * block_bytes,
                 allocator.num_blocks * block_bytes,
-                counters.primary_hit_tokens,
+                kv.counters.primary_hit_tokens,
             )
-        ]
-        if kv.host is not None:
+        elif isinstance(kv, VirtualKVCacheManager) and host is not None:
+            # Pages under live rows are used; pages kept under idle rows are no prefix cache (nothing is findable).
+            page = kv.layout.page_size
+            primary = TierStats("primary", kv.num_used_blocks * page, 0, kv.table.budget_pages * page, 0)
+            block_bytes = host[1] * self.kv_shape.bytes_per_token
+        else:
+            return {}
+        counters = kv.counters
+        tiers = [primary]
+        if host is not None:
             tiers.append(
                 TierStats(
                     "host",
-                    kv.host.num_held_blocks * block_bytes,
-                    kv.host.num_idle_cached_blocks * block_bytes,
-                    kv.host.num_blocks * block_bytes,
+                    host[0].num_held_blocks * block_bytes,
+                    host[0].num_idle_cached_blocks * block_bytes,
+                    host[0].num_blocks * block_bytes,
                     counters.host_hit_tokens,
                 )
             )
+        disk = kv.disk if isinstance(kv, PagedKVCacheManager) else None
         disk_store = self.worker.disk_store
-        if kv.disk is not None and disk_store is not None:
+        if disk is not None and disk_store is not None:
             tiers.append(
                 TierStats(
                     "disk",
                     0,  # nothing on disk is held: every block there is cache
-                    kv.disk.num_stored_blocks * disk_store.file_bytes,
-                    kv.disk.num_blocks * disk_store.file_bytes,
+                    disk.num_stored_blocks * disk_store.file_bytes,
+                    disk.num_blocks * disk_store.file_bytes,
                     counters.disk_hit_tokens,
                 )
             )
@@ -532,6 +543,6 @@ class EngineCore:
             disk_corrupted_blocks=counters.disk_corrupted,
             disk_missing_blocks=counters.disk_missing,
             disk_write_failures=counters.disk_write_failures,
-            disk_accepting=kv.disk.accepting if kv.disk is not None else True,
+            disk_accepting=disk.accepting if disk is not None else True,
             copy_seconds=tuple(h.snapshot() for h in self._copy_seconds.values()),
         )

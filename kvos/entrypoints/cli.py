@@ -97,7 +97,7 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         dest="kv_offload_bytes",
         type=parse_size,
         default=d["kv_offload_bytes"],
-        help="host-memory KV tier below the primary pool, e.g. 8GiB (paged cache; off by default)",
+        help="host-memory KV tier below the primary pool, e.g. 8GiB (off by default)",
     )
     parser.add_argument(
         "--preemption-mode",

@@ -60,7 +60,12 @@ def make_kv_manager(
         from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
 
         return VirtualKVCacheManager(
-            budget_bytes=budget, shape=shape, max_num_seqs=max_num_seqs, max_model_len=max_model_len
+            budget_bytes=budget,
+            shape=shape,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            host_bytes=cache.kv_offload_bytes,
+            host_block_size=cache.block_size,
         )
     num_blocks = budget // (shape.bytes_per_token * cache.block_size)
     if num_blocks < 1:
@@ -86,3 +91,14 @@ def make_kv_manager(
         host=host,
         disk=disk,
     )
+
+
+def host_tier(manager: KVCacheManager) -> tuple[HostBlockPool, int] | None:
+    """`manager`'s host tier books and tokens per host block, or None without a host tier."""
+    from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
+
+    if isinstance(manager, PagedKVCacheManager) and manager.host is not None:
+        return manager.host, manager.block_size
+    if isinstance(manager, VirtualKVCacheManager) and manager.host is not None:
+        return manager.host, manager.host_block_size
+    return None

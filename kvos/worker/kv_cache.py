@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost
+from kvos.memory.factory import host_tier
 from kvos.memory.kv_manager import KVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
@@ -195,10 +196,18 @@ class HostKVPool:
 
 
 def make_host_pool(manager: KVCacheManager, shape: KVShape) -> HostKVPool | None:
-    """The memory behind `manager`'s host tier, if it has one."""
-    if isinstance(manager, PagedKVCacheManager) and manager.host is not None:
-        return HostKVPool(manager.host.num_blocks, manager.block_size, shape)
-    return None
+    """The memory behind `manager`'s host tier, if it has one.
+
+    Its blocks are the manager's host blocks: the paged cache's blocks, or
+    runs of `host_block_size` slots of the virtual cache's rows (the per-layer
+    views index slots on their first dimension in both layouts, so a block's
+    slots are one slice there as here).
+    """
+    host = host_tier(manager)
+    if host is None:
+        return None
+    books, block_tokens = host
+    return HostKVPool(books.num_blocks, block_tokens, shape)
 
 
 def make_kv_buffer(manager: KVCacheManager, shape: KVShape) -> KVBuffer:

@@ -10,8 +10,10 @@ it with cuMemMap + cuMemSetAccess when committed and unmapped when released.
 Every handle is in exactly one of three places: mapped at a page, spare (kept
 for reuse: cuMemCreate is slow and a released page is usually wanted again
 at once by the commit that reclaimed it), or released to the driver. The page
-table never maps more pages than the budget and a handle is created only when
-no spare one is left, so mapped + spare never exceeds the budget. Spare
+table never maps more pages than the budget (within a step that swaps rows
+out, their pages are kept too, until the manager unmaps the overshoot and
+trims at the step's end) and a handle is created only when no spare one is
+left, so between steps mapped + spare never exceeds the budget. Spare
 handles go back to the device on `trim()` (the manager's
 `release_idle_pages()`) and on close.
 

@@ -14,7 +14,13 @@ lives here, so the host and CUDA regions share it:
 - out of device memory: a commit the budget allows can still find the device
   full (torch's cache or another process holds it). That is a shortage like
   any other: after one retry, the allocation is refused and the scheduler
-  preempts, exactly as when the budget is short.
+  preempts, exactly as when the budget is short;
+- draining: a row whose tenant was swapped out to the host tier keeps its
+  pages until the step that copies them out has run (`end_drain`). Its
+  pages no longer count against the budget, so the preemption makes room
+  in the same step, but nothing may unmap or reuse them before the copy:
+  for that one step, committed memory may exceed the budget by the swapped
+  rows' pages, and `end_drain` brings it back under.
 
 Commit and release are all-or-nothing (see region.py) and the table records
 a change only after the call returns, so a failure of either leaves table
@@ -70,6 +76,8 @@ class SlotPageTable:
         self.mapped: list[int] = [0] * num_rows
         self.needed: list[int] = [0] * num_rows
         """Pages the tenant's allocated tokens occupy; mapped beyond it is look-ahead."""
+        self.draining: set[int] = set()
+        """Rows vacated by a swap-out this step: no tenant, pages pinned until `end_drain`."""
         self._num_mapped = 0
         self.num_reclaimed_pages = 0
         self.num_out_of_memory = 0
@@ -92,6 +100,11 @@ class SlotPageTable:
         return self.num_committed_pages - self.num_live_pages
 
     @property
+    def num_draining_pages(self) -> int:
+        """Pages under rows whose swap-out copy has not run yet (outside the budget until then)."""
+        return sum(self.mapped[row] for row in self.draining) * self.num_planes
+
+    @property
     def max_row_pages(self) -> int:
         """Most pages (per plane) one row can ever be given within the budget."""
         return min(self.row_pages, self.budget_pages // self.num_planes)
@@ -100,7 +113,7 @@ class SlotPageTable:
 
     def pick_row(self, num_pages: int) -> int | None:
         """Best-fit idle row for a request that needs `num_pages` pages now; None if all are taken."""
-        idle = [row for row in range(self.num_rows) if self.tenant[row] is None]
+        idle = [row for row in range(self.num_rows) if self.tenant[row] is None and row not in self.draining]
         if not idle:
             return None
         covering = [row for row in idle if self.mapped[row] >= num_pages]
@@ -132,6 +145,27 @@ class SlotPageTable:
         self.tenant[row] = None
         self.needed[row] = 0
 
+    def drain(self, row: int) -> None:
+        """The tenant was swapped out: its pages leave the budget but stay mapped, and the row stays
+        out of use, until `end_drain` (the step's copy to the host tier reads them first)."""
+        if self.tenant[row] is None:
+            raise RuntimeError(f"row {row} has no tenant")
+        self.vacate(row)
+        self.draining.add(row)
+
+    def end_drain(self) -> int:
+        """The step that copied the draining rows out has ended: they become idle rows (pages kept for
+        the next tenant) and, if committed memory is over the budget, idle pages are unmapped until it
+        is not. Returns how many (physical) pages were unmapped."""
+        if not self.draining:
+            return 0
+        self.draining.clear()
+        overflow = self.num_committed_pages - self.budget_pages
+        if overflow <= 0:
+            return 0
+        reclaimed = self._take(self._reclaimable(keep=-1), -(-overflow // self.num_planes))
+        return reclaimed * self.num_planes
+
     def look_ahead(self, row: int, req_id: str, num_pages: int) -> int:
         """Map pages early from free budget only; returns how many were mapped.
 
@@ -157,16 +191,16 @@ class SlotPageTable:
         extra = num_pages - self.mapped[row]
         if extra <= 0:
             return True
-        shortage = self.num_committed_pages + extra * self.num_planes - self.budget_pages
+        shortage = self.num_committed_pages - self.num_draining_pages + extra * self.num_planes - self.budget_pages
         if shortage > 0 and not self._reclaim(-(-shortage // self.num_planes), keep=row):
             return False
         return self._map_or_refuse(row, extra)
 
     def reclaim_all_idle(self) -> int:
-        """Unmap every page of idle rows; returns how many (physical) pages were freed."""
+        """Unmap every page of idle rows (not draining ones); returns how many (physical) pages were freed."""
         freed = 0
         for row in range(self.num_rows):
-            if self.tenant[row] is None and self.mapped[row]:
+            if self.tenant[row] is None and row not in self.draining and self.mapped[row]:
                 freed += self.mapped[row] * self.num_planes
                 self._unmap(row, self.mapped[row])
         return freed
@@ -197,7 +231,11 @@ class SlotPageTable:
 
     def _reclaimable(self, keep: int) -> list[tuple[int, int]]:
         """(pages, row) that may be unmapped, in order: idle rows, most pages first; then look-ahead tails."""
-        idle = [(self.mapped[r], r) for r in range(self.num_rows) if r != keep and self.tenant[r] is None]
+        idle = [
+            (self.mapped[r], r)
+            for r in range(self.num_rows)
+            if r != keep and self.tenant[r] is None and r not in self.draining
+        ]
         spare = [
             (self.mapped[r] - self.needed[r], r)
             for r in range(self.num_rows)

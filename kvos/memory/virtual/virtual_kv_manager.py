@@ -24,20 +24,35 @@ region gives its pages and address range back only once it is closed (or
 dropped) and no view of it is left, so a tensor can never outlive it.
 In a table, a request's one block is its row: `table_block_size` is a row's
 length in tokens.
+
+Host tier (optional, `kvos.memory.tiers.host`): a preempted request's row can
+be swapped out instead of dropped. Its computed tokens are one run, cut into
+host blocks of `host_block_size` tokens (rows start on a block boundary, so
+primary "block" b is flat slots `[b * host_block_size, ...)`), copied to host
+blocks the request holds by a few coalesced `SaveToHost` ops; the row goes
+back as a free does, once the step has copied it out (`SlotPageTable.drain`).
+On resume, `allocate_slots` with the swapped tokens as cached takes a row and
+plans `LoadFromHost` ops into it. As in the paged cache the host copy is kept
+while the request runs again, so the next swap-out writes only the blocks
+added since. With a host tier, rows grow in whole host blocks, so a copy of a
+request's last, partial block never touches an uncommitted page. There is no
+prefix cache here, hence no write-back of evicted cache and no disk tier.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 
 import torch
 
-from kvos.core.plan import CopyKV, TableUpdate
+from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost, TableUpdate, coalesce_loads, coalesce_saves
 from kvos.core.request import Request
 from kvos.memory.block_allocator import KVEvent
-from kvos.memory.kv_manager import KVAllocation
+from kvos.memory.kv_manager import KVAllocation, TierOps
 from kvos.memory.shape import KVShape
+from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters
 from kvos.memory.virtual.layout import KVLayout, LayoutKind
 from kvos.memory.virtual.page_mapper import PageMapper
 from kvos.memory.virtual.page_table import SlotPageTable
@@ -65,7 +80,11 @@ class VirtualKVCacheManager:
         max_model_len: int,
         layout: LayoutKind = "megacache",
         lookahead_tokens: int = DEFAULT_LOOKAHEAD_TOKENS,
+        host_bytes: int | None = None,
+        host_block_size: int = 16,
     ) -> None:
+        """`host_bytes` adds a host tier of that size (None: none), in blocks of `host_block_size`
+        tokens, or of their gcd with the row length where that does not divide it."""
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
         if lookahead_tokens < 0:
@@ -104,7 +123,22 @@ class VirtualKVCacheManager:
         self.table_block_size = self.layout.row_tokens
         self.block_size = max(1, self.layout.page_size // self.layout.plane_token_bytes)
         self.capacity_tokens = budget_bytes // self.layout.bytes_per_token
-        self.max_tokens_per_request = min(max_model_len, self.layout.tokens_in(self.table.max_row_pages))
+        self.host: HostBlockPool | None = None
+        """The host tier's books, or None when there is no host tier."""
+        self.host_block_size = math.gcd(self.layout.row_tokens, host_block_size)
+        """Tokens per host block: a divisor of the row length, so every row starts on a block boundary."""
+        if host_bytes is not None:
+            block_bytes = self.host_block_size * self.layout.bytes_per_token
+            if host_bytes < block_bytes:
+                self.region.close()
+                raise ValueError(f"kv_offload_bytes of {host_bytes} is below one host block ({block_bytes} bytes)")
+            self.host = HostBlockPool(host_bytes // block_bytes)
+        self._host_copies: dict[str, HostCopy] = {}
+        self.counters = TierCounters()
+        max_tokens = self.layout.tokens_in(self.table.max_row_pages)
+        if self.host is not None:  # rows grow in whole host blocks (see `_pages_for`)
+            max_tokens -= max_tokens % self.host_block_size
+        self.max_tokens_per_request = min(max_model_len, max_tokens)
         self.lookahead_tokens = lookahead_tokens
         self._mapper = PageMapper(self.table) if lookahead_tokens else None
         self._rows: dict[str, int] = {}
@@ -178,6 +212,11 @@ class VirtualKVCacheManager:
         """Bytes of KV that live requests' allocated tokens really occupy."""
         return sum(self._num_tokens.values()) * self.layout.bytes_per_token
 
+    @property
+    def num_host_copies(self) -> int:
+        """Requests holding KV in the host tier (swapped out, or kept after a swap-in)."""
+        return len(self._host_copies)
+
     def prefix_cache_stats(self) -> tuple[int, int]:
         return self._num_queried_tokens, 0
 
@@ -201,15 +240,17 @@ class VirtualKVCacheManager:
         return 0
 
     def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> KVAllocation | None:
+        req_id = request.req_id
+        if req_id not in self._rows and req_id in self._host_copies:
+            return self._swap_in(request, num_new_tokens, num_cached_tokens)
         if num_cached_tokens:
             raise ValueError("the virtual KV cache never reports prefix hits")
-        req_id = request.req_id
         with self.table.lock:
             row = self._rows.get(req_id)
             total = (0 if row is None else request.num_computed_tokens) + num_new_tokens
             if total > self.max_tokens_per_request:
                 return None
-            num_pages = self.layout.pages_for(total)
+            num_pages = self._pages_for(total)
             is_new = row is None
             if row is None:
                 row = self.table.pick_row(num_pages)
@@ -233,7 +274,7 @@ class VirtualKVCacheManager:
         with self.table.lock:
             if child.req_id in self._rows:
                 raise RuntimeError(f"{child.req_id} already holds a row")
-            num_pages = self.layout.pages_for(total)
+            num_pages = self._pages_for(total)
             row = self.table.pick_row(num_pages)
             if row is None or not self.table.assign(row, child.req_id, num_pages):
                 return None
@@ -248,19 +289,112 @@ class VirtualKVCacheManager:
         """Rows are private: nothing becomes findable."""
 
     def end_step(self, failed: bool = False) -> None:
-        """Nothing is pending: rows are private."""
+        """The step has run its copies: rows swapped out in it become free rows.
+
+        Rows are private, so nothing else is pending; a failed step leaves the
+        same books (the scheduler frees the host copies its swap-outs planned).
+        """
+        with self.table.lock:
+            if not self.table.draining:
+                return
+            self.table.end_drain()
+            if self.region.num_physical_pages > self.table.budget_pages:
+                self.region.trim()  # spare handles (CUDA) the step's overshoot left go back too
 
     def block_table(self, request: Request) -> list[int]:
         row = self._rows.get(request.req_id)
         return [] if row is None else [row]
 
     def free(self, request: Request) -> None:
-        """Vacate the request's row; its pages stay mapped for the row's next tenant."""
+        """Vacate the request's row (its pages stay mapped for the row's next tenant) and give back
+        its host blocks."""
         with self.table.lock:
             row = self._rows.pop(request.req_id, None)
             self._num_tokens.pop(request.req_id, None)
             if row is not None:
                 self.table.vacate(row)
+        copy = self._host_copies.pop(request.req_id, None)
+        if copy is not None and self.host is not None:
+            for host_block_id in copy.host_block_ids:
+                self.host.release(host_block_id)
+
+    # -- the host tier (the SwappingKVCacheManager protocol) ------------------------------
+
+    def swap_out(self, request: Request) -> list[SaveToHost] | None:
+        """Copy the request's computed tokens to host blocks it holds, and give its row back.
+
+        Returns the saves to run, or None, changing nothing, when there is no
+        host tier or it lacks the room. Blocks the request's host copy holds in
+        full since its last swap-in are not written again. The row's pages
+        stay mapped, out of the budget, until this step's saves have read them
+        (`end_step`).
+        """
+        row = self._rows.get(request.req_id)
+        if self.host is None or row is None:
+            return None
+        host = self.host
+        bs = self.host_block_size
+        num_tokens = request.num_computed_tokens
+        copy = self._host_copies.get(request.req_id, HostCopy([], 0))
+        num_blocks = -(-num_tokens // bs)
+        if num_blocks - len(copy.host_block_ids) > host.num_free_blocks:
+            return None
+        first_block = row * self.layout.row_tokens // bs
+        saves = []
+        for i in range(num_blocks):
+            if i < len(copy.host_block_ids):
+                if (i + 1) * bs <= copy.num_tokens:
+                    continue  # full and unchanged since the last swap-in
+                host_block_id = copy.host_block_ids[i]  # the old partial tail, rewritten in place
+            else:
+                host_block_id = host.allocate()
+                copy.host_block_ids.append(host_block_id)
+            saves.append(SaveToHost(first_block + i, host_block_id))
+        copy.num_tokens = num_tokens
+        self._host_copies[request.req_id] = copy
+        self.counters.blocks_swapped_out += len(saves)
+        with self.table.lock:
+            del self._rows[request.req_id]
+            self._num_tokens.pop(request.req_id, None)
+            self.table.drain(row)
+        return coalesce_saves(saves)
+
+    def _swap_in(self, request: Request, num_new_tokens: int, num_cached_tokens: int) -> KVAllocation | None:
+        """A row for a swapped-out request, loaded from its host copy, plus room for new tokens."""
+        copy = self._host_copies[request.req_id]
+        if num_cached_tokens != copy.num_tokens:
+            raise RuntimeError(
+                f"{request.req_id} resumes with {num_cached_tokens} tokens but {copy.num_tokens} were swapped out"
+            )
+        total = num_cached_tokens + num_new_tokens
+        if total > self.max_tokens_per_request:
+            return None
+        with self.table.lock:
+            num_pages = self._pages_for(total)
+            row = self.table.pick_row(num_pages)
+            if row is None or not self.table.assign(row, request.req_id, num_pages):
+                return None
+            self._rows[request.req_id] = row
+            self._num_tokens[request.req_id] = total
+        self._look_ahead(request, row, total)
+        first_block = row * self.layout.row_tokens // self.host_block_size
+        num_blocks = -(-copy.num_tokens // self.host_block_size)
+        loads = [LoadFromHost(h, first_block + i) for i, h in enumerate(copy.host_block_ids[:num_blocks])]
+        self.counters.blocks_swapped_in += num_blocks
+        return KVAllocation(TableUpdate(0, (row,)), loads=coalesce_loads(loads))
+
+    def prefetch(self, request: Request) -> bool:
+        """No disk tier, so nothing is ever read ahead: the request is admitted as usual."""
+        return False
+
+    def take_tier_ops(self) -> TierOps:
+        """Only swaps move KV between tiers here, and they travel with the preemption and the allocation."""
+        return TierOps()
+
+    def apply_disk_report(
+        self, loaded: list[bytes], load_failed: dict[bytes, str], save_failed: dict[bytes, str]
+    ) -> None:
+        """No disk tier: the worker has nothing to report."""
 
     def kv_start(self, request: Request) -> int:
         """Flat slot of the request's token 0; its token p is at `kv_start + p`."""
@@ -319,6 +453,13 @@ class VirtualKVCacheManager:
         if self._mapper is not None:
             self._mapper.close()
         self.region.close()
+
+    def _pages_for(self, num_tokens: int) -> int:
+        """Pages (per plane) a row commits for `num_tokens` tokens: with a host tier, up to the end of the
+        last host block, since swaps copy whole blocks."""
+        if self.host is not None:
+            num_tokens = -(-num_tokens // self.host_block_size) * self.host_block_size
+        return self.layout.pages_for(num_tokens)
 
     def _look_ahead(self, request: Request, row: int, num_tokens: int) -> None:
         if self._mapper is None:
