@@ -37,6 +37,11 @@ class KVBuffer(Protocol):
     kv_caches: KVCaches
     """Per layer (K, V), each `[num_slots, num_kv_heads, head_dim]`."""
 
+    copies_end_with_step: bool
+    """True when the books may unmap pages between steps (the virtual cache: a swapped-out row's
+    pages at `end_step`, idle rows' pages under pressure), so no move between tiers may outlive the
+    step that issued it; it still overlaps that step's forward pass."""
+
     def copy(self, ops: list[CopyKV]) -> None:
         """Run the plan's copies in order, in every layer."""
         ...
@@ -64,6 +69,8 @@ class PagedKVBuffer:
     only slots a request has written (padding repeats a written slot and is
     masked), so no uninitialised value is ever used.
     """
+
+    copies_end_with_step = False
 
     def __init__(self, num_slots: int, shape: KVShape) -> None:
         size = (num_slots, shape.num_kv_heads, shape.head_dim)
@@ -96,6 +103,8 @@ class VirtualKVBuffer:
     The buffer holds the region, and each view keeps the region's reservation
     alive, so no tensor handed out here can outlive the memory under it.
     """
+
+    copies_end_with_step = True
 
     def __init__(self, layout: KVLayout, region: VirtualRegion) -> None:
         self.layout = layout

@@ -192,6 +192,8 @@ class Worker:
         self, step_id: int, sampled: dict[str, SampledToken] | None = None, failed: dict[str, str] | None = None
     ) -> StepOutput:
         """The step's tokens, plus what the copy thread finished since the last output."""
+        if self.kv_buffer.copies_end_with_step:
+            self.copies.drain()
         output = StepOutput(step_id, sampled or {}, failed or {})
         for report in self.copies.take_reports():
             output.kv_loaded.extend((req_id, report.step_id) for req_id in report.kv_loaded)
