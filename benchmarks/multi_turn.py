@@ -10,8 +10,9 @@ Three scenarios, each starting and stopping its own `kvos serve` processes:
               host + disk. Reported: TTFT of first and of later turns (p50/p90/p99), output tokens/s,
               prompt tokens found per tier.
   preemption  the same sessions, no think time, a primary pool of a tenth of their KV and longer
-              outputs, so requests are preempted: --preemption-mode swap against recompute
-              (output tokens/s, p99 time between tokens, preemptions by mode).
+              outputs, so requests are preempted: --preemption-mode swap against recompute, both with
+              the host tier, and recompute with no tier (output tokens/s, p99 time between tokens,
+              preemptions by mode).
   restart     long prompts (about --restart-prompt-tokens each, ShareGPT text) sent once, the server
               restarted, the same prompts sent again: TTFT before and after, with and without the disk
               tier (the host tier alone does not survive the restart).
@@ -330,10 +331,16 @@ def scenario_preemption(plans: list[SessionPlan], args: argparse.Namespace, byte
     pool = max(total // 10, largest + 64) * bytes_per_token
     base = ["--kv-cache-memory", str(pool), "--kv-offload-size", str(4 * total * bytes_per_token), *args.serve_flags]
     quick = argparse.Namespace(**{**vars(args), "think_time": 0.0})
-    return [
+    runs = [
         run_config(f"preempt-{mode}", [*base, "--preemption-mode", mode], longer, quick)
         for mode in ("swap", "recompute")
     ]
+    # Recompute with the host tier still finds a victim's prefix there (written back on eviction);
+    # without any tier it recomputes every token, as kvos did before the tiers.
+    runs.append(
+        run_config("preempt-recompute-no-tier", ["--kv-cache-memory", str(pool), *args.serve_flags], longer, quick)
+    )
+    return runs
 
 
 def long_prompts(tokenizer: Any, conversations: list[Conversation], num: int, target: int, seed: int) -> list[str]:
