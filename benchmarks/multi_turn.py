@@ -46,6 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.serve import percentiles_ms
 from benchmarks.sharegpt import Conversation, load_sharegpt
+from kvos.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("primary", "host", "disk")
@@ -439,7 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(resolve_gguf(None))
     conversations = load_sharegpt()
-    bytes_per_token = 2 * 30 * 3 * 64 * 4  # SmolLM2-135M in float32: K and V, 30 layers, 3 KV heads of 64
+    flags = args.serve_flags
+    dtype = ModelConfig(dtype=flags[flags.index("--dtype") + 1] if "--dtype" in flags else "auto").resolved_dtype
+    # SmolLM2-135M: K and V, 30 layers, 3 KV heads of 64, in the servers' dtype.
+    bytes_per_token = 2 * 30 * 3 * 64 * (4 if dtype == "float32" else 2)
     runs: list[dict] = []
     if args.scenario in ("tiers", "preemption", "all"):
         plans = plan_sessions(

@@ -34,11 +34,12 @@ from benchmarks.memory import RSSSampler, mib
 from benchmarks.peers import arch_from_gguf, load_hf_model, load_tokenizer, resolve_gguf
 from benchmarks.roofline import MachinePeak, Roofline, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import BenchRequest, sample_requests
+from kvos.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("kvos", "hf")
-WEIGHT_BYTES_PER_PARAM = 4.0  # HF, and kvos by default, hold the dequantized weights in float32
+WEIGHT_BYTES_PER_PARAM = 4.0  # HF (and kvos in float32) holds the dequantized weights in float32
 WARMUP_PROMPT = "Warm-up request: please say hello."
 
 
@@ -229,7 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dtype",
         choices=["float32", "bfloat16"],
         default=None,
-        help="kvos's compute dtype (default: kvos's); its roofline uses that dtype's measured GEMM peak and bytes",
+        help="kvos's compute dtype (default: kvos's own, auto); its roofline uses that dtype's GEMM peak and bytes",
     )
     parser.add_argument("--remeasure", action="store_true", help="measure the machine's roofline again")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here as JSON")
@@ -263,11 +264,12 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
     kvos_roofline, kvos_weight_bytes = roofline, WEIGHT_BYTES_PER_PARAM
     if args.dtype is not None:
         options["dtype"] = args.dtype
-        if args.dtype != "float32":  # weights, activations and KV in 2 bytes, GEMMs at that dtype's peak
-            peak = load_or_measure("cpu", remeasure=args.remeasure, dtype=args.dtype)
-            kvos_roofline = Roofline.for_machine(arch_from_gguf(gguf_path), peak, kv_bytes_per_elem=2)
-            kvos_weight_bytes = 2.0
-            print(f"kvos roofline in {args.dtype}: {peak.peak_flops / 1e9:.0f} GFLOP/s peak")
+    kvos_dtype = ModelConfig(dtype=args.dtype or "auto").resolved_dtype
+    if kvos_dtype != "float32":  # weights, activations and KV in 2 bytes, GEMMs at that dtype's peak
+        peak = load_or_measure("cpu", remeasure=args.remeasure, dtype=kvos_dtype)
+        kvos_roofline = Roofline.for_machine(arch_from_gguf(gguf_path), peak, kv_bytes_per_elem=2)
+        kvos_weight_bytes = 2.0
+    print(f"kvos computes in {kvos_dtype}: roofline at {kvos_roofline.peak_flops / 1e9:.0f} GFLOP/s peak")
 
     load_before = os.getloadavg()[0]
     runs: list[EngineRun] = []

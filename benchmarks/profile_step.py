@@ -181,12 +181,12 @@ def profile_batch(
     context_lens = [context + 3 + steps] * batch  # mid-way through the timed steps
     arch = roofline.arch
     gemm_flops = batch * arch.linear_flops_per_token() + batch * arch.lm_head_flops()
-    weight_bytes = roofline.weight_bytes(DTYPE_BYTES[engine.config.model.dtype])
+    weight_bytes = roofline.weight_bytes(DTYPE_BYTES[engine.config.model.resolved_dtype])
     kv_bytes = sum(context_lens) * arch.kv_bytes_per_token(roofline.kv_bytes_per_elem)
     bounds = {
         "gemm": 1e3 * max(gemm_flops / roofline.peak_flops, weight_bytes / roofline.read_bandwidth),
         "attention": 1e3 * kv_bytes / roofline.read_bandwidth,
-        "step": 1e3 * roofline.decode_step_seconds(context_lens, DTYPE_BYTES[engine.config.model.dtype]),
+        "step": 1e3 * roofline.decode_step_seconds(context_lens, DTYPE_BYTES[engine.config.model.resolved_dtype]),
     }
     # Operators outside the forward pass (sampler, logits) are counted too; the overhead is the
     # forward's profiled wall time less every operator's self time, a slight underestimate.
@@ -261,7 +261,7 @@ def profile_workload(
         return plan
 
     scheduler.schedule = schedule_and_keep  # type: ignore[method-assign]
-    weight_bytes = DTYPE_BYTES[engine.config.model.dtype]
+    weight_bytes = DTYPE_BYTES[engine.config.model.resolved_dtype]
     timer.seconds.clear()
     result = WorkloadProfile(num_requests=len(requests), elapsed_s=0.0, phases_s={})
     start = time.perf_counter()

@@ -43,6 +43,7 @@ from benchmarks.peers import (
 )
 from benchmarks.roofline import ArchShape, Roofline, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import sample_requests
+from kvos.config import ModelConfig
 
 SERVERS = ("kvos", "llama-server", "llama-cpp-python")
 KVOS_WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
@@ -191,11 +192,12 @@ def kvos_bound(shape: ArchShape, machine: Any, work: list[tuple[int, int]], kvos
     def flag(name: str, default: str) -> str:
         return flags[flags.index(name) + 1] if name in flags else default
 
-    dtype = flag("--dtype", "float32")
+    dtype = ModelConfig(dtype=flag("--dtype", "auto")).resolved_dtype  # type: ignore[arg-type]
     weights = flag("--quantization", dtype)
     max_batch = int(flag("--max-num-seqs", "64"))
+    peak = machine if dtype == "float32" else load_or_measure("cpu", dtype=dtype)  # the GEMMs' own peak
     return (
-        Roofline.for_machine(shape, machine, kv_bytes_per_elem=KVOS_WEIGHT_BYTES[dtype])
+        Roofline.for_machine(shape, peak, kv_bytes_per_elem=int(KVOS_WEIGHT_BYTES[dtype]))
         .lower_bound_seconds(work, max_batch=max_batch, weight_bytes_per_param=KVOS_WEIGHT_BYTES[weights])
         .total_s
     )

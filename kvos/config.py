@@ -7,6 +7,7 @@ never written back here.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -35,18 +36,33 @@ class ModelConfig:
     names the attention implementation (`kvos.attention`); "auto" is the
     C++ "paged" kernel (fastest measured, both caches, eager or compiled), or
     "gather_sdpa" where the kernel cannot be built (no C++ compiler; the
-    engine logs why).
+    engine logs why). `dtype="auto"` computes in bfloat16 where the device
+    multiplies it natively and in float32 elsewhere (`resolved_dtype`):
+    bfloat16's greedy tokens are close to, not equal to, float32's (97% of
+    tokens on the documented prompts, tests/model/test_bf16.py); float32's
+    equal HF transformers' exactly.
     """
 
     model: str | None = None
     load_format: LoadFormat = "auto"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     quantization: Literal["int8", "int4"] | None = None
     device: str = "cpu"
     seed: int = 0
     max_model_len: int | None = None
     compile: bool = False
     attention_backend: AttentionBackendName = "auto"
+
+    @property
+    def resolved_dtype(self) -> Literal["float32", "bfloat16", "float16"]:
+        """What "auto" computes in: bfloat16 where the device multiplies it natively (a GPU, or a CPU
+        with AVX512-BF16 or AMX: 2-4x float32's GEMM rate), float32 elsewhere (emulated bfloat16
+        would be slower than float32)."""
+        if self.dtype != "auto":
+            return self.dtype
+        if self.device.startswith("cuda") or _cpu_has_native_bfloat16():
+            return "bfloat16"
+        return "float32"
 
     def resolved_attention_backend(self, kv_cache: KVCacheKind) -> str:
         if self.attention_backend != "auto":
@@ -56,8 +72,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "gguf", "hf", "dummy"):
             raise ValueError(f"load_format must be auto, gguf, hf or dummy, got {self.load_format!r}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"quantization must be None, 'int8' or 'int4', got {self.quantization!r}")
         if self.load_format == "dummy" and self.model is None:
@@ -260,3 +276,10 @@ class EngineConfig:
             scheduler=SchedulerConfig(**groups[SchedulerConfig]),
             parallel=ParallelConfig(**groups[ParallelConfig]),
         )
+
+
+@functools.cache
+def _cpu_has_native_bfloat16() -> bool:
+    import torch  # here, not at the top: configs are built and parsed without loading torch
+
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

@@ -62,7 +62,7 @@ def model_identity(loaded: LoadedModel, config: EngineConfig) -> str:
     model = config.model
     weights = f"dummy(seed={model.seed})" if loaded.state_dict is None else loaded.name
     arch_digest = hashlib.sha256(repr(loaded.arch).encode()).hexdigest()[:16]
-    return f"{weights}|{arch_digest}|{model.dtype}|{model.quantization}"
+    return f"{weights}|{arch_digest}|{model.resolved_dtype}|{model.quantization}"
 
 
 def context_length(loaded_arch: ModelArch, configured: int | None) -> int:
@@ -151,7 +151,7 @@ class EngineCore:
         self.vocab_size = arch.vocab_size
         self.max_model_len = context_length(arch, config.model.max_model_len)
         device = torch.device(config.model.device)
-        dtype = _DTYPES[config.model.dtype]
+        dtype = _DTYPES[config.model.resolved_dtype]
         attention = config.model.resolved_attention_backend(config.cache.kv_cache)
         backend = self._attention_backend(config, attention)
         attention = backend.name
@@ -208,10 +208,11 @@ class EngineCore:
             kind: HistogramRecorder(kind) for kind in ("to_host", "from_host", "to_disk", "from_disk")
         }
         logger.info(
-            "kvos: %s ready in %.1fs; KV cache (%s, attention %s) holds %d tokens (%.1f MiB, %d B/token); "
-            "max context %d",
+            "kvos: %s ready in %.1fs, computing in %s; KV cache (%s, attention %s) holds %d tokens "
+            "(%.1f MiB, %d B/token); max context %d",
             loaded.name,
             time.monotonic() - start,
+            config.model.resolved_dtype,
             config.cache.kv_cache,
             attention,
             self.kv_manager.capacity_tokens,

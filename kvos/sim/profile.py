@@ -106,7 +106,7 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         core.close()
     engine = {
         "model": loaded.name,
-        "dtype": config.model.dtype,
+        "dtype": config.model.resolved_dtype,
         "quantization": config.model.quantization,
         "compile": config.model.compile,
         "device": config.model.device,

@@ -38,7 +38,7 @@ def prompt(i: int, length: int = 6) -> list[int]:
 def config(tmp_path_factory: pytest.TempPathFactory) -> EngineConfig:
     path = write_config(tmp_path_factory.mktemp("tiny"))
     return EngineConfig.from_kwargs(
-        model=path, load_format="dummy", kv_cache_memory_bytes=4 * 2**20, max_num_batched_tokens=512
+        model=path, load_format="dummy", kv_cache_memory_bytes=4 * 2**20, max_num_batched_tokens=512, dtype="float32"
     )
 
 

@@ -28,7 +28,7 @@ PROMPT = [(11 * j) % 4000 + 20 for j in range(70)]
 def config(tmp_path_factory: pytest.TempPathFactory) -> EngineConfig:
     path = write_config(tmp_path_factory.mktemp("tiny"))
     return EngineConfig.from_kwargs(
-        model=path, load_format="dummy", kv_cache_memory_bytes=2 * 2**20, max_num_batched_tokens=32
+        model=path, load_format="dummy", kv_cache_memory_bytes=2 * 2**20, max_num_batched_tokens=32, dtype="float32"
     )
 
 

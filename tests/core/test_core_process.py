@@ -15,7 +15,7 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    with LLM(core_process=True, kv_cache_memory_bytes=64 * 2**20) as llm:
+    with LLM(core_process=True, kv_cache_memory_bytes=64 * 2**20, dtype="float32") as llm:
         yield llm
 
 
@@ -44,7 +44,7 @@ def test_bad_input_is_refused_in_the_front_end(llm: LLM) -> None:
 
 
 def test_close_stops_the_process() -> None:
-    llm = LLM(core_process=True, kv_cache_memory_bytes=16 * 2**20)
+    llm = LLM(core_process=True, kv_cache_memory_bytes=16 * 2**20, dtype="float32")
     core = llm.engine.core
     assert isinstance(core, EngineCoreProcess)
     process = core._process

@@ -176,7 +176,7 @@ def test_bad_policy_options_are_named() -> None:
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "fair"])
 def test_greedy_tokens_are_identical_under_every_policy(policy: str, hf_smollm: GreedyFn) -> None:
     texts = ["The capital of France is", "def fibonacci(n):", "Water boils at", "My favourite colour is"]
-    with LLM(policy=policy, max_num_seqs=2, kv_cache_memory_bytes=32 * 2**20) as llm:
+    with LLM(policy=policy, max_num_seqs=2, kv_cache_memory_bytes=32 * 2**20, dtype="float32") as llm:
         prompts = [llm.tokenizer.encode(t) for t in texts]
         priority = [3, 0, 2, 1] if policy == "priority" else None
         outputs = llm.generate(
@@ -186,7 +186,7 @@ def test_greedy_tokens_are_identical_under_every_policy(policy: str, hf_smollm: 
 
 
 def test_priority_under_fcfs_is_refused_naming_the_flag() -> None:
-    with LLM(kv_cache_memory_bytes=16 * 2**20) as llm:
+    with LLM(kv_cache_memory_bytes=16 * 2**20, dtype="float32") as llm:
         with pytest.raises(InvalidRequestError, match="needs --scheduling-policy priority") as refused:
             llm.generate(["Hi"], priority=[1], use_tqdm=False)
         assert refused.value.param == "priority"

@@ -192,7 +192,7 @@ def test_requests_the_next_step_admits_are_not_counted_as_waiting() -> None:
 def test_a_full_queue_refuses_the_least_urgent_waiting_request_for_an_urgent_one() -> None:
     from kvos import LLM
 
-    llm = LLM(policy="priority", max_num_seqs=1, kv_cache_memory_bytes=16 * 2**20)
+    llm = LLM(policy="priority", max_num_seqs=1, kv_cache_memory_bytes=16 * 2**20, dtype="float32")
 
     async def body(engine: AsyncLLMEngine) -> None:
         running = await engine.add_request("running", [1, 2], SamplingParams(max_tokens=200, ignore_eos=True), 0)

@@ -19,7 +19,7 @@ def test_compiled_decode_matches_hf_and_compiles_only_at_start_up(tmp_path, back
     folder = make_tiny_hf_model(str(tmp_path), "llama")
     hf = hf_greedy_fn(AutoModelForCausalLM.from_pretrained(folder).eval())
     torch._dynamo.reset()
-    llm = LLM(folder, block_size=4, max_num_seqs=4, compile=True, attention_backend=backend)
+    llm = LLM(folder, block_size=4, max_num_seqs=4, compile=True, attention_backend=backend, dtype="float32")
     graphs_at_start_up = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs_at_start_up >= 1
     # Batches of 4, then 3, 2 and 1 as requests finish; contexts of every length.
@@ -29,7 +29,7 @@ def test_compiled_decode_matches_hf_and_compiles_only_at_start_up(tmp_path, back
 
 def test_compile_refuses_the_virtual_cache() -> None:
     with pytest.raises(ValueError, match="compile=True needs kv_cache='paged'"):
-        LLM(compile=True, kv_cache="virtual")
+        LLM(compile=True, kv_cache="virtual", dtype="float32")
 
 
 def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch, tmp_path) -> None:
@@ -38,7 +38,7 @@ def test_compile_without_a_cpp_compiler_is_a_clear_error(monkeypatch, tmp_path) 
     folder = make_tiny_hf_model(str(tmp_path), "llama")
     monkeypatch.setenv("CXX", "no-such-compiler++")
     with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
-        LLM(folder, compile=True)
+        LLM(folder, compile=True, dtype="float32")
 
 
 def test_compiled_int4_decode_tracks_eager_int4() -> None:
@@ -46,8 +46,10 @@ def test_compiled_int4_decode_tracks_eager_int4() -> None:
     differently from eager's, so the tolerance is int8's: the first 8 greedy tokens agree."""
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     texts = ["The capital of France is", "def fibonacci(n):"]
-    eager = LLM(kv_cache_memory_bytes=2**26, quantization="int4").generate(texts, params, use_tqdm=False)
-    llm = LLM(kv_cache_memory_bytes=2**26, quantization="int4", compile=True, max_num_seqs=2)
+    eager = LLM(kv_cache_memory_bytes=2**26, quantization="int4", dtype="float32").generate(
+        texts, params, use_tqdm=False
+    )
+    llm = LLM(kv_cache_memory_bytes=2**26, quantization="int4", compile=True, max_num_seqs=2, dtype="float32")
     compiled = llm.generate(texts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in compiled] == [o.outputs[0].token_ids for o in eager]
     assert llm.engine.kv_manager.num_used_blocks == 0

@@ -37,7 +37,7 @@ def tiny_llama(tmp_path_factory) -> tuple[str, GreedyFn]:
 
 def tiny(folder: str, disk: Path, **options) -> LLM:
     options.setdefault("kv_cache_memory_bytes", 100 * TINY_BYTES_PER_TOKEN)
-    return LLM(folder, block_size=4, kv_disk_path=str(disk), kv_disk_bytes=2**20, **options)
+    return LLM(folder, block_size=4, kv_disk_path=str(disk), kv_disk_bytes=2**20, **options, dtype="float32")
 
 
 def serve_once(llm: LLM, hf: GreedyFn, ids: list[int]):

@@ -42,20 +42,20 @@ def write_config(tmp_path) -> str:
 def test_dummy_weights_generate_deterministically_and_free_memory(tmp_path) -> None:
     config = write_config(tmp_path)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    a = LLM(config, load_format="dummy", seed=3).generate(["hello world"] * 3, params, use_tqdm=False)
-    llm = LLM(config, load_format="dummy", seed=3)
+    a = LLM(config, load_format="dummy", seed=3, dtype="float32").generate(["hello world"] * 3, params, use_tqdm=False)
+    llm = LLM(config, load_format="dummy", seed=3, dtype="float32")
     b = llm.generate(["hello world"], params, use_tqdm=False)
     assert a[0].outputs[0].token_ids == a[2].outputs[0].token_ids == b[0].outputs[0].token_ids
     assert len(b[0].outputs[0].token_ids) == 8
     assert llm.engine.max_model_len == 256
     assert llm.engine.kv_manager.num_used_blocks == 0
-    other = LLM(config, load_format="dummy", seed=4).generate(["hello world"], params, use_tqdm=False)
+    other = LLM(config, load_format="dummy", seed=4, dtype="float32").generate(["hello world"], params, use_tqdm=False)
     assert other[0].outputs[0].token_ids != b[0].outputs[0].token_ids
 
 
 def test_sliding_window_caps_the_context(tmp_path) -> None:
     folder = make_tiny_hf_model(str(tmp_path), "mistral", sliding_window=64)
-    llm = LLM(folder)
+    llm = LLM(folder, dtype="float32")
     assert llm.engine.max_model_len == 64
     with pytest.raises(ValueError, match="context length of 64"):
         llm.engine.add_request("long", [5] * 60, SamplingParams(max_tokens=10))

@@ -56,18 +56,18 @@ def check_against_hf(llm: LLM, texts: list[str], hf: GreedyFn) -> list:
 
 
 def test_smollm_batch_matches_hf(hf_smollm: GreedyFn) -> None:
-    llm = LLM(kv_cache_memory_bytes=64 * 2**20)
+    llm = LLM(kv_cache_memory_bytes=64 * 2**20, dtype="float32")
     check_against_hf(llm, TEXTS, hf_smollm)
 
 
 def test_smollm_chunked_prefill_matches_hf(hf_smollm: GreedyFn) -> None:
-    llm = LLM(max_num_batched_tokens=16, kv_cache_memory_bytes=64 * 2**20)
+    llm = LLM(max_num_batched_tokens=16, kv_cache_memory_bytes=64 * 2**20, dtype="float32")
     outputs = check_against_hf(llm, TEXTS, hf_smollm)
     assert max(len(o.prompt_token_ids) for o in outputs) > 16  # some prompt really was chunked
 
 
 def test_smollm_shared_prefix_hits_cache_and_matches_hf(hf_smollm: GreedyFn) -> None:
-    llm = LLM(kv_cache_memory_bytes=64 * 2**20, max_num_batched_tokens=64)
+    llm = LLM(kv_cache_memory_bytes=64 * 2**20, max_num_batched_tokens=64, dtype="float32")
     # The first request computes the prefix; later ones must reuse its blocks.
     outputs = check_against_hf(llm, SHARED, hf_smollm)
     queries, hits = llm.engine.kv_manager.prefix_cache_stats()
@@ -78,7 +78,7 @@ def test_smollm_shared_prefix_hits_cache_and_matches_hf(hf_smollm: GreedyFn) -> 
 def test_smollm_preemption_under_tiny_kv_budget_matches_hf(hf_smollm: GreedyFn) -> None:
     bytes_per_token = 2 * 30 * 3 * 64 * 4
     # Room for ~140 tokens: the batch cannot run at once, so requests get preempted and recomputed.
-    llm = LLM(kv_cache_memory_bytes=144 * bytes_per_token, enable_prefix_caching=False)
+    llm = LLM(kv_cache_memory_bytes=144 * bytes_per_token, enable_prefix_caching=False, dtype="float32")
     check_against_hf(llm, TEXTS, hf_smollm)
     assert llm.engine.stats().num_preemptions > 0
 
@@ -92,10 +92,12 @@ def test_tiny_random_models_match_hf(arch: str, tmp_path) -> None:
     folder = make_tiny_hf_model(str(tmp_path), arch)
     hf = hf_greedy_fn(AutoModelForCausalLM.from_pretrained(folder).eval())
     bytes_per_token = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, head_dim 16, fp32
-    plain = LLM(folder, block_size=4)
+    plain = LLM(folder, block_size=4, dtype="float32")
     check_against_hf(plain, TEXTS, hf)
-    chunked = LLM(folder, block_size=4, max_num_batched_tokens=8)
+    chunked = LLM(folder, block_size=4, max_num_batched_tokens=8, dtype="float32")
     check_against_hf(chunked, TEXTS, hf)
-    tight = LLM(folder, block_size=4, kv_cache_memory_bytes=100 * bytes_per_token, enable_prefix_caching=False)
+    tight = LLM(
+        folder, block_size=4, kv_cache_memory_bytes=100 * bytes_per_token, enable_prefix_caching=False, dtype="float32"
+    )
     check_against_hf(tight, TEXTS, hf)
     assert tight.engine.stats().num_preemptions > 0

@@ -25,7 +25,7 @@ MAX_NEW = 8
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(kv_cache_memory_bytes=64 * 2**20)
+    return LLM(kv_cache_memory_bytes=64 * 2**20, dtype="float32")
 
 
 def greedy(max_tokens: int = MAX_NEW) -> SamplingParams:

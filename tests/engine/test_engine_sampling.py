@@ -9,7 +9,7 @@ from kvos import LLM, SamplingParams
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM(kv_cache_memory_bytes=64 * 2**20)
+    return LLM(kv_cache_memory_bytes=64 * 2**20, dtype="float32")
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +133,7 @@ def test_bad_requests_are_refused_with_clear_errors(llm: LLM) -> None:
 
 
 def test_request_larger_than_kv_capacity_is_refused() -> None:
-    small = LLM(kv_cache_memory_bytes=2 * 30 * 3 * 64 * 4 * 64)  # 64 tokens of KV
+    small = LLM(kv_cache_memory_bytes=2 * 30 * 3 * 64 * 4 * 64, dtype="float32")  # 64 tokens of KV
     with pytest.raises(ValueError, match=r"needs 110 tokens.*at most 64"):
         small.engine.add_request("big", [1] * 100, SamplingParams(max_tokens=10))
     assert small.engine.kv_manager.num_used_blocks == 0
@@ -141,4 +141,4 @@ def test_request_larger_than_kv_capacity_is_refused() -> None:
 
 def test_unknown_engine_option_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown engine option.*kv_cahce"):
-        LLM(kv_cahce="paged")
+        LLM(kv_cahce="paged", dtype="float32")

@@ -47,6 +47,7 @@ def swap_llm(folder: str) -> LLM:
         enable_prefix_caching=False,
         kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
         preemption_mode="swap",
+        dtype="float32",
     )
 
 
@@ -119,6 +120,7 @@ def test_tiny_virtual_cache_swap_preemption_matches_hf(
         kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
         preemption_mode="swap",
         max_num_seqs=4,  # few idle rows: a swap-out's own pages are what the next allocation reclaims
+        dtype="float32",
     )
     kv = llm.engine.kv_manager
     assert isinstance(kv, VirtualKVCacheManager)
@@ -177,6 +179,7 @@ def test_tiny_evicted_conversation_comes_back_from_host_tier(tiny_llama: tuple[s
         block_size=4,
         kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
         kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
+        dtype="float32",
     )
     conversation_comes_back_warm(llm, hf, TEXTS)
     assert llm.engine.stats().demoted_bytes > 0
@@ -188,6 +191,7 @@ def test_smollm_swap_preemption_matches_hf(hf_smollm: GreedyFn) -> None:
         enable_prefix_caching=False,
         kv_offload_bytes=64 * 2**20,
         preemption_mode="swap",
+        dtype="float32",
     )
     check_against_hf(llm, TEXTS, hf_smollm)
     assert dict(llm.engine.stats().preemptions_by_mode)["swap"] > 0
@@ -195,7 +199,7 @@ def test_smollm_swap_preemption_matches_hf(hf_smollm: GreedyFn) -> None:
 
 
 def test_smollm_evicted_conversation_comes_back_from_host_tier(hf_smollm: GreedyFn) -> None:
-    llm = LLM(kv_cache_memory_bytes=144 * SMOLLM_BYTES_PER_TOKEN, kv_offload_bytes=64 * 2**20)
+    llm = LLM(kv_cache_memory_bytes=144 * SMOLLM_BYTES_PER_TOKEN, kv_offload_bytes=64 * 2**20, dtype="float32")
     conversation_comes_back_warm(llm, hf_smollm, TEXTS[4:8])
     text = ServerMetrics(llm.engine.stats).render().decode()
     assert 'kvos_kv_tier_capacity_bytes{tier="host"}' in text
@@ -229,6 +233,7 @@ def test_tiny_a_step_failing_in_its_saves_leaves_no_unwritten_block_findable(
         block_size=4,
         kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
         kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
+        dtype="float32",
     )
     tokenizer = llm.tokenizer
     prompt = tokenizer.encode(TEXTS[4])

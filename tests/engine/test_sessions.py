@@ -29,7 +29,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def make_llm(folder: str, **options: object) -> LLM:
     defaults: dict[str, object] = dict(block_size=BLOCK, kv_cache_memory_bytes=POOL_TOKENS * TINY_BYTES_PER_TOKEN)
-    return LLM(folder, **{**defaults, **options})
+    return LLM(folder, **{**defaults, **options}, dtype="float32")
 
 
 def greedy(max_tokens: int = 6) -> SamplingParams:

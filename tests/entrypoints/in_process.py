@@ -60,6 +60,7 @@ def tiny_engine(folder: Path, **options: Any) -> LLMEngine:
         max_model_len=TINY_MAX_MODEL_LEN,
         max_num_seqs=TINY_MAX_NUM_SEQS,
         kv_cache_memory_bytes=16 * 2**20,
+        dtype="float32",
     )
     return LLMEngine(config)
 

@@ -99,6 +99,11 @@ class ServerProcess:
         return self.process.returncode
 
 
+EXACT_DTYPE = ("--dtype", "float32")
+"""Servers under test compute in float32, whose greedy tokens the tests compare exactly (a later
+`--dtype` in `args` wins)."""
+
+
 def start_server(log_path: Path, *args: str, api_key: str | None = None) -> ServerProcess:
     """Launch `kvos serve`; call `wait_ready()` before use (loading the model takes a while)."""
     env = dict(os.environ)
@@ -110,7 +115,7 @@ def start_server(log_path: Path, *args: str, api_key: str | None = None) -> Serv
     port = free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "kvos.entrypoints.cli", "serve", "--port", str(port), *args],
+            [sys.executable, "-m", "kvos.entrypoints.cli", "serve", "--port", str(port), *EXACT_DTYPE, *args],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,

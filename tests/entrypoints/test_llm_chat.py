@@ -30,7 +30,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 
 @pytest.fixture(scope="module")
 def llm() -> Iterator[LLM]:
-    with LLM(max_num_seqs=4) as llm:
+    with LLM(max_num_seqs=4, dtype="float32") as llm:
         yield llm
 
 

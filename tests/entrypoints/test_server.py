@@ -37,7 +37,7 @@ def offline(booting_server: ServerProcess) -> dict:
 
     Computed while the server subprocess loads.
     """
-    llm = LLM()
+    llm = LLM(dtype="float32")
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     completion = llm.generate([PROMPT], greedy, use_tqdm=False)[0].outputs[0]
     chat = llm.chat(MESSAGES, greedy, use_tqdm=False)[0].outputs[0]

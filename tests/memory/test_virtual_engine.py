@@ -20,7 +20,7 @@ BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4  # SmolLM2-135M, fp32
 @pytest.fixture(scope="module")
 def virtual() -> LLM:
     # 4 slots for 9 prompts: later requests must reuse rows of finished ones.
-    return LLM(kv_cache="virtual", kv_cache_memory_bytes=64 * 2**20, max_num_seqs=4)
+    return LLM(kv_cache="virtual", kv_cache_memory_bytes=64 * 2**20, max_num_seqs=4, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_tight_budget_reclaims_preempts_and_still_matches_hf(prompts: list[list[
     # Room for 100 tokens; these need 26 + 31 + 49 + 30: requests get preempted, and
     # rows are refilled only by reclaiming pages that finished requests left mapped.
     budget = 100 * BYTES_PER_TOKEN
-    llm = LLM(kv_cache="virtual", kv_cache_memory_bytes=budget, max_num_seqs=4)
+    llm = LLM(kv_cache="virtual", kv_cache_memory_bytes=budget, max_num_seqs=4, dtype="float32")
     outputs = llm.generate(prompts[3:7], greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_smollm(prompts, MAX_NEW)[3:7]
     kv = kv_of(llm)
@@ -102,7 +102,7 @@ def test_over_long_request_is_refused_with_a_clear_error(virtual: LLM) -> None:
 
 
 def test_close_gives_the_region_back(prompts: list[list[int]]) -> None:
-    with LLM(kv_cache="virtual", kv_cache_memory_bytes=16 * 2**20, max_num_seqs=2) as llm:
+    with LLM(kv_cache="virtual", kv_cache_memory_bytes=16 * 2**20, max_num_seqs=2, dtype="float32") as llm:
         llm.generate(prompts[:2], greedy(4), use_tqdm=False)
         kv = kv_of(llm)
         assert kv.region.rss_bytes() > 0

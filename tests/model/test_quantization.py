@@ -100,8 +100,8 @@ def test_quantized_greedy_tokens_track_float32_on_the_golden_prompts(method: str
     only by bfloat16 scales and activations.
     """
     params = SamplingParams(temperature=0, max_tokens=num_equal, ignore_eos=True)
-    exact = LLM(kv_cache_memory_bytes=2**26).generate(GOLDEN_TEXTS, params, use_tqdm=False)
-    llm = LLM(kv_cache_memory_bytes=2**26, quantization=method)
+    exact = LLM(kv_cache_memory_bytes=2**26, dtype="float32").generate(GOLDEN_TEXTS, params, use_tqdm=False)
+    llm = LLM(kv_cache_memory_bytes=2**26, quantization=method, dtype="float32")
     approx = llm.generate(GOLDEN_TEXTS, params, use_tqdm=False)
     for a, b in zip(exact, approx):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids

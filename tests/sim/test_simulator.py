@@ -71,6 +71,7 @@ def tiny_core(tmp_path: Path, **scheduler: Any) -> EngineCore:
         max_model_len=128,
         kv_cache_memory_bytes=TINY_KV_BLOCKS * 16 * bytes_per_token,
         **scheduler,
+        dtype="float32",
     )
     return EngineCore(config, load_model(config.model), frozenset())
 
