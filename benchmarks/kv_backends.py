@@ -135,7 +135,11 @@ def kv_shape(args: argparse.Namespace) -> KVShape:
     config = EngineConfig.from_kwargs(**engine_options(args, "paged", max(args.contexts)))
     arch = load_model(config.model).arch
     return KVShape(
-        arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, DTYPES[args.dtype], torch.device(args.device)
+        arch.num_hidden_layers,
+        arch.num_key_value_heads,
+        arch.head_dim,
+        DTYPES[config.model.resolved_dtype],
+        torch.device(args.device),
     )
 
 
@@ -279,7 +283,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a .gguf file, HF folder or (with --load-format dummy) config")
     parser.add_argument("--load-format", default=None, choices=["auto", "gguf", "hf", "dummy"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated subset of paged,virtual,static")
     parser.add_argument("--batches", default=",".join(map(str, DEFAULT_BATCHES)))
