@@ -20,6 +20,8 @@ def test_kv_backends_runs_every_backend_and_measures_waste(tmp_path, capsys) -> 
             "4",
             "--max-model-len",
             "64",
+            "--dtype",
+            "float32",  # the byte counts below
             "--json",
             str(tmp_path / "out.json"),
         ]
