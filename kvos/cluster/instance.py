@@ -169,6 +169,6 @@ class EngineInstance:
         return InstanceLoad(
             kv.num_free_blocks * kv.block_size,
             0 if head is None else head.num_tokens,
-            len(scheduler.running),
+            scheduler.num_seqs,  # those loading their KV to run count as running
             len(scheduler.waiting),
         )

@@ -473,7 +473,7 @@ class EngineCore:
         return EngineStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
-            num_free_seq_slots=max(0, scheduler.config.max_num_seqs - len(scheduler.running)),
+            num_free_seq_slots=max(0, scheduler.config.max_num_seqs - scheduler.num_seqs),
             num_used_blocks=self.kv_manager.num_used_blocks,
             num_free_blocks=self.kv_manager.num_free_blocks,
             prefix_cache_queries=queries,

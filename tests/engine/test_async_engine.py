@@ -203,6 +203,11 @@ def test_a_full_queue_refuses_the_least_urgent_waiting_request_for_an_urgent_one
             await asyncio.sleep(0.05)
         assert engine.stats().num_running == 1
         low = await engine.add_request("low", [1, 2], SamplingParams(max_tokens=2), priority=5)
+        # The queue is judged on the counts of the last step: wait until they include "low".
+        for _ in range(600):
+            if engine.stats().num_waiting == 1:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(QueueFullError):  # not more urgent than anyone waiting: refused itself
             await engine.add_request("also-low", [1, 2], SamplingParams(max_tokens=2), priority=5)
         urgent = await engine.add_request("urgent", [1, 2], SamplingParams(max_tokens=2), priority=-1)
