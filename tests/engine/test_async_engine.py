@@ -105,7 +105,8 @@ def test_failed_step_fails_its_requests_and_the_engine_keeps_serving() -> None:
     fake = FakeEngine()
 
     async def body(engine: AsyncLLMEngine) -> RequestOutput:
-        stream = await engine.add_request("doomed", [1], SamplingParams(max_tokens=1000))
+        # Long enough that the fake engine (a step costs nothing) cannot finish it before the failure is set.
+        stream = await engine.add_request("doomed", [1], SamplingParams(max_tokens=10**6))
         fake.fail_next_step = True
         with pytest.raises(RequestFailedError, match="engine failed") as failure:
             async for _ in stream:
