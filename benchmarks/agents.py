@@ -140,11 +140,7 @@ async def run_task(
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 raise RuntimeError(f"step {step}: HTTP {response.status_code}: {(await response.aread())[:300]!r}")
-            async for line in response.aiter_lines():
-                data = line.removeprefix("data:").strip()
-                if not line.startswith("data:") or data == "[DONE]":
-                    continue
-                chunk = json.loads(data)
+            async for chunk in serve.sse_chunks(response):
                 if "error" in chunk:
                     raise RuntimeError(f"step {step}: {chunk['error']}")
                 if chunk.get("usage"):

@@ -44,7 +44,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.serve import percentiles_ms
+from benchmarks.serve import percentiles_ms, sse_chunks
 from benchmarks.sharegpt import Conversation, load_sharegpt
 from kvos.config import ModelConfig
 
@@ -192,13 +192,7 @@ async def chat_turn(
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return text
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line.removeprefix("data:").strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
+            async for chunk in sse_chunks(response):
                 if "error" in chunk:
                     result.error = str(chunk["error"])
                     return text

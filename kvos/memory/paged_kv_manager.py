@@ -78,7 +78,7 @@ from kvos.memory.block_allocator import BlockAllocator, KVEvent
 from kvos.memory.block_hash import BlockHash, block_hash, root_hash, salted_root
 from kvos.memory.kv_manager import KVAllocation, TierOps
 from kvos.memory.tiers.disk import DiskBlockIndex
-from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters
+from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters, release_copy, resumed_copy
 
 logger = logging.getLogger(__name__)
 
@@ -714,11 +714,7 @@ class PagedKVCacheManager:
 
     def _swap_in(self, request: Request, num_new_tokens: int, num_cached_tokens: int) -> KVAllocation | None:
         """Fresh blocks for a swapped-out request, loaded from its host copy, plus room for new tokens."""
-        copy = self._host_copies[request.req_id]
-        if num_cached_tokens != copy.num_tokens:
-            raise RuntimeError(
-                f"{request.req_id} resumes with {num_cached_tokens} tokens but {copy.num_tokens} were swapped out"
-            )
+        copy = resumed_copy(self._host_copies, request.req_id, num_cached_tokens)
         num_copied = -(-copy.num_tokens // self.block_size)
         total = num_cached_tokens + num_new_tokens
         num_needed = max(-(-total // self.block_size), num_copied)
@@ -736,10 +732,7 @@ class PagedKVCacheManager:
         """Give back the request's blocks here and in the host tier (cached host blocks stay as cache)."""
         self._release_prefetched(request)
         self._free_primary(request)
-        copy = self._host_copies.pop(request.req_id, None)
-        if copy is not None and self.host is not None:
-            for host_block_id in copy.host_block_ids:
-                self.host.release(host_block_id)
+        release_copy(self._host_copies, request.req_id, self.host)
 
     def _free_primary(self, request: Request) -> None:
         table = self._block_tables.pop(request.req_id, None)

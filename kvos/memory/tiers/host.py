@@ -148,3 +148,19 @@ class HostCopy:
 
     host_block_ids: list[int]
     num_tokens: int
+
+
+def resumed_copy(copies: dict[str, HostCopy], req_id: str, num_cached_tokens: int) -> HostCopy:
+    """The host copy a swapped-out request resumes from; it must hold exactly the tokens it resumes with."""
+    copy = copies[req_id]
+    if num_cached_tokens != copy.num_tokens:
+        raise RuntimeError(f"{req_id} resumes with {num_cached_tokens} tokens but {copy.num_tokens} were swapped out")
+    return copy
+
+
+def release_copy(copies: dict[str, HostCopy], req_id: str, pool: HostBlockPool | None) -> None:
+    """Forget the request's host copy, if any, giving its blocks back (cached ones stay findable)."""
+    copy = copies.pop(req_id, None)
+    if copy is not None and pool is not None:
+        for host_block_id in copy.host_block_ids:
+            pool.release(host_block_id)

@@ -52,7 +52,7 @@ from kvos.core.request import Request
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.kv_manager import KVAllocation, TierOps
 from kvos.memory.shape import KVShape
-from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters
+from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters, release_copy, resumed_copy
 from kvos.memory.virtual.layout import KVLayout, LayoutKind
 from kvos.memory.virtual.page_mapper import PageMapper
 from kvos.memory.virtual.page_table import SlotPageTable
@@ -313,10 +313,7 @@ class VirtualKVCacheManager:
             self._num_tokens.pop(request.req_id, None)
             if row is not None:
                 self.table.vacate(row)
-        copy = self._host_copies.pop(request.req_id, None)
-        if copy is not None and self.host is not None:
-            for host_block_id in copy.host_block_ids:
-                self.host.release(host_block_id)
+        release_copy(self._host_copies, request.req_id, self.host)
 
     # -- the host tier (the SwappingKVCacheManager protocol) ------------------------------
 
@@ -361,11 +358,7 @@ class VirtualKVCacheManager:
 
     def _swap_in(self, request: Request, num_new_tokens: int, num_cached_tokens: int) -> KVAllocation | None:
         """A row for a swapped-out request, loaded from its host copy, plus room for new tokens."""
-        copy = self._host_copies[request.req_id]
-        if num_cached_tokens != copy.num_tokens:
-            raise RuntimeError(
-                f"{request.req_id} resumes with {num_cached_tokens} tokens but {copy.num_tokens} were swapped out"
-            )
+        copy = resumed_copy(self._host_copies, request.req_id, num_cached_tokens)
         total = num_cached_tokens + num_new_tokens
         if total > self.max_tokens_per_request:
             return None
