@@ -271,13 +271,8 @@ class Scheduler:
 
     def _start_loading(self, plan: StepPlan, request: Request, allocation: KVAllocation) -> None:
         """Admit `request` to wait for its KV from the host tier while the step computes the others."""
-        if self.waiting.pop() is not request:
-            raise RuntimeError("the policy's queue head changed during admission")
         assert allocation.table_update is not None  # a first allocation always sets the table
-        request.status = RequestStatus.LOADING
-        request.admitted_step = self._step_id
-        self.loading[request.req_id] = self._step_id
-        plan.new_requests.append(self._request_data(request))
+        self._start(plan, request, RequestStatus.LOADING)
         plan.kv_loads.append(LoadRequestKV(request.req_id, allocation.table_update, tuple(allocation.loads)))
         plan.copies.extend(allocation.copies)
         plan.saves.extend(allocation.saves)
@@ -305,12 +300,16 @@ class Scheduler:
         self._plan_chunk(plan, request, 1, allocation)
         return True
 
-    def _start(self, plan: StepPlan, request: Request) -> None:
+    def _start(self, plan: StepPlan, request: Request, status: RequestStatus = RequestStatus.RUNNING) -> None:
+        """Take the queue's head into a sequence slot: running, or loading its KV to run."""
         if self.waiting.pop() is not request:
             raise RuntimeError("the policy's queue head changed during admission")
-        request.status = RequestStatus.RUNNING
+        request.status = status
         request.admitted_step = self._step_id
-        self.running.append(request)
+        if status == RequestStatus.LOADING:
+            self.loading[request.req_id] = self._step_id
+        else:
+            self.running.append(request)
         plan.new_requests.append(self._request_data(request))
 
     def _request_data(self, request: Request) -> NewRequestData:
