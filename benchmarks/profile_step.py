@@ -27,7 +27,7 @@ its own scheduling; the workload bound of `offline_throughput` also assumes
 coarse batching, so the two differ.
 
 Usage: python -m benchmarks.profile_step [--batches 8,32,64] [--context 256] [--steps 5]
-       [--sharegpt N] [--attention-backend auto] [--kv-cache paged] [--dtype float32] [--json out.json]
+       [--sharegpt N] [--attention-backend auto] [--kv-cache paged] [--dtype auto] [--json out.json]
 """
 
 from __future__ import annotations
@@ -142,15 +142,19 @@ def profile_batch(
 ) -> StepProfile:
     rng = random.Random(seed + batch)
     vocab = engine.arch.vocab_size
-    # Enough tokens for the prefill, a warm-up step, the timed steps and the profiled ones.
-    params = SamplingParams(temperature=0.0, max_tokens=2 * steps + 4, ignore_eos=True)
+    # Enough tokens for the prefill (at most one step per request: a prompt fits the token
+    # budget), a warm-up step, the timed steps and the profiled ones: the early requests must
+    # not end before the last one has started, or the timed batch is smaller than `batch`.
+    params = SamplingParams(temperature=0.0, max_tokens=batch + 2 * steps + 4, ignore_eos=True)
     req_ids = [f"profile-{batch}-{i}" for i in range(batch)]
     for req_id in req_ids:
         engine.add_request(req_id, [rng.randrange(vocab) for _ in range(context)], params)
     started: set[str] = set()
     while len(started) < batch:  # prefill: every request gets its first token
         started.update(out.req_id for out in engine.step())
-    engine.step()  # one decode step untimed (first-call allocations)
+    decoded = len(engine.step())  # one decode step untimed (first-call allocations)
+    if decoded != batch:
+        raise RuntimeError(f"the timed batch would be {decoded} requests, not {batch}: is the KV cache too small?")
 
     timer.seconds.clear()
     start = time.perf_counter()
@@ -330,7 +334,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=256, help="prompt tokens per request")
     parser.add_argument("--steps", type=int, default=5, help="decode steps timed, and as many profiled")
     parser.add_argument("--sharegpt", type=int, default=0, help="profile N ShareGPT requests instead of the batches")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", *sorted(DTYPE_BYTES)], help="default: the engine's own (auto)"
+    )
     parser.add_argument("--kv-cache", default="paged", choices=("paged", "virtual"))
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--quantization", default=None, choices=("int8", "int4"))
@@ -357,14 +363,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             options[key] = getattr(args, key)
     load_before = os.getloadavg()[0]
     engine = LLMEngine(EngineConfig.from_kwargs(**options))
-    machine = load_or_measure()
-    roofline = Roofline(
-        ArchShape.from_any(engine.arch), machine.peak_flops, machine.read_bandwidth, DTYPE_BYTES[args.dtype]
-    )
+    dtype = engine.config.model.resolved_dtype
+    machine = load_or_measure(dtype=dtype)
+    roofline = Roofline(ArchShape.from_any(engine.arch), machine.peak_flops, machine.read_bandwidth, DTYPE_BYTES[dtype])
     timer = PhaseTimer()
     instrument(engine, timer)
     print(
-        f"settings: {options}, attention {engine._local_core().worker.attention.name}, "
+        f"settings: {options}, computing in {dtype}, attention {engine._local_core().worker.attention.name}, "
         f"torch threads {torch.get_num_threads()}, load {load_before:.2f}"
     )
     results = []
