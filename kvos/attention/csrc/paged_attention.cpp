@@ -40,9 +40,12 @@
  * division and a walk along the blocks, and the next tile's rows are prefetched
  * while the current one is scored (blocks sit anywhere in the pool).
  *
- * Caches are float32 or bfloat16; bfloat16 tiles are widened to float32 once per
- * tile, and every product and sum accumulates in float32. The loops are written for
- * the compiler's vectoriser (-O3 -march=native, `omp simd`), exp included.
+ * Caches are float32 or bfloat16, and every sum accumulates in float32. The loops are
+ * written for the compiler's vectoriser (-O3 -march=native, `omp simd`), exp included;
+ * with AVX-512 the two inner products of a tile (scores, weighted values) are written
+ * with intrinsics (float32 caches), and with AVX512-BF16 bfloat16 caches are multiplied
+ * as bfloat16 pairs, never widened (`run_item_bf16`). Without AVX512-BF16, bfloat16
+ * tiles are widened to float32 once per tile.
  */
 
 #include <ATen/ATen.h>
@@ -55,7 +58,12 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -109,6 +117,94 @@ inline void widen(float* __restrict dst, const c10::BFloat16* __restrict src, in
     dst[d] = value;
   }
 }
+
+#if defined(__AVX512F__)
+/* With AVX-512 and a head size of a whole number of vectors (kD % 16 == 0), a tile's scores and
+ * its weighted sum of values are written with intrinsics instead of left to the vectoriser:
+ *
+ *   scores: `dot` per key ends in a horizontal sum of one vector (a shuffle tree per key). Here
+ *           16 keys' products stay as 16 vectors, and one transpose-and-add tree (45 shuffles and
+ *           adds) turns them into the 16 scores at once, about 3 operations per key.
+ *   values: `axpy` per key loads and stores the output row. Here the row stays in registers
+ *           for the whole tile, in two sets (even and odd keys) so consecutive FMAs do not wait
+ *           on each other.
+ */
+
+/* Lane j of the result is the sum of v[j]'s 16 lanes. */
+inline __m512 transpose_sum16(const __m512* v) {
+  __m512 a[8];
+  for (int i = 0; i < 8; ++i)  // 128-bit lane L of a[i]: v[2i]'s partials at 0 and 2, v[2i+1]'s at 1 and 3
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m512 b[4];
+  for (int i = 0; i < 4; ++i) {  // lane L of b[i]: the lane-L sums of v[4i .. 4i+3]
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  // Sum over the four 128-bit lanes: lanes (0, 2) plus lanes (1, 3), twice.
+  const __m512 d0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[0], b[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 d1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(b[2], b[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d0, d1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* scores[j] = q_row . keys[j] for j < n. */
+template <int64_t kD>
+inline void tile_scores(const float* __restrict q_row, const float* const* keys, int64_t n, float* scores) {
+  constexpr int kV = static_cast<int>(kD / 16);
+  __m512 q[kV];
+  for (int v = 0; v < kV; ++v) q[v] = _mm512_loadu_ps(q_row + 16 * v);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t m = std::min<int64_t>(16, n - j0);
+    __m512 part[16];
+#pragma GCC unroll 16
+    for (int64_t jj = 0; jj < 16; ++jj) {
+      if (jj < m) {
+        const float* key = keys[j0 + jj];
+        __m512 sum = _mm512_mul_ps(q[0], _mm512_loadu_ps(key));
+        for (int v = 1; v < kV; ++v) sum = _mm512_fmadd_ps(q[v], _mm512_loadu_ps(key + 16 * v), sum);
+        part[jj] = sum;
+      } else {
+        part[jj] = _mm512_setzero_ps();
+      }
+    }
+    _mm512_mask_storeu_ps(scores + j0, static_cast<__mmask16>((1u << m) - 1u), transpose_sum16(part));
+  }
+}
+
+/* acc_row += sum_j weights[j] * values[j] for j < n. */
+template <int64_t kD>
+inline void tile_weighted_sum(float* __restrict acc_row, const float* weights, const float* const* values, int64_t n) {
+  constexpr int kV = static_cast<int>(kD / 16);
+  __m512 even[kV], odd[kV];
+  for (int v = 0; v < kV; ++v) {
+    even[v] = _mm512_loadu_ps(acc_row + 16 * v);
+    odd[v] = _mm512_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + 1 < n; j += 2) {
+    const __m512 w0 = _mm512_set1_ps(weights[j]);
+    const __m512 w1 = _mm512_set1_ps(weights[j + 1]);
+    for (int v = 0; v < kV; ++v) {
+      even[v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(values[j] + 16 * v), even[v]);
+      odd[v] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(values[j + 1] + 16 * v), odd[v]);
+    }
+  }
+  if (j < n) {
+    const __m512 w0 = _mm512_set1_ps(weights[j]);
+    for (int v = 0; v < kV; ++v) even[v] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(values[j] + 16 * v), even[v]);
+  }
+  for (int v = 0; v < kV; ++v) _mm512_storeu_ps(acc_row + 16 * v, _mm512_add_ps(even[v], odd[v]));
+}
+
+template <int64_t kD>
+constexpr bool kVectorTiles = kD > 0 && kD % 16 == 0 && kD <= 256;
+#else
+template <int64_t kD>
+constexpr bool kVectorTiles = false;
+#endif
 
 /* One request in the batch: its query rows and how much of its context is cached. */
 struct Seq {
@@ -222,16 +318,22 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
     const int64_t n = std::min(kKeyTile, item.p_end - start);
     load_tile(walk, start, n, head_dim, k_buf, v_buf, keys, values);
-    if (start + kKeyTile < item.p_end) prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), head_dim);
+    if (start + kKeyTile < item.p_end)
+      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), head_dim);
     for (int64_t r = 0; r < num_rows; ++r) {
       const int64_t visible_end = seq.num_computed + item.q_begin + r / group + 1;  // causal limit
       const int64_t visible = std::min(n, visible_end - start);
       if (visible <= 0) continue;
       const float* q_row = q_buf + r * head_dim;
       float tile_max = kNegInf;
-      for (int64_t j = 0; j < visible; ++j) {
-        scores[j] = dot(q_row, keys[j], head_dim);
-        tile_max = std::max(tile_max, scores[j]);
+      if constexpr (kVectorTiles<kD>) {
+        tile_scores<kD>(q_row, keys, visible, scores);
+        for (int64_t j = 0; j < visible; ++j) tile_max = std::max(tile_max, scores[j]);
+      } else {
+        for (int64_t j = 0; j < visible; ++j) {
+          scores[j] = dot(q_row, keys[j], head_dim);
+          tile_max = std::max(tile_max, scores[j]);
+        }
       }
       const float m_new = std::max(m[r], tile_max);
       float sum = 0.0f;
@@ -249,10 +351,149 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
         m[r] = m_new;
       }
       l[r] += sum;
-      for (int64_t j = 0; j < visible; ++j) axpy(acc_row, scores[j], values[j], head_dim);
+      if constexpr (kVectorTiles<kD>) {
+        tile_weighted_sum<kD>(acc_row, scores, values, visible);
+      } else {
+        for (int64_t j = 0; j < visible; ++j) axpy(acc_row, scores[j], values[j], head_dim);
+      }
     }
   }
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* bfloat16 caches on a CPU with AVX512-BF16 (kD % 32 == 0): products of bfloat16 pairs summed
+ * into float32 lanes (vdpbf16ps), so keys and values are never widened. Two things are rounded
+ * to bfloat16 that the float32 path keeps: the queries, which a bfloat16 model's projection
+ * produced in bfloat16 anyway (the scale is applied to the scores, so nothing is lost), and
+ * the softmax weights before they multiply the values (relative error 2^-9 each; what flash
+ * attention does on GPUs). Scores, sums and outputs accumulate in float32.
+ *
+ * Scores: lane i of a key's product vector holds q[2i] k[2i] + q[2i+1] k[2i+1]; 16 keys'
+ * vectors go through the same transpose-and-add tree as the float32 path.
+ * Values: two keys at a time. unpacklo/hi_epi16 of rows j and j+1 put (v_j[d], v_j+1[d]) in
+ * one 32-bit lane, and the pair of weights (w_j, w_j+1) in every lane of the other operand,
+ * so one instruction adds w_j v_j[d] + w_j+1 v_j+1[d] for 16 dims. The unpacks take dims
+ * 0-3, 8-11, 16-19, 24-27 (lo) and 4-7, ... (hi) of each 32: one permute per 16 puts them
+ * back in order at the end of the tile. */
+
+using bf16_t = c10::BFloat16;
+
+template <int64_t kD>
+constexpr bool kBF16Tiles = kD > 0 && kD % 32 == 0 && kD <= 256;
+
+template <int64_t kD>
+inline void tile_scores_bf16(const __m512bh* q, const bf16_t* const* keys, int64_t n, float scale, float* scores) {
+  constexpr int kZ = static_cast<int>(kD / 32);
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t m = std::min<int64_t>(16, n - j0);
+    __m512 part[16];
+#pragma GCC unroll 16
+    for (int64_t jj = 0; jj < 16; ++jj) {
+      __m512 sum = _mm512_setzero_ps();
+      if (jj < m) {
+        const bf16_t* key = keys[j0 + jj];
+        for (int z = 0; z < kZ; ++z) sum = _mm512_dpbf16_ps(sum, q[z], (__m512bh)_mm512_loadu_si512(key + 32 * z));
+      }
+      part[jj] = sum;
+    }
+    const __m512 out = _mm512_mul_ps(transpose_sum16(part), scale_v);
+    _mm512_mask_storeu_ps(scores + j0, static_cast<__mmask16>((1u << m) - 1u), out);
+  }
+}
+
+/* acc_row += sum_j weights[j] * values[j] for j < n; weights[n] must be 0 when n is odd. */
+template <int64_t kD>
+inline void tile_weighted_sum_bf16(float* __restrict acc_row, const float* weights, const bf16_t* const* values,
+                                   int64_t n) {
+  constexpr int kZ = static_cast<int>(kD / 32);
+  alignas(64) bf16_t w16[kKeyTile];
+  const __m512 w_lo = _mm512_loadu_ps(weights);
+  const __m512 w_hi = _mm512_loadu_ps(weights + 16);
+  _mm512_store_si512(reinterpret_cast<__m512i*>(w16), (__m512i)_mm512_cvtne2ps_pbh(w_hi, w_lo));
+  const uint32_t* pairs = reinterpret_cast<const uint32_t*>(w16);
+  __m512 lo[kZ], hi[kZ];
+  for (int z = 0; z < kZ; ++z) lo[z] = hi[z] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 2) {
+    const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pairs[j / 2]));
+    for (int z = 0; z < kZ; ++z) {
+      const __m512i a = _mm512_loadu_si512(values[j] + 32 * z);
+      const __m512i b = j + 1 < n ? _mm512_loadu_si512(values[j + 1] + 32 * z) : _mm512_setzero_si512();
+      lo[z] = _mm512_dpbf16_ps(lo[z], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
+      hi[z] = _mm512_dpbf16_ps(hi[z], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
+    }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int z = 0; z < kZ; ++z) {
+    float* dst = acc_row + 32 * z;
+    _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_permutex2var_ps(lo[z], first, hi[z])));
+    _mm512_storeu_ps(dst + 16,
+                     _mm512_add_ps(_mm512_loadu_ps(dst + 16), _mm512_permutex2var_ps(lo[z], second, hi[z])));
+  }
+}
+
+/* run_item for bfloat16 caches with AVX512-BF16: the same online softmax, on bfloat16 pairs. */
+template <int64_t kD>
+void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk, const float* q, int64_t q_stride_token,
+                   int64_t group, float scale, float* acc, float* m, float* l) {
+  constexpr int kZ = static_cast<int>(kD / 32);
+  const int64_t num_rows = (item.q_end - item.q_begin) * group;
+  __m512bh q_rows[kQueryTile * 8][kZ];  // up to 8 query heads per kv head
+  for (int64_t r = 0; r < num_rows; ++r) {
+    const int64_t token = seq.token_start + item.q_begin + r / group;
+    const float* src = q + token * q_stride_token + (item.kv_head * group + r % group) * kD;
+    for (int z = 0; z < kZ; ++z)
+      q_rows[r][z] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 32 * z + 16), _mm512_loadu_ps(src + 32 * z));
+    m[r] = kNegInf;
+    l[r] = 0.0f;
+    std::fill(acc + r * kD, acc + (r + 1) * kD, 0.0f);
+  }
+  const bf16_t* keys[kKeyTile];
+  const bf16_t* values[kKeyTile];
+  alignas(64) float scores[kKeyTile];
+  for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, item.p_end - start);
+    int64_t slots[kKeyTile];
+    tile_slots(walk, start, n, slots);
+    for (int64_t j = 0; j < n; ++j) {
+      keys[j] = walk.k_base + slots[j] * walk.k_stride;
+      values[j] = walk.v_base + slots[j] * walk.v_stride;
+    }
+    if (start + kKeyTile < item.p_end)
+      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), kD);
+    for (int64_t r = 0; r < num_rows; ++r) {
+      const int64_t visible_end = seq.num_computed + item.q_begin + r / group + 1;  // causal limit
+      const int64_t visible = std::min(n, visible_end - start);
+      if (visible <= 0) continue;
+      tile_scores_bf16<kD>(q_rows[r], keys, visible, scale, scores);
+      float tile_max = kNegInf;
+      for (int64_t j = 0; j < visible; ++j) tile_max = std::max(tile_max, scores[j]);
+      const float m_new = std::max(m[r], tile_max);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < visible; ++j) {
+        scores[j] = exp_nonpositive(scores[j] - m_new);
+        sum += scores[j];
+      }
+      for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = 0.0f;
+      float* acc_row = acc + r * kD;
+      if (m_new > m[r]) {
+        const float alpha = m[r] == kNegInf ? 0.0f : exp_nonpositive(m[r] - m_new);
+        l[r] *= alpha;
+#pragma omp simd
+        for (int64_t d = 0; d < kD; ++d) acc_row[d] *= alpha;
+        m[r] = m_new;
+      }
+      l[r] += sum;
+      tile_weighted_sum_bf16<kD>(acc_row, scores, values, visible);
+    }
+  }
+}
+#else
+template <int64_t kD>
+constexpr bool kBF16Tiles = false;
+#endif
 
 /* An item's rows, normalised, into the output: for items that are their group's only partition. */
 void write_rows(const Item& item, const Seq& seq, int64_t group, int64_t num_heads, int64_t head_dim,
@@ -343,6 +584,16 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       float* acc = direct ? acc_own : acc_all + item.row * head_dim;
       float* m = direct ? m_own : m_all + item.row;
       float* l = direct ? l_own : l_all + item.row;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD>) {
+        if (group <= 8) {
+          run_item_bf16<kD>(item, seqs[item.seq], walk, q_data, q_stride_token, group, static_cast<float>(scale), acc,
+                            m, l);
+          if (direct) write_rows(item, seqs[item.seq], group, num_heads, head_dim, acc, l, out_data);
+          continue;
+        }
+      }
+#endif
       run_item<scalar_t, kD>(item, seqs[item.seq], walk, q_data, q_stride_token, group, head_dim,
                              static_cast<float>(scale), acc, m, l, q_buf, k_buf, v_buf);
       if (direct) write_rows(item, seqs[item.seq], group, num_heads, head_dim, acc, l, out_data);
