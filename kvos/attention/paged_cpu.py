@@ -40,7 +40,11 @@ from kvos.attention.metadata import AttentionMetadata, PagedBatch
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
 PROMPT_SDPA_MIN_TOKENS = 32
-"""Whole prompts at least this long go to torch's causal SDPA on the step's own K/V, not the kernel."""
+"""Without AVX-512, whole prompts at least this long go to torch's causal SDPA on the step's own K/V.
+
+The kernel's generic tiles (one dot product per key) ran 3x slower than SDPA's GEMM-tiled prompts;
+its AVX-512 tiles match SDPA in float32 and beat it 1.3-2x in bfloat16 (docs/attention.md), so on
+an AVX-512 CPU every request goes to the kernel."""
 _EXTENSION_NAME = "kvos_paged_attention"
 
 
@@ -52,9 +56,12 @@ class PagedCPUBackend:
         # Built (or loaded from the cache) now, at start-up, so a missing compiler is
         # reported before any request, and so the operator exists before torch.compile traces.
         load_kernel()
+        self.whole_prompts_to_sdpa = not torch.cpu._is_avx512_supported()
 
     def build_metadata(self, seqs: list[SeqLayout], num_tokens: int, device: torch.device) -> AttentionMetadata:
-        return AttentionMetadata(slot_mapping=slot_mapping(seqs), paged=paged_batch(seqs, device))
+        return AttentionMetadata(
+            slot_mapping=slot_mapping(seqs), paged=paged_batch(seqs, device, self.whole_prompts_to_sdpa)
+        )
 
     def forward(
         self,
@@ -90,8 +97,12 @@ class PagedCPUBackend:
         return out.to(q.dtype)
 
 
-def paged_batch(seqs: list[SeqLayout], device: torch.device) -> PagedBatch:
-    """The step's block tables, padded into one int32 tensor, and each request's rows and lengths."""
+def paged_batch(seqs: list[SeqLayout], device: torch.device, whole_prompts_to_sdpa: bool) -> PagedBatch:
+    """The step's block tables, padded into one int32 tensor, and each request's rows and lengths.
+
+    With `whole_prompts_to_sdpa`, whole prompts of `PROMPT_SDPA_MIN_TOKENS` or more are left
+    out of the tables and listed in `prompts` instead.
+    """
     if not seqs:
         raise ValueError("paged attention needs at least one request in the step")
     block_sizes = {s.block_size for s in seqs}
@@ -111,7 +122,7 @@ def paged_batch(seqs: list[SeqLayout], device: torch.device) -> PagedBatch:
                 f"request {i} has {s.num_computed + s.num_tokens} positions but its block table "
                 f"covers {s.block_table.numel()} blocks of {block_size}"
             )
-        if s.num_computed == 0 and s.num_tokens >= PROMPT_SDPA_MIN_TOKENS:
+        if whole_prompts_to_sdpa and s.num_computed == 0 and s.num_tokens >= PROMPT_SDPA_MIN_TOKENS:
             prompts.append((s.token_start, s.num_tokens))
             continue
         kernel_seqs.append(s)

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from kvos.attention import paged_cpu
 from kvos.attention.backend import SeqLayout, make_backend
 from kvos.core.request import Request
 from kvos.memory.shape import KVShape
@@ -194,23 +195,26 @@ def test_unknown_backend_is_named() -> None:
 
 
 def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
-    from kvos.attention import paged_cpu
-
     monkeypatch.setenv("CXX", "no-such-compiler++")
     with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
         paged_cpu.load_kernel.__wrapped__()
 
 
-def test_paged_step_of_whole_prompts_only_skips_the_kernel_and_matches_naive_attention() -> None:
-    """Prompts of 32+ tokens with nothing cached go to causal SDPA; a step of only those calls no kernel."""
+@pytest.mark.parametrize("to_sdpa", [True, False])
+def test_paged_step_of_whole_prompts_matches_naive_attention(to_sdpa: bool) -> None:
+    """Prompts of 32+ tokens with nothing cached: through causal SDPA (a step of only those calls no
+    kernel; what a CPU without AVX-512 runs) or through the kernel's prompt tiles (with AVX-512)."""
     seqs, _, k_cache, v_cache = _paged_step(16, torch.float32, [(0, 40), (0, 33)])
     num_tokens = sum(s.num_tokens for s in seqs)
     q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM)
     k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
     v = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
     backend = make_backend("paged")
+    assert isinstance(backend, paged_cpu.PagedCPUBackend)
+    backend.whole_prompts_to_sdpa = to_sdpa
     meta = backend.build_metadata(seqs, num_tokens, torch.device("cpu"))
-    assert meta.paged is not None and meta.paged.seqs.shape[0] == 0
+    assert meta.paged is not None and meta.paged.seqs.shape[0] == (0 if to_sdpa else len(seqs))
+    assert len(meta.paged.prompts) == (len(seqs) if to_sdpa else 0)
     got = backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
     for seq in seqs:
         rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
