@@ -40,6 +40,7 @@ from benchmarks.roofline import (
     load_or_measure,
     percent_of_limit,
 )
+from kvos.config import DTYPE_BYTES, EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ PROMPT_TEXT = (
 )
 WARMUP_TEXT = "Warm-up request: please say hello."
 # What a decode step reads per parameter: int4 carries a bfloat16 scale and zero per group of 32.
-KVOS_WEIGHT_BYTES_PER_PARAM = {"float32": 4.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
+KVOS_WEIGHT_BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,13 @@ class LatencyResult:
         return data
 
 
+def kvos_config(gguf_path: Path, kv_cache: str, quantization: str | None, compile_decode: bool) -> EngineConfig:
+    """The engine's defaults for one stream (dtype "auto"), with the script's options."""
+    return EngineConfig.from_kwargs(
+        model=str(gguf_path), kv_cache=kv_cache, max_num_seqs=1, quantization=quantization, compile=compile_decode
+    )
+
+
 def time_kvos(
     gguf_path: Path,
     prompt_ids: list[int],
@@ -120,14 +128,9 @@ def time_kvos(
 ) -> tuple[float, float, list[int]]:
     """(ttft, total, token ids), driving the engine step by step to see the first token."""
     from kvos import SamplingParams
-    from kvos.config import EngineConfig
     from kvos.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(
-        EngineConfig.from_kwargs(
-            model=str(gguf_path), kv_cache=kv_cache, max_num_seqs=1, quantization=quantization, compile=compile_decode
-        )
-    )
+    engine = LLMEngine(kvos_config(gguf_path, kv_cache, quantization, compile_decode))
 
     def generate(req_id: str, token_ids: list[int], max_tokens: int) -> tuple[float, float, list[int]]:
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -274,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     gguf_path = resolve_gguf(args.model)
     machine = load_or_measure("cpu", remeasure=args.remeasure)
+    kvos_dtype = kvos_config(gguf_path, args.kv_cache, args.quantization, args.compile).model.resolved_dtype
     tokenizer = load_tokenizer(gguf_path)
     prompt_ids = list(tokenizer.encode(PROMPT_TEXT))[: args.prompt_tokens]
     if len(prompt_ids) < args.prompt_tokens:
@@ -297,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
             gguf_path, prompt_ids, warmup_ids, n, args.kv_cache, args.quantization, args.compile
         )
         notes.append(
-            f"kvos: weights {args.quantization or 'float32'}, KV cache {args.kv_cache}, "
+            f"kvos: weights {args.quantization or kvos_dtype}, computing in {kvos_dtype}, KV cache {args.kv_cache}, "
             f"decode {'compiled' if args.compile else 'eager'}"
         )
     version = llama_cpp_version()
@@ -311,16 +315,17 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
 
     shape = ArchShape.from_any(arch_from_gguf(gguf_path))
     # llama.cpp reads the GGUF's quantized blocks (the file is almost all weights) and keeps KV in float16.
-    kvos_weight_bytes = KVOS_WEIGHT_BYTES_PER_PARAM[args.quantization or "float32"]
+    kvos_weight_bytes = KVOS_WEIGHT_BYTES_PER_PARAM[args.quantization or kvos_dtype]
     weight_formats = {
-        "kvos": (kvos_weight_bytes, 4),
+        "kvos": (kvos_weight_bytes, DTYPE_BYTES[kvos_dtype]),
         "hf": (4.0, 4),
         "llama.cpp": (gguf_path.stat().st_size / shape.num_params, 2),
     }
     runs = []
     for engine, (ttft, total, ids) in timings.items():
         weight_bytes, kv_bytes = weight_formats[engine]
-        bound = Roofline.for_machine(shape, machine, kv_bytes_per_elem=kv_bytes).lower_bound_seconds(
+        peak = load_or_measure("cpu", dtype=kvos_dtype) if engine == "kvos" else machine
+        bound = Roofline.for_machine(shape, peak, kv_bytes_per_elem=kv_bytes).lower_bound_seconds(
             [(len(prompt_ids), n)], max_batch=1, weight_bytes_per_param=weight_bytes
         )
         runs.append(LatencyRun(engine, ttft, total, len(ids), bound.total_s, weight_bytes, ids))

@@ -49,7 +49,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.roofline import ArchShape, Roofline, load_or_measure
-from kvos.config import EngineConfig
+from kvos.config import DTYPE_BYTES, EngineConfig
 from kvos.engine.llm_engine import LLMEngine
 from kvos.sampling_params import SamplingParams
 
@@ -67,7 +67,6 @@ GEMM_OPS = frozenset(
 )
 ATTENTION_OPS = frozenset({"kvos::paged_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"})
 KV_WRITE_OPS = frozenset({"aten::index_put_", "aten::_index_put_impl_", "aten::index_copy_"})
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)

@@ -278,6 +278,10 @@ class EngineConfig:
         )
 
 
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+"""Bytes per element of each compute dtype `ModelConfig.dtype` resolves to (rooflines, KV sizing)."""
+
+
 @functools.cache
 def _cpu_has_native_bfloat16() -> bool:
     import torch  # here, not at the top: configs are built and parsed without loading torch

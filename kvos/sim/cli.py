@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any, cast
 
-from kvos.config import SCHEDULING_POLICIES, SchedulerConfig, SchedulingPolicyName
+from kvos.config import DTYPE_BYTES, SCHEDULING_POLICIES, SchedulerConfig, SchedulingPolicyName
 from kvos.sim.repo import benchmarks
 
 logger = logging.getLogger(__name__)
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def add_sim_parser(sub: Any) -> None:
