@@ -63,6 +63,7 @@ GEMM_OPS = frozenset(
         "aten::linear",
         "aten::_weight_int8pack_mm",
         "aten::_weight_int4pack_mm_for_cpu",
+        "mkldnn::_linear_pointwise",
     }
 )
 ATTENTION_OPS = frozenset({"kvos::paged_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"})

@@ -39,6 +39,7 @@ from kvos.memory.tiers.swap import PreemptionRule, SwapCost, measure_copy_bandwi
 from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
 from kvos.model.arch import ModelArch
 from kvos.model.loader import LoadedModel
+from kvos.model.prepack import can_prepack, prepack_linears
 from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
 from kvos.structured.grammar import GrammarCompiler
@@ -187,6 +188,9 @@ class EngineCore:
             self.max_model_len,
             preemption=self._preemption_rule(model, arch, shape),
         )
+        if not config.model.compile and config.model.quantization is None and can_prepack(device, dtype):
+            # After the preemption rule above counted the parameters (packed weights are not parameters).
+            prepack_linears(model, config.scheduler.max_num_seqs)
         self.worker = Worker(
             model,
             make_kv_buffer(self.kv_manager, shape),
