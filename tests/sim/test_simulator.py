@@ -227,6 +227,27 @@ def test_least_load_router_picks_the_emptiest_instance() -> None:
     assert router.loads == [2, 1, 1]
 
 
+def test_least_load_heap_chooses_what_a_scan_of_every_load_chooses() -> None:
+    """The heap with lazy deletion against the naive O(instances) scan (fewest unfinished, lowest index on a tie)."""
+    import random
+
+    rng = random.Random(11)
+    router = LeastLoadRouter(7)
+    loads = [0] * 7
+    spec = SimRequest(0.0, 1, 1)
+    for _ in range(3000):
+        busy = [i for i, load in enumerate(loads) if load]
+        if busy and rng.random() < 0.45:
+            index = rng.choice(busy)
+            router.on_finish(index)
+            loads[index] -= 1
+        else:
+            expected = min(range(7), key=lambda i: (loads[i], i))
+            assert router.route(spec) == expected
+            loads[expected] += 1
+    assert router.loads == loads
+
+
 def test_many_instances_share_one_clock_and_finish_everything() -> None:
     requests = with_arrivals([(64, 16), (300, 40)] * 200, arrival_times(400, 200.0))
     for router in ("round_robin", "least_load"):
