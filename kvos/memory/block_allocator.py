@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from kvos.memory.block_hash import BlockHash
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
+    """Slotted: an engine (or a simulated fleet of them) holds one per block of its pool, thousands each."""
+
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
@@ -94,6 +96,25 @@ class BlockAllocator:
             block.block_hash = None
         block.ref_count = 1
         return block_id
+
+    def allocate_many(self, num: int) -> list[int]:
+        """`num` blocks in the order `num` calls of `allocate` would take them (for callers with no
+        write-back to plan between them)."""
+        free = self._free
+        if num > len(free):
+            raise RuntimeError("not enough free KV blocks (callers check num_free_blocks first)")
+        blocks, cached, events = self.blocks, self._cached, self._events
+        taken = []
+        for _ in range(num):
+            block_id, _ = free.popitem(last=False)
+            block = blocks[block_id]
+            if block.block_hash is not None:
+                del cached[block.block_hash]
+                events.append(BlockRemoved(block.block_hash, block_id))
+                block.block_hash = None
+            block.ref_count = 1
+            taken.append(block_id)
+        return taken
 
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cached.get(block_hash)

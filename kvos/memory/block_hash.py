@@ -36,6 +36,14 @@ def salted_root(root: BlockHash, cache_salt: str | None) -> BlockHash:
     return hashlib.sha256(root + b"salt\0" + cache_salt.encode("utf-8", "surrogatepass")).digest()
 
 
+_PACKERS: dict[int, struct.Struct] = {}
+"""Compiled little-endian int64 layouts by block length (a pool has one block size): the format string
+is parsed once, not on every digest."""
+
+
 def block_hash(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
     """Digest of a full block given its parent's digest (little-endian int64 token ids)."""
-    return hashlib.sha256(parent + struct.pack(f"<{len(token_ids)}q", *token_ids)).digest()
+    packer = _PACKERS.get(len(token_ids))
+    if packer is None:
+        packer = _PACKERS[len(token_ids)] = struct.Struct(f"<{len(token_ids)}q")
+    return hashlib.sha256(parent + packer.pack(*token_ids)).digest()

@@ -205,7 +205,10 @@ class PagedKVCacheManager:
         """Chained digests of the request's full blocks, extended incrementally."""
         hashes = self._block_hashes.setdefault(request.req_id, [])
         bs = self.block_size
-        for i in range(len(hashes), request.num_tokens // bs):
+        num_full = request.num_tokens // bs
+        if len(hashes) >= num_full:  # the usual case once a step has run: nothing new to digest
+            return hashes
+        for i in range(len(hashes), num_full):
             parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
             hashes.append(block_hash(parent, request.token_slice(i * bs, (i + 1) * bs)))
         return hashes
@@ -257,46 +260,57 @@ class PagedKVCacheManager:
     # -- allocation -----------------------------------------------------------------
 
     def allocate_slots(self, request: Request, num_new_tokens: int, num_cached_tokens: int = 0) -> KVAllocation | None:
-        is_new = request.req_id not in self._block_tables
-        if is_new and request.req_id in self._host_copies:
+        table = self._block_tables.get(request.req_id)
+        if table is not None:
+            return self._extend(request, table, num_new_tokens)
+        if request.req_id in self._host_copies:
             return self._swap_in(request, num_new_tokens, num_cached_tokens)
-        table = self._block_tables.get(request.req_id, [])
-        hits = self._cached_blocks(request, num_cached_tokens) if is_new else []
+        table = []
+        hits = self._cached_blocks(request, num_cached_tokens)
         primary_hits = [b for tier, b in hits if tier == PRIMARY]
-        num_computed = num_cached_tokens if is_new else request.num_computed_tokens
-        total = num_computed + num_new_tokens
+        total = num_cached_tokens + num_new_tokens
         # Host hits need fresh blocks here like new tokens do.
-        num_needed = max(-(-total // self.block_size) - len(table) - len(primary_hits), 0)
-        # A fork shares the last partial block; writing into it needs a private copy.
-        needs_copy = self._shared_tail(table, num_computed)
+        num_needed = max(-(-total // self.block_size) - len(primary_hits), 0)
         # Cached blocks that sit on the free list are not free capacity for this request.
         num_idle_cached = sum(1 for b in primary_hits if self.allocator.blocks[b].ref_count == 0)
-        if num_needed + needs_copy > self.allocator.num_free_blocks - num_idle_cached:
+        if num_needed > self.allocator.num_free_blocks - num_idle_cached:
             return None
-        if is_new:
-            self._block_tables[request.req_id] = table
-            self._num_queried_tokens += request.num_tokens
+        self._block_tables[request.req_id] = table
+        self._num_queried_tokens += request.num_tokens
         for block_id in primary_hits:
             self.allocator.take_cached(block_id)
-        first_changed = 0 if is_new else len(table)
         loads = self._take_hits(hits, table, self._prefetched.get(request.req_id, []))
-        if is_new:
-            self._release_prefetched(request)
+        self._release_prefetched(request)
         num_needed -= len(hits) - len(primary_hits)
+        self._allocate_blocks(table, num_needed)
+        self._mark_pending(request, table, total)
+        saves, self._demotions = self._demotions, []
+        if not table:
+            return KVAllocation(saves=coalesce_saves(saves))
+        return KVAllocation(TableUpdate(0, tuple(table)), [], coalesce_saves(saves), loads)
+
+    def _extend(self, request: Request, table: list[int], num_new_tokens: int) -> KVAllocation | None:
+        """`allocate_slots` for a request that holds a table: room for its next tokens, its shared tail copied."""
+        num_computed = request.num_computed_tokens
+        total = num_computed + num_new_tokens
+        num_needed = max(-(-total // self.block_size) - len(table), 0)
+        # A fork shares the last partial block; writing into it needs a private copy.
+        needs_copy = self._shared_tail(table, num_computed)
+        if num_needed + needs_copy > self.allocator.num_free_blocks:
+            return None
+        first_changed = len(table)
         copies = []
         if needs_copy:
             index = num_computed // self.block_size
             copies.append(self._copy_on_write(table, index))
             first_changed = index
-        for _ in range(num_needed):
-            table.append(self._allocate_block())
+        if num_needed:
+            self._allocate_blocks(table, num_needed)
         self._mark_pending(request, table, total)
         saves, self._demotions = self._demotions, []
         if first_changed == len(table):
-            return KVAllocation(saves=coalesce_saves(saves))
-        return KVAllocation(
-            TableUpdate(first_changed, tuple(table[first_changed:])), copies, coalesce_saves(saves), loads
-        )
+            return KVAllocation(saves=coalesce_saves(saves)) if saves else KVAllocation()
+        return KVAllocation(TableUpdate(first_changed, tuple(table[first_changed:])), copies, coalesce_saves(saves))
 
     def _take_hits(
         self, hits: list[tuple[str, int]], table: list[int], prefetched: list[_Prefetched]
@@ -332,6 +346,14 @@ class PagedKVCacheManager:
         if len(hits) < num_blocks:
             raise RuntimeError("prefix hit vanished between lookup_prefix and allocate_slots")
         return hits
+
+    def _allocate_blocks(self, table: list[int], num: int) -> None:
+        """Append `num` fresh blocks to `table`, as `num` calls of `_allocate_block` would."""
+        if self.host is None and self.disk is None:  # nothing to write back: take them in one go
+            table.extend(self.allocator.allocate_many(num))
+        else:
+            for _ in range(num):
+                table.append(self._allocate_block())
 
     def _allocate_block(self) -> int:
         """Take a block; if it holds cached KV the tiers below lack, write it back first: to the host
@@ -400,12 +422,16 @@ class PagedKVCacheManager:
         """Blocks this step fills become findable by requests planned into the same step."""
         if not self.enable_prefix_caching:
             return
-        hashes = self.block_hashes(request)
         req_id = request.req_id
-        limit = min(num_tokens // self.block_size, len(hashes))
         start = self._publish_cursor.get(req_id, 0)
+        retry = self._unpublished.get(req_id, ())
+        num_full = num_tokens // self.block_size
+        if num_full <= start and not retry:
+            return  # the step fills no block (a decode inside one)
+        hashes = self.block_hashes(request)
+        limit = min(num_full, len(hashes))
         blocks = self.allocator.blocks
-        for i in [*self._unpublished.get(req_id, ()), *range(start, limit)]:
+        for i in [*retry, *range(start, limit)]:
             if i >= limit:
                 break
             block_id, digest = table[i], hashes[i]
@@ -576,10 +602,13 @@ class PagedKVCacheManager:
         table = self._block_tables.get(request.req_id)
         if table is None:
             return
-        hashes = self.block_hashes(request)
         req_id = request.req_id
-        limit = min(num_computed_tokens // self.block_size, len(hashes), len(table))
         start = self._publish_cursor.get(req_id, 0)
+        num_full = num_computed_tokens // self.block_size
+        if num_full <= start and req_id not in self._unpublished:
+            return  # most decode steps: no block filled, none to retry (and nothing to digest)
+        hashes = self.block_hashes(request)
+        limit = min(num_full, len(hashes), len(table))
         retry = self._unpublished.pop(req_id, [])
         if limit <= start and not retry:
             return

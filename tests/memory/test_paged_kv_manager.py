@@ -278,3 +278,39 @@ def test_a_failed_step_leaves_its_blocks_to_be_marked_pending_again() -> None:
     assert kv.lookup_prefix(reader) == 8
     kv.free(a)
     assert kv.num_used_blocks == 0
+
+
+def test_allocate_many_takes_what_one_by_one_allocation_takes() -> None:
+    """Same ids in the same order, the same evictions reported, the same books left (the admission's batch take)."""
+    books = []
+    for batch in (False, True):
+        allocator = BlockAllocator(6)
+        first = [allocator.allocate() for _ in range(4)]
+        for n, block_id in enumerate(first):
+            allocator.mark_cached(block_id, bytes([n]), b"")
+        for block_id in (first[2], first[0], first[3]):
+            allocator.release(block_id)
+        allocator.drain_events()
+        taken = allocator.allocate_many(4) if batch else [allocator.allocate() for _ in range(4)]
+        books.append((taken, allocator.drain_events(), list(allocator._free), dict(allocator._cached)))
+        with pytest.raises(RuntimeError, match="not enough free KV blocks"):
+            allocator.allocate_many(allocator.num_free_blocks + 1)
+    assert books[0] == books[1]
+    taken, events, free, cached = books[1]
+    assert taken == [4, 5, 2, 0] and free == [3]
+    assert [e.block_id for e in events] == [2, 0] and cached == {bytes([1]): 1, bytes([3]): 3}
+
+
+def test_a_decode_inside_a_block_digests_nothing() -> None:
+    """Digests are computed once per full block, when it fills: not re-checked at every step in between."""
+    kv = make_manager(num_blocks=32)
+    a = make_request("a", list(range(6)))
+    admit(kv, a)
+    calls = []
+    block_hashes = kv.block_hashes
+    kv.block_hashes = lambda request: (calls.append(request.num_tokens), block_hashes(request))[1]  # type: ignore[method-assign]
+    for _ in range(10):
+        decode_one(kv, a)
+    # 7 to 16 tokens: a block fills at 8, 12 and 16 (asked by its pending mark, then by its publish).
+    assert calls == [8, 8, 12, 12, 16, 16] and len(kv._block_hashes["a"]) == 4
+    assert kv.lookup_prefix(make_request("b", [*a.all_token_ids, 1])) == 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,27 @@ def test_least_load_router_picks_the_emptiest_instance() -> None:
     assert router.loads == [2, 1, 1]
 
 
+def test_least_load_heap_chooses_what_a_scan_of_every_load_chooses() -> None:
+    """The heap with lazy deletion against the naive O(instances) scan (fewest unfinished, lowest index on a tie)."""
+    import random
+
+    rng = random.Random(11)
+    router = LeastLoadRouter(7)
+    loads = [0] * 7
+    spec = SimRequest(0.0, 1, 1)
+    for _ in range(3000):
+        busy = [i for i, load in enumerate(loads) if load]
+        if busy and rng.random() < 0.45:
+            index = rng.choice(busy)
+            router.on_finish(index)
+            loads[index] -= 1
+        else:
+            expected = min(range(7), key=lambda i: (loads[i], i))
+            assert router.route(spec) == expected
+            loads[expected] += 1
+    assert router.loads == loads
+
+
 def test_many_instances_share_one_clock_and_finish_everything() -> None:
     requests = with_arrivals([(64, 16), (300, 40)] * 200, arrival_times(400, 200.0))
     for router in ("round_robin", "least_load"):
@@ -266,6 +288,28 @@ def test_simulation_speed_is_reported() -> None:
         f"\nsimulated {num} requests on 50 instances: {sim['num_events']} events "
         f"({sim['num_steps']} steps) in {sim['wall_s']:.2f} s = {sim['events_per_s']:.0f} events/s"
     )
+
+
+def test_a_run_pauses_the_collector_and_leaves_no_cycles() -> None:
+    """`Simulator.run` turns the cyclic collector off for speed: that is only safe if nothing it makes is a cycle."""
+    requests = workload(seed=5, num=120, rate=12.0)
+    instance = InstanceConfig(
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
+        kv_capacity_tokens=24 * 16,
+        max_model_len=128,
+    )
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        result = Simulator(FleetConfig(instance), STEP_MODEL).run(requests)
+        assert gc.isenabled()
+        gc.collect()
+        garbage = [type(o) for o in gc.garbage if type(o).__module__.startswith("kvos")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert sum(i.scheduler.num_preemptions for i in result.instances) > 0, "preemption should be exercised"
+    assert garbage == []
 
 
 def test_poisson_arrivals_are_the_serving_benchmarks() -> None:
