@@ -270,16 +270,46 @@ inline void prefetch_tile(const KVWalk<scalar_t>& walk, int64_t start, int64_t n
   }
 }
 
-/* Pointers to the float32 K and V rows of positions [start, start + n): the cache rows
- * themselves for a float32 cache, rows widened into `k_buf`/`v_buf` for bfloat16. */
-inline void load_tile(const KVWalk<float>& walk, int64_t start, int64_t n, int64_t /*head_dim*/,
-                      float* /*k_buf*/, float* /*v_buf*/, const float** keys, const float** values) {
+/* Pointers to the cache's own K and V rows of positions [start, start + n). */
+template <typename scalar_t>
+inline void tile_rows(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, const scalar_t** keys,
+                      const scalar_t** values) {
   int64_t slots[kKeyTile];
   tile_slots(walk, start, n, slots);
   for (int64_t j = 0; j < n; ++j) {
     keys[j] = walk.k_base + slots[j] * walk.k_stride;
     values[j] = walk.v_base + slots[j] * walk.v_stride;
   }
+}
+
+/* One row's online-softmax step over a tile's `visible` scores: the running max m and sum l
+ * move on, the scores become their weights e^(s - m), and acc is rescaled if m grew. */
+inline void online_softmax_tile(float* scores, int64_t visible, float& m, float& l, float* acc_row,
+                                int64_t head_dim) {
+  float tile_max = kNegInf;
+  for (int64_t j = 0; j < visible; ++j) tile_max = std::max(tile_max, scores[j]);
+  const float m_new = std::max(m, tile_max);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < visible; ++j) {
+    scores[j] = exp_nonpositive(scores[j] - m_new);
+    sum += scores[j];
+  }
+  if (m_new > m) {
+    const float alpha = m == kNegInf ? 0.0f : exp_nonpositive(m - m_new);
+    l *= alpha;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= alpha;
+    m = m_new;
+  }
+  l += sum;
+}
+
+/* Pointers to the float32 K and V rows of positions [start, start + n): the cache rows
+ * themselves for a float32 cache, rows widened into `k_buf`/`v_buf` for bfloat16. */
+inline void load_tile(const KVWalk<float>& walk, int64_t start, int64_t n, int64_t /*head_dim*/,
+                      float* /*k_buf*/, float* /*v_buf*/, const float** keys, const float** values) {
+  tile_rows(walk, start, n, keys, values);
 }
 
 inline void load_tile(const KVWalk<c10::BFloat16>& walk, int64_t start, int64_t n, int64_t head_dim,
@@ -325,32 +355,13 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
       const int64_t visible = std::min(n, visible_end - start);
       if (visible <= 0) continue;
       const float* q_row = q_buf + r * head_dim;
-      float tile_max = kNegInf;
       if constexpr (kVectorTiles<kD>) {
         tile_scores<kD>(q_row, keys, visible, scores);
-        for (int64_t j = 0; j < visible; ++j) tile_max = std::max(tile_max, scores[j]);
       } else {
-        for (int64_t j = 0; j < visible; ++j) {
-          scores[j] = dot(q_row, keys[j], head_dim);
-          tile_max = std::max(tile_max, scores[j]);
-        }
-      }
-      const float m_new = std::max(m[r], tile_max);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < visible; ++j) {
-        scores[j] = exp_nonpositive(scores[j] - m_new);
-        sum += scores[j];
+        for (int64_t j = 0; j < visible; ++j) scores[j] = dot(q_row, keys[j], head_dim);
       }
       float* acc_row = acc + r * head_dim;
-      if (m_new > m[r]) {
-        const float alpha = m[r] == kNegInf ? 0.0f : exp_nonpositive(m[r] - m_new);
-        l[r] *= alpha;
-#pragma omp simd
-        for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= alpha;
-        m[r] = m_new;
-      }
-      l[r] += sum;
+      online_softmax_tile(scores, visible, m[r], l[r], acc_row, head_dim);
       if constexpr (kVectorTiles<kD>) {
         tile_weighted_sum<kD>(acc_row, scores, values, visible);
       } else {
@@ -454,12 +465,7 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
   alignas(64) float scores[kKeyTile];
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
     const int64_t n = std::min(kKeyTile, item.p_end - start);
-    int64_t slots[kKeyTile];
-    tile_slots(walk, start, n, slots);
-    for (int64_t j = 0; j < n; ++j) {
-      keys[j] = walk.k_base + slots[j] * walk.k_stride;
-      values[j] = walk.v_base + slots[j] * walk.v_stride;
-    }
+    tile_rows(walk, start, n, keys, values);
     if (start + kKeyTile < item.p_end)
       prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), kD);
     for (int64_t r = 0; r < num_rows; ++r) {
@@ -467,25 +473,9 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
       const int64_t visible = std::min(n, visible_end - start);
       if (visible <= 0) continue;
       tile_scores_bf16<kD>(q_rows[r], keys, visible, scale, scores);
-      float tile_max = kNegInf;
-      for (int64_t j = 0; j < visible; ++j) tile_max = std::max(tile_max, scores[j]);
-      const float m_new = std::max(m[r], tile_max);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < visible; ++j) {
-        scores[j] = exp_nonpositive(scores[j] - m_new);
-        sum += scores[j];
-      }
-      for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = 0.0f;
       float* acc_row = acc + r * kD;
-      if (m_new > m[r]) {
-        const float alpha = m[r] == kNegInf ? 0.0f : exp_nonpositive(m[r] - m_new);
-        l[r] *= alpha;
-#pragma omp simd
-        for (int64_t d = 0; d < kD; ++d) acc_row[d] *= alpha;
-        m[r] = m_new;
-      }
-      l[r] += sum;
+      online_softmax_tile(scores, visible, m[r], l[r], acc_row, kD);
+      for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = 0.0f;  // the pair after an odd last key
       tile_weighted_sum_bf16<kD>(acc_row, scores, values, visible);
     }
   }
