@@ -38,8 +38,8 @@ class ModelConfig:
     "gather_sdpa" where the kernel cannot be built (no C++ compiler; the
     engine logs why). `dtype="auto"` computes in bfloat16 where the device
     multiplies it natively and in float32 elsewhere (`resolved_dtype`):
-    bfloat16's greedy tokens are close to, not equal to, float32's (97% of
-    tokens on the documented prompts, tests/model/test_bf16.py); float32's
+    bfloat16's greedy tokens are close to, not equal to, float32's (the
+    measured share and the tested bound: tests/model/test_bf16.py); float32's
     equal HF transformers' exactly.
     """
 
