@@ -12,21 +12,14 @@ request's table is one entry, its row, with the row length as block size.
         -> PagedBatch(block_tables (S, max_blocks) int32, seqs (S, 3) int64, block_size)
     layer:  write the step's K/V at slot_mapping, then torch.ops.kvos.paged_attention
 
-The kernel is compiled on first use with the machine's own instruction set
-(`-march=native`) and cached under `$KVOS_CACHE_DIR/torch_extensions`, in a
-folder named for the torch version, the CPU's feature flags and the source, so a
-cache shared between machines never hands one CPU code built for another. It is
-registered as a torch operator with a fake (shape-only) implementation, so
-torch.compile can trace through it.
+The kernel is compiled on first use for the machine's own instruction set and
+cached (`kvos.extensions`). It is registered as a torch operator with a fake
+(shape-only) implementation, so torch.compile can trace through it.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import platform
-import shutil
 from pathlib import Path
 from typing import ClassVar
 
@@ -36,6 +29,7 @@ import torch.nn.functional as F
 from kvos.attention.backend import SeqLayout, slot_mapping
 from kvos.attention.gather_sdpa import write_kv
 from kvos.attention.metadata import AttentionMetadata, PagedBatch
+from kvos.extensions import build_cpu_extension
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
@@ -145,27 +139,7 @@ def paged_batch(seqs: list[SeqLayout], device: torch.device, whole_prompts_to_sd
 @functools.cache
 def load_kernel() -> None:
     """Compile (first use on this machine) and load the kernel: defines torch.ops.kvos.paged_attention."""
-    compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
-        raise ValueError(
-            f"attention_backend='paged' builds a C++ kernel on first use and needs a C++ compiler; {compiler!r} "
-            "is not on PATH (install g++, or set CXX)"
-        )
-    if shutil.which("ninja") is None:
-        raise ValueError("attention_backend='paged' builds its C++ kernel with ninja, which is not on PATH")
-    from torch.utils import cpp_extension
-
-    build_dir = _build_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=_EXTENSION_NAME,
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    build_cpu_extension(_EXTENSION_NAME, _SOURCE, "attention_backend='paged'")
 
     @torch.library.register_fake("kvos::paged_attention")
     def _(
@@ -178,25 +152,3 @@ def load_kernel() -> None:
         scale: float,
     ) -> torch.Tensor:
         return q.new_empty(q.shape, dtype=torch.float32)
-
-
-def _build_dir() -> Path:
-    """A build folder per torch version, CPU feature set (the code is built with -march=native) and source.
-
-    Keyed on the source too, so checkouts with different kernels that share one
-    cache each keep their own build instead of rebuilding over each other.
-    """
-    from kvos.model.loader import cache_root
-
-    source_key = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
-    return cache_root() / "torch_extensions" / f"{_EXTENSION_NAME}-torch{torch.__version__}-{_cpu_key()}-{source_key}"
-
-
-def _cpu_key() -> str:
-    flags = platform.machine() + platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags += next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return hashlib.sha256(flags.encode()).hexdigest()[:12]

@@ -2,16 +2,18 @@
 
 Decode at small batch sizes is bound by reading the weights: float32 weights
 cost 4 bytes per parameter per step, int8 ones 1, int4 ones about 0.56 (a
-bfloat16 scale and zero per group of 32). PyTorch ships CPU kernels for both
-(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`); they run on
-bfloat16 activations and pay off only for a few rows at a time, so above
+float16 scale and minimum per group of 32). PyTorch ships CPU kernels for both
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), and on
+AVX512-VNNI CPUs int4 runs kvos's own, faster kernel (`kvos.model.int4_kernel`);
+they run on bfloat16 activations and pay off only for a few rows at a time, so above
 `max_quantized_rows` (prompt chunks, big decode batches) a bfloat16 GEMM runs
 on the dequantized weight instead (the same codes, rounded to bfloat16).
 
 int8: one symmetric scale per output channel (absmax / 127).
-int4: per group of 32 inputs an asymmetric range, w = (q - 8) * scale + zero
-with q in 0..15 -- the layout of GGUF's Q4_1 blocks, so re-quantizing weights
-that were dequantized from a Q4_1 file recovers the file's 4-bit codes.
+int4: per group of 32 inputs an asymmetric range, w = scale * q + min with q
+in 0..15 -- the layout of GGUF's Q4_1 blocks, so re-quantizing weights that
+were dequantized from a Q4_1 file recovers the file's 4-bit codes (and, in
+kvos's kernel, its float16 scales and minimums).
 
 Outputs come back in bfloat16: the model adds them to its float32 residual
 stream, which promotes them, so no layer pays for a cast back. They are not
@@ -26,6 +28,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kvos.model import int4_kernel
 
 Quantization = Literal["int8", "int4"]
 INT4_GROUP_SIZE = 32
@@ -74,34 +78,62 @@ class Int8Linear(QuantizedLinear):
 
 
 class Int4Linear(QuantizedLinear):
-    """Asymmetric int4 in groups of 32 input channels (GGUF Q4_1's layout)."""
+    """Asymmetric int4 in groups of 32 input channels (GGUF Q4_1's layout).
 
-    def __init__(self, linear: nn.Linear, max_quantized_rows: int = DEFAULT_MAX_QUANTIZED_ROWS["int4"]) -> None:
+    Small batches run kvos's own kernel on AVX512-VNNI CPUs (`kvos.model.int4_kernel`: activations
+    quantized to int8 per group, integer dot products) and PyTorch's int4 kernel elsewhere; `vnni`
+    forces the choice (None: by the CPU).
+    """
+
+    packed: torch.Tensor
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        max_quantized_rows: int = DEFAULT_MAX_QUANTIZED_ROWS["int4"],
+        vnni: bool | None = None,
+    ) -> None:
         super().__init__(linear, max_quantized_rows)
         out_features, in_features = linear.weight.shape
-        if in_features % INT4_GROUP_SIZE:
+        if in_features % INT4_GROUP_SIZE or out_features % int4_kernel.ROW_BLOCK:
             raise ValueError(
-                f"int4 needs in_features divisible by {INT4_GROUP_SIZE}; this linear has {in_features} "
-                "(use quantization='int8')"
+                f"int4 needs in_features divisible by {INT4_GROUP_SIZE} and out_features by "
+                f"{int4_kernel.ROW_BLOCK}; this linear is {in_features} -> {out_features} (use quantization='int8')"
             )
         groups = linear.weight.detach().float().view(out_features, in_features // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
         low = groups.amin(dim=-1, keepdim=True)
         scale = ((groups.amax(dim=-1, keepdim=True) - low) / 15.0).clamp(min=1e-12)
         codes = torch.round((groups - low) / scale).clamp(0, 15)
-        # The kernel's convention: w = (q - 8) * scale + zero. Its scales and zeros are bfloat16.
-        scale_bf16 = scale.to(torch.bfloat16)
-        zero_bf16 = (low + 8 * scale).to(torch.bfloat16)
-        codes = codes.to(torch.int32).view(out_features, in_features)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-        # (in / 32, out, 2): scale and zero of every group.
-        self.register_buffer(
-            "scales_and_zeros", torch.cat([scale_bf16, zero_bf16], dim=-1).transpose(0, 1).contiguous()
-        )
-        dequantized = (codes.view_as(groups).float() - 8) * scale_bf16.float() + zero_bf16.float()
+        if vnni is None:
+            vnni = int4_kernel.supported() and _fits_float16(scale, low)
+        self.vnni = vnni
+        if vnni:
+            # w = scale * q + low with float16 scale and low, as GGUF stores Q4_1.
+            scale_16, low_16 = scale.half().float(), low.half().float()
+            self.register_buffer("packed", int4_kernel.pack(codes.view(out_features, in_features), scale_16, low_16))
+            dequantized = codes * scale_16 + low_16
+        else:
+            # PyTorch's convention: w = (q - 8) * scale + zero, with bfloat16 scales and zeros.
+            scale_bf16 = scale.to(torch.bfloat16)
+            zero_bf16 = (low + 8 * scale).to(torch.bfloat16)
+            int_codes = codes.to(torch.int32).view(out_features, in_features)
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(int_codes, 1))
+            # (in / 32, out, 2): scale and zero of every group.
+            self.register_buffer(
+                "scales_and_zeros", torch.cat([scale_bf16, zero_bf16], dim=-1).transpose(0, 1).contiguous()
+            )
+            dequantized = (codes - 8) * scale_bf16.float() + zero_bf16.float()
         self.register_buffer("weight_bf16", dequantized.view(out_features, in_features).to(torch.bfloat16))
 
     def small_batch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.vnni:
+            return int4_kernel.int4_linear(x, self.packed, self.out_features)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+
+
+def _fits_float16(*tensors: torch.Tensor) -> bool:
+    """float16 holds these scales and minimums (real weights' always; a huge random init's might not)."""
+    return all(bool(torch.isfinite(t.half()).all()) for t in tensors)
 
 
 _FORMATS: dict[str, type[QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear}

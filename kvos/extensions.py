@@ -1,0 +1,74 @@
+"""kvos's C++ kernels: compiled on first use for this machine's CPU and cached.
+
+Each kernel is one source file built with torch's extension tools
+(`-O3 -march=native`, OpenMP) into `$KVOS_CACHE_DIR/torch_extensions`, in a
+folder named for the torch version, the CPU's feature flags and the source, so a
+cache shared between machines never hands one CPU code built for another, and
+checkouts with different kernels that share one cache each keep their own build
+instead of rebuilding over each other. Loading a kernel registers its torch
+operators (`torch.ops.kvos...`); the caller adds their fake (shape-only)
+implementations so torch.compile can trace through them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def build_cpu_extension(name: str, source: Path, purpose: str) -> None:
+    """Compile `source` (first use on this machine) and load it; `purpose` names it in errors."""
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise ValueError(
+            f"{purpose} builds a C++ kernel on first use and needs a C++ compiler; {compiler!r} "
+            "is not on PATH (install g++, or set CXX)"
+        )
+    if shutil.which("ninja") is None:
+        raise ValueError(f"{purpose} builds its C++ kernel with ninja, which is not on PATH")
+    from torch.utils import cpp_extension
+
+    build_dir = _build_dir(name, source)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=name,
+        sources=[str(source)],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (`avx512_vnni`, ...) from /proc/cpuinfo; empty where it cannot be read."""
+    return _cpu_flags_line()[1]
+
+
+def _build_dir(name: str, source: Path) -> Path:
+    from kvos.model.loader import cache_root
+
+    source_key = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    return cache_root() / "torch_extensions" / f"{name}-torch{torch.__version__}-{_cpu_key()}-{source_key}"
+
+
+def _cpu_key() -> str:
+    line = platform.machine() + platform.processor() + _cpu_flags_line()[0]
+    return hashlib.sha256(line.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def _cpu_flags_line() -> tuple[str, frozenset[str]]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            line = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        line = ""
+    return line, frozenset(line.partition(":")[2].split())

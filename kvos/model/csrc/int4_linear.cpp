@@ -1,0 +1,175 @@
+/*
+ * int4 weights times a few activation rows on AVX512-VNNI: y = x W^T for 1 to ~12 rows of x.
+ *
+ * Decode at small batches reads every weight once per step and does little with it, so the
+ * step is as fast as the weights stream from memory. The weights are GGUF Q4_1's groups of 32
+ * inputs, w = d q + m with q in 0..15 and one (d, m) per group, so for one group
+ *
+ *     sum_i x_i w_i = d sum_i x_i q_i + m sum_i x_i
+ *
+ * Each activation row is quantized per group of 32 to int8 (x_i ~ dx xq_i, dx = max|x| / 127,
+ * as llama.cpp's Q8 activations are), which turns sum_i x_i q_i into an integer dot product
+ * that `vpdpbusd` does 64 products at a time: unsigned 4-bit codes times signed 8-bit
+ * activations, 4 adjacent products summed into each 32-bit lane. The second term uses the
+ * group's exact sum of x.
+ *
+ * Layout (packed once, at load, by kvos/model/int4_kernel.py): output rows go in blocks of 16,
+ * one per 32-bit lane, so the 16 rows' sums come out as one vector and no lane is ever summed
+ * horizontally. For row block r and group g, 320 contiguous bytes:
+ *
+ *     bytes   0..255   4 chunks t of 64 bytes; in chunk t, lane l (bytes 4l..4l+3) holds row 16r+l's
+ *                      codes 8t+j in the low nibbles and 8t+4+j in the high ones (j = 0..3)
+ *     bytes 256..287   the 16 rows' d, float16
+ *     bytes 288..319   the 16 rows' m, float16
+ *
+ * A chunk's low nibbles meet the activation's int8 codes 8t..8t+3 (one 32-bit broadcast), its
+ * high nibbles codes 8t+4..8t+7. A row block's groups lie one after another, so each thread
+ * streams its share of the rows from memory in order.
+ */
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kLanes = 16;
+constexpr int64_t kCodeBytes = kLanes * kGroup / 2;
+constexpr int64_t kBlockBytes = kCodeBytes + 2 * kLanes * 2;
+constexpr int kMaxTile = 4;
+
+/* The activation rows, quantized: per row its int8 codes in input order, and per group its scale and
+ * exact sum. One allocation for all of them: a call at batch 1 takes a few microseconds. */
+struct QuantizedRows {
+  int64_t k, groups;
+  std::vector<int8_t> codes;
+  std::vector<float> scale_and_sum;
+  const int8_t* row_codes(int64_t m) const { return codes.data() + m * k; }
+  const float* row_scale(int64_t m) const { return scale_and_sum.data() + 2 * m * groups; }
+  const float* row_sum(int64_t m) const { return row_scale(m) + groups; }
+};
+
+inline __m512 load_bf16x16(const c10::BFloat16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+QuantizedRows quantize_rows(const c10::BFloat16* x, int64_t rows, int64_t k) {
+  const int64_t groups = k / kGroup;
+  QuantizedRows q{k, groups, std::vector<int8_t>(rows * k), std::vector<float>(2 * rows * groups)};
+  for (int64_t m = 0; m < rows; ++m) {
+    float* scale = q.scale_and_sum.data() + 2 * m * groups;
+    float* sum = scale + groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const c10::BFloat16* in = x + m * k + g * kGroup;
+      const __m512 a = load_bf16x16(in), b = load_bf16x16(in + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      // Rounds to nearest, ties to even (the default rounding mode), then saturates to int8.
+      int8_t* out = q.codes.data() + m * k + g * kGroup;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inverse))));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 16),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inverse))));
+      scale[g] = amax / 127.0f;
+      sum[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    }
+  }
+  return q;
+}
+
+inline __m512 load_half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+/* Rows [16 r, 16 r + 16) of y for `Tile` activation rows: every group's codes are unpacked once and
+ * multiplied into each row. */
+template <int Tile>
+void row_block(const uint8_t* block, int64_t groups, const QuantizedRows& x, int64_t first, c10::BFloat16* const* y) {
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  __m512 acc[Tile];
+  for (int m = 0; m < Tile; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g, block += kBlockBytes) {
+    __m512i dot[Tile];
+    for (int m = 0; m < Tile; ++m) dot[m] = _mm512_setzero_si512();
+    for (int t = 0; t < 4; ++t) {
+      const __m512i packed = _mm512_loadu_si512(block + 64 * t);
+      const __m512i lo = _mm512_and_si512(packed, low_nibbles);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_nibbles);
+      for (int m = 0; m < Tile; ++m) {
+        int32_t low_codes, high_codes;
+        std::memcpy(&low_codes, x.row_codes(first + m) + g * kGroup + 8 * t, 4);
+        std::memcpy(&high_codes, x.row_codes(first + m) + g * kGroup + 8 * t + 4, 4);
+        dot[m] = _mm512_dpbusd_epi32(dot[m], lo, _mm512_set1_epi32(low_codes));
+        dot[m] = _mm512_dpbusd_epi32(dot[m], hi, _mm512_set1_epi32(high_codes));
+      }
+    }
+    const __m512 d = load_half16(block + kCodeBytes);
+    const __m512 mins = load_half16(block + kCodeBytes + 2 * kLanes);
+    for (int m = 0; m < Tile; ++m) {
+      const __m512 scaled = _mm512_mul_ps(d, _mm512_set1_ps(x.row_scale(first + m)[g]));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m]), scaled, acc[m]);
+      acc[m] = _mm512_fmadd_ps(mins, _mm512_set1_ps(x.row_sum(first + m)[g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < Tile; ++m) {
+    alignas(64) float out[kLanes];
+    _mm512_store_ps(out, acc[m]);
+    for (int64_t l = 0; l < kLanes; ++l) y[m][l] = c10::BFloat16(out[l]);
+  }
+}
+
+template <int Tile>
+void row_block_tile(const uint8_t* block, const QuantizedRows& x, int64_t first, at::BFloat16* y, int64_t n,
+                    int64_t r) {
+  c10::BFloat16* out[Tile];
+  for (int m = 0; m < Tile; ++m) out[m] = y + (first + m) * n + r * kLanes;
+  row_block<Tile>(block, x.groups, x, first, out);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kBFloat16,
+                    "int4_linear: x must be a bfloat16 (rows, in_features) matrix, got ", x.scalar_type(), " ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kBlockBytes &&
+                        packed.is_contiguous(),
+                    "int4_linear: packed must be contiguous uint8 (row blocks, groups, ", kBlockBytes, ")");
+  const int64_t rows = x.size(0), k = x.size(1), groups = packed.size(1), row_blocks = packed.size(0);
+  TORCH_CHECK_VALUE(k == groups * kGroup, "int4_linear: x has ", k, " features, the weight ", groups * kGroup);
+  TORCH_CHECK_VALUE(out_features == row_blocks * kLanes, "int4_linear: out_features ", out_features,
+                    " is not the packed weight's ", row_blocks * kLanes);
+
+  const at::Tensor xc = x.contiguous();
+  const QuantizedRows quantized = quantize_rows(xc.data_ptr<at::BFloat16>(), rows, k);
+
+  at::Tensor y = at::empty({rows, out_features}, x.options());
+  at::BFloat16* y_data = y.data_ptr<at::BFloat16>();
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, row_blocks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* block = weights + r * groups * kBlockBytes;
+      int64_t m = 0;
+      for (; m + kMaxTile <= rows; m += kMaxTile) row_block_tile<kMaxTile>(block, quantized, m, y_data, out_features, r);
+      switch (rows - m) {
+        case 3: row_block_tile<3>(block, quantized, m, y_data, out_features, r); break;
+        case 2: row_block_tile<2>(block, quantized, m, y_data, out_features, r); break;
+        case 1: row_block_tile<1>(block, quantized, m, y_data, out_features, r); break;
+        default: break;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(kvos, m) { m.def("int4_linear(Tensor x, Tensor packed, int out_features) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(kvos, CPU, m) { m.impl("int4_linear", &int4_linear); }

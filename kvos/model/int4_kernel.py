@@ -1,0 +1,72 @@
+"""kvos's own int4 matmul for small batches on AVX512-VNNI CPUs (`csrc/int4_linear.cpp`).
+
+PyTorch's `_weight_int4pack_mm_for_cpu` converts each weight to floating point
+before multiplying: at batch 1 on the 2-core EPYC of BENCHMARKS.md it reads
+SmolLM2's int4 weights at about half the bandwidth a plain read reaches. This
+kernel quantizes the few activation rows to int8 per group of 32 instead (as
+llama.cpp does) and multiplies 4-bit codes by 8-bit activations with integer
+dot-product instructions, so the weights stream at close to memory speed.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from kvos.extensions import build_cpu_extension, cpu_flags
+
+GROUP_SIZE = 32
+ROW_BLOCK = 16
+"""Output rows per packed block: one per 32-bit lane of an AVX-512 register."""
+_NEEDED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_vnni", "f16c"})
+_SOURCE = Path(__file__).parent / "csrc" / "int4_linear.cpp"
+
+
+def supported() -> bool:
+    """True on CPUs with AVX512-VNNI (and the AVX-512 parts it builds on)."""
+    return _NEEDED_FLAGS <= cpu_flags()
+
+
+@functools.cache
+def load() -> None:
+    """Compile (first use on this machine) and load the kernel: defines torch.ops.kvos.int4_linear."""
+    build_cpu_extension("kvos_int4_linear", _SOURCE, "quantization='int4'")
+
+    @torch.library.register_fake("kvos::int4_linear")
+    def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        return x.new_empty((x.shape[0], out_features))
+
+
+def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout of w = scale * code + low: codes (out, in) in 0..15, scale and low (out, in / 32).
+
+    Returns uint8 (out / 16, in / 32, 320): per block of 16 output rows and group of 32 inputs, the
+    codes as 4 chunks of 64 bytes (lane l holds row l's codes 8t+j in its low nibbles and 8t+4+j in
+    its high ones), then the 16 scales and the 16 lows as float16. Loads the kernel (anyone with a
+    packed weight is about to multiply by it).
+    """
+    load()
+    out_features, in_features = codes.shape
+    if out_features % ROW_BLOCK or in_features % GROUP_SIZE:
+        raise ValueError(
+            f"the int4 kernel packs {ROW_BLOCK}-row blocks of {GROUP_SIZE}-input groups; got a "
+            f"({out_features}, {in_features}) weight"
+        )
+    blocks, groups = out_features // ROW_BLOCK, in_features // GROUP_SIZE
+    # (block, lane, group, chunk t, half, j) with input = 32 group + 8 t + 4 half + j
+    c = codes.to(torch.uint8).view(blocks, ROW_BLOCK, groups, 4, 2, 4)
+    nibbles = c[..., 0, :] | (c[..., 1, :] << 4)  # (block, lane, group, t, j)
+    code_bytes = nibbles.permute(0, 2, 3, 1, 4).reshape(blocks, groups, -1)
+
+    def halves(v: torch.Tensor) -> torch.Tensor:
+        per_block = v.to(torch.float16).view(blocks, ROW_BLOCK, groups).transpose(1, 2).contiguous()
+        return per_block.view(torch.uint8).view(blocks, groups, 2 * ROW_BLOCK)
+
+    return torch.cat([code_bytes, halves(scale), halves(low)], dim=-1).contiguous()
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x (rows, in) bfloat16 times the packed weight's transpose: (rows, out) bfloat16."""
+    return torch.ops.kvos.int4_linear(x, packed, out_features)
