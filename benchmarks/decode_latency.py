@@ -37,6 +37,7 @@ from benchmarks.roofline import (
     ArchShape,
     MachinePeak,
     Roofline,
+    kvos_weight_bytes_per_param,
     load_or_measure,
     percent_of_limit,
 )
@@ -50,8 +51,6 @@ PROMPT_TEXT = (
     "has had to decide what to keep close to the processor, what to move further away, and when to move it."
 )
 WARMUP_TEXT = "Warm-up request: please say hello."
-# What a decode step reads per parameter: int4 carries a bfloat16 scale and zero per group of 32.
-KVOS_WEIGHT_BYTES_PER_PARAM = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 
 
 @dataclass(frozen=True)
@@ -315,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
 
     shape = ArchShape.from_any(arch_from_gguf(gguf_path))
     # llama.cpp reads the GGUF's quantized blocks (the file is almost all weights) and keeps KV in float16.
-    kvos_weight_bytes = KVOS_WEIGHT_BYTES_PER_PARAM[args.quantization or kvos_dtype]
+    kvos_weight_bytes = kvos_weight_bytes_per_param(kvos_dtype, args.quantization, rows=1)
     weight_formats = {
         "kvos": (kvos_weight_bytes, DTYPE_BYTES[kvos_dtype]),
         "hf": (4.0, 4),

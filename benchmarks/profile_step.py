@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.roofline import ArchShape, Roofline, load_or_measure
+from benchmarks.roofline import ArchShape, Roofline, kvos_weight_bytes_per_param, load_or_measure
 from kvos.config import DTYPE_BYTES, EngineConfig
 from kvos.engine.llm_engine import LLMEngine
 from kvos.sampling_params import SamplingParams
@@ -185,12 +185,15 @@ def profile_batch(
     context_lens = [context + 3 + steps] * batch  # mid-way through the timed steps
     arch = roofline.arch
     gemm_flops = batch * arch.linear_flops_per_token() + batch * arch.lm_head_flops()
-    weight_bytes = roofline.weight_bytes(DTYPE_BYTES[engine.config.model.resolved_dtype])
+    bytes_per_param = kvos_weight_bytes_per_param(
+        engine.config.model.resolved_dtype, engine.config.model.quantization, rows=batch
+    )
+    weight_bytes = roofline.weight_bytes(bytes_per_param)
     kv_bytes = sum(context_lens) * arch.kv_bytes_per_token(roofline.kv_bytes_per_elem)
     bounds = {
         "gemm": 1e3 * max(gemm_flops / roofline.peak_flops, weight_bytes / roofline.read_bandwidth),
         "attention": 1e3 * kv_bytes / roofline.read_bandwidth,
-        "step": 1e3 * roofline.decode_step_seconds(context_lens, DTYPE_BYTES[engine.config.model.resolved_dtype]),
+        "step": 1e3 * roofline.decode_step_seconds(context_lens, bytes_per_param),
     }
     # Operators outside the forward pass (sampler, logits) are counted too; the overhead is the
     # forward's profiled wall time less every operator's self time, a slight underestimate.
@@ -226,7 +229,7 @@ class WorkloadProfile:
     mixed_tokens: int = 0
 
 
-def step_bound_seconds(roofline: Roofline, plan: Any, weight_bytes_per_param: float) -> tuple[float, bool, int]:
+def step_bound_seconds(roofline: Roofline, plan: Any, dtype: str, quantization: str | None) -> tuple[float, bool, int]:
     """(the step's roofline bound, whether it is pure decode, its token count) from its plan."""
     arch = roofline.arch
     flops = 0
@@ -239,9 +242,8 @@ def step_bound_seconds(roofline: Roofline, plan: Any, weight_bytes_per_param: fl
         flops += n * arch.linear_flops_per_token() + arch.attention_flops(n * done + n * (n + 1) // 2)
         flops += arch.lm_head_flops() if scheduled.sample else 0
         kv_tokens += done + n
-    memory = roofline.weight_bytes(weight_bytes_per_param) + kv_tokens * arch.kv_bytes_per_token(
-        roofline.kv_bytes_per_elem
-    )
+    bytes_per_param = kvos_weight_bytes_per_param(dtype, quantization, rows=num_tokens)
+    memory = roofline.weight_bytes(bytes_per_param) + kv_tokens * arch.kv_bytes_per_token(roofline.kv_bytes_per_elem)
     bound = max(flops / roofline.peak_flops, memory / roofline.read_bandwidth)
     return bound, num_tokens == len(plan.scheduled), num_tokens
 
@@ -265,7 +267,7 @@ def profile_workload(
         return plan
 
     scheduler.schedule = schedule_and_keep  # type: ignore[method-assign]
-    weight_bytes = DTYPE_BYTES[engine.config.model.resolved_dtype]
+    model = engine.config.model
     timer.seconds.clear()
     result = WorkloadProfile(num_requests=len(requests), elapsed_s=0.0, phases_s={})
     start = time.perf_counter()
@@ -276,7 +278,9 @@ def profile_workload(
         step_s = time.perf_counter() - step_start
         if not plans or not plans[0].scheduled:
             continue
-        bound, pure_decode, num_tokens = step_bound_seconds(roofline, plans[0], weight_bytes)
+        bound, pure_decode, num_tokens = step_bound_seconds(
+            roofline, plans[0], model.resolved_dtype, model.quantization
+        )
         if pure_decode:
             result.decode_steps += 1
             result.decode_s += step_s

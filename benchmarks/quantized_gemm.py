@@ -1,17 +1,20 @@
 """Quantized linears against a bfloat16 GEMM on their dequantized weight, by batch rows.
 
-`kvos.model.quantization` keeps a bfloat16 copy of every int8/int4 weight for
-batches above `max_quantized_rows` (12 rows for int4, 8 for int8), where the
-packed kernels were measured slower. The copy costs 2 bytes per parameter of
-resident memory; it could go if the packed kernel kept up at every batch size.
-This times, for SmolLM2-135M's projection shapes (fused q|k|v, o, fused
-gate|up, down, the LM head) and each row count M: the packed kernel
-(`Int4Linear.small_batch_matmul` / `Int8Linear.small_batch_matmul`), the
-bfloat16 GEMM on the dequantized weight, and a float32 GEMM, each the median
-of `--iters` calls, summed over one layer's four projections (times the layer
+PyTorch's int8/int4 kernels were measured slower than a bfloat16 GEMM above
+a few rows, so `kvos.model.quantization` keeps a bfloat16 copy of each weight
+for batches above `max_quantized_rows` (12 rows for int4, 8 for int8), at 2
+bytes per parameter of resident memory; on AVX512-VNNI CPUs kvos's own int4
+kernel replaces PyTorch's, and the copy goes if that kernel keeps up at every
+batch size. This times, for SmolLM2-135M's projection shapes (fused q|k|v, o,
+fused gate|up, down, the LM head) and each row count M: the quantized kernel
+(`quantized_matmul`: kvos's on VNNI CPUs for int4), the bfloat16 GEMM on the
+dequantized weight as `F.linear` and with the weight prepacked for oneDNN (as
+kvos runs unquantized bfloat16 models), and a float32 GEMM, each the median of
+`--iters` calls, summed over one layer's four projections (times the layer
 count) plus the LM head, the work of one forward pass.
 
-Usage: python -m benchmarks.quantized_gemm [--rows 1,8,12,16,32,64,256] [--method int4] [--iters 20] [--json out.json]
+Usage: python -m benchmarks.quantized_gemm [--rows 1,8,12,16,32,64,256,512] [--method int4] [--iters 20]
+                                           [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvos.model import int4_kernel
+from kvos.model.prepack import PrepackedLinear
 from kvos.model.quantization import _FORMATS, QuantizedLinear
 
 # (in_features, out_features, count per forward pass) of SmolLM2-135M-Instruct.
@@ -54,7 +59,7 @@ def median_seconds(fn: Callable[[], torch.Tensor], iters: int) -> float:
 
 def time_rows(method: str, rows: int, iters: int) -> dict[str, float]:
     """Seconds of one forward pass's linears at `rows` rows, per way of computing them."""
-    totals = {"packed": 0.0, "bf16_dequantized": 0.0, "float32": 0.0}
+    totals = {"packed": 0.0, "bf16_dequantized": 0.0, "bf16_prepacked": 0.0, "float32": 0.0}
     generator = torch.Generator().manual_seed(0)
     for in_features, out_features, count in SMOLLM2_LINEARS:
         linear = nn.Linear(in_features, out_features, bias=False)
@@ -64,32 +69,42 @@ def time_rows(method: str, rows: int, iters: int) -> dict[str, float]:
         x = torch.randn(rows, in_features, generator=generator)
         x_bf16 = x.to(torch.bfloat16)
         weight_f32 = linear.weight.detach()
+        weight_bf16 = quantized.dequantized_weight()
+        bf16_linear = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
+        bf16_linear.weight.data.copy_(weight_bf16)
+        prepacked = PrepackedLinear(bf16_linear, batch_size_hint=rows)
         with torch.inference_mode():
-            totals["packed"] += count * median_seconds(functools.partial(quantized.small_batch_matmul, x_bf16), iters)
+            totals["packed"] += count * median_seconds(functools.partial(quantized.quantized_matmul, x_bf16), iters)
             totals["bf16_dequantized"] += count * median_seconds(
-                functools.partial(F.linear, x_bf16, quantized.weight_bf16), iters
+                functools.partial(F.linear, x_bf16, weight_bf16), iters
             )
+            totals["bf16_prepacked"] += count * median_seconds(functools.partial(prepacked, x_bf16), iters)
             totals["float32"] += count * median_seconds(functools.partial(F.linear, x, weight_f32), iters)
     return totals
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,8,12,16,32,64,256")
+    parser.add_argument("--rows", default="1,8,12,16,32,64,256,512")
     parser.add_argument("--method", choices=sorted(_FORMATS), default="int4")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
-    print(f"{args.method} linears of one SmolLM2-135M forward pass, torch threads {torch.get_num_threads()}")
-    print(f"{'rows':>5} {'packed ms':>10} {'bf16 dequant ms':>16} {'float32 ms':>11} {'packed / bf16':>14}")
+    kernel = "kvos's int4 kernel" if args.method == "int4" and int4_kernel.supported() else "PyTorch's kernel"
+    print(f"{args.method} linears of one SmolLM2-135M forward pass ({kernel}), torch threads {torch.get_num_threads()}")
+    print(
+        f"{'rows':>5} {'packed ms':>10} {'bf16 dequant ms':>16} {'bf16 prepacked ms':>18} {'float32 ms':>11} "
+        f"{'packed / best bf16':>19}"
+    )
     points = []
     for rows in (int(r) for r in args.rows.split(",")):
         t = time_rows(args.method, rows, args.iters)
         points.append({"rows": rows, **t})
+        best_bf16 = min(t["bf16_dequantized"], t["bf16_prepacked"])
         print(
             f"{rows:>5} {1e3 * t['packed']:>10.2f} {1e3 * t['bf16_dequantized']:>16.2f} "
-            f"{1e3 * t['float32']:>11.2f} {t['packed'] / t['bf16_dequantized']:>13.2f}x",
+            f"{1e3 * t['bf16_prepacked']:>18.2f} {1e3 * t['float32']:>11.2f} {t['packed'] / best_bf16:>18.2f}x",
             flush=True,
         )
     load_after = os.getloadavg()[0]

@@ -33,6 +33,23 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def kvos_weight_bytes_per_param(dtype: str, quantization: str | None, rows: int) -> float:
+    """Bytes kvos reads per parameter in a step of `rows` token rows.
+
+    int4 keeps 4-bit codes plus a 2-byte scale and minimum per group of 32, int8 one byte; both run
+    their quantized kernel only up to `DEFAULT_MAX_QUANTIZED_ROWS` rows and a GEMM on the
+    bfloat16 dequantized copy above that (kvos/model/quantization.py).
+    """
+    from kvos.config import DTYPE_BYTES
+    from kvos.model.quantization import DEFAULT_MAX_QUANTIZED_ROWS
+
+    if quantization is None:
+        return float(DTYPE_BYTES[dtype])
+    if rows > DEFAULT_MAX_QUANTIZED_ROWS[quantization]:
+        return 2.0
+    return {"int8": 1.0, "int4": 0.5 + 4 / 32}[quantization]
+
+
 @dataclass(frozen=True)
 class ArchShape:
     """The parts of a decoder-only transformer that set its FLOPs and bytes.

@@ -41,12 +41,11 @@ from benchmarks.peers import (
     load_tokenizer,
     resolve_gguf,
 )
-from benchmarks.roofline import ArchShape, Roofline, load_or_measure, percent_of_limit
+from benchmarks.roofline import ArchShape, Roofline, kvos_weight_bytes_per_param, load_or_measure, percent_of_limit
 from benchmarks.sharegpt import sample_requests
-from kvos.config import ModelConfig
+from kvos.config import DTYPE_BYTES, ModelConfig
 
 SERVERS = ("kvos", "llama-server", "llama-cpp-python")
-KVOS_WEIGHT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "int4": 0.5 + 4 / 32}
 
 
 def llama_server_command(binary: str, gguf: Path, port: int, threads: int, slots: int, ctx_per_slot: int) -> list[str]:
@@ -193,12 +192,15 @@ def kvos_bound(shape: ArchShape, machine: Any, work: list[tuple[int, int]], kvos
         return flags[flags.index(name) + 1] if name in flags else default
 
     dtype = ModelConfig(dtype=flag("--dtype", "auto")).resolved_dtype  # type: ignore[arg-type]
-    weights = flag("--quantization", dtype)
+    quantization = flag("--quantization", "") or None
     max_batch = int(flag("--max-num-seqs", "64"))
     peak = machine if dtype == "float32" else load_or_measure("cpu", dtype=dtype)  # the GEMMs' own peak
+    # Quantized weights count at their kernel's bytes at every batch size: above the kernel's rows kvos
+    # reads a bfloat16 copy, so the bound is looser there, never higher than the truth.
+    weight_bytes = kvos_weight_bytes_per_param(dtype, quantization, rows=1)
     return (
-        Roofline.for_machine(shape, peak, kv_bytes_per_elem=int(KVOS_WEIGHT_BYTES[dtype]))
-        .lower_bound_seconds(work, max_batch=max_batch, weight_bytes_per_param=KVOS_WEIGHT_BYTES[weights])
+        Roofline.for_machine(shape, peak, kv_bytes_per_elem=DTYPE_BYTES[dtype])
+        .lower_bound_seconds(work, max_batch=max_batch, weight_bytes_per_param=weight_bytes)
         .total_s
     )
 

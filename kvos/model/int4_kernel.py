@@ -67,6 +67,20 @@ def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.T
     return torch.cat([code_bytes, halves(scale), halves(low)], dim=-1).contiguous()
 
 
+def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pack`'s inverse: codes (out, in) uint8, scale and low (out, in / 32) float32."""
+    blocks, groups, _ = packed.shape
+    code_bytes = packed[..., : 4 * 64].reshape(blocks, groups, 4, ROW_BLOCK, 4).permute(0, 3, 1, 2, 4)
+    codes = torch.stack([code_bytes & 0x0F, code_bytes >> 4], dim=-2)  # (block, lane, group, t, half, j)
+    out_features = blocks * ROW_BLOCK
+
+    def floats(start: int) -> torch.Tensor:
+        halves = packed[..., start : start + 2 * ROW_BLOCK].contiguous().view(torch.float16)
+        return halves.float().transpose(1, 2).reshape(out_features, groups)
+
+    return codes.reshape(out_features, groups * GROUP_SIZE), floats(4 * 64), floats(4 * 64 + 2 * ROW_BLOCK)
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (rows, in) bfloat16 times the packed weight's transpose: (rows, out) bfloat16."""
     return torch.ops.kvos.int4_linear(x, packed, out_features)

@@ -20,6 +20,8 @@ changed are not deleted automatically.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.util
 import json
@@ -301,3 +303,20 @@ def _convert_gguf(path: Path, out: Path) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def return_freed_memory() -> None:
+    """Hand the memory of weights replaced after loading (prepacked, quantized) back to the OS.
+
+    Freed, it stays in glibc's heap (its mmap threshold has grown past
+    weight-sized blocks): an idle `kvos serve` measured 250 MiB more resident
+    with prepacked linears untrimmed than without them, about 100 MiB more
+    trimmed (the tied lm_head's packed copy and oneDNN's state). Elsewhere:
+    nothing to do.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

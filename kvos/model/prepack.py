@@ -15,11 +15,10 @@ tokens must equal HF transformers' exactly.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-
 import torch
 from torch import nn
+
+from kvos.model.loader import return_freed_memory
 
 
 class PrepackedLinear(nn.Module):
@@ -61,21 +60,5 @@ def prepack_linears(model: nn.Module, batch_size_hint: int) -> int:
             if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16:
                 setattr(module, name, PrepackedLinear(child, batch_size_hint))
                 count += 1
-    _return_freed_memory()
+    return_freed_memory()
     return count
-
-
-def _return_freed_memory() -> None:
-    """Hand the replaced weights' memory back to the OS.
-
-    Freed, it stays in glibc's heap (its mmap threshold has grown past
-    weight-sized blocks), and an idle `kvos serve` measured 250 MiB more
-    resident than without prepacking; trimmed, about 100 MiB more (the tied
-    lm_head's packed copy and oneDNN's state). Elsewhere: nothing to do.
-    """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)

@@ -3,11 +3,13 @@
 Decode at small batch sizes is bound by reading the weights: float32 weights
 cost 4 bytes per parameter per step, int8 ones 1, int4 ones about 0.56 (a
 float16 scale and minimum per group of 32). PyTorch ships CPU kernels for both
-(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`), and on
-AVX512-VNNI CPUs int4 runs kvos's own, faster kernel (`kvos.model.int4_kernel`);
-they run on bfloat16 activations and pay off only for a few rows at a time, so above
+(`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`) on bfloat16
+activations; they pay off only for a few rows at a time, so above
 `max_quantized_rows` (prompt chunks, big decode batches) a bfloat16 GEMM runs
-on the dequantized weight instead (the same codes, rounded to bfloat16).
+on a dequantized copy of the weight instead (the same codes, rounded to
+bfloat16). On AVX512-VNNI CPUs int4 runs kvos's own kernel
+(`kvos.model.int4_kernel`), which is the faster one at every batch size and
+keeps no copy.
 
 int8: one symmetric scale per output channel (absmax / 127).
 int4: per group of 32 inputs an asymmetric range, w = scale * q + min with q
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvos.model import int4_kernel
+from kvos.model.loader import return_freed_memory
 
 Quantization = Literal["int8", "int4"]
 INT4_GROUP_SIZE = 32
@@ -42,8 +45,9 @@ DEFAULT_MAX_QUANTIZED_ROWS: dict[str, int] = {"int8": 8, "int4": 12}
 class QuantizedLinear(nn.Module):
     """y = x @ dequant(W).T + b, with W stored quantized; subclasses pick the format."""
 
-    weight_bf16: torch.Tensor
-    """The dequantized weight, for batches too large for the quantized kernel (a buffer)."""
+    weight_bf16: torch.Tensor | None
+    """The dequantized weight, for batches too large for the quantized kernel (a buffer); None where
+    the kernel is the faster one at every batch size."""
 
     def __init__(self, linear: nn.Linear, max_quantized_rows: int) -> None:
         super().__init__()
@@ -54,10 +58,18 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
-        y = self.small_batch_matmul(x) if x.shape[0] <= self.max_quantized_rows else F.linear(x, self.weight_bf16)
+        if self.weight_bf16 is None or x.shape[0] <= self.max_quantized_rows:
+            y = self.quantized_matmul(x)
+        else:
+            y = F.linear(x, self.weight_bf16)
         return y if self.bias is None else y + self.bias
 
-    def small_batch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) bfloat16 through the quantized kernel."""
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer multiplies by, (out, in) bfloat16."""
         raise NotImplementedError
 
 
@@ -73,16 +85,22 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", scales.to(torch.bfloat16))  # (out,)
         self.register_buffer("weight_bf16", (qweight.float() * scales[:, None]).to(torch.bfloat16))
 
-    def small_batch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        assert self.weight_bf16 is not None
+        return self.weight_bf16
 
 
 class Int4Linear(QuantizedLinear):
     """Asymmetric int4 in groups of 32 input channels (GGUF Q4_1's layout).
 
-    Small batches run kvos's own kernel on AVX512-VNNI CPUs (`kvos.model.int4_kernel`: activations
-    quantized to int8 per group, integer dot products) and PyTorch's int4 kernel elsewhere; `vnni`
-    forces the choice (None: by the CPU).
+    On AVX512-VNNI CPUs every batch runs kvos's own kernel (`kvos.model.int4_kernel`: activations
+    quantized to int8 per group, integer dot products); it was measured at least as fast as a
+    bfloat16 GEMM from 1 to 512 rows (BENCHMARKS.md), so no dequantized copy is kept. Elsewhere
+    PyTorch's int4 kernel takes up to `max_quantized_rows` rows and a bfloat16 GEMM on a
+    dequantized copy the rest. `vnni` forces the choice (None: by the CPU).
     """
 
     packed: torch.Tensor
@@ -109,26 +127,33 @@ class Int4Linear(QuantizedLinear):
         self.vnni = vnni
         if vnni:
             # w = scale * q + low with float16 scale and low, as GGUF stores Q4_1.
-            scale_16, low_16 = scale.half().float(), low.half().float()
-            self.register_buffer("packed", int4_kernel.pack(codes.view(out_features, in_features), scale_16, low_16))
-            dequantized = codes * scale_16 + low_16
-        else:
-            # PyTorch's convention: w = (q - 8) * scale + zero, with bfloat16 scales and zeros.
-            scale_bf16 = scale.to(torch.bfloat16)
-            zero_bf16 = (low + 8 * scale).to(torch.bfloat16)
-            int_codes = codes.to(torch.int32).view(out_features, in_features)
-            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(int_codes, 1))
-            # (in / 32, out, 2): scale and zero of every group.
-            self.register_buffer(
-                "scales_and_zeros", torch.cat([scale_bf16, zero_bf16], dim=-1).transpose(0, 1).contiguous()
-            )
-            dequantized = (codes - 8) * scale_bf16.float() + zero_bf16.float()
+            packed = int4_kernel.pack(codes.view(out_features, in_features), scale.half().float(), low.half().float())
+            self.register_buffer("packed", packed)
+            self.register_buffer("weight_bf16", None)
+            return
+        # PyTorch's convention: w = (q - 8) * scale + zero, with bfloat16 scales and zeros.
+        scale_bf16 = scale.to(torch.bfloat16)
+        zero_bf16 = (low + 8 * scale).to(torch.bfloat16)
+        int_codes = codes.to(torch.int32).view(out_features, in_features)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(int_codes, 1))
+        # (in / 32, out, 2): scale and zero of every group.
+        self.register_buffer(
+            "scales_and_zeros", torch.cat([scale_bf16, zero_bf16], dim=-1).transpose(0, 1).contiguous()
+        )
+        dequantized = (codes - 8) * scale_bf16.float() + zero_bf16.float()
         self.register_buffer("weight_bf16", dequantized.view(out_features, in_features).to(torch.bfloat16))
 
-    def small_batch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.vnni:
             return int4_kernel.int4_linear(x, self.packed, self.out_features)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.weight_bf16 is not None:
+            return self.weight_bf16
+        codes, scale, low = int4_kernel.unpack(self.packed)
+        weight = codes.float().view(self.out_features, -1, INT4_GROUP_SIZE) * scale[..., None] + low[..., None]
+        return weight.view(self.out_features, self.in_features).to(torch.bfloat16)
 
 
 def _fits_float16(*tensors: torch.Tensor) -> bool:
@@ -148,3 +173,4 @@ def quantize(model: nn.Module, method: Quantization, max_quantized_rows: int | N
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, _FORMATS[method](child, rows))
+    return_freed_memory()

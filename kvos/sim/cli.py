@@ -133,9 +133,7 @@ def make_step_model(args: argparse.Namespace) -> Any:
         raise ValueError("give exactly one step-time model: --profile PROFILE.json or --hardware HARDWARE.json")
     if args.profile is not None:
         return Profile.load(args.profile).step_model()
-    weight_bytes: float = DTYPE_BYTES[args.dtype]
-    if args.quantization is not None:
-        weight_bytes = benchmarks("serve_sweep").KVOS_WEIGHT_BYTES[args.quantization]
+    weight_bytes = benchmarks("roofline").kvos_weight_bytes_per_param(args.dtype, args.quantization, rows=1)
     model = roofline_for(
         _arch(args.arch), HardwareSpec.from_json(args.hardware), args.dtype, weight_bytes, DTYPE_BYTES[args.dtype]
     )

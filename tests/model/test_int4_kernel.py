@@ -38,7 +38,7 @@ def _naive(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, low: torch
     return (dots * step.squeeze(-1)[:, None, :] * scale.double()[None]).sum(-1) + xg.sum(-1) @ low.double().T
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 12])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 12, 37])
 @pytest.mark.parametrize("n, k", [(16, 32), (48, 576), (32, 1536)])
 def test_kernel_computes_the_quantized_dot_products(rows: int, n: int, k: int) -> None:
     torch.manual_seed(rows * 1000 + n + k)
@@ -61,6 +61,12 @@ def test_kernel_is_within_two_percent_of_the_exact_product() -> None:
     exact = x.double() @ weight.double().T
     got = int4_kernel.int4_linear(x, int4_kernel.pack(codes, scale, low), 960).double()
     assert (got - exact).norm() / exact.norm() < 0.02
+
+
+def test_unpack_gives_back_what_was_packed() -> None:
+    codes, scale, low = _weights(48, 96)
+    got_codes, got_scale, got_low = int4_kernel.unpack(int4_kernel.pack(codes, scale, low))
+    assert torch.equal(got_codes.long(), codes) and torch.equal(got_scale, scale) and torch.equal(got_low, low)
 
 
 def test_pack_names_a_shape_it_cannot_block() -> None:
