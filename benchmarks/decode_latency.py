@@ -37,6 +37,7 @@ from benchmarks.roofline import (
     ArchShape,
     MachinePeak,
     Roofline,
+    kvos_gemm_dtype,
     kvos_weight_bytes_per_param,
     load_or_measure,
     percent_of_limit,
@@ -323,7 +324,11 @@ def main(argv: Sequence[str] | None = None) -> LatencyResult:
     runs = []
     for engine, (ttft, total, ids) in timings.items():
         weight_bytes, kv_bytes = weight_formats[engine]
-        peak = load_or_measure("cpu", dtype=kvos_dtype) if engine == "kvos" else machine
+        peak = (
+            load_or_measure("cpu", dtype=kvos_gemm_dtype(kvos_dtype, args.quantization))
+            if engine == "kvos"
+            else machine
+        )
         bound = Roofline.for_machine(shape, peak, kv_bytes_per_elem=kv_bytes).lower_bound_seconds(
             [(len(prompt_ids), n)], max_batch=1, weight_bytes_per_param=weight_bytes
         )

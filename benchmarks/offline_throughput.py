@@ -32,9 +32,16 @@ from tqdm.auto import tqdm
 
 from benchmarks.memory import RSSSampler, mib
 from benchmarks.peers import arch_from_gguf, load_hf_model, load_tokenizer, resolve_gguf
-from benchmarks.roofline import MachinePeak, Roofline, load_or_measure, percent_of_limit
+from benchmarks.roofline import (
+    MachinePeak,
+    Roofline,
+    kvos_gemm_dtype,
+    kvos_weight_bytes_per_param,
+    load_or_measure,
+    percent_of_limit,
+)
 from benchmarks.sharegpt import BenchRequest, sample_requests
-from kvos.config import ModelConfig
+from kvos.config import DTYPE_BYTES, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -232,6 +239,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="kvos's compute dtype (default: kvos's own, auto); its roofline uses that dtype's GEMM peak and bytes",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=["int8", "int4"],
+        default=None,
+        help="kvos's weight quantization; its roofline counts the quantized bytes and the GEMM peak of what runs",
+    )
     parser.add_argument("--remeasure", action="store_true", help="measure the machine's roofline again")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here as JSON")
     args = parser.parse_args(argv)
@@ -264,12 +277,20 @@ def main(argv: Sequence[str] | None = None) -> ThroughputResult:
     kvos_roofline, kvos_weight_bytes = roofline, WEIGHT_BYTES_PER_PARAM
     if args.dtype is not None:
         options["dtype"] = args.dtype
+    if args.quantization is not None:
+        options["quantization"] = args.quantization
     kvos_dtype = ModelConfig(dtype=args.dtype or "auto").resolved_dtype
-    if kvos_dtype != "float32":  # weights, activations and KV in 2 bytes, GEMMs at that dtype's peak
-        peak = load_or_measure("cpu", remeasure=args.remeasure, dtype=kvos_dtype)
-        kvos_roofline = Roofline.for_machine(arch_from_gguf(gguf_path), peak, kv_bytes_per_elem=2)
-        kvos_weight_bytes = 2.0
-    print(f"kvos computes in {kvos_dtype}: roofline at {kvos_roofline.peak_flops / 1e9:.0f} GFLOP/s peak")
+    gemm_dtype = kvos_gemm_dtype(kvos_dtype, args.quantization)
+    if gemm_dtype != "float32" or args.quantization is not None:
+        # GEMMs at that dtype's peak, KV in the compute dtype, weights in the bytes a batch-1 step reads
+        # (a lower bound at bigger batches too: where PyTorch's kernels hand them to a bfloat16 copy it reads more).
+        peak = load_or_measure("cpu", remeasure=args.remeasure, dtype=gemm_dtype)
+        kvos_roofline = Roofline.for_machine(arch_from_gguf(gguf_path), peak, kv_bytes_per_elem=DTYPE_BYTES[kvos_dtype])
+        kvos_weight_bytes = kvos_weight_bytes_per_param(kvos_dtype, args.quantization, rows=1)
+    print(
+        f"kvos computes in {kvos_dtype} (GEMMs: {gemm_dtype}): roofline at {kvos_roofline.peak_flops / 1e9:.0f} "
+        "GFLOP/s peak"
+    )
 
     load_before = os.getloadavg()[0]
     runs: list[EngineRun] = []

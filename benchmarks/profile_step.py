@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.roofline import ArchShape, Roofline, kvos_weight_bytes_per_param, load_or_measure
+from benchmarks.roofline import ArchShape, Roofline, kvos_gemm_dtype, kvos_weight_bytes_per_param, load_or_measure
 from kvos.config import DTYPE_BYTES, EngineConfig
 from kvos.engine.llm_engine import LLMEngine
 from kvos.sampling_params import SamplingParams
@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     load_before = os.getloadavg()[0]
     engine = LLMEngine(EngineConfig.from_kwargs(**options))
     dtype = engine.config.model.resolved_dtype
-    machine = load_or_measure(dtype=dtype)
+    machine = load_or_measure(dtype=kvos_gemm_dtype(dtype, engine.config.model.quantization))
     roofline = Roofline(ArchShape.from_any(engine.arch), machine.peak_flops, machine.read_bandwidth, DTYPE_BYTES[dtype])
     timer = PhaseTimer()
     instrument(engine, timer)

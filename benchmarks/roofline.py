@@ -33,19 +33,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def kvos_gemm_dtype(dtype: str, quantization: str | None) -> str:
+    """The dtype whose GEMM peak bounds kvos's matmuls: int8 for kvos's int4 kernel, else `dtype`."""
+    from kvos.model import int4_kernel
+
+    return "int8" if quantization == "int4" and int4_kernel.supported() else dtype
+
+
 def kvos_weight_bytes_per_param(dtype: str, quantization: str | None, rows: int) -> float:
     """Bytes kvos reads per parameter in a step of `rows` token rows.
 
-    int4 keeps 4-bit codes plus a 2-byte scale and minimum per group of 32, int8 one byte; both run
-    their quantized kernel only up to `DEFAULT_MAX_QUANTIZED_ROWS` rows and a GEMM on the
-    bfloat16 dequantized copy above that (kvos/model/quantization.py).
+    int4 keeps 4-bit codes plus a 2-byte scale and minimum per group of 32, int8 one byte. PyTorch's
+    kernels run only up to `DEFAULT_MAX_QUANTIZED_ROWS` rows and a GEMM on the bfloat16
+    dequantized copy above that; kvos's int4 kernel (AVX512-VNNI CPUs) runs every batch
+    (kvos/model/quantization.py).
     """
     from kvos.config import DTYPE_BYTES
+    from kvos.model import int4_kernel
     from kvos.model.quantization import DEFAULT_MAX_QUANTIZED_ROWS
 
     if quantization is None:
         return float(DTYPE_BYTES[dtype])
-    if rows > DEFAULT_MAX_QUANTIZED_ROWS[quantization]:
+    own_kernel = quantization == "int4" and int4_kernel.supported()
+    if rows > DEFAULT_MAX_QUANTIZED_ROWS[quantization] and not own_kernel:
         return 2.0
     return {"int8": 1.0, "int4": 0.5 + 4 / 32}[quantization]
 
@@ -293,7 +303,11 @@ def measure_machine(
     device: str = "cpu", arch: ArchShape = SMOLLM2_135M, min_seconds: float = 0.25, dtype: str | None = None
 ) -> MachinePeak:
     """Measure the GEMM rate (square and model shapes) and read bandwidth of one device, in `dtype`
-    (default: bfloat16 on CUDA, float32 on CPU): the peak of the dtype the engine's GEMMs run in."""
+    (default: bfloat16 on CUDA, float32 on CPU): the peak of the dtype the engine's GEMMs run in.
+
+    "int8" is the integer GEMM (`torch._int_mm`, int8 x int8 -> int32; VNNI on CPUs that have it),
+    the rate kvos's int4 kernel's integer dot products could at best reach: its operations count
+    as FLOPs. Its bandwidth is read from a float32 tensor."""
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA device")
@@ -309,18 +323,25 @@ def measure_machine(
     else:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
-    bandwidth_elems = bandwidth_bytes // torch_dtype.itemsize
+    integer = torch_dtype == torch.int8
+    read_dtype = torch.float32 if integer else torch_dtype
+    bandwidth_elems = bandwidth_bytes // read_dtype.itemsize
     gemm_flops: dict[str, float] = {}
     shapes = [(square, square, square)] + model_gemm_shapes(arch, batch_sizes)
     with torch.inference_mode():
         for m, k, n in shapes:
-            a = torch.randn(m, k, dtype=torch_dtype, device=device)
-            b = torch.randn(k, n, dtype=torch_dtype, device=device)
-            rate = _sustained_rate(partial(torch.matmul, a, b), 2.0 * m * k * n, synchronize, min_seconds)
+            if integer:
+                a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
+                b = torch.randint(-127, 128, (k, n), dtype=torch.int8, device=device)
+            else:
+                a = torch.randn(m, k, dtype=torch_dtype, device=device)
+                b = torch.randn(k, n, dtype=torch_dtype, device=device)
+            matmul = torch._int_mm if integer else torch.matmul
+            rate = _sustained_rate(partial(matmul, a, b), 2.0 * m * k * n, synchronize, min_seconds)
             gemm_flops[f"{m}x{k}x{n}"] = rate
             logger.info("GEMM %dx%dx%d: %.1f GFLOP/s", m, k, n, rate / 1e9)
             del a, b
-        big = torch.ones(bandwidth_elems, dtype=torch_dtype, device=device)
+        big = torch.ones(bandwidth_elems, dtype=read_dtype, device=device)
         bandwidth = _sustained_rate(big.sum, float(big.numel() * big.element_size()), synchronize, min_seconds)
         logger.info("read bandwidth: %.1f GB/s", bandwidth / 1e9)
         del big
@@ -356,8 +377,8 @@ def default_cache_path() -> Path:
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
+    if name not in ("float32", "bfloat16", "float16", "int8"):
+        raise ValueError(f"dtype must be float32, bfloat16, float16 or int8, got {name!r}")
     return getattr(torch, name)
 
 

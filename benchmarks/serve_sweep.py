@@ -41,7 +41,14 @@ from benchmarks.peers import (
     load_tokenizer,
     resolve_gguf,
 )
-from benchmarks.roofline import ArchShape, Roofline, kvos_weight_bytes_per_param, load_or_measure, percent_of_limit
+from benchmarks.roofline import (
+    ArchShape,
+    Roofline,
+    kvos_gemm_dtype,
+    kvos_weight_bytes_per_param,
+    load_or_measure,
+    percent_of_limit,
+)
 from benchmarks.sharegpt import sample_requests
 from kvos.config import DTYPE_BYTES, ModelConfig
 
@@ -194,7 +201,8 @@ def kvos_bound(shape: ArchShape, machine: Any, work: list[tuple[int, int]], kvos
     dtype = ModelConfig(dtype=flag("--dtype", "auto")).resolved_dtype  # type: ignore[arg-type]
     quantization = flag("--quantization", "") or None
     max_batch = int(flag("--max-num-seqs", "64"))
-    peak = machine if dtype == "float32" else load_or_measure("cpu", dtype=dtype)  # the GEMMs' own peak
+    gemm_dtype = kvos_gemm_dtype(dtype, quantization)
+    peak = machine if gemm_dtype == "float32" else load_or_measure("cpu", dtype=gemm_dtype)  # the GEMMs' own peak
     # Quantized weights count at their kernel's bytes at every batch size: above the kernel's rows kvos
     # reads a bfloat16 copy, so the bound is looser there, never higher than the truth.
     weight_bytes = kvos_weight_bytes_per_param(dtype, quantization, rows=1)
