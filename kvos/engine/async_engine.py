@@ -14,6 +14,13 @@ running batch.
     begin_shutdown() --_Drain------->  no new requests; running ones get a grace period, then are cut
     list_sessions(), delete_session() --_Call-->  the engine's session books (answered on a future)
     RequestStream <-RequestOutput----  engine.step()
+
+`AsyncLLMEngine.build` also loads the engine on that thread, which must be the first to run
+torch's parallel (OpenMP) regions: once another thread has a team of OpenMP workers (the main
+thread, from loading the model there), GNU OpenMP counts more threads than the machine has cores
+and its workers stop spinning between regions, so each of a step's few hundred parallel ops waits
+to wake a sleeping worker. On the 2-core machine of BENCHMARKS.md a batch-1 decode step took
+38-43 ms on a second thread against 27 ms on the first.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from kvos.outputs import CompletionOutput, RequestOutput
 from kvos.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from kvos.config import EngineConfig
     from kvos.engine.llm_engine import LLMEngine
     from kvos.model.tokenizer import Tokenizer
 
@@ -118,6 +126,31 @@ class AsyncLLMEngine:
         self._accepting = True
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="kvos-engine", daemon=True)
+        # Set by `build`: the engine thread already runs and waits for `start`.
+        self._started: threading.Event | None = None
+
+    @classmethod
+    def build(cls, config: EngineConfig, max_waiting: int | None = None) -> AsyncLLMEngine:
+        """Load the engine on the thread that will step it (see the module's docstring for why)."""
+        from kvos.engine.llm_engine import LLMEngine
+
+        built: concurrent.futures.Future[AsyncLLMEngine] = concurrent.futures.Future()
+        started = threading.Event()
+
+        def engine_thread() -> None:
+            try:
+                async_engine = cls(LLMEngine(config), max_waiting)
+            except BaseException as exc:  # noqa: BLE001 (re-raised where build was called)
+                built.set_exception(exc)
+                return
+            async_engine._thread = threading.current_thread()
+            async_engine._started = started
+            built.set_result(async_engine)
+            started.wait()
+            async_engine._run()
+
+        threading.Thread(target=engine_thread, name="kvos-engine", daemon=True).start()
+        return built.result()
 
     # -- facts about the engine, safe from any thread ------------------------------
 
@@ -145,7 +178,10 @@ class AsyncLLMEngine:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread.start()
+        if self._started is not None:
+            self._started.set()
+        else:
+            self._thread.start()
 
     def begin_shutdown(self, grace_s: float = 0.0) -> None:
         """Refuse new requests; let running ones finish for up to `grace_s` seconds, then cut them.
@@ -161,6 +197,8 @@ class AsyncLLMEngine:
         """Cut everything still running, stop the engine thread, and free the engine's memory."""
         self.begin_shutdown(0.0)
         self._commands.put(_Stop())
+        if self._started is not None:  # built but never started: let the thread run to the stop
+            self._started.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
         if not self._thread.is_alive():  # never free memory under a step still running

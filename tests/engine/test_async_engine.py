@@ -230,3 +230,54 @@ def test_a_full_queue_refuses_the_least_urgent_waiting_request_for_an_urgent_one
 
     asyncio.run(main())
     assert llm.engine.stats().num_used_blocks == 0
+
+
+def test_build_loads_and_steps_the_engine_on_one_thread(tmp_path) -> None:
+    """`build` loads the engine on the thread that steps it (OpenMP is slow on a second thread),
+    serves requests there, and hands a load failure to the caller in the user's words."""
+    import threading
+
+    from tests.entrypoints.in_process import TINY_MAX_MODEL_LEN, write_tiny_model
+
+    config = EngineConfig.from_kwargs(
+        model=str(write_tiny_model(tmp_path)),
+        load_format="dummy",
+        max_model_len=TINY_MAX_MODEL_LEN,
+        kv_cache_memory_bytes=16 * 2**20,
+        dtype="float32",
+    )
+    threads_before = set(threading.enumerate())
+    engine = AsyncLLMEngine.build(config)
+    (engine_thread,) = set(threading.enumerate()) - threads_before
+    assert engine_thread.name == "kvos-engine" and engine_thread is not threading.current_thread()
+
+    async def main() -> list[int]:
+        engine.start()
+        try:
+            stream = await engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True))
+            outputs = [o async for o in stream]
+            return outputs[-1].outputs[0].token_ids
+        finally:
+            engine.shutdown()
+
+    assert len(asyncio.run(main())) == 5
+    assert not engine_thread.is_alive()
+    assert engine.engine.stats().num_used_blocks == 0
+
+    with pytest.raises(ValueError, match="no-such-model"):
+        AsyncLLMEngine.build(EngineConfig.from_kwargs(model=str(tmp_path / "no-such-model"), dtype="float32"))
+
+
+def test_a_built_engine_shut_down_before_starting_stops_its_thread(tmp_path) -> None:
+    from tests.entrypoints.in_process import TINY_MAX_MODEL_LEN, write_tiny_model
+
+    config = EngineConfig.from_kwargs(
+        model=str(write_tiny_model(tmp_path)),
+        load_format="dummy",
+        max_model_len=TINY_MAX_MODEL_LEN,
+        kv_cache_memory_bytes=16 * 2**20,
+        dtype="float32",
+    )
+    engine = AsyncLLMEngine.build(config)
+    engine.shutdown()
+    assert not engine._thread.is_alive()

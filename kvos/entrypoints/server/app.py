@@ -225,7 +225,6 @@ def run_server(
     """Load the model (or start a cluster of instances), serve until SIGINT/SIGTERM, then return."""
     # Imported here: the app itself depends on the EngineClient protocol only.
     from kvos.engine.async_engine import AsyncLLMEngine
-    from kvos.engine.llm_engine import LLMEngine
 
     if cluster_config is not None and cluster_config.enabled:
         from kvos.cluster.admin import add_admin_routes
@@ -239,7 +238,7 @@ def run_server(
         if cluster_config.disaggregated:
             placement += f" ({cluster_config.prefill_instances} prefill, {cluster_config.decode_instances} decode)"
     else:
-        async_engine = AsyncLLMEngine(LLMEngine(engine_config), server_config.max_waiting)
+        async_engine = AsyncLLMEngine.build(engine_config, server_config.max_waiting)
         app = build_app(async_engine, server_config)
         placement = "in its own process" if engine_config.parallel.core_process else "in process"
     engine = async_engine.engine
