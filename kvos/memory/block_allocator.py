@@ -86,20 +86,11 @@ class BlockAllocator:
 
     def allocate(self) -> int:
         """Take the least recently freed block, evicting its cached prefix if any."""
-        if not self._free:
-            raise RuntimeError("no free KV block (callers check num_free_blocks first)")
-        block_id, _ = self._free.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.block_hash is not None:
-            del self._cached[block.block_hash]
-            self._events.append(BlockRemoved(block.block_hash, block_id))
-            block.block_hash = None
-        block.ref_count = 1
-        return block_id
+        return self.allocate_many(1)[0]
 
     def allocate_many(self, num: int) -> list[int]:
-        """`num` blocks in the order `num` calls of `allocate` would take them (for callers with no
-        write-back to plan between them)."""
+        """The `num` least recently freed blocks, in that order, each evicting its cached prefix if any
+        (one call for callers with no write-back to plan between blocks)."""
         free = self._free
         if num > len(free):
             raise RuntimeError("not enough free KV blocks (callers check num_free_blocks first)")
