@@ -237,15 +237,9 @@ def test_build_loads_and_steps_the_engine_on_one_thread(tmp_path) -> None:
     serves requests there, and hands a load failure to the caller in the user's words."""
     import threading
 
-    from tests.entrypoints.in_process import TINY_MAX_MODEL_LEN, write_tiny_model
+    from tests.entrypoints.in_process import tiny_config, write_tiny_model
 
-    config = EngineConfig.from_kwargs(
-        model=str(write_tiny_model(tmp_path)),
-        load_format="dummy",
-        max_model_len=TINY_MAX_MODEL_LEN,
-        kv_cache_memory_bytes=16 * 2**20,
-        dtype="float32",
-    )
+    config = tiny_config(write_tiny_model(tmp_path))
     threads_before = set(threading.enumerate())
     engine = AsyncLLMEngine.build(config)
     (engine_thread,) = set(threading.enumerate()) - threads_before
@@ -269,15 +263,8 @@ def test_build_loads_and_steps_the_engine_on_one_thread(tmp_path) -> None:
 
 
 def test_a_built_engine_shut_down_before_starting_stops_its_thread(tmp_path) -> None:
-    from tests.entrypoints.in_process import TINY_MAX_MODEL_LEN, write_tiny_model
+    from tests.entrypoints.in_process import tiny_config, write_tiny_model
 
-    config = EngineConfig.from_kwargs(
-        model=str(write_tiny_model(tmp_path)),
-        load_format="dummy",
-        max_model_len=TINY_MAX_MODEL_LEN,
-        kv_cache_memory_bytes=16 * 2**20,
-        dtype="float32",
-    )
-    engine = AsyncLLMEngine.build(config)
+    engine = AsyncLLMEngine.build(tiny_config(write_tiny_model(tmp_path)))
     engine.shutdown()
     assert not engine._thread.is_alive()

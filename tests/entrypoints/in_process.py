@@ -52,8 +52,9 @@ def write_tiny_model(folder: Path) -> Path:
     return folder
 
 
-def tiny_engine(folder: Path, **options: Any) -> LLMEngine:
-    config = EngineConfig.from_kwargs(
+def tiny_config(folder: Path, **options: Any) -> EngineConfig:
+    """The tiny model's engine: random weights, float32, a small context and KV pool."""
+    return EngineConfig.from_kwargs(
         **options,
         model=str(folder),
         load_format="dummy",
@@ -62,7 +63,10 @@ def tiny_engine(folder: Path, **options: Any) -> LLMEngine:
         kv_cache_memory_bytes=16 * 2**20,
         dtype="float32",
     )
-    return LLMEngine(config)
+
+
+def tiny_engine(folder: Path, **options: Any) -> LLMEngine:
+    return LLMEngine(tiny_config(folder, **options))
 
 
 @contextmanager
