@@ -15,8 +15,13 @@ This script measures that:
    step's start. Print where it went, by number of requests in the step, and
    fit `ServingOverhead` (`kvos.sim.step_model.fit_overhead`) on the served
    time minus the profile's worker model; report the fit's error.
-4. Write the served steps into the profile JSON (`serving`), so
-   `kvos sim --profile` simulates served steps from then on.
+4. Match each client request with the server's record of it (both read
+   CLOCK_MONOTONIC) and time the front end: from the send to the HTTP
+   handler giving it to the engine, and from the engine handing out its
+   first token to the client reading it (`kvos.sim.step_model.FrontEnd`).
+5. Write the served steps and the front end's times into the profile JSON
+   (`serving`), so `kvos sim --profile` simulates served steps and the front
+   end from then on.
 
 Usage: python -m benchmarks.profile_serving --profile P.json [--rates 2,inf] [--num-requests 60]
            [--kvos-args "--kv-cache-memory 2GiB"]   (the flags the profile was taken with)
@@ -65,20 +70,37 @@ def instrument(trace_path: Path) -> None:
     clock = time.perf_counter
     records: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
+    requests: dict[str, dict[str, Any]] = {}
+    """Per request: when the engine took it in and when its first token was handed to its stream."""
     async_step, engine_step, core_step, execute = AsyncLLMEngine._step, LLMEngine.step, EngineCore.step, Worker.execute
+    queue, add = AsyncLLMEngine.add_request, AsyncLLMEngine._add
+
+    async def timed_queue(self: AsyncLLMEngine, req_id: str, prompt_token_ids: list[int], *args: Any, **kw: Any) -> Any:
+        requests[req_id] = {"queued": clock(), "prompt_tokens": len(prompt_token_ids)}
+        return await queue(self, req_id, prompt_token_ids, *args, **kw)
+
+    def timed_add(self: AsyncLLMEngine, command: Any) -> None:
+        add(self, command)
+        requests[command.stream.req_id]["added"] = clock()
 
     def timed_async_step(self: AsyncLLMEngine) -> None:
         current.clear()
-        current.update(start=clock(), worker_s=0.0, engine_s=0.0, core_s=0.0)
+        current.update(start=clock(), worker_s=0.0, engine_s=0.0, core_s=0.0, first_tokens=[])
         async_step(self)
         current["end"] = clock()
         current["busy_after"] = self.engine.has_unfinished_requests()
+        for req_id in current.pop("first_tokens"):
+            requests[req_id]["first_token"] = current["end"]
         records.append(dict(current))
 
     def timed_engine_step(self: LLMEngine) -> Any:
         start = clock()
         outputs = engine_step(self)
         current["engine_s"] = clock() - start
+        for output in outputs:
+            seen = requests.get(output.req_id)
+            if seen is not None and "first_token" not in seen and any(o.token_ids for o in output.outputs):
+                current["first_tokens"].append(output.req_id)
         return outputs
 
     def timed_core_step(self: EngineCore) -> Any:
@@ -95,6 +117,8 @@ def instrument(trace_path: Path) -> None:
             current["shape"] = asdict(StepShape.from_plan(plan))
         return output
 
+    AsyncLLMEngine.add_request = timed_queue  # type: ignore[method-assign]
+    AsyncLLMEngine._add = timed_add  # type: ignore[method-assign]
     AsyncLLMEngine._step = timed_async_step  # type: ignore[method-assign]
     LLMEngine.step = timed_engine_step  # type: ignore[method-assign]
     EngineCore.step = timed_core_step  # type: ignore[method-assign]
@@ -102,8 +126,13 @@ def instrument(trace_path: Path) -> None:
 
     def write() -> None:
         trace_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        request_path(trace_path).write_text(json.dumps(requests))
 
     atexit.register(write)
+
+
+def request_path(trace_path: Path) -> Path:
+    return trace_path.with_suffix(".requests.json")
 
 
 def child_main(trace_path: Path, serve_argv: list[str]) -> int:
@@ -165,8 +194,44 @@ def format_breakdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_rate(rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any) -> list[dict]:
-    """Serve `requests` at `rate` on an instrumented server; its served steps."""
+def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> list[dict[str, float]]:
+    """Per request, seconds from the client's send to the front end handing it to the engine
+    (`to_engine`), in the engine's queue until a step boundary (`queued`), and from the engine
+    handing out its first token to the client reading it (`to_client`).
+
+    The client's requests are matched with the server's in the order they
+    were sent and taken in, each with the first unmatched one of the same
+    prompt length (the server's count may differ from the client's by a
+    constant, e.g. a BOS token): two requests sent within a millisecond can
+    swap places on the way.
+    """
+    taken = sorted((r for r in server.values() if "first_token" in r), key=lambda r: r["queued"])
+    sent = sorted((r for r in client if r.ok), key=lambda r: r.sent_s)
+    taken = taken[len(taken) - len(sent) :]  # the warm-up went first
+    if not sent or not taken:
+        return []
+    # Most pairs in order agree on the offset; a swapped pair does not.
+    offset = statistics.mode(t["prompt_tokens"] - r.prompt_tokens for t, r in zip(taken, sent))
+    delays = []
+    for result in sent:
+        match = next((r for r in taken if r["prompt_tokens"] == result.prompt_tokens + offset), None)
+        if match is None:
+            raise RuntimeError(f"no request of {result.prompt_tokens} prompt tokens reached the engine")
+        taken.remove(match)
+        delays.append(
+            {
+                "to_engine": match["queued"] - result.sent_s,
+                "queued": match["added"] - match["queued"],
+                "to_client": result.sent_s + result.ttft_s - match["first_token"],
+            }
+        )
+    return delays
+
+
+def run_rate(
+    rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any
+) -> tuple[list[dict], list[dict[str, float]]]:
+    """Serve `requests` at `rate` on an instrumented server; its served steps and each request's front-end delays."""
     trace = Path(args.log_dir) / f"kvos-serving-trace-{rate}.jsonl"
     trace.unlink(missing_ok=True)
     url = f"http://127.0.0.1:{args.port}"
@@ -189,7 +254,8 @@ def run_rate(rate: float, gguf: Path, args: argparse.Namespace, requests: list, 
             client_args = serve.build_parser().parse_args(
                 [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress"]
             )
-            summary = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            _, results, duration = asyncio.run(serve.run_requests(client_args, requests, count_tokens))
+            summary = serve.summarize(results, duration, client_args.ttft_slo, client_args.tpot_slo)
             print(
                 f"rate {rate:g}: {summary['completed']} requests, {summary['output_throughput']:.1f} tok/s",
                 flush=True,
@@ -203,7 +269,15 @@ def run_rate(rate: float, gguf: Path, args: argparse.Namespace, requests: list, 
     if not trace.exists():
         raise RuntimeError(f"the server wrote no step trace to {trace}; see its log in {args.log_dir}")
     records = [json.loads(line) for line in trace.read_text().splitlines()]
-    return served_steps(records)
+    delays = front_end_delays(results, json.loads(request_path(trace).read_text()))
+    for part in ("to_engine", "queued", "to_client") if delays else ():
+        values = sorted(d[part] for d in delays)
+        print(
+            f"rate {rate:g}: {part} p50 {1000 * values[len(values) // 2]:.1f} ms, "
+            f"p90 {1000 * values[9 * len(values) // 10]:.1f} ms",
+            flush=True,
+        )
+    return served_steps(records), delays
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not r > 0 for r in rates):
         parser.error("--rates must be > 0 (inf sends everything at once)")
 
-    from kvos.sim.step_model import Profile, StepShape, fit_linear, fit_overhead
+    from kvos.sim.step_model import Profile, StepShape, fit_front_end, fit_linear, fit_overhead
 
     profile = Profile.load(args.profile)
     gguf = resolve_gguf(args.model)
@@ -244,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     load_before = os.getloadavg()[0]
     steps: list[dict[str, Any]] = []
+    delays: list[tuple[float, float, float]] = []
     for rate in rates:
-        steps.extend(run_rate(rate, gguf, args, requests, count_tokens))
+        rate_steps, rate_delays = run_rate(rate, gguf, args, requests, count_tokens)
+        steps.extend(rate_steps)
+        delays.extend((rate, d["to_engine"], d["to_client"]) for d in rate_delays)
     if len(steps) < 3:
         raise RuntimeError(f"only {len(steps)} busy served steps were recorded; send more requests")
     rows = breakdown(steps)
@@ -260,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         f"worker + overhead against the served steps: mean {error.mean_abs_pct:.1f}%, "
         f"p90 {error.p90_abs_pct:.1f}%, max {error.max_abs_pct:.1f}%"
     )
+    front_end = fit_front_end(delays)
+    print(
+        f"front end: {1000 * front_end.to_engine_s:.1f} ms from a send to the engine, "
+        f"{1000 * front_end.to_client_s:.1f} ms from a token to the client (medians)"
+    )
     info = {
         "rates": [r if math.isfinite(r) else "inf" for r in rates],
         "num_requests": args.num_requests,
@@ -269,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before_after": [load_before, os.getloadavg()[0]],
     }
     out = args.out or args.profile
-    with_serving = Profile(profile.samples, profile.engine, served, info)
+    with_serving = Profile(profile.samples, profile.engine, served, info, tuple(delays))
     out.write_text(json.dumps(with_serving.to_json(), indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -55,6 +55,9 @@ class RequestResult:
     ttft_s: float = 0.0
     latency_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
+    sent_s: float = 0.0
+    """`time.perf_counter()` when the request was sent. On Linux that is the system-wide
+    CLOCK_MONOTONIC, so a server on this machine can match its own timestamps with it."""
 
     @property
     def tpot_s(self) -> float:
@@ -101,7 +104,7 @@ async def stream_one(
     body |= extra or {}
     text = ""
     usage_tokens: int | None = None
-    start = time.perf_counter()
+    start = result.sent_s = time.perf_counter()
     last = start
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -183,6 +186,14 @@ def summarize(results: list[RequestResult], duration_s: float, ttft_slo_s: float
 
 
 async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest], count_tokens: Any) -> dict[str, Any]:
+    model, results, duration = await run_requests(args, requests, count_tokens)
+    return {"model": model, **summarize(results, duration, args.ttft_slo, args.tpot_slo)}
+
+
+async def run_requests(
+    args: argparse.Namespace, requests: list[BenchRequest], count_tokens: Any
+) -> tuple[str, list[RequestResult], float]:
+    """Warm up, then send `requests` at the rate: the model's name, each request's result (in order), the seconds."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
@@ -205,7 +216,7 @@ async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest], 
         results = await asyncio.gather(*(send(r, t) for r, t in zip(requests, send_times)))
         duration = time.perf_counter() - start
         bar.close()
-    return {"model": model, **summarize(list(results), duration, args.ttft_slo, args.tpot_slo)}
+    return model, list(results), duration
 
 
 def build_parser() -> argparse.ArgumentParser:

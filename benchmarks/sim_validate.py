@@ -2,14 +2,15 @@
 
 1. Profile this machine's engine with the flags the server will run with
    (`kvos sim profile --grid quick`), unless given --profile.
-2. Unless the profile has them, profile served steps (`benchmarks.profile_serving`,
-   on other requests: seed 1) and fit the serving overhead into the profile.
+2. Unless the profile has them, profile served steps and the front end
+   (`benchmarks.profile_serving`, on other requests: seed 1) into the profile.
 3. For each rate, start `kvos serve` fresh and replay the ShareGPT requests
    with `benchmarks.serve` (via `benchmarks.serve_sweep.run_one`).
 4. Simulate the same requests at the same Poisson arrival times (the same
    seed gives the same gaps) on an instance with the server's scheduler
    config and KV capacity, twice: with the worker's step model alone and
-   with the serving overhead added (what `kvos sim --profile` uses).
+   with the serving overhead and the front end added (what `kvos sim
+   --profile` uses).
 5. Print measured and simulated throughput and p50/p90 TTFT and TPOT per
    rate, with the error in % (issue 14's targets: throughput within 5%,
    latencies within 10%), and write it all as JSON with --json.
@@ -22,6 +23,7 @@ Usage: python -m benchmarks.sim_validate --json sim-validate.json   (defaults: a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -41,7 +43,7 @@ from kvos.entrypoints.cli import engine_options
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.profile import GRIDS, profile_engine
 from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
-from kvos.sim.step_model import Profile, fit_linear
+from kvos.sim.step_model import FrontEnd, Profile, fit_linear
 from kvos.sim.workload import arrival_times, with_arrivals
 
 DEFAULT_KVOS_ARGS = "--kv-cache-memory 2GiB"
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile = Path(tempfile.mkstemp(prefix="kvos-profile-", suffix=".json")[1])
         args.profile.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
         print(f"profile written to {args.profile}")
-    if not Profile.load(args.profile).served:
+    if not (Profile.load(args.profile).served and Profile.load(args.profile).front_end_delays):
         print("profiling served steps (benchmarks.profile_serving) ...", flush=True)
         profile_serving.main(
             ["--profile", str(args.profile), "--num-requests", str(args.serving_requests)]
@@ -138,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         block_size=int(profile.engine["block_size"]),
         max_model_len=int(profile.engine["max_model_len"]),
         enable_prefix_caching=config.cache.enable_prefix_caching,
+        front_end=profile.front_end(),
     )
+    print(f"front end: {instance.front_end}")
 
     tokenizer = load_tokenizer(gguf)
 
@@ -165,9 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rate {key}: kvos serve ...", flush=True)
         measured = serve_sweep.run_one("kvos", rate, gguf, sweep_args, requests, count_tokens)
         sim_requests = with_arrivals(lengths, arrival_times(len(lengths), rate, "poisson", seed=args.seed))
+        bare = dataclasses.replace(instance, front_end=FrontEnd())
         served, worker = (
-            summarize_sim(Simulator(FleetConfig(instance), model).run(sim_requests), args.ttft_slo, args.tpot_slo)
-            for model in (step_model, worker_model)
+            summarize_sim(Simulator(FleetConfig(where), model).run(sim_requests), args.ttft_slo, args.tpot_slo)
+            for where, model in ((instance, step_model), (bare, worker_model))
         )
         rows.append((key, measured, served, worker))
     print(format_table(rows))
@@ -179,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "config": {k: str(v) for k, v in vars(args).items()},
             "profile_engine": profile.engine,
             "step_model": step_model.describe(),
+            "front_end": dataclasses.asdict(instance.front_end),
             "serving_profile": profile.serving,
             "results": {key: {"measured": m, "simulated": s, "simulated_worker_only": w} for key, m, s, w in rows},
         }

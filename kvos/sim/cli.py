@@ -119,11 +119,12 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
 # -- building the pieces ---------------------------------------------------------------
 
 
-def _profile_engine(args: argparse.Namespace) -> dict[str, Any]:
+def _profile(args: argparse.Namespace) -> Any:
+    """The profile that describes the engine (--profile, or the roofline's --calibrate), or None."""
     from kvos.sim.step_model import Profile
 
     source = args.profile or args.calibrate
-    return Profile.load(source).engine if source is not None else {}
+    return Profile.load(source) if source is not None else None
 
 
 def make_step_model(args: argparse.Namespace) -> Any:
@@ -160,8 +161,10 @@ def make_fleet(
     args: argparse.Namespace, num_instances: int | None = None, router: str | None = None, policy: str | None = None
 ) -> Any:
     from kvos.sim.simulator import FleetConfig, InstanceConfig
+    from kvos.sim.step_model import FrontEnd
 
-    engine = _profile_engine(args)
+    profile = _profile(args)
+    engine = profile.engine if profile is not None else {}
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
@@ -173,6 +176,7 @@ def make_fleet(
         or engine.get("kv_capacity_tokens", InstanceConfig.kv_capacity_tokens),
         block_size=engine.get("block_size", InstanceConfig.block_size),
         max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
+        front_end=profile.front_end() if profile is not None else FrontEnd(),
     )
     return FleetConfig(instance, num_instances or int(getattr(args, "num_instances", 1)), router or args.router)
 
@@ -257,7 +261,8 @@ def _link(args: argparse.Namespace) -> Any:
 
     if args.link_bandwidth is None:
         raise ValueError("--disaggregated needs --link-bandwidth (bytes/s of the prefill-to-decode KV link)")
-    kv_bytes = args.kv_bytes_per_token or _profile_engine(args).get("kv_bytes_per_token")
+    profile = _profile(args)
+    kv_bytes = args.kv_bytes_per_token or (profile.engine if profile is not None else {}).get("kv_bytes_per_token")
     if kv_bytes is None:
         kv_bytes = _arch(args.arch).kv_bytes_per_token(DTYPE_BYTES[args.dtype])
     return LinkModel(args.link_bandwidth, int(kv_bytes), args.link_latency)

@@ -14,6 +14,11 @@ prompt (`SimRequest.kv_ready`), and the scheduler admits the request with
 those prefix hits, recomputing only the partial last block and the first
 token (at most one block of tokens). When the pool has no room for the
 import, the decode instance recomputes the prompt.
+
+The front end (`InstanceConfig.front_end`) stands where the client meets
+the fleet: arrivals pass the prefill tier's, and each token reaches the
+client `to_client_s` after the tier that made it; the hand-off goes from
+engine to engine and passes neither.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvos.sim.simulator import FleetConfig, RequestTimes, SimResult, Simulator
-from kvos.sim.step_model import StepTimeModel
+from kvos.sim.step_model import FrontEnd, StepTimeModel
 from kvos.sim.workload import SimRequest
 
 
@@ -60,7 +65,10 @@ def simulate_disaggregated(
 ) -> SimResult:
     """Serve `requests` (sorted by arrival) on the two tiers; one result over both, per original request."""
     prefill_specs = [SimRequest(r.arrival_s, r.prompt_tokens, 1, r.tenant, r.priority) for r in requests]
-    prefill = Simulator(config.prefill, step_model).run(prefill_specs)
+    front, back = config.prefill.instance.front_end, config.decode.instance.front_end
+    prefill = Simulator(_with_front_end(config.prefill, FrontEnd(to_engine_s=front.to_engine_s)), step_model).run(
+        prefill_specs
+    )
     rejected = set(prefill.times.rejected)
     handoffs = []  # (arrival at the decode tier, original index)
     for k, r in enumerate(requests):
@@ -78,15 +86,17 @@ def simulate_disaggregated(
         )
         for at, k in handoffs
     ]
-    decode = Simulator(config.decode, step_model).run(decode_specs)
+    decode = Simulator(_with_front_end(config.decode, FrontEnd(to_client_s=back.to_client_s)), step_model).run(
+        decode_specs
+    )
 
     times = RequestTimes()
     n = len(requests)
     times.arrival_s.extend(r.arrival_s for r in requests)
     times.prompt_tokens.extend(r.prompt_tokens for r in requests)
     times.expected_tokens.extend(r.output_tokens for r in requests)
-    times.first_token_s.extend(prefill.times.first_token_s)
-    times.last_token_s.extend(prefill.times.last_token_s)
+    times.first_token_s.extend(t + front.to_client_s for t in prefill.times.first_token_s)
+    times.last_token_s.extend(t + front.to_client_s for t in prefill.times.last_token_s)
     times.num_output_tokens.extend(prefill.times.num_output_tokens)
     times.rejected.extend(sorted(rejected))
     times.itl_s = array("d", decode.times.itl_s)
@@ -106,3 +116,7 @@ def simulate_disaggregated(
         prefill.wall_s + decode.wall_s,
         prefill.num_events + decode.num_events,
     )
+
+
+def _with_front_end(fleet: FleetConfig, front_end: FrontEnd) -> FleetConfig:
+    return replace(fleet, instance=replace(fleet.instance, front_end=front_end))

@@ -1,6 +1,6 @@
 """The event loop: arrivals and step completions of many instances on one virtual clock.
 
-    arrivals (sorted) ----router----> instance.inbox
+    arrivals (sorted) ----router----> [front end] ----> instance.inbox
                                           |  (delivered between steps, as AsyncLLMEngine drains commands)
     heap of step ends  <--- instance.start_step(now):  Scheduler.schedule() -> StepPlan
                                                       SimWorker.execute(plan) -> StepOutput, + step time
@@ -13,6 +13,11 @@ kvos's own `Scheduler` over a `PagedKVCacheManager`; the
 order of calls is `EngineCore.step`'s (including its flush of ended
 requests when nothing is left), so the plans are the ones the engine would
 make given the same arrivals and step times.
+
+With a front end (`InstanceConfig.front_end`, measured by
+`benchmarks.profile_serving`), a request reaches the router and its engine
+`to_engine_s` after it arrives, and every token reaches the client
+`to_client_s` after its step ends; TTFT and latency count from the arrival.
 
 Decode runs (the fast path). Most steps change nothing the scheduler
 decides on: every running request decodes one token, nobody waits, nobody
@@ -53,8 +58,8 @@ from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sampling_params import SamplingParams
-from kvos.sim.router import make_router
-from kvos.sim.step_model import StepTimeModel
+from kvos.sim.router import Router, make_router
+from kvos.sim.step_model import FrontEnd, StepTimeModel
 from kvos.sim.worker import SIM_TOKEN_ID, SimWorker
 from kvos.sim.workload import SimRequest
 
@@ -90,6 +95,8 @@ class InstanceConfig:
     block_size: int = 16
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
+    front_end: FrontEnd = field(default_factory=FrontEnd)
+    """The server's front end before the engine and back to the client; the default, zero, is a bare engine."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -393,73 +400,89 @@ class Simulator:
         times.first_token_s.extend([nan] * n)
         times.last_token_s.extend([nan] * n)
         times.num_output_tokens.extend([0] * n)
-        max_len = config.instance.max_model_len
         ends: list[tuple[float, int, int]] = []
         """(when, instance, its version then): each instance's next step end, wake-up or run end."""
+        to_engine = config.instance.front_end.to_engine_s
         start_wall = time.perf_counter()
         num_events = 0
         i = 0
         while i < n or ends:
             num_events += 1
-            if i < n and (not ends or requests[i].arrival_s <= ends[0][0]):
-                spec = requests[i]
-                now = spec.arrival_s
-                index = router.route(spec)
-                instance = instances[index]
-                total = spec.prompt_tokens + spec.output_tokens
-                if total > max_len or total > instance.kv.max_tokens_per_request:
-                    # The engine refuses it at the door (InvalidRequestError): a failed request.
-                    times.rejected.append(i)
-                    router.on_finish(index)
-                    i += 1
-                    continue
-                # A distinct first token gives every prompt its own prefix: no hits between unrelated requests.
-                prompt = [i] + [0] * (spec.prompt_tokens - 1)
-                request = Request(
-                    str(i),
-                    prompt,
-                    self._sampling_params(spec.output_tokens),
-                    arrival_time=now,
-                    priority=spec.priority,
-                    tenant=spec.tenant,
-                )
-                instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
+            # The front end's delay is the same for every request, so they reach the engines in arrival order.
+            if i < n and (not ends or requests[i].arrival_s + to_engine <= ends[0][0]):
+                index = router.route(requests[i])
+                now = requests[i].arrival_s + to_engine
+                self._take_in(requests[i], i, now, instances[index], index, ends, times, router)
                 i += 1
-                if instance.run is not None:
-                    # The engine would take it in at the first step boundary from now: the run stops there.
-                    moved = instance.cut_run(now)
-                    if moved is not None:
-                        heapq.heappush(ends, (moved, index, instance.version))
-                elif not instance.busy:
-                    # Start at this instant, but after every arrival of the same instant: the engine
-                    # drains all queued requests before it steps.
-                    instance.waking = True
-                    heapq.heappush(ends, (now, index, instance.version))
                 continue
-            else:
-                now, index, version = heapq.heappop(ends)
-                instance = instances[index]
-                if version != instance.version:
-                    num_events -= 1  # superseded by a cut run's earlier end
-                    continue
-                if instance.run is not None:
-                    self._record_run(instance.finish_run(), times)
-                for update in instance.finish_step():
-                    k = int(update.req_id)
-                    if update.new_token_ids:
-                        last = times.last_token_s[k]
-                        if times.num_output_tokens[k] == 0:
-                            times.first_token_s[k] = now
-                        else:
-                            times.itl_s.append(now - last)
-                        times.last_token_s[k] = now
-                        times.num_output_tokens[k] += len(update.new_token_ids)
-                    if update.finish_reason is not None:
-                        router.on_finish(index)
+            now, index, version = heapq.heappop(ends)
+            instance = instances[index]
+            if version != instance.version:
+                num_events -= 1  # superseded by a cut run's earlier end
+                continue
+            if instance.run is not None:
+                self._record_run(instance.finish_run(), times)
+            for update in instance.finish_step():
+                k = int(update.req_id)
+                if update.new_token_ids:
+                    last = times.last_token_s[k]
+                    if times.num_output_tokens[k] == 0:
+                        times.first_token_s[k] = now
+                    else:
+                        times.itl_s.append(now - last)
+                    times.last_token_s[k] = now
+                    times.num_output_tokens[k] += len(update.new_token_ids)
+                if update.finish_reason is not None:
+                    router.on_finish(index)
             end = instance.start_step(now)
             if end is not None:
                 heapq.heappush(ends, (end, index, instance.version))
+        to_client = config.instance.front_end.to_client_s
+        if to_client:
+            # Every token reaches the client that much later: TTFT and latency grow, the gaps stay.
+            times.first_token_s = array("d", (t + to_client for t in times.first_token_s))
+            times.last_token_s = array("d", (t + to_client for t in times.last_token_s))
         return SimResult(times, instances, time.perf_counter() - start_wall, num_events)
+
+    def _take_in(
+        self,
+        spec: SimRequest,
+        k: int,
+        now: float,
+        instance: SimInstance,
+        index: int,
+        ends: list[tuple[float, int, int]],
+        times: RequestTimes,
+        router: Router,
+    ) -> None:
+        """Request `k` reaches instance `index`'s engine at `now`: refused at the door, or queued for its next step."""
+        total = spec.prompt_tokens + spec.output_tokens
+        if total > self.config.instance.max_model_len or total > instance.kv.max_tokens_per_request:
+            # The engine refuses it at the door (InvalidRequestError): a failed request.
+            times.rejected.append(k)
+            router.on_finish(index)
+            return
+        # A distinct first token gives every prompt its own prefix: no hits between unrelated requests.
+        prompt = [k] + [0] * (spec.prompt_tokens - 1)
+        request = Request(
+            str(k),
+            prompt,
+            self._sampling_params(spec.output_tokens),
+            arrival_time=now,
+            priority=spec.priority,
+            tenant=spec.tenant,
+        )
+        instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
+        if instance.run is not None:
+            # The engine would take it in at the first step boundary from now: the run stops there.
+            moved = instance.cut_run(now)
+            if moved is not None:
+                heapq.heappush(ends, (moved, index, instance.version))
+        elif not instance.busy:
+            # Start at this instant, but after every arrival of the same instant: the engine
+            # drains all queued requests before it steps.
+            instance.waking = True
+            heapq.heappush(ends, (now, index, instance.version))
 
     @staticmethod
     def _record_run(run: DecodeRun, times: RequestTimes) -> None:

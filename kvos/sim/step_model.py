@@ -30,11 +30,18 @@ Models, one interface (`StepTimeModel.step_seconds`):
   processing, detokenizing, the async engine's hand-offs, HTTP/SSE work on
   the same cores), `a + b*(R + D)`, fitted by `fit_overhead` to the
   steps of a profiled `kvos serve` run (`benchmarks.profile_serving`).
+
+Outside the step, `FrontEnd` is what the server's HTTP front end adds to a
+request: a delay before the engine sees it and one from a token to the
+client. The simulator applies them to arrivals and token times
+(`InstanceConfig.front_end`).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -253,6 +260,44 @@ def fit_overhead(worker: StepTimeModel, served: Sequence[tuple[StepShape, float]
     return model, fit_error(model, served)
 
 
+@dataclass(frozen=True)
+class FrontEnd:
+    """Seconds `kvos serve`'s front end adds to a request outside the engine loop.
+
+    `to_engine_s`: from the client sending the request to the HTTP handler
+    handing it to the engine (HTTP, validation, tokenizing, thread hand-overs).
+    `to_client_s`: from the engine handing out a token to the client reading
+    it (SSE framing, JSON, the hand-over back). Both are delays, not a queue:
+    measured, 40 requests sent at once reached the engine within 53 ms of
+    their send (p50), not 40 times a lone request's 7 ms, so the front end's
+    own work is a small part of a lone request's delay. The zero front end is
+    a bare engine: requests reach the scheduler when they arrive.
+    """
+
+    to_engine_s: float = 0.0
+    to_client_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("to_engine_s", "to_client_s"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+
+
+def fit_front_end(delays: Sequence[tuple[float, float, float]]) -> FrontEnd:
+    """The front end from per-request measurements: (rate, seconds to the engine, seconds to the client).
+
+    Medians of the finite rates, so a request that met a busy event loop does
+    not set the typical delay; when everything is sent at once the later
+    arrivals also wait for the earlier ones' parsing, a burst's cost that a
+    constant delay does not describe.
+    """
+    timed = [(to_engine, to_client) for rate, to_engine, to_client in delays if math.isfinite(rate)]
+    if not timed:
+        raise ValueError("delays must hold at least one request measured at a finite rate")
+    return FrontEnd(max(0.0, statistics.median(t for t, _ in timed)), max(0.0, statistics.median(c for _, c in timed)))
+
+
 # -- roofline ---------------------------------------------------------------------------
 
 
@@ -393,6 +438,8 @@ class Profile:
     """Steps of a profiled `kvos serve` run (start to next start), for the serving overhead; empty: none taken."""
     serving: dict[str, Any] | None = None
     """How the served steps were taken (rates, requests) and where their time went, for reports."""
+    front_end_delays: tuple[tuple[float, float, float], ...] = ()
+    """Per request of the profiled serving runs: (rate, seconds to the engine, seconds to the client)."""
 
     def to_json(self) -> dict[str, Any]:
         model, error = fit_linear(self.samples)
@@ -410,7 +457,19 @@ class Profile:
                 "fit_error": asdict(served_error),
                 "steps": [_sample_json(shape, t) for shape, t in self.served],
             }
+        if self.front_end_delays:
+            data.setdefault("serving", {})["front_end"] = {
+                "fit": asdict(self.front_end()),
+                "requests": [
+                    {"rate": rate if math.isfinite(rate) else "inf", "to_engine_s": into, "to_client_s": out}
+                    for rate, into, out in self.front_end_delays
+                ],
+            }
         return data
+
+    def front_end(self) -> FrontEnd:
+        """The fitted front end; the zero one (a bare engine) when no serving run was profiled."""
+        return fit_front_end(self.front_end_delays) if self.front_end_delays else FrontEnd()
 
     def step_model(self) -> StepTimeModel:
         """The fitted worker model, plus the serving overhead when served steps were profiled."""
@@ -423,10 +482,12 @@ class Profile:
         try:
             samples = tuple(_sample_from_json(s) for s in data["samples"])
             serving = data.get("serving")
-            served = tuple(_sample_from_json(s) for s in serving["steps"]) if serving else ()
-            derived = ("steps", "overhead_fit", "fit_error")
+            served = tuple(_sample_from_json(s) for s in (serving or {}).get("steps", ()))
+            derived = ("steps", "overhead_fit", "fit_error", "front_end")
             info = {k: v for k, v in serving.items() if k not in derived} if serving else None
-            return cls(samples, dict(data["engine"]), served, info)
+            front = (serving or {}).get("front_end", {}).get("requests", [])
+            delays = tuple((float(r["rate"]), float(r["to_engine_s"]), float(r["to_client_s"])) for r in front)
+            return cls(samples, dict(data["engine"]), served, info, delays)
         except KeyError as exc:
             raise ValueError(f"{path}: profile is missing {exc.args[0]!r}") from exc
 

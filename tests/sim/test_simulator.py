@@ -20,7 +20,7 @@ from kvos.sim.metrics import summarize_sim
 from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
 from kvos.sim.router import LeastLoadRouter
 from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
-from kvos.sim.step_model import LinearStepModel, StepShape
+from kvos.sim.step_model import FrontEnd, LinearStepModel, StepShape
 from kvos.sim.workload import SimRequest, arrival_times, load_trace, with_arrivals, write_trace
 
 STEP_MODEL = LinearStepModel(
@@ -206,6 +206,23 @@ def test_disaggregated_fleet_hands_the_kv_to_the_decode_tier() -> None:
     handed = [r for r in requests if r.output_tokens > 1]
     assert sum(i.kv.counters.primary_hit_tokens for i in decode) == sum(r.prompt_tokens // 16 * 16 for r in handed)
     assert all(i.kv.num_used_blocks == 0 for i in result.instances)
+
+
+def test_disaggregated_fleet_passes_the_front_end_once_each_way() -> None:
+    """A lone request: its arrival passes the prefill tier's front end only (the hand-over goes engine to
+    engine), and each token, whichever tier made it, reaches the client `to_client_s` after its step."""
+    steps = LinearStepModel(0.020, 0.010, 0.0, 0.0, 0.0, 0.0)
+    link = LinkModel(bandwidth_bytes_per_s=1e6, kv_bytes_per_token=1000, latency_s=0.01)
+    request = [SimRequest(0.0, 40, 4)]
+
+    def run(front: FrontEnd) -> Any:
+        fleet = FleetConfig(InstanceConfig(front_end=front))
+        return simulate_disaggregated(DisaggConfig(fleet, fleet, link), steps, request).times
+
+    bare, served = run(FrontEnd()), run(FrontEnd(to_engine_s=0.005, to_client_s=0.003))
+    assert served.first_token_s[0] == pytest.approx(0.005 + 0.020 + 0.003)
+    assert served.last_token_s[0] == pytest.approx(bare.last_token_s[0] + 0.005 + 0.003)
+    assert list(served.itl_s) == pytest.approx(list(bare.itl_s))
 
 
 def test_plan_grows_the_fleet_with_the_rate() -> None:
@@ -457,3 +474,27 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         assert a.kv.allocator._cached == b.kv.allocator._cached
     if policy == "fcfs" and num_instances == 1:
         assert fast.instances[0].scheduler.num_preemptions > 0, "the workload should exercise preemption"
+
+
+def test_front_end_delays_each_request_on_its_way_in_and_each_token_on_its_way_out() -> None:
+    """By hand: with only step intercepts (prefill 20 ms, decode 10 ms), 5 ms to the engine and 3 ms back."""
+    steps = LinearStepModel(0.020, 0.010, 0.0, 0.0, 0.0, 0.0)
+    front = FrontEnd(to_engine_s=0.005, to_client_s=0.003)
+    pair = [SimRequest(0.0, 8, 2), SimRequest(0.004, 8, 2)]
+
+    bare = Simulator(FleetConfig(), steps).run(pair)
+    # The engine sees them at 0 and 4 ms: the first prefills alone (0-20 ms), the second joins the next step.
+    assert list(bare.times.first_token_s) == pytest.approx([0.020, 0.040])
+
+    result = Simulator(FleetConfig(InstanceConfig(front_end=front)), steps).run(pair)
+    # At 5 and 9 ms: the first prefills alone (5-25 ms); the next step (25-45 ms) decodes it and prefills the
+    # second, which finishes in the step after (45-55 ms). The client reads each token 3 ms later.
+    assert list(result.times.first_token_s) == pytest.approx([0.028, 0.048])
+    assert list(result.times.last_token_s) == pytest.approx([0.048, 0.058])
+    summary = summarize_sim(result, 2.0, 0.2)
+    assert summary["ttft_ms"]["p99"] == pytest.approx(48 - 4)  # from the arrival, not from reaching the engine
+
+    lone = [SimRequest(0.0, 8, 3), SimRequest(10.0, 8, 3)]
+    summary = summarize_sim(Simulator(FleetConfig(InstanceConfig(front_end=front)), steps).run(lone), 2.0, 0.2)
+    assert summary["ttft_ms"]["p50"] == pytest.approx(5 + 20 + 3)
+    assert summary["tpot_ms"]["p50"] == pytest.approx(10.0)  # the gaps between tokens are the engine's

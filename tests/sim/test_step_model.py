@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -12,13 +14,16 @@ from kvos.core.plan import ScheduledRequest, StepPlan
 from kvos.sim.metrics import nearest_rank_ms
 from kvos.sim.step_model import (
     MIN_STEP_S,
+    FrontEnd,
     LinearStepModel,
+    Profile,
     RooflineStepModel,
     ServedStepModel,
     ServingOverhead,
     StepShape,
     StepTimeModel,
     calibrate_roofline,
+    fit_front_end,
     fit_linear,
     fit_overhead,
 )
@@ -131,3 +136,21 @@ def test_decode_steps_seconds_are_bit_for_bit_the_step_times(model: StepTimeMode
         ]
     floored = LinearStepModel(0.03, 1e-4, 2e-4, 3e-8, -4e-7, 1e-5).decode_steps_seconds(1, 10_000, 3)
     assert floored == [MIN_STEP_S] * 3
+
+
+def test_front_end_fit_takes_medians_of_the_finite_rates(tmp_path: Path) -> None:
+    inf = float("inf")
+    delays = [(2.0, 0.006, 0.004), (2.0, 0.007, 0.002), (1.0, 0.050, 0.090), (inf, 0.400, 0.300)]
+    front = fit_front_end(delays)
+    assert front.to_engine_s == pytest.approx(0.007)  # median of 6, 7, 50 ms: the burst's 400 ms is left out
+    assert front.to_client_s == pytest.approx(0.004)  # median of 4, 2, 90 ms
+    with pytest.raises(ValueError, match="finite rate"):
+        fit_front_end([(inf, 0.4, 0.003)])
+    with pytest.raises(ValueError, match="to_engine_s"):
+        FrontEnd(to_engine_s=-0.001)
+
+    profile = Profile(tuple(synthetic_steps(TRUE, 0.0)), {"model": "m"}, front_end_delays=tuple(delays))
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile.to_json()))
+    assert Profile.load(path).front_end() == front
+    assert Profile(profile.samples, profile.engine).front_end() == FrontEnd()  # no serving run: a bare engine

@@ -1,0 +1,34 @@
+"""The front end's delays: client and server records of the same requests are matched as they happened."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.profile_serving import front_end_delays
+from benchmarks.serve import RequestResult
+
+
+def sent(at: float, prompt_tokens: int, ttft: float) -> RequestResult:
+    return RequestResult(prompt_tokens, 8, ok=True, ttft_s=ttft, sent_s=at)
+
+
+def test_requests_are_matched_by_order_and_prompt_length_past_the_warm_up() -> None:
+    client = [sent(10.0, 30, 0.100), sent(10.001, 50, 0.200), sent(12.0, 30, 0.050), sent(13.0, 20, 0.040)]
+    server = {
+        "warm-up": {"queued": 1.0, "added": 1.01, "first_token": 1.05, "prompt_tokens": 9},
+        # The second request (50 tokens, +1 for a BOS) overtook the first on the way in.
+        "b": {"queued": 10.0060, "added": 10.0200, "first_token": 10.1950, "prompt_tokens": 51},
+        "a": {"queued": 10.0065, "added": 10.0300, "first_token": 10.0960, "prompt_tokens": 31},
+        "c": {"queued": 12.0070, "added": 12.0100, "first_token": 12.0450, "prompt_tokens": 31},
+        "d": {"queued": 13.0080, "added": 13.0090, "first_token": 13.0350, "prompt_tokens": 21},
+    }
+    delays = front_end_delays(client, server)
+    assert [d["to_engine"] for d in delays] == pytest.approx([0.0065, 0.0050, 0.0070, 0.0080])
+    assert [d["queued"] for d in delays] == pytest.approx([0.0235, 0.0140, 0.0030, 0.0010])
+    assert [d["to_client"] for d in delays] == pytest.approx([0.0040, 0.0060, 0.0050, 0.0050])
+
+
+def test_a_request_the_server_never_saw_is_named() -> None:
+    server = {"a": {"queued": 1.0, "added": 1.0, "first_token": 1.1, "prompt_tokens": 31}}
+    with pytest.raises(RuntimeError, match="no request of 70 prompt tokens"):
+        front_end_delays([sent(0.9, 30, 0.3), sent(0.95, 70, 0.3)], server | {"b": {**server["a"], "queued": 1.01}})
