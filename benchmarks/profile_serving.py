@@ -210,13 +210,20 @@ def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> li
     taken = taken[len(taken) - len(sent) :]  # the warm-up went first
     if not sent or not taken:
         return []
-    # Most pairs in order agree on the offset; a swapped pair does not.
-    offset = statistics.mode(t["prompt_tokens"] - r.prompt_tokens for t, r in zip(taken, sent))
+    # The offset under which the server's prompt lengths are the client's (sent all at once, they arrive
+    # in any order, so pairs in order say nothing).
+    lengths = sorted(r.prompt_tokens for r in sent)
+    offsets = [
+        c
+        for c in sorted({t["prompt_tokens"] - sent[0].prompt_tokens for t in taken})
+        if sorted(t["prompt_tokens"] - c for t in taken) == lengths
+    ]
+    if not offsets:
+        raise RuntimeError("the server's prompt lengths are not the client's plus a constant; cannot match them")
+    offset = offsets[0]
     delays = []
     for result in sent:
-        match = next((r for r in taken if r["prompt_tokens"] == result.prompt_tokens + offset), None)
-        if match is None:
-            raise RuntimeError(f"no request of {result.prompt_tokens} prompt tokens reached the engine")
+        match = next(r for r in taken if r["prompt_tokens"] == result.prompt_tokens + offset)
         taken.remove(match)
         delays.append(
             {

@@ -28,7 +28,20 @@ def test_requests_are_matched_by_order_and_prompt_length_past_the_warm_up() -> N
     assert [d["to_client"] for d in delays] == pytest.approx([0.0040, 0.0060, 0.0050, 0.0050])
 
 
-def test_a_request_the_server_never_saw_is_named() -> None:
+def test_records_that_cannot_be_the_same_requests_are_refused() -> None:
     server = {"a": {"queued": 1.0, "added": 1.0, "first_token": 1.1, "prompt_tokens": 31}}
-    with pytest.raises(RuntimeError, match="no request of 70 prompt tokens"):
+    with pytest.raises(RuntimeError, match="not the client's plus a constant"):
         front_end_delays([sent(0.9, 30, 0.3), sent(0.95, 70, 0.3)], server | {"b": {**server["a"], "queued": 1.01}})
+
+
+def test_a_burst_reaching_the_engine_in_any_order_is_matched() -> None:
+    client = [sent(5.0 + k * 1e-4, 10 + k, 0.5) for k in range(6)]
+    order = [4, 2, 5, 0, 3, 1]  # the order the engine took them in
+    server = {
+        f"r{k}": {"queued": 5.01 + j * 1e-3, "added": 5.02, "first_token": 5.4, "prompt_tokens": 11 + k}
+        for j, k in enumerate(order)
+    }
+    delays = front_end_delays(client, server)
+    assert [d["to_engine"] for d in delays] == pytest.approx(
+        [0.01 + order.index(k) * 1e-3 - k * 1e-4 for k in range(6)]
+    )
