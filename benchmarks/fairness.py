@@ -44,6 +44,7 @@ POLICIES = ("fcfs", "priority", "fair")
 TENANTS = ("heavy", "light")
 W_IN, W_OUT = 1.0, 2.0
 MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_KVOS_ARGS = "--max-num-seqs 4"
 
 
 def tenant_fields(policy: str, tenant: str) -> dict[str, Any]:
@@ -155,6 +156,60 @@ def draw(reports: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def make_streams(
+    tokenizer: Any, heavy_rate: float, duration: float, max_prompt: int, max_output: int, seed: int
+) -> dict[str, list[tuple[float, BenchRequest]]]:
+    """Each tenant's (send time, request) Poisson stream: the light tenant at a tenth of the heavy one's rate."""
+    rates = {"heavy": heavy_rate, "light": heavy_rate / 10}
+    counts = {t: max(1, math.ceil(rate * duration)) for t, rate in rates.items()}
+    pool = sample_requests(tokenizer, sum(counts.values()), max_prompt, max_output, seed=seed)
+    heavy_times = serve.poisson_delays(counts["heavy"], rates["heavy"], seed)
+    light_times = serve.poisson_delays(counts["light"], rates["light"], seed + 1)
+    return {
+        "heavy": list(zip(heavy_times, pool[: counts["heavy"]])),
+        "light": list(zip(light_times, pool[counts["heavy"] :])),
+    }
+
+
+def serve_policy(
+    policy: str,
+    gguf: Path,
+    port: int,
+    kvos_args: str,
+    log_path: Path,
+    streams: dict[str, list[tuple[float, BenchRequest]]],
+    count_tokens: Any,
+) -> dict[str, Any]:
+    """Start a fresh `kvos serve --scheduling-policy policy`, replay the streams, stop it: the report."""
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable,
+        "-m",
+        "kvos.entrypoints.cli",
+        "serve",
+        str(gguf),
+        "--port",
+        str(port),
+        *server_flags(policy, kvos_args),
+    ]
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(url, process, 300)
+            return asyncio.run(run_policy(url, policy, streams, count_tokens))
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def server_flags(policy: str, kvos_args: str) -> list[str]:
+    """`kvos serve` flags for one policy's run: every request is queued (no 429s), plus `kvos_args`."""
+    return ["--scheduling-policy", policy, "--max-waiting", "100000", *shlex.split(kvos_args)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--heavy-rate", type=float, default=2.0, help="heavy tenant's requests/s (light: a tenth)")
@@ -164,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8100)
     parser.add_argument(
         "--kvos-args",
-        default="--max-num-seqs 4",
+        default=DEFAULT_KVOS_ARGS,
         help="extra `kvos serve` flags; the default keeps few slots so that the heavy tenant's queue builds up",
     )
     parser.add_argument("--policies", default=",".join(POLICIES))
@@ -176,51 +231,27 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     gguf = resolve_gguf(None)
     tokenizer = load_tokenizer(gguf)
-    rates = {"heavy": args.heavy_rate, "light": args.heavy_rate / 10}
-    counts = {t: max(1, math.ceil(rate * args.duration)) for t, rate in rates.items()}
-    pool = sample_requests(
-        tokenizer, sum(counts.values()), args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
+    streams = make_streams(
+        tokenizer, args.heavy_rate, args.duration, args.max_prompt_tokens, args.max_output_tokens, args.seed
     )
-    heavy_times = serve.poisson_delays(counts["heavy"], rates["heavy"], args.seed)
-    light_times = serve.poisson_delays(counts["light"], rates["light"], args.seed + 1)
-    streams = {
-        "heavy": list(zip(heavy_times, pool[: counts["heavy"]])),
-        "light": list(zip(light_times, pool[counts["heavy"] :])),
-    }
+    pool = [r for stream in streams.values() for _, r in stream]
     bound = 2 * max(W_IN * max(len(r.prompt_token_ids) for r in pool), W_OUT * MAX_NUM_BATCHED_TOKENS)
     print(
-        f"fairness: heavy {rates['heavy']} req/s, light {rates['light']} req/s, {args.duration:.0f} s of arrivals, "
-        f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
+        f"fairness: heavy {args.heavy_rate} req/s, light {args.heavy_rate / 10} req/s, {args.duration:.0f} s of "
+        f"arrivals, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
     )
-    reports = []
-    for policy in args.policies.split(","):
-        port = args.port
-        url = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable,
-            "-m",
-            "kvos.entrypoints.cli",
-            "serve",
-            str(gguf),
-            "--port",
-            str(port),
-            "--scheduling-policy",
+    reports = [
+        serve_policy(
             policy,
-            "--max-waiting",
-            "100000",
-            *shlex.split(args.kvos_args),
-        ]
-        with open(out / f"server-{policy}.log", "w", encoding="utf-8") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                wait_ready(url, process, 300)
-                reports.append(asyncio.run(run_policy(url, policy, streams, lambda s: tokenizer.encode(s))))
-            finally:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            gguf,
+            args.port,
+            args.kvos_args,
+            out / f"server-{policy}.log",
+            streams,
+            lambda s: tokenizer.encode(s),
+        )
+        for policy in args.policies.split(",")
+    ]
     by_policy = {r["policy"]: r for r in reports}
     print(
         f"{'policy':<9} {'tok/s':>7} {'heavy tok/s':>11} {'light tok/s':>11} {'light p50 TTFT':>14} "
