@@ -1,7 +1,7 @@
 """The event loop: arrivals and step completions of many instances on one virtual clock.
 
-    arrivals (sorted) ----router----> [front end] ----> instance.inbox
-                                          |  (delivered between steps, as AsyncLLMEngine drains commands)
+    arrivals (sorted) --front end--> router --> instance.inbox
+                                                    |  (delivered between steps, as AsyncLLMEngine drains commands)
     heap of step ends  <--- instance.start_step(now):  Scheduler.schedule() -> StepPlan
                                                       SimWorker.execute(plan) -> StepOutput, + step time
     pop the earliest   ---> instance.finish_step():    Scheduler.update_from_output(plan, output)
