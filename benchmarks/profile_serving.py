@@ -71,7 +71,8 @@ def instrument(trace_path: Path) -> None:
     records: list[dict[str, Any]] = []
     current: dict[str, Any] = {}
     requests: dict[str, dict[str, Any]] = {}
-    """Per request: when the engine took it in and when its first token was handed to its stream."""
+    """Per request: when the HTTP handler queued it for the engine, when the engine took it in (at a step
+    boundary), and when its first token was handed to its stream."""
     async_step, engine_step, core_step, execute = AsyncLLMEngine._step, LLMEngine.step, EngineCore.step, Worker.execute
     queue, add = AsyncLLMEngine.add_request, AsyncLLMEngine._add
 
@@ -199,11 +200,12 @@ def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> li
     (`to_engine`), in the engine's queue until a step boundary (`queued`), and from the engine
     handing out its first token to the client reading it (`to_client`).
 
-    The client's requests are matched with the server's in the order they
-    were sent and taken in, each with the first unmatched one of the same
-    prompt length (the server's count may differ from the client's by a
-    constant, e.g. a BOS token): two requests sent within a millisecond can
-    swap places on the way.
+    The server counts a prompt's tokens as the client does plus a constant
+    (a BOS token, say), found as the one offset under which both sides hold
+    the same lengths. Then each client request, in send order, takes the
+    first unmatched server record of its length in the order the server
+    queued them: requests sent close together can swap places on the way,
+    and a burst reaches the engine in any order.
     """
     taken = sorted((r for r in server.values() if "first_token" in r), key=lambda r: r["queued"])
     sent = sorted((r for r in client if r.ok), key=lambda r: r.sent_s)
@@ -344,11 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         f"worker + overhead against the served steps: mean {error.mean_abs_pct:.1f}%, "
         f"p90 {error.p90_abs_pct:.1f}%, max {error.max_abs_pct:.1f}%"
     )
-    front_end = fit_front_end(delays)
-    print(
-        f"front end: {1000 * front_end.to_engine_s:.1f} ms from a send to the engine, "
-        f"{1000 * front_end.to_client_s:.1f} ms from a token to the client (medians)"
-    )
+    if any(math.isfinite(rate) for rate, _, _ in delays):
+        front_end = fit_front_end(delays)
+        print(
+            f"front end: {1000 * front_end.to_engine_s:.1f} ms from a send to the engine, "
+            f"{1000 * front_end.to_client_s:.1f} ms from a token to the client (medians)"
+        )
+    else:
+        print("front end: not fitted (it is fitted at finite rates only; add one to --rates)")
+        delays = []
     info = {
         "rates": [r if math.isfinite(r) else "inf" for r in rates],
         "num_requests": args.num_requests,
