@@ -58,7 +58,7 @@ from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sampling_params import SamplingParams
-from kvos.sim.router import Router, make_router
+from kvos.sim.router import make_router
 from kvos.sim.step_model import FrontEnd, StepTimeModel
 from kvos.sim.worker import SIM_TOKEN_ID, SimWorker
 from kvos.sim.workload import SimRequest
@@ -400,6 +400,7 @@ class Simulator:
         times.first_token_s.extend([nan] * n)
         times.last_token_s.extend([nan] * n)
         times.num_output_tokens.extend([0] * n)
+        max_len = config.instance.max_model_len
         ends: list[tuple[float, int, int]] = []
         """(when, instance, its version then): each instance's next step end, wake-up or run end."""
         to_engine = config.instance.front_end.to_engine_s
@@ -410,10 +411,39 @@ class Simulator:
             num_events += 1
             # The front end's delay is the same for every request, so they reach the engines in arrival order.
             if i < n and (not ends or requests[i].arrival_s + to_engine <= ends[0][0]):
-                index = router.route(requests[i])
-                now = requests[i].arrival_s + to_engine
-                self._take_in(requests[i], i, now, instances[index], index, ends, times, router)
+                spec = requests[i]
+                now = spec.arrival_s + to_engine
+                index = router.route(spec)
+                instance = instances[index]
+                total = spec.prompt_tokens + spec.output_tokens
+                if total > max_len or total > instance.kv.max_tokens_per_request:
+                    # The engine refuses it at the door (InvalidRequestError): a failed request.
+                    times.rejected.append(i)
+                    router.on_finish(index)
+                    i += 1
+                    continue
+                # A distinct first token gives every prompt its own prefix: no hits between unrelated requests.
+                prompt = [i] + [0] * (spec.prompt_tokens - 1)
+                request = Request(
+                    str(i),
+                    prompt,
+                    self._sampling_params(spec.output_tokens),
+                    arrival_time=now,
+                    priority=spec.priority,
+                    tenant=spec.tenant,
+                )
+                instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
                 i += 1
+                if instance.run is not None:
+                    # The engine would take it in at the first step boundary from now: the run stops there.
+                    moved = instance.cut_run(now)
+                    if moved is not None:
+                        heapq.heappush(ends, (moved, index, instance.version))
+                elif not instance.busy:
+                    # Start at this instant, but after every arrival of the same instant: the engine
+                    # drains all queued requests before it steps.
+                    instance.waking = True
+                    heapq.heappush(ends, (now, index, instance.version))
                 continue
             now, index, version = heapq.heappop(ends)
             instance = instances[index]
@@ -443,46 +473,6 @@ class Simulator:
             times.first_token_s = array("d", (t + to_client for t in times.first_token_s))
             times.last_token_s = array("d", (t + to_client for t in times.last_token_s))
         return SimResult(times, instances, time.perf_counter() - start_wall, num_events)
-
-    def _take_in(
-        self,
-        spec: SimRequest,
-        k: int,
-        now: float,
-        instance: SimInstance,
-        index: int,
-        ends: list[tuple[float, int, int]],
-        times: RequestTimes,
-        router: Router,
-    ) -> None:
-        """Request `k` reaches instance `index`'s engine at `now`: refused at the door, or queued for its next step."""
-        total = spec.prompt_tokens + spec.output_tokens
-        if total > self.config.instance.max_model_len or total > instance.kv.max_tokens_per_request:
-            # The engine refuses it at the door (InvalidRequestError): a failed request.
-            times.rejected.append(k)
-            router.on_finish(index)
-            return
-        # A distinct first token gives every prompt its own prefix: no hits between unrelated requests.
-        prompt = [k] + [0] * (spec.prompt_tokens - 1)
-        request = Request(
-            str(k),
-            prompt,
-            self._sampling_params(spec.output_tokens),
-            arrival_time=now,
-            priority=spec.priority,
-            tenant=spec.tenant,
-        )
-        instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
-        if instance.run is not None:
-            # The engine would take it in at the first step boundary from now: the run stops there.
-            moved = instance.cut_run(now)
-            if moved is not None:
-                heapq.heappush(ends, (moved, index, instance.version))
-        elif not instance.busy:
-            # Start at this instant, but after every arrival of the same instant: the engine
-            # drains all queued requests before it steps.
-            instance.waking = True
-            heapq.heappush(ends, (now, index, instance.version))
 
     @staticmethod
     def _record_run(run: DecodeRun, times: RequestTimes) -> None:
