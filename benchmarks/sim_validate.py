@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         args.profile = Path(tempfile.mkstemp(prefix="kvos-profile-", suffix=".json")[1])
         args.profile.write_text(json.dumps(profile.to_json(), indent=2) + "\n")
         print(f"profile written to {args.profile}")
-    if not (Profile.load(args.profile).served and Profile.load(args.profile).front_end_delays):
+    profiled = Profile.load(args.profile)
+    if not (profiled.served and profiled.front_end_delays):
         print("profiling served steps (benchmarks.profile_serving) ...", flush=True)
         profile_serving.main(
             ["--profile", str(args.profile), "--num-requests", str(args.serving_requests)]
