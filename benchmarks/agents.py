@@ -50,7 +50,7 @@ import httpx
 
 from benchmarks import serve
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.serve_sweep import wait_ready
+from benchmarks.serve_sweep import kvos_serve_command, wait_ready
 from benchmarks.sharegpt import BenchRequest, load_sharegpt, sample_requests
 
 SYSTEM = (
@@ -229,7 +229,7 @@ class Server:
     """`kvos serve` in a subprocess, stopped with SIGTERM."""
 
     def __init__(self, gguf: Path, port: int, flags: list[str], log: Path) -> None:
-        command = [sys.executable, "-m", "kvos.entrypoints.cli", "serve", str(gguf), "--port", str(port), *flags]
+        command = kvos_serve_command(gguf, port, flags)
         self.url = f"http://127.0.0.1:{port}"
         self._log = open(log, "w", encoding="utf-8")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)

@@ -26,8 +26,6 @@ import json
 import math
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ import httpx
 
 from benchmarks import serve
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.serve_sweep import wait_ready
+from benchmarks.serve_sweep import kvos_serve_command, running_server
 from benchmarks.sharegpt import BenchRequest, sample_requests
 
 POLICIES = ("fcfs", "priority", "fair")
@@ -181,28 +179,10 @@ def serve_policy(
     count_tokens: Any,
 ) -> dict[str, Any]:
     """Start a fresh `kvos serve --scheduling-policy policy`, replay the streams, stop it: the report."""
+    command = kvos_serve_command(gguf, port, server_flags(policy, kvos_args))
     url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "kvos.entrypoints.cli",
-        "serve",
-        str(gguf),
-        "--port",
-        str(port),
-        *server_flags(policy, kvos_args),
-    ]
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(url, process, 300)
-            return asyncio.run(run_policy(url, policy, streams, count_tokens))
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with running_server(command, url, log_path, start_timeout_s=300):
+        return asyncio.run(run_policy(url, policy, streams, count_tokens))
 
 
 def server_flags(policy: str, kvos_args: str) -> list[str]:

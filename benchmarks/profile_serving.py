@@ -36,9 +36,7 @@ import json
 import math
 import os
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -256,25 +254,15 @@ def run_rate(
         str(args.port),
         *shlex.split(args.kvos_args),
     ]
-    with open(Path(args.log_dir) / f"kvos-profile-serving-{rate}.log", "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            serve_sweep.wait_ready(url, process, args.start_timeout)
-            client_args = serve.build_parser().parse_args(
-                [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress"]
-            )
-            _, results, duration = asyncio.run(serve.run_requests(client_args, requests, count_tokens))
-            summary = serve.summarize(results, duration, client_args.ttft_slo, client_args.tpot_slo)
-            print(
-                f"rate {rate:g}: {summary['completed']} requests, {summary['output_throughput']:.1f} tok/s",
-                flush=True,
-            )
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    log = Path(args.log_dir) / f"kvos-profile-serving-{rate}.log"
+    # A minute to stop: the child writes its trace on the way out.
+    with serve_sweep.running_server(command, url, log, args.start_timeout, stop_timeout_s=60):
+        client_args = serve.build_parser().parse_args(
+            [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress"]
+        )
+        _, results, duration = asyncio.run(serve.run_requests(client_args, requests, count_tokens))
+        summary = serve.summarize(results, duration, client_args.ttft_slo, client_args.tpot_slo)
+        print(f"rate {rate:g}: {summary['completed']} requests, {summary['output_throughput']:.1f} tok/s", flush=True)
     if not trace.exists():
         raise RuntimeError(f"the server wrote no step trace to {trace}; see its log in {args.log_dir}")
     records = [json.loads(line) for line in trace.read_text().splitlines()]

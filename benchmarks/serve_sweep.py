@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import math
@@ -28,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,16 +81,7 @@ def server_command(name: str, gguf: Path, port: int, args: argparse.Namespace) -
             args.llama_server, gguf, port, args.llama_cpp_threads, args.llama_server_np, args.ctx_per_slot
         )
     if name == "kvos":
-        return [
-            sys.executable,
-            "-m",
-            "kvos.entrypoints.cli",
-            "serve",
-            str(gguf),
-            "--port",
-            str(port),
-            *shlex.split(args.kvos_args),
-        ]
+        return kvos_serve_command(gguf, port, shlex.split(args.kvos_args))
     return [
         sys.executable,
         "-m",
@@ -120,41 +113,56 @@ def wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError(f"server at {url} not ready after {timeout_s:.0f}s")
 
 
+def kvos_serve_command(gguf: Path, port: int, flags: Sequence[str]) -> list[str]:
+    """`kvos serve` on `gguf` at `port`, in a child of this Python, with `flags`."""
+    return [sys.executable, "-m", "kvos.entrypoints.cli", "serve", str(gguf), "--port", str(port), *flags]
+
+
+@contextlib.contextmanager
+def running_server(
+    command: list[str], url: str, log: Path, start_timeout_s: float, stop_timeout_s: float = 30.0
+) -> Iterator[subprocess.Popen]:
+    """A fresh server from `command` (output to `log`), ready at `url`; on the way out it gets SIGTERM,
+    and is killed if it has not exited `stop_timeout_s` later."""
+    with open(log, "w", encoding="utf-8") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(url, process, start_timeout_s)
+            yield process
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def run_server(
     command: list[str], port: int, rate: float, args: argparse.Namespace, requests: list, count_tokens: Any, log: Path
 ) -> dict:
     """Start a fresh server, replay the requests at `rate`, stop it; the report adds idle and peak RSS."""
     url = f"http://127.0.0.1:{port}"
-    with open(log, "w", encoding="utf-8") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(url, process, args.start_timeout)
-            sampler = RSSSampler(process.pid)
-            idle = sampler.sample()
-            client_args = serve.build_parser().parse_args(
-                [
-                    url,
-                    "--request-rate",
-                    str(rate),
-                    "--seed",
-                    str(args.seed),
-                    "--no-progress",
-                    "--prompt-ids",
-                    "--ttft-slo",
-                    str(args.ttft_slo),
-                    "--tpot-slo",
-                    str(args.tpot_slo),
-                ]
-            )
-            with sampler:
-                result = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
-            return result | {"rss_idle_mib": mib(idle), "rss_peak_mib": mib(sampler.peak_bytes)}
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with running_server(command, url, log, args.start_timeout) as process:
+        sampler = RSSSampler(process.pid)
+        idle = sampler.sample()
+        client_args = serve.build_parser().parse_args(
+            [
+                url,
+                "--request-rate",
+                str(rate),
+                "--seed",
+                str(args.seed),
+                "--no-progress",
+                "--prompt-ids",
+                "--ttft-slo",
+                str(args.ttft_slo),
+                "--tpot-slo",
+                str(args.tpot_slo),
+            ]
+        )
+        with sampler:
+            result = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+        return result | {"rss_idle_mib": mib(idle), "rss_peak_mib": mib(sampler.peak_bytes)}
 
 
 def run_one(name: str, rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any) -> dict:
