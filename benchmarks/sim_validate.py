@@ -67,6 +67,18 @@ def engine_config(kvos_args: str, gguf: Path) -> EngineConfig:
     return EngineConfig.from_kwargs(**engine_options(args))
 
 
+def instance_config(config: EngineConfig, profile: Profile) -> InstanceConfig:
+    """The simulated instance of the server `config` describes: its scheduler, the profile's KV books and front end."""
+    return InstanceConfig(
+        scheduler=config.scheduler,
+        kv_capacity_tokens=int(profile.engine["kv_capacity_tokens"]),
+        block_size=int(profile.engine["block_size"]),
+        max_model_len=int(profile.engine["max_model_len"]),
+        enable_prefix_caching=config.cache.enable_prefix_caching,
+        front_end=profile.front_end(),
+    )
+
+
 def error_pct(measured: float, simulated: float) -> float:
     return 100.0 * (simulated - measured) / measured if measured else math.nan
 
@@ -151,14 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_model, fit = fit_linear(profile.samples)
     step_model = profile.step_model()
     print(f"step model: {step_model.describe()}\nworker fit error: {fit}")
-    instance = InstanceConfig(
-        scheduler=config.scheduler,
-        kv_capacity_tokens=int(profile.engine["kv_capacity_tokens"]),
-        block_size=int(profile.engine["block_size"]),
-        max_model_len=int(profile.engine["max_model_len"]),
-        enable_prefix_caching=config.cache.enable_prefix_caching,
-        front_end=profile.front_end(),
-    )
+    instance = instance_config(config, profile)
     print(f"front end: {instance.front_end}")
 
     tokenizer = load_tokenizer(gguf)

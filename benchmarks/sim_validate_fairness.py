@@ -24,13 +24,14 @@ import dataclasses
 import datetime
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks import fairness, serve
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.sim_validate import engine_config, error_pct
+from benchmarks.sim_validate import engine_config, error_pct, instance_config
 from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
 from kvos.sim.step_model import Profile
 from kvos.sim.workload import SimRequest
@@ -113,15 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     rows = []
     for policy in args.policies.split(","):
-        config = engine_config(" ".join(fairness.server_flags(policy, args.kvos_args)), gguf)
-        instance = InstanceConfig(
-            scheduler=config.scheduler,
-            kv_capacity_tokens=int(profile.engine["kv_capacity_tokens"]),
-            block_size=int(profile.engine["block_size"]),
-            max_model_len=int(profile.engine["max_model_len"]),
-            enable_prefix_caching=config.cache.enable_prefix_caching,
-            front_end=profile.front_end(),
-        )
+        config = engine_config(shlex.join(fairness.server_flags(policy, args.kvos_args)), gguf)
+        instance = instance_config(config, profile)
         print(f"{policy}: kvos serve ...", flush=True)
         measured = fairness.serve_policy(
             policy,
