@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvos.sim.repo import benchmarks
-from kvos.sim.simulator import SimResult
+from kvos.sim.simulator import SimInstance, SimResult
 
 
 def nearest_rank_ms(values: Sequence[float] | np.ndarray) -> dict[str, float]:
@@ -38,13 +38,12 @@ def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> di
     """The serving benchmark's summary of a simulated run, plus what only a simulator sees."""
     serve = benchmarks("serve")
     times = result.times
-    rejected = set(times.rejected)
+    failed = dict.fromkeys(times.rejected, "rejected: too long")
+    failed.update(dict.fromkeys(times.abandoned, "not sent: an earlier turn of its session was rejected"))
     results = []
     for k in range(len(times.arrival_s)):
-        if k in rejected:
-            results.append(
-                serve.RequestResult(times.prompt_tokens[k], times.expected_tokens[k], error="rejected: too long")
-            )
+        if k in failed:
+            results.append(serve.RequestResult(times.prompt_tokens[k], times.expected_tokens[k], error=failed[k]))
             continue
         arrival = times.arrival_s[k]
         results.append(
@@ -75,8 +74,33 @@ def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> di
         },
         "kv_peak_use": max(i.peak_used_blocks / i.kv.allocator.num_blocks for i in instances),
         "busy_fraction": sum(i.worker.busy_s for i in instances) / (len(instances) * duration),
+        **tier_summary(instances),
     }
     return summary
+
+
+def tier_summary(instances: Sequence[SimInstance]) -> dict[str, Any]:
+    """Prompt tokens looked up and found per tier (the server's `kvos_kv_tier_hit_tokens`), moves and copy time."""
+    queried = sum(i.kv.prefix_cache_stats()[0] for i in instances)
+    counters = [i.kv.counters for i in instances]
+    hits = {
+        "primary": sum(c.primary_hit_tokens for c in counters),
+        "host": sum(c.host_hit_tokens for c in counters),
+    }
+    return {
+        "prompt_tokens_queried": queried,
+        "hit_rate_by_tier": {tier: hit / queried if queried else 0.0 for tier, hit in hits.items()},
+        "preemptions_by_mode": {
+            mode: sum(i.scheduler.preemptions_by_mode[mode] for i in instances) for mode in ("swap", "recompute")
+        },
+        "blocks_moved": {
+            "demote": sum(c.blocks_demoted for c in counters),
+            "promote": sum(c.blocks_promoted for c in counters),
+            "swap_out": sum(c.blocks_swapped_out for c in counters),
+            "swap_in": sum(c.blocks_swapped_in for c in counters),
+        },
+        "copy_s": sum(i.worker.copy_s for i in instances),
+    }
 
 
 def plot_goodput(points: Sequence[tuple[float, dict[str, Any]]], path: str, title: str) -> None:

@@ -51,17 +51,20 @@ import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from kvos.config import SchedulerConfig
 from kvos.core.plan import SequenceUpdate, StepOutput, StepPlan
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.tiers.host import HostBlockPool
+from kvos.memory.tiers.swap import PreemptionRule
 from kvos.sampling_params import SamplingParams
 from kvos.sim.router import make_router
 from kvos.sim.step_model import FrontEnd, StepTimeModel
-from kvos.sim.worker import SIM_TOKEN_ID, SimWorker
-from kvos.sim.workload import SimRequest
+from kvos.sim.worker import SIM_TOKEN_ID, CopyModel, SimWorker
+from kvos.sim.workload import SimRequest, SimSession
 
 MAX_EMPTY_STEPS = 1000
 """Consecutive steps that plan nothing while requests wait: the scheduler is stuck, not slow."""
@@ -87,6 +90,30 @@ class DecodeRun:
 
 
 @dataclass(frozen=True)
+class HostTierConfig:
+    """The host tier's size, and how fast KV moves to and from it.
+
+    Its books are the engine's own (`HostBlockPool` under the paged
+    manager): write-back of cached blocks the pool reuses, prefix hits found
+    there, swap-out and swap-in of preempted requests. Moves take
+    `copy.seconds(tokens)` on the worker's copy thread (`SimWorker`).
+    `preemption_mode` is the engine's `--preemption-mode` less `auto`, which
+    weighs a measured copy rate against a measured compute rate: on the
+    machines profiled here it swaps every victim, so take "swap" for it.
+    """
+
+    capacity_tokens: int
+    copy: CopyModel = field(default_factory=CopyModel)
+    preemption_mode: Literal["swap", "recompute"] = "swap"
+
+    def __post_init__(self) -> None:
+        if self.capacity_tokens < 1:
+            raise ValueError(f"the host tier's capacity_tokens must be >= 1, got {self.capacity_tokens}")
+        if self.preemption_mode not in ("swap", "recompute"):
+            raise ValueError(f"preemption_mode must be 'swap' or 'recompute', got {self.preemption_mode!r}")
+
+
+@dataclass(frozen=True)
 class InstanceConfig:
     """One simulated engine: its scheduler config and its KV cache's size (what `EngineCore` would measure)."""
 
@@ -97,6 +124,8 @@ class InstanceConfig:
     enable_prefix_caching: bool = True
     front_end: FrontEnd = field(default_factory=FrontEnd)
     """The server's front end before the engine and back to the client; the default, zero, is a bare engine."""
+    host: HostTierConfig | None = None
+    """A host KV tier below the pool (`--kv-offload-size`), or none."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -107,6 +136,11 @@ class InstanceConfig:
             )
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.host is not None and self.host.capacity_tokens < self.block_size:
+            raise ValueError(
+                f"the host tier's capacity_tokens must hold one block of {self.block_size}, "
+                f"got {self.host.capacity_tokens}"
+            )
 
 
 @dataclass(frozen=True)
@@ -127,17 +161,22 @@ class SimInstance:
     """One engine: the real scheduler and KV books, the simulated worker."""
 
     def __init__(self, config: InstanceConfig, step_model: StepTimeModel, decode_runs: bool = True) -> None:
+        host = config.host
         self.kv = PagedKVCacheManager(
             num_blocks=config.kv_capacity_tokens // config.block_size,
             block_size=config.block_size,
             max_model_len=config.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
             model_identity="kvos-sim",
+            host=HostBlockPool(host.capacity_tokens // config.block_size) if host is not None else None,
         )
-        self.scheduler = Scheduler(config.scheduler, self.kv, frozenset(), config.max_model_len)
-        self.worker = SimWorker(step_model)
+        preemption = PreemptionRule(host.preemption_mode) if host is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.kv, frozenset(), config.max_model_len, preemption)
+        self.worker = SimWorker(step_model, host.copy if host is not None else CopyModel(), config.block_size)
         self.step_model = step_model
-        self.decode_runs = decode_runs and config.scheduler.policy in FAST_POLICIES
+        # With a host tier the pool's evictions write blocks back, ops that go in the next plan: a run
+        # would move them to the step after it, so every step is planned.
+        self.decode_runs = decode_runs and config.scheduler.policy in FAST_POLICIES and host is None
         self.inbox: list[tuple[Request, int]] = []
         """Arrivals since the last step began, each with the tokens of KV it brings (disaggregation), or 0."""
         self.in_flight: tuple[StepPlan, StepOutput] | None = None
@@ -333,6 +372,8 @@ class RequestTimes:
     prompt_tokens: array = field(default_factory=lambda: array("l"))
     expected_tokens: array = field(default_factory=lambda: array("l"))
     rejected: list[int] = field(default_factory=list)
+    abandoned: list[int] = field(default_factory=list)
+    """Session turns never sent, because an earlier turn of theirs was refused (their arrival: that refusal)."""
     itl_s: array = field(default_factory=lambda: array("d"))
     """Every gap between consecutive tokens of any request."""
 
@@ -347,6 +388,68 @@ class SimResult:
     @property
     def end_s(self) -> float:
         return max((t for t in self.times.last_token_s if not math.isnan(t)), default=0.0)
+
+
+class _Turns:
+    """The sessions' turns as requests: their numbering, prompts, and when each next one is sent.
+
+    Turn t of session j is request `first[j] + t`; its prompt is built when
+    it is sent, from the turn before it as the engine left it (prompt plus
+    the tokens it produced), so the history matches token for token and the
+    prefix cache finds what it still holds. The session's first request id
+    is its first token, which keeps sessions from sharing prefixes.
+    """
+
+    def __init__(self, sessions: Sequence[SimSession], base: int) -> None:
+        self.sessions = sessions
+        self.base = base
+        self.specs: list[SimRequest] = []
+        self.first: list[int] = []
+        self.session_of: list[int] = []
+        for j, session in enumerate(sessions):
+            self.first.append(base + len(self.specs))
+            for turn in session.turns:
+                self.specs.append(
+                    SimRequest(0.0, turn.prompt_tokens, turn.output_tokens, session.tenant, session.priority)
+                )
+                self.session_of.append(j)
+        self._live: dict[int, Request] = {}
+        """Per session: the Request of its latest turn sent, until the next one is built from it."""
+
+    def first_sends(self) -> list[tuple[float, int]]:
+        sends = [(session.start_s, first) for session, first in zip(self.sessions, self.first)]
+        heapq.heapify(sends)
+        return sends
+
+    def prompt(self, k: int) -> list[int]:
+        j = self.session_of[k - self.base]
+        spec = self.specs[k - self.base]
+        before = self._live.pop(j, None)
+        if before is None:
+            return [k] + [0] * (spec.prompt_tokens - 1)
+        history = [*before.prompt_token_ids, *before.output_token_ids]
+        assert len(history) < spec.prompt_tokens  # SimSession checks each turn outgrows its history
+        return history + [0] * (spec.prompt_tokens - len(history))
+
+    def sent(self, k: int, request: Request) -> None:
+        self._live[self.session_of[k - self.base]] = request
+
+    def finished(self, k: int, read_s: float, sends: list[tuple[float, int]]) -> None:
+        """Turn k's reply was read at `read_s`: the session's next turn goes out a think time later."""
+        j = self.session_of[k - self.base]
+        nxt = k + 1
+        if nxt - self.first[j] < len(self.sessions[j].turns):
+            heapq.heappush(sends, (read_s + self.sessions[j].turns[nxt - self.first[j]].think_s, nxt))
+        else:
+            self._live.pop(j, None)
+
+    def abandon(self, k: int, now: float, times: RequestTimes) -> None:
+        """Turn k was refused: the session's later turns are never sent."""
+        j = self.session_of[k - self.base]
+        self._live.pop(j, None)
+        for later in range(k + 1, self.first[j] + len(self.sessions[j].turns)):
+            times.arrival_s[later] = now
+            times.abandoned.append(later)
 
 
 class Simulator:
@@ -365,8 +468,16 @@ class Simulator:
             params = self._params[max_tokens] = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
         return params
 
-    def run(self, requests: Sequence[SimRequest]) -> SimResult:
-        """Serve `requests` (sorted by arrival) to completion.
+    def run(self, requests: Sequence[SimRequest], sessions: Sequence[SimSession] = ()) -> SimResult:
+        """Serve `requests` (sorted by arrival) and `sessions` to completion.
+
+        Request k of the result is `requests[k]`; the sessions' turns follow,
+        session by session, turn by turn. A turn is sent `think_s` after the
+        client has read the previous turn's last token; its prompt is the
+        previous prompt, the reply as the engine produced it, and new tokens
+        up to the turn's `prompt_tokens`, so the engine finds the history in
+        whatever tier still holds it. A turn the engine refuses ends its
+        session: the later turns are never sent (`RequestTimes.abandoned`).
 
         Python's cyclic garbage collector is paused meanwhile: a fleet's books
         are millions of long-lived objects (a `Block` per KV block of every
@@ -380,12 +491,12 @@ class Simulator:
         collecting = gc.isenabled()
         gc.disable()
         try:
-            return self._run(requests)
+            return self._run(requests, sessions)
         finally:
             if collecting:
                 gc.enable()
 
-    def _run(self, requests: Sequence[SimRequest]) -> SimResult:
+    def _run(self, requests: Sequence[SimRequest], sessions: Sequence[SimSession]) -> SimResult:
         config = self.config
         instances = [
             SimInstance(config.instance, self.step_model, self.decode_runs) for _ in range(config.num_instances)
@@ -394,38 +505,59 @@ class Simulator:
         times = RequestTimes()
         nan = math.nan
         n = len(requests)
+        turns = _Turns(sessions, n)
+        total = n + len(turns.specs)
         times.arrival_s.extend(r.arrival_s for r in requests)
-        times.prompt_tokens.extend(r.prompt_tokens for r in requests)
-        times.expected_tokens.extend(r.output_tokens for r in requests)
-        times.first_token_s.extend([nan] * n)
-        times.last_token_s.extend([nan] * n)
-        times.num_output_tokens.extend([0] * n)
+        times.arrival_s.extend([nan] * len(turns.specs))
+        times.prompt_tokens.extend(r.prompt_tokens for r in itertools.chain(requests, turns.specs))
+        times.expected_tokens.extend(r.output_tokens for r in itertools.chain(requests, turns.specs))
+        times.first_token_s.extend([nan] * total)
+        times.last_token_s.extend([nan] * total)
+        times.num_output_tokens.extend([0] * total)
         max_len = config.instance.max_model_len
         ends: list[tuple[float, int, int]] = []
         """(when, instance, its version then): each instance's next step end, wake-up or run end."""
+        sends = turns.first_sends()
+        """(send time, request index) of the sessions' turns due, a heap: first turns, then each next one
+        when the turn before it ends."""
         to_engine = config.instance.front_end.to_engine_s
+        to_client = config.instance.front_end.to_client_s
         start_wall = time.perf_counter()
         num_events = 0
         i = 0
-        while i < n or ends:
+        while i < n or sends or ends:
             num_events += 1
-            # The front end's delay is the same for every request, so they reach the engines in arrival order.
-            if i < n and (not ends or requests[i].arrival_s + to_engine <= ends[0][0]):
-                spec = requests[i]
-                now = spec.arrival_s + to_engine
+            # The front end's delay is the same for every request, so they reach the engines in send order.
+            k = -1
+            if i < n and (not sends or requests[i].arrival_s <= sends[0][0]):
+                if not ends or requests[i].arrival_s + to_engine <= ends[0][0]:
+                    k = i
+                    spec = requests[i]
+                    sent = spec.arrival_s
+                    i += 1
+            elif sends and (not ends or sends[0][0] + to_engine <= ends[0][0]):
+                sent, k = heapq.heappop(sends)
+                spec = turns.specs[k - n]
+                times.arrival_s[k] = sent
+            if k >= 0:
+                now = sent + to_engine
                 index = router.route(spec)
                 instance = instances[index]
-                total = spec.prompt_tokens + spec.output_tokens
-                if total > max_len or total > instance.kv.max_tokens_per_request:
+                total_tokens = spec.prompt_tokens + spec.output_tokens
+                if total_tokens > max_len or total_tokens > instance.kv.max_tokens_per_request:
                     # The engine refuses it at the door (InvalidRequestError): a failed request.
-                    times.rejected.append(i)
+                    times.rejected.append(k)
                     router.on_finish(index)
-                    i += 1
+                    if k >= n:
+                        turns.abandon(k, now, times)
                     continue
-                # A distinct first token gives every prompt its own prefix: no hits between unrelated requests.
-                prompt = [i] + [0] * (spec.prompt_tokens - 1)
+                if k < n:
+                    # A distinct first token gives every prompt its own prefix: no hits between unrelated requests.
+                    prompt = [k] + [0] * (spec.prompt_tokens - 1)
+                else:
+                    prompt = turns.prompt(k)
                 request = Request(
-                    str(i),
+                    str(k),
                     prompt,
                     self._sampling_params(spec.output_tokens),
                     arrival_time=now,
@@ -433,7 +565,8 @@ class Simulator:
                     tenant=spec.tenant,
                 )
                 instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
-                i += 1
+                if k >= n:
+                    turns.sent(k, request)
                 if instance.run is not None:
                     # The engine would take it in at the first step boundary from now: the run stops there.
                     moved = instance.cut_run(now)
@@ -464,10 +597,11 @@ class Simulator:
                     times.num_output_tokens[k] += len(update.new_token_ids)
                 if update.finish_reason is not None:
                     router.on_finish(index)
+                    if k >= n:
+                        turns.finished(k, now + to_client, sends)
             end = instance.start_step(now)
             if end is not None:
                 heapq.heappush(ends, (end, index, instance.version))
-        to_client = config.instance.front_end.to_client_s
         if to_client:
             # Every token reaches the client that much later: TTFT and latency grow, the gaps stay.
             times.first_token_s = array("d", (t + to_client for t in times.first_token_s))

@@ -1,6 +1,6 @@
 """Simulated requests: where their lengths and arrival times come from.
 
-Three sources, one shape (`SimRequest`):
+Three sources of single requests, one shape (`SimRequest`):
 
 - ShareGPT lengths (prompt and reference answer, tokenized as the serving
   benchmark does), with arrivals from a process;
@@ -9,6 +9,13 @@ Three sources, one shape (`SimRequest`):
   (`tenant` and `priority` optional);
 - a Poisson process (exponential gaps) or a gamma process (burstier for a
   coefficient of variation above 1) at a rate.
+
+And conversations (`SimSession`): a closed loop of turns, each sent a think
+time after the client has read the previous reply, its prompt the whole
+history so far (earlier prompts and replies) plus the new message, as a chat
+client sends it. In a trace, lines with a `session` field are its turns, in
+order: the first gives `arrival_s`, each later one `think_s` instead
+(`{"session": "s1", "think_s": 2.0, "prompt_tokens": 300, "output_tokens": 40}`).
 """
 
 from __future__ import annotations
@@ -44,6 +51,50 @@ class SimRequest:
             raise ValueError(
                 f"prompt_tokens and output_tokens must be >= 1, got {self.prompt_tokens} and {self.output_tokens}"
             )
+
+
+@dataclass(frozen=True)
+class SimTurn:
+    """One turn of a conversation."""
+
+    prompt_tokens: int
+    """The whole prompt: the history (earlier prompts and replies) and the new message."""
+    output_tokens: int
+    think_s: float = 0.0
+    """From the client reading the previous reply to sending this turn; 0 for the first turn."""
+
+
+@dataclass(frozen=True)
+class SimSession:
+    """A conversation: its first turn is sent at `start_s`, each later one `think_s` after the reply before it.
+
+    A later turn's prompt begins with the earlier turn's prompt and reply, so
+    the engine finds that history in its prefix cache (or a tier) if it is
+    still there; it must be longer than that history by its new message.
+    """
+
+    start_s: float
+    turns: tuple[SimTurn, ...]
+    tenant: str = ""
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.start_s) and self.start_s >= 0):
+            raise ValueError(f"start_s must be a finite time >= 0, got {self.start_s}")
+        if not self.turns:
+            raise ValueError("a session needs at least one turn")
+        history = 0
+        for k, turn in enumerate(self.turns):
+            if turn.output_tokens < 1:
+                raise ValueError(f"turn {k}: output_tokens must be >= 1, got {turn.output_tokens}")
+            if turn.prompt_tokens <= history:
+                raise ValueError(
+                    f"turn {k}: prompt_tokens ({turn.prompt_tokens}) must exceed the history before it "
+                    f"({history} tokens: earlier prompt and reply)"
+                )
+            if not (math.isfinite(turn.think_s) and turn.think_s >= 0) or (k == 0 and turn.think_s):
+                raise ValueError(f"turn {k}: think_s must be a finite time >= 0 (0 for the first), got {turn.think_s}")
+            history = turn.prompt_tokens + turn.output_tokens
 
 
 def arrival_times(num: int, rate: float, process: str = "poisson", cv: float = 1.0, seed: int = 0) -> list[float]:

@@ -13,15 +13,25 @@ from kvos.config import EngineConfig, SchedulerConfig, SchedulingPolicyName
 from kvos.core.engine_core import EngineCore
 from kvos.core.plan import StepPlan
 from kvos.core.request import Request
+from kvos.memory.factory import host_tier
 from kvos.model.loader import load_model
 from kvos.sampling_params import SamplingParams
 from kvos.sim.disagg import DisaggConfig, LinkModel, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
 from kvos.sim.router import LeastLoadRouter
-from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
+from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, Simulator
 from kvos.sim.step_model import FrontEnd, LinearStepModel, StepShape
-from kvos.sim.workload import SimRequest, arrival_times, load_trace, with_arrivals, write_trace
+from kvos.sim.worker import CopyModel
+from kvos.sim.workload import (
+    SimRequest,
+    SimSession,
+    SimTurn,
+    arrival_times,
+    load_trace,
+    with_arrivals,
+    write_trace,
+)
 
 STEP_MODEL = LinearStepModel(
     prefill_intercept=0.020,
@@ -63,6 +73,23 @@ def workload(seed: int = 0, num: int = 40, rate: float = 40.0) -> list[SimReques
     ]
 
 
+def conversations(seed: int = 0, num: int = 6) -> list[SimSession]:
+    """Three-turn chats, each turn's prompt its history plus a new message, within the tiny model's 128 tokens."""
+    import random
+
+    rng = random.Random(seed)
+    sessions = []
+    for _ in range(num):
+        turns, history = [], 0
+        for t in range(3):
+            prompt = history + rng.randint(5, 30 if t == 0 else 15)
+            output = rng.randint(2, 12)
+            turns.append(SimTurn(prompt, output, 0.0 if t == 0 else rng.uniform(0.0, 0.3)))
+            history = prompt + output
+        sessions.append(SimSession(rng.uniform(0.0, 0.4), tuple(turns)))
+    return sessions
+
+
 def tiny_core(tmp_path: Path, **scheduler: Any) -> EngineCore:
     (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
     bytes_per_token = 2 * 2 * 2 * 16 * 4  # K and V x layers x kv heads x head dim x float32
@@ -86,39 +113,83 @@ def plan_key(plan: StepPlan) -> tuple:
         ),
         tuple(d.req_id for d in plan.new_requests),
         tuple(plan.copies),
+        tuple(plan.saves),
+        tuple(plan.loads),
+        tuple(plan.kv_loads),
         tuple(plan.finished_req_ids),
         tuple(plan.preempted_req_ids),
     )
 
 
-def drive_real_engine(core: EngineCore, requests: list[SimRequest]) -> list[StepPlan]:
-    """The real EngineCore on a fake clock: each step takes STEP_MODEL's time; requests join between steps."""
+def drive_real_engine(
+    core: EngineCore, requests: list[SimRequest], sessions: list[SimSession] | None = None
+) -> list[StepPlan]:
+    """The real EngineCore on a fake clock: each step takes STEP_MODEL's time; requests join between steps.
+
+    Session turns are numbered after the requests, session by session; each is sent its think time after
+    the turn before it ends, with that turn's prompt and the tokens the model gave it as its history.
+    """
+    import heapq
+
     plans: list[StepPlan] = []
     execute = core.worker.execute
+    copies = core.worker.copies
+    take_reports = copies.take_reports
 
     def recording(plan: StepPlan):
         if plan.scheduled:
             plans.append(plan)
         return execute(plan)
 
+    def drained_reports():  # host-tier loads done by the step's end, every time (the simulator's assumption)
+        copies.drain()
+        return take_reports()
+
     core.worker.execute = recording  # type: ignore[method-assign]
+    copies.take_reports = drained_reports  # type: ignore[method-assign]
+    turns = [(j, t) for j, session in enumerate(sessions or []) for t in range(len(session.turns))]
+    first_turn = {j: len(requests) + turns.index((j, 0)) for j in range(len(sessions or []))}
+    sends = [(session.start_s, first_turn[j]) for j, session in enumerate(sessions or [])]
+    heapq.heapify(sends)
+    live: dict[int, Request] = {}
     now, i = 0.0, 0
-    while i < len(requests) or core.has_unfinished_requests():
-        if not core.has_unfinished_requests():
-            now = max(now, requests[i].arrival_s)  # idle until the next arrival
+    while i < len(requests) or sends or core.has_unfinished_requests():
+        if not core.has_unfinished_requests():  # idle until the next arrival
+            pending = ([requests[i].arrival_s] if i < len(requests) else []) + [t for t, _ in sends[:1]]
+            now = max(now, min(pending))
+        due: list[tuple[float, int, SimRequest, list[int]]] = []
         while i < len(requests) and requests[i].arrival_s <= now:
-            spec = requests[i]
-            params = SamplingParams(max_tokens=spec.output_tokens, ignore_eos=True, temperature=0.0)
-            prompt = [i] + [0] * (spec.prompt_tokens - 1)
-            core.add_request(Request(str(i), prompt, params, spec.arrival_s, spec.priority, spec.tenant))
+            due.append((requests[i].arrival_s, i, requests[i], [i] + [0] * (requests[i].prompt_tokens - 1)))
             i += 1
+        while sends and sends[0][0] <= now:
+            sent, k = heapq.heappop(sends)
+            j, t = turns[k - len(requests)]
+            turn = sessions[j].turns[t]  # type: ignore[index]
+            before = live.get(j)
+            history = [*before.prompt_token_ids, *before.output_token_ids] if before else [k]
+            spec = SimRequest(0.0, turn.prompt_tokens, turn.output_tokens)
+            due.append((sent, k, spec, history + [0] * (turn.prompt_tokens - len(history))))
+        for sent, k, spec, prompt in sorted(due, key=lambda d: d[:2]):  # the simulator's order: by send, then index
+            params = SamplingParams(max_tokens=spec.output_tokens, ignore_eos=True, temperature=0.0)
+            request = Request(str(k), prompt, params, sent, spec.priority, spec.tenant)
+            core.add_request(request)
+            if k >= len(requests):
+                live[turns[k - len(requests)][0]] = request
         num_before = len(plans)
-        core.step()
+        updates = core.step()
         now += sum(STEP_MODEL.step_seconds(StepShape.from_plan(p)) for p in plans[num_before:])
+        for update in updates:
+            k = int(update.req_id)
+            if update.finish_reason is not None and k >= len(requests):
+                j, t = turns[k - len(requests)]
+                if t + 1 < len(sessions[j].turns):  # type: ignore[index]
+                    heapq.heappush(sends, (now + sessions[j].turns[t + 1].think_s, k + 1))  # type: ignore[index]
     return plans
 
 
-def simulated_plans(config: InstanceConfig, requests: list[SimRequest]) -> tuple[list[StepPlan], dict]:
+def simulated_plans(
+    config: InstanceConfig, requests: list[SimRequest], sessions: list[SimSession] | None = None
+) -> tuple[list[StepPlan], dict]:
     from kvos.sim import simulator
 
     plans: list[StepPlan] = []
@@ -132,7 +203,7 @@ def simulated_plans(config: InstanceConfig, requests: list[SimRequest]) -> tuple
     simulator.SimWorker.execute = recording  # type: ignore[method-assign]
     try:
         # One step at a time: the plans of decode runs are never built (their equivalence is tested below).
-        result = Simulator(FleetConfig(config), STEP_MODEL, decode_runs=False).run(requests)
+        result = Simulator(FleetConfig(config), STEP_MODEL, decode_runs=False).run(requests, sessions or ())
     finally:
         simulator.SimWorker.execute = execute  # type: ignore[method-assign]
     return plans, summarize_sim(result, 2.0, 0.2)
@@ -474,6 +545,102 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         assert a.kv.allocator._cached == b.kv.allocator._cached
     if policy == "fcfs" and num_instances == 1:
         assert fast.instances[0].scheduler.num_preemptions > 0, "the workload should exercise preemption"
+
+
+@pytest.mark.parametrize("host", [False, True], ids=["pool-only", "host-tier"])
+def test_simulator_makes_the_real_engines_decisions_for_chat_sessions(tmp_path: Path, host: bool) -> None:
+    """Closed-loop sessions beside open-loop requests: the same prefix hits, write-backs, host loads and swaps.
+
+    With the host tier, more open-loop requests crowd the pool until it preempts (swapping victims out)."""
+    requests, sessions = workload(num=40 if host else 8, rate=40.0 if host else 8.0), conversations()
+    bytes_per_token = 2 * 2 * 2 * 16 * 4
+    tiers: dict[str, Any] = {"kv_offload_bytes": 64 * 16 * bytes_per_token, "preemption_mode": "swap"} if host else {}
+    core = tiny_core(tmp_path, policy="fcfs", max_num_batched_tokens=32, max_num_seqs=6, **tiers)
+    try:
+        real = drive_real_engine(core, requests, sessions)
+        found = host_tier(core.kv_manager)
+        config = InstanceConfig(
+            scheduler=core.config.scheduler,
+            kv_capacity_tokens=core.capacity_tokens,
+            block_size=core.config.cache.block_size,
+            max_model_len=core.max_model_len,
+            host=HostTierConfig(found[0].num_blocks * found[1]) if found is not None else None,
+        )
+        real_hits = core.kv_manager.counters
+    finally:
+        core.close()
+    simulated, summary = simulated_plans(config, requests, sessions)
+    assert len(simulated) == len(real)
+    for sim_plan, real_plan in zip(simulated, real):
+        assert plan_key(sim_plan) == plan_key(real_plan)
+    num_turns = sum(len(s.turns) for s in sessions)
+    assert summary["completed"] == len(requests) + num_turns
+    simulation = summary["simulation"]
+    if not host:
+        assert simulation["hit_rate_by_tier"]["primary"] > 0, "later turns should find their history"
+    else:
+        assert real_hits.host_hit_tokens > 0 and real_hits.blocks_swapped_out > 0, "the workload should use the tier"
+        assert simulation["blocks_moved"]["demote"] == real_hits.blocks_demoted
+        assert simulation["blocks_moved"]["swap_out"] == real_hits.blocks_swapped_out
+    queried = simulation["prompt_tokens_queried"]
+    assert simulation["hit_rate_by_tier"]["host"] * queried == pytest.approx(real_hits.host_hit_tokens)
+
+
+def test_a_session_turn_is_sent_a_think_time_after_the_reply_and_finds_its_history() -> None:
+    """By hand: prefill steps 100 ms, decode steps 50 ms, 10 ms to the engine and 20 ms back, blocks of 16."""
+    steps = LinearStepModel(0.100, 0.050, 0.0, 0.0, 0.0, 0.0)
+    chat = SimSession(0.0, (SimTurn(32, 3), SimTurn(48, 2, think_s=1.0)))
+    config = InstanceConfig(front_end=FrontEnd(to_engine_s=0.010, to_client_s=0.020))
+    late = SimRequest(100.0, 8, 1)
+    result = Simulator(FleetConfig(config), steps).run([late], [chat])
+    times = result.times
+    # Turn 0 (request 1) reaches the engine at 10 ms: prefill 10-110, decodes to 160 and 210; read at 230 ms.
+    assert times.first_token_s[1] == pytest.approx(0.130)
+    assert times.last_token_s[1] == pytest.approx(0.230)
+    # Turn 1 is sent at 1.230 s, reaches the engine at 1.240: its 48-token prompt holds the 32 prompt tokens
+    # (two full blocks, cached) and the 3 reply tokens; prefill 1.240-1.340, one decode to 1.390.
+    assert times.arrival_s[2] == pytest.approx(1.230)
+    assert times.first_token_s[2] == pytest.approx(1.360)
+    assert times.last_token_s[2] == pytest.approx(1.410)
+    assert times.arrival_s[0] == 100.0 and times.num_output_tokens[0] == 1
+    tiers = summarize_sim(result, 2.0, 0.2)["simulation"]
+    assert tiers["prompt_tokens_queried"] == 8 + 32 + 48
+    assert tiers["hit_rate_by_tier"]["primary"] * (8 + 32 + 48) == pytest.approx(32)
+
+
+def test_a_refused_turn_ends_its_session() -> None:
+    chat = SimSession(0.0, (SimTurn(10, 2), SimTurn(100, 2), SimTurn(110, 2)))
+    config = InstanceConfig(max_model_len=64)
+    result = Simulator(FleetConfig(config), STEP_MODEL).run([], [chat])
+    assert list(result.times.rejected) == [1] and list(result.times.abandoned) == [2]
+    summary = summarize_sim(result, 2.0, 0.2)
+    assert summary["completed"] == 1 and summary["failed"] == 2
+    assert "an earlier turn of its session was rejected" in " ".join(summary["errors"])
+
+
+def test_host_tier_moves_cost_copy_time_by_hand() -> None:
+    """By hand: steps take 100 ms; KV moves at 1 ms per token (16 ms a block); a pool of 4 blocks of 16.
+
+    Turn 0 (32 prompt tokens, 2 out) leaves two full cached blocks. A 48-token request in the think time
+    needs the whole pool: its two steps write both of those blocks back to the host tier (32 ms). Turn 1
+    then finds the 32 tokens in the host tier: its step first writes back two of that request's cached
+    blocks the pool reuses, then loads the two (64 ms), then computes.
+    """
+    steps = LinearStepModel(0.100, 0.100, 0.0, 0.0, 0.0, 0.0)
+    copy = CopyModel(kv_bytes_per_token=1000, bytes_per_s=1e6)
+    chat = SimSession(0.0, (SimTurn(32, 2), SimTurn(48, 1, think_s=1.0)))
+    filler = SimRequest(0.5, 48, 2)
+    cases = ((None, 0.700, 0.100, 0), (HostTierConfig(128, copy), 0.732, 0.164, 32))
+    for host, filler_end, turn_ttft, host_hits in cases:
+        config = InstanceConfig(kv_capacity_tokens=64, host=host)
+        result = Simulator(FleetConfig(config), steps).run([filler], [chat])
+        times = result.times
+        assert times.last_token_s[0] == pytest.approx(filler_end)
+        assert times.arrival_s[2] == pytest.approx(1.200)
+        assert times.first_token_s[2] - times.arrival_s[2] == pytest.approx(turn_ttft)
+        counters = result.instances[0].kv.counters
+        assert counters.host_hit_tokens == host_hits
+        assert counters.primary_hit_tokens == 0
 
 
 def test_front_end_delays_each_request_on_its_way_in_and_each_token_on_its_way_out() -> None:
