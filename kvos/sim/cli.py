@@ -46,12 +46,6 @@ def add_sim_parser(sub: Any) -> None:
     )
     plan.add_argument("--link-bandwidth", type=float, default=None, help="disaggregation: KV link, bytes/s")
     plan.add_argument("--link-latency", type=float, default=0.0, help="disaggregation: per transfer, seconds")
-    plan.add_argument(
-        "--kv-bytes-per-token",
-        type=int,
-        default=None,
-        help="disaggregation: KV bytes per token (default: the profile's engine, or --arch at --dtype)",
-    )
     plan.add_argument("--json", type=Path, default=None)
     plan.set_defaults(func=cmd_plan)
 
@@ -114,6 +108,20 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
     group.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     group.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache size per instance, tokens")
     group.add_argument("--max-model-len", type=int, default=None)
+    group.add_argument(
+        "--host-capacity-tokens", type=int, default=None, help="a host KV tier per instance of this many tokens"
+    )
+    group.add_argument(
+        "--copy-bandwidth", type=float, default=None, help="host tier: bytes/s of KV moves (default: free)"
+    )
+    group.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap", help="with a host tier")
+    group.add_argument(
+        "--kv-bytes-per-token",
+        type=int,
+        default=None,
+        help="KV moves (host tier, disaggregation): bytes per token (default: the profile's engine, or --arch at "
+        "--dtype)",
+    )
 
 
 # -- building the pieces ---------------------------------------------------------------
@@ -160,10 +168,15 @@ def _arch(source: str | None) -> Any:
 def make_fleet(
     args: argparse.Namespace, num_instances: int | None = None, router: str | None = None, policy: str | None = None
 ) -> Any:
-    from kvos.sim.simulator import FleetConfig, InstanceConfig
+    from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig
     from kvos.sim.step_model import FrontEnd
+    from kvos.sim.worker import CopyModel
 
     profile = _profile(args)
+    host = None
+    if args.host_capacity_tokens is not None:
+        copy = CopyModel(_kv_bytes_per_token(args), args.copy_bandwidth) if args.copy_bandwidth else CopyModel()
+        host = HostTierConfig(args.host_capacity_tokens, copy, args.preemption_mode)
     engine = profile.engine if profile is not None else {}
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -177,12 +190,13 @@ def make_fleet(
         block_size=engine.get("block_size", InstanceConfig.block_size),
         max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
         front_end=profile.front_end() if profile is not None else FrontEnd(),
+        host=host,
     )
     return FleetConfig(instance, num_instances or int(getattr(args, "num_instances", 1)), router or args.router)
 
 
-def make_requests(args: argparse.Namespace, rate: float) -> list[Any]:
-    from kvos.sim.workload import arrival_times, load_trace, sharegpt_lengths, with_arrivals
+def make_workload(args: argparse.Namespace, rate: float) -> Any:
+    from kvos.sim.workload import Workload, arrival_times, load_trace, sharegpt_lengths, with_arrivals
 
     if args.trace is not None:
         return load_trace(args.trace)
@@ -196,7 +210,9 @@ def make_requests(args: argparse.Namespace, rate: float) -> list[Any]:
         lengths = [(prompt, output)] * args.num_requests
     else:
         lengths = sharegpt_lengths(args.num_requests, args.max_prompt_tokens, args.max_output_tokens, args.seed)
-    return with_arrivals(lengths, arrival_times(args.num_requests, rate, args.arrival, args.cv, args.seed))
+    return Workload(
+        with_arrivals(lengths, arrival_times(args.num_requests, rate, args.arrival, args.cv, args.seed)), []
+    )
 
 
 def _rates(text: str) -> list[float]:
@@ -221,7 +237,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     rates = [math.nan] if args.trace is not None else _rates(args.rates)
     runs = []
     for rate in rates:
-        result = Simulator(fleet, step_model).run(make_requests(args, rate))
+        workload = make_workload(args, rate)
+        result = Simulator(fleet, step_model).run(workload.requests, workload.sessions)
         summary = summarize_sim(result, args.ttft_slo, args.tpot_slo)
         runs.append((rate, summary))
         print(
@@ -256,16 +273,21 @@ def _names(text: str, known: Any, flag: str) -> list[str]:
     return names
 
 
+def _kv_bytes_per_token(args: argparse.Namespace) -> int:
+    """--kv-bytes-per-token, else the profiled engine's, else --arch's at --dtype."""
+    profile = _profile(args)
+    kv_bytes = args.kv_bytes_per_token or (profile.engine if profile is not None else {}).get("kv_bytes_per_token")
+    if kv_bytes is None:
+        kv_bytes = _arch(args.arch).kv_bytes_per_token(DTYPE_BYTES[args.dtype])
+    return int(kv_bytes)
+
+
 def _link(args: argparse.Namespace) -> Any:
     from kvos.sim.disagg import LinkModel
 
     if args.link_bandwidth is None:
         raise ValueError("--disaggregated needs --link-bandwidth (bytes/s of the prefill-to-decode KV link)")
-    profile = _profile(args)
-    kv_bytes = args.kv_bytes_per_token or (profile.engine if profile is not None else {}).get("kv_bytes_per_token")
-    if kv_bytes is None:
-        kv_bytes = _arch(args.arch).kv_bytes_per_token(DTYPE_BYTES[args.dtype])
-    return LinkModel(args.link_bandwidth, int(kv_bytes), args.link_latency)
+    return LinkModel(args.link_bandwidth, _kv_bytes_per_token(args), args.link_latency)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -279,7 +301,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policies = _names(args.scheduling_policy, SCHEDULING_POLICIES, "--scheduling-policy")
     link = _link(args) if args.disaggregated else None
     step_model = make_step_model(args)
-    requests = make_requests(args, args.rate)
+    workload = make_workload(args, args.rate)
+    if link is not None and workload.sessions:
+        raise ValueError("--disaggregated does not simulate sessions (closed-loop turns): plan them colocated")
     plans: list[dict[str, Any]] = []
     for router in routers:
         for policy in policies:
@@ -288,10 +312,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 entry: dict[str, Any] = {"layout": layout, "router": router, "policy": policy}
                 try:
                     if link is None or layout == "colocated":
-                        entry |= plan_instances(fleet, step_model, requests, slo, args.max_instances).to_json()
+                        entry |= plan_instances(
+                            fleet, step_model, workload.requests, slo, args.max_instances, workload.sessions
+                        ).to_json()
                     else:
                         entry |= plan_disaggregated(
-                            fleet, link, step_model, requests, slo, args.max_instances
+                            fleet, link, step_model, workload.requests, slo, args.max_instances
                         ).to_json()
                 except ValueError as exc:  # no fleet within --max-instances: say so, keep comparing
                     entry |= {"num_instances": None, "error": str(exc)}

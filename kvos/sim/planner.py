@@ -28,7 +28,7 @@ from kvos.sim.disagg import DisaggConfig, LinkModel, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.simulator import FleetConfig, SimResult, Simulator
 from kvos.sim.step_model import StepTimeModel
-from kvos.sim.workload import SimRequest
+from kvos.sim.workload import SimRequest, SimSession
 
 EXTRA_PREFILL = 2
 """Prefill counts above the TTFT-only minimum also tried: more prefill can cut the decode tier's queueing."""
@@ -83,13 +83,15 @@ def plan_instances(
     requests: Sequence[SimRequest],
     slo: SLO,
     max_instances: int = 4096,
+    sessions: Sequence[SimSession] = (),
 ) -> PlanResult:
-    """The fewest instances of `fleet` (its router, its instance config) that meet `slo` on `requests`."""
+    """The fewest instances of `fleet` (its router, its instance config) that meet `slo` on `requests` and
+    `sessions`' turns."""
     tried: list[tuple[int, float, float]] = []
 
     def meets(n: int) -> bool:
         config = dataclasses.replace(fleet, num_instances=n)
-        summary = summarize_sim(Simulator(config, step_model).run(requests), slo.ttft_s, slo.tpot_s)
+        summary = summarize_sim(Simulator(config, step_model).run(requests, sessions), slo.ttft_s, slo.tpot_s)
         tried.append((n, summary["slo_attainment"], summary["goodput"]))
         return summary["slo_attainment"] >= slo.attainment
 

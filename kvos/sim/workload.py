@@ -14,7 +14,8 @@ And conversations (`SimSession`): a closed loop of turns, each sent a think
 time after the client has read the previous reply, its prompt the whole
 history so far (earlier prompts and replies) plus the new message, as a chat
 client sends it. In a trace, lines with a `session` field are its turns, in
-order: the first gives `arrival_s`, each later one `think_s` instead
+order: the first gives `arrival_s` (and the session's `tenant` and
+`priority`), each later one `think_s` instead
 (`{"session": "s1", "think_s": 2.0, "prompt_tokens": 300, "output_tokens": 40}`).
 """
 
@@ -154,15 +155,37 @@ def sharegpt_lengths(
     return [pairs[i % len(pairs)] for i in range(num)]
 
 
-def load_trace(path: str | Path) -> list[SimRequest]:
-    """Requests from a JSONL trace, sorted by arrival; ValueError naming the line and field that is wrong."""
-    requests = []
+@dataclass(frozen=True)
+class Workload:
+    """What a simulation serves: single requests (sorted by arrival) and conversations."""
+
+    requests: list[SimRequest]
+    sessions: list[SimSession]
+
+
+def load_trace(path: str | Path) -> Workload:
+    """A JSONL trace: its requests sorted by arrival, and its sessions (lines with a `session` field, in order).
+
+    ValueError names the line and the field that is wrong.
+    """
+    requests: list[SimRequest] = []
+    turns: dict[str, list[tuple[int, dict]]] = {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 entry = json.loads(line)
+                if "session" in entry:
+                    session = turns.setdefault(str(entry["session"]), [])
+                    first = not session
+                    if first and "think_s" in entry:
+                        raise ValueError("a session's first line gives arrival_s, not think_s")
+                    if not first and "arrival_s" in entry:
+                        raise ValueError("a session's later lines give think_s (after the reply), not arrival_s")
+                    float(entry["arrival_s"] if first else entry.get("think_s", 0.0))  # named with its line
+                    session.append((number, entry))
+                    continue
                 requests.append(
                     SimRequest(
                         arrival_s=float(entry["arrival_s"]),
@@ -177,11 +200,36 @@ def load_trace(path: str | Path) -> list[SimRequest]:
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{number}: {exc}") from exc
     requests.sort(key=lambda r: r.arrival_s)
-    return requests
+    sessions = []
+    for lines in turns.values():
+        number, opening = lines[0]
+        try:
+            sessions.append(
+                SimSession(
+                    start_s=float(opening["arrival_s"]),
+                    turns=tuple(
+                        SimTurn(int(e["prompt_tokens"]), int(e["output_tokens"]), float(e.get("think_s", 0.0)))
+                        for _, e in lines
+                    ),
+                    tenant=str(opening.get("tenant", "")),
+                    priority=int(opening.get("priority", 0)),
+                )
+            )
+        except KeyError as exc:
+            raise ValueError(f"{path}: session from line {number}: missing field {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: session from line {number}: {exc}") from exc
+    return Workload(requests, sessions)
 
 
-def write_trace(path: str | Path, requests: Sequence[SimRequest]) -> None:
+def write_trace(path: str | Path, requests: Sequence[SimRequest], sessions: Sequence[SimSession] = ()) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in requests:
             fields = {"arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens}
             f.write(json.dumps({**fields, "tenant": r.tenant, "priority": r.priority}) + "\n")
+        for j, session in enumerate(sessions):
+            for k, turn in enumerate(session.turns):
+                when = {"arrival_s": session.start_s} if k == 0 else {"think_s": turn.think_s}
+                sizes = {"prompt_tokens": turn.prompt_tokens, "output_tokens": turn.output_tokens}
+                keys = {"tenant": session.tenant, "priority": session.priority} if k == 0 else {}
+                f.write(json.dumps({"session": str(j), **when, **sizes, **keys}) + "\n")

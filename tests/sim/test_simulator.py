@@ -27,6 +27,7 @@ from kvos.sim.workload import (
     SimRequest,
     SimSession,
     SimTurn,
+    Workload,
     arrival_times,
     load_trace,
     with_arrivals,
@@ -354,12 +355,19 @@ def test_too_long_requests_fail_as_the_engine_refuses_them() -> None:
 
 
 def test_trace_round_trips_and_names_a_bad_line(tmp_path: Path) -> None:
-    requests = workload(num=5)
+    requests, sessions = workload(num=5), conversations(num=2)
     path = tmp_path / "trace.jsonl"
-    write_trace(path, requests)
-    assert load_trace(path) == requests
+    write_trace(path, requests, sessions)
+    assert load_trace(path) == Workload(requests, sessions)
     path.write_text('{"arrival_s": 0, "prompt_tokens": 5}\n')
     with pytest.raises(ValueError, match="trace.jsonl:1: missing field 'output_tokens'"):
+        load_trace(path)
+    first = '{"session": "a", "arrival_s": 1.0, "prompt_tokens": 10, "output_tokens": 4}\n'
+    path.write_text(first + '{"session": "a", "arrival_s": 3.0, "prompt_tokens": 20, "output_tokens": 4}\n')
+    with pytest.raises(ValueError, match="trace.jsonl:2: a session's later lines give think_s"):
+        load_trace(path)
+    path.write_text(first + '{"session": "a", "think_s": 1.0, "prompt_tokens": 12, "output_tokens": 4}\n')
+    with pytest.raises(ValueError, match=r"session from line 1: turn 1: prompt_tokens \(12\) must exceed"):
         load_trace(path)
 
 
@@ -470,6 +478,14 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
         ("disaggregated", "least_load"),
     ]
     assert [p["num_instances"] for p in plans] == [1, 2, 1, 2]
+    # Chat sessions from a trace, with a host tier under a pool too small to keep them between turns.
+    trace = tmp_path / "chats.jsonl"
+    write_trace(trace, [], conversations(num=4))
+    tiers = ["--kv-capacity-tokens", "64", "--host-capacity-tokens", "4096", "--copy-bandwidth", "1e9"]
+    assert main(["sim", "run", "--profile", str(profile), "--trace", str(trace), *tiers, "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["completed"] == 12
+    assert run["simulation"]["hit_rate_by_tier"]["host"] > 0 and run["simulation"]["copy_s"] > 0
 
 
 def run_recording_plans(config: FleetConfig, requests: list[SimRequest], decode_runs: bool) -> tuple[Any, dict]:
