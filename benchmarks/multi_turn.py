@@ -70,6 +70,8 @@ class TurnResult:
     turn: int
     prompt_chars: int
     ok: bool = False
+    prompt_tokens: int = 0
+    """As the server counted them (chat template included), from the stream's usage."""
     error: str = ""
     ttft_s: float = 0.0
     latency_s: float = 0.0
@@ -198,6 +200,7 @@ async def chat_turn(
                     return text
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
+                    result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                 delta = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices", []))
                 if not delta:
                     continue
@@ -216,9 +219,17 @@ async def chat_turn(
     return text
 
 
+def think_delays(plans: list[SessionPlan], think_s: float, seed: int) -> list[list[float]]:
+    """Per session and turn, the pause before the turn is sent: exponential with mean `think_s` (0: none).
+
+    The first turn's pause staggers the sessions' starts; a later turn's follows the reply before it.
+    """
+    rng = random.Random(seed)
+    return [[rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in p.user_turns] for p in plans]
+
+
 async def run_sessions(server: Server, plans: list[SessionPlan], think_s: float, seed: int) -> list[TurnResult]:
     """Every session at once (staggered by up to one think time), turns in order within a session."""
-    rng = random.Random(seed)
     results: list[TurnResult] = []
 
     async def session(index: int, plan: SessionPlan, client: httpx.AsyncClient, delays: list[float]) -> None:
@@ -233,7 +244,7 @@ async def run_sessions(server: Server, plans: list[SessionPlan], think_s: float,
                 return
             messages.append({"role": "assistant", "content": reply})
 
-    delays = [[rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in p.user_turns] for p in plans]
+    delays = think_delays(plans, think_s, seed)
     limits = httpx.Limits(max_connections=len(plans) + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(3600.0), limits=limits) as client:
         await asyncio.gather(*(session(i, p, client, delays[i]) for i, p in enumerate(plans)))
@@ -276,7 +287,10 @@ def summarize(results: list[TurnResult], duration_s: float, before: dict, after:
     }
 
 
-def run_config(name: str, flags: list[str], plans: list[SessionPlan], args: argparse.Namespace) -> dict[str, Any]:
+def serve_sessions(
+    name: str, flags: list[str], plans: list[SessionPlan], args: argparse.Namespace
+) -> tuple[dict[str, Any], list[TurnResult]]:
+    """The sessions through a fresh `kvos serve FLAGS`: the run's summary and every turn's result."""
     print(f"-- {name}: kvos serve {' '.join(flags)}", flush=True)
     server = Server(flags, Path(args.log_dir) / f"{name}.log")
     try:
@@ -288,7 +302,19 @@ def run_config(name: str, flags: list[str], plans: list[SessionPlan], args: argp
     finally:
         server.stop()
     print(json.dumps(summary), flush=True)
-    return {"config": name, "flags": flags, **summary}
+    return {"config": name, "flags": flags, **summary}, results
+
+
+def run_config(name: str, flags: list[str], plans: list[SessionPlan], args: argparse.Namespace) -> dict[str, Any]:
+    return serve_sessions(name, flags, plans, args)[0]
+
+
+def tier_sizes(plans: list[SessionPlan], bytes_per_token: int) -> tuple[int, int]:
+    """The tiers scenario's primary pool (a quarter of the sessions' final KV, at least the largest session's)
+    and host tier (twice all of it), in bytes."""
+    total_tokens = sum(p.final_tokens for p in plans)
+    pool = max(total_tokens // 4, max(p.final_tokens for p in plans) + 64) * bytes_per_token
+    return pool, total_tokens * bytes_per_token * 2
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -296,8 +322,7 @@ def run_config(name: str, flags: list[str], plans: list[SessionPlan], args: argp
 
 def scenario_tiers(plans: list[SessionPlan], args: argparse.Namespace, bytes_per_token: int) -> list[dict]:
     total_tokens = sum(p.final_tokens for p in plans)
-    pool = max(total_tokens // 4, max(p.final_tokens for p in plans) + 64) * bytes_per_token
-    host = total_tokens * bytes_per_token * 2
+    pool, host = tier_sizes(plans, bytes_per_token)
     base = ["--kv-cache-memory", str(pool), *args.serve_flags]
     disk_dir = tempfile.mkdtemp(prefix="kvos-mt-disk-", dir=args.log_dir)
     runs = [
@@ -410,6 +435,14 @@ def scenario_restart(prompts: list[str], args: argparse.Namespace) -> list[dict]
     return runs
 
 
+def kv_bytes_per_token(serve_flags: list[str]) -> int:
+    """SmolLM2-135M's KV per token (K and V, 30 layers, 3 KV heads of 64) in the dtype these flags serve in."""
+    flags = serve_flags
+    named: Any = flags[flags.index("--dtype") + 1] if "--dtype" in flags else "auto"  # ModelConfig checks it
+    dtype = ModelConfig(dtype=named).resolved_dtype
+    return 2 * 30 * 3 * 64 * (4 if dtype == "float32" else 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scenario", choices=["tiers", "preemption", "restart", "all"], default="all")
@@ -434,10 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(resolve_gguf(None))
     conversations = load_sharegpt()
-    flags = args.serve_flags
-    dtype = ModelConfig(dtype=flags[flags.index("--dtype") + 1] if "--dtype" in flags else "auto").resolved_dtype
-    # SmolLM2-135M: K and V, 30 layers, 3 KV heads of 64, in the servers' dtype.
-    bytes_per_token = 2 * 30 * 3 * 64 * (4 if dtype == "float32" else 2)
+    bytes_per_token = kv_bytes_per_token(args.serve_flags)
     runs: list[dict] = []
     if args.scenario in ("tiers", "preemption", "all"):
         plans = plan_sessions(

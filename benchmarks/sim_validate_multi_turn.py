@@ -1,0 +1,207 @@
+"""Simulated against measured: multi-turn chat sessions, with and without the host KV tier.
+
+The tiers scenario of `benchmarks.multi_turn` (ShareGPT conversations
+replayed as chat sessions, each turn sending the whole history, a think time
+between a reply and the next turn, a primary pool of a quarter of the
+sessions' KV) is served by `kvos serve` and simulated by `kvos sim` with the
+same sessions:
+
+- the same think times (the same seed), sent closed-loop: a simulated turn
+  goes out its think time after the simulated client read the reply before it;
+- each turn's prompt as long as the server counted it (chat template
+  included, from the stream's usage), its history being the turn before plus
+  the reply, and its output length the one the server was asked for;
+- the server's scheduler config, pool and host tier sizes, the profile's
+  step model and front end, and KV moves at the copy rate kvos measures at
+  start-up for `--preemption-mode auto` (`measure_copy_bandwidth`), unless
+  --copy-bandwidth says otherwise.
+
+Printed per configuration (tiers off, host tier): output tokens/s, TTFT of
+first and of later turns, time between tokens, the prompt tokens found per
+tier and the preemptions, measured (median of --repeats runs, each on a fresh
+server, with their range) against simulated, with the error in %.
+
+Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about 4 minutes)
+           [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0] [--repeats 1]
+The profile: `kvos sim profile` and `benchmarks.profile_serving` with the servers' flags (less the pool size),
+or the one `benchmarks.sim_validate` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import multi_turn
+from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.serve import percentiles_ms
+from benchmarks.sharegpt import load_sharegpt
+from benchmarks.sim_validate import engine_config, error_pct
+from kvos.memory.tiers.swap import measure_copy_bandwidth
+from kvos.sim.metrics import nearest_rank_ms, tier_summary
+from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
+from kvos.sim.step_model import Profile
+from kvos.sim.worker import CopyModel
+from kvos.sim.workload import SimSession, SimTurn
+
+FIGURES = (
+    ("output tok/s", lambda s: s["output_tok_s"]),
+    ("first-turn TTFT p50 ms", lambda s: s["ttft_first_turn_ms"]["p50"]),
+    ("later-turn TTFT p50 ms", lambda s: s["ttft_later_turns_ms"]["p50"]),
+    ("later-turn TTFT p90 ms", lambda s: s["ttft_later_turns_ms"]["p90"]),
+    ("TBT p50 ms", lambda s: s["tbt_ms"]["p50"]),
+    ("TBT p90 ms", lambda s: s["tbt_ms"]["p90"]),
+    ("hits primary %", lambda s: 100 * s["hit_rate_by_tier"]["primary"]),
+    ("hits host %", lambda s: 100 * s["hit_rate_by_tier"]["host"]),
+    ("preemptions", lambda s: sum(s["preemptions_by_mode"].values())),
+)
+
+
+def sim_sessions(
+    plans: list[multi_turn.SessionPlan], delays: list[list[float]], results: list[multi_turn.TurnResult]
+) -> list[SimSession]:
+    """The served sessions as the simulator takes them: prompt lengths as the server counted them."""
+    prompts = {(r.session, r.turn): r.prompt_tokens for r in results if r.ok}
+    sessions = []
+    for i, (plan, pauses) in enumerate(zip(plans, delays)):
+        turns = []
+        for t, output in enumerate(plan.output_tokens):
+            if (i, t) not in prompts:
+                raise RuntimeError(f"session {i} turn {t} failed on the server; nothing to compare it with")
+            turns.append(SimTurn(prompts[(i, t)], output, pauses[t] if t else 0.0))
+        sessions.append(SimSession(pauses[0], tuple(turns)))
+    return sessions
+
+
+def summarize_sessions(result: SimResult, sessions: list[SimSession]) -> dict[str, Any]:
+    """`multi_turn.summarize`'s figures for a simulated run (every request is a session turn)."""
+    times = result.times
+    first_turns = set()
+    k = 0
+    for session in sessions:
+        first_turns.add(k)
+        k += len(session.turns)
+    ttft = [times.first_token_s[k] - times.arrival_s[k] for k in range(len(times.arrival_s))]
+    output = sum(times.num_output_tokens)
+    return {
+        "output_tokens": output,
+        "output_tok_s": output / result.end_s if result.end_s else 0.0,
+        "ttft_first_turn_ms": percentiles_ms([t for k, t in enumerate(ttft) if k in first_turns]),
+        "ttft_later_turns_ms": percentiles_ms([t for k, t in enumerate(ttft) if k not in first_turns]),
+        "tbt_ms": nearest_rank_ms(times.itl_s),
+        "failed": len(times.rejected) + len(times.abandoned),
+        **tier_summary(result.instances),
+    }
+
+
+def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> str:
+    header = f"{'config':<10} {'figure':<24} {'measured':>10} {'runs range':>17} {'simulated':>10} {'error':>8}"
+    lines = [header, "-" * len(header)]
+    for name, runs, simulated in rows:
+        for figure, pick in FIGURES:
+            values = [pick(run) for run in runs]
+            m, s = statistics.median(values), pick(simulated)
+            spread = f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else ""
+            lines.append(f"{name:<10} {figure:<24} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=Path, required=True, help="a profile with served steps, same flags")
+    parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--max-user-tokens", type=int, default=300)
+    parser.add_argument("--max-output-tokens", type=int, default=32)
+    parser.add_argument("--think-time", type=float, default=1.0, help="mean seconds between a reply and the next turn")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", default="off,host", help="comma-separated: off (pool only), host (host tier)")
+    parser.add_argument("--repeats", type=int, default=1, help="measured runs per config, each on a fresh server")
+    parser.add_argument("--serve-flags", default="", help="`kvos serve` flags (the profile's, less the pool size)")
+    parser.add_argument("--copy-bandwidth", type=float, default=None, help="bytes/s of KV moves (default: measured)")
+    parser.add_argument("--log-dir", default=None, help="server logs (default: a temporary directory)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if not configs or any(c not in ("off", "host") for c in configs):
+        parser.error(f"--configs takes off and/or host, got {args.configs!r}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="kvos-sim-mt-")
+    serve_flags = shlex.split(args.serve_flags)
+
+    gguf = resolve_gguf(None)
+    profile = Profile.load(args.profile)
+    step_model = profile.step_model()
+    bytes_per_token = multi_turn.kv_bytes_per_token(serve_flags)
+    copy_rate = args.copy_bandwidth or measure_copy_bandwidth(torch.device("cpu"))
+    print(f"step model: {step_model.describe()}\nfront end: {profile.front_end()}")
+    print(f"KV: {bytes_per_token} bytes/token, moved at {copy_rate / 1e9:.2f} GB/s")
+
+    tokenizer = load_tokenizer(gguf)
+    plans = multi_turn.plan_sessions(
+        tokenizer, load_sharegpt(), args.sessions, args.turns, args.max_user_tokens, args.max_output_tokens, args.seed
+    )
+    delays = multi_turn.think_delays(plans, args.think_time, args.seed)
+    pool, host = multi_turn.tier_sizes(plans, bytes_per_token)
+    serve_args = argparse.Namespace(log_dir=args.log_dir, think_time=args.think_time, seed=args.seed)
+    """What `multi_turn.serve_sessions` reads from its own command line."""
+    config = engine_config(args.serve_flags, gguf)
+    block_size = int(profile.engine["block_size"])
+
+    load_before = os.getloadavg()[0]
+    rows = []
+    for name in configs:
+        flags = ["--kv-cache-memory", str(pool), *serve_flags]
+        if name == "host":
+            flags += ["--kv-offload-size", str(host)]
+        runs, results = [], []
+        for run in range(args.repeats):
+            summary, turn_results = multi_turn.serve_sessions(f"{name}-{run}", flags, plans, serve_args)
+            runs.append(summary)
+            results.append(turn_results)
+        sessions = sim_sessions(plans, delays, results[0])
+        instance = InstanceConfig(
+            scheduler=config.scheduler,
+            kv_capacity_tokens=pool // bytes_per_token,
+            block_size=block_size,
+            max_model_len=int(profile.engine["max_model_len"]),
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            front_end=profile.front_end(),
+            host=HostTierConfig(host // bytes_per_token, CopyModel(bytes_per_token, copy_rate))
+            if name == "host"
+            else None,
+        )
+        simulated = summarize_sessions(Simulator(FleetConfig(instance), step_model).run([], sessions), sessions)
+        rows.append((name, runs, simulated))
+    print(format_table(rows))
+    print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
+    if args.json is not None:
+        report = {
+            "date": datetime.date.today().isoformat(),
+            "config": {k: str(v) for k, v in vars(args).items()},
+            "step_model": step_model.describe(),
+            "front_end": dataclasses.asdict(profile.front_end()),
+            "kv_bytes_per_token": bytes_per_token,
+            "copy_bytes_per_s": copy_rate,
+            "pool_tokens": pool // bytes_per_token,
+            "host_tokens": host // bytes_per_token,
+            "results": {name: {"measured_runs": runs, "simulated": sim} for name, runs, sim in rows},
+        }
+        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
