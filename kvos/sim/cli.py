@@ -112,7 +112,10 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
         "--host-capacity-tokens", type=int, default=None, help="a host KV tier per instance of this many tokens"
     )
     group.add_argument(
-        "--copy-bandwidth", type=float, default=None, help="host tier: bytes/s of KV moves (default: free)"
+        "--copy-bandwidth",
+        type=float,
+        default=None,
+        help="host tier: bytes/s of KV moves (default: the profile's measured moves, else free)",
     )
     group.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap", help="with a host tier")
     group.add_argument(
@@ -175,7 +178,13 @@ def make_fleet(
     profile = _profile(args)
     host = None
     if args.host_capacity_tokens is not None:
-        copy = CopyModel(_kv_bytes_per_token(args), args.copy_bandwidth) if args.copy_bandwidth else CopyModel()
+        measured = profile.engine.get("host_copy") if profile is not None else None
+        if args.copy_bandwidth:
+            copy = CopyModel.from_bandwidth(_kv_bytes_per_token(args), args.copy_bandwidth)
+        elif measured is not None:
+            copy = CopyModel(**measured)
+        else:
+            copy = CopyModel()
         host = HostTierConfig(args.host_capacity_tokens, copy, args.preemption_mode)
     engine = profile.engine if profile is not None else {}
     scheduler = SchedulerConfig(

@@ -8,6 +8,15 @@ compile, with `compile=True`), then `repeats` more times; the median is the
 sample. Only `Worker.execute` is timed here: the scheduler's and front
 end's own time per step is measured separately, on a served run
 (`benchmarks.profile_serving`), and added to the same profile.
+
+With a host tier (`--kv-offload-size`), the moves are timed the same way:
+a prompt chunk whose first tokens come up from the host tier in this step
+(`loads`, which the forward pass waits for), and one whose blocks are first
+written back (`saves`), one block per op as scattered blocks travel, at a
+few sizes, each against the same step without the moves (the chunk attends
+to the moved prefix either way). The slope of the difference over tokens
+moved is what a move costs a step here, copy thread, per-op overhead and
+the forward pass's wait included (`CopyModel`).
 """
 
 from __future__ import annotations
@@ -17,17 +26,20 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from kvos.config import EngineConfig
 from kvos.core.engine_core import EngineCore
-from kvos.core.plan import NewRequestData, ScheduledRequest, StepPlan
+from kvos.core.plan import LoadFromHost, NewRequestData, SaveToHost, ScheduledRequest, StepPlan
 from kvos.core.request import Request
+from kvos.memory.factory import host_tier
 from kvos.model.loader import load_model
 from kvos.sampling_params import SamplingParams
 from kvos.sim.step_model import Profile, StepShape
+from kvos.sim.worker import CopyModel
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +114,10 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
                 length,
                 1000 * seconds,
             )
+        copy = _profile_moves(core, grid.repeats) if core.worker.host_pool is not None else None
     finally:
         core.close()
-    engine = {
+    engine: dict[str, Any] = {
         "model": loaded.name,
         "dtype": config.model.resolved_dtype,
         "quantization": config.model.quantization,
@@ -119,7 +132,81 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "grid": {"points": len(samples), "repeats": grid.repeats},
     }
+    if copy is not None:
+        engine["host_copy"] = asdict(copy)
     return Profile(tuple(samples), engine)
+
+
+MOVE_PREFILL = 64
+"""The prompt chunk computed in each move point: the step the moves hold up."""
+MOVE_TOKENS = 1024
+"""The most tokens moved at a point (less where the pool, host tier or context is smaller); also a quarter and 0."""
+
+
+def _profile_moves(core: EngineCore, repeats: int) -> CopyModel:
+    """Seconds per token that write-backs and host loads add to a step: the least-squares slope over 3 sizes."""
+    bs = core.config.cache.block_size
+    host = host_tier(core.kv_manager)
+    assert host is not None  # the caller checked the worker has a host pool
+    room = min(MOVE_TOKENS, core.capacity_tokens - MOVE_PREFILL, core.max_model_len - MOVE_PREFILL)
+    most = min(room, host[0].num_blocks * bs) // (4 * bs) * 4 * bs
+    if most < 4 * bs:
+        raise ValueError(
+            f"profiling host-tier moves needs room for {4 * bs + MOVE_PREFILL} tokens in the pool and context "
+            f"and {4 * bs} in the host tier; raise --kv-cache-memory or --kv-offload-size"
+        )
+    sizes = (0, most // 4, most)
+    slopes = {}
+    for kind in ("save", "load"):
+        # What the moves add to the same step: its chunk attends to the moved prefix either way.
+        times = [
+            _time_moves(core, kind, moved, repeats, step_id=10_000 + moved)
+            - _time_moves(core, "none", moved, repeats, step_id=20_000 + moved)
+            for moved in sizes
+        ]
+        mean_x, mean_y = statistics.fmean(sizes), statistics.fmean(times)
+        covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, times))
+        slopes[kind] = max(0.0, covariance / sum((x - mean_x) ** 2 for x in sizes))
+        logger.info(
+            "host tier %ss add %s ms to a step at %s tokens: %.1f us per token",
+            kind,
+            ", ".join(f"{1000 * t:.1f}" for t in times),
+            ", ".join(map(str, sizes)),
+            1e6 * slopes[kind],
+        )
+    return CopyModel(save_s_per_token=slopes["save"], load_s_per_token=slopes["load"])
+
+
+def _time_moves(core: EngineCore, kind: str, moved: int, repeats: int, step_id: int) -> float:
+    """Median seconds of a step computing MOVE_PREFILL tokens after `moved` cached ones, which the step first
+    saves or loads (`kind`), a block per op, or neither ("none")."""
+    kv, worker = core.kv_manager, core.worker
+    bs = core.config.cache.block_size
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    request = Request(f"m{step_id}-{kind}", _tokens(step_id, 0, moved + MOVE_PREFILL), params)
+    allocation = kv.allocate_slots(request, moved + MOVE_PREFILL)
+    if allocation is None:
+        raise RuntimeError("KV books ran out below the capacity checked before profiling")
+    kv.end_step()
+    table = kv.block_table(request)
+    # Loads fill the request's first blocks (its prefix, found in the host tier); saves write them back.
+    loads = [LoadFromHost(i, table[i]) for i in range(moved // bs)] if kind == "load" else []
+    saves = [SaveToHost(table[i], i) for i in range(moved // bs)] if kind == "save" else []
+    ids = request.prompt_token_ids
+    new = [NewRequestData(request.req_id, list(ids), [], params, 0)]
+    first = ScheduledRequest(request.req_id, ids[moved:], moved, True, allocation.table_update)
+    worker.execute(StepPlan(step_id, [first], new, saves=saves, loads=loads))  # warm-up
+    again = ScheduledRequest(request.req_id, ids[moved:], moved, True)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        worker.execute(StepPlan(step_id, [again], saves=saves, loads=loads))
+        if worker.device.type == "cuda":
+            torch.cuda.synchronize(worker.device)
+        times.append(time.perf_counter() - start)
+    worker.execute(StepPlan(step_id, finished_req_ids=[request.req_id]))
+    kv.free(request)
+    return statistics.median(times)
 
 
 def _time_point(core: EngineCore, prefill: int, batch: int, context: int, repeats: int, step_id: int) -> float:

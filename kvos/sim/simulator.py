@@ -19,6 +19,13 @@ With a front end (`InstanceConfig.front_end`, measured by
 `to_engine_s` after it arrives, and every token reaches the client
 `to_client_s` after its step ends; TTFT and latency count from the arrival.
 
+Chat sessions (`SimSession`) are a closed loop beside the sorted arrivals:
+a heap of turns due, each pushed when the turn before it ends (its last
+token read by the client, plus the think time), its prompt that turn's
+prompt and output plus new tokens. A host tier (`InstanceConfig.host`)
+puts the engine's own host-tier books under the pool; the worker model
+times its moves (`SimWorker`).
+
 Decode runs (the fast path). Most steps change nothing the scheduler
 decides on: every running request decodes one token, nobody waits, nobody
 finishes, and the KV pool has blocks to spare. For such a state the next k
@@ -72,6 +79,9 @@ MAX_EMPTY_STEPS = 1000
 FAST_POLICIES = frozenset({"fcfs", "priority"})
 """Policies for which a pure decode step with nobody waiting changes no queue state: their `on_step` does
 nothing and `displace` needs a waiting head. (The fair policy counts every decoded token as service.)"""
+
+SHARED_TOKEN_ID = -1
+"""The sessions' shared prefix is made of it: an id no simulated prompt uses elsewhere (none reaches a model)."""
 
 MIN_DECODE_RUN = 2
 """Shorter runs take the ordinary path: one step gains nothing from the bookkeeping."""
@@ -396,8 +406,9 @@ class _Turns:
     Turn t of session j is request `first[j] + t`; its prompt is built when
     it is sent, from the turn before it as the engine left it (prompt plus
     the tokens it produced), so the history matches token for token and the
-    prefix cache finds what it still holds. The session's first request id
-    is its first token, which keeps sessions from sharing prefixes.
+    prefix cache finds what it still holds. After the prefix every session
+    shares (`SimSession.prefix_tokens`), the session's first request id is
+    its next token, which keeps sessions from sharing more.
     """
 
     def __init__(self, sessions: Sequence[SimSession], base: int) -> None:
@@ -426,7 +437,8 @@ class _Turns:
         spec = self.specs[k - self.base]
         before = self._live.pop(j, None)
         if before is None:
-            return [k] + [0] * (spec.prompt_tokens - 1)
+            shared = self.sessions[j].prefix_tokens
+            return [SHARED_TOKEN_ID] * shared + [k] + [0] * (spec.prompt_tokens - shared - 1)
         history = [*before.prompt_token_ids, *before.output_token_ids]
         assert len(history) < spec.prompt_tokens  # SimSession checks each turn outgrows its history
         return history + [0] * (spec.prompt_tokens - len(history))

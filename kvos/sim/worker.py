@@ -17,25 +17,31 @@ _SAMPLED = SampledToken(SIM_TOKEN_ID)
 
 @dataclass(frozen=True)
 class CopyModel:
-    """Time to move KV between the pool and the host tier: bytes over the copy rate.
+    """Seconds per token that moving KV to the host tier (`save`) and back into the pool (`load`) costs a step.
 
     The default moves it for free (no tier, or a study that ignores copies).
-    On a real engine both numbers are logged at start-up with a host tier
-    (`preemption auto` measures the copy rate) and `KVShape.bytes_per_token`
-    gives the size.
+    `kvos sim profile` with a host tier measures both on the real worker
+    (`kvos.sim.profile`): with small blocks the copy path's cost is mostly
+    per op (two copies per layer per block), far above bytes over the
+    memory bandwidth (`from_bandwidth` is that lower bound).
     """
 
-    kv_bytes_per_token: int = 0
-    bytes_per_s: float = math.inf
+    save_s_per_token: float = 0.0
+    load_s_per_token: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kv_bytes_per_token < 0:
-            raise ValueError(f"kv_bytes_per_token must be >= 0, got {self.kv_bytes_per_token}")
-        if not self.bytes_per_s > 0:
-            raise ValueError(f"bytes_per_s must be > 0, got {self.bytes_per_s}")
+        for name in ("save_s_per_token", "load_s_per_token"):
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
 
-    def seconds(self, num_tokens: int) -> float:
-        return num_tokens * self.kv_bytes_per_token / self.bytes_per_s
+    @classmethod
+    def from_bandwidth(cls, kv_bytes_per_token: int, bytes_per_s: float) -> CopyModel:
+        if not (kv_bytes_per_token >= 0 and bytes_per_s > 0):
+            raise ValueError(
+                f"need kv_bytes_per_token >= 0 and bytes_per_s > 0, got {kv_bytes_per_token}, {bytes_per_s}"
+            )
+        return cls(kv_bytes_per_token / bytes_per_s, kv_bytes_per_token / bytes_per_s)
 
 
 class SimWorker:
@@ -45,7 +51,8 @@ class SimWorker:
     thread in plan order, overlapping the forward pass, which waits only for
     those its requests need. Modelled: the write-backs and swap-outs
     (`saves`), the loads of requests scheduled this step (`loads`) and
-    copy-on-write copies come first and the forward pass waits for them; the
+    copy-on-write copies (priced as loads) come first and the forward pass
+    waits for them; the
     loads of requests waiting for their KV (`kv_loads`) overlap it, and the
     step ends when both are done, with those requests' loads reported done
     (so they compute from the next step, as they do when the copy beats the
@@ -66,10 +73,11 @@ class SimWorker:
         forward = self.step_model.step_seconds(StepShape.from_plan(plan)) if plan.scheduled else 0.0
         if not (plan.saves or plan.loads or plan.kv_loads or plan.copies):
             return forward
-        blocks_before = sum(op.num_blocks for op in plan.saves) + sum(op.num_blocks for op in plan.loads)
-        blocks_beside = sum(op.num_blocks for kv_load in plan.kv_loads for op in kv_load.loads)
-        before = self.copy.seconds(blocks_before * self.block_size + sum(op.num_slots for op in plan.copies))
-        beside = self.copy.seconds(blocks_beside * self.block_size)
+        copy, bs = self.copy, self.block_size
+        saved = bs * sum(op.num_blocks for op in plan.saves)
+        loaded = bs * sum(op.num_blocks for op in plan.loads) + sum(op.num_slots for op in plan.copies)
+        before = saved * copy.save_s_per_token + loaded * copy.load_s_per_token
+        beside = bs * sum(op.num_blocks for kv_load in plan.kv_loads for op in kv_load.loads) * copy.load_s_per_token
         self.copy_s += before + beside
         return before + max(forward, beside)
 

@@ -14,8 +14,8 @@ And conversations (`SimSession`): a closed loop of turns, each sent a think
 time after the client has read the previous reply, its prompt the whole
 history so far (earlier prompts and replies) plus the new message, as a chat
 client sends it. In a trace, lines with a `session` field are its turns, in
-order: the first gives `arrival_s` (and the session's `tenant` and
-`priority`), each later one `think_s` instead
+order: the first gives `arrival_s` (and the session's `tenant`, `priority`
+and `prefix_tokens`), each later one `think_s` instead
 (`{"session": "s1", "think_s": 2.0, "prompt_tokens": 300, "output_tokens": 40}`).
 """
 
@@ -78,12 +78,20 @@ class SimSession:
     turns: tuple[SimTurn, ...]
     tenant: str = ""
     priority: int = 0
+    prefix_tokens: int = 0
+    """How many tokens its first prompt begins with that every session's does (a system prompt, the chat
+    template's opening): a session shares the first min(its, another's) of them with another."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.start_s) and self.start_s >= 0):
             raise ValueError(f"start_s must be a finite time >= 0, got {self.start_s}")
         if not self.turns:
             raise ValueError("a session needs at least one turn")
+        if not 0 <= self.prefix_tokens < self.turns[0].prompt_tokens:
+            raise ValueError(
+                f"prefix_tokens must be >= 0 and below the first prompt's {self.turns[0].prompt_tokens}, "
+                f"got {self.prefix_tokens}"
+            )
         history = 0
         for k, turn in enumerate(self.turns):
             if turn.output_tokens < 1:
@@ -213,6 +221,7 @@ def load_trace(path: str | Path) -> Workload:
                     ),
                     tenant=str(opening.get("tenant", "")),
                     priority=int(opening.get("priority", 0)),
+                    prefix_tokens=int(opening.get("prefix_tokens", 0)),
                 )
             )
         except KeyError as exc:
@@ -231,5 +240,9 @@ def write_trace(path: str | Path, requests: Sequence[SimRequest], sessions: Sequ
             for k, turn in enumerate(session.turns):
                 when = {"arrival_s": session.start_s} if k == 0 else {"think_s": turn.think_s}
                 sizes = {"prompt_tokens": turn.prompt_tokens, "output_tokens": turn.output_tokens}
-                keys = {"tenant": session.tenant, "priority": session.priority} if k == 0 else {}
+                keys = (
+                    {"tenant": session.tenant, "priority": session.priority, "prefix_tokens": session.prefix_tokens}
+                    if k == 0
+                    else {}
+                )
                 f.write(json.dumps({"session": str(j), **when, **sizes, **keys}) + "\n")

@@ -478,11 +478,16 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
         ("disaggregated", "least_load"),
     ]
     assert [p["num_instances"] for p in plans] == [1, 2, 1, 2]
-    # Chat sessions from a trace, with a host tier under a pool too small to keep them between turns.
+    # Chat sessions from a trace, with a host tier under a pool too small to keep them between turns; the
+    # profile of an engine with a host tier times its moves, and the simulated tier moves at that cost.
+    tiered = tmp_path / "tiered.json"
+    assert main(["sim", "profile", *common, "--kv-offload-size", "4MiB", "--grid", "smoke", "--out", str(tiered)]) == 0
+    copy = json.loads(tiered.read_text())["engine"]["host_copy"]
+    assert copy["save_s_per_token"] > 0 and copy["load_s_per_token"] > 0
     trace = tmp_path / "chats.jsonl"
     write_trace(trace, [], conversations(num=4))
-    tiers = ["--kv-capacity-tokens", "64", "--host-capacity-tokens", "4096", "--copy-bandwidth", "1e9"]
-    assert main(["sim", "run", "--profile", str(profile), "--trace", str(trace), *tiers, "--json", str(out)]) == 0
+    tiers = ["--kv-capacity-tokens", "64", "--host-capacity-tokens", "4096"]
+    assert main(["sim", "run", "--profile", str(tiered), "--trace", str(trace), *tiers, "--json", str(out)]) == 0
     (run,) = json.loads(out.read_text())["runs"]
     assert run["completed"] == 12
     assert run["simulation"]["hit_rate_by_tier"]["host"] > 0 and run["simulation"]["copy_s"] > 0
@@ -624,6 +629,16 @@ def test_a_session_turn_is_sent_a_think_time_after_the_reply_and_finds_its_histo
     assert tiers["hit_rate_by_tier"]["primary"] * (8 + 32 + 48) == pytest.approx(32)
 
 
+def test_sessions_share_the_prefix_every_conversation_starts_with() -> None:
+    """Two 40-token first prompts, one after the other: 20 shared tokens hold one full block of 16."""
+    for shared, hits in ((0, 0), (20, 16)):
+        chats = [SimSession(start, (SimTurn(40, 2),), prefix_tokens=shared) for start in (0.0, 10.0)]
+        result = Simulator(FleetConfig(), STEP_MODEL).run([], chats)
+        assert result.instances[0].kv.counters.primary_hit_tokens == hits
+    with pytest.raises(ValueError, match="prefix_tokens must be >= 0 and below the first prompt's 40, got 40"):
+        SimSession(0.0, (SimTurn(40, 2),), prefix_tokens=40)
+
+
 def test_a_refused_turn_ends_its_session() -> None:
     chat = SimSession(0.0, (SimTurn(10, 2), SimTurn(100, 2), SimTurn(110, 2)))
     config = InstanceConfig(max_model_len=64)
@@ -643,7 +658,7 @@ def test_host_tier_moves_cost_copy_time_by_hand() -> None:
     blocks the pool reuses, then loads the two (64 ms), then computes.
     """
     steps = LinearStepModel(0.100, 0.100, 0.0, 0.0, 0.0, 0.0)
-    copy = CopyModel(kv_bytes_per_token=1000, bytes_per_s=1e6)
+    copy = CopyModel.from_bandwidth(kv_bytes_per_token=1000, bytes_per_s=1e6)
     chat = SimSession(0.0, (SimTurn(32, 2), SimTurn(48, 1, think_s=1.0)))
     filler = SimRequest(0.5, 48, 2)
     cases = ((None, 0.700, 0.100, 0), (HostTierConfig(128, copy), 0.732, 0.164, 32))
