@@ -284,6 +284,11 @@ def summarize(results: list[TurnResult], duration_s: float, before: dict, after:
             - metric(before, "kvos_kv_tier_moved_bytes_total", kind=kind)
             for kind in ("swap_out", "swap_in", "demote", "promote", "disk_write", "disk_read")
         },
+        "copy_seconds": {
+            direction: metric(after, "kvos_kv_copy_seconds_sum", direction=direction)
+            - metric(before, "kvos_kv_copy_seconds_sum", direction=direction)
+            for direction in ("to_host", "from_host", "to_disk", "from_disk")
+        },
     }
 
 

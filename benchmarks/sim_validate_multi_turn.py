@@ -11,20 +11,22 @@ same sessions:
 - each turn's prompt as long as the server counted it (chat template
   included, from the stream's usage), its history being the turn before plus
   the reply, and its output length the one the server was asked for;
+- every prompt beginning with the chat template's opening (SmolLM2's
+  default system prompt), which all sessions share;
 - the server's scheduler config, pool and host tier sizes, the profile's
-  step model and front end, and KV moves at the copy rate kvos measures at
-  start-up for `--preemption-mode auto` (`measure_copy_bandwidth`), unless
-  --copy-bandwidth says otherwise.
+  step model and front end, and KV moves at the cost per token the profile
+  measured on the real worker (profile with `--kv-offload-size` for that),
+  or at --copy-bandwidth.
 
 Printed per configuration (tiers off, host tier): output tokens/s, TTFT of
 first and of later turns, time between tokens, the prompt tokens found per
-tier and the preemptions, measured (median of --repeats runs, each on a fresh
+tier, the preemptions and the copy thread's time, measured (median of --repeats runs, each on a fresh
 server, with their range) against simulated, with the error in %.
 
 Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about 4 minutes)
            [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0] [--repeats 1]
-The profile: `kvos sim profile` and `benchmarks.profile_serving` with the servers' flags (less the pool size),
-or the one `benchmarks.sim_validate` writes.
+The profile: `kvos sim profile --kv-offload-size 256MiB` and `benchmarks.profile_serving` with the servers'
+flags (less the pool size).
 """
 
 from __future__ import annotations
@@ -41,14 +43,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from benchmarks import multi_turn
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.serve import percentiles_ms
 from benchmarks.sharegpt import load_sharegpt
 from benchmarks.sim_validate import engine_config, error_pct
-from kvos.memory.tiers.swap import measure_copy_bandwidth
 from kvos.sim.metrics import nearest_rank_ms, tier_summary
 from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
 from kvos.sim.step_model import Profile
@@ -65,13 +64,27 @@ FIGURES = (
     ("hits primary %", lambda s: 100 * s["hit_rate_by_tier"]["primary"]),
     ("hits host %", lambda s: 100 * s["hit_rate_by_tier"]["host"]),
     ("preemptions", lambda s: sum(s["preemptions_by_mode"].values())),
+    ("KV copy time s", lambda s: sum(s["copy_seconds"].values()) if "copy_seconds" in s else s["copy_s"]),
 )
 
 
+def template_prefix_tokens(tokenizer: Any) -> int:
+    """Tokens every chat prompt begins with: the template's opening (SmolLM2's default system prompt)."""
+    a, b = (
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
+        for text in ("Hello there", "What is up")
+    )
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
 def sim_sessions(
-    plans: list[multi_turn.SessionPlan], delays: list[list[float]], results: list[multi_turn.TurnResult]
+    plans: list[multi_turn.SessionPlan],
+    delays: list[list[float]],
+    results: list[multi_turn.TurnResult],
+    prefix_tokens: int = 0,
 ) -> list[SimSession]:
-    """The served sessions as the simulator takes them: prompt lengths as the server counted them."""
+    """The served sessions as the simulator takes them: prompt lengths as the server counted them, all
+    beginning with the template's `prefix_tokens`."""
     prompts = {(r.session, r.turn): r.prompt_tokens for r in results if r.ok}
     sessions = []
     for i, (plan, pauses) in enumerate(zip(plans, delays)):
@@ -80,7 +93,7 @@ def sim_sessions(
             if (i, t) not in prompts:
                 raise RuntimeError(f"session {i} turn {t} failed on the server; nothing to compare it with")
             turns.append(SimTurn(prompts[(i, t)], output, pauses[t] if t else 0.0))
-        sessions.append(SimSession(pauses[0], tuple(turns)))
+        sessions.append(SimSession(pauses[0], tuple(turns), prefix_tokens=prefix_tokens))
     return sessions
 
 
@@ -129,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="off,host", help="comma-separated: off (pool only), host (host tier)")
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per config, each on a fresh server")
     parser.add_argument("--serve-flags", default="", help="`kvos serve` flags (the profile's, less the pool size)")
-    parser.add_argument("--copy-bandwidth", type=float, default=None, help="bytes/s of KV moves (default: measured)")
+    parser.add_argument(
+        "--copy-bandwidth", type=float, default=None, help="bytes/s of KV moves (default: the profile's moves)"
+    )
     parser.add_argument("--log-dir", default=None, help="server logs (default: a temporary directory)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -145,15 +160,22 @@ def main(argv: list[str] | None = None) -> int:
     profile = Profile.load(args.profile)
     step_model = profile.step_model()
     bytes_per_token = multi_turn.kv_bytes_per_token(serve_flags)
-    copy_rate = args.copy_bandwidth or measure_copy_bandwidth(torch.device("cpu"))
-    print(f"step model: {step_model.describe()}\nfront end: {profile.front_end()}")
-    print(f"KV: {bytes_per_token} bytes/token, moved at {copy_rate / 1e9:.2f} GB/s")
+    if args.copy_bandwidth:
+        copy = CopyModel.from_bandwidth(bytes_per_token, args.copy_bandwidth)
+    elif "host_copy" in profile.engine:
+        copy = CopyModel(**profile.engine["host_copy"])
+    elif "host" in configs:
+        parser.error("the profile has no host-tier moves (profile with --kv-offload-size) and no --copy-bandwidth")
+    else:
+        copy = CopyModel()
+    print(f"step model: {step_model.describe()}\nfront end: {profile.front_end()}\nKV moves: {copy}")
 
     tokenizer = load_tokenizer(gguf)
     plans = multi_turn.plan_sessions(
         tokenizer, load_sharegpt(), args.sessions, args.turns, args.max_user_tokens, args.max_output_tokens, args.seed
     )
     delays = multi_turn.think_delays(plans, args.think_time, args.seed)
+    prefix_tokens = template_prefix_tokens(tokenizer)
     pool, host = multi_turn.tier_sizes(plans, bytes_per_token)
     serve_args = argparse.Namespace(log_dir=args.log_dir, think_time=args.think_time, seed=args.seed)
     """What `multi_turn.serve_sessions` reads from its own command line."""
@@ -171,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             summary, turn_results = multi_turn.serve_sessions(f"{name}-{run}", flags, plans, serve_args)
             runs.append(summary)
             results.append(turn_results)
-        sessions = sim_sessions(plans, delays, results[0])
+        sessions = sim_sessions(plans, delays, results[0], prefix_tokens)
         instance = InstanceConfig(
             scheduler=config.scheduler,
             kv_capacity_tokens=pool // bytes_per_token,
@@ -179,12 +201,18 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=int(profile.engine["max_model_len"]),
             enable_prefix_caching=config.cache.enable_prefix_caching,
             front_end=profile.front_end(),
-            host=HostTierConfig(host // bytes_per_token, CopyModel(bytes_per_token, copy_rate))
-            if name == "host"
-            else None,
+            host=HostTierConfig(host // bytes_per_token, copy) if name == "host" else None,
         )
-        simulated = summarize_sessions(Simulator(FleetConfig(instance), step_model).run([], sessions), sessions)
+        result = Simulator(FleetConfig(instance), step_model).run([], sessions)
+        simulated = summarize_sessions(result, sessions)
         rows.append((name, runs, simulated))
+        # Per turn, for a closer look: each measured run's, and the simulation's (in the same order).
+        for run, turn_results in zip(runs, results):
+            run["turn_results"] = [dataclasses.asdict(r) for r in turn_results]
+        simulated["turn_times"] = [
+            {"sent_s": a, "ttft_s": f - a, "latency_s": last - a}
+            for a, f, last in zip(result.times.arrival_s, result.times.first_token_s, result.times.last_token_s)
+        ]
     print(format_table(rows))
     print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
     if args.json is not None:
@@ -194,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_model": step_model.describe(),
             "front_end": dataclasses.asdict(profile.front_end()),
             "kv_bytes_per_token": bytes_per_token,
-            "copy_bytes_per_s": copy_rate,
+            "copy": dataclasses.asdict(copy),
             "pool_tokens": pool // bytes_per_token,
             "host_tokens": host // bytes_per_token,
             "results": {name: {"measured_runs": runs, "simulated": sim} for name, runs, sim in rows},

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.multi_turn import SessionPlan, TurnResult
-from benchmarks.sim_validate_multi_turn import sim_sessions, summarize_sessions
+from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.sim_validate_multi_turn import sim_sessions, summarize_sessions, template_prefix_tokens
 from kvos.sim.simulator import FleetConfig, Simulator
 from kvos.sim.step_model import LinearStepModel
 from kvos.sim.workload import SimSession, SimTurn
@@ -24,6 +25,8 @@ def test_sessions_take_the_servers_prompt_counts_and_the_same_pauses() -> None:
         SimSession(0.5, (SimTurn(20, 4), SimTurn(40, 3, think_s=2.0))),
         SimSession(0.1, (SimTurn(30, 5),)),
     ]
+    shared = sim_sessions(PLANS, DELAYS, results, prefix_tokens=10)
+    assert [s.prefix_tokens for s in shared] == [10, 10]
     with pytest.raises(RuntimeError, match="session 0 turn 1 failed"):
         sim_sessions(PLANS, DELAYS, [served(1, 0, 30), served(0, 0, 20), served(0, 1, 40, ok=False)])
 
@@ -40,3 +43,14 @@ def test_first_and_later_turns_are_told_apart() -> None:
     # The last token: 2.63 + 0.1 + 2 decodes = 2.75 s; 12 tokens in all.
     assert summary["output_tok_s"] == pytest.approx(12 / 2.75)
     assert summary["hit_rate_by_tier"]["primary"] == pytest.approx(16 / (20 + 40 + 30))
+
+
+def test_the_shared_prefix_is_the_templates_opening() -> None:
+    tokenizer = load_tokenizer(resolve_gguf(None))
+    n = template_prefix_tokens(tokenizer)
+    opening = tokenizer.decode(
+        tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]), add_special_tokens=False)[
+            :n
+        ]
+    )
+    assert opening.endswith("user\n") and "system" in opening
