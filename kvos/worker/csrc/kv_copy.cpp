@@ -24,6 +24,23 @@
 
 namespace {
 
+/* Each row (everything past dim 0) is one stretch of memory: strides from the sizes, innermost first.
+ * Read off the strides rather than by `t[0].is_contiguous()`, which builds a view per tensor. */
+bool rows_are_contiguous(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t dim = t.dim() - 1; dim >= 1; --dim) {
+    if (t.size(dim) != 1 && t.stride(dim) != expected) return false;
+    expected *= t.size(dim);
+  }
+  return true;
+}
+
+int64_t row_size(const at::Tensor& t) {
+  int64_t elements = 1;
+  for (int64_t dim = 1; dim < t.dim(); ++dim) elements *= t.size(dim);
+  return elements;
+}
+
 void copy_blocks(const std::vector<at::Tensor>& src, const std::vector<at::Tensor>& dst, const at::Tensor& runs,
                  int64_t block_size) {
   TORCH_CHECK_VALUE(src.size() == dst.size(), "copy_blocks: ", src.size(), " source tensors but ", dst.size(),
@@ -44,13 +61,14 @@ void copy_blocks(const std::vector<at::Tensor>& src, const std::vector<at::Tenso
     const at::Tensor& s = src[i];
     const at::Tensor& d = dst[i];
     TORCH_CHECK_VALUE(s.device().is_cpu() && d.device().is_cpu() && s.dim() >= 1 && d.dim() >= 1 &&
-                          s.size(0) > 0 && d.size(0) > 0 && s[0].is_contiguous() && d[0].is_contiguous(),
+                          rows_are_contiguous(s) && rows_are_contiguous(d),
                       "copy_blocks: tensor pair ", i, " must be CPU tensors of rows, each row contiguous");
-    TORCH_CHECK_VALUE(s.scalar_type() == d.scalar_type() && s[0].numel() == d[0].numel(), "copy_blocks: tensor pair ",
-                      i, " differs in dtype or row size");
+    const int64_t row_elements = row_size(s);
+    TORCH_CHECK_VALUE(s.scalar_type() == d.scalar_type() && row_elements == row_size(d),
+                      "copy_blocks: tensor pair ", i, " differs in dtype or row size");
     const int64_t element = s.element_size();
     pairs.push_back({static_cast<const char*>(s.data_ptr()), static_cast<char*>(d.data_ptr()),
-                     s[0].numel() * element, s.stride(0) * element, d.stride(0) * element});
+                     row_elements * element, s.stride(0) * element, d.stride(0) * element});
     const int64_t src_blocks = s.size(0) / block_size, dst_blocks = d.size(0) / block_size;
     for (int64_t r = 0; r < num_runs; ++r) {
       const int64_t first = run[3 * r], target = run[3 * r + 1], count = run[3 * r + 2];
