@@ -23,7 +23,7 @@ first and of later turns, time between tokens, the prompt tokens found per
 tier, the preemptions and the copy thread's time, measured (median of --repeats runs, each on a fresh
 server, with their range) against simulated, with the error in %.
 
-Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about 4 minutes)
+Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about a minute per repeat)
            [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0] [--repeats 1]
 The profile: `kvos sim profile --kv-offload-size 256MiB` and `benchmarks.profile_serving` with the servers'
 flags (less the pool size).

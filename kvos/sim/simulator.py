@@ -105,8 +105,8 @@ class HostTierConfig:
 
     Its books are the engine's own (`HostBlockPool` under the paged
     manager): write-back of cached blocks the pool reuses, prefix hits found
-    there, swap-out and swap-in of preempted requests. Moves take
-    `copy.seconds(tokens)` on the worker's copy thread (`SimWorker`).
+    there, swap-out and swap-in of preempted requests. Moves cost `copy`'s
+    seconds per token on the worker's copy thread (`SimWorker`).
     `preemption_mode` is the engine's `--preemption-mode` less `auto`, which
     weighs a measured copy rate against a measured compute rate: on the
     machines profiled here it swaps every victim, so take "swap" for it.

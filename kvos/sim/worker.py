@@ -21,9 +21,9 @@ class CopyModel:
 
     The default moves it for free (no tier, or a study that ignores copies).
     `kvos sim profile` with a host tier measures both on the real worker
-    (`kvos.sim.profile`): with small blocks the copy path's cost is mostly
-    per op (two copies per layer per block), far above bytes over the
-    memory bandwidth (`from_bandwidth` is that lower bound).
+    (`kvos.sim.profile`): what a move adds to a step, per-op overhead and the
+    forward pass's wait included. `from_bandwidth` prices bytes over a
+    bandwidth alone, a lower bound.
     """
 
     save_s_per_token: float = 0.0
@@ -52,11 +52,10 @@ class SimWorker:
     those its requests need. Modelled: the write-backs and swap-outs
     (`saves`), the loads of requests scheduled this step (`loads`) and
     copy-on-write copies (priced as loads) come first and the forward pass
-    waits for them; the
-    loads of requests waiting for their KV (`kv_loads`) overlap it, and the
-    step ends when both are done, with those requests' loads reported done
-    (so they compute from the next step, as they do when the copy beats the
-    forward pass).
+    waits for them; the loads of requests waiting for their KV (`kv_loads`)
+    overlap it, and the step ends when both are done, with those requests'
+    loads reported done (so they compute from the next step, as they do
+    when the copy beats the forward pass).
     """
 
     def __init__(self, step_model: StepTimeModel, copy: CopyModel | None = None, block_size: int = 16) -> None:

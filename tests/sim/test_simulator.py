@@ -482,15 +482,22 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     # profile of an engine with a host tier times its moves, and the simulated tier moves at that cost.
     tiered = tmp_path / "tiered.json"
     assert main(["sim", "profile", *common, "--kv-offload-size", "4MiB", "--grid", "smoke", "--out", str(tiered)]) == 0
-    copy = json.loads(tiered.read_text())["engine"]["host_copy"]
-    assert copy["save_s_per_token"] > 0 and copy["load_s_per_token"] > 0
+    data = json.loads(tiered.read_text())
+    assert set(data["engine"]["host_copy"]) == {"save_s_per_token", "load_s_per_token"}
+    # What was measured is this machine's noise for a 2-layer model; known costs make the run checkable.
+    data["engine"]["host_copy"] = {"save_s_per_token": 1e-3, "load_s_per_token": 2e-3}
+    tiered.write_text(json.dumps(data))
     trace = tmp_path / "chats.jsonl"
     write_trace(trace, [], conversations(num=4))
     tiers = ["--kv-capacity-tokens", "64", "--host-capacity-tokens", "4096"]
     assert main(["sim", "run", "--profile", str(tiered), "--trace", str(trace), *tiers, "--json", str(out)]) == 0
     (run,) = json.loads(out.read_text())["runs"]
     assert run["completed"] == 12
-    assert run["simulation"]["hit_rate_by_tier"]["host"] > 0 and run["simulation"]["copy_s"] > 0
+    simulation = run["simulation"]
+    moved = simulation["blocks_moved"]
+    assert simulation["hit_rate_by_tier"]["host"] > 0 and moved["demote"] > 0
+    saved, loaded = 16 * (moved["demote"] + moved["swap_out"]), 16 * (moved["promote"] + moved["swap_in"])
+    assert simulation["copy_s"] == pytest.approx(1e-3 * saved + 2e-3 * loaded)
 
 
 def run_recording_plans(config: FleetConfig, requests: list[SimRequest], decode_runs: bool) -> tuple[Any, dict]:
