@@ -100,6 +100,19 @@ def tier_summary(instances: Sequence[SimInstance]) -> dict[str, Any]:
             "swap_in": sum(c.blocks_swapped_in for c in counters),
         },
         "copy_s": sum(i.worker.copy_s for i in instances),
+        "host_tier": _host_use(instances),
+    }
+
+
+def _host_use(instances: Sequence[SimInstance]) -> dict[str, float] | None:
+    """The host tier's use, as fractions of its blocks: the most any instance pinned at once (swapped-out KV,
+    hits being loaded), and what the tiers cache at the end."""
+    pools = [(i, i.kv.host) for i in instances if i.kv.host is not None]
+    if not pools:
+        return None
+    return {
+        "peak_held": max(i.peak_host_held_blocks / pool.num_blocks for i, pool in pools),
+        "cached_at_end": sum(pool.num_idle_cached_blocks for _, pool in pools) / sum(p.num_blocks for _, p in pools),
     }
 
 

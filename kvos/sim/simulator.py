@@ -199,6 +199,9 @@ class SimInstance:
         """An arrival found it idle: its next step starts once every arrival of that instant is in."""
         self.num_steps = 0
         self.peak_used_blocks = 0
+        self.peak_host_held_blocks = 0
+        """Host-tier blocks pinned at once, at most: swapped-out KV, and host hits while the step loads them
+        (blocks the tier only caches are not counted)."""
         self._num_empty_steps = 0
 
     def start_step(self, now: float) -> float | None:
@@ -224,6 +227,8 @@ class SimInstance:
         else:
             self._num_empty_steps = 0
         self.peak_used_blocks = max(self.peak_used_blocks, self.kv.num_used_blocks)
+        if self.kv.host is not None:
+            self.peak_host_held_blocks = max(self.peak_host_held_blocks, self.kv.host.num_held_blocks)
         self.worker.clock_s = now
         self.in_flight = (plan, self.worker.execute(plan))
         self.num_steps += 1

@@ -610,6 +610,7 @@ def test_simulator_makes_the_real_engines_decisions_for_chat_sessions(tmp_path: 
         assert real_hits.host_hit_tokens > 0 and real_hits.blocks_swapped_out > 0, "the workload should use the tier"
         assert simulation["blocks_moved"]["demote"] == real_hits.blocks_demoted
         assert simulation["blocks_moved"]["swap_out"] == real_hits.blocks_swapped_out
+        assert simulation["host_tier"]["peak_held"] > 0
     queried = simulation["prompt_tokens_queried"]
     assert simulation["hit_rate_by_tier"]["host"] * queried == pytest.approx(real_hits.host_hit_tokens)
 
@@ -679,6 +680,12 @@ def test_host_tier_moves_cost_copy_time_by_hand() -> None:
         counters = result.instances[0].kv.counters
         assert counters.host_hit_tokens == host_hits
         assert counters.primary_hit_tokens == 0
+        use = summarize_sim(result, 2.0, 0.2)["simulation"]["host_tier"]
+        if host is None:
+            assert use is None
+        else:
+            # Of its 8 blocks: turn 1's two hits pinned while they load; at the end the four written back.
+            assert use == {"peak_held": 2 / 8, "cached_at_end": 4 / 8}
 
 
 def test_front_end_delays_each_request_on_its_way_in_and_each_token_on_its_way_out() -> None:
