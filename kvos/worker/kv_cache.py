@@ -196,9 +196,9 @@ class HostKVPool:
     def _move(self, src: KVCaches, dst: KVCaches, runs: list[tuple[int, int, int]]) -> None:
         """Copy block runs (source block, destination block, blocks) in every layer's K and V.
 
-        On CPU, one call of kvos's `copy_blocks` kernel does it all by memcpy: as torch copies, a step
-        paid 50-70 us per token moved (two dispatches per layer per run of 6 KB blocks, plus OpenMP
-        wake-ups on the copy thread). On CUDA each run is a slice copy queued on the copy stream.
+        On CPU, one call of kvos's `copy_blocks` kernel does it all by memcpy: as torch copies a block
+        took 0.2-0.4 ms on the copy thread (two dispatches per layer per run of 6 KB blocks, plus OpenMP
+        wake-ups; `benchmarks/kv_moves.py`). On CUDA each run is a slice copy queued on the copy stream.
         """
         if not runs:
             return

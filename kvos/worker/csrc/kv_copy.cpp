@@ -4,8 +4,8 @@
  *
  * As torch ops a move is two copies per layer per run of blocks (60 for SmolLM2's 30 layers), each a
  * dispatch of several microseconds for a 6 KB block, and on the copy thread each parallel region also
- * waits for OpenMP workers that the engine thread's regions own: a step measured 50-70 us per token
- * moved, fifty times bytes over the memory bandwidth. Here one call walks the (tensor, run) pairs with
+ * waits for OpenMP workers that the engine thread's regions own: 0.2-0.4 ms for one block of SmolLM2's
+ * KV on a second thread (`benchmarks/kv_moves.py`). Here one call walks the (tensor, run) pairs with
  * no dispatch and no parallel region (one core's memcpy is the rate a copy thread beside a forward
  * pass should take).
  *
