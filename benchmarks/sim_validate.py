@@ -83,6 +83,11 @@ def error_pct(measured: float, simulated: float) -> float:
     return 100.0 * (simulated - measured) / measured if measured else math.nan
 
 
+def measured_median(values: list[float]) -> tuple[float, str]:
+    """The median of a figure over the measured runs, and their range as text ('' for a single run)."""
+    return statistics.median(values), f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else ""
+
+
 def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any], dict[str, Any]]]) -> str:
     """Per rate and figure: measured (the median of the runs, and their range), simulated with the serving
     overhead and front end (error against the median), worker only (error)."""
@@ -93,9 +98,8 @@ def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any], dic
     lines = [header, "-" * len(header)]
     for rate, runs, served, worker in rows:
         for name, pick in FIGURES:
-            values = [pick(run) for run in runs]
-            m, s, w = statistics.median(values), pick(served), pick(worker)
-            spread = f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else ""
+            m, spread = measured_median([pick(run) for run in runs])
+            s, w = pick(served), pick(worker)
             lines.append(
                 f"{rate:>5} {name:<13} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%   "
                 f"{w:>11.1f} {error_pct(m, w):>+7.1f}%"

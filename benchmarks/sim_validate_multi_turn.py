@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import shlex
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -47,7 +46,7 @@ from benchmarks import multi_turn
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.serve import percentiles_ms
 from benchmarks.sharegpt import load_sharegpt
-from benchmarks.sim_validate import engine_config, error_pct
+from benchmarks.sim_validate import engine_config, error_pct, measured_median
 from kvos.sim.metrics import nearest_rank_ms, tier_summary
 from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
 from kvos.sim.step_model import Profile
@@ -123,9 +122,8 @@ def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -
     lines = [header, "-" * len(header)]
     for name, runs, simulated in rows:
         for figure, pick in FIGURES:
-            values = [pick(run) for run in runs]
-            m, s = statistics.median(values), pick(simulated)
-            spread = f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else ""
+            m, spread = measured_median([pick(run) for run in runs])
+            s = pick(simulated)
             lines.append(f"{name:<10} {figure:<24} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%")
     return "\n".join(lines)
 

@@ -278,10 +278,15 @@ class FrontEnd:
     to_client_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("to_engine_s", "to_client_s"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        check_seconds(self, "to_engine_s", "to_client_s")
+
+
+def check_seconds(config: object, *names: str) -> None:
+    """ValueError naming the first of `config`'s fields `names` that is not a finite number of seconds >= 0."""
+    for name in names:
+        value = getattr(config, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
 
 
 def fit_front_end(delays: Sequence[tuple[float, float, float]]) -> FrontEnd:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from kvos.core.plan import SampledToken, StepOutput, StepPlan
-from kvos.sim.step_model import StepShape, StepTimeModel
+from kvos.sim.step_model import StepShape, StepTimeModel, check_seconds
 
 SIM_TOKEN_ID = 0
 """What every simulated request samples. Requests run with ignore_eos, as the serving benchmark sends them,
@@ -30,10 +29,7 @@ class CopyModel:
     load_s_per_token: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("save_s_per_token", "load_s_per_token"):
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value}")
+        check_seconds(self, "save_s_per_token", "load_s_per_token")
 
     @classmethod
     def from_bandwidth(cls, kv_bytes_per_token: int, bytes_per_s: float) -> CopyModel:
