@@ -29,6 +29,7 @@ from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.shape import KVShape
 from kvos.memory.virtual.layout import KVLayout
 from kvos.memory.virtual.region import VirtualRegion
+from kvos.worker import kv_copy
 
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -182,6 +183,10 @@ class HostKVPool:
             )
             for _ in range(shape.num_layers)
         ]
+        if not pin:
+            # Built (first use on this machine) and loaded now, not on the copy thread by the first move,
+            # which a step may be waiting for.
+            kv_copy.load()
 
     def save(self, primary: KVCaches, ops: list[SaveToHost]) -> None:
         """Primary blocks -> host blocks, one run per op, in every layer."""
@@ -203,9 +208,7 @@ class HostKVPool:
         if not runs:
             return
         if src[0][0].device.type == "cpu" and dst[0][0].device.type == "cpu":
-            from kvos.worker.kv_copy import copy_blocks
-
-            copy_blocks([t for kv in src for t in kv], [t for kv in dst for t in kv], runs, self.block_size)
+            kv_copy.copy_blocks([t for kv in src for t in kv], [t for kv in dst for t in kv], runs, self.block_size)
             return
         bs = self.block_size
         for first, target, count in runs:
