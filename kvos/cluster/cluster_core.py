@@ -43,7 +43,7 @@ from ray.exceptions import RayActorError
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.instance import EngineInstance, InstanceInfo, InstanceLoad, StepReport
 from kvos.cluster.migration import InstanceDied, MigrationResult, migrate
-from kvos.cluster.routers import InstanceView, make_router
+from kvos.cluster.routers import InstanceView, leading_blocks, make_router
 from kvos.cluster.stats import merge_stats
 from kvos.config import EngineConfig
 from kvos.core.engine_core import check_fits, check_logit_bias, check_request
@@ -92,13 +92,7 @@ class _Instance:
     restarts: int = 0
 
     def view_load(self) -> InstanceLoad:
-        load = self.load or InstanceLoad(0, 0, 0, 0)
-        return InstanceLoad(
-            load.free_tokens - self.routed_tokens,
-            load.head_demand_tokens,
-            load.num_running + self.routed_requests,
-            load.num_waiting,
-        )
+        return (self.load or InstanceLoad(0, 0, 0, 0)).plus_routed(self.routed_tokens, self.routed_requests)
 
 
 @dataclass
@@ -426,7 +420,9 @@ class ClusterCore:
         if not routable:
             return None
         digests = self._prompt_digests(request) if self.router.wants_prefix else []
-        views = [InstanceView(inst.instance_id, inst.view_load(), _leading(digests, inst.cached)) for inst in routable]
+        views = [
+            InstanceView(inst.instance_id, inst.view_load(), leading_blocks(digests, inst.cached)) for inst in routable
+        ]
         return self._instances[self.router.choose(request, views)]
 
     def _prompt_digests(self, request: Request) -> list[BlockHash]:
@@ -621,15 +617,6 @@ class ClusterCore:
             self._instances.clear()
         if self._owns_ray:
             ray.shutdown()
-
-
-def _leading(digests: list[BlockHash], cached: set[BlockHash]) -> int:
-    count = 0
-    for digest in digests:
-        if digest not in cached:
-            break
-        count += 1
-    return count
 
 
 def cluster_core_factory(cluster: ClusterConfig) -> Callable[[EngineConfig, Any, frozenset[int]], ClusterCore]:

@@ -26,9 +26,11 @@ from kvos.config import EngineConfig
 from kvos.core.engine_core import EngineCore, KVChunk, check_logit_bias
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
+from kvos.core.scheduler import Scheduler
 from kvos.engine.stats import EngineStats
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.block_hash import BlockHash
+from kvos.memory.kv_manager import KVCacheManager
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.model.loader import load_model
 
@@ -55,6 +57,27 @@ class InstanceLoad:
         running request). Negative when the head does not fit.
         """
         return (self.free_tokens - self.head_demand_tokens) / max(1, self.num_running)
+
+    def plus_routed(self, tokens: int, requests: int) -> InstanceLoad:
+        """This load with `requests` more routed here since it was reported (`tokens` of KV among them):
+        they hold no memory yet, but will, and they will run."""
+        return InstanceLoad(
+            self.free_tokens - tokens, self.head_demand_tokens, self.num_running + requests, self.num_waiting
+        )
+
+
+def instance_load(scheduler: Scheduler, kv: KVCacheManager) -> InstanceLoad:
+    """An engine's load as it reports it after a step, from its scheduler and its KV books.
+
+    A simulated instance (`kvos.sim`) reports with this function too, so the
+    simulated routers read what the cluster's read."""
+    head = scheduler.waiting.peek()
+    return InstanceLoad(
+        kv.num_free_blocks * kv.block_size,
+        0 if head is None else head.num_tokens,
+        scheduler.num_seqs,  # those loading their KV to run count as running
+        len(scheduler.waiting),
+    )
 
 
 @dataclass(frozen=True)
@@ -163,12 +186,4 @@ class EngineInstance:
         self.core.migration_cancel(req_id)
 
     def _load(self) -> InstanceLoad:
-        scheduler = self.core.scheduler
-        kv = self.core.kv_manager
-        head = scheduler.waiting.peek()
-        return InstanceLoad(
-            kv.num_free_blocks * kv.block_size,
-            0 if head is None else head.num_tokens,
-            scheduler.num_seqs,  # those loading their KV to run count as running
-            len(scheduler.waiting),
-        )
+        return instance_load(self.core.scheduler, self.core.kv_manager)

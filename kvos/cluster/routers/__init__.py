@@ -11,12 +11,14 @@ instance id. It keeps only its own policy state (a cursor, a session table).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Protocol
 
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.instance import InstanceLoad
 from kvos.core.request import Request
+from kvos.memory.block_hash import BlockHash
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,16 @@ class Router(Protocol):
 def least_loaded(views: Sequence[InstanceView]) -> InstanceView:
     """The view with the most freeness (ties: fewest running, then lowest id)."""
     return max(views, key=lambda v: (v.load.freeness, -v.load.num_running - v.load.num_waiting, -v.instance_id))
+
+
+def leading_blocks(digests: Sequence[BlockHash], cached: AbstractSet[BlockHash]) -> int:
+    """How many of a prompt's block digests, from its first, an instance's prefix cache holds (`cached`)."""
+    count = 0
+    for digest in digests:
+        if digest not in cached:
+            break
+        count += 1
+    return count
 
 
 def make_router(config: ClusterConfig) -> Router:
