@@ -4,7 +4,7 @@ Issue 14's target is 1,000,000 requests across 1,000 instances in at most
 60 s. The workload is synthetic (no tokenizer, so the timing is the
 simulator's alone): prompts of 64 to 463 tokens and outputs of 8 to 127, in
 a fixed pseudo-random order, Poisson arrivals at `--rate-per-instance`
-times the fleet size, the least-load router, a fixed linear step model
+times the fleet size, the least-requests router, a fixed linear step model
 (about 10 ms per decode step: at 2 req/s an instance runs one or two requests at a time).
 
 Reported: wall seconds, events (arrivals and step or decode-run ends) per
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=1_000_000)
     parser.add_argument("--num-instances", type=int, default=1000)
     parser.add_argument("--rate-per-instance", type=float, default=2.0, help="requests/s offered per instance")
-    parser.add_argument("--router", default="least_load")
+    parser.add_argument("--router", default="least-requests")
     parser.add_argument("--one-by-one", action="store_true", help="no decode runs: every step through schedule()")
     parser.add_argument("--profile-out", type=Path, default=None, help="write a cProfile of the run here")
     parser.add_argument("--json", type=Path, default=None)

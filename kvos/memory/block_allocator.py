@@ -12,6 +12,7 @@ subscribe to these instead of reading the pool.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -83,6 +84,10 @@ class BlockAllocator:
         if not self._free:
             return None
         return self.blocks[next(iter(self._free))]
+
+    def peek_evicted(self, num: int) -> list[Block]:
+        """The blocks `allocate_many(num)` would take, in order, without taking them."""
+        return [self.blocks[b] for b in itertools.islice(self._free, num)]
 
     def allocate(self) -> int:
         """Take the least recently freed block, evicting its cached prefix if any."""

@@ -91,19 +91,26 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     """Fleet flags; with `several`, --router and --scheduling-policy take comma-separated lists to compare."""
+    from kvos.cluster.config import ClusterConfig
     from kvos.sim.router import ROUTERS
 
     d = SchedulerConfig()
     group = parser.add_argument_group("fleet (instance sizes default to the profile's engine)")
     if several:
-        group.add_argument("--router", default="round_robin", help=f"comma-separated, of {', '.join(ROUTERS)}")
+        group.add_argument("--router", default="round-robin", help=f"comma-separated, of {', '.join(ROUTERS)}")
         group.add_argument(
             "--scheduling-policy", default=d.policy, help=f"comma-separated, of {', '.join(SCHEDULING_POLICIES)}"
         )
     else:
         group.add_argument("--num-instances", type=int, default=1)
-        group.add_argument("--router", choices=list(ROUTERS), default="round_robin")
+        group.add_argument("--router", choices=list(ROUTERS), default="round-robin")
         group.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=d.policy)
+    group.add_argument(
+        "--prefix-overload-steps",
+        type=float,
+        default=ClusterConfig.prefix_overload_steps,
+        help="prefix-aware: pass over an instance with less freeness than this (decode steps)",
+    )
     group.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     group.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     group.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache size per instance, tokens")
@@ -201,7 +208,12 @@ def make_fleet(
         front_end=profile.front_end() if profile is not None else FrontEnd(),
         host=host,
     )
-    return FleetConfig(instance, num_instances or int(getattr(args, "num_instances", 1)), router or args.router)
+    return FleetConfig(
+        instance,
+        num_instances or int(getattr(args, "num_instances", 1)),
+        router or args.router,
+        args.prefix_overload_steps,
+    )
 
 
 def make_workload(args: argparse.Namespace, rate: float) -> Any:
@@ -334,7 +346,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 tiers = entry.get("num_prefill"), entry.get("num_decode")
                 split = f" = {tiers[0]} prefill + {tiers[1]} decode" if tiers[0] is not None else ""
                 print(
-                    f"{layout:>13} {router:>11} {policy:>8}: {entry['num_instances']} instances{split}", file=sys.stderr
+                    f"{layout:>13} {router:>14} {policy:>8}: {entry['num_instances']} instances{split}", file=sys.stderr
                 )
     sized = [p for p in plans if p["num_instances"] is not None]
     best = min(sized, key=lambda p: p["num_instances"]) if sized else None

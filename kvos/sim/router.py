@@ -1,18 +1,47 @@
-"""Which simulated instance gets an arriving request: one interface, round-robin and least-load."""
+"""Which simulated instance gets an arriving request: kvos's cluster routers, unchanged, and one for big fleets.
+
+`round-robin`, `least-load`, `prefix-aware` and `session` are the classes
+that `kvos serve --instances N` routes with (`kvos.cluster.routers`). They
+choose from what the cluster core shows them: each instance's load as its
+last step reported it (`kvos.cluster.instance.instance_load`, the function
+the real instances report with) plus what was routed to it since, and, for
+prefix-aware, how many leading blocks of the prompt each instance's prefix
+cache holds, known from its KV events. A choice costs a view per instance,
+as it does in the cluster.
+
+`least-requests` is the simulator's own: the instance with the fewest
+unfinished requests, kept in a heap, O(log instances) a request. It is for
+fleets of hundreds or thousands of instances, where a view of every
+instance per arrival would dominate the run. kvos's cluster has no such
+router; its least-load weighs KV memory (Llumnix's freeness), not a count.
+"""
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from typing import Protocol
 
-from kvos.sim.workload import SimRequest
+from kvos.cluster.config import ClusterConfig
+from kvos.cluster.routers import InstanceView
+from kvos.cluster.routers import Router as ClusterRouterPolicy
+from kvos.cluster.routers import make_router as make_cluster_router
+from kvos.core.request import Request
 
-ROUTERS = ("round_robin", "least_load")
+CLUSTER_ROUTERS = ("round-robin", "least-load", "prefix-aware", "session")
+ROUTERS = (*CLUSTER_ROUTERS, "least-requests")
+
+Views = Callable[[Request, bool], list[InstanceView]]
+"""Every instance's view now, in index order; with True, each counts the request's prompt blocks it caches."""
 
 
 class Router(Protocol):
-    def route(self, request: SimRequest) -> int:
-        """The index of the instance that takes `request` (counted as one more unfinished request there)."""
+    reads_state: bool
+    """Whether choices read the instances' loads or caches. Then every step reports, as the cluster's
+    instances do, so the simulator takes no decode runs (a run would skip the reports inside it)."""
+
+    def route(self, request: Request, views: Views) -> int:
+        """The index of the instance that takes `request`."""
         ...
 
     def on_finish(self, instance: int) -> None:
@@ -20,21 +49,23 @@ class Router(Protocol):
         ...
 
 
-class RoundRobinRouter:
-    def __init__(self, num_instances: int) -> None:
-        self.num_instances = num_instances
-        self._next = 0
+class ClusterRouter:
+    """One of `kvos.cluster.routers`, choosing from the same views the cluster core would build."""
 
-    def route(self, request: SimRequest) -> int:
-        index = self._next
-        self._next = (index + 1) % self.num_instances
-        return index
+    def __init__(self, name: str, prefix_overload_steps: float) -> None:
+        self.policy: ClusterRouterPolicy = make_cluster_router(
+            ClusterConfig(router=name, prefix_overload_steps=prefix_overload_steps)  # type: ignore[arg-type]
+        )
+        self.reads_state = name != "round-robin"
+
+    def route(self, request: Request, views: Views) -> int:
+        return self.policy.choose(request, views(request, self.policy.wants_prefix))
 
     def on_finish(self, instance: int) -> None:
         return None
 
 
-class LeastLoadRouter:
+class LeastRequestsRouter:
     """The instance with the fewest unfinished requests (ties: the lowest index).
 
     A heap with lazy deletion: every change of a load pushes a fresh entry
@@ -42,11 +73,13 @@ class LeastLoadRouter:
     O(log instances) even across a thousand instances.
     """
 
+    reads_state = False  # its counts are its own: it needs no report from the instances
+
     def __init__(self, num_instances: int) -> None:
         self.loads = [0] * num_instances
         self._heap = [(0, i) for i in range(num_instances)]
 
-    def route(self, request: SimRequest) -> int:
+    def route(self, request: Request, views: Views) -> int:
         while True:
             load, index = self._heap[0]
             if load == self.loads[index]:
@@ -61,11 +94,11 @@ class LeastLoadRouter:
         heapq.heappush(self._heap, (self.loads[instance], instance))
 
 
-def make_router(name: str, num_instances: int) -> Router:
+def make_router(name: str, num_instances: int, prefix_overload_steps: float) -> Router:
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
-    if name == "round_robin":
-        return RoundRobinRouter(num_instances)
-    if name == "least_load":
-        return LeastLoadRouter(num_instances)
+    if name in CLUSTER_ROUTERS:
+        return ClusterRouter(name, prefix_overload_steps)
+    if name == "least-requests":
+        return LeastRequestsRouter(num_instances)
     raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {name!r}")

@@ -60,10 +60,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kvos.cluster.config import ClusterConfig
+from kvos.cluster.instance import InstanceLoad, instance_load
+from kvos.cluster.routers import InstanceView, leading_blocks
 from kvos.config import SchedulerConfig
 from kvos.core.plan import SequenceUpdate, StepOutput, StepPlan
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
+from kvos.memory.block_allocator import BlockStored, KVEvent
+from kvos.memory.block_hash import BlockHash
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.tiers.host import HostBlockPool
 from kvos.memory.tiers.swap import PreemptionRule
@@ -97,6 +102,8 @@ class DecodeRun:
     seconds: list[float]
     context0: list[int]
     """Each request's computed tokens before the run."""
+    boundaries: list[int] = field(default_factory=list)
+    """The steps that take a new block, one entry per block, in order (kept for reporting instances only)."""
 
 
 @dataclass(frozen=True)
@@ -159,18 +166,27 @@ class FleetConfig:
 
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     num_instances: int = 1
-    router: str = "round_robin"
+    router: str = "round-robin"
+    prefix_overload_steps: float = ClusterConfig.prefix_overload_steps
+    """The prefix-aware router's overload threshold, as `kvos serve --prefix-overload-steps`."""
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {self.num_instances}")
-        make_router(self.router, 1)  # names the router if it is unknown
+        make_router(self.router, 1, self.prefix_overload_steps)  # names the router if it is unknown
 
 
 class SimInstance:
-    """One engine: the real scheduler and KV books, the simulated worker."""
+    """One engine: the real scheduler and KV books, the simulated worker.
 
-    def __init__(self, config: InstanceConfig, step_model: StepTimeModel, decode_runs: bool = True) -> None:
+    With `reports`, it reports after every step as a cluster instance does:
+    its load (`instance_load`) and the prefix blocks it stores and evicts
+    (its KV events), which the cluster's routers choose from.
+    """
+
+    def __init__(
+        self, config: InstanceConfig, step_model: StepTimeModel, decode_runs: bool = True, reports: bool = False
+    ) -> None:
         host = config.host
         self.kv = PagedKVCacheManager(
             num_blocks=config.kv_capacity_tokens // config.block_size,
@@ -187,6 +203,14 @@ class SimInstance:
         # With a host tier the pool's evictions write blocks back, ops that go in the next plan: a run
         # would move them to the step after it, so every step is planned.
         self.decode_runs = decode_runs and config.scheduler.policy in FAST_POLICIES and host is None
+        self.reports = reports
+        self.load = instance_load(self.scheduler, self.kv)
+        """As of its last step (the cluster core's copy of its last report)."""
+        self.routed_tokens = 0
+        self.routed_requests = 0
+        """Routed to it since that report."""
+        self.cached: set[BlockHash] = set()
+        """Digests its prefix cache holds, from its KV events (with `reports`)."""
         self.inbox: list[tuple[Request, int]] = []
         """Arrivals since the last step began, each with the tokens of KV it brings (disaggregation), or 0."""
         self.in_flight: tuple[StepPlan, StepOutput] | None = None
@@ -291,18 +315,24 @@ class SimInstance:
         seconds = self.step_model.decode_steps_seconds(len(running), sum(context0), num_steps)
         # The clock advanced one step at a time, as the worker's is: the same sums in the same order.
         ends = list(itertools.accumulate(seconds, initial=now))[1:]
-        return DecodeRun(now, list(running), ends, seconds, context0)
+        boundaries = sorted(self._boundaries(running, context0, num_steps)) if self.reports else []
+        return DecodeRun(now, list(running), ends, seconds, context0, boundaries)
 
-    def _steps_memory_covers(self, running: list[Request], context0: list[int], num_steps: int) -> int:
-        """How many of the next `num_steps` decode steps the free blocks cover (new blocks at block boundaries)."""
+    def _boundaries(self, running: list[Request], context0: list[int], num_steps: int) -> list[int]:
+        """The steps among the next `num_steps` decode steps that take a new block, one entry per block."""
         kv = self.kv
         bs = kv.block_size
-        free = kv.num_free_blocks
         boundaries: list[int] = []
         for request, computed in zip(running, context0):
             # Step j writes position computed + j - 1; it needs a block when that position is past the table.
             first = len(kv.block_table(request)) * bs - computed + 1
             boundaries.extend(range(first, num_steps + 1, bs))
+        return boundaries
+
+    def _steps_memory_covers(self, running: list[Request], context0: list[int], num_steps: int) -> int:
+        """How many of the next `num_steps` decode steps the free blocks cover (new blocks at block boundaries)."""
+        free = self.kv.num_free_blocks
+        boundaries = self._boundaries(running, context0, num_steps)
         if len(boundaries) <= free:
             return num_steps
         boundaries.sort()
@@ -346,7 +376,9 @@ class SimInstance:
             request.output_token_ids.extend(tokens)
             kv.publish(request, computed + num_steps)
         scheduler.skip_decode_steps(num_steps)
-        kv.drain_events()
+        events = kv.drain_events()
+        if self.reports:
+            self._report(events)  # the run's last step's report (`view` stands in for the ones inside it)
         self.peak_used_blocks = max(self.peak_used_blocks, kv.num_used_blocks)
         self.num_steps += num_steps
         self._num_empty_steps = 0
@@ -365,8 +397,43 @@ class SimInstance:
         updates = self.scheduler.update_from_output(plan, output)
         if not self.scheduler.has_unfinished():
             self.scheduler.schedule()  # EngineCore._flush_if_idle: hands ended ids to a worker that keeps none
-        self.kv.drain_events()  # nobody subscribes; unread they would pile up
+        events = self.kv.drain_events()  # read or not, drained: unread they would pile up
+        if self.reports:
+            self._report(events)
         return updates
+
+    def _report(self, events: list[KVEvent]) -> None:
+        """What `EngineInstance.step` reports and `ClusterCore` applies: the load, then the KV events."""
+        self.load = instance_load(self.scheduler, self.kv)
+        self.routed_tokens = self.routed_requests = 0
+        for event in events:
+            if isinstance(event, BlockStored):
+                self.cached.add(event.block_hash)
+            else:
+                self.cached.discard(event.block_hash)
+
+    def view(self, index: int, digests: list[BlockHash], now: float) -> InstanceView:
+        """What the cluster core shows a router of this instance at `now`, for a prompt of these block digests.
+
+        Inside a decode run the books stay as they were when it began until it
+        ends, so the reports of the steps that ended before `now` come from
+        the run's plan: in a run the batch and the queue stay the same; only
+        the free blocks change (one taken at each block boundary), and with
+        them the cached blocks those takes evict. (The blocks the run fills
+        are published at its end; no prompt can name them before, since a
+        request's next turn is only sent once it has finished.)
+        """
+        load = self.load
+        hits = leading_blocks(digests, self.cached)
+        run = self.run
+        taken = bisect.bisect_right(run.boundaries, bisect.bisect_left(run.ends, now)) if run is not None else 0
+        if taken:
+            kv = self.kv
+            load = InstanceLoad((kv.num_free_blocks - taken) * kv.block_size, 0, load.num_running, 0)
+            if hits:
+                gone = {b.block_hash for b in kv.allocator.peek_evicted(taken)}
+                hits = next((i for i, digest in enumerate(digests[:hits]) if digest in gone), hits)
+        return InstanceView(index, load.plus_routed(self.routed_tokens, self.routed_requests), hits)
 
     @property
     def busy(self) -> bool:
@@ -515,10 +582,18 @@ class Simulator:
 
     def _run(self, requests: Sequence[SimRequest], sessions: Sequence[SimSession]) -> SimResult:
         config = self.config
+        router = make_router(config.router, config.num_instances, config.prefix_overload_steps)
         instances = [
-            SimInstance(config.instance, self.step_model, self.decode_runs) for _ in range(config.num_instances)
+            SimInstance(config.instance, self.step_model, self.decode_runs, router.reads_state)
+            for _ in range(config.num_instances)
         ]
-        router = make_router(config.router, config.num_instances)
+        kv0 = instances[0].kv
+
+        def views(arriving: Request, with_prefix: bool) -> list[InstanceView]:
+            # The cluster core's digests of the prompt's full blocks: one chain, every instance's root.
+            digests = kv0.block_hashes_of(arriving.all_token_ids, arriving.cache_salt) if with_prefix else []
+            return [instance.view(j, digests, arriving.arrival_time) for j, instance in enumerate(instances)]
+
         times = RequestTimes()
         nan = math.nan
         n = len(requests)
@@ -558,13 +633,10 @@ class Simulator:
                 times.arrival_s[k] = sent
             if k >= 0:
                 now = sent + to_engine
-                index = router.route(spec)
-                instance = instances[index]
                 total_tokens = spec.prompt_tokens + spec.output_tokens
-                if total_tokens > max_len or total_tokens > instance.kv.max_tokens_per_request:
-                    # The engine refuses it at the door (InvalidRequestError): a failed request.
+                if total_tokens > max_len or total_tokens > kv0.max_tokens_per_request:
+                    # Refused at the door (InvalidRequestError), before any routing: a failed request.
                     times.rejected.append(k)
-                    router.on_finish(index)
                     if k >= n:
                         turns.abandon(k, now, times)
                     continue
@@ -581,6 +653,10 @@ class Simulator:
                     priority=spec.priority,
                     tenant=spec.tenant,
                 )
+                index = router.route(request, views)
+                instance = instances[index]
+                instance.routed_tokens += request.num_tokens
+                instance.routed_requests += 1
                 instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
                 if k >= n:
                     turns.sent(k, request)

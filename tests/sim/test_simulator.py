@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kvos.cluster.routers import InstanceView
 from kvos.config import EngineConfig, SchedulerConfig, SchedulingPolicyName
 from kvos.core.engine_core import EngineCore
 from kvos.core.plan import StepPlan
@@ -19,7 +20,7 @@ from kvos.sampling_params import SamplingParams
 from kvos.sim.disagg import DisaggConfig, LinkModel, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
-from kvos.sim.router import LeastLoadRouter
+from kvos.sim.router import ROUTERS, LeastRequestsRouter
 from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, Simulator
 from kvos.sim.step_model import FrontEnd, LinearStepModel, StepShape
 from kvos.sim.worker import CopyModel
@@ -299,31 +300,35 @@ def test_disaggregated_fleet_passes_the_front_end_once_each_way() -> None:
 
 def test_plan_grows_the_fleet_with_the_rate() -> None:
     requests = with_arrivals([(200, 100)] * 400, arrival_times(400, 60.0, seed=2))
-    result = plan_instances(FleetConfig(router="least_load"), STEP_MODEL, requests, SLO(ttft_s=0.5, tpot_s=0.05))
+    result = plan_instances(FleetConfig(router="least-requests"), STEP_MODEL, requests, SLO(ttft_s=0.5, tpot_s=0.05))
     assert result.num_instances > 1
     failing = [n for n, attainment, _ in result.tried if attainment < 0.9]
     assert max(failing) == result.num_instances - 1
 
 
-def test_least_load_router_picks_the_emptiest_instance() -> None:
-    router = LeastLoadRouter(3)
-    spec = SimRequest(0.0, 1, 1)
-    assert [router.route(spec) for _ in range(4)] == [0, 1, 2, 0]
+def no_views(request: Request, with_prefix: bool) -> list[InstanceView]:
+    raise AssertionError("least-requests keeps its own counts: it must not ask for views")
+
+
+def test_least_requests_router_picks_the_emptiest_instance() -> None:
+    router = LeastRequestsRouter(3)
+    request = Request("r", [1], SamplingParams())
+    assert [router.route(request, no_views) for _ in range(4)] == [0, 1, 2, 0]
     router.on_finish(1)
     router.on_finish(2)
-    assert router.route(spec) == 1
-    assert router.route(spec) == 2
+    assert router.route(request, no_views) == 1
+    assert router.route(request, no_views) == 2
     assert router.loads == [2, 1, 1]
 
 
-def test_least_load_heap_chooses_what_a_scan_of_every_load_chooses() -> None:
+def test_least_requests_heap_chooses_what_a_scan_of_every_load_chooses() -> None:
     """The heap with lazy deletion against the naive O(instances) scan (fewest unfinished, lowest index on a tie)."""
     import random
 
     rng = random.Random(11)
-    router = LeastLoadRouter(7)
+    router = LeastRequestsRouter(7)
     loads = [0] * 7
-    spec = SimRequest(0.0, 1, 1)
+    request = Request("r", [1], SamplingParams())
     for _ in range(3000):
         busy = [i for i, load in enumerate(loads) if load]
         if busy and rng.random() < 0.45:
@@ -332,14 +337,14 @@ def test_least_load_heap_chooses_what_a_scan_of_every_load_chooses() -> None:
             loads[index] -= 1
         else:
             expected = min(range(7), key=lambda i: (loads[i], i))
-            assert router.route(spec) == expected
+            assert router.route(request, no_views) == expected
             loads[expected] += 1
     assert router.loads == loads
 
 
 def test_many_instances_share_one_clock_and_finish_everything() -> None:
     requests = with_arrivals([(64, 16), (300, 40)] * 200, arrival_times(400, 200.0))
-    for router in ("round_robin", "least_load"):
+    for router in ROUTERS:
         result = Simulator(FleetConfig(num_instances=8, router=router), STEP_MODEL).run(requests)
         summary = summarize_sim(result, 2.0, 0.2)
         assert summary["completed"] == 400 and summary["failed"] == 0
@@ -376,7 +381,7 @@ def test_simulation_speed_is_reported() -> None:
     num = 5000
     lengths = [(64 + (k * 37) % 400, 8 + (k * 13) % 120) for k in range(num)]
     requests = with_arrivals(lengths, arrival_times(num, 500.0, seed=3))
-    result = Simulator(FleetConfig(num_instances=50, router="least_load"), STEP_MODEL).run(requests)
+    result = Simulator(FleetConfig(num_instances=50, router="least-requests"), STEP_MODEL).run(requests)
     summary = summarize_sim(result, 2.0, 0.2)
     assert summary["completed"] == num
     sim = summary["simulation"]
@@ -460,7 +465,7 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
                 "--tpot-slo",
                 "1e3",
                 "--router",
-                "round_robin,least_load",
+                "round-robin,least-load",
                 "--disaggregated",
                 "--link-bandwidth",
                 "1e9",
@@ -472,10 +477,10 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     )
     plans = json.loads(out.read_text())["plans"]
     assert [(p["layout"], p["router"]) for p in plans] == [
-        ("colocated", "round_robin"),
-        ("disaggregated", "round_robin"),
-        ("colocated", "least_load"),
-        ("disaggregated", "least_load"),
+        ("colocated", "round-robin"),
+        ("disaggregated", "round-robin"),
+        ("colocated", "least-load"),
+        ("disaggregated", "least-load"),
     ]
     assert [p["num_instances"] for p in plans] == [1, 2, 1, 2]
     # Chat sessions from a trace, with a host tier under a pool too small to keep them between turns; the
@@ -500,7 +505,9 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     assert simulation["copy_s"] == pytest.approx(1e-3 * saved + 2e-3 * loaded)
 
 
-def run_recording_plans(config: FleetConfig, requests: list[SimRequest], decode_runs: bool) -> tuple[Any, dict]:
+def run_recording_plans(
+    config: FleetConfig, requests: list[SimRequest], decode_runs: bool, sessions: list[SimSession] | None = None
+) -> tuple[Any, dict]:
     """A run, and every plan the real scheduler made in it, by (instance, step id)."""
     from kvos.sim import simulator
 
@@ -515,7 +522,7 @@ def run_recording_plans(config: FleetConfig, requests: list[SimRequest], decode_
 
     simulator.Scheduler.schedule = recording  # type: ignore[method-assign]
     try:
-        result = Simulator(config, STEP_MODEL, decode_runs=decode_runs).run(requests)
+        result = Simulator(config, STEP_MODEL, decode_runs=decode_runs).run(requests, sessions or ())
     finally:
         simulator.Scheduler.schedule = schedule  # type: ignore[method-assign]
     order = {id(instance.scheduler): n for n, instance in enumerate(result.instances)}
@@ -525,10 +532,14 @@ def run_recording_plans(config: FleetConfig, requests: list[SimRequest], decode_
 @pytest.mark.parametrize(
     "policy, num_instances, router, kv_tokens",
     [
-        ("fcfs", 1, "round_robin", 24 * 16),  # small enough to preempt
-        ("priority", 1, "round_robin", 24 * 16),
-        ("fcfs", 4, "least_load", 64 * 16),
-        ("fair", 2, "round_robin", 64 * 16),  # not a fast policy: runs stay off, results unchanged
+        ("fcfs", 1, "round-robin", 24 * 16),  # small enough to preempt
+        ("priority", 1, "round-robin", 24 * 16),
+        ("fcfs", 4, "least-requests", 64 * 16),
+        ("fair", 2, "round-robin", 64 * 16),  # not a fast policy: runs stay off, results unchanged
+        # The cluster's routers read each instance's reports, which a run stands in for, with chats.
+        ("fcfs", 4, "least-load", 24 * 16),
+        ("fcfs", 4, "prefix-aware", 24 * 16),
+        ("fcfs", 3, "prefix-aware", 64 * 16),
     ],
 )
 def test_decode_runs_make_the_same_decisions_as_single_steps(
@@ -543,8 +554,9 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         max_model_len=128,
     )
     config = FleetConfig(instance, num_instances, router)
-    slow, slow_plans = run_recording_plans(config, requests, decode_runs=False)
-    fast, fast_plans = run_recording_plans(config, requests, decode_runs=True)
+    chats = conversations(num=10) if router in ("least-load", "prefix-aware") else None
+    slow, slow_plans = run_recording_plans(config, requests, decode_runs=False, sessions=chats)
+    fast, fast_plans = run_recording_plans(config, requests, decode_runs=True, sessions=chats)
     runs = sum(i.num_runs for i in fast.instances)
     if policy == "fair":
         assert runs == 0
