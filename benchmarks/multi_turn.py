@@ -175,10 +175,15 @@ def metric(m: dict, name: str, **labels: str) -> float:
 
 
 async def chat_turn(
-    client: httpx.AsyncClient, model: str, messages: list[dict[str, str]], max_tokens: int, result: TurnResult
+    client: httpx.AsyncClient,
+    model: str,
+    messages: list[dict[str, str]],
+    max_tokens: int,
+    result: TurnResult,
+    user: str | None = None,
 ) -> str:
-    """Stream one chat completion; fill `result`; return the reply's text."""
-    body = {
+    """Stream one chat completion; fill `result`; return the reply's text. `user`: OpenAI's end-user id."""
+    body: dict[str, Any] = {
         "model": model,
         "messages": messages,
         "max_tokens": max_tokens,
@@ -187,6 +192,8 @@ async def chat_turn(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if user is not None:
+        body["user"] = user
     text = ""
     start = last = time.perf_counter()
     try:
@@ -228,6 +235,11 @@ def think_delays(plans: list[SessionPlan], think_s: float, seed: int) -> list[li
     return [[rng.expovariate(1 / think_s) if think_s > 0 else 0.0 for _ in p.user_turns] for p in plans]
 
 
+def session_user(index: int) -> str:
+    """The OpenAI `user` that session `index` sends (kvos's tenant: scheduling keys and metrics, not the cache)."""
+    return f"session-{index}"
+
+
 async def run_sessions(server: Server, plans: list[SessionPlan], think_s: float, seed: int) -> list[TurnResult]:
     """Every session at once (staggered by up to one think time), turns in order within a session."""
     results: list[TurnResult] = []
@@ -238,7 +250,8 @@ async def run_sessions(server: Server, plans: list[SessionPlan], think_s: float,
             await asyncio.sleep(delays[turn])
             messages.append({"role": "user", "content": user})
             result = TurnResult(index, turn, sum(len(m["content"]) for m in messages))
-            reply = await chat_turn(client, server.model, messages, max_tokens, result)
+            # A chat UI names its end user: the session router keeps a conversation on one instance by it.
+            reply = await chat_turn(client, server.model, messages, max_tokens, result, user=session_user(index))
             results.append(result)
             if not result.ok:
                 return

@@ -18,6 +18,14 @@ same sessions:
   measured on the real worker (profile with `--kv-offload-size` for that),
   or at --copy-bandwidth.
 
+With `--instances N`, each configuration is served by `kvos serve --instances N
+--router R` for every router of `--routers` and simulated with the same
+router over N instances (`kvos.sim` runs the cluster's router classes); each
+session sends its own OpenAI `user`, which the session router keys on. The
+prefix-cache hits per router are what routing decides; the timings are not
+comparable there, since all N instances and the client share this machine's
+cores, which a profile of one engine does not model.
+
 Printed per configuration (tiers off, host tier): output tokens/s, TTFT of
 first and of later turns, time between tokens, the prompt tokens found per
 tier, the preemptions and the copy thread's time, measured (median of --repeats runs, each on a fresh
@@ -25,6 +33,7 @@ server, with their range) against simulated, with the error in %.
 
 Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about a minute per repeat)
            [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0] [--repeats 1]
+           [--instances 2 --routers round-robin,least-load,prefix-aware,session] [--pool-bytes N]
 The profile: `kvos sim profile --kv-offload-size 256MiB` and `benchmarks.profile_serving` with the servers'
 flags (less the pool size).
 """
@@ -48,6 +57,7 @@ from benchmarks.serve import percentiles_ms
 from benchmarks.sharegpt import load_sharegpt
 from benchmarks.sim_validate import engine_config, error_pct, measured_median
 from kvos.sim.metrics import nearest_rank_ms, tier_summary
+from kvos.sim.router import CLUSTER_ROUTERS
 from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
 from kvos.sim.step_model import Profile
 from kvos.sim.worker import CopyModel
@@ -83,7 +93,7 @@ def sim_sessions(
     prefix_tokens: int = 0,
 ) -> list[SimSession]:
     """The served sessions as the simulator takes them: prompt lengths as the server counted them, all
-    beginning with the template's `prefix_tokens`."""
+    beginning with the template's `prefix_tokens`, each session's tenant its OpenAI `user`."""
     prompts = {(r.session, r.turn): r.prompt_tokens for r in results if r.ok}
     sessions = []
     for i, (plan, pauses) in enumerate(zip(plans, delays)):
@@ -92,7 +102,9 @@ def sim_sessions(
             if (i, t) not in prompts:
                 raise RuntimeError(f"session {i} turn {t} failed on the server; nothing to compare it with")
             turns.append(SimTurn(prompts[(i, t)], output, pauses[t] if t else 0.0))
-        sessions.append(SimSession(pauses[0], tuple(turns), prefix_tokens=prefix_tokens))
+        sessions.append(
+            SimSession(pauses[0], tuple(turns), tenant=multi_turn.session_user(i), prefix_tokens=prefix_tokens)
+        )
     return sessions
 
 
@@ -118,13 +130,13 @@ def summarize_sessions(result: SimResult, sessions: list[SimSession]) -> dict[st
 
 
 def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> str:
-    header = f"{'config':<10} {'figure':<24} {'measured':>10} {'runs range':>17} {'simulated':>10} {'error':>8}"
+    header = f"{'config':<22} {'figure':<24} {'measured':>10} {'runs range':>17} {'simulated':>10} {'error':>8}"
     lines = [header, "-" * len(header)]
     for name, runs, simulated in rows:
         for figure, pick in FIGURES:
             m, spread = measured_median([pick(run) for run in runs])
             s = pick(simulated)
-            lines.append(f"{name:<10} {figure:<24} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%")
+            lines.append(f"{name:<22} {figure:<24} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%")
     return "\n".join(lines)
 
 
@@ -141,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per config, each on a fresh server")
     parser.add_argument("--serve-flags", default="", help="`kvos serve` flags (the profile's, less the pool size)")
     parser.add_argument(
+        "--pool-bytes", type=int, default=None, help="KV pool per instance (default: a quarter of the sessions' KV)"
+    )
+    parser.add_argument("--instances", type=int, default=1, help="engine instances behind the server's router")
+    parser.add_argument("--routers", default="least-load", help="with --instances > 1: comma-separated routers")
+    parser.add_argument(
         "--copy-bandwidth", type=float, default=None, help="bytes/s of KV moves (default: the profile's moves)"
     )
     parser.add_argument("--log-dir", default=None, help="server logs (default: a temporary directory)")
@@ -151,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--configs takes off and/or host, got {args.configs!r}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.instances < 1:
+        parser.error(f"--instances must be >= 1, got {args.instances}")
+    routers = [r.strip() for r in args.routers.split(",") if r.strip()] if args.instances > 1 else [""]
+    unknown = [r for r in routers if r and r not in CLUSTER_ROUTERS]
+    if unknown or not routers:
+        parser.error(f"--routers takes {', '.join(CLUSTER_ROUTERS)}, got {args.routers!r}")
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="kvos-sim-mt-")
     serve_flags = shlex.split(args.serve_flags)
 
@@ -175,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     delays = multi_turn.think_delays(plans, args.think_time, args.seed)
     prefix_tokens = template_prefix_tokens(tokenizer)
     pool, host = multi_turn.tier_sizes(plans, bytes_per_token)
+    pool = args.pool_bytes or pool
     serve_args = argparse.Namespace(log_dir=args.log_dir, think_time=args.think_time, seed=args.seed)
     """What `multi_turn.serve_sessions` reads from its own command line."""
     config = engine_config(args.serve_flags, gguf)
@@ -182,13 +206,17 @@ def main(argv: list[str] | None = None) -> int:
 
     load_before = os.getloadavg()[0]
     rows = []
-    for name in configs:
+    for tier, router in ((t, r) for t in configs for r in routers):
+        name = f"{tier}/{router}" if router else tier
         flags = ["--kv-cache-memory", str(pool), *serve_flags]
-        if name == "host":
+        if tier == "host":
             flags += ["--kv-offload-size", str(host)]
+        if router:
+            flags += ["--instances", str(args.instances), "--router", router]
         runs, results = [], []
         for run in range(args.repeats):
-            summary, turn_results = multi_turn.serve_sessions(f"{name}-{run}", flags, plans, serve_args)
+            log_name = f"{name.replace('/', '-')}-{run}"
+            summary, turn_results = multi_turn.serve_sessions(log_name, flags, plans, serve_args)
             runs.append(summary)
             results.append(turn_results)
         sessions = sim_sessions(plans, delays, results[0], prefix_tokens)
@@ -199,9 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=int(profile.engine["max_model_len"]),
             enable_prefix_caching=config.cache.enable_prefix_caching,
             front_end=profile.front_end(),
-            host=HostTierConfig(host // bytes_per_token, copy) if name == "host" else None,
+            host=HostTierConfig(host // bytes_per_token, copy) if tier == "host" else None,
         )
-        result = Simulator(FleetConfig(instance), step_model).run([], sessions)
+        fleet = FleetConfig(instance, args.instances, router) if router else FleetConfig(instance)
+        result = Simulator(fleet, step_model).run([], sessions)
         simulated = summarize_sessions(result, sessions)
         rows.append((name, runs, simulated))
         # Per turn, for a closer look: each measured run's, and the simulation's (in the same order).

@@ -22,8 +22,8 @@ def served(session: int, turn: int, prompt_tokens: int, ok: bool = True) -> Turn
 def test_sessions_take_the_servers_prompt_counts_and_the_same_pauses() -> None:
     results = [served(1, 0, 30), served(0, 0, 20), served(0, 1, 40)]
     assert sim_sessions(PLANS, DELAYS, results) == [
-        SimSession(0.5, (SimTurn(20, 4), SimTurn(40, 3, think_s=2.0))),
-        SimSession(0.1, (SimTurn(30, 5),)),
+        SimSession(0.5, (SimTurn(20, 4), SimTurn(40, 3, think_s=2.0)), tenant="session-0"),
+        SimSession(0.1, (SimTurn(30, 5),), tenant="session-1"),
     ]
     shared = sim_sessions(PLANS, DELAYS, results, prefix_tokens=10)
     assert [s.prefix_tokens for s in shared] == [10, 10]
