@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -427,6 +429,20 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     common = ["--model", str(tmp_path), "--load-format", "dummy", "--kv-cache-memory", "16MiB"]
     assert main(["sim", "profile", *common, "--grid", "smoke", "--out", str(profile)]) == 0
     assert len(json.loads(profile.read_text())["samples"]) == 14
+    # As the `kvos` console script runs it: its own folder, not the working directory, first on the path
+    # (`python -P`), from the repository root, as docs/simulator.md says to; cluster router classes inside.
+    script = "import sys; from kvos.entrypoints.cli import main; sys.exit(main())"
+    fleet = ["--num-instances", "2", "--router", "prefix-aware", "--fixed-lengths", "40,10", "--num-requests", "5"]
+    console = tmp_path / "console.json"
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", script, "sim", "run", "--profile", str(profile), *fleet, "--json", str(console)],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(console.read_text())["runs"][0]["completed"] == 5
     out, plot = tmp_path / "run.json", tmp_path / "goodput.png"
     workload_args = ["--fixed-lengths", "40,10", "--num-requests", "20"]
     assert (
