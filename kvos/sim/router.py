@@ -22,13 +22,13 @@ import heapq
 from collections.abc import Callable
 from typing import Protocol
 
+from kvos.cluster.config import ROUTERS as CLUSTER_ROUTERS
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.routers import InstanceView
 from kvos.cluster.routers import Router as ClusterRouterPolicy
 from kvos.cluster.routers import make_router as make_cluster_router
 from kvos.core.request import Request
 
-CLUSTER_ROUTERS = ("round-robin", "least-load", "prefix-aware", "session")
 ROUTERS = (*CLUSTER_ROUTERS, "least-requests")
 
 Views = Callable[[Request, bool], list[InstanceView]]
@@ -37,8 +37,8 @@ Views = Callable[[Request, bool], list[InstanceView]]
 
 class Router(Protocol):
     reads_state: bool
-    """Whether choices read the instances' loads or caches. Then every step reports, as the cluster's
-    instances do, so the simulator takes no decode runs (a run would skip the reports inside it)."""
+    """Whether choices read the instances' loads or caches. Then every instance reports after every step,
+    as the cluster's do (inside a decode run, `SimInstance.view` rebuilds those reports from its plan)."""
 
     def route(self, request: Request, views: Views) -> int:
         """The index of the instance that takes `request`."""
