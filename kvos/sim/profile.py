@@ -164,9 +164,7 @@ def _profile_moves(core: EngineCore, repeats: int) -> CopyModel:
             - _time_moves(core, "none", moved, repeats, step_id=20_000 + moved)
             for moved in sizes
         ]
-        mean_x, mean_y = statistics.fmean(sizes), statistics.fmean(times)
-        covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(sizes, times))
-        slopes[kind] = max(0.0, covariance / sum((x - mean_x) ** 2 for x in sizes))
+        slopes[kind] = max(0.0, statistics.linear_regression(sizes, times).slope)
         logger.info(
             "host tier %ss add %s ms to a step at %s tokens: %.1f us per token",
             kind,
