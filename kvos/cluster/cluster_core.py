@@ -42,7 +42,7 @@ from ray.exceptions import RayActorError
 
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.instance import EngineInstance, InstanceInfo, InstanceLoad, StepReport
-from kvos.cluster.migration import InstanceDied, MigrationResult, migrate
+from kvos.cluster.migration import InstanceDied, MigrationResult, migrate, rebalance_move
 from kvos.cluster.routers import InstanceView, leading_blocks, make_router
 from kvos.cluster.stats import merge_stats
 from kvos.config import EngineConfig
@@ -320,16 +320,15 @@ class ClusterCore:
             return
         roles: tuple[Role, ...] = ("decode",) if self.cluster.disaggregated else ("both",)
         routable = [i for i in self._routable(roles) if i.load is not None]
-        if len(routable) < 2:
+
+        def movable(inst: _Instance) -> list[tuple[_Sequence, int]]:
+            seqs = [self._sequences[s] for s in inst.live if not self._sequences[s].migrating]
+            return [(s, s.request.num_prompt_tokens + len(s.delivered)) for s in seqs]
+
+        move = rebalance_move([(i, i.view_load().freeness) for i in routable], movable, gap)
+        if move is None:
             return
-        fullest = min(routable, key=lambda i: i.view_load().freeness)
-        freest = max(routable, key=lambda i: i.view_load().freeness)
-        if freest.view_load().freeness - fullest.view_load().freeness < gap:
-            return
-        movable = [self._sequences[s] for s in fullest.live if not self._sequences[s].migrating]
-        if not movable:
-            return
-        shortest = min(movable, key=lambda s: s.request.num_prompt_tokens + len(s.delivered))
+        shortest, _, freest = move
         self._rebalancer = threading.Thread(
             target=self.migrate,
             args=(shortest.request.req_id, freest.instance_id),

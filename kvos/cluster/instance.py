@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from kvos.config import EngineConfig
-from kvos.core.engine_core import EngineCore, KVChunk, check_logit_bias
+from kvos.core.engine_core import EngineCore, check_logit_bias
+from kvos.core.migration import KVChunk
 from kvos.core.plan import SequenceUpdate
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler

@@ -17,15 +17,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from kvos.attention.backend import AttentionBackend, make_backend
 from kvos.config import EngineConfig
+from kvos.core.migration import MigrationEndpoint
 from kvos.core.plan import SequenceUpdate, StepPlan
-from kvos.core.request import Request, RequestStatus
+from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.engine.stats import MAX_TENANTS_REPORTED, EngineStats, HistogramRecorder, TierStats
 from kvos.errors import InvalidRequestError
@@ -126,23 +126,7 @@ def tenant_service(counters: dict[str, float]) -> tuple[tuple[str, float], ...]:
     return tuple(named) + ((("other", rest),) if len(ranked) > MAX_TENANTS_REPORTED else ())
 
 
-@dataclass(frozen=True)
-class KVChunk:
-    """Some of a request's KV blocks, copied out by one worker to be copied in by another (live migration).
-
-    `data` is `[layers, 2, num_blocks * block_size, kv_heads, head_dim]`
-    (`Worker.read_blocks`); between Ray actors it travels through the object
-    store (shared memory on one machine).
-    """
-
-    first_block: int
-    num_blocks: int
-    data: torch.Tensor
-    num_computed_tokens: int
-    """The request's computed tokens when the chunk was taken."""
-
-
-class EngineCore:
+class EngineCore(MigrationEndpoint):
     """Owns the scheduler (with the KV books) and the worker (with the model and KV tensors)."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel, eos_token_ids: frozenset[int]) -> None:
@@ -317,97 +301,11 @@ class EngineCore:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    # -- live migration: the source's half, then the destination's (driven by kvos/cluster/migration.py) --
+    # -- live migration: `MigrationEndpoint`'s calls, whose blocks this engine's worker copies --
 
-    def migration_snapshot(self, req_id: str, first_block: int) -> KVChunk | None:
-        """The running request's full computed blocks from `first_block` on, while it keeps running.
-
-        None when it is not running here (ended, waiting, preempted): the migration gives up.
-        """
-        request = self.scheduler.requests.get(req_id)
-        if request is None or request.status != RequestStatus.RUNNING or not self._migratable():
-            return None
-        return self._chunk(request, first_block, request.num_computed_tokens // self.kv_manager.block_size)
-
-    def migration_suspend(self, req_id: str, first_block: int) -> tuple[Request, KVChunk] | None:
-        """Stop the request (its KV stays here until `migration_release`) and hand over the rest of its KV.
-
-        Returns its state (token ids, progress) and every block from
-        `first_block` on, the partial last one included; None when it is not
-        running here.
-        """
-        if not self._migratable():
-            return None
-        request = self.scheduler.detach(req_id)
-        if request is None:
-            return None
-        num_blocks = -(-request.num_computed_tokens // self.kv_manager.block_size)
-        state = replace(
-            request,
-            prompt_token_ids=list(request.prompt_token_ids),
-            output_token_ids=list(request.output_token_ids),
-        )
-        return state, self._chunk(request, first_block, num_blocks)
-
-    def migration_resume_here(self, req_id: str) -> None:
-        """The migration failed after `migration_suspend`: the request goes on here where it stopped."""
-        self.scheduler.reattach(req_id)
-
-    def migration_release(self, req_id: str) -> None:
-        """The destination committed: free the request's KV here."""
-        self.scheduler.release_detached(req_id)
-        self._flush_if_idle()
-
-    def migration_reserve(self, request: Request, num_tokens: int) -> bool:
-        """Reserve blocks for `num_tokens` of an incoming request's KV; False, holding nothing, if short."""
-        if not self._migratable() or request.req_id in self.scheduler.requests:
-            return False
-        kv = self.kv_manager
-        assert isinstance(kv, PagedKVCacheManager)
-        incoming = self._incoming.setdefault(request.req_id, request)
-        saves = kv.reserve(incoming, num_tokens)
-        if saves is None:
-            if not kv.block_table(incoming):
-                del self._incoming[request.req_id]
-            return False
-        self.worker.save_to_host(saves)
-        return True
-
-    def migration_import(self, req_id: str, chunk: KVChunk) -> bool:
-        """Copy a staged chunk into the reserved blocks; False if nothing is reserved for `req_id`."""
-        incoming = self._incoming.get(req_id)
-        if incoming is None:
-            return False
-        table = self.kv_manager.block_table(incoming)
-        if chunk.first_block + chunk.num_blocks > len(table):
-            return False
-        self.worker.write_blocks(table[chunk.first_block : chunk.first_block + chunk.num_blocks], chunk.data)
-        return True
-
-    def migration_commit(self, state: Request, chunk: KVChunk) -> bool:
-        """Take the last chunk and resume the request here; False (reservation released) if it cannot."""
-        if not self.migration_reserve(state, state.num_computed_tokens) or not self.migration_import(
-            state.req_id, chunk
-        ):
-            self.migration_cancel(state.req_id)
-            return False
-        # The books hold the blocks under the request's id; the scheduler tracks the state that came with the KV.
-        del self._incoming[state.req_id]
-        self.scheduler.attach(state)
-        return True
-
-    def migration_cancel(self, req_id: str) -> None:
-        """Give back an incoming request's reservation (the migration was abandoned)."""
-        incoming = self._incoming.pop(req_id, None)
-        if incoming is not None:
-            self.kv_manager.free(incoming)
-
-    def _migratable(self) -> bool:
-        return isinstance(self.kv_manager, PagedKVCacheManager)
-
-    def _chunk(self, request: Request, first_block: int, end_block: int) -> KVChunk:
-        table = self.kv_manager.block_table(request)[first_block:end_block]
-        return KVChunk(first_block, len(table), self.worker.read_blocks(table), request.num_computed_tokens)
+    @property
+    def mover(self) -> Worker:
+        return self.worker
 
     # -- the loop ---------------------------------------------------------------------
 

@@ -44,8 +44,6 @@ def add_sim_parser(sub: Any) -> None:
     plan.add_argument(
         "--disaggregated", action="store_true", help="also size prefill/decode-disaggregated fleets (needs a link)"
     )
-    plan.add_argument("--link-bandwidth", type=float, default=None, help="disaggregation: KV link, bytes/s")
-    plan.add_argument("--link-latency", type=float, default=0.0, help="disaggregation: per transfer, seconds")
     plan.add_argument("--json", type=Path, default=None)
     plan.set_defaults(func=cmd_plan)
 
@@ -126,6 +124,28 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
     )
     group.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap", help="with a host tier")
     group.add_argument(
+        "--migrate-on-imbalance",
+        dest="migration_freeness_gap",
+        type=float,
+        default=ClusterConfig.migration_freeness_gap,
+        metavar="GAP",
+        help="live-migrate a request when instances' freeness differs by more than GAP decode steps "
+        "(as kvos serve; needs --link-bandwidth)",
+    )
+    group.add_argument(
+        "--migration-interval",
+        type=float,
+        default=ClusterConfig.migration_interval_s,
+        help="seconds between imbalance checks",
+    )
+    group.add_argument(
+        "--link-bandwidth",
+        type=float,
+        default=None,
+        help="KV between instances (migration, disaggregation): bytes/s",
+    )
+    group.add_argument("--link-latency", type=float, default=0.0, help="KV between instances: per transfer, seconds")
+    group.add_argument(
         "--kv-bytes-per-token",
         type=int,
         default=None,
@@ -178,6 +198,7 @@ def _arch(source: str | None) -> Any:
 def make_fleet(
     args: argparse.Namespace, num_instances: int | None = None, router: str | None = None, policy: str | None = None
 ) -> Any:
+    from kvos.sim.migration import MigrationConfig
     from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig
     from kvos.sim.step_model import FrontEnd
     from kvos.sim.worker import CopyModel
@@ -208,11 +229,17 @@ def make_fleet(
         front_end=profile.front_end() if profile is not None else FrontEnd(),
         host=host,
     )
+    migration = None
+    if args.migration_freeness_gap is not None:
+        migration = MigrationConfig(
+            args.migration_freeness_gap, _link(args, "--migrate-on-imbalance"), args.migration_interval
+        )
     return FleetConfig(
         instance,
         num_instances or int(getattr(args, "num_instances", 1)),
         router or args.router,
         args.prefix_overload_steps,
+        migration,
     )
 
 
@@ -303,11 +330,11 @@ def _kv_bytes_per_token(args: argparse.Namespace) -> int:
     return int(kv_bytes)
 
 
-def _link(args: argparse.Namespace) -> Any:
-    from kvos.sim.disagg import LinkModel
+def _link(args: argparse.Namespace, needed_by: str) -> Any:
+    from kvos.sim.worker import LinkModel
 
     if args.link_bandwidth is None:
-        raise ValueError("--disaggregated needs --link-bandwidth (bytes/s of the prefill-to-decode KV link)")
+        raise ValueError(f"{needed_by} needs --link-bandwidth (bytes/s of the KV link between instances)")
     return LinkModel(args.link_bandwidth, _kv_bytes_per_token(args), args.link_latency)
 
 
@@ -320,7 +347,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     slo = SLO(args.ttft_slo, args.tpot_slo, args.attainment)
     routers = _names(args.router, ROUTERS, "--router")
     policies = _names(args.scheduling_policy, SCHEDULING_POLICIES, "--scheduling-policy")
-    link = _link(args) if args.disaggregated else None
+    link = _link(args, "--disaggregated") if args.disaggregated else None
     step_model = make_step_model(args)
     workload = make_workload(args, args.rate)
     if link is not None and workload.sessions:

@@ -30,27 +30,8 @@ from dataclasses import dataclass, replace
 
 from kvos.sim.simulator import FleetConfig, RequestTimes, SimResult, Simulator
 from kvos.sim.step_model import FrontEnd, StepTimeModel
+from kvos.sim.worker import LinkModel
 from kvos.sim.workload import SimRequest
-
-
-@dataclass(frozen=True)
-class LinkModel:
-    """Time to move a prompt's KV from a prefill instance to a decode instance."""
-
-    bandwidth_bytes_per_s: float
-    kv_bytes_per_token: int
-    latency_s: float = 0.0
-
-    def __post_init__(self) -> None:
-        if not self.bandwidth_bytes_per_s > 0:
-            raise ValueError(f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}")
-        if self.kv_bytes_per_token < 1:
-            raise ValueError(f"kv_bytes_per_token must be >= 1, got {self.kv_bytes_per_token}")
-        if not self.latency_s >= 0:
-            raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
-
-    def seconds(self, num_tokens: int) -> float:
-        return self.latency_s + num_tokens * self.kv_bytes_per_token / self.bandwidth_bytes_per_s
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from kvos.cluster.migration import MigrationResult
 from kvos.sim.repo import benchmarks
 from kvos.sim.simulator import SimInstance, SimResult
 
@@ -75,8 +76,23 @@ def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> di
         "kv_peak_use": max(i.peak_used_blocks / i.kv.allocator.num_blocks for i in instances),
         "busy_fraction": sum(i.worker.busy_s for i in instances) / (len(instances) * duration),
         **tier_summary(instances),
+        "migrations": migration_summary(result.migrations),
     }
     return summary
+
+
+def migration_summary(migrations: Sequence[MigrationResult]) -> dict[str, Any]:
+    """Live migrations tried, by outcome; blocks copied and downtime (stop to resume) of those that moved."""
+    outcomes: dict[str, int] = {}
+    for m in migrations:
+        outcomes[m.outcome] = outcomes.get(m.outcome, 0) + 1
+    moved = [m for m in migrations if m.outcome == "migrated"]
+    return {
+        "tried": len(migrations),
+        "by_outcome": outcomes,
+        "blocks_copied": sum(m.blocks_copied for m in moved),
+        "downtime_ms": nearest_rank_ms(np.array([m.downtime_s for m in moved], dtype=np.float64)),
+    }
 
 
 def tier_summary(instances: Sequence[SimInstance]) -> dict[str, Any]:

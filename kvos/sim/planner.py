@@ -24,10 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvos.sim.disagg import DisaggConfig, LinkModel, simulate_disaggregated
+from kvos.sim.disagg import DisaggConfig, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.simulator import FleetConfig, SimResult, Simulator
 from kvos.sim.step_model import StepTimeModel
+from kvos.sim.worker import LinkModel
 from kvos.sim.workload import SimRequest, SimSession
 
 EXTRA_PREFILL = 2

@@ -48,6 +48,10 @@ class Router(Protocol):
         """A request on `instance` ended."""
         ...
 
+    def on_move(self, source: int, destination: int) -> None:
+        """A request migrated from `source` to `destination`."""
+        ...
+
 
 class ClusterRouter:
     """One of `kvos.cluster.routers`, choosing from the same views the cluster core would build."""
@@ -63,6 +67,9 @@ class ClusterRouter:
 
     def on_finish(self, instance: int) -> None:
         return None
+
+    def on_move(self, source: int, destination: int) -> None:
+        return None  # the instances' next reports show it
 
 
 class LeastRequestsRouter:
@@ -92,6 +99,11 @@ class LeastRequestsRouter:
     def on_finish(self, instance: int) -> None:
         self.loads[instance] -= 1
         heapq.heappush(self._heap, (self.loads[instance], instance))
+
+    def on_move(self, source: int, destination: int) -> None:
+        self.on_finish(source)
+        self.loads[destination] += 1
+        heapq.heappush(self._heap, (self.loads[destination], destination))
 
 
 def make_router(name: str, num_instances: int, prefix_overload_steps: float) -> Router:

@@ -62,10 +62,12 @@ from typing import Literal
 
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.instance import InstanceLoad, instance_load
+from kvos.cluster.migration import MigrationResult
 from kvos.cluster.routers import InstanceView, leading_blocks
 from kvos.config import SchedulerConfig
+from kvos.core.migration import KVChunk, MigrationEndpoint
 from kvos.core.plan import SequenceUpdate, StepOutput, StepPlan
-from kvos.core.request import Request
+from kvos.core.request import Request, RequestStatus
 from kvos.core.scheduler import Scheduler
 from kvos.memory.block_allocator import BlockStored, KVEvent
 from kvos.memory.block_hash import BlockHash
@@ -73,6 +75,7 @@ from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.tiers.host import HostBlockPool
 from kvos.memory.tiers.swap import PreemptionRule
 from kvos.sampling_params import SamplingParams
+from kvos.sim.migration import REBALANCE, MigrationConfig, Migrations
 from kvos.sim.router import make_router
 from kvos.sim.step_model import FrontEnd, StepTimeModel
 from kvos.sim.worker import SIM_TOKEN_ID, CopyModel, SimWorker
@@ -169,6 +172,8 @@ class FleetConfig:
     router: str = "round-robin"
     prefix_overload_steps: float = ClusterConfig.prefix_overload_steps
     """The prefix-aware router's overload threshold, as `kvos serve --prefix-overload-steps`."""
+    migration: MigrationConfig | None = None
+    """Live migration on imbalance (`--migrate-on-imbalance`), or none."""
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
@@ -176,12 +181,14 @@ class FleetConfig:
         make_router(self.router, 1, self.prefix_overload_steps)  # names the router if it is unknown
 
 
-class SimInstance:
+class SimInstance(MigrationEndpoint):
     """One engine: the real scheduler and KV books, the simulated worker.
 
     With `reports`, it reports after every step as a cluster instance does:
     its load (`instance_load`) and the prefix blocks it stores and evicts
-    (its KV events), which the cluster's routers choose from.
+    (its KV events), which the cluster's routers choose from. It answers a
+    live migration's calls as `EngineCore` does (`MigrationEndpoint`,
+    between steps: `kvos.sim.migration`).
     """
 
     def __init__(
@@ -197,8 +204,16 @@ class SimInstance:
             host=HostBlockPool(host.capacity_tokens // config.block_size) if host is not None else None,
         )
         preemption = PreemptionRule(host.preemption_mode) if host is not None else None
+        self.kv_manager = self.kv
         self.scheduler = Scheduler(config.scheduler, self.kv, frozenset(), config.max_model_len, preemption)
         self.worker = SimWorker(step_model, host.copy if host is not None else CopyModel(), config.block_size)
+        self._incoming: dict[str, Request] = {}
+        self.calls: list[int] = []
+        """Migration calls that came while it stepped: they run at the step's end (`kvos.sim.migration`)."""
+        self.num_detached = 0
+        """Requests suspended for a migration out: kept here, never scheduled."""
+        self._attached = False
+        """A request migrated in since the last plan: the next step is planned, to give the worker its table."""
         self.step_model = step_model
         # With a host tier the pool's evictions write blocks back, ops that go in the next plan: a run
         # would move them to the step after it, so every step is planned.
@@ -235,15 +250,16 @@ class SimInstance:
                 self._import_kv(request, num_kv_tokens)
             self.scheduler.add(request)
         self.inbox.clear()
-        if not self.scheduler.has_unfinished():
+        if len(self.scheduler.requests) == self.num_detached:  # nothing, or only requests moving out
             return None
-        if self.decode_runs:
+        if self.decode_runs and not self._attached:
             run = self._plan_decode_run(now)
             if run is not None:
                 self.run = run
                 self.num_runs += 1
                 return run.ends[-1]
         plan = self.scheduler.schedule()
+        self._attached = False
         if plan.is_empty:
             self._num_empty_steps += 1
             if self._num_empty_steps > MAX_EMPTY_STEPS:
@@ -257,6 +273,38 @@ class SimInstance:
         self.in_flight = (plan, self.worker.execute(plan))
         self.num_steps += 1
         return self.worker.clock_s
+
+    # -- live migration: MigrationEndpoint's calls, plus what an idle simulated engine needs --
+
+    @property
+    def mover(self) -> SimWorker:
+        return self.worker
+
+    def _flush_if_idle(self) -> None:
+        if not self.scheduler.has_unfinished():
+            self.scheduler.schedule()
+
+    def migration_suspend(self, req_id: str, first_block: int) -> tuple[Request, KVChunk] | None:
+        suspended = super().migration_suspend(req_id, first_block)
+        self.num_detached += suspended is not None
+        return suspended
+
+    def migration_commit(self, state: Request, chunk: KVChunk) -> bool:
+        committed = super().migration_commit(state, chunk)
+        self._attached |= committed
+        return committed
+
+    def migration_resume_here(self, req_id: str) -> None:
+        self.num_detached -= self._is_detached(req_id)
+        super().migration_resume_here(req_id)
+
+    def migration_release(self, req_id: str) -> None:
+        self.num_detached -= self._is_detached(req_id)
+        super().migration_release(req_id)
+
+    def _is_detached(self, req_id: str) -> bool:
+        request = self.scheduler.requests.get(req_id)
+        return request is not None and request.status == RequestStatus.MIGRATING
 
     def _import_kv(self, request: Request, num_tokens: int) -> None:
         """KV computed elsewhere lands here: its full blocks become cached blocks of the request's prefix.
@@ -426,14 +474,30 @@ class SimInstance:
         load = self.load
         hits = leading_blocks(digests, self.cached)
         run = self.run
-        taken = bisect.bisect_right(run.boundaries, bisect.bisect_left(run.ends, now)) if run is not None else 0
-        if taken:
+        done = bisect.bisect_left(run.ends, now) if run is not None else 0
+        if done:
+            assert run is not None
+            # The report of the run's step `done`. The books are those the run began with (migration calls
+            # between the last report and the run included), less the blocks its steps have taken since.
             kv = self.kv
-            load = InstanceLoad((kv.num_free_blocks - taken) * kv.block_size, 0, load.num_running, 0)
-            if hits:
+            taken = bisect.bisect_right(run.boundaries, done)
+            load = InstanceLoad((kv.num_free_blocks - taken) * kv.block_size, 0, len(run.requests), 0)
+            if hits and taken:
                 gone = {b.block_hash for b in kv.allocator.peek_evicted(taken)}
                 hits = next((i for i, digest in enumerate(digests[:hits]) if digest in gone), hits)
         return InstanceView(index, load.plus_routed(self.routed_tokens, self.routed_requests), hits)
+
+    def reported_outputs(self, request: Request, now: float) -> int:
+        """The request's output tokens as this instance's reports until `now` have told the router.
+
+        Inside a decode run, the books hold what they held when it began;
+        each of its steps that ended before `now` reported one more token.
+        """
+        run = self.run
+        outputs = len(request.output_token_ids)
+        if run is not None and any(r is request for r in run.requests):
+            outputs += bisect.bisect_left(run.ends, now)
+        return outputs
 
     @property
     def busy(self) -> bool:
@@ -466,6 +530,8 @@ class SimResult:
     instances: list[SimInstance]
     wall_s: float
     num_events: int
+    migrations: list[MigrationResult] = field(default_factory=list)
+    """Every live migration tried, in the order they ended."""
 
     @property
     def end_s(self) -> float:
@@ -583,8 +649,9 @@ class Simulator:
     def _run(self, requests: Sequence[SimRequest], sessions: Sequence[SimSession]) -> SimResult:
         config = self.config
         router = make_router(config.router, config.num_instances, config.prefix_overload_steps)
+        reports = router.reads_state or config.migration is not None
         instances = [
-            SimInstance(config.instance, self.step_model, self.decode_runs, router.reads_state)
+            SimInstance(config.instance, self.step_model, self.decode_runs, reports)
             for _ in range(config.num_instances)
         ]
         kv0 = instances[0].kv
@@ -614,6 +681,18 @@ class Simulator:
         when the turn before it ends."""
         to_engine = config.instance.front_end.to_engine_s
         to_client = config.instance.front_end.to_client_s
+
+        def follow(state: Request, source: int, destination: int) -> None:
+            """A migration committed: the router and the request's session follow it to its new instance."""
+            router.on_move(source, destination)
+            k = int(state.req_id)
+            if k >= n:
+                turns.sent(k, state)
+
+        migrations = None
+        if config.migration is not None:
+            migrations = Migrations(config.migration, instances, config.instance.block_size, follow)
+            ends.append((0.0, REBALANCE, 0))  # the cluster core checks at its first step, then every interval
         start_wall = time.perf_counter()
         num_events = 0
         i = 0
@@ -672,6 +751,17 @@ class Simulator:
                     heapq.heappush(ends, (now, index, instance.version))
                 continue
             now, index, version = heapq.heappop(ends)
+            if index < 0:
+                assert migrations is not None and config.migration is not None
+                if index == REBALANCE:
+                    entries = migrations.check(now)
+                    if i < n or sends or migrations.active or any(j.busy or j.scheduler.requests for j in instances):
+                        entries.append((now + config.migration.interval_s, REBALANCE, 0))
+                else:
+                    entries = migrations.deliver(version, now)
+                for entry in entries:
+                    heapq.heappush(ends, entry)
+                continue
             instance = instances[index]
             if version != instance.version:
                 num_events -= 1  # superseded by a cut run's earlier end
@@ -692,6 +782,10 @@ class Simulator:
                     router.on_finish(index)
                     if k >= n:
                         turns.finished(k, now + to_client, sends)
+            if instance.calls:
+                assert migrations is not None
+                for entry in migrations.run_calls(index, now):
+                    heapq.heappush(ends, entry)
             end = instance.start_step(now)
             if end is not None:
                 heapq.heappush(ends, (end, index, instance.version))
@@ -699,7 +793,8 @@ class Simulator:
             # Every token reaches the client that much later: TTFT and latency grow, the gaps stay.
             times.first_token_s = array("d", (t + to_client for t in times.first_token_s))
             times.last_token_s = array("d", (t + to_client for t in times.last_token_s))
-        return SimResult(times, instances, time.perf_counter() - start_wall, num_events)
+        results = migrations.results if migrations is not None else []
+        return SimResult(times, instances, time.perf_counter() - start_wall, num_events, results)
 
     @staticmethod
     def _record_run(run: DecodeRun, times: RequestTimes) -> None:

@@ -1,10 +1,16 @@
-"""The one replaced part: a worker that computes nothing and says how long it would have taken."""
+"""The one replaced part: a worker that computes nothing and says how long it would have taken.
+
+Beside it, the times that moving KV costs: to and from the host tier
+(`CopyModel`) and between instances over a link (`LinkModel`: live
+migration, disaggregation's hand-off).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvos.core.plan import SampledToken, StepOutput, StepPlan
+from kvos.core.plan import SampledToken, SaveToHost, StepOutput, StepPlan
 from kvos.sim.step_model import StepShape, StepTimeModel, check_seconds
 
 SIM_TOKEN_ID = 0
@@ -40,6 +46,26 @@ class CopyModel:
         return cls(kv_bytes_per_token / bytes_per_s, kv_bytes_per_token / bytes_per_s)
 
 
+@dataclass(frozen=True)
+class LinkModel:
+    """Time to move KV from one instance to another: a fixed latency, then the bytes over the bandwidth."""
+
+    bandwidth_bytes_per_s: float
+    kv_bytes_per_token: int
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_bytes_per_s > 0:
+            raise ValueError(f"bandwidth_bytes_per_s must be > 0, got {self.bandwidth_bytes_per_s}")
+        if self.kv_bytes_per_token < 1:
+            raise ValueError(f"kv_bytes_per_token must be >= 1, got {self.kv_bytes_per_token}")
+        if not self.latency_s >= 0:
+            raise ValueError(f"latency_s must be >= 0, got {self.latency_s}")
+
+    def seconds(self, num_tokens: int) -> float:
+        return self.latency_s + num_tokens * self.kv_bytes_per_token / self.bandwidth_bytes_per_s
+
+
 class SimWorker:
     """`execute(plan) -> StepOutput` as `kvos.worker.Worker` answers, advancing a virtual clock by the step's time.
 
@@ -63,18 +89,36 @@ class SimWorker:
         """Time spent in steps, for utilisation."""
         self.copy_s = 0.0
         """Time the copy thread spent moving KV."""
+        self._saves_s = 0.0
+        """Write-backs a migration's reservation forced between steps: the next step waits for them."""
 
     def step_seconds(self, plan: StepPlan) -> float:
         forward = self.step_model.step_seconds(StepShape.from_plan(plan)) if plan.scheduled else 0.0
-        if not (plan.saves or plan.loads or plan.kv_loads or plan.copies):
+        if not (plan.saves or plan.loads or plan.kv_loads or plan.copies or self._saves_s):
             return forward
         copy, bs = self.copy, self.block_size
         saved = bs * sum(op.num_blocks for op in plan.saves)
         loaded = bs * sum(op.num_blocks for op in plan.loads) + sum(op.num_slots for op in plan.copies)
-        before = saved * copy.save_s_per_token + loaded * copy.load_s_per_token
+        before = saved * copy.save_s_per_token + loaded * copy.load_s_per_token + self._saves_s
+        self._saves_s = 0.0
         beside = bs * sum(op.num_blocks for kv_load in plan.kv_loads for op in kv_load.loads) * copy.load_s_per_token
         self.copy_s += before + beside
         return before + max(forward, beside)
+
+    # -- live migration: the books move blocks, a link model times them (`kvos.sim.migration`) --
+
+    def read_blocks(self, block_ids: Sequence[int]) -> None:
+        """No bytes to copy out: the chunk carries only its size."""
+        return None
+
+    def write_blocks(self, block_ids: Sequence[int], data: None) -> None:
+        """No bytes to copy in: the link's time was spent before the call landed."""
+
+    def save_to_host(self, saves: list[SaveToHost]) -> None:
+        """The write-backs a reservation forced: the real worker runs them before its next step."""
+        seconds = self.block_size * sum(op.num_blocks for op in saves) * self.copy.save_s_per_token
+        self._saves_s += seconds
+        self.copy_s += seconds
 
     def execute(self, plan: StepPlan) -> StepOutput:
         seconds = self.step_seconds(plan)

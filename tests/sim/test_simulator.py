@@ -19,13 +19,14 @@ from kvos.core.request import Request
 from kvos.memory.factory import host_tier
 from kvos.model.loader import load_model
 from kvos.sampling_params import SamplingParams
-from kvos.sim.disagg import DisaggConfig, LinkModel, simulate_disaggregated
+from kvos.sim.disagg import DisaggConfig, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
+from kvos.sim.migration import MigrationConfig
 from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
 from kvos.sim.router import ROUTERS, LeastRequestsRouter
 from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, Simulator
 from kvos.sim.step_model import FrontEnd, LinearStepModel, StepShape
-from kvos.sim.worker import CopyModel
+from kvos.sim.worker import CopyModel, LinkModel
 from kvos.sim.workload import (
     SimRequest,
     SimSession,
@@ -546,20 +547,24 @@ def run_recording_plans(
 
 
 @pytest.mark.parametrize(
-    "policy, num_instances, router, kv_tokens",
+    "policy, num_instances, router, kv_tokens, migrate",
     [
-        ("fcfs", 1, "round-robin", 24 * 16),  # small enough to preempt
-        ("priority", 1, "round-robin", 24 * 16),
-        ("fcfs", 4, "least-requests", 64 * 16),
-        ("fair", 2, "round-robin", 64 * 16),  # not a fast policy: runs stay off, results unchanged
+        ("fcfs", 1, "round-robin", 24 * 16, False),  # small enough to preempt
+        ("priority", 1, "round-robin", 24 * 16, False),
+        ("fcfs", 4, "least-requests", 64 * 16, False),
+        ("fair", 2, "round-robin", 64 * 16, False),  # not a fast policy: runs stay off, results unchanged
         # The cluster's routers read each instance's reports, which a run stands in for, with chats.
-        ("fcfs", 4, "least-load", 24 * 16),
-        ("fcfs", 4, "prefix-aware", 24 * 16),
-        ("fcfs", 3, "prefix-aware", 64 * 16),
+        ("fcfs", 4, "least-load", 24 * 16, False),
+        ("fcfs", 4, "prefix-aware", 24 * 16, False),
+        ("fcfs", 3, "prefix-aware", 64 * 16, False),
+        # Live migration: its calls cut runs, and the imbalance checks read the reports inside them.
+        ("fcfs", 3, "round-robin", 64 * 16, True),
+        ("fcfs", 4, "least-requests", 24 * 16, True),
+        ("fcfs", 3, "prefix-aware", 64 * 16, True),
     ],
 )
 def test_decode_runs_make_the_same_decisions_as_single_steps(
-    policy: SchedulingPolicyName, num_instances: int, router: str, kv_tokens: int
+    policy: SchedulingPolicyName, num_instances: int, router: str, kv_tokens: int, migrate: bool
 ) -> None:
     requests = workload(seed=5, num=120, rate=12.0)
     if policy != "priority":
@@ -569,7 +574,8 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         kv_capacity_tokens=kv_tokens,
         max_model_len=128,
     )
-    config = FleetConfig(instance, num_instances, router)
+    migration = MigrationConfig(freeness_gap=20.0, link=LinkModel(1e6, 100, latency_s=1e-3), interval_s=0.2)
+    config = FleetConfig(instance, num_instances, router, migration=migration if migrate else None)
     chats = conversations(num=10) if router in ("least-load", "prefix-aware") else None
     slow, slow_plans = run_recording_plans(config, requests, decode_runs=False, sessions=chats)
     fast, fast_plans = run_recording_plans(config, requests, decode_runs=True, sessions=chats)
@@ -599,6 +605,9 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         assert a.worker.busy_s == b.worker.busy_s
         assert list(a.kv.allocator._free) == list(b.kv.allocator._free)
         assert a.kv.allocator._cached == b.kv.allocator._cached
+    assert fast.migrations == slow.migrations
+    if migrate:
+        assert sum(m.outcome == "migrated" for m in fast.migrations) >= 3, "the workload should migrate"
     if policy == "fcfs" and num_instances == 1:
         assert fast.instances[0].scheduler.num_preemptions > 0, "the workload should exercise preemption"
 

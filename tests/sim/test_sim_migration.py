@@ -1,0 +1,132 @@
+"""Live migration in the simulator: the cluster's trigger and protocol, timed by a link, leaving no KV behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvos.cluster.migration import rebalance_move
+from kvos.config import SchedulerConfig
+from kvos.sim.metrics import summarize_sim
+from kvos.sim.migration import MigrationConfig
+from kvos.sim.simulator import FleetConfig, InstanceConfig, SimResult, Simulator
+from kvos.sim.step_model import LinearStepModel
+from kvos.sim.worker import LinkModel
+from kvos.sim.workload import SimRequest
+
+STEP_MODEL = LinearStepModel(
+    prefill_intercept=0.02,
+    decode_intercept=0.01,
+    per_prefill_token=1e-4,
+    per_attention_pair=0.0,
+    per_context_token=0.0,
+    per_decode=1e-3,
+)
+BLOCK = 16
+LINK = LinkModel(bandwidth_bytes_per_s=1e6, kv_bytes_per_token=1000, latency_s=0.002)  # 16 ms a block
+
+
+def fleet(num_blocks: int, migration: MigrationConfig | None, max_num_seqs: int = 8) -> FleetConfig:
+    instance = InstanceConfig(
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+        kv_capacity_tokens=num_blocks * BLOCK,
+        block_size=BLOCK,
+        max_model_len=1024,
+    )
+    return FleetConfig(instance, num_instances=2, router="round-robin", migration=migration)
+
+
+def assert_nothing_left(result: SimResult, requests: list[SimRequest]) -> None:
+    """Every request got all its tokens, and every instance ended with every block free and nothing in flight."""
+    assert list(result.times.num_output_tokens) == [r.output_tokens for r in requests]
+    for instance in result.instances:
+        assert instance.kv.num_used_blocks == 0
+        assert not instance.scheduler.requests and not instance._incoming and instance.num_detached == 0
+
+
+def test_rebalance_move_picks_the_shortest_request_of_the_fullest_instance() -> None:
+    lengths = {"a": [("a1", 300), ("a2", 120), ("a3", 120)], "b": [("b1", 10)], "c": []}
+    freeness = [("a", 40.0), ("b", 90.0), ("c", 140.0)]
+    # 140 - 40 = 100: at the gap it moves; ties of length go to the first listed, as min() takes them.
+    assert rebalance_move(freeness, lambda i: lengths[i], gap=100.0) == ("a2", "a", "c")
+    assert rebalance_move(freeness, lambda i: lengths[i], gap=100.5) is None
+    # The fullest has nothing to move (all its requests moving already): nothing.
+    assert rebalance_move([("c", 0.0), ("b", 500.0)], lambda i: lengths[i], gap=1.0) is None
+    assert rebalance_move([("a", 0.0)], lambda i: lengths[i], gap=1.0) is None
+
+
+def test_a_request_moves_to_the_freer_instance_and_every_block_comes_back() -> None:
+    """Round-robin puts A and C (200 tokens each) on instance 0 and the short B on instance 1. The cluster
+    core checks at its first step, right after the arrivals, counting what was routed: freeness
+    (1024 - 400) / 2 = 312 against (1024 - 20) / 1 = 1004, past the gap of 100, so A (the first of two
+    equal shortest) moves. Its snapshot waits for the prefill step's end (0.06 s), its 12 full blocks
+    cross in 0.19 s while it decodes, a second stage copies the block it filled meanwhile, and the last
+    one goes while it is stopped. Then each instance runs one request of equal freeness: no more moves."""
+    requests = [SimRequest(0.0, 200, 300), SimRequest(0.0, 20, 2), SimRequest(0.0, 200, 300)]
+    migration = MigrationConfig(freeness_gap=100.0, link=LINK, interval_s=0.5)
+    moved = Simulator(fleet(64, migration), STEP_MODEL).run(requests)
+    stayed = Simulator(fleet(64, None), STEP_MODEL).run(requests)
+    (result,) = moved.migrations
+    assert result.outcome == "migrated" and result.stages == 3
+    # 12 blocks, then 1, then the partial last one: every block of A's ~220 tokens at its suspend, once.
+    assert result.blocks_copied == 14
+    # Downtime: the wait for the source's step boundary (at most one 12 ms step of two decodes), then the
+    # last block (16 ms) and the link's latency.
+    assert LINK.latency_s + 0.016 <= result.downtime_s <= LINK.latency_s + 0.016 + 0.012 + 1e-9
+    assert_nothing_left(moved, requests)
+    # Each then decodes alone (11 ms a step against 12 ms for two): both end sooner than unmoved.
+    for k in (0, 2):
+        assert moved.times.last_token_s[k] < stayed.times.last_token_s[k]
+    assert moved.instances[1].num_steps > stayed.instances[1].num_steps  # A's steps after the move
+    summary = summarize_sim(moved, ttft_slo_s=10.0, tpot_slo_s=1.0)["simulation"]["migrations"]
+    assert summary["tried"] == 1 and summary["by_outcome"] == {"migrated": 1}
+    assert summary["blocks_copied"] == result.blocks_copied
+    assert summary["downtime_ms"]["p50"] == pytest.approx(1e3 * result.downtime_s)
+
+
+def test_a_destination_without_room_changes_nothing() -> None:
+    """Pool of 40 blocks; requests arrive at 0.05 s, after the first check. At the check at 0.5 s,
+    instance 1 runs D (560 + ~34 tokens: 38 blocks, freeness 32) and instance 0 two requests of about
+    135 tokens (freeness 176). D is the fullest instance's shortest request, but it needs 594 + 64
+    headroom tokens, 42 blocks, more than instance 0 holds: "no_room". By the next check (1.0 s) all
+    have ended. The run is the run without migration, token for token."""
+    requests = [SimRequest(0.05, 100, 40), SimRequest(0.05, 560, 70), SimRequest(0.05, 100, 40)]
+    migration = MigrationConfig(freeness_gap=100.0, link=LINK, interval_s=0.5)
+    tried = Simulator(fleet(40, migration), STEP_MODEL).run(requests)
+    plain = Simulator(fleet(40, None), STEP_MODEL).run(requests)
+    assert [m.outcome for m in tried.migrations] == ["no_room"]
+    assert tried.migrations[0].blocks_copied == 0
+    for name in ("first_token_s", "last_token_s", "num_output_tokens"):
+        assert getattr(tried.times, name) == getattr(plain.times, name), name
+    assert_nothing_left(tried, requests)
+
+
+def test_a_request_that_ends_while_its_kv_crosses_a_slow_link_stays_where_it_was() -> None:
+    """A link of 10 ms a token: A's first stage (12 blocks, from its snapshot at 0.06 s) takes 1.9 s to
+    cross, and A ends about 1.3 s in. The next snapshot finds it gone: "ended", the destination's
+    reservation given back."""
+    requests = [SimRequest(0.0, 200, 100), SimRequest(0.0, 20, 2), SimRequest(0.0, 200, 100)]
+    slow = LinkModel(bandwidth_bytes_per_s=1e5, kv_bytes_per_token=1000)
+    migration = MigrationConfig(freeness_gap=100.0, link=slow, interval_s=0.5)
+    result = Simulator(fleet(64, migration), STEP_MODEL).run(requests)
+    assert [m.outcome for m in result.migrations] == ["ended"]
+    assert result.migrations[0].stages == 1
+    assert_nothing_left(result, requests)
+
+
+def test_migration_needs_a_positive_gap_and_interval() -> None:
+    with pytest.raises(ValueError, match="freeness_gap must be > 0, got 0"):
+        MigrationConfig(freeness_gap=0.0, link=LINK)
+    with pytest.raises(ValueError, match="interval_s must be > 0, got -1"):
+        MigrationConfig(freeness_gap=1.0, link=LINK, interval_s=-1.0)
+
+
+def test_the_command_line_builds_the_migration_kvos_serve_would_run() -> None:
+    from kvos.entrypoints.cli import build_parser
+    from kvos.sim.cli import make_fleet
+
+    base = ["sim", "run", "--kv-bytes-per-token", "1000", "--migrate-on-imbalance", "50"]
+    with pytest.raises(ValueError, match="--migrate-on-imbalance needs --link-bandwidth"):
+        make_fleet(build_parser().parse_args(base))
+    args = build_parser().parse_args([*base, "--link-bandwidth", "1e6", "--migration-interval", "0.25"])
+    assert make_fleet(args).migration == MigrationConfig(50.0, LinkModel(1e6, 1000), interval_s=0.25)
+    assert make_fleet(build_parser().parse_args(["sim", "run"])).migration is None
