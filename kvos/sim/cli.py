@@ -101,6 +101,14 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
         )
     else:
         group.add_argument("--num-instances", type=int, default=1)
+        group.add_argument(
+            "--prefill-instances",
+            type=int,
+            default=0,
+            help="disaggregation, as kvos serve: P instances compute prompts and hand requests to "
+            "--decode-instances D (instances = P + D; needs --link-bandwidth)",
+        )
+        group.add_argument("--decode-instances", type=int, default=0)
         group.add_argument("--router", choices=list(ROUTERS), default="round-robin")
         group.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=d.policy)
     group.add_argument(
@@ -229,17 +237,27 @@ def make_fleet(
         front_end=profile.front_end() if profile is not None else FrontEnd(),
         host=host,
     )
+    prefill, decode = getattr(args, "prefill_instances", 0), getattr(args, "decode_instances", 0)
+    if (prefill or decode) and not (prefill >= 1 and decode >= 1):
+        raise ValueError(
+            f"disaggregation needs both --prefill-instances and --decode-instances >= 1, got {prefill} and {decode}"
+        )
     migration = None
     if args.migration_freeness_gap is not None:
-        migration = MigrationConfig(
-            args.migration_freeness_gap, _link(args, "--migrate-on-imbalance"), args.migration_interval
-        )
+        migration = MigrationConfig(args.migration_freeness_gap, args.migration_interval)
+    link = None
+    if migration is not None or prefill:
+        link = _link(args, "--migrate-on-imbalance" if migration is not None else "--prefill-instances")
+    if prefill:
+        num_instances = prefill + decode
     return FleetConfig(
         instance,
         num_instances or int(getattr(args, "num_instances", 1)),
         router or args.router,
         args.prefix_overload_steps,
         migration,
+        prefill,
+        link,
     )
 
 

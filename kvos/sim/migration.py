@@ -54,8 +54,6 @@ class MigrationConfig:
 
     freeness_gap: float
     """Move a request when the freest and the fullest instance's freeness differ by this many decode steps."""
-    link: LinkModel
-    """What moving KV between two instances costs."""
     interval_s: float = ClusterConfig.migration_interval_s
     """How often the gap is checked (`--migration-interval`)."""
 
@@ -86,14 +84,19 @@ class Migrations:
 
     def __init__(
         self,
-        config: MigrationConfig,
+        config: MigrationConfig | None,
+        link: LinkModel,
         instances: Sequence[SimInstance],
+        balanced: range,
         block_size: int,
         on_commit: Callable[[Request, int, int], None],
     ) -> None:
-        """`on_commit(state, source, destination)`: the request now runs on the destination."""
+        """`config`: load balancing among the instances in `balanced` (None: only hand-offs migrate).
+        `on_commit(state, source, destination)`: the request now runs on the destination."""
         self.config = config
+        self.link = link
         self.instances = instances
+        self.balanced = balanced
         self.block_size = block_size
         self.on_commit = on_commit
         self.results: list[MigrationResult] = []
@@ -112,9 +115,10 @@ class Migrations:
 
     def check(self, now: float) -> list[Entry]:
         """`ClusterCore._maybe_rebalance` at `now`: maybe start a move; the entries to push (its first call)."""
+        assert self.config is not None
         if self._rebalancing is not None:
             return []
-        freeness = [(j, instance.view(j, [], now).load.freeness) for j, instance in enumerate(self.instances)]
+        freeness = [(j, self.instances[j].view(j, [], now).load.freeness) for j in self.balanced]
         move = rebalance_move(freeness, lambda j: self._movable(j, now), self.config.freeness_gap)
         if move is None:
             return []
@@ -122,12 +126,20 @@ class Migrations:
         self._rebalancing = self.start(request, length, source, destination, now)
         return [(now, CALL, self._rebalancing)]
 
+    def hand_off(self, request: Request, source: int, decode: range, now: float) -> list[Entry]:
+        """Disaggregation: `request` has its first token on prefill instance `source`; move it to the decode
+        instance with the most freeness (`ClusterCore._hand_off`). If none takes it, it decodes where it is."""
+        freeness = [(j, self.instances[j].view(j, [], now).load.freeness) for j in decode]
+        destination = max(freeness, key=lambda item: item[1])[0]
+        length = request.num_prompt_tokens + len(request.output_token_ids)
+        return [(now, CALL, self.start(request, length, source, destination, now))]
+
     def _movable(self, index: int, now: float) -> list[tuple[tuple[Request, int], int]]:
         """What the router knows to be on the instance at `now` (its queue and batch, arrivals not yet taken
         in), each with its length as last reported."""
         instance = self.instances[index]
         live = [r for r in instance.scheduler.requests.values() if r.status != RequestStatus.MIGRATING]
-        live += [request for request, _ in instance.inbox]
+        live += instance.inbox
         lengths = ((r, r.num_prompt_tokens + instance.reported_outputs(r, now)) for r in live)
         return [((r, length), length) for r, length in lengths if r.req_id not in self.moving]
 
@@ -191,7 +203,7 @@ class Migrations:
         position = _CARRIES_KV.get(method)
         if position is not None:
             chunk: KVChunk = args[position]
-            due += self.config.link.seconds(chunk.num_blocks * self.block_size)
+            due += self.link.seconds(chunk.num_blocks * self.block_size)
         return [(due, CALL, move_id)]
 
     def _finish(self, move_id: int, result: MigrationResult) -> None:

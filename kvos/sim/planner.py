@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kvos.sim.disagg import DisaggConfig, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.simulator import FleetConfig, SimResult, Simulator
 from kvos.sim.step_model import StepTimeModel
@@ -154,10 +153,8 @@ def plan_disaggregated(
             break
 
         def both_meet(d: int, p: int = p) -> bool:
-            config = DisaggConfig(
-                dataclasses.replace(fleet, num_instances=p), dataclasses.replace(fleet, num_instances=d), link
-            )
-            summary = summarize_sim(simulate_disaggregated(config, step_model, requests), slo.ttft_s, slo.tpot_s)
+            split = dataclasses.replace(fleet, num_instances=p + d, prefill_instances=p, link=link)
+            summary = summarize_sim(Simulator(split, step_model).run(requests), slo.ttft_s, slo.tpot_s)
             tried.append((p, d, summary["slo_attainment"], summary["goodput"]))
             return summary["slo_attainment"] >= slo.attainment
 

@@ -97,13 +97,15 @@ class LeastRequestsRouter:
         return index
 
     def on_finish(self, instance: int) -> None:
-        self.loads[instance] -= 1
-        heapq.heappush(self._heap, (self.loads[instance], instance))
+        if instance < len(self.loads):  # not one it routes to (a disaggregated fleet's decode instance)
+            self.loads[instance] -= 1
+            heapq.heappush(self._heap, (self.loads[instance], instance))
 
     def on_move(self, source: int, destination: int) -> None:
         self.on_finish(source)
-        self.loads[destination] += 1
-        heapq.heappush(self._heap, (self.loads[destination], destination))
+        if destination < len(self.loads):
+            self.loads[destination] += 1
+            heapq.heappush(self._heap, (self.loads[destination], destination))
 
 
 def make_router(name: str, num_instances: int, prefix_overload_steps: float) -> Router:

@@ -78,7 +78,7 @@ from kvos.sampling_params import SamplingParams
 from kvos.sim.migration import REBALANCE, MigrationConfig, Migrations
 from kvos.sim.router import make_router
 from kvos.sim.step_model import FrontEnd, StepTimeModel
-from kvos.sim.worker import SIM_TOKEN_ID, CopyModel, SimWorker
+from kvos.sim.worker import SIM_TOKEN_ID, CopyModel, LinkModel, SimWorker
 from kvos.sim.workload import SimRequest, SimSession
 
 MAX_EMPTY_STEPS = 1000
@@ -165,7 +165,14 @@ class InstanceConfig:
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """Instances behind a router."""
+    """Instances behind a router; with `prefill_instances`, DistServe's split as `kvos serve` runs it.
+
+    Disaggregated, the first `prefill_instances` instances take the new
+    requests; each request, once its first token is out, moves by live
+    migration to the decode instance with the most freeness, or decodes
+    where it is if none takes it (`kvos.sim.migration`). Load balancing
+    (`migration`) then moves requests among the decode instances only.
+    """
 
     instance: InstanceConfig = field(default_factory=InstanceConfig)
     num_instances: int = 1
@@ -174,10 +181,21 @@ class FleetConfig:
     """The prefix-aware router's overload threshold, as `kvos serve --prefix-overload-steps`."""
     migration: MigrationConfig | None = None
     """Live migration on imbalance (`--migrate-on-imbalance`), or none."""
+    prefill_instances: int = 0
+    """Instances that only compute prompts (`--prefill-instances`); the others decode. 0: all colocated."""
+    link: LinkModel | None = None
+    """What moving KV between two instances costs: needed by migration and by disaggregation."""
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
             raise ValueError(f"num_instances must be >= 1, got {self.num_instances}")
+        if self.prefill_instances and not 1 <= self.prefill_instances < self.num_instances:
+            raise ValueError(
+                f"a disaggregated fleet needs 1 to num_instances - 1 = {self.num_instances - 1} prefill "
+                f"instances, got {self.prefill_instances}"
+            )
+        if (self.migration is not None or self.prefill_instances) and self.link is None:
+            raise ValueError("live migration and disaggregation move KV between instances: give the fleet a link")
         make_router(self.router, 1, self.prefix_overload_steps)  # names the router if it is unknown
 
 
@@ -226,8 +244,8 @@ class SimInstance(MigrationEndpoint):
         """Routed to it since that report."""
         self.cached: set[BlockHash] = set()
         """Digests its prefix cache holds, from its KV events (with `reports`)."""
-        self.inbox: list[tuple[Request, int]] = []
-        """Arrivals since the last step began, each with the tokens of KV it brings (disaggregation), or 0."""
+        self.inbox: list[Request] = []
+        """Arrivals since the last step began."""
         self.in_flight: tuple[StepPlan, StepOutput] | None = None
         self.run: DecodeRun | None = None
         """A decode run in flight instead of a step."""
@@ -245,9 +263,7 @@ class SimInstance(MigrationEndpoint):
 
     def start_step(self, now: float) -> float | None:
         """Take the inbox, plan and run a step from `now`: when it ends, or None with nothing to do."""
-        for request, num_kv_tokens in self.inbox:
-            if num_kv_tokens:
-                self._import_kv(request, num_kv_tokens)
+        for request in self.inbox:
             self.scheduler.add(request)
         self.inbox.clear()
         if len(self.scheduler.requests) == self.num_detached:  # nothing, or only requests moving out
@@ -305,21 +321,6 @@ class SimInstance(MigrationEndpoint):
     def _is_detached(self, req_id: str) -> bool:
         request = self.scheduler.requests.get(req_id)
         return request is not None and request.status == RequestStatus.MIGRATING
-
-    def _import_kv(self, request: Request, num_tokens: int) -> None:
-        """KV computed elsewhere lands here: its full blocks become cached blocks of the request's prefix.
-
-        Through the real books (allocate, publish, free), so the scheduler
-        admits the request with prefix hits as it would any cached prefix,
-        and memory pressure may evict them first. No room: nothing lands, the
-        request recomputes.
-        """
-        kv = self.kv
-        if kv.allocate_slots(request, num_tokens) is None:
-            return
-        kv.publish(request, num_tokens)
-        kv.free(request)
-        kv.end_step()
 
     # -- decode runs ----------------------------------------------------------------
 
@@ -648,8 +649,12 @@ class Simulator:
 
     def _run(self, requests: Sequence[SimRequest], sessions: Sequence[SimSession]) -> SimResult:
         config = self.config
-        router = make_router(config.router, config.num_instances, config.prefix_overload_steps)
-        reports = router.reads_state or config.migration is not None
+        prefill = config.prefill_instances
+        # New requests go to every instance, or (disaggregated) to the prefill instances, which come first.
+        routable = range(prefill or config.num_instances)
+        decode = range(prefill, config.num_instances) if prefill else range(0)
+        router = make_router(config.router, len(routable), config.prefix_overload_steps)
+        reports = router.reads_state or config.migration is not None or bool(prefill)
         instances = [
             SimInstance(config.instance, self.step_model, self.decode_runs, reports)
             for _ in range(config.num_instances)
@@ -659,7 +664,7 @@ class Simulator:
         def views(arriving: Request, with_prefix: bool) -> list[InstanceView]:
             # The cluster core's digests of the prompt's full blocks: one chain, every instance's root.
             digests = kv0.block_hashes_of(arriving.all_token_ids, arriving.cache_salt) if with_prefix else []
-            return [instance.view(j, digests, arriving.arrival_time) for j, instance in enumerate(instances)]
+            return [instances[j].view(j, digests, arriving.arrival_time) for j in routable]
 
         times = RequestTimes()
         nan = math.nan
@@ -690,9 +695,15 @@ class Simulator:
                 turns.sent(k, state)
 
         migrations = None
+        if config.link is not None and (config.migration is not None or prefill):
+            balanced = decode or range(config.num_instances)
+            migrations = Migrations(
+                config.migration, config.link, instances, balanced, config.instance.block_size, follow
+            )
         if config.migration is not None:
-            migrations = Migrations(config.migration, instances, config.instance.block_size, follow)
             ends.append((0.0, REBALANCE, 0))  # the cluster core checks at its first step, then every interval
+        handed: set[int] = set()
+        """Disaggregated: the requests whose hand-off to the decode tier was tried (once each)."""
         start_wall = time.perf_counter()
         num_events = 0
         i = 0
@@ -736,7 +747,7 @@ class Simulator:
                 instance = instances[index]
                 instance.routed_tokens += request.num_tokens
                 instance.routed_requests += 1
-                instance.inbox.append((request, spec.prompt_tokens - 1 if spec.kv_ready else 0))
+                instance.inbox.append(request)
                 if k >= n:
                     turns.sent(k, request)
                 if instance.run is not None:
@@ -752,8 +763,9 @@ class Simulator:
                 continue
             now, index, version = heapq.heappop(ends)
             if index < 0:
-                assert migrations is not None and config.migration is not None
+                assert migrations is not None
                 if index == REBALANCE:
+                    assert config.migration is not None
                     entries = migrations.check(now)
                     if i < n or sends or migrations.active or any(j.busy or j.scheduler.requests for j in instances):
                         entries.append((now + config.migration.interval_s, REBALANCE, 0))
@@ -782,6 +794,13 @@ class Simulator:
                     router.on_finish(index)
                     if k >= n:
                         turns.finished(k, now + to_client, sends)
+                elif index < prefill and k not in handed and update.new_token_ids:
+                    # Its prompt is computed: hand it to the decode tier (`ClusterCore._hand_off`).
+                    assert migrations is not None
+                    handed.add(k)
+                    request = instance.scheduler.requests[update.req_id]
+                    for entry in migrations.hand_off(request, index, decode, now):
+                        heapq.heappush(ends, entry)
             if instance.calls:
                 assert migrations is not None
                 for entry in migrations.run_calls(index, now):

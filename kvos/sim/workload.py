@@ -42,8 +42,6 @@ class SimRequest:
     output_tokens: int
     tenant: str = ""
     priority: int = 0
-    kv_ready: bool = False
-    """Its prompt's KV but the last token's arrives with it (a disaggregated decode tier's request)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.arrival_s) and self.arrival_s >= 0):

@@ -9,9 +9,9 @@ from kvos.config import SchedulerConfig
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.migration import MigrationConfig
 from kvos.sim.simulator import FleetConfig, InstanceConfig, SimResult, Simulator
-from kvos.sim.step_model import LinearStepModel
+from kvos.sim.step_model import FrontEnd, LinearStepModel
 from kvos.sim.worker import LinkModel
-from kvos.sim.workload import SimRequest
+from kvos.sim.workload import SimRequest, arrival_times, with_arrivals
 
 STEP_MODEL = LinearStepModel(
     prefill_intercept=0.02,
@@ -25,14 +25,14 @@ BLOCK = 16
 LINK = LinkModel(bandwidth_bytes_per_s=1e6, kv_bytes_per_token=1000, latency_s=0.002)  # 16 ms a block
 
 
-def fleet(num_blocks: int, migration: MigrationConfig | None, max_num_seqs: int = 8) -> FleetConfig:
+def fleet(num_blocks: int, migration: MigrationConfig | None, link: LinkModel = LINK) -> FleetConfig:
     instance = InstanceConfig(
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
+        scheduler=SchedulerConfig(max_num_seqs=8),
         kv_capacity_tokens=num_blocks * BLOCK,
         block_size=BLOCK,
         max_model_len=1024,
     )
-    return FleetConfig(instance, num_instances=2, router="round-robin", migration=migration)
+    return FleetConfig(instance, num_instances=2, router="round-robin", migration=migration, link=link)
 
 
 def assert_nothing_left(result: SimResult, requests: list[SimRequest]) -> None:
@@ -62,7 +62,7 @@ def test_a_request_moves_to_the_freer_instance_and_every_block_comes_back() -> N
     cross in 0.19 s while it decodes, a second stage copies the block it filled meanwhile, and the last
     one goes while it is stopped. Then each instance runs one request of equal freeness: no more moves."""
     requests = [SimRequest(0.0, 200, 300), SimRequest(0.0, 20, 2), SimRequest(0.0, 200, 300)]
-    migration = MigrationConfig(freeness_gap=100.0, link=LINK, interval_s=0.5)
+    migration = MigrationConfig(freeness_gap=100.0, interval_s=0.5)
     moved = Simulator(fleet(64, migration), STEP_MODEL).run(requests)
     stayed = Simulator(fleet(64, None), STEP_MODEL).run(requests)
     (result,) = moved.migrations
@@ -90,7 +90,7 @@ def test_a_destination_without_room_changes_nothing() -> None:
     headroom tokens, 42 blocks, more than instance 0 holds: "no_room". By the next check (1.0 s) all
     have ended. The run is the run without migration, token for token."""
     requests = [SimRequest(0.05, 100, 40), SimRequest(0.05, 560, 70), SimRequest(0.05, 100, 40)]
-    migration = MigrationConfig(freeness_gap=100.0, link=LINK, interval_s=0.5)
+    migration = MigrationConfig(freeness_gap=100.0, interval_s=0.5)
     tried = Simulator(fleet(40, migration), STEP_MODEL).run(requests)
     plain = Simulator(fleet(40, None), STEP_MODEL).run(requests)
     assert [m.outcome for m in tried.migrations] == ["no_room"]
@@ -106,8 +106,8 @@ def test_a_request_that_ends_while_its_kv_crosses_a_slow_link_stays_where_it_was
     reservation given back."""
     requests = [SimRequest(0.0, 200, 100), SimRequest(0.0, 20, 2), SimRequest(0.0, 200, 100)]
     slow = LinkModel(bandwidth_bytes_per_s=1e5, kv_bytes_per_token=1000)
-    migration = MigrationConfig(freeness_gap=100.0, link=slow, interval_s=0.5)
-    result = Simulator(fleet(64, migration), STEP_MODEL).run(requests)
+    migration = MigrationConfig(freeness_gap=100.0, interval_s=0.5)
+    result = Simulator(fleet(64, migration, slow), STEP_MODEL).run(requests)
     assert [m.outcome for m in result.migrations] == ["ended"]
     assert result.migrations[0].stages == 1
     assert_nothing_left(result, requests)
@@ -115,9 +115,11 @@ def test_a_request_that_ends_while_its_kv_crosses_a_slow_link_stays_where_it_was
 
 def test_migration_needs_a_positive_gap_and_interval() -> None:
     with pytest.raises(ValueError, match="freeness_gap must be > 0, got 0"):
-        MigrationConfig(freeness_gap=0.0, link=LINK)
+        MigrationConfig(freeness_gap=0.0)
     with pytest.raises(ValueError, match="interval_s must be > 0, got -1"):
-        MigrationConfig(freeness_gap=1.0, link=LINK, interval_s=-1.0)
+        MigrationConfig(freeness_gap=1.0, interval_s=-1.0)
+    with pytest.raises(ValueError, match="give the fleet a link"):
+        FleetConfig(num_instances=2, migration=MigrationConfig(1.0))
 
 
 def test_the_command_line_builds_the_migration_kvos_serve_would_run() -> None:
@@ -128,5 +130,54 @@ def test_the_command_line_builds_the_migration_kvos_serve_would_run() -> None:
     with pytest.raises(ValueError, match="--migrate-on-imbalance needs --link-bandwidth"):
         make_fleet(build_parser().parse_args(base))
     args = build_parser().parse_args([*base, "--link-bandwidth", "1e6", "--migration-interval", "0.25"])
-    assert make_fleet(args).migration == MigrationConfig(50.0, LinkModel(1e6, 1000), interval_s=0.25)
+    built = make_fleet(args)
+    assert (built.migration, built.link) == (MigrationConfig(50.0, interval_s=0.25), LinkModel(1e6, 1000))
     assert make_fleet(build_parser().parse_args(["sim", "run"])).migration is None
+
+
+def test_a_disaggregated_fleet_hands_each_request_to_the_decode_tier_by_live_migration() -> None:
+    """One prefill and two decode instances, as `kvos serve --prefill-instances 1 --decode-instances 2`.
+    Every request with more than its first token is handed off once: migrated, or "ended" when it
+    finished on the prefill instance while its KV crossed the link (a 300-token prompt takes 0.3 s to
+    cross, its 10 tokens 0.12 s to decode). The decode instances admit no prompt of their own."""
+    lengths = [(100, 20), (40, 1), (300, 10)] * 10
+    requests = with_arrivals(lengths, arrival_times(len(lengths), 5.0, seed=4))
+    link = LinkModel(bandwidth_bytes_per_s=1e6, kv_bytes_per_token=1000, latency_s=0.01)  # 10 ms + 1 ms/token
+    instance = InstanceConfig(block_size=BLOCK)
+    split = FleetConfig(instance, num_instances=3, prefill_instances=1, link=link)
+    result = Simulator(split, STEP_MODEL).run(requests)
+    assert_nothing_left(result, requests)
+    outcomes = [m.outcome for m in result.migrations]
+    assert len(outcomes) == sum(r.output_tokens > 1 for r in requests)
+    assert set(outcomes) == {"migrated", "ended"}
+    assert outcomes.count("migrated") >= 10  # at least the 100-token prompts, whose 20 tokens outlast the copy
+    prefill, *decode = result.instances
+    assert all(i.kv.prefix_cache_stats()[0] == 0 for i in decode)  # nothing admitted: every request came by KV
+    assert prefill.kv.prefix_cache_stats()[0] > 0
+    assert all(i.num_steps > 0 for i in decode)
+
+
+def test_a_disaggregated_fleet_passes_the_front_end_once_each_way() -> None:
+    """A lone request: its arrival passes the front end once, into the prefill instance (the hand-off
+    goes engine to engine), and each token, whichever instance made it, reaches the client
+    `to_client_s` after its step: every time moves by the two delays, every gap stays."""
+    steps = LinearStepModel(0.020, 0.010, 0.0, 0.0, 0.0, 0.0)
+    request = [SimRequest(0.0, 40, 40)]
+
+    def run(front: FrontEnd) -> SimResult:
+        fleet = FleetConfig(InstanceConfig(front_end=front), num_instances=2, prefill_instances=1, link=LINK)
+        return Simulator(fleet, steps).run(request)
+
+    bare, served = run(FrontEnd()), run(FrontEnd(to_engine_s=0.005, to_client_s=0.003))
+    assert [m.outcome for m in served.migrations] == ["migrated"]
+    assert served.instances[1].num_steps > 0
+    assert served.times.first_token_s[0] == pytest.approx(0.005 + 0.020 + 0.003)
+    assert served.times.last_token_s[0] == pytest.approx(bare.times.last_token_s[0] + 0.005 + 0.003)
+    assert list(served.times.itl_s) == pytest.approx(list(bare.times.itl_s))
+
+
+def test_disaggregation_needs_both_tiers_and_a_link() -> None:
+    with pytest.raises(ValueError, match="1 to num_instances - 1 = 1 prefill instances, got 2"):
+        FleetConfig(num_instances=2, prefill_instances=2, link=LINK)
+    with pytest.raises(ValueError, match="give the fleet a link"):
+        FleetConfig(num_instances=2, prefill_instances=1)

@@ -36,7 +36,7 @@ def test_a_simulated_instance_reports_the_load_a_cluster_instance_reports() -> N
     )
     instance = SimInstance(config, STEP_MODEL, reports=True)
     assert instance.load == InstanceLoad(free_tokens=160, head_demand_tokens=0, num_running=0, num_waiting=0)
-    instance.inbox += [(request("a", 40, 1), 0), (request("b", 20, 2), 0)]
+    instance.inbox += [request("a", 40, 1), request("b", 20, 2)]
     assert instance.start_step(0.0) is not None
     instance.finish_step()
     # a's 40 prompt tokens took ceil(40 / 16) = 3 blocks; b (20 tokens) heads the queue.
@@ -60,10 +60,10 @@ def test_inside_a_decode_run_a_view_is_the_report_of_the_last_step_that_ended() 
     block 0, which evicts b's cached prefix."""
     config = InstanceConfig(kv_capacity_tokens=5 * 16, block_size=16, max_model_len=256)
     instance = SimInstance(config, STEP_MODEL, reports=True)
-    instance.inbox.append((request("b", 20, 2, max_tokens=1), 0))
+    instance.inbox.append(request("b", 20, 2, max_tokens=1))
     assert instance.start_step(0.0) is not None
     assert [u.finish_reason for u in instance.finish_step()] == ["length"]
-    instance.inbox.append((request("a", 40, 1, max_tokens=100), 0))
+    instance.inbox.append(request("a", 40, 1, max_tokens=100))
     end = instance.start_step(1.0)
     assert end is not None and instance.run is None  # a's prompt: an ordinary step
     instance.finish_step()

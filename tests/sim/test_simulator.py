@@ -19,7 +19,6 @@ from kvos.core.request import Request
 from kvos.memory.factory import host_tier
 from kvos.model.loader import load_model
 from kvos.sampling_params import SamplingParams
-from kvos.sim.disagg import DisaggConfig, simulate_disaggregated
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.migration import MigrationConfig
 from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
@@ -258,47 +257,6 @@ def test_disaggregated_plan_for_a_trivial_case_is_one_of_each() -> None:
     link = LinkModel(bandwidth_bytes_per_s=1e9, kv_bytes_per_token=4096)
     result = plan_disaggregated(FleetConfig(), link, STEP_MODEL, requests, SLO(ttft_s=1.0, tpot_s=0.1))
     assert (result.num_prefill, result.num_decode) == (1, 1)
-
-
-def test_disaggregated_fleet_hands_the_kv_to_the_decode_tier() -> None:
-    lengths = [(100, 20), (40, 1), (300, 10)] * 10
-    requests = with_arrivals(lengths, arrival_times(len(lengths), 5.0, seed=4))
-    link = LinkModel(bandwidth_bytes_per_s=1e6, kv_bytes_per_token=1000, latency_s=0.01)  # 10 ms + 1 ms/token
-    config = DisaggConfig(FleetConfig(num_instances=1), FleetConfig(num_instances=2), link)
-    result = simulate_disaggregated(config, STEP_MODEL, requests)
-    summary = summarize_sim(result, 2.0, 0.2)
-    assert summary["completed"] == len(requests)
-    assert summary["total_output_tokens"] == sum(r.output_tokens for r in requests)
-    # The first token is the prefill tier's alone; the next ones wait at least for the transfer.
-    prefill_alone = Simulator(FleetConfig(), STEP_MODEL).run(
-        [SimRequest(r.arrival_s, r.prompt_tokens, 1) for r in requests]
-    )
-    assert result.times.first_token_s == prefill_alone.times.first_token_s
-    for k, r in enumerate(requests):
-        if r.output_tokens > 1:
-            assert result.times.last_token_s[k] >= result.times.first_token_s[k] + link.seconds(r.prompt_tokens)
-    # The decode tier admitted each handed-over request with its prompt's full blocks as prefix hits.
-    decode = result.instances[1:]
-    handed = [r for r in requests if r.output_tokens > 1]
-    assert sum(i.kv.counters.primary_hit_tokens for i in decode) == sum(r.prompt_tokens // 16 * 16 for r in handed)
-    assert all(i.kv.num_used_blocks == 0 for i in result.instances)
-
-
-def test_disaggregated_fleet_passes_the_front_end_once_each_way() -> None:
-    """A lone request: its arrival passes the prefill tier's front end only (the hand-over goes engine to
-    engine), and each token, whichever tier made it, reaches the client `to_client_s` after its step."""
-    steps = LinearStepModel(0.020, 0.010, 0.0, 0.0, 0.0, 0.0)
-    link = LinkModel(bandwidth_bytes_per_s=1e6, kv_bytes_per_token=1000, latency_s=0.01)
-    request = [SimRequest(0.0, 40, 4)]
-
-    def run(front: FrontEnd) -> Any:
-        fleet = FleetConfig(InstanceConfig(front_end=front))
-        return simulate_disaggregated(DisaggConfig(fleet, fleet, link), steps, request).times
-
-    bare, served = run(FrontEnd()), run(FrontEnd(to_engine_s=0.005, to_client_s=0.003))
-    assert served.first_token_s[0] == pytest.approx(0.005 + 0.020 + 0.003)
-    assert served.last_token_s[0] == pytest.approx(bare.last_token_s[0] + 0.005 + 0.003)
-    assert list(served.itl_s) == pytest.approx(list(bare.itl_s))
 
 
 def test_plan_grows_the_fleet_with_the_rate() -> None:
@@ -574,8 +532,8 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         kv_capacity_tokens=kv_tokens,
         max_model_len=128,
     )
-    migration = MigrationConfig(freeness_gap=20.0, link=LinkModel(1e6, 100, latency_s=1e-3), interval_s=0.2)
-    config = FleetConfig(instance, num_instances, router, migration=migration if migrate else None)
+    migration = MigrationConfig(freeness_gap=20.0, interval_s=0.2) if migrate else None
+    config = FleetConfig(instance, num_instances, router, migration=migration, link=LinkModel(1e6, 100, 1e-3))
     chats = conversations(num=10) if router in ("least-load", "prefix-aware") else None
     slow, slow_plans = run_recording_plans(config, requests, decode_runs=False, sessions=chats)
     fast, fast_plans = run_recording_plans(config, requests, decode_runs=True, sessions=chats)
