@@ -18,6 +18,10 @@ snapshot and the destination's import, so the request decodes on the
 source meanwhile, and the next stage copies what it computed; the
 downtime is the source's suspend to the destination's commit (the last,
 short copy). The router hears of the move at the commit (`on_commit`).
+
+Two triggers, as in the cluster: load balancing (`check`, every interval)
+and disaggregation's hand-off (`hand_off`, when a prefill instance's
+request has its first token).
 """
 
 from __future__ import annotations

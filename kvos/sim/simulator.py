@@ -26,6 +26,11 @@ prompt and output plus new tokens. A host tier (`InstanceConfig.host`)
 puts the engine's own host-tier books under the pool; the worker model
 times its moves (`SimWorker`).
 
+Live migration (`kvos.sim.migration`: load balancing, and the hand-off
+of a disaggregated fleet) puts two more kinds of entry on the heap of step
+ends: an imbalance check, and a migration call due, which runs at its
+instance's next step boundary.
+
 Decode runs (the fast path). Most steps change nothing the scheduler
 decides on: every running request decodes one token, nobody waits, nobody
 finishes, and the KV pool has blocks to spare. For such a state the next k
