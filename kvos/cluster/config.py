@@ -104,17 +104,24 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-restarts", type=int, default=d.max_restarts, help="Ray restarts of a dead instance")
     group.add_argument(
-        "--prefix-overload-steps",
-        type=float,
-        default=d.prefix_overload_steps,
-        help="prefix-aware: pass over an instance with less freeness than this (decode steps)",
-    )
-    group.add_argument(
         "--failover-timeout",
         dest="failover_timeout_s",
         type=float,
         default=d.failover_timeout_s,
         help="seconds a request may wait for a healthy instance after its own died",
+    )
+    add_placement_args(group)
+    add_disaggregation_args(group)
+
+
+def add_placement_args(group: argparse._ArgumentGroup) -> None:
+    """Where requests go and when they move: flags `kvos serve` and `kvos sim` share."""
+    d = ClusterConfig()
+    group.add_argument(
+        "--prefix-overload-steps",
+        type=float,
+        default=d.prefix_overload_steps,
+        help="prefix-aware: pass over an instance with less freeness than this (decode steps)",
     )
     group.add_argument(
         "--migrate-on-imbalance",
@@ -124,6 +131,18 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         metavar="GAP",
         help="live-migrate a request when instances' freeness differs by more than GAP decode steps",
     )
+    group.add_argument(
+        "--migration-interval",
+        dest="migration_interval_s",
+        type=float,
+        default=d.migration_interval_s,
+        help="seconds between load-imbalance checks",
+    )
+
+
+def add_disaggregation_args(group: argparse._ArgumentGroup) -> None:
+    """DistServe's split, as `kvos serve` and `kvos sim run` take it."""
+    d = ClusterConfig()
     group.add_argument(
         "--prefill-instances",
         type=int,
@@ -135,13 +154,6 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=d.decode_instances,
         help="disaggregation: instances that decode what prefill instances hand over",
-    )
-    group.add_argument(
-        "--migration-interval",
-        dest="migration_interval_s",
-        type=float,
-        default=d.migration_interval_s,
-        help="seconds between load-imbalance checks",
     )
 
 

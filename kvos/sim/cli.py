@@ -89,7 +89,7 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     """Fleet flags; with `several`, --router and --scheduling-policy take comma-separated lists to compare."""
-    from kvos.cluster.config import ClusterConfig
+    from kvos.cluster.config import add_disaggregation_args, add_placement_args
     from kvos.sim.router import ROUTERS
 
     d = SchedulerConfig()
@@ -101,22 +101,10 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
         )
     else:
         group.add_argument("--num-instances", type=int, default=1)
-        group.add_argument(
-            "--prefill-instances",
-            type=int,
-            default=0,
-            help="disaggregation, as kvos serve: P instances compute prompts and hand requests to "
-            "--decode-instances D (instances = P + D; needs --link-bandwidth)",
-        )
-        group.add_argument("--decode-instances", type=int, default=0)
+        add_disaggregation_args(group)  # instances = P + D, overriding --num-instances
         group.add_argument("--router", choices=list(ROUTERS), default="round-robin")
         group.add_argument("--scheduling-policy", choices=list(SCHEDULING_POLICIES), default=d.policy)
-    group.add_argument(
-        "--prefix-overload-steps",
-        type=float,
-        default=ClusterConfig.prefix_overload_steps,
-        help="prefix-aware: pass over an instance with less freeness than this (decode steps)",
-    )
+    add_placement_args(group)
     group.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     group.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     group.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache size per instance, tokens")
@@ -132,25 +120,10 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
     )
     group.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap", help="with a host tier")
     group.add_argument(
-        "--migrate-on-imbalance",
-        dest="migration_freeness_gap",
-        type=float,
-        default=ClusterConfig.migration_freeness_gap,
-        metavar="GAP",
-        help="live-migrate a request when instances' freeness differs by more than GAP decode steps "
-        "(as kvos serve; needs --link-bandwidth)",
-    )
-    group.add_argument(
-        "--migration-interval",
-        type=float,
-        default=ClusterConfig.migration_interval_s,
-        help="seconds between imbalance checks",
-    )
-    group.add_argument(
         "--link-bandwidth",
         type=float,
         default=None,
-        help="KV between instances (migration, disaggregation): bytes/s",
+        help="KV between instances (migration, disaggregation; both need it): bytes/s",
     )
     group.add_argument("--link-latency", type=float, default=0.0, help="KV between instances: per transfer, seconds")
     group.add_argument(
@@ -244,7 +217,7 @@ def make_fleet(
         )
     migration = None
     if args.migration_freeness_gap is not None:
-        migration = MigrationConfig(args.migration_freeness_gap, args.migration_interval)
+        migration = MigrationConfig(args.migration_freeness_gap, args.migration_interval_s)
     link = None
     if migration is not None or prefill:
         link = _link(args, "--migrate-on-imbalance" if migration is not None else "--prefill-instances")
