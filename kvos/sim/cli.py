@@ -130,8 +130,8 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
         "--kv-bytes-per-token",
         type=int,
         default=None,
-        help="KV moves (host tier, disaggregation): bytes per token (default: the profile's engine, or --arch at "
-        "--dtype)",
+        help="KV moves (host tier, migration, disaggregation): bytes per token (default: the profile's engine, "
+        "or --arch at --dtype)",
     )
 
 
