@@ -112,8 +112,11 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         cumulative = sorted_probs.cumsum(-1)
-        # Keep the smallest prefix whose mass reaches top_p (always the top token).
+        # Keep the smallest prefix whose mass reaches top_p, and always the top token: a top_p below
+        # float32's smallest number (a valid request: it only has to be > 0) rounds to 0 in the comparison,
+        # which would drop every token and leave 0 / 0.
         drop = cumulative - sorted_probs >= p.top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         probs = probs / probs.sum()

@@ -53,6 +53,17 @@ def test_filters_match_hf_warpers(params: SamplingParams) -> None:
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 1e-46, 1e-40, 1e-5])
+def test_a_top_p_too_small_for_float32_keeps_the_top_token(top_p: float) -> None:
+    """Found by the server's fuzz test: 5e-324 is a valid top_p but rounds to 0 against float32 sums, which
+    dropped every token (NaN probabilities, the request failed). Any tiny top_p keeps the argmax alone."""
+    logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(3)) * 3
+    probs = filtered_probs(logits, SamplingParams(top_p=top_p))
+    expected = torch.zeros(VOCAB)
+    expected[int(logits.argmax())] = 1.0
+    assert torch.equal(probs, expected)
+
+
 def test_repetition_penalty_matches_hf() -> None:
     logits = torch.randn(VOCAB, generator=torch.Generator().manual_seed(1)) * 3
     prompt, output = [1, 2, 3, 3], [4, 9]
