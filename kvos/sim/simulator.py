@@ -281,6 +281,11 @@ class SimInstance(MigrationEndpoint):
                 return run.ends[-1]
         plan = self.scheduler.schedule()
         self._attached = False
+        if plan.is_empty and (self.num_detached or self._incoming):
+            # Requests wait for blocks that a migration holds (a request moving out, a reservation for one
+            # moving in). The engine would spin on empty steps until the migration's next call frees or
+            # uses them; here the instance idles, and that call wakes it (`Migrations.deliver`).
+            return None
         if plan.is_empty:
             self._num_empty_steps += 1
             if self._num_empty_steps > MAX_EMPTY_STEPS:

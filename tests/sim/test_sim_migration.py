@@ -181,3 +181,41 @@ def test_disaggregation_needs_both_tiers_and_a_link() -> None:
         FleetConfig(num_instances=2, prefill_instances=2, link=LINK)
     with pytest.raises(ValueError, match="give the fleet a link"):
         FleetConfig(num_instances=2, prefill_instances=1)
+
+
+def test_a_reservation_that_evicts_cached_blocks_pays_their_write_back_before_the_next_step() -> None:
+    """Pool of 8 blocks, host tier below. A finished 100-token request leaves its 6 full blocks cached;
+    reserving 8 blocks for a request migrating in takes them, so 6 blocks (96 tokens) are written back
+    first, at 1 ms a token: 96 ms that the engine's worker spends before its next step."""
+    from kvos.core.request import Request
+    from kvos.sampling_params import SamplingParams
+    from kvos.sim.simulator import HostTierConfig, SimInstance
+    from kvos.sim.worker import CopyModel
+
+    host = HostTierConfig(64 * BLOCK, CopyModel(save_s_per_token=1e-3, load_s_per_token=2e-3))
+    config = InstanceConfig(kv_capacity_tokens=8 * BLOCK, block_size=BLOCK, max_model_len=256, host=host)
+    instance = SimInstance(config, STEP_MODEL)
+    instance.inbox.append(Request("a", [7] * 100, SamplingParams(max_tokens=1, ignore_eos=True)))
+    while instance.start_step(0.0) is not None:
+        instance.finish_step()
+    assert instance.kv.num_used_blocks == 0 and instance.worker.copy_s == 0.0
+    incoming = Request("m", [9] * 120, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert instance.migration_reserve(incoming, 8 * BLOCK)
+    assert instance.worker.copy_s == pytest.approx(6 * BLOCK * 1e-3)
+    assert instance.kv.counters.blocks_demoted == 6
+    instance.migration_cancel("m")
+    assert instance.kv.num_used_blocks == 0 and not instance._incoming
+
+
+def test_a_full_decode_tier_pushes_back_and_the_request_decodes_where_it_is() -> None:
+    """Pools of 40 blocks. The first request's hand-off reserves 300 + 1 + 64 headroom tokens, 23 blocks,
+    on the one decode instance; while it decodes there, the next requests' hand-offs find 17 free and end
+    "no_room", so they run to their end on the prefill instance. (This run first stopped with "the
+    scheduler planned nothing for 1000 steps": the prefill instance's waiting request needed the blocks
+    of the request suspended for its move, and the simulated engine stepped empty plans at no time.)"""
+    requests = [SimRequest(0.1 * k, 300, 100) for k in range(3)]
+    instance = InstanceConfig(kv_capacity_tokens=40 * BLOCK, block_size=BLOCK, max_model_len=1024)
+    split = FleetConfig(instance, num_instances=2, prefill_instances=1, link=LINK)
+    result = Simulator(split, STEP_MODEL).run(requests)
+    assert sorted(m.outcome for m in result.migrations) == ["migrated", "no_room", "no_room"]
+    assert_nothing_left(result, requests)
