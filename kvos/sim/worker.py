@@ -99,10 +99,11 @@ class SimWorker:
         copy, bs = self.copy, self.block_size
         saved = bs * sum(op.num_blocks for op in plan.saves)
         loaded = bs * sum(op.num_blocks for op in plan.loads) + sum(op.num_slots for op in plan.copies)
-        before = saved * copy.save_s_per_token + loaded * copy.load_s_per_token + self._saves_s
+        moved = saved * copy.save_s_per_token + loaded * copy.load_s_per_token
+        before = moved + self._saves_s  # the reservation's write-backs were counted in copy_s when forced
         self._saves_s = 0.0
         beside = bs * sum(op.num_blocks for kv_load in plan.kv_loads for op in kv_load.loads) * copy.load_s_per_token
-        self.copy_s += before + beside
+        self.copy_s += moved + beside
         return before + max(forward, beside)
 
     # -- live migration: the books move blocks, a link model times them (`kvos.sim.migration`) --

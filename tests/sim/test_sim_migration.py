@@ -205,6 +205,12 @@ def test_a_reservation_that_evicts_cached_blocks_pays_their_write_back_before_th
     assert instance.kv.counters.blocks_demoted == 6
     instance.migration_cancel("m")
     assert instance.kv.num_used_blocks == 0 and not instance._incoming
+    # The next step waits for them, and they are counted once.
+    instance.inbox.append(Request("b", [5] * 16, SamplingParams(max_tokens=1, ignore_eos=True)))
+    end = instance.start_step(1.0)
+    assert end == pytest.approx(1.0 + 6 * BLOCK * 1e-3 + STEP_MODEL.prefill_intercept + 16 * 1e-4)
+    instance.finish_step()
+    assert instance.worker.copy_s == pytest.approx(6 * BLOCK * 1e-3)
 
 
 def test_a_full_decode_tier_pushes_back_and_the_request_decodes_where_it_is() -> None:
