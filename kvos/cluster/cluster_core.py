@@ -270,6 +270,8 @@ class ClusterCore:
             source.live.discard(req_id)
             destination.live.add(req_id)
             seq.instance_id = destination.instance_id
+            if destination.role != "decode":  # a hand-off's decode instance takes no new requests to route
+                self.router.moved(state, destination.instance_id)
             return True
 
         try:

@@ -48,15 +48,17 @@ class Router(Protocol):
         """A request on `instance` ended."""
         ...
 
-    def on_move(self, source: int, destination: int) -> None:
-        """A request migrated from `source` to `destination`."""
+    def on_move(self, request: Request, source: int, destination: int) -> None:
+        """`request` migrated from `source` to `destination`."""
         ...
 
 
 class ClusterRouter:
     """One of `kvos.cluster.routers`, choosing from the same views the cluster core would build."""
 
-    def __init__(self, name: str, prefix_overload_steps: float) -> None:
+    def __init__(self, name: str, num_instances: int, prefix_overload_steps: float) -> None:
+        """`num_instances`: those it routes to, indices 0 to num_instances - 1."""
+        self.num_instances = num_instances
         self.policy: ClusterRouterPolicy = make_cluster_router(
             ClusterConfig(router=name, prefix_overload_steps=prefix_overload_steps)  # type: ignore[arg-type]
         )
@@ -68,8 +70,9 @@ class ClusterRouter:
     def on_finish(self, instance: int) -> None:
         return None
 
-    def on_move(self, source: int, destination: int) -> None:
-        return None  # the instances' next reports show it
+    def on_move(self, request: Request, source: int, destination: int) -> None:
+        if destination < self.num_instances:  # not a disaggregated fleet's decode instance: none is routed there
+            self.policy.moved(request, destination)
 
 
 class LeastRequestsRouter:
@@ -101,7 +104,7 @@ class LeastRequestsRouter:
             self.loads[instance] -= 1
             heapq.heappush(self._heap, (self.loads[instance], instance))
 
-    def on_move(self, source: int, destination: int) -> None:
+    def on_move(self, request: Request, source: int, destination: int) -> None:
         self.on_finish(source)
         if destination < len(self.loads):
             self.loads[destination] += 1
@@ -112,7 +115,7 @@ def make_router(name: str, num_instances: int, prefix_overload_steps: float) -> 
     if num_instances < 1:
         raise ValueError(f"num_instances must be >= 1, got {num_instances}")
     if name in CLUSTER_ROUTERS:
-        return ClusterRouter(name, prefix_overload_steps)
+        return ClusterRouter(name, num_instances, prefix_overload_steps)
     if name == "least-requests":
         return LeastRequestsRouter(num_instances)
     raise ValueError(f"router must be one of {', '.join(ROUTERS)}, got {name!r}")

@@ -699,7 +699,7 @@ class Simulator:
 
         def follow(state: Request, source: int, destination: int) -> None:
             """A migration committed: the router and the request's session follow it to its new instance."""
-            router.on_move(source, destination)
+            router.on_move(state, source, destination)
             k = int(state.req_id)
             if k >= n:
                 turns.sent(k, state)

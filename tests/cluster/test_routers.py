@@ -65,6 +65,17 @@ def test_session_sticks_to_one_instance_while_it_is_there() -> None:
     assert router.choose(request(""), [view(0, 10, 9), view(1, 5000, 0)]) == 1  # no session: by load
 
 
+def test_session_follows_its_request_when_it_migrates() -> None:
+    """The conversation's KV, and the hold its request leaves when it ends, are where it moved."""
+    router = make_router(ClusterConfig(router="session"))
+    views = [view(0, 1000, 0), view(1, 2000, 0), view(2, 500, 0)]
+    assert router.choose(request("alice"), views) == 1
+    router.moved(request("alice"), 2)
+    assert router.choose(request("alice"), views) == 2
+    router.moved(request("bob"), 0)  # a conversation it never routed: nothing to follow
+    assert router.choose(request("bob"), views) == 1  # by load
+
+
 def test_cluster_config_refuses_half_a_disaggregation_and_counts_its_instances() -> None:
     with pytest.raises(ValueError, match="needs both --prefill-instances and --decode-instances"):
         ClusterConfig(prefill_instances=2)

@@ -225,3 +225,24 @@ def test_a_full_decode_tier_pushes_back_and_the_request_decodes_where_it_is() ->
     result = Simulator(split, STEP_MODEL).run(requests)
     assert sorted(m.outcome for m in result.migrations) == ["migrated", "no_room", "no_room"]
     assert_nothing_left(result, requests)
+
+
+def test_the_session_router_follows_a_move_but_not_a_hand_off() -> None:
+    """A move between routable instances re-sticks the conversation there (as `ClusterCore` tells its
+    router); a disaggregated hand-off goes to a decode instance, where no new request is routed."""
+    from kvos.cluster.instance import InstanceLoad
+    from kvos.cluster.routers import InstanceView
+    from kvos.core.request import Request
+    from kvos.sampling_params import SamplingParams
+    from kvos.sim.router import make_router
+
+    def views(request: Request, with_prefix: bool) -> list[InstanceView]:
+        return [InstanceView(j, InstanceLoad(1000 * (j + 1), 0, 0, 0)) for j in range(2)]
+
+    turn = Request("1", [1, 2, 3], SamplingParams(), tenant="alice")
+    router = make_router("session", 2, 1.0)  # two routable instances; a third would be a decode instance
+    assert router.route(turn, views) == 1
+    router.on_move(turn, 1, 0)
+    assert router.route(turn, views) == 0
+    router.on_move(turn, 0, 2)  # a hand-off to decode instance 2
+    assert router.route(turn, views) == 0

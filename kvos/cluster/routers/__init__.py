@@ -44,6 +44,10 @@ class Router(Protocol):
         """The instance died or left: drop any state that points at it."""
         ...
 
+    def moved(self, request: Request, instance_id: int) -> None:
+        """`request` migrated to `instance_id` (its KV, and the hold it leaves when it ends, are there now)."""
+        ...
+
 
 def least_loaded(views: Sequence[InstanceView]) -> InstanceView:
     """The view with the most freeness (ties: fewest running, then lowest id)."""

@@ -21,3 +21,6 @@ class LeastLoadRouter:
 
     def forget(self, instance_id: int) -> None:
         """Stateless."""
+
+    def moved(self, request: Request, instance_id: int) -> None:
+        """Stateless."""

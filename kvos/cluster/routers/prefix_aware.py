@@ -32,3 +32,6 @@ class PrefixAwareRouter:
 
     def forget(self, instance_id: int) -> None:
         """Stateless: the cluster core drops a dead instance's blocks."""
+
+    def moved(self, request: Request, instance_id: int) -> None:
+        """Stateless: the moved blocks reach the cluster core as KV events."""

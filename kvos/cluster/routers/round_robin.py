@@ -22,3 +22,6 @@ class RoundRobinRouter:
 
     def forget(self, instance_id: int) -> None:
         """Nothing to drop: the cursor is an id, and the next pick skips missing ones."""
+
+    def moved(self, request: Request, instance_id: int) -> None:
+        """The cursor does not care where requests run."""

@@ -1,4 +1,5 @@
-"""Session: every request of one conversation goes to the instance that served its first one.
+"""Session: every request of one conversation goes to the instance that served its first one
+(or to the one its request migrated to, where its KV went).
 
 The conversation is named by its session (the `session_id` extension,
 whose held KV lives on one instance), else by the OpenAI `user` field (the
@@ -44,3 +45,9 @@ class SessionRouter:
     def forget(self, instance_id: int) -> None:
         for key in [k for k, v in self._sessions.items() if v == instance_id]:
             del self._sessions[key]
+
+    def moved(self, request: Request, instance_id: int) -> None:
+        """The conversation's newest KV is where its request moved: its next turns follow it there."""
+        key = request.session_id or request.tenant
+        if key and key in self._sessions:
+            self._sessions[key] = instance_id
