@@ -210,14 +210,20 @@ def test_load_imbalance_triggers_a_migration(cluster: ClusterEngine, reference) 
     class First:
         wants_prefix = False
 
+        def __init__(self) -> None:
+            self.moves: list[int] = []
+
         def choose(self, request, views):
             return min(v.instance_id for v in views)
 
         def forget(self, instance_id: int) -> None:
             pass
 
+        def moved(self, request, instance_id: int) -> None:
+            self.moves.append(instance_id)
+
     the_core = core(cluster)
-    the_core.router = First()
+    first = the_core.router = First()
     before = len(the_core.migrations)
     the_core.cluster = dataclasses.replace(the_core.cluster, migration_freeness_gap=1.0, migration_interval_s=0.05)
     try:
@@ -227,7 +233,9 @@ def test_load_imbalance_triggers_a_migration(cluster: ClusterEngine, reference) 
     finally:
         the_core.cluster = dataclasses.replace(the_core.cluster, migration_freeness_gap=None)
         the_core.router = RoundRobinRouter()
-    assert any(r.outcome == "migrated" for r in the_core.migrations[before:])
+    migrated = sum(r.outcome == "migrated" for r in the_core.migrations[before:])
+    assert migrated > 0
+    assert len(first.moves) == migrated  # the router heard of every move (the session router re-sticks there)
     assert_all_kv_freed(cluster)
 
 
