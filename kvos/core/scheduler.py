@@ -150,6 +150,11 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
 
+    @property
+    def has_attached(self) -> bool:
+        """A request migrated in since the last plan (that plan gives the worker its whole table)."""
+        return bool(self._attached)
+
     def release_detached(self, req_id: str) -> None:
         """The destination committed: free the detached request's KV and forget it here."""
         request = self.requests.get(req_id)

@@ -70,9 +70,9 @@ from kvos.cluster.instance import InstanceLoad, instance_load
 from kvos.cluster.migration import MigrationResult
 from kvos.cluster.routers import InstanceView, leading_blocks
 from kvos.config import SchedulerConfig
-from kvos.core.migration import KVChunk, MigrationEndpoint
+from kvos.core.migration import MigrationEndpoint
 from kvos.core.plan import SequenceUpdate, StepOutput, StepPlan
-from kvos.core.request import Request, RequestStatus
+from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.memory.block_allocator import BlockStored, KVEvent
 from kvos.memory.block_hash import BlockHash
@@ -233,10 +233,6 @@ class SimInstance(MigrationEndpoint):
         self._incoming: dict[str, Request] = {}
         self.calls: list[int] = []
         """Migration calls that came while it stepped: they run at the step's end (`kvos.sim.migration`)."""
-        self.num_detached = 0
-        """Requests suspended for a migration out: kept here, never scheduled."""
-        self._attached = False
-        """A request migrated in since the last plan: the next step is planned, to give the worker its table."""
         self.step_model = step_model
         # With a host tier the pool's evictions write blocks back, ops that go in the next plan: a run
         # would move them to the step after it, so every step is planned.
@@ -273,14 +269,14 @@ class SimInstance(MigrationEndpoint):
         self.inbox.clear()
         if len(self.scheduler.requests) == self.num_detached:  # nothing, or only requests moving out
             return None
-        if self.decode_runs and not self._attached:
+        # A request migrated in since the last plan: that plan gives the worker its table, so it is planned.
+        if self.decode_runs and not self.scheduler.has_attached:
             run = self._plan_decode_run(now)
             if run is not None:
                 self.run = run
                 self.num_runs += 1
                 return run.ends[-1]
         plan = self.scheduler.schedule()
-        self._attached = False
         if plan.is_empty and (self.num_detached or self._incoming):
             # Requests wait for blocks that a migration holds (a request moving out, a reservation for one
             # moving in). The engine would spin on empty steps until the migration's next call frees or
@@ -310,27 +306,12 @@ class SimInstance(MigrationEndpoint):
         if not self.scheduler.has_unfinished():
             self.scheduler.schedule()
 
-    def migration_suspend(self, req_id: str, first_block: int) -> tuple[Request, KVChunk] | None:
-        suspended = super().migration_suspend(req_id, first_block)
-        self.num_detached += suspended is not None
-        return suspended
-
-    def migration_commit(self, state: Request, chunk: KVChunk) -> bool:
-        committed = super().migration_commit(state, chunk)
-        self._attached |= committed
-        return committed
-
-    def migration_resume_here(self, req_id: str) -> None:
-        self.num_detached -= self._is_detached(req_id)
-        super().migration_resume_here(req_id)
-
-    def migration_release(self, req_id: str) -> None:
-        self.num_detached -= self._is_detached(req_id)
-        super().migration_release(req_id)
-
-    def _is_detached(self, req_id: str) -> bool:
-        request = self.scheduler.requests.get(req_id)
-        return request is not None and request.status == RequestStatus.MIGRATING
+    @property
+    def num_detached(self) -> int:
+        """Requests suspended for a migration out, kept here, never scheduled: every other unfinished
+        request is waiting, running or loading its KV."""
+        s = self.scheduler
+        return len(s.requests) - len(s.running) - len(s.waiting) - len(s.loading)
 
     # -- decode runs ----------------------------------------------------------------
 
