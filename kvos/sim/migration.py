@@ -171,18 +171,15 @@ class Migrations:
         """The move's call is due at `now`: run it if its instance is idle, else queue it for the step boundary."""
         index = self._moves[move_id].target
         instance = self.instances[index]
-        if not instance.busy:
+        entries: list[Entry] = []
+        if instance.busy:
+            instance.calls.append(move_id)
+        else:
             entries = self._run(move_id, now)
-            if not instance.busy and len(instance.scheduler.requests) > instance.num_detached:
-                instance.waking = True  # it got work (a request attached or resumed): it steps from now
-                entries.append((now, index, instance.version))
-            return entries
-        instance.calls.append(move_id)
-        if instance.run is not None:
-            moved = instance.cut_run(now)
-            if moved is not None:
-                return [(moved, index, instance.version)]
-        return []
+            if len(instance.scheduler.requests) == instance.num_detached:
+                return entries  # the call gave it nothing to step (no request attached or resumed)
+        when = instance.take_work(now)
+        return entries if when is None else [*entries, (when, index, instance.version)]
 
     def run_calls(self, index: int, now: float) -> list[Entry]:
         """The calls queued on instance `index`, between its step that ended at `now` and its next one."""

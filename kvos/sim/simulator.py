@@ -378,6 +378,23 @@ class SimInstance(MigrationEndpoint):
         boundaries.sort()
         return boundaries[free] - 1
 
+    def take_work(self, now: float) -> float | None:
+        """Work came at `now` (an arrival, a migration call): when the instance's next event must now be,
+        or None if it stays where it is.
+
+        In a decode run, the engine would take the work in at the first step
+        boundary from now: the run stops there. Idle, it starts at this
+        instant, but after every arrival of the same instant (the engine
+        drains all queued requests before it steps). In a step, the step's
+        end stands.
+        """
+        if self.run is not None:
+            return self.cut_run(now)
+        if not self.busy:
+            self.waking = True
+            return now
+        return None
+
     def cut_run(self, arrival_s: float) -> float | None:
         """An arrival during the run: keep the steps up to the first boundary at or after it; the new end if moved."""
         run = self.run
@@ -741,16 +758,9 @@ class Simulator:
                 instance.inbox.append(request)
                 if k >= n:
                     turns.sent(k, request)
-                if instance.run is not None:
-                    # The engine would take it in at the first step boundary from now: the run stops there.
-                    moved = instance.cut_run(now)
-                    if moved is not None:
-                        heapq.heappush(ends, (moved, index, instance.version))
-                elif not instance.busy:
-                    # Start at this instant, but after every arrival of the same instant: the engine
-                    # drains all queued requests before it steps.
-                    instance.waking = True
-                    heapq.heappush(ends, (now, index, instance.version))
+                when = instance.take_work(now)
+                if when is not None:
+                    heapq.heappush(ends, (when, index, instance.version))
                 continue
             now, index, version = heapq.heappop(ends)
             if index < 0:
