@@ -1,4 +1,4 @@
-"""Simulated against measured: multi-turn chat sessions, with and without the host KV tier.
+"""Simulated against measured: multi-turn chat sessions, with and without the host and disk KV tiers.
 
 The tiers scenario of `benchmarks.multi_turn` (ShareGPT conversations
 replayed as chat sessions, each turn sending the whole history, a think time
@@ -13,10 +13,12 @@ same sessions:
   the reply, and its output length the one the server was asked for;
 - every prompt beginning with the chat template's opening (SmolLM2's
   default system prompt), which all sessions share;
-- the server's scheduler config, pool and host tier sizes, the profile's
-  step model and front end, and KV moves at the cost per token the profile
-  measured on the real worker (profile with `--kv-offload-size` for that),
-  or at --copy-bandwidth.
+- the server's scheduler config, pool and tier sizes (`benchmarks.multi_turn`'s:
+  host+disk is a host tier of an eighth of the host config's, over a disk
+  tier of its size, in a fresh directory per run), the profile's step model
+  and front end, and KV moves at the cost per token the profile measured on
+  the real worker (profile with `--kv-offload-size`, and `--kv-disk-path`
+  `--kv-disk-size`, for that), or at --copy-bandwidth / --disk-bandwidth.
 
 With `--instances N`, each configuration is served by `kvos serve --instances N
 --router R` for every router of `--routers` and simulated with the same
@@ -26,16 +28,17 @@ prefix-cache hits per router are what routing decides; the timings are not
 comparable there, since all N instances and the client share this machine's
 cores, which a profile of one engine does not model.
 
-Printed per configuration (tiers off, host tier): output tokens/s, TTFT of
+Printed per configuration (tiers off, host tier, host and disk tiers): output tokens/s, TTFT of
 first and of later turns, time between tokens, the prompt tokens found per
 tier, the preemptions and the copy thread's time, measured (median of --repeats runs, each on a fresh
 server, with their range) against simulated, with the error in %.
 
 Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about a minute per repeat)
-           [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0] [--repeats 1]
+           [--configs off,host,host+disk] [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0]
+           [--repeats 1]
            [--instances 2 --routers round-robin,least-load,prefix-aware,session] [--pool-bytes N]
-The profile: `kvos sim profile --kv-offload-size 256MiB` and `benchmarks.profile_serving` with the servers'
-flags (less the pool size).
+The profile: `kvos sim profile --kv-offload-size 256MiB --kv-disk-path DIR --kv-disk-size 256MiB` and
+`benchmarks.profile_serving` with the servers' flags (less the pool size).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import datetime
 import json
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -58,10 +62,12 @@ from benchmarks.sharegpt import load_sharegpt
 from benchmarks.sim_validate import engine_config, error_pct, measured_median
 from kvos.sim.metrics import nearest_rank_ms, tier_summary
 from kvos.sim.router import CLUSTER_ROUTERS
-from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
+from kvos.sim.simulator import DiskTierConfig, FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
 from kvos.sim.step_model import Profile
 from kvos.sim.worker import CopyModel
 from kvos.sim.workload import SimSession, SimTurn
+
+CONFIGS = ("off", "host", "host+disk")
 
 FIGURES = (
     ("output tok/s", lambda s: s["output_tok_s"]),
@@ -72,6 +78,7 @@ FIGURES = (
     ("TBT p90 ms", lambda s: s["tbt_ms"]["p90"]),
     ("hits primary %", lambda s: 100 * s["hit_rate_by_tier"]["primary"]),
     ("hits host %", lambda s: 100 * s["hit_rate_by_tier"]["host"]),
+    ("hits disk %", lambda s: 100 * s["hit_rate_by_tier"]["disk"]),
     ("preemptions", lambda s: sum(s["preemptions_by_mode"].values())),
     ("KV copy time s", lambda s: sum(s["copy_seconds"].values()) if "copy_seconds" in s else s["copy_s"]),
 )
@@ -149,7 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-output-tokens", type=int, default=32)
     parser.add_argument("--think-time", type=float, default=1.0, help="mean seconds between a reply and the next turn")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--configs", default="off,host", help="comma-separated: off (pool only), host (host tier)")
+    parser.add_argument(
+        "--configs",
+        default="off,host",
+        help="comma-separated: off (pool only), host (host tier), host+disk (a small host tier over a disk tier)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="measured runs per config, each on a fresh server")
     parser.add_argument("--serve-flags", default="", help="`kvos serve` flags (the profile's, less the pool size)")
     parser.add_argument(
@@ -158,14 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instances", type=int, default=1, help="engine instances behind the server's router")
     parser.add_argument("--routers", default="least-load", help="with --instances > 1: comma-separated routers")
     parser.add_argument(
-        "--copy-bandwidth", type=float, default=None, help="bytes/s of KV moves (default: the profile's moves)"
+        "--copy-bandwidth", type=float, default=None, help="bytes/s of host-tier moves (default: the profile's)"
+    )
+    parser.add_argument(
+        "--disk-bandwidth", type=float, default=None, help="bytes/s of disk-tier moves (default: the profile's)"
     )
     parser.add_argument("--log-dir", default=None, help="server logs (default: a temporary directory)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    if not configs or any(c not in ("off", "host") for c in configs):
-        parser.error(f"--configs takes off and/or host, got {args.configs!r}")
+    if not configs or any(c not in CONFIGS for c in configs):
+        parser.error(f"--configs takes some of {', '.join(CONFIGS)}, got {args.configs!r}")
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.instances < 1:
@@ -181,15 +195,20 @@ def main(argv: list[str] | None = None) -> int:
     profile = Profile.load(args.profile)
     step_model = profile.step_model()
     bytes_per_token = multi_turn.kv_bytes_per_token(serve_flags)
-    if args.copy_bandwidth:
-        copy = CopyModel.from_bandwidth(bytes_per_token, args.copy_bandwidth)
-    elif "host_copy" in profile.engine:
-        copy = CopyModel(**profile.engine["host_copy"])
-    elif "host" in configs:
-        parser.error("the profile has no host-tier moves (profile with --kv-offload-size) and no --copy-bandwidth")
-    else:
-        copy = CopyModel()
-    print(f"step model: {step_model.describe()}\nfront end: {profile.front_end()}\nKV moves: {copy}")
+    moves = {}
+    for tier, bandwidth, flags in (
+        ("host", args.copy_bandwidth, "--kv-offload-size"),
+        ("disk", args.disk_bandwidth, "--kv-disk-path and --kv-disk-size"),
+    ):
+        if bandwidth:
+            moves[tier] = CopyModel.from_bandwidth(bytes_per_token, bandwidth)
+        elif f"{tier}_copy" in profile.engine:
+            moves[tier] = CopyModel(**profile.engine[f"{tier}_copy"])
+        elif any(tier in c for c in configs):
+            parser.error(f"the profile has no {tier}-tier moves (profile with {flags}) and no bandwidth for them")
+        else:
+            moves[tier] = CopyModel()
+    print(f"step model: {step_model.describe()}\nfront end: {profile.front_end()}\nKV moves: {moves}")
 
     tokenizer = load_tokenizer(gguf)
     plans = multi_turn.plan_sessions(
@@ -208,15 +227,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for tier, router in ((t, r) for t in configs for r in routers):
         name = f"{tier}/{router}" if router else tier
+        host_bytes = host // 8 if tier == "host+disk" else host
         flags = ["--kv-cache-memory", str(pool), *serve_flags]
-        if tier == "host":
-            flags += ["--kv-offload-size", str(host)]
+        if tier != "off":
+            flags += ["--kv-offload-size", str(host_bytes)]
         if router:
             flags += ["--instances", str(args.instances), "--router", router]
         runs, results = [], []
         for run in range(args.repeats):
-            log_name = f"{name.replace('/', '-')}-{run}"
-            summary, turn_results = multi_turn.serve_sessions(log_name, flags, plans, serve_args)
+            log_name = f"{name.replace('/', '-').replace('+', '-')}-{run}"
+            disk_dir = tempfile.mkdtemp(prefix="kvos-sim-mt-disk-", dir=args.log_dir)  # every run starts empty
+            disk = ["--kv-disk-path", disk_dir, "--kv-disk-size", str(host)] if tier == "host+disk" else []
+            summary, turn_results = multi_turn.serve_sessions(log_name, [*flags, *disk], plans, serve_args)
+            shutil.rmtree(disk_dir, ignore_errors=True)
             runs.append(summary)
             results.append(turn_results)
         sessions = sim_sessions(plans, delays, results[0], prefix_tokens)
@@ -227,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=int(profile.engine["max_model_len"]),
             enable_prefix_caching=config.cache.enable_prefix_caching,
             front_end=profile.front_end(),
-            host=HostTierConfig(host // bytes_per_token, copy) if tier == "host" else None,
+            host=HostTierConfig(host_bytes // bytes_per_token, moves["host"]) if tier != "off" else None,
+            disk=DiskTierConfig(host // bytes_per_token, moves["disk"]) if tier == "host+disk" else None,
         )
         fleet = FleetConfig(instance, args.instances, router) if router else FleetConfig(instance)
         result = Simulator(fleet, step_model).run([], sessions)
@@ -249,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "step_model": step_model.describe(),
             "front_end": dataclasses.asdict(profile.front_end()),
             "kv_bytes_per_token": bytes_per_token,
-            "copy": dataclasses.asdict(copy),
+            "copy": {tier: dataclasses.asdict(m) for tier, m in moves.items()},
             "pool_tokens": pool // bytes_per_token,
             "host_tokens": host // bytes_per_token,
             "results": {name: {"measured_runs": runs, "simulated": sim} for name, runs, sim in rows},

@@ -120,6 +120,18 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
     )
     group.add_argument("--preemption-mode", choices=["swap", "recompute"], default="swap", help="with a host tier")
     group.add_argument(
+        "--disk-capacity-tokens",
+        type=int,
+        default=None,
+        help="a disk KV tier per instance of this many tokens (below the host tier, if any)",
+    )
+    group.add_argument(
+        "--disk-bandwidth",
+        type=float,
+        default=None,
+        help="disk tier: bytes/s of KV moves (default: the profile's measured moves, else free)",
+    )
+    group.add_argument(
         "--link-bandwidth",
         type=float,
         default=None,
@@ -130,8 +142,8 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
         "--kv-bytes-per-token",
         type=int,
         default=None,
-        help="KV moves (host tier, migration, disaggregation): bytes per token (default: the profile's engine, "
-        "or --arch at --dtype)",
+        help="KV moves (host and disk tiers, migration, disaggregation): bytes per token "
+        "(default: the profile's engine, or --arch at --dtype)",
     )
 
 
@@ -180,22 +192,25 @@ def make_fleet(
     args: argparse.Namespace, num_instances: int | None = None, router: str | None = None, policy: str | None = None
 ) -> Any:
     from kvos.sim.migration import MigrationConfig
-    from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig
+    from kvos.sim.simulator import DiskTierConfig, FleetConfig, HostTierConfig, InstanceConfig
     from kvos.sim.step_model import FrontEnd
     from kvos.sim.worker import CopyModel
 
     profile = _profile(args)
+    engine = profile.engine if profile is not None else {}
+
+    def moves(bandwidth: float | None, measured: str) -> CopyModel:
+        """A tier's moves: at --*-bandwidth, else as the profile measured them, else free."""
+        if bandwidth:
+            return CopyModel.from_bandwidth(_kv_bytes_per_token(args), bandwidth)
+        return CopyModel(**engine[measured]) if measured in engine else CopyModel()
+
     host = None
     if args.host_capacity_tokens is not None:
-        measured = profile.engine.get("host_copy") if profile is not None else None
-        if args.copy_bandwidth:
-            copy = CopyModel.from_bandwidth(_kv_bytes_per_token(args), args.copy_bandwidth)
-        elif measured is not None:
-            copy = CopyModel(**measured)
-        else:
-            copy = CopyModel()
-        host = HostTierConfig(args.host_capacity_tokens, copy, args.preemption_mode)
-    engine = profile.engine if profile is not None else {}
+        host = HostTierConfig(args.host_capacity_tokens, moves(args.copy_bandwidth, "host_copy"), args.preemption_mode)
+    disk = None
+    if args.disk_capacity_tokens is not None:
+        disk = DiskTierConfig(args.disk_capacity_tokens, moves(args.disk_bandwidth, "disk_copy"))
     scheduler = SchedulerConfig(
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
@@ -209,6 +224,7 @@ def make_fleet(
         max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
         front_end=profile.front_end() if profile is not None else FrontEnd(),
         host=host,
+        disk=disk,
     )
     prefill, decode = getattr(args, "prefill_instances", 0), getattr(args, "decode_instances", 0)
     if (prefill or decode) and not (prefill >= 1 and decode >= 1):

@@ -102,6 +102,7 @@ def tier_summary(instances: Sequence[SimInstance]) -> dict[str, Any]:
     hits = {
         "primary": sum(c.primary_hit_tokens for c in counters),
         "host": sum(c.host_hit_tokens for c in counters),
+        "disk": sum(c.disk_hit_tokens for c in counters),
     }
     return {
         "prompt_tokens_queried": queried,
@@ -114,9 +115,12 @@ def tier_summary(instances: Sequence[SimInstance]) -> dict[str, Any]:
             "promote": sum(c.blocks_promoted for c in counters),
             "swap_out": sum(c.blocks_swapped_out for c in counters),
             "swap_in": sum(c.blocks_swapped_in for c in counters),
+            "disk_write": sum(c.blocks_to_disk for c in counters),
+            "disk_read": sum(c.blocks_from_disk for c in counters),
         },
         "copy_s": sum(i.worker.copy_s for i in instances),
         "host_tier": _host_use(instances),
+        "disk_tier": _disk_use(instances),
     }
 
 
@@ -130,6 +134,14 @@ def _host_use(instances: Sequence[SimInstance]) -> dict[str, float] | None:
         "peak_held": max(i.peak_host_held_blocks / pool.num_blocks for i, pool in pools),
         "cached_at_end": sum(pool.num_idle_cached_blocks for _, pool in pools) / sum(p.num_blocks for _, p in pools),
     }
+
+
+def _disk_use(instances: Sequence[SimInstance]) -> dict[str, float] | None:
+    """The disk tier's use at the end, as a fraction of its files (everything on disk is cache)."""
+    tiers = [i.kv.disk for i in instances if i.kv.disk is not None]
+    if not tiers:
+        return None
+    return {"stored_at_end": sum(t.num_stored_blocks for t in tiers) / sum(t.num_blocks for t in tiers)}
 
 
 def plot_goodput(points: Sequence[tuple[float, dict[str, Any]]], path: str, title: str) -> None:

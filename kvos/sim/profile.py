@@ -16,26 +16,42 @@ written back (`saves`), one block per op as scattered blocks travel, at a
 few sizes, each against the same step without the moves (the chunk attends
 to the moved prefix either way). The slope of the difference over tokens
 moved is what a move costs a step here, copy thread, per-op overhead and
-the forward pass's wait included (`CopyModel`).
+the forward pass's wait included (`CopyModel`). With a disk tier
+(`--kv-disk-path`, `--kv-disk-size`) the same steps write those blocks to
+disk, one file each, then read them back (the forward pass waits for both
+here; serving, a disk read fills a waiting request's blocks beside it).
+The files are fresh, so a read finds them in the OS's page cache, as
+serving does for blocks written minutes before; the profile removes them
+afterwards.
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from kvos.config import EngineConfig
 from kvos.core.engine_core import EngineCore
-from kvos.core.plan import LoadFromHost, NewRequestData, SaveToHost, ScheduledRequest, StepPlan
+from kvos.core.plan import (
+    LoadFromDisk,
+    LoadFromHost,
+    NewRequestData,
+    SaveToDisk,
+    SaveToHost,
+    ScheduledRequest,
+    StepPlan,
+)
 from kvos.core.request import Request
 from kvos.memory.factory import host_tier
+from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.model.loader import load_model
 from kvos.sampling_params import SamplingParams
 from kvos.sim.step_model import Profile, StepShape
@@ -114,7 +130,8 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
                 length,
                 1000 * seconds,
             )
-        copy = _profile_moves(core, grid.repeats) if core.worker.host_pool is not None else None
+        host_copy = _profile_moves(core, HOST, grid.repeats) if core.worker.host_pool is not None else None
+        disk_copy = _profile_moves(core, DISK, grid.repeats) if core.worker.disk_store is not None else None
     finally:
         core.close()
     engine: dict[str, Any] = {
@@ -132,10 +149,16 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "grid": {"points": len(samples), "repeats": grid.repeats},
     }
-    if copy is not None:
-        engine["host_copy"] = asdict(copy)
+    if host_copy is not None:
+        engine["host_copy"] = asdict(host_copy)
+    if disk_copy is not None:
+        engine["disk_copy"] = asdict(disk_copy)
     return Profile(tuple(samples), engine)
 
+
+Tier = Literal["host", "disk"]
+HOST: Tier = "host"
+DISK: Tier = "disk"
 
 MOVE_PREFILL = 64
 """The prompt chunk computed in each move point: the step the moves hold up."""
@@ -143,68 +166,97 @@ MOVE_TOKENS = 1024
 """The most tokens moved at a point (less where the pool, host tier or context is smaller); also a quarter and 0."""
 
 
-def _profile_moves(core: EngineCore, repeats: int) -> CopyModel:
-    """Seconds per token that write-backs and host loads add to a step: the least-squares slope over 3 sizes."""
+def _profile_moves(core: EngineCore, tier: Tier, repeats: int) -> CopyModel:
+    """Seconds per token that moves down to `tier` and up from it add to a step: the least-squares slope over
+    3 sizes."""
     bs = core.config.cache.block_size
-    host = host_tier(core.kv_manager)
-    assert host is not None  # the caller checked the worker has a host pool
+    if tier == HOST:
+        found = host_tier(core.kv_manager)
+        assert found is not None  # the caller checked the worker has a host pool
+        tier_tokens, flags = found[0].num_blocks * bs, "--kv-offload-size"
+    else:
+        assert isinstance(core.kv_manager, PagedKVCacheManager) and core.kv_manager.disk is not None
+        tier_tokens, flags = core.kv_manager.disk.num_blocks * bs, "--kv-disk-size"
     room = min(MOVE_TOKENS, core.capacity_tokens - MOVE_PREFILL, core.max_model_len - MOVE_PREFILL)
-    most = min(room, host[0].num_blocks * bs) // (4 * bs) * 4 * bs
+    most = min(room, tier_tokens) // (4 * bs) * 4 * bs
     if most < 4 * bs:
         raise ValueError(
-            f"profiling host-tier moves needs room for {4 * bs + MOVE_PREFILL} tokens in the pool and context "
-            f"and {4 * bs} in the host tier; raise --kv-cache-memory or --kv-offload-size"
+            f"profiling {tier}-tier moves needs room for {4 * bs + MOVE_PREFILL} tokens in the pool and context "
+            f"and {4 * bs} in the {tier} tier; raise --kv-cache-memory or {flags}"
         )
     sizes = (0, most // 4, most)
     slopes = {}
-    for kind in ("save", "load"):
+    for kind in ("save", "load"):  # disk: the loads read the files the saves wrote
         # What the moves add to the same step: its chunk attends to the moved prefix either way.
         times = [
-            _time_moves(core, kind, moved, repeats, step_id=10_000 + moved)
-            - _time_moves(core, "none", moved, repeats, step_id=20_000 + moved)
+            _time_moves(core, tier, kind, moved, repeats, step_id=10_000 + moved)
+            - _time_moves(core, tier, "none", moved, repeats, step_id=20_000 + moved)
             for moved in sizes
         ]
         slopes[kind] = max(0.0, statistics.linear_regression(sizes, times).slope)
         logger.info(
-            "host tier %ss add %s ms to a step at %s tokens: %.1f us per token",
+            "%s tier %ss add %s ms to a step at %s tokens: %.1f us per token",
+            tier,
             kind,
             ", ".join(f"{1000 * t:.1f}" for t in times),
             ", ".join(map(str, sizes)),
             1e6 * slopes[kind],
         )
+    if tier == DISK:
+        assert core.worker.disk_store is not None
+        for moved in sizes:
+            for i in range(moved // bs):
+                core.worker.disk_store.drop(_disk_key(moved, i))
     return CopyModel(save_s_per_token=slopes["save"], load_s_per_token=slopes["load"])
 
 
-def _time_moves(core: EngineCore, kind: str, moved: int, repeats: int, step_id: int) -> float:
+def _time_moves(core: EngineCore, tier: Tier, kind: str, moved: int, repeats: int, step_id: int) -> float:
     """Median seconds of a step computing MOVE_PREFILL tokens after `moved` cached ones, which the step first
-    saves or loads (`kind`), a block per op, or neither ("none")."""
+    saves to `tier` or loads from it (`kind`), a block per op, or neither ("none")."""
     kv, worker = core.kv_manager, core.worker
     bs = core.config.cache.block_size
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-    request = Request(f"m{step_id}-{kind}", _tokens(step_id, 0, moved + MOVE_PREFILL), params)
+    request = Request(f"m{step_id}-{tier}-{kind}", _tokens(step_id, 0, moved + MOVE_PREFILL), params)
     allocation = kv.allocate_slots(request, moved + MOVE_PREFILL)
     if allocation is None:
         raise RuntimeError("KV books ran out below the capacity checked before profiling")
     kv.end_step()
     table = kv.block_table(request)
-    # Loads fill the request's first blocks (its prefix, found in the host tier); saves write them back.
-    loads = [LoadFromHost(i, table[i]) for i in range(moved // bs)] if kind == "load" else []
-    saves = [SaveToHost(table[i], i) for i in range(moved // bs)] if kind == "save" else []
+    # Loads fill the request's first blocks (its prefix, found in the tier); saves write them down.
+    blocks = range(moved // bs) if kind != "none" else range(0)
+    moves: dict[str, Any] = {}
+    if tier == HOST and kind == "load":
+        moves["loads"] = [LoadFromHost(i, table[i]) for i in blocks]
+    elif tier == HOST:
+        moves["saves"] = [SaveToHost(table[i], i) for i in blocks]
+    elif kind == "load":
+        moves["disk_loads"] = [LoadFromDisk(_disk_key(moved, i), "primary", table[i]) for i in blocks]
+    else:
+        moves["disk_saves"] = [SaveToDisk("primary", table[i], _disk_key(moved, i)) for i in blocks]
     ids = request.prompt_token_ids
     new = [NewRequestData(request.req_id, list(ids), [], params, 0)]
     first = ScheduledRequest(request.req_id, ids[moved:], moved, True, allocation.table_update)
-    worker.execute(StepPlan(step_id, [first], new, saves=saves, loads=loads))  # warm-up
+    outputs = [worker.execute(StepPlan(step_id, [first], new, **moves))]  # warm-up
     again = ScheduledRequest(request.req_id, ids[moved:], moved, True)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        worker.execute(StepPlan(step_id, [again], saves=saves, loads=loads))
+        outputs.append(worker.execute(StepPlan(step_id, [again], **moves)))
         if worker.device.type == "cuda":
             torch.cuda.synchronize(worker.device)
         times.append(time.perf_counter() - start)
-    worker.execute(StepPlan(step_id, finished_req_ids=[request.req_id]))
+    worker.copies.drain()
+    outputs.append(worker.execute(StepPlan(step_id, finished_req_ids=[request.req_id])))
     kv.free(request)
+    failed = [f for o in outputs for f in (o.disk_load_failed, o.disk_save_failed) if f]
+    if failed:
+        raise RuntimeError(f"a disk move failed while profiling: {failed[0]}")
     return statistics.median(times)
+
+
+def _disk_key(moved: int, index: int) -> bytes:
+    """The digest a profiling block is filed under on disk (any 32 bytes name a file)."""
+    return hashlib.sha256(f"kvos-sim-profile {moved} {index}".encode()).digest()
 
 
 def _time_point(core: EngineCore, prefill: int, batch: int, context: int, repeats: int, step_id: int) -> float:

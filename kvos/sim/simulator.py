@@ -23,8 +23,9 @@ Chat sessions (`SimSession`) are a closed loop beside the sorted arrivals:
 a heap of turns due, each pushed when the turn before it ends (its last
 token read by the client, plus the think time), its prompt that turn's
 prompt and output plus new tokens. A host tier (`InstanceConfig.host`)
-puts the engine's own host-tier books under the pool; the worker model
-times its moves (`SimWorker`).
+puts the engine's own host-tier books under the pool, and a disk tier
+(`InstanceConfig.disk`) its disk-tier books under that; the worker model
+times their moves (`SimWorker`).
 
 Live migration (`kvos.sim.migration`: load balancing, and the hand-off
 of a disaggregated fleet) puts two more kinds of entry on the heap of step
@@ -77,6 +78,7 @@ from kvos.core.scheduler import Scheduler
 from kvos.memory.block_allocator import BlockStored, KVEvent
 from kvos.memory.block_hash import BlockHash
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import HostBlockPool
 from kvos.memory.tiers.swap import PreemptionRule
 from kvos.sampling_params import SamplingParams
@@ -139,6 +141,26 @@ class HostTierConfig:
 
 
 @dataclass(frozen=True)
+class DiskTierConfig:
+    """The disk tier's size, and how fast KV moves to and from it.
+
+    Its books are the engine's own (`DiskBlockIndex` under the paged
+    manager): cached blocks the tier above reuses are written to disk
+    (below the host tier, or below the pool without one), and a waiting
+    request whose prefix continues on disk loads it first. Every file is
+    found intact (no corrupt or missing blocks), and the directory starts
+    empty. Moves cost `copy`'s seconds per token on the copy thread.
+    """
+
+    capacity_tokens: int
+    copy: CopyModel = field(default_factory=CopyModel)
+
+    def __post_init__(self) -> None:
+        if self.capacity_tokens < 1:
+            raise ValueError(f"the disk tier's capacity_tokens must be >= 1, got {self.capacity_tokens}")
+
+
+@dataclass(frozen=True)
 class InstanceConfig:
     """One simulated engine: its scheduler config and its KV cache's size (what `EngineCore` would measure)."""
 
@@ -151,6 +173,8 @@ class InstanceConfig:
     """The server's front end before the engine and back to the client; the default, zero, is a bare engine."""
     host: HostTierConfig | None = None
     """A host KV tier below the pool (`--kv-offload-size`), or none."""
+    disk: DiskTierConfig | None = None
+    """A disk KV tier below the host tier or the pool (`--kv-disk-size`), or none."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -161,11 +185,12 @@ class InstanceConfig:
             )
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        if self.host is not None and self.host.capacity_tokens < self.block_size:
-            raise ValueError(
-                f"the host tier's capacity_tokens must hold one block of {self.block_size}, "
-                f"got {self.host.capacity_tokens}"
-            )
+        for name, tier in (("host", self.host), ("disk", self.disk)):
+            if tier is not None and tier.capacity_tokens < self.block_size:
+                raise ValueError(
+                    f"the {name} tier's capacity_tokens must hold one block of {self.block_size}, "
+                    f"got {tier.capacity_tokens}"
+                )
 
 
 @dataclass(frozen=True)
@@ -217,7 +242,7 @@ class SimInstance(MigrationEndpoint):
     def __init__(
         self, config: InstanceConfig, step_model: StepTimeModel, decode_runs: bool = True, reports: bool = False
     ) -> None:
-        host = config.host
+        host, disk = config.host, config.disk
         self.kv = PagedKVCacheManager(
             num_blocks=config.kv_capacity_tokens // config.block_size,
             block_size=config.block_size,
@@ -225,18 +250,24 @@ class SimInstance(MigrationEndpoint):
             enable_prefix_caching=config.enable_prefix_caching,
             model_identity="kvos-sim",
             host=HostBlockPool(host.capacity_tokens // config.block_size) if host is not None else None,
+            disk=DiskBlockIndex(disk.capacity_tokens // config.block_size) if disk is not None else None,
         )
         preemption = PreemptionRule(host.preemption_mode) if host is not None else None
         self.kv_manager = self.kv
         self.scheduler = Scheduler(config.scheduler, self.kv, frozenset(), config.max_model_len, preemption)
-        self.worker = SimWorker(step_model, host.copy if host is not None else CopyModel(), config.block_size)
+        self.worker = SimWorker(
+            step_model,
+            host.copy if host is not None else None,
+            config.block_size,
+            disk.copy if disk is not None else None,
+        )
         self._incoming: dict[str, Request] = {}
         self.calls: list[int] = []
         """Migration calls that came while it stepped: they run at the step's end (`kvos.sim.migration`)."""
         self.step_model = step_model
-        # With a host tier the pool's evictions write blocks back, ops that go in the next plan: a run
+        # With a tier below the pool its evictions write blocks down, ops that go in the next plan: a run
         # would move them to the step after it, so every step is planned.
-        self.decode_runs = decode_runs and config.scheduler.policy in FAST_POLICIES and host is None
+        self.decode_runs = decode_runs and config.scheduler.policy in FAST_POLICIES and host is None and disk is None
         self.reports = reports
         self.load = instance_load(self.scheduler, self.kv)
         """As of its last step (the cluster core's copy of its last report)."""

@@ -1,8 +1,8 @@
 """The one replaced part: a worker that computes nothing and says how long it would have taken.
 
-Beside it, the times that moving KV costs: to and from the host tier
-(`CopyModel`) and between instances over a link (`LinkModel`: live
-migration, disaggregation's hand-off).
+Beside it, the times that moving KV costs: down to and up from a tier
+below the pool, host or disk (`CopyModel`), and between instances over a
+link (`LinkModel`: live migration, disaggregation's hand-off).
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ _SAMPLED = SampledToken(SIM_TOKEN_ID)
 
 @dataclass(frozen=True)
 class CopyModel:
-    """Seconds per token that moving KV to the host tier (`save`) and back into the pool (`load`) costs a step.
+    """Seconds per token that moving KV down to a tier (`save`) and back up (`load`) costs a step.
 
-    The default moves it for free (no tier, or a study that ignores copies).
-    `kvos sim profile` with a host tier measures both on the real worker
-    (`kvos.sim.profile`): what a move adds to a step, per-op overhead and the
-    forward pass's wait included. `from_bandwidth` prices bytes over a
-    bandwidth alone, a lower bound.
+    One model per tier: the host tier's (pool <-> host memory) and the disk
+    tier's (pool or host tier <-> files). The default moves it for free (no
+    tier, or a study that ignores copies). `kvos sim profile` with a host or
+    disk tier measures both on the real worker (`kvos.sim.profile`): what a
+    move adds to a step, per-op overhead and the forward pass's wait
+    included. `from_bandwidth` prices bytes over a bandwidth alone, a lower
+    bound.
     """
 
     save_s_per_token: float = 0.0
@@ -69,20 +71,33 @@ class LinkModel:
 class SimWorker:
     """`execute(plan) -> StepOutput` as `kvos.worker.Worker` answers, advancing a virtual clock by the step's time.
 
-    Moves between the pool and the host tier run on the real worker's copy
-    thread in plan order, overlapping the forward pass, which waits only for
-    those its requests need. Modelled: the write-backs and swap-outs
-    (`saves`), the loads of requests scheduled this step (`loads`) and
-    copy-on-write copies (priced as loads) come first and the forward pass
-    waits for them; the loads of requests waiting for their KV (`kv_loads`)
-    overlap it, and the step ends when both are done, with those requests'
-    loads reported done (so they compute from the next step, as they do
-    when the copy beats the forward pass).
+    Moves between tiers run on the real worker's copy thread, one job after
+    another in plan order, overlapping the forward pass, which waits only for
+    the jobs that touch blocks its requests use. Modelled, in queue order:
+    the saves' job (disk writes, then write-backs and swap-outs to the host
+    tier), the loads' job (host loads of requests scheduled this step, and
+    copy-on-write copies, priced as loads), then the loads that fill blocks
+    of waiting requests (their KV coming back from the host tier,
+    `kv_loads`, and prefixes coming up from disk, `disk_loads`). The forward
+    pass starts once the loads' job is done, or the saves' job if that
+    touches the pool (a disk write from the host tier alone does not), and
+    the step ends when it and the queue are both done, with the waiting
+    requests' loads reported done (so they compute from the next step, as
+    they do when the copy beats the forward pass).
     """
 
-    def __init__(self, step_model: StepTimeModel, copy: CopyModel | None = None, block_size: int = 16) -> None:
+    def __init__(
+        self,
+        step_model: StepTimeModel,
+        copy: CopyModel | None = None,
+        block_size: int = 16,
+        disk: CopyModel | None = None,
+    ) -> None:
         self.step_model = step_model
         self.copy = copy if copy is not None else CopyModel()
+        """The host tier's moves."""
+        self.disk = disk if disk is not None else CopyModel()
+        """The disk tier's moves."""
         self.block_size = block_size
         self.clock_s = 0.0
         self.busy_s = 0.0
@@ -94,17 +109,26 @@ class SimWorker:
 
     def step_seconds(self, plan: StepPlan) -> float:
         forward = self.step_model.step_seconds(StepShape.from_plan(plan)) if plan.scheduled else 0.0
-        if not (plan.saves or plan.loads or plan.kv_loads or plan.copies or self._saves_s):
+        if not (plan.moves_kv or plan.copies or self._saves_s):
             return forward
-        copy, bs = self.copy, self.block_size
-        saved = bs * sum(op.num_blocks for op in plan.saves)
+        host, disk, bs = self.copy, self.disk, self.block_size
+        saves = bs * (
+            len(plan.disk_saves) * disk.save_s_per_token
+            + sum(op.num_blocks for op in plan.saves) * host.save_s_per_token
+        )
         loaded = bs * sum(op.num_blocks for op in plan.loads) + sum(op.num_slots for op in plan.copies)
-        moved = saved * copy.save_s_per_token + loaded * copy.load_s_per_token
-        before = moved + self._saves_s  # the reservation's write-backs were counted in copy_s when forced
+        loads = loaded * host.load_s_per_token
+        # A reservation's write-backs were queued before this plan's jobs (and counted in copy_s when forced).
+        queued = saves + loads + self._saves_s
+        pool_saves = plan.saves or any(op.tier == "primary" for op in plan.disk_saves)
+        before = queued if (loaded or pool_saves) else self._saves_s
         self._saves_s = 0.0
-        beside = bs * sum(op.num_blocks for kv_load in plan.kv_loads for op in kv_load.loads) * copy.load_s_per_token
-        self.copy_s += moved + beside
-        return before + max(forward, beside)
+        beside = bs * (
+            sum(op.num_blocks for kv_load in plan.kv_loads for op in kv_load.loads) * host.load_s_per_token
+            + len(plan.disk_loads) * disk.load_s_per_token
+        )
+        self.copy_s += saves + loads + beside
+        return max(before + forward, queued + beside)
 
     # -- live migration: the books move blocks, a link model times them (`kvos.sim.migration`) --
 
@@ -126,4 +150,9 @@ class SimWorker:
         self.clock_s += seconds
         self.busy_s += seconds
         sampled = {s.req_id: _SAMPLED for s in plan.scheduled if s.sample}
-        return StepOutput(plan.step_id, sampled, kv_loaded=[(load.req_id, plan.step_id) for load in plan.kv_loads])
+        return StepOutput(
+            plan.step_id,
+            sampled,
+            kv_loaded=[(load.req_id, plan.step_id) for load in plan.kv_loads],
+            disk_loaded=[op.key for op in plan.disk_loads],
+        )

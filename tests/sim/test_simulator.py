@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import subprocess
@@ -23,7 +24,7 @@ from kvos.sim.metrics import summarize_sim
 from kvos.sim.migration import MigrationConfig
 from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
 from kvos.sim.router import ROUTERS, LeastRequestsRouter
-from kvos.sim.simulator import FleetConfig, HostTierConfig, InstanceConfig, Simulator
+from kvos.sim.simulator import DiskTierConfig, FleetConfig, HostTierConfig, InstanceConfig, Simulator
 from kvos.sim.step_model import FrontEnd, LinearStepModel, StepShape
 from kvos.sim.worker import CopyModel, LinkModel
 from kvos.sim.workload import (
@@ -122,6 +123,10 @@ def plan_key(plan: StepPlan) -> tuple:
         tuple(plan.kv_loads),
         tuple(plan.finished_req_ids),
         tuple(plan.preempted_req_ids),
+        # Disk files are named by digests, rooted in the model's identity: the simulator's differ from the engine's.
+        len(plan.disk_drops),
+        tuple((op.tier, op.block_id) for op in plan.disk_saves),
+        tuple((op.tier, op.block_id) for op in plan.disk_loads),
     )
 
 
@@ -459,13 +464,18 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     ]
     assert [p["num_instances"] for p in plans] == [1, 2, 1, 2]
     # Chat sessions from a trace, with a host tier under a pool too small to keep them between turns; the
-    # profile of an engine with a host tier times its moves, and the simulated tier moves at that cost.
-    tiered = tmp_path / "tiered.json"
-    assert main(["sim", "profile", *common, "--kv-offload-size", "4MiB", "--grid", "smoke", "--out", str(tiered)]) == 0
+    # profile of an engine with host and disk tiers times their moves, and the simulated tiers move at that cost.
+    tiered, disk_dir = tmp_path / "tiered.json", tmp_path / "disk"
+    disk_flags = ["--kv-disk-path", str(disk_dir), "--kv-disk-size", "4MiB"]
+    tier_flags = ["--kv-offload-size", "4MiB", *disk_flags]
+    assert main(["sim", "profile", *common, *tier_flags, "--grid", "smoke", "--out", str(tiered)]) == 0
     data = json.loads(tiered.read_text())
-    assert set(data["engine"]["host_copy"]) == {"save_s_per_token", "load_s_per_token"}
+    for tier in ("host_copy", "disk_copy"):
+        assert set(data["engine"][tier]) == {"save_s_per_token", "load_s_per_token"}
+    assert not list(disk_dir.glob("*.kv")), "the profile's block files are removed"
     # What was measured is this machine's noise for a 2-layer model; known costs make the run checkable.
     data["engine"]["host_copy"] = {"save_s_per_token": 1e-3, "load_s_per_token": 2e-3}
+    data["engine"]["disk_copy"] = {"save_s_per_token": 3e-3, "load_s_per_token": 5e-3}
     tiered.write_text(json.dumps(data))
     trace = tmp_path / "chats.jsonl"
     write_trace(trace, [], conversations(num=4))
@@ -478,6 +488,17 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     assert simulation["hit_rate_by_tier"]["host"] > 0 and moved["demote"] > 0
     saved, loaded = 16 * (moved["demote"] + moved["swap_out"]), 16 * (moved["promote"] + moved["swap_in"])
     assert simulation["copy_s"] == pytest.approx(1e-3 * saved + 2e-3 * loaded)
+    # A host tier too small for the sessions' history too: it goes on to disk and comes back from there.
+    tiers = ["--kv-capacity-tokens", "64", "--host-capacity-tokens", "32", "--disk-capacity-tokens", "4096"]
+    assert main(["sim", "run", "--profile", str(tiered), "--trace", str(trace), *tiers, "--json", str(out)]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["completed"] == 12
+    simulation = run["simulation"]
+    moved = simulation["blocks_moved"]
+    assert simulation["hit_rate_by_tier"]["disk"] > 0 and moved["disk_write"] > 0
+    saved, loaded = 16 * (moved["demote"] + moved["swap_out"]), 16 * (moved["promote"] + moved["swap_in"])
+    down, up = 16 * moved["disk_write"], 16 * moved["disk_read"]
+    assert simulation["copy_s"] == pytest.approx(1e-3 * saved + 2e-3 * loaded + 3e-3 * down + 5e-3 * up)
 
 
 def run_recording_plans(
@@ -570,26 +591,41 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         assert fast.instances[0].scheduler.num_preemptions > 0, "the workload should exercise preemption"
 
 
-@pytest.mark.parametrize("host", [False, True], ids=["pool-only", "host-tier"])
-def test_simulator_makes_the_real_engines_decisions_for_chat_sessions(tmp_path: Path, host: bool) -> None:
-    """Closed-loop sessions beside open-loop requests: the same prefix hits, write-backs, host loads and swaps.
+@pytest.mark.parametrize(
+    "host_blocks, disk_blocks",
+    [(0, 0), (64, 0), (0, 96), (8, 96)],
+    ids=["pool-only", "host-tier", "disk-tier", "host-and-disk"],
+)
+def test_simulator_makes_the_real_engines_decisions_for_chat_sessions(
+    tmp_path: Path, host_blocks: int, disk_blocks: int
+) -> None:
+    """Closed-loop sessions beside open-loop requests: the same prefix hits, write-backs, host loads and swaps,
+    disk writes and the prefetches of prefixes found on disk.
 
-    With the host tier, more open-loop requests crowd the pool until it preempts (swapping victims out)."""
-    requests, sessions = workload(num=40 if host else 8, rate=40.0 if host else 8.0), conversations()
+    With a tier below the pool, more open-loop requests crowd it until the pool evicts the sessions' history
+    (and, with the host tier, preempts, swapping victims out)."""
+    below = bool(host_blocks or disk_blocks)
+    requests, sessions = workload(num=40 if below else 8, rate=40.0 if below else 8.0), conversations()
     bytes_per_token = 2 * 2 * 2 * 16 * 4
-    tiers: dict[str, Any] = {"kv_offload_bytes": 64 * 16 * bytes_per_token, "preemption_mode": "swap"} if host else {}
+    tiers: dict[str, Any] = {}
+    if host_blocks:
+        tiers |= {"kv_offload_bytes": host_blocks * 16 * bytes_per_token, "preemption_mode": "swap"}
+    if disk_blocks:
+        tiers |= {"kv_disk_path": str(tmp_path / "disk"), "kv_disk_bytes": disk_blocks * 16 * bytes_per_token}
     core = tiny_core(tmp_path, policy="fcfs", max_num_batched_tokens=32, max_num_seqs=6, **tiers)
     try:
         real = drive_real_engine(core, requests, sessions)
         found = host_tier(core.kv_manager)
+        disk = core.kv_manager.disk  # type: ignore[attr-defined]
         config = InstanceConfig(
             scheduler=core.config.scheduler,
             kv_capacity_tokens=core.capacity_tokens,
             block_size=core.config.cache.block_size,
             max_model_len=core.max_model_len,
             host=HostTierConfig(found[0].num_blocks * found[1]) if found is not None else None,
+            disk=DiskTierConfig(disk.num_blocks * 16) if disk is not None else None,
         )
-        real_hits = core.kv_manager.counters
+        real_hits = dataclasses.replace(core.kv_manager.counters)  # before close() writes the pool to disk
     finally:
         core.close()
     simulated, summary = simulated_plans(config, requests, sessions)
@@ -599,15 +635,21 @@ def test_simulator_makes_the_real_engines_decisions_for_chat_sessions(tmp_path: 
     num_turns = sum(len(s.turns) for s in sessions)
     assert summary["completed"] == len(requests) + num_turns
     simulation = summary["simulation"]
-    if not host:
+    if not below:
         assert simulation["hit_rate_by_tier"]["primary"] > 0, "later turns should find their history"
-    else:
+    if host_blocks:
         assert real_hits.host_hit_tokens > 0 and real_hits.blocks_swapped_out > 0, "the workload should use the tier"
         assert simulation["blocks_moved"]["demote"] == real_hits.blocks_demoted
         assert simulation["blocks_moved"]["swap_out"] == real_hits.blocks_swapped_out
         assert simulation["host_tier"]["peak_held"] > 0
+    if disk_blocks:
+        assert real_hits.disk_hit_tokens > 0, "later turns should find their history on disk"
+        assert simulation["blocks_moved"]["disk_write"] == real_hits.blocks_to_disk
+        assert simulation["blocks_moved"]["disk_read"] == real_hits.blocks_from_disk
+        assert simulation["disk_tier"]["stored_at_end"] > 0
     queried = simulation["prompt_tokens_queried"]
-    assert simulation["hit_rate_by_tier"]["host"] * queried == pytest.approx(real_hits.host_hit_tokens)
+    for tier in ("host", "disk"):
+        assert simulation["hit_rate_by_tier"][tier] * queried == pytest.approx(getattr(real_hits, f"{tier}_hit_tokens"))
 
 
 def test_a_session_turn_is_sent_a_think_time_after_the_reply_and_finds_its_history() -> None:
@@ -681,6 +723,32 @@ def test_host_tier_moves_cost_copy_time_by_hand() -> None:
         else:
             # Of its 8 blocks: turn 1's two hits pinned while they load; at the end the four written back.
             assert use == {"peak_held": 2 / 8, "cached_at_end": 4 / 8}
+
+
+def test_disk_tier_moves_cost_copy_time_by_hand() -> None:
+    """By hand, the host-tier case above with a disk tier in its place (16 ms a block each way).
+
+    The filler's two steps each write one of turn 0's cached blocks to disk before computing (32 ms). Turn 1
+    finds its 32 history tokens on disk: it waits one step while they come up, a step that computes nothing
+    and first writes one of the filler's cached blocks to disk to make room (16 + 32 ms). The next step takes
+    it in and writes another filler block to disk for its last prompt block (16 ms), then computes (100 ms).
+    """
+    steps = LinearStepModel(0.100, 0.100, 0.0, 0.0, 0.0, 0.0)
+    copy = CopyModel.from_bandwidth(kv_bytes_per_token=1000, bytes_per_s=1e6)
+    chat = SimSession(0.0, (SimTurn(32, 2), SimTurn(48, 1, think_s=1.0)))
+    filler = SimRequest(0.5, 48, 2)
+    config = InstanceConfig(kv_capacity_tokens=64, disk=DiskTierConfig(128, copy))
+    result = Simulator(FleetConfig(config), steps).run([filler], [chat])
+    times = result.times
+    assert times.last_token_s[0] == pytest.approx(0.732)
+    assert times.arrival_s[2] == pytest.approx(1.200)
+    assert times.first_token_s[2] - times.arrival_s[2] == pytest.approx(0.048 + 0.116)
+    counters = result.instances[0].kv.counters
+    assert (counters.disk_hit_tokens, counters.primary_hit_tokens, counters.blocks_to_disk) == (32, 0, 4)
+    simulation = summarize_sim(result, 2.0, 0.2)["simulation"]
+    assert simulation["copy_s"] == pytest.approx(0.032 + 0.048 + 0.016)
+    assert simulation["disk_tier"] == {"stored_at_end": 4 / 8}
+    assert simulation["blocks_moved"]["disk_read"] == 2
 
 
 def test_front_end_delays_each_request_on_its_way_in_and_each_token_on_its_way_out() -> None:
