@@ -9,20 +9,20 @@ sample. Only `Worker.execute` is timed here: the scheduler's and front
 end's own time per step is measured separately, on a served run
 (`benchmarks.profile_serving`), and added to the same profile.
 
-With a host tier (`--kv-offload-size`), the moves are timed the same way:
-a prompt chunk whose first tokens come up from the host tier in this step
-(`loads`, which the forward pass waits for), and one whose blocks are first
-written back (`saves`), one block per op as scattered blocks travel, at a
-few sizes, each against the same step without the moves (the chunk attends
-to the moved prefix either way). The slope of the difference over tokens
-moved is what a move costs a step here, copy thread, per-op overhead and
-the forward pass's wait included (`CopyModel`). With a disk tier
+With a host tier (`--kv-offload-size`), the moves are timed on the real
+worker too: a prompt chunk whose first tokens come up from the host tier in
+this step (`loads`, which the forward pass waits for), and one whose blocks
+are first written back (`saves`), one block per op as scattered blocks
+travel, at a few sizes. The copy thread reports how long each move took
+(`StepOutput.copy_seconds`, per-op overhead included); the least-squares
+slope of that over tokens moved is the cost per token (`CopyModel`). (The
+step's own time, against the same step without the moves, says the same
+within its noise, about 10 ms a step here, which at these sizes is as large
+as the host tier's moves; the log shows both.) With a disk tier
 (`--kv-disk-path`, `--kv-disk-size`) the same steps write those blocks to
-disk, one file each, then read them back (the forward pass waits for both
-here; serving, a disk read fills a waiting request's blocks beside it).
-The files are fresh, so a read finds them in the OS's page cache, as
-serving does for blocks written minutes before; the profile removes them
-afterwards.
+disk, one file each, then read them back. The files are fresh, so a read
+finds them in the OS's page cache, as serving does for blocks written
+minutes before; the profile removes them afterwards.
 """
 
 from __future__ import annotations
@@ -187,19 +187,21 @@ def _profile_moves(core: EngineCore, tier: Tier, repeats: int) -> CopyModel:
     sizes = (0, most // 4, most)
     slopes = {}
     for kind in ("save", "load"):  # disk: the loads read the files the saves wrote
-        # What the moves add to the same step: its chunk attends to the moved prefix either way.
-        times = [
-            _time_moves(core, tier, kind, moved, repeats, step_id=10_000 + moved)
-            - _time_moves(core, tier, "none", moved, repeats, step_id=20_000 + moved)
-            for moved in sizes
-        ]
-        slopes[kind] = max(0.0, statistics.linear_regression(sizes, times).slope)
+        copies, added = [], []
+        for moved in sizes:
+            step, copy = _time_moves(core, tier, kind, moved, repeats, step_id=10_000 + moved)
+            # The same step without the moves: its chunk attends to the moved prefix either way.
+            without, _ = _time_moves(core, tier, "none", moved, repeats, step_id=20_000 + moved)
+            copies.append(copy)
+            added.append(step - without)
+        slopes[kind] = max(0.0, statistics.linear_regression(sizes, copies).slope)
         logger.info(
-            "%s tier %ss add %s ms to a step at %s tokens: %.1f us per token",
+            "%s tier %ss at %s tokens: the copy thread took %s ms, the step took %s ms more: %.1f us per token",
             tier,
             kind,
-            ", ".join(f"{1000 * t:.1f}" for t in times),
             ", ".join(map(str, sizes)),
+            ", ".join(f"{1000 * t:.1f}" for t in copies),
+            ", ".join(f"{1000 * t:.1f}" for t in added),
             1e6 * slopes[kind],
         )
     if tier == DISK:
@@ -210,9 +212,10 @@ def _profile_moves(core: EngineCore, tier: Tier, repeats: int) -> CopyModel:
     return CopyModel(save_s_per_token=slopes["save"], load_s_per_token=slopes["load"])
 
 
-def _time_moves(core: EngineCore, tier: Tier, kind: str, moved: int, repeats: int, step_id: int) -> float:
+def _time_moves(core: EngineCore, tier: Tier, kind: str, moved: int, repeats: int, step_id: int) -> tuple[float, float]:
     """Median seconds of a step computing MOVE_PREFILL tokens after `moved` cached ones, which the step first
-    saves to `tier` or loads from it (`kind`), a block per op, or neither ("none")."""
+    saves to `tier` or loads from it (`kind`), a block per op, or neither ("none"); and the copy thread's
+    mean seconds for those moves."""
     kv, worker = core.kv_manager, core.worker
     bs = core.config.cache.block_size
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
@@ -251,7 +254,9 @@ def _time_moves(core: EngineCore, tier: Tier, kind: str, moved: int, repeats: in
     failed = [f for o in outputs for f in (o.disk_load_failed, o.disk_save_failed) if f]
     if failed:
         raise RuntimeError(f"a disk move failed while profiling: {failed[0]}")
-    return statistics.median(times)
+    direction = {"save": "to_", "load": "from_"}.get(kind)
+    copied = sum(o.copy_seconds.get(f"{direction}{tier}", 0.0) for o in outputs) if direction else 0.0
+    return statistics.median(times), copied / (repeats + 1)  # the warm-up moved them too
 
 
 def _disk_key(moved: int, index: int) -> bytes:

@@ -27,10 +27,9 @@ class CopyModel:
     One model per tier: the host tier's (pool <-> host memory) and the disk
     tier's (pool or host tier <-> files). The default moves it for free (no
     tier, or a study that ignores copies). `kvos sim profile` with a host or
-    disk tier measures both on the real worker (`kvos.sim.profile`): what a
-    move adds to a step, per-op overhead and the forward pass's wait
-    included. `from_bandwidth` prices bytes over a bandwidth alone, a lower
-    bound.
+    disk tier measures both on the real worker (`kvos.sim.profile`): the
+    copy thread's time per token moved, per-op overhead included.
+    `from_bandwidth` prices bytes over a bandwidth alone, a lower bound.
     """
 
     save_s_per_token: float = 0.0
