@@ -31,11 +31,16 @@ cores, which a profile of one engine does not model.
 Printed per configuration (tiers off, host tier, host and disk tiers): output tokens/s, TTFT of
 first and of later turns, time between tokens, the prompt tokens found per
 tier, the preemptions and the copy thread's time, measured (median of --repeats runs, each on a fresh
-server, with their range) against simulated, with the error in %.
+server, with their range) against simulated, with the error in %. With
+`--step-scales 1.1,1.2`, each configuration is simulated again with every
+step that much longer, and a second table gives the output rate and the
+hits per tier of each measured run and each simulation: a figure that moves
+with the step times (in a closed loop, which tier still holds a session's
+history when its next turn comes) is compared at the speed the servers ran.
 
 Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about a minute per repeat)
            [--configs off,host,host+disk] [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0]
-           [--repeats 1]
+           [--repeats 1] [--step-scales 1.1,1.2]
            [--instances 2 --routers round-robin,least-load,prefix-aware,session] [--pool-bytes N]
 The profile: `kvos sim profile --kv-offload-size 256MiB --kv-disk-path DIR --kv-disk-size 256MiB` and
 `benchmarks.profile_serving` with the servers' flags (less the pool size).
@@ -63,7 +68,7 @@ from benchmarks.sim_validate import engine_config, error_pct, measured_median
 from kvos.sim.metrics import nearest_rank_ms, tier_summary
 from kvos.sim.router import CLUSTER_ROUTERS
 from kvos.sim.simulator import DiskTierConfig, FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
-from kvos.sim.step_model import Profile
+from kvos.sim.step_model import Profile, StepShape, StepTimeModel
 from kvos.sim.worker import CopyModel
 from kvos.sim.workload import SimSession, SimTurn
 
@@ -82,6 +87,20 @@ FIGURES = (
     ("preemptions", lambda s: sum(s["preemptions_by_mode"].values())),
     ("KV copy time s", lambda s: sum(s["copy_seconds"].values()) if "copy_seconds" in s else s["copy_s"]),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Slowed:
+    """`model` with every step `factor` times as long: which simulated figures follow the machine's speed?"""
+
+    model: StepTimeModel
+    factor: float
+
+    def step_seconds(self, shape: StepShape) -> float:
+        return self.factor * self.model.step_seconds(shape)
+
+    def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
+        return [self.factor * t for t in self.model.decode_steps_seconds(num_decodes, context, num_steps)]
 
 
 def template_prefix_tokens(tokenizer: Any) -> int:
@@ -147,6 +166,22 @@ def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -
     return "\n".join(lines)
 
 
+def format_scaled(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> str:
+    """Output rate and hits per tier, measured against simulated with steps as profiled and scaled."""
+    header = f"{'config':<22} {'steps x':>8} {'output tok/s':>13} {'hits primary / host / disk %':>30}"
+    lines = [header, "-" * len(header)]
+
+    def line(name: str, label: str, summary: dict[str, Any]) -> str:
+        hits = " / ".join(f"{100 * summary['hit_rate_by_tier'][t]:.1f}" for t in ("primary", "host", "disk"))
+        return f"{name:<22} {label:>8} {summary['output_tok_s']:>13.1f} {hits:>30}"
+
+    for name, runs, simulated in rows:
+        lines.extend(line(name, "measured", run) for run in runs)
+        lines.append(line(name, "1", simulated))
+        lines.extend(line(name, f"{factor:g}", s) for factor, s in simulated["step_scaled"].items())
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, required=True, help="a profile with served steps, same flags")
@@ -175,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         "--disk-bandwidth", type=float, default=None, help="bytes/s of disk-tier moves (default: the profile's)"
     )
     parser.add_argument("--log-dir", default=None, help="server logs (default: a temporary directory)")
+    parser.add_argument(
+        "--step-scales",
+        default="",
+        help="comma-separated factors: also simulate each config with every step that much longer (a diagnostic)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -188,6 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in routers if r and r not in CLUSTER_ROUTERS]
     if unknown or not routers:
         parser.error(f"--routers takes {', '.join(CLUSTER_ROUTERS)}, got {args.routers!r}")
+    try:
+        scales = [float(f) for f in args.step_scales.split(",") if f.strip()]
+    except ValueError:
+        parser.error(f"--step-scales takes comma-separated numbers, got {args.step_scales!r}")
+    if any(not f > 0 for f in scales):
+        parser.error(f"--step-scales must be > 0, got {args.step_scales!r}")
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="kvos-sim-mt-")
     serve_flags = shlex.split(args.serve_flags)
 
@@ -257,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         result = Simulator(fleet, step_model).run([], sessions)
         simulated = summarize_sessions(result, sessions)
         rows.append((name, runs, simulated))
+        for factor in scales:
+            slowed = summarize_sessions(Simulator(fleet, Slowed(step_model, factor)).run([], sessions), sessions)
+            simulated.setdefault("step_scaled", {})[factor] = slowed
         # Per turn, for a closer look: each measured run's, and the simulation's (in the same order).
         for run, turn_results in zip(runs, results):
             run["turn_results"] = [dataclasses.asdict(r) for r in turn_results]
@@ -265,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             for a, f, last in zip(result.times.arrival_s, result.times.first_token_s, result.times.last_token_s)
         ]
     print(format_table(rows))
+    if scales:
+        print(format_scaled(rows))
     print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
     if args.json is not None:
         report = {

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.multi_turn import SessionPlan, TurnResult
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.sim_validate_multi_turn import sim_sessions, summarize_sessions, template_prefix_tokens
+from benchmarks.sim_validate_multi_turn import Slowed, sim_sessions, summarize_sessions, template_prefix_tokens
 from kvos.sim.simulator import FleetConfig, Simulator
 from kvos.sim.step_model import LinearStepModel
 from kvos.sim.workload import SimSession, SimTurn
@@ -43,6 +43,19 @@ def test_first_and_later_turns_are_told_apart() -> None:
     # The last token: 2.63 + 0.1 + 2 decodes = 2.75 s; 12 tokens in all.
     assert summary["output_tok_s"] == pytest.approx(12 / 2.75)
     assert summary["hit_rate_by_tier"]["primary"] == pytest.approx(16 / (20 + 40 + 30))
+
+
+def test_slowed_steps_take_that_much_longer_one_by_one_and_in_decode_runs() -> None:
+    # The case above with every step twice as long: session 1 prefills 0.1-0.3 s; session 0's first turn
+    # prefills 0.5-0.7 and decodes to 0.76 (a decode run of 3), its second turn is sent at 2.76, prefills to
+    # 2.96 and decodes to 3.0.
+    steps = LinearStepModel(0.100, 0.010, 0.0, 0.0, 0.0, 0.0)
+    sessions = sim_sessions(PLANS, DELAYS, [served(1, 0, 30), served(0, 0, 20), served(0, 1, 40)])
+    result = Simulator(FleetConfig(), Slowed(steps, 2.0)).run([], sessions)
+    summary = summarize_sessions(result, sessions)
+    assert summary["ttft_first_turn_ms"]["p50"] == pytest.approx(200.0)
+    assert summary["output_tok_s"] == pytest.approx(12 / 3.0)
+    assert sum(i.num_runs for i in result.instances) > 0, "the decode run path should be taken"
 
 
 def test_the_shared_prefix_is_the_templates_opening() -> None:
