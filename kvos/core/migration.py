@@ -17,10 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
-from kvos.core.plan import SaveToHost
 from kvos.core.request import Request, RequestStatus
 from kvos.core.scheduler import Scheduler
-from kvos.memory.kv_manager import KVCacheManager
+from kvos.memory.kv_manager import KVCacheManager, TierOps
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 
 
@@ -42,13 +41,13 @@ class KVChunk:
 
 
 class BlockMover(Protocol):
-    """What the endpoint needs of a worker: copy blocks out, in, and run write-backs to the host tier."""
+    """What the endpoint needs of a worker: copy blocks out, in, and move evicted ones down the tiers now."""
 
     def read_blocks(self, block_ids: Sequence[int]) -> torch.Tensor | None: ...
 
     def write_blocks(self, block_ids: Sequence[int], data: Any) -> None: ...
 
-    def save_to_host(self, saves: list[SaveToHost]) -> None: ...
+    def write_down(self, ops: TierOps) -> dict[bytes, str]: ...
 
 
 class MigrationEndpoint(ABC):
@@ -118,12 +117,14 @@ class MigrationEndpoint(ABC):
         kv = self.kv_manager
         assert isinstance(kv, PagedKVCacheManager)
         incoming = self._incoming.setdefault(request.req_id, request)
-        saves = kv.reserve(incoming, num_tokens)
-        if saves is None:
+        ops = kv.reserve(incoming, num_tokens)
+        if ops is None:
             if not kv.block_table(incoming):
                 del self._incoming[request.req_id]
             return False
-        self.mover.save_to_host(saves)
+        failed = self.mover.write_down(ops)
+        if failed:  # those blocks are simply not on disk; the tier stops taking more
+            kv.apply_disk_report([], {}, failed)
         return True
 
     def migration_import(self, req_id: str, chunk: KVChunk) -> bool:

@@ -778,15 +778,19 @@ class PagedKVCacheManager:
         for block_id in reversed(table):
             self.allocator.release(block_id)
 
-    def reserve(self, request: Request, num_tokens: int) -> list[SaveToHost] | None:
+    def reserve(self, request: Request, num_tokens: int) -> TierOps | None:
         """Make the request's table hold `num_tokens` tokens with fresh blocks, for KV copied in from elsewhere.
 
         A live migration's destination calls this before the first block
         arrives, and again with the final length. No prefix lookup and no
         pending marks: the blocks are filled by copies, not by a step; they
         become findable once a step of the resumed request publishes them.
-        Returns the write-backs of cached blocks it evicts (host tier), to run
-        before anything is copied in; None, changing nothing, when memory is short.
+        Returns the moves down the tiers of the cached blocks it evicts
+        (write-backs to the host tier, and what those or the pool's evictions
+        send on to disk), which the caller runs at once, before anything is
+        copied in: left for the next step's plan, they would read blocks the
+        copies had already overwritten. None, changing nothing, when memory
+        is short.
         """
         table = self._block_tables.get(request.req_id, [])
         num_needed = max(-(-num_tokens // self.block_size) - len(table), 0)
@@ -795,8 +799,15 @@ class PagedKVCacheManager:
         self._block_tables[request.req_id] = table
         for _ in range(num_needed):
             table.append(self._allocate_block())
-        saves, self._demotions = self._demotions, []
-        return coalesce_saves(saves)
+        ops = self.take_tier_ops()  # between steps, only this reservation's
+        ops.saves = coalesce_saves([*ops.saves, *self._demotions])
+        self._demotions = []
+        # They run before the next step, so a failure of that step has nothing of them to undo.
+        self._step_host_indexed.clear()
+        self._step_disk_added.clear()
+        if self.disk is not None:
+            self.disk.unpin_all()
+        return ops
 
     def block_table(self, request: Request) -> list[int]:
         return list(self._block_tables.get(request.req_id, ()))

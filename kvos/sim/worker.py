@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvos.core.plan import SampledToken, SaveToHost, StepOutput, StepPlan
+from kvos.core.plan import SampledToken, StepOutput, StepPlan
+from kvos.memory.kv_manager import TierOps
 from kvos.sim.step_model import StepShape, StepTimeModel, check_seconds
 
 SIM_TOKEN_ID = 0
@@ -104,7 +105,7 @@ class SimWorker:
         self.copy_s = 0.0
         """Time the copy thread spent moving KV."""
         self._saves_s = 0.0
-        """Write-backs a migration's reservation forced between steps: the next step waits for them."""
+        """Moves down the tiers a migration's reservation forced between steps: the next step waits for them."""
 
     def step_seconds(self, plan: StepPlan) -> float:
         forward = self.step_model.step_seconds(StepShape.from_plan(plan)) if plan.scheduled else 0.0
@@ -138,11 +139,17 @@ class SimWorker:
     def write_blocks(self, block_ids: Sequence[int], data: None) -> None:
         """No bytes to copy in: the link's time was spent before the call landed."""
 
-    def save_to_host(self, saves: list[SaveToHost]) -> None:
-        """The write-backs a reservation forced: the real worker runs them before its next step."""
-        seconds = self.block_size * sum(op.num_blocks for op in saves) * self.copy.save_s_per_token
+    def write_down(self, ops: TierOps) -> dict[bytes, str]:
+        """The moves down the tiers a reservation forced: the real worker runs them before its next step.
+        None fails (every simulated disk write lands)."""
+        bs = self.block_size
+        seconds = bs * (
+            len(ops.disk_saves) * self.disk.save_s_per_token
+            + sum(op.num_blocks for op in ops.saves) * self.copy.save_s_per_token
+        )
         self._saves_s += seconds
         self.copy_s += seconds
+        return {}
 
     def execute(self, plan: StepPlan) -> StepOutput:
         seconds = self.step_seconds(plan)

@@ -41,12 +41,13 @@ from kvos.core.plan import (
     StepPlan,
     TableUpdate,
 )
+from kvos.memory.kv_manager import TierOps
 from kvos.model import compiled_decode
 from kvos.model.llama import LlamaForCausalLM
 from kvos.sampling_params import SamplingParams
 from kvos.structured.grammar import GrammarCompiler, GrammarMatcher
 from kvos.worker.copy_engine import CopyEngine, CopyReport
-from kvos.worker.disk_store import CorruptBlockError, DiskKVStore
+from kvos.worker.disk_store import CorruptBlockError, DiskKVStore, KVCaches
 from kvos.worker.kv_cache import HostKVPool, KVBuffer
 from kvos.worker.sampler import SamplingRow, sample
 
@@ -238,22 +239,7 @@ class Worker:
         if plan.disk_drops or plan.disk_saves or plan.saves:
 
             def save(report: CopyReport) -> None:
-                if plan.disk_drops or plan.disk_saves:
-                    assert disk is not None
-                    start = time.perf_counter()
-                    for key in plan.disk_drops:
-                        disk.drop(key)
-                    for op in plan.disk_saves:
-                        try:
-                            disk.save(caches, op)
-                        except OSError as exc:
-                            report.disk_save_failed[op.key] = f"{type(exc).__name__}: {exc}"
-                    report.seconds["to_disk"] = time.perf_counter() - start
-                if plan.saves:
-                    assert host is not None
-                    start = time.perf_counter()
-                    host.save(primary, plan.saves)
-                    report.seconds["to_host"] = time.perf_counter() - start
+                self._save_down(plan.disk_drops, plan.disk_saves, plan.saves, caches, report)
 
             self.copies.submit(plan.step_id, disk_ranges(plan.disk_saves) + host_ranges(plan.saves), save)
         if plan.loads:
@@ -299,6 +285,33 @@ class Worker:
                 report.seconds["from_disk"] = time.perf_counter() - start
 
             self.copies.submit(plan.step_id, disk_ranges(plan.disk_loads), load_disk)
+
+    def _save_down(
+        self,
+        drops: Sequence[bytes],
+        disk_saves: Sequence[SaveToDisk],
+        saves: Sequence[SaveToHost],
+        caches: dict[str, KVCaches],
+        report: CopyReport,
+    ) -> None:
+        """Disk drops and writes, then write-backs to the host tier: a disk write may read a host block that
+        a write-back is about to fill. A failed disk write is reported, not raised."""
+        if drops or disk_saves:
+            assert self.disk_store is not None  # the callers checked
+            start = time.perf_counter()
+            for key in drops:
+                self.disk_store.drop(key)
+            for op in disk_saves:
+                try:
+                    self.disk_store.save(caches, op)
+                except OSError as exc:
+                    report.disk_save_failed[op.key] = f"{type(exc).__name__}: {exc}"
+            report.seconds["to_disk"] = time.perf_counter() - start
+        if saves:
+            assert self.host_pool is not None
+            start = time.perf_counter()
+            self.host_pool.save(caches["primary"], list(saves))
+            report.seconds["to_host"] = time.perf_counter() - start
 
     def _sample(self, logits: torch.Tensor, req_ids: list[str]) -> tuple[dict[str, SampledToken], dict[str, str]]:
         states = [self._requests[r] for r in req_ids]
@@ -369,13 +382,28 @@ class Worker:
             k[slots] = data[layer, 0].to(k.device)
             v[slots] = data[layer, 1].to(v.device)
 
-    def save_to_host(self, saves: list[SaveToHost]) -> None:
-        """Run write-backs now (before blocks they read are overwritten outside a step)."""
-        if saves:
-            if self.host_pool is None:
-                raise RuntimeError("write-backs to a host tier, but this worker has none")
-            self.copies.drain()
-            self.host_pool.save(self.kv_buffer.kv_caches, saves)
+    def write_down(self, ops: TierOps) -> dict[bytes, str]:
+        """Run moves down the tiers now, outside a step, in a step's order; the disk writes that failed.
+
+        A live migration's reservation evicts cached blocks, and the KV it
+        copies in overwrites them before the next step: their write-backs and
+        disk writes cannot wait for that step's plan.
+        """
+        if ops.disk_loads:
+            raise ValueError("write_down runs saves only")
+        if ops.saves and self.host_pool is None:
+            raise RuntimeError("write-backs to a host tier, but this worker has none")
+        if (ops.disk_drops or ops.disk_saves) and self.disk_store is None:
+            raise RuntimeError("writes to a disk tier, but this worker has none")
+        if not (ops.saves or ops.disk_drops or ops.disk_saves):
+            return {}
+        self.copies.drain()
+        caches = {"primary": self.kv_buffer.kv_caches}
+        if self.host_pool is not None:
+            caches["host"] = self.host_pool.kv_caches
+        report = CopyReport(step_id=-1)
+        self._save_down(ops.disk_drops, ops.disk_saves, ops.saves, caches, report)
+        return report.disk_save_failed
 
     def _block_slots(self, block_ids: Sequence[int]) -> torch.Tensor:
         blocks = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)

@@ -9,6 +9,7 @@ if that instance had died.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,3 +188,66 @@ def test_source_dying_mid_migration_cancels_the_reservation(pair) -> None:
     source.abort("r")  # what the dead process would have lost anyway
     run(source, tokens)
     assert_idle(source, destination)
+
+
+@pytest.mark.parametrize("host_blocks", [0, 2], ids=["disk", "host-and-disk"])
+def test_blocks_a_reservation_evicts_reach_the_disk_tier_before_the_copy_overwrites_them(
+    config: EngineConfig, pair, tmp_path, host_blocks: int
+) -> None:
+    """The destination's pool is full of two prompts' cached blocks: reserving room for the incoming request
+    evicts them, and they go down to the disk tier (through a small host tier, or straight) with their own
+    KV, not the incoming request's: every block file is the one an engine that only ran those prompts
+    writes, though the request's KV is copied into the evicted blocks right after the reservation."""
+    block_bytes = 16 * 2 * 2 * 2 * 16 * 4  # tokens x K and V x layers x kv heads x head dim x float32
+    prompts = [[(7 * j + 13 * k) % 3000 + 100 for j in range(64)] for k in range(2)]  # 4 full blocks each
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)  # computes the prompt only
+
+    def engine(disk: Path, pool_blocks: int) -> EngineInstance:
+        tiers: dict[str, Any] = {"kv_disk_path": str(disk), "kv_disk_bytes": 64 * block_bytes}
+        if host_blocks:
+            tiers["kv_offload_bytes"] = host_blocks * block_bytes
+        small = EngineConfig.from_kwargs(
+            model=config.model.model,
+            load_format="dummy",
+            kv_cache_memory_bytes=pool_blocks * block_bytes,
+            max_num_batched_tokens=32,
+            dtype="float32",
+            **tiers,
+        )
+        return EngineInstance(small, frozenset(), 1)
+
+    def fill(instance: EngineInstance) -> None:
+        for k, prompt in enumerate(prompts):
+            instance.add(Request(f"p{k}", list(prompt), params))
+            run(instance, {})
+
+    reference = engine(tmp_path / "reference", 64)
+    try:
+        fill(reference)
+    finally:
+        reference.core.close()  # a clean close writes every cached block to disk
+    written = {f.name: f.read_bytes() for f in (tmp_path / "reference").glob("*.kv")}
+    assert len(written) == 8
+    source, _ = pair
+    destination = engine(tmp_path / "disk", 8)
+    try:
+        fill(destination)
+        assert destination.core.kv_manager.allocator.num_cached_blocks == 8
+        short = [(5 * j) % 3000 + 50 for j in range(20)]
+        incoming = Request("r", short, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+        source.add(incoming)
+        tokens: dict[str, list[int]] = {}
+        run(source, tokens, steps=4)
+        again = Request("r", list(short), incoming.params)
+        result = migrate(caller(source, tokens), source, destination, again, len(short), lambda state: True)
+        assert result.outcome == "migrated"
+        run(destination, tokens)
+        run(source, tokens)
+        assert destination.core.kv_manager.counters.blocks_to_disk > 0, "the reservation should evict to disk"
+        assert_idle(source, destination)
+    finally:
+        destination.core.close()
+    on_disk = {f.name: f.read_bytes() for f in (tmp_path / "disk").glob("*.kv")}
+    assert set(written) <= set(on_disk), "the prompts' blocks are all on disk after a clean close"
+    for name, data in written.items():
+        assert on_disk[name] == data, f"block file {name} holds other KV"
