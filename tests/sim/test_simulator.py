@@ -479,26 +479,21 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
     tiered.write_text(json.dumps(data))
     trace = tmp_path / "chats.jsonl"
     write_trace(trace, [], conversations(num=4))
-    tiers = ["--kv-capacity-tokens", "64", "--host-capacity-tokens", "4096"]
-    assert main(["sim", "run", "--profile", str(tiered), "--trace", str(trace), *tiers, "--json", str(out)]) == 0
-    (run,) = json.loads(out.read_text())["runs"]
-    assert run["completed"] == 12
-    simulation = run["simulation"]
-    moved = simulation["blocks_moved"]
-    assert simulation["hit_rate_by_tier"]["host"] > 0 and moved["demote"] > 0
-    saved, loaded = 16 * (moved["demote"] + moved["swap_out"]), 16 * (moved["promote"] + moved["swap_in"])
-    assert simulation["copy_s"] == pytest.approx(1e-3 * saved + 2e-3 * loaded)
-    # A host tier too small for the sessions' history too: it goes on to disk and comes back from there.
-    tiers = ["--kv-capacity-tokens", "64", "--host-capacity-tokens", "32", "--disk-capacity-tokens", "4096"]
-    assert main(["sim", "run", "--profile", str(tiered), "--trace", str(trace), *tiers, "--json", str(out)]) == 0
-    (run,) = json.loads(out.read_text())["runs"]
-    assert run["completed"] == 12
-    simulation = run["simulation"]
-    moved = simulation["blocks_moved"]
-    assert simulation["hit_rate_by_tier"]["disk"] > 0 and moved["disk_write"] > 0
-    saved, loaded = 16 * (moved["demote"] + moved["swap_out"]), 16 * (moved["promote"] + moved["swap_in"])
-    down, up = 16 * moved["disk_write"], 16 * moved["disk_read"]
-    assert simulation["copy_s"] == pytest.approx(1e-3 * saved + 2e-3 * loaded + 3e-3 * down + 5e-3 * up)
+    # Then a host tier too small for the sessions' history too: it goes on to disk and comes back from there.
+    for tiers, found in (
+        (["--host-capacity-tokens", "4096"], "host"),
+        (["--host-capacity-tokens", "32", "--disk-capacity-tokens", "4096"], "disk"),
+    ):
+        run_args = ["--trace", str(trace), "--kv-capacity-tokens", "64", *tiers, "--json", str(out)]
+        assert main(["sim", "run", "--profile", str(tiered), *run_args]) == 0
+        (run,) = json.loads(out.read_text())["runs"]
+        assert run["completed"] == 12
+        simulation = run["simulation"]
+        moved = simulation["blocks_moved"]
+        assert simulation["hit_rate_by_tier"][found] > 0 and moved["demote" if found == "host" else "disk_write"] > 0
+        saved, loaded = 16 * (moved["demote"] + moved["swap_out"]), 16 * (moved["promote"] + moved["swap_in"])
+        down, up = 16 * moved["disk_write"], 16 * moved["disk_read"]
+        assert simulation["copy_s"] == pytest.approx(1e-3 * saved + 2e-3 * loaded + 3e-3 * down + 5e-3 * up)
 
 
 def run_recording_plans(
