@@ -41,7 +41,7 @@ import ray
 from ray.exceptions import RayActorError
 
 from kvos.cluster.config import ClusterConfig
-from kvos.cluster.instance import EngineInstance, InstanceInfo, InstanceLoad, StepReport
+from kvos.cluster.instance import EngineInstance, InstanceInfo, InstanceLoad, StepReport, instance_config
 from kvos.cluster.migration import InstanceDied, MigrationResult, migrate, rebalance_move
 from kvos.cluster.routers import InstanceView, leading_blocks, make_router
 from kvos.cluster.stats import merge_stats
@@ -177,7 +177,7 @@ class ClusterCore:
         self._next_id += 1
         threads = self.cluster.num_threads
         handle: Any = self._actor.options(max_restarts=self.cluster.max_restarts, num_cpus=threads).remote(
-            self.config, self._eos_token_ids, threads
+            instance_config(self.config, instance_id), self._eos_token_ids, threads
         )
         inst = _Instance(instance_id, handle, role)
         inst.ping_ref = handle.info.remote()

@@ -18,7 +18,8 @@ instance and need no lock.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -106,6 +107,16 @@ class StepReport:
     load: InstanceLoad
     stats: EngineStats
     kv_events: list[KVEvent]
+
+
+def instance_config(config: EngineConfig, instance_id: int) -> EngineConfig:
+    """`config` for the cluster's instance `instance_id`: its own disk tier directory, `instance-<id>` inside the
+    one asked for. A disk tier's directory belongs to one engine (its lock refuses a second), and a whole
+    server restarted numbers its instances from 0 again, so each finds its own files warm."""
+    path = config.cache.kv_disk_path
+    if path is None:
+        return config
+    return replace(config, cache=replace(config.cache, kv_disk_path=str(Path(path) / f"instance-{instance_id}")))
 
 
 class EngineInstance:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -63,9 +64,18 @@ def reference(config: EngineConfig):
 
 
 @pytest.fixture(scope="module")
-def cluster(config: EngineConfig) -> Iterator[ClusterEngine]:
+def disk_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("disk")
+
+
+@pytest.fixture(scope="module")
+def cluster(config: EngineConfig, disk_dir: Path) -> Iterator[ClusterEngine]:
+    """Three instances, each with a disk KV tier under the one directory the server is given."""
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    engine = ClusterEngine(config, ClusterConfig(instances=3, router="round-robin", threads_per_instance=1))
+    tiered = dataclasses.replace(
+        config, cache=dataclasses.replace(config.cache, kv_disk_path=str(disk_dir), kv_disk_bytes=2**20)
+    )
+    engine = ClusterEngine(tiered, ClusterConfig(instances=3, router="round-robin", threads_per_instance=1))
     engine.start()
     try:
         yield engine
@@ -108,6 +118,13 @@ def test_streams_through_the_router_equal_one_engine(cluster: ClusterEngine, ref
     served = [s.num_prompt_tokens for s in core(cluster).instance_stats().values()]
     assert len(served) == 3 and all(n > 0 for n in served)  # round-robin spread them over all three
     assert_all_kv_freed(cluster)
+
+
+def test_each_instance_keeps_its_own_disk_tier(cluster: ClusterEngine, disk_dir: Path) -> None:
+    """One directory given, one engine per directory allowed: every instance took its own inside it."""
+    assert {info["id"] for info in core(cluster).instances() if info["state"] == "healthy"} >= {0, 1, 2}
+    for i in range(3):
+        assert (disk_dir / f"instance-{i}" / "kvos.lock").exists()
 
 
 def test_bad_input_is_refused_before_any_instance(cluster: ClusterEngine) -> None:
