@@ -64,6 +64,9 @@ PING_RETRY_S = 0.5
 
 NO_INSTANCE = "no healthy engine instance could take over this request"
 
+CLOSE_S = 60.0
+"""How long stopping instances waits for them to close cleanly (writing their cached KV to a disk tier)."""
+
 InstanceState = Literal["starting", "healthy", "restarting", "draining", "dead"]
 Role = Literal["both", "prefill", "decode"]
 
@@ -232,7 +235,9 @@ class ClusterCore:
             inst.live.clear()
             self._remove(inst)
             self._place_orphans()
-            return len(moving)
+        _stop([inst])  # outside the lock: a clean close may write its cached KV to disk for a while
+        logger.info("engine instance %d removed", inst.instance_id)
+        return len(moving)
 
     # -- live migration -------------------------------------------------------------------
 
@@ -340,10 +345,9 @@ class ClusterCore:
         self._rebalancer.start()
 
     def _remove(self, inst: _Instance) -> None:
+        """Route to the instance no more (the caller then stops it)."""
         self._instances.pop(inst.instance_id, None)
         self.router.forget(inst.instance_id)
-        ray.kill(inst.handle, no_restart=True)
-        logger.info("engine instance %d removed", inst.instance_id)
 
     def instances(self) -> list[dict[str, Any]]:
         """Each instance's id, state, requests and load, for the admin route."""
@@ -610,14 +614,33 @@ class ClusterCore:
             if self._closed:
                 return
             self._closed = True
-            for inst in self._instances.values():
-                try:
-                    ray.kill(inst.handle, no_restart=True)
-                except Exception:  # already gone: nothing to stop
-                    logger.debug("engine instance %d was already gone", inst.instance_id)
+            _stop(list(self._instances.values()))
             self._instances.clear()
         if self._owns_ray:
             ray.shutdown()
+
+
+def _stop(instances: list[_Instance]) -> None:
+    """Close the instances cleanly, together (a dead or stuck one is waited for `CLOSE_S` at most), then end
+    their processes."""
+    refs = []
+    for inst in instances:
+        try:
+            refs.append(inst.handle.close.remote())
+        except Exception:  # already gone: nothing to close
+            logger.debug("engine instance %d was already gone", inst.instance_id)
+    if refs:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CLOSE_S)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception:  # it died or failed to close: its cached KV stays unwritten, the rest goes on
+                logger.warning("an engine instance did not close cleanly", exc_info=True)
+    for inst in instances:
+        try:
+            ray.kill(inst.handle, no_restart=True)
+        except Exception:  # already gone: nothing to stop
+            logger.debug("engine instance %d was already gone", inst.instance_id)
 
 
 def cluster_core_factory(cluster: ClusterConfig) -> Callable[[EngineConfig, Any, frozenset[int]], ClusterCore]:

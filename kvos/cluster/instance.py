@@ -158,6 +158,10 @@ class EngineInstance:
     def release_session(self, key: str) -> None:
         self.core.release_session(key)
 
+    def close(self) -> None:
+        """Stop cleanly: with a disk tier, the KV still cached above it is written there (`EngineCore.close`)."""
+        self.core.close()
+
     def step(self) -> StepReport:
         """One engine step (nothing to do: none), and the state after it."""
         updates, self._rejected = self._rejected, []

@@ -163,13 +163,15 @@ def test_prefix_aware_routes_a_shared_prefix_to_the_instance_holding_it(cluster:
         core(cluster).router = RoundRobinRouter()
 
 
-def test_add_and_drain_under_load_lose_nothing(cluster: ClusterEngine, reference) -> None:
+def test_add_and_drain_under_load_lose_nothing(cluster: ClusterEngine, reference, disk_dir: Path) -> None:
+    """...and the drained instance stops cleanly: the prompts' blocks it still cached are on its disk tier."""
     new_id = cluster.add_instance()
     deadline = time.monotonic() + 60
     while next(i["state"] for i in cluster.instances() if i["id"] == new_id) != "healthy":
         assert time.monotonic() < deadline, "the added instance never became healthy"
         time.sleep(0.2)
-    prompts = [prompt(200 + i) for i in range(12)]
+    assert not list((disk_dir / "instance-0").glob("*.kv"))
+    prompts = [prompt(200 + i, length=40) for i in range(12)]  # two full blocks each
     long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
     async def main() -> list[list[int]]:
@@ -192,6 +194,7 @@ def test_add_and_drain_under_load_lose_nothing(cluster: ClusterEngine, reference
 
     assert asyncio.run(main()) == reference(prompts, 40)
     assert [i["id"] for i in cluster.instances()] == [1, 2, new_id]
+    assert list((disk_dir / "instance-0").glob("*.kv")), "a clean stop writes the cached blocks to disk"
     with pytest.raises(ValueError, match="no engine instance 0"):
         cluster.drain_instance(0)
     assert_all_kv_freed(cluster)
