@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvos.core.plan import SampledToken, StepOutput, StepPlan
+from kvos.core.plan import SampledToken, SaveToDisk, SaveToHost, StepOutput, StepPlan
 from kvos.memory.kv_manager import TierOps
 from kvos.sim.step_model import StepShape, StepTimeModel, check_seconds
 
@@ -112,10 +112,7 @@ class SimWorker:
         if not (plan.moves_kv or plan.copies or self._saves_s):
             return forward
         host, disk, bs = self.copy, self.disk, self.block_size
-        saves = bs * (
-            len(plan.disk_saves) * disk.save_s_per_token
-            + sum(op.num_blocks for op in plan.saves) * host.save_s_per_token
-        )
+        saves = self._saves_seconds(plan.disk_saves, plan.saves)
         loaded = bs * sum(op.num_blocks for op in plan.loads) + sum(op.num_slots for op in plan.copies)
         loads = loaded * host.load_s_per_token
         # A reservation's write-backs were queued before this plan's jobs (and counted in copy_s when forced).
@@ -130,6 +127,13 @@ class SimWorker:
         self.copy_s += saves + loads + beside
         return max(before + forward, queued + beside)
 
+    def _saves_seconds(self, disk_saves: Sequence[SaveToDisk], saves: Sequence[SaveToHost]) -> float:
+        """The saves' job: disk writes (a block each), then write-backs to the host tier."""
+        return self.block_size * (
+            len(disk_saves) * self.disk.save_s_per_token
+            + sum(op.num_blocks for op in saves) * self.copy.save_s_per_token
+        )
+
     # -- live migration: the books move blocks, a link model times them (`kvos.sim.migration`) --
 
     def read_blocks(self, block_ids: Sequence[int]) -> None:
@@ -142,11 +146,7 @@ class SimWorker:
     def write_down(self, ops: TierOps) -> dict[bytes, str]:
         """The moves down the tiers a reservation forced: the real worker runs them before its next step.
         None fails (every simulated disk write lands)."""
-        bs = self.block_size
-        seconds = bs * (
-            len(ops.disk_saves) * self.disk.save_s_per_token
-            + sum(op.num_blocks for op in ops.saves) * self.copy.save_s_per_token
-        )
+        seconds = self._saves_seconds(ops.disk_saves, ops.saves)
         self._saves_s += seconds
         self.copy_s += seconds
         return {}

@@ -217,16 +217,12 @@ class Worker:
         block (the scheduler recomputes it), a failed write stops the disk
         tier taking blocks; serving goes on either way.
         """
-        if (plan.saves or plan.loads or plan.kv_loads) and self.host_pool is None:
-            raise RuntimeError("the plan moves KV to or from a host tier, but this worker has none")
-        if (plan.disk_drops or plan.disk_saves or plan.disk_loads) and self.disk_store is None:
-            raise RuntimeError("the plan moves KV to or from a disk tier, but this worker has none")
+        self._check_tiers(
+            bool(plan.saves or plan.loads or plan.kv_loads), bool(plan.disk_drops or plan.disk_saves or plan.disk_loads)
+        )
         primary = self.kv_buffer.kv_caches
-        caches = {"primary": primary}
-        host_bs = self.table_block_size
-        if self.host_pool is not None:
-            caches["host"] = self.host_pool.kv_caches
-            host_bs = self.host_pool.block_size
+        caches = self._tier_caches()
+        host_bs = self.host_pool.block_size if self.host_pool is not None else self.table_block_size
         host, disk = self.host_pool, self.disk_store
         tbs = self.table_block_size
 
@@ -285,6 +281,20 @@ class Worker:
                 report.seconds["from_disk"] = time.perf_counter() - start
 
             self.copies.submit(plan.step_id, disk_ranges(plan.disk_loads), load_disk)
+
+    def _check_tiers(self, host: bool, disk: bool) -> None:
+        """Moves to or from a tier this worker lacks are a bug in the books, not a request's fault."""
+        if host and self.host_pool is None:
+            raise RuntimeError("the plan moves KV to or from a host tier, but this worker has none")
+        if disk and self.disk_store is None:
+            raise RuntimeError("the plan moves KV to or from a disk tier, but this worker has none")
+
+    def _tier_caches(self) -> dict[str, KVCaches]:
+        """Every tier's K/V tensors that a disk operation may read or fill, by `TierName`."""
+        caches = {"primary": self.kv_buffer.kv_caches}
+        if self.host_pool is not None:
+            caches["host"] = self.host_pool.kv_caches
+        return caches
 
     def _save_down(
         self,
@@ -391,18 +401,12 @@ class Worker:
         """
         if ops.disk_loads:
             raise ValueError("write_down runs saves only")
-        if ops.saves and self.host_pool is None:
-            raise RuntimeError("write-backs to a host tier, but this worker has none")
-        if (ops.disk_drops or ops.disk_saves) and self.disk_store is None:
-            raise RuntimeError("writes to a disk tier, but this worker has none")
+        self._check_tiers(bool(ops.saves), bool(ops.disk_drops or ops.disk_saves))
         if not (ops.saves or ops.disk_drops or ops.disk_saves):
             return {}
         self.copies.drain()
-        caches = {"primary": self.kv_buffer.kv_caches}
-        if self.host_pool is not None:
-            caches["host"] = self.host_pool.kv_caches
         report = CopyReport(step_id=-1)
-        self._save_down(ops.disk_drops, ops.disk_saves, ops.saves, caches, report)
+        self._save_down(ops.disk_drops, ops.disk_saves, ops.saves, self._tier_caches(), report)
         return report.disk_save_failed
 
     def _block_slots(self, block_ids: Sequence[int]) -> torch.Tensor:
