@@ -1,13 +1,15 @@
 """kvos's C++ kernels: compiled on first use for this machine's CPU and cached.
 
 Each kernel is one source file built with torch's extension tools
-(`-O3 -march=native`, OpenMP) into `$KVOS_CACHE_DIR/torch_extensions`, in a
-folder named for the torch version, the CPU's feature flags and the source, so a
-cache shared between machines never hands one CPU code built for another, and
-checkouts with different kernels that share one cache each keep their own build
-instead of rebuilding over each other. Loading a kernel registers its torch
-operators (`torch.ops.kvos...`); the caller adds their fake (shape-only)
-implementations so torch.compile can trace through them.
+(`-O3 -march=native`, OpenMP) into `$KVOS_CACHE_DIR/torch_extensions`; helpers
+several kernels share are headers in `kvos/csrc`. Each build has its own
+folder, named for the torch version, the CPU's feature flags, the source and
+the shared headers, so a cache shared between machines never hands one CPU
+code built for another, and checkouts with different kernels that share one
+cache each keep their own build instead of rebuilding over each other.
+Loading a kernel registers its torch operators (`torch.ops.kvos...`); the
+caller adds their fake (shape-only) implementations so torch.compile can trace
+through them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+_SHARED_HEADERS = Path(__file__).parent / "csrc"
 
 
 def build_cpu_extension(name: str, source: Path, purpose: str) -> None:
@@ -41,6 +45,7 @@ def build_cpu_extension(name: str, source: Path, purpose: str) -> None:
         sources=[str(source)],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(_SHARED_HEADERS)],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
@@ -55,7 +60,10 @@ def cpu_flags() -> frozenset[str]:
 def _build_dir(name: str, source: Path) -> Path:
     from kvos.model.loader import cache_root
 
-    source_key = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    digest = hashlib.sha256(source.read_bytes())
+    for header in sorted(_SHARED_HEADERS.glob("*.h")):
+        digest.update(header.read_bytes())
+    source_key = digest.hexdigest()[:12]
     return cache_root() / "torch_extensions" / f"{name}-torch{torch.__version__}-{_cpu_key()}-{source_key}"
 
 

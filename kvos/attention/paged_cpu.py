@@ -70,7 +70,11 @@ class PagedCPUBackend:
         """q: (T, H, D); k, v: (T, KV, D); caches: (num_slots, KV, D), strided views allowed. Returns (T, H, D)."""
         if meta.paged is None:
             raise ValueError("the paged backend needs metadata built by its own build_metadata")
-        write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
+        if torch.compiler.is_compiling():
+            write_kv(k_cache, v_cache, meta.slot_mapping, k, v)  # Inductor fuses it into its own loop
+        else:
+            # One pass, where index_put costs a kernel launch and an index check per tensor.
+            torch.ops.kvos.write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
         p = meta.paged
         # The kernel takes float32 queries (small: T x H x D) and accumulates in float32 for any cache dtype.
         if p.seqs.shape[0] > 0:
@@ -138,7 +142,7 @@ def paged_batch(seqs: list[SeqLayout], device: torch.device, whole_prompts_to_sd
 
 @functools.cache
 def load_kernel() -> None:
-    """Compile (first use on this machine) and load the kernel: defines torch.ops.kvos.paged_attention."""
+    """Compile (first use on this machine) and load the kernel: torch.ops.kvos.paged_attention and write_kv."""
     build_cpu_extension(_EXTENSION_NAME, _SOURCE, "attention_backend='paged'")
 
     @torch.library.register_fake("kvos::paged_attention")

@@ -52,6 +52,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -67,33 +69,13 @@
 
 namespace {
 
+using kvos::exp_nonpositive;
+using kvos::widen;
+
 constexpr int64_t kQueryTile = 16;      // query tokens per item
 constexpr int64_t kKeyTile = 32;        // positions scored together
 constexpr int64_t kPartition = 512;     // positions per item (a multiple of kKeyTile)
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-/* e^x for x <= 0 (a score minus its running max), in a form the vectoriser accepts:
- * e^x = 2^n * 2^f with n = round(x log2 e) and |f| <= 1/2; 2^f by a degree-7
- * polynomial in f ln 2 (relative error ~1e-8, below float32's). Below -87 the
- * result would be subnormal; it is flushed to 0. */
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, -87.0f);
-  const float t = clamped * 1.4426950408889634f;
-  const float n = std::nearbyint(t);
-  const float g = (t - n) * 0.6931471805599453f;
-  float p = 1.0f / 5040.0f;
-  p = p * g + 1.0f / 720.0f;
-  p = p * g + 1.0f / 120.0f;
-  p = p * g + 1.0f / 24.0f;
-  p = p * g + 1.0f / 6.0f;
-  p = p * g + 0.5f;
-  p = p * g + 1.0f;
-  p = p * g + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.0f : p * scale;
-}
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float sum = 0.0f;
@@ -105,17 +87,6 @@ inline float dot(const float* __restrict a, const float* __restrict b, int64_t n
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t n) {
 #pragma omp simd
   for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
-}
-
-inline void widen(float* __restrict dst, const c10::BFloat16* __restrict src, int64_t n) {
-  const uint16_t* raw = reinterpret_cast<const uint16_t*>(src);
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) {
-    const uint32_t bits = static_cast<uint32_t>(raw[d]) << 16;
-    float value;
-    std::memcpy(&value, &bits, sizeof(value));
-    dst[d] = value;
-  }
 }
 
 #if defined(__AVX512F__)
@@ -692,12 +663,91 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
   return out;
 }
 
+/* One row of head_dim values into the cache's dtype: a copy, a widening, or a rounding to nearest even
+ * (what `Tensor.to(torch.bfloat16)` does). */
+inline void store_row(float* __restrict dst, const float* __restrict src, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+inline void store_row(c10::BFloat16* __restrict dst, const c10::BFloat16* __restrict src, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(c10::BFloat16));
+}
+inline void store_row(float* __restrict dst, const c10::BFloat16* __restrict src, int64_t n) { widen(dst, src, n); }
+inline void store_row(c10::BFloat16* __restrict dst, const float* __restrict src, int64_t n) {
+  uint16_t* raw = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) raw[d] = kvos::float_to_bf16_bits(src[d]);
+}
+
+template <typename cache_t, typename src_t>
+void write_rows(at::Tensor& cache, const at::Tensor& rows, const int64_t* slots) {
+  const int64_t num_tokens = rows.size(0), num_heads = rows.size(1), head_dim = rows.size(2);
+  cache_t* base = cache.data_ptr<cache_t>();
+  const src_t* src = rows.data_ptr<src_t>();
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    for (int64_t h = 0; h < num_heads; ++h) {
+      store_row(base + slots[t] * cache.stride(0) + h * cache.stride(1), src + t * rows.stride(0) + h * rows.stride(1),
+                head_dim);
+    }
+  }
+}
+
+template <typename cache_t>
+void write_rows_from(at::Tensor& cache, const at::Tensor& rows, const int64_t* slots) {
+  if (rows.scalar_type() == at::kFloat) {
+    write_rows<cache_t, float>(cache, rows, slots);
+  } else {
+    write_rows<cache_t, c10::BFloat16>(cache, rows, slots);
+  }
+}
+
+/*
+ * The step's new keys and values into the cache: k_cache[slot_mapping[t]] = k[t] (and v), in the cache's
+ * dtype. What `cache[slot_mapping] = k.to(cache.dtype)` does, in one pass with no index kernel per call.
+ * k, v: (T, KV, D) float32 or bfloat16, any token and head strides, head_dim contiguous.
+ */
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_mapping, const at::Tensor& k,
+              const at::Tensor& v) {
+  TORCH_CHECK_VALUE(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() &&
+                        k_cache.scalar_type() == v_cache.scalar_type() &&
+                        (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16) &&
+                        k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+                    "write_kv: caches must both be float32 or both bfloat16 (num_slots, kv_heads, head_dim), "
+                    "head_dim contiguous");
+  TORCH_CHECK_VALUE(slot_mapping.dim() == 1 && slot_mapping.scalar_type() == at::kLong,
+                    "write_kv: slot_mapping must be a 1-d int64 tensor");
+  for (const at::Tensor* rows : {&k, &v}) {
+    TORCH_CHECK_VALUE(rows->dim() == 3 && rows->size(0) == slot_mapping.size(0) &&
+                          rows->size(1) == k_cache.size(1) && rows->size(2) == k_cache.size(2) &&
+                          rows->stride(2) == 1 &&
+                          (rows->scalar_type() == at::kFloat || rows->scalar_type() == at::kBFloat16),
+                      "write_kv: k and v must be float32 or bfloat16 (", slot_mapping.size(0), ", ",
+                      k_cache.size(1), ", ", k_cache.size(2), "), head_dim contiguous; got ", rows->sizes());
+  }
+  const at::Tensor slots_c = slot_mapping.contiguous();
+  const int64_t* slots = slots_c.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots_c.size(0); ++t) {
+    TORCH_CHECK_INDEX(slots[t] >= 0 && slots[t] < k_cache.size(0), "write_kv: token ", t, "'s slot ", slots[t],
+                      " is outside a cache of ", k_cache.size(0), " slots");
+  }
+  for (auto [cache, rows] : {std::pair<at::Tensor*, const at::Tensor*>{&k_cache, &k}, {&v_cache, &v}}) {
+    if (cache->scalar_type() == at::kFloat) {
+      write_rows_from<float>(*cache, *rows, slots);
+    } else {
+      write_rows_from<c10::BFloat16>(*cache, *rows, slots);
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvos, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqs, "
       "int block_size, float scale) -> Tensor");
+  m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor k, Tensor v) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(kvos, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(kvos, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("write_kv", &write_kv);
+}
