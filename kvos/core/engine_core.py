@@ -38,6 +38,7 @@ from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.swap import PreemptionRule, SwapCost, measure_copy_bandwidth, measure_flops
 from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
 from kvos.model.arch import ModelArch
+from kvos.model.layer_kernels import can_use_layer_kernels, use_layer_kernels
 from kvos.model.loader import LoadedModel
 from kvos.model.prepack import can_prepack, prepack_linears
 from kvos.model.quantization import quantize
@@ -175,6 +176,8 @@ class EngineCore(MigrationEndpoint):
         if not config.model.compile and config.model.quantization is None and can_prepack(device, dtype):
             # After the preemption rule above counted the parameters (packed weights are not parameters).
             prepack_linears(model, config.scheduler.max_num_seqs)
+        if not config.model.compile and can_use_layer_kernels(device, dtype):
+            use_layer_kernels(model)
         self.worker = Worker(
             model,
             make_kv_buffer(self.kv_manager, shape),

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: RMSNorm and rotary embeddings."""
+"""Building blocks shared by the model families: RMSNorm, SwiGLU's activation and rotary embeddings."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ class RMSNorm(nn.Module):
         # Narrower dtypes: normalise in float32 and round before the weight, as the reference does.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
+
+
+class SiluAndMul(nn.Module):
+    """SwiGLU's activation: silu(gate) * up over a fused gate | up projection's two halves."""
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        half = gate_up.shape[-1] // 2
+        return F.silu(gate_up[..., :half]) * gate_up[..., half:]
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:

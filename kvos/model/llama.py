@@ -8,14 +8,13 @@ from many requests; only attention needs to know where one request ends.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvos.attention.backend import AttentionBackend
 from kvos.attention.gather_sdpa import GatherSDPABackend
 from kvos.attention.metadata import AttentionMetadata
 from kvos.model.arch import ModelArch
-from kvos.model.layers import RMSNorm, RotaryEmbedding, RotaryTables
+from kvos.model.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul
 
 # Fused parameter <- the Hugging Face parameters stacked into it, in row order.
 FUSED_PROJECTIONS = {
@@ -64,13 +63,12 @@ class LlamaMLP(nn.Module):
 
     def __init__(self, arch: ModelArch) -> None:
         super().__init__()
-        self.intermediate_size = arch.intermediate_size
         self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
         self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate_up[:, : self.intermediate_size]) * gate_up[:, self.intermediate_size :])
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -1,0 +1,91 @@
+"""A bfloat16 decoder layer's elementwise work on CPU in C++: one call per op (`csrc/layer_ops.cpp`).
+
+In eager PyTorch a bfloat16 RMSNorm is four kernels, SwiGLU two and rotary
+four; at a decode step's row counts each pays dispatch and a pass over memory
+of its own, and together they took about a sixth of a step at batch 64
+(BENCHMARKS.md). The kernels compute the same formulas with the same roundings
+to bfloat16 in between. Like the prepacked linears, they replace the model's
+modules after loading, for eager bfloat16 on a CPU; a compiled model keeps
+torch's ops, which Inductor fuses itself, and float32 keeps them too, bit for
+bit the reference's.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kvos.extensions import build_cpu_extension
+from kvos.model.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul
+
+_SOURCE = Path(__file__).parent / "csrc" / "layer_ops.cpp"
+
+
+@functools.cache
+def load() -> None:
+    """Compile (first use on this machine) and load the kernels: torch.ops.kvos.rms_norm, silu_mul, rotary."""
+    build_cpu_extension("kvos_layer_ops", _SOURCE, "bfloat16 on CPU")
+
+
+class KernelRMSNorm(nn.Module):
+    def __init__(self, norm: RMSNorm) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kvos.rms_norm(x, self.weight, self.eps)
+
+
+class KernelSiluAndMul(nn.Module):
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kvos.silu_mul(gate_up)
+
+
+class KernelRotaryTables(RotaryTables):
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.kvos.rotary(x, self.cos, self.sin_rotated)
+
+
+class KernelRotaryEmbedding(nn.Module):
+    """The same tables as the `RotaryEmbedding` it replaces, applied by the kernel."""
+
+    def __init__(self, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.cos = rotary.cos
+        self.sin_rotated = rotary.sin_rotated
+
+    def tables(self, positions: torch.Tensor) -> RotaryTables:
+        return KernelRotaryTables(self.cos[positions].unsqueeze(1), self.sin_rotated[positions].unsqueeze(1))
+
+
+def can_use_layer_kernels(device: torch.device, dtype: torch.dtype) -> bool:
+    """Eager bfloat16 on a CPU (the caller leaves compiled models to Inductor)."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def use_layer_kernels(model: nn.Module) -> int:
+    """Swap `model`'s RMSNorms, SwiGLU activations and rotary embedding for the kernels', in place.
+
+    The model must compute in bfloat16 on a CPU (`can_use_layer_kernels`). Returns how many modules were swapped.
+    """
+    load()
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            swapped: nn.Module | None = None
+            if isinstance(child, RMSNorm):
+                if child.weight.dtype != torch.bfloat16:
+                    raise ValueError(f"the layer kernels compute in bfloat16; {name} holds {child.weight.dtype}")
+                swapped = KernelRMSNorm(child)
+            elif isinstance(child, SiluAndMul):
+                swapped = KernelSiluAndMul()
+            elif isinstance(child, RotaryEmbedding):
+                swapped = KernelRotaryEmbedding(child)
+            if swapped is not None:
+                setattr(module, name, swapped)
+                count += 1
+    return count
