@@ -107,6 +107,16 @@ def test_a_tiny_temperature_is_greedy_not_nan() -> None:
     assert [t.token_id for t in tokens if isinstance(t, SampledToken)] == logits.argmax(-1).tolist()
 
 
+def test_greedy_takes_the_first_of_tied_maxima() -> None:
+    """Ties happen (bfloat16 logits, logit_bias): the lowest token id wins, as in HF's greedy search."""
+    logits = torch.zeros(3, VOCAB)
+    logits[0, [7, 3, 40]] = 5.0
+    logits[1, -1] = 1.0
+    logits[2] = -1.0
+    rows = [SamplingRow(SamplingParams(temperature=0.0), [1], [], None) for _ in range(3)]
+    assert [t.token_id for t in sample(logits, rows) if isinstance(t, SampledToken)] == [3, VOCAB - 1, 0]
+
+
 def test_one_failing_row_leaves_the_others_their_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     real = sampler._sample_row
 
