@@ -117,6 +117,24 @@ def test_greedy_takes_the_first_of_tied_maxima() -> None:
     assert [t.token_id for t in sample(logits, rows) if isinstance(t, SampledToken)] == [3, VOCAB - 1, 0]
 
 
+def test_greedy_is_the_first_maximum_with_nan_counting_as_the_largest() -> None:
+    logits = torch.randn(70, 3000, generator=torch.Generator().manual_seed(5))
+    logits[1, [2999, 0]] = 50.0  # a tie at both ends
+    logits[2] = float("-inf")
+    logits[3, [700, 9]] = float("nan")
+    logits[4, 1234] = float("inf")
+    logits[5, :] = 0.0
+    want = []
+    for row in logits.tolist():
+        nans = [i for i, x in enumerate(row) if x != x]
+        want.append(nans[0] if nans else max(range(len(row)), key=lambda i: (row[i], -i)))
+    assert sampler.greedy(logits).tolist() == want
+    assert want[:6] == [want[0], 0, 0, 9, 1234, 0]
+    # A row view with a stride (the rows of a larger batch) and a single row.
+    assert sampler.greedy(logits[::3]).tolist() == want[::3]
+    assert sampler.greedy(logits[4:5]).tolist() == [1234]
+
+
 def test_one_failing_row_leaves_the_others_their_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
     real = sampler._sample_row
 

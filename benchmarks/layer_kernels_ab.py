@@ -1,0 +1,117 @@
+"""The bfloat16 layer kernels against the eager ops they replace, on one engine, interleaved.
+
+This VM's speed drifts by 10-30% between processes minutes apart, more than
+the kernels change a step by, so a before/after pair of separate runs says
+little. Here one engine (the defaults: bfloat16, the paged kernel, prepacked
+linears) decodes a batch of B requests of C random prompt tokens, and its
+norms, SwiGLU activations and rotary embedding are switched between the
+kernels (`kvos.model.layer_kernels`) and eager twins on the same weights
+every few steps, in alternating order; each round times both. The KV write
+(`kvos::write_kv`) runs in both halves.
+
+Usage: python -m benchmarks.layer_kernels_ab [--batches 1,16,64] [--context 256] [--rounds 6] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+from collections.abc import Sequence
+
+from torch import nn
+
+from kvos.config import EngineConfig
+from kvos.engine.llm_engine import LLMEngine
+from kvos.model.layer_kernels import KernelRMSNorm, KernelRotaryEmbedding, KernelSiluAndMul
+from kvos.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from kvos.sampling_params import SamplingParams
+
+Swaps = list[tuple[nn.Module, str, nn.Module, nn.Module]]  # parent, name, kernel module, eager twin
+
+
+def eager_twin(module: nn.Module) -> nn.Module | None:
+    """The eager module computing what a kernel module computes, on the same tensors."""
+    if isinstance(module, KernelRMSNorm):
+        norm = RMSNorm(module.weight.shape[0], module.eps)
+        norm.weight = module.weight
+        return norm
+    if isinstance(module, KernelSiluAndMul):
+        return SiluAndMul()
+    if isinstance(module, KernelRotaryEmbedding):
+        rotary = RotaryEmbedding.__new__(RotaryEmbedding)
+        nn.Module.__init__(rotary)
+        rotary.register_buffer("cos", module.cos, persistent=False)
+        rotary.register_buffer("sin_rotated", module.sin_rotated, persistent=False)
+        return rotary
+    return None
+
+
+def find_swaps(model: nn.Module) -> Swaps:
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            twin = eager_twin(child)
+            if twin is not None:
+                swaps.append((parent, name, child, twin))
+    if not swaps:
+        raise SystemExit("the engine runs no layer kernels (they need eager bfloat16 on a CPU)")
+    return swaps
+
+
+def use(swaps: Swaps, kernels: bool) -> None:
+    for parent, name, kernel, twin in swaps:
+        setattr(parent, name, kernel if kernels else twin)
+
+
+def time_batch(engine: LLMEngine, swaps: Swaps, batch: int, context: int, rounds: int, steps: int) -> dict:
+    rng = random.Random(batch)
+    # Enough tokens that no request ends before the last timed step.
+    params = SamplingParams(temperature=0.0, max_tokens=batch + 2 * rounds * (steps + 1) + 4, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"ab-{batch}-{i}", [rng.randrange(engine.arch.vocab_size) for _ in range(context)], params)
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(out.req_id for out in engine.step())
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for kernels in (r % 2 == 0, r % 2 == 1):
+            use(swaps, kernels)
+            engine.step()  # untimed: the first step after a switch
+            start = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            times[kernels].append((time.perf_counter() - start) / steps)
+    use(swaps, True)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return {"kernels_ms": [1e3 * t for t in times[True]], "eager_ms": [1e3 * t for t in times[False]]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of (kernels, eager) or (eager, kernels)")
+    parser.add_argument("--steps", type=int, default=5, help="decode steps timed per half-round")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    load_before = os.getloadavg()[0]
+    engine = LLMEngine(EngineConfig.from_kwargs(max_num_seqs=max(batches), max_num_batched_tokens=max(512, args.context)))
+    swaps = find_swaps(engine._local_core().worker.model)
+    print(f"{len(swaps)} modules switched; batch x {args.context} context; {args.rounds} rounds x {args.steps} steps")
+    print("| batch | eager step (median) | kernels step (median) | eager / kernels | rounds kernels faster |")
+    print("|---|---|---|---|---|")
+    for batch in batches:
+        r = time_batch(engine, swaps, batch, args.context, args.rounds, args.steps)
+        eager, kernels = statistics.median(r["eager_ms"]), statistics.median(r["kernels_ms"])
+        wins = sum(k < e for k, e in zip(r["kernels_ms"], r["eager_ms"], strict=True))
+        print(f"| {batch} | {eager:.1f} ms | {kernels:.1f} ms | {eager / kernels:.2f}x | {wins} of {args.rounds} |")
+    print(f"load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
