@@ -99,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     load_before = os.getloadavg()[0]
-    engine = LLMEngine(EngineConfig.from_kwargs(max_num_seqs=max(batches), max_num_batched_tokens=max(512, args.context)))
+    engine = LLMEngine(
+        EngineConfig.from_kwargs(max_num_seqs=max(batches), max_num_batched_tokens=max(512, args.context))
+    )
     swaps = find_swaps(engine._local_core().worker.model)
     print(f"{len(swaps)} modules switched; batch x {args.context} context; {args.rounds} rounds x {args.steps} steps")
     print("| batch | eager step (median) | kernels step (median) | eager / kernels | rounds kernels faster |")
