@@ -7,6 +7,9 @@
 #     (LLAMA_BUILD=OFF skips its second copy of llama.cpp; the module finds
 #     the libraries through LLAMA_CPP_LIB_PATH, which this script prints).
 # Usage: bash scripts/build_peers.sh [DIR]   (default: ~/.cache/kvos-peers)
+# LLAMA_CMAKE_FLAGS adds cmake flags after the defaults: on a VM that lists AMX but refuses it
+# (llama-server dies with SIGILL at `tilezero` when it loads a model), BENCHMARKS.md, session 11,
+# gives the flags that build for AVX-512 without AMX.
 set -euo pipefail
 PY="${PYTHON:-python3}"
 dir="${1:-$HOME/.cache/kvos-peers}"
@@ -21,7 +24,7 @@ src="$dir/llama_cpp_python-$version"
 [ -d "$src" ] || tar xzf "$sdist"
 llama="$src/vendor/llama.cpp"
 if [ ! -x "$llama/build/bin/llama-server" ]; then
-    cmake -S "$llama" -B "$llama/build" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON
+    cmake -S "$llama" -B "$llama/build" -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON ${LLAMA_CMAKE_FLAGS:-}
     cmake --build "$llama/build" --target llama-server -j "$(nproc)"
 fi
 if ! "$PY" -c "import llama_cpp" 2>/dev/null; then
