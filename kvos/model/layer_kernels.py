@@ -2,8 +2,8 @@
 
 In eager PyTorch a bfloat16 RMSNorm is four kernels, SwiGLU two and rotary
 four; at a decode step's row counts each pays dispatch and a pass over memory
-of its own, and together they took about a sixth of a step at batch 64
-(BENCHMARKS.md). The kernels compute the same formulas with the same roundings
+of its own: with the KV write, 15-30 ms of a 50-140 ms decode step at 16-64
+requests (BENCHMARKS.md, round 2, session 11). The kernels compute the same formulas with the same roundings
 to bfloat16 in between. Like the prepacked linears, they replace the model's
 modules after loading, for eager bfloat16 on a CPU; a compiled model keeps
 torch's ops, which Inductor fuses itself, and float32 keeps them too, bit for
@@ -53,10 +53,13 @@ class KernelRotaryTables(RotaryTables):
 class KernelRotaryEmbedding(nn.Module):
     """The same tables as the `RotaryEmbedding` it replaces, applied by the kernel."""
 
+    cos: torch.Tensor
+    sin_rotated: torch.Tensor
+
     def __init__(self, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.cos = rotary.cos
-        self.sin_rotated = rotary.sin_rotated
+        self.register_buffer("cos", rotary.cos, persistent=False)
+        self.register_buffer("sin_rotated", rotary.sin_rotated, persistent=False)
 
     def tables(self, positions: torch.Tensor) -> RotaryTables:
         return KernelRotaryTables(self.cos[positions].unsqueeze(1), self.sin_rotated[positions].unsqueeze(1))

@@ -1,10 +1,10 @@
 /*
  * A bfloat16 decoder layer's elementwise work on CPU, one pass over memory per call.
  *
- * In eager PyTorch a bfloat16 RMSNorm is five kernels (widen to float32, square,
- * mean, scale, round, times the weight), SwiGLU three, rotary five; at the row
- * counts of a decode step each costs more in dispatch and in its own pass over
- * memory than in arithmetic (BENCHMARKS.md, "A layer's elementwise work in one call").
+ * In eager PyTorch a bfloat16 RMSNorm is four kernels (widen to float32, normalise,
+ * round, times the weight), SwiGLU two, rotary four (two products, a roll, a sum); at
+ * the row counts of a decode step each costs more in dispatch and in its own pass over
+ * memory than in arithmetic (BENCHMARKS.md, round 2, session 11).
  * Each op here computes what the eager ops compute, in the same dtypes and with the
  * same roundings to bfloat16 between them:
  *
@@ -12,10 +12,10 @@
  *   silu_mul(gate_up)   bf16(bf16(silu(gate)) * up)               gate | up halves of each row
  *   rotary(x, cos, sin) bf16(bf16(x * cos) + bf16(roll(x, D/2) * sin))
  *
- * Only the order of the float32 sum of squares may differ from the eager kernel's,
- * by float32 rounding (every other result is rounded to bfloat16 as the eager ops round it). Loops are
- * written for the vectoriser (-O3 -march=native, `omp simd`); rows are shared over
- * the threads when a call has enough of them.
+ * Only the order of the float32 sum of squares may differ from the eager kernel's, by
+ * float32 rounding; every other result is rounded to bfloat16 where the eager ops round
+ * it. Loops are written for the vectoriser (-O3 -march=native, `omp simd`); rows are
+ * shared over the threads when a call has enough of them.
  */
 
 #include <ATen/ATen.h>
