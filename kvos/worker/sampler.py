@@ -81,7 +81,7 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     64-row decode step, the kernel a fraction of it); elsewhere, or without a compiler, by torch.
     """
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and _load_kernel():
-        return torch.ops.kvos.argmax_rows(logits)
+        return torch.ops.kvos.argmax_rows(logits if logits.stride(-1) == 1 else logits.contiguous())
     return logits.argmax(dim=-1)
 
 

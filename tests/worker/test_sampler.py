@@ -133,6 +133,7 @@ def test_greedy_is_the_first_maximum_with_nan_counting_as_the_largest() -> None:
     # A row view with a stride (the rows of a larger batch) and a single row.
     assert sampler.greedy(logits[::3]).tolist() == want[::3]
     assert sampler.greedy(logits[4:5]).tolist() == [1234]
+    assert sampler.greedy(logits.t().contiguous().t()).tolist() == want  # columns not contiguous
 
 
 def test_one_failing_row_leaves_the_others_their_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
