@@ -55,8 +55,8 @@ class PagedBatch:
 
     Whole prompts (nothing cached before them) of `PROMPT_SDPA_MIN_TOKENS` or
     more attend only to their own new keys, which the layer holds already: on a
-    CPU without AVX-512 they go to torch's causal SDPA instead (`prompts`), and
-    the kernel gets the rest.
+    CPU without AVX-512, or with AMX (`paged_cpu.prompts_to_sdpa`), they go to
+    torch's causal SDPA instead (`prompts`), and the kernel gets the rest.
     """
 
     block_tables: torch.Tensor  # (S, max_blocks) int32, each request's table, padded with block 0

@@ -29,16 +29,13 @@ import torch.nn.functional as F
 from kvos.attention.backend import SeqLayout, slot_mapping
 from kvos.attention.gather_sdpa import write_kv
 from kvos.attention.metadata import AttentionMetadata, PagedBatch
-from kvos.extensions import build_cpu_extension
+from kvos.extensions import build_cpu_extension, cpu_flags
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
 PROMPT_SDPA_MIN_TOKENS = 32
-"""Without AVX-512, whole prompts at least this long go to torch's causal SDPA on the step's own K/V.
-
-The kernel's generic tiles (one dot product per key) ran 3x slower than SDPA's GEMM-tiled prompts;
-its AVX-512 tiles match SDPA in float32 and beat it 1.3-2x in bfloat16 (docs/attention.md), so on
-an AVX-512 CPU every request goes to the kernel."""
+"""On the CPUs `prompts_to_sdpa` names, whole prompts at least this long go to torch's causal SDPA
+on the step's own K/V."""
 _EXTENSION_NAME = "kvos_paged_attention"
 
 
@@ -50,7 +47,7 @@ class PagedCPUBackend:
         # Built (or loaded from the cache) now, at start-up, so a missing compiler is
         # reported before any request, and so the operator exists before torch.compile traces.
         load_kernel()
-        self.whole_prompts_to_sdpa = not torch.cpu._is_avx512_supported()
+        self.whole_prompts_to_sdpa = prompts_to_sdpa(torch.cpu._is_avx512_supported(), cpu_flags())
 
     def build_metadata(self, seqs: list[SeqLayout], num_tokens: int, device: torch.device) -> AttentionMetadata:
         return AttentionMetadata(
@@ -93,6 +90,17 @@ class PagedCPUBackend:
             )
             out[rows] = o.squeeze(0).transpose(0, 1)
         return out.to(q.dtype)
+
+
+def prompts_to_sdpa(avx512: bool, flags: frozenset[str]) -> bool:
+    """Whether whole prompts run faster through SDPA's GEMM-tiled flash kernel than through the kernel's tiles.
+
+    Measured per layer (docs/attention.md): without AVX-512 the kernel's generic tiles (one dot product
+    per key) ran 3x slower than SDPA. With AVX-512 on an AMD EPYC (no AMX) its tiles matched SDPA in
+    float32 and beat it 1.3-2x in bfloat16. On an Intel Xeon with AMX, SDPA was 1.3-2x faster in float32
+    and 1.5-4x in bfloat16 from about 77 tokens up. So: SDPA without AVX-512, or with AMX.
+    """
+    return not avx512 or "amx_tile" in flags
 
 
 def paged_batch(seqs: list[SeqLayout], device: torch.device, whole_prompts_to_sdpa: bool) -> PagedBatch:

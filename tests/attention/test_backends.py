@@ -194,6 +194,13 @@ def test_unknown_backend_is_named() -> None:
         make_backend("flash")
 
 
+def test_whole_prompts_go_to_sdpa_without_avx512_or_with_amx() -> None:
+    amd_zen4 = frozenset({"avx512f", "avx512_bf16", "avx512_vnni"})
+    assert not paged_cpu.prompts_to_sdpa(True, amd_zen4)
+    assert paged_cpu.prompts_to_sdpa(True, amd_zen4 | {"amx_tile", "amx_bf16"})
+    assert paged_cpu.prompts_to_sdpa(False, frozenset({"avx2", "fma"}))
+
+
 def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler++")
     with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
@@ -203,7 +210,7 @@ def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
 @pytest.mark.parametrize("to_sdpa", [True, False])
 def test_paged_step_of_whole_prompts_matches_naive_attention(to_sdpa: bool) -> None:
     """Prompts of 32+ tokens with nothing cached: through causal SDPA (a step of only those calls no
-    kernel; what a CPU without AVX-512 runs) or through the kernel's prompt tiles (with AVX-512)."""
+    kernel; what a CPU without AVX-512 or with AMX runs) or through the kernel's prompt tiles."""
     seqs, _, k_cache, v_cache = _paged_step(16, torch.float32, [(0, 40), (0, 33)])
     num_tokens = sum(s.num_tokens for s in seqs)
     q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM)
