@@ -92,7 +92,11 @@ PAGED_CASES = [(0, 7), (4, 5), (9, 1), (3, 1), (0, 1), (40, 1), (600, 1), (500, 
 
 
 def _paged_step(
-    block_size: int, dtype: torch.dtype, cases: list[tuple[int, int]], head_dim: int = HEAD_DIM
+    block_size: int,
+    dtype: torch.dtype,
+    cases: list[tuple[int, int]],
+    head_dim: int = HEAD_DIM,
+    num_kv_heads: int = NUM_KV_HEADS,
 ) -> tuple[list[SeqLayout], list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
     """Requests laid out in a paged pool through scrambled block tables, their cached KV written in place.
 
@@ -103,7 +107,7 @@ def _paged_step(
     # Block ids handed out in a random order, with spare blocks in between, so no table is a run.
     pool_blocks = 2 * sum(num_blocks) + 3
     order = torch.randperm(pool_blocks)
-    k_cache = torch.zeros(pool_blocks * block_size, NUM_KV_HEADS, head_dim, dtype=dtype)
+    k_cache = torch.zeros(pool_blocks * block_size, num_kv_heads, head_dim, dtype=dtype)
     v_cache = torch.zeros_like(k_cache)
     seqs, cached = [], []
     row, used = 0, 0
@@ -111,8 +115,8 @@ def _paged_step(
         table = order[used : used + n].to(torch.int32)
         used += n
         slots = (table[:, None].long() * block_size + torch.arange(block_size)).flatten()[: done + new]
-        keys = torch.randn(done, NUM_KV_HEADS, head_dim).to(dtype)
-        values = torch.randn(done, NUM_KV_HEADS, head_dim).to(dtype)
+        keys = torch.randn(done, num_kv_heads, head_dim).to(dtype)
+        values = torch.randn(done, num_kv_heads, head_dim).to(dtype)
         k_cache[slots[:done]] = keys
         v_cache[slots[:done]] = values
         cached.append((keys, values))
@@ -151,6 +155,42 @@ def test_paged_cache_matches_naive_attention(
         expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
         torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
         assert torch.equal(v_cache[seq.context_slots[seq.num_computed :]], v[rows])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(9, 3), (16, 2), (32, 2)])
+@pytest.mark.parametrize("few", [False, True])
+def test_paged_kernel_items_of_several_kv_heads_match_naive_attention(
+    threads: int, dtype: torch.dtype, num_heads: int, num_kv_heads: int, few: bool
+) -> None:
+    """The kernel lets one work item read several kv heads of each slot when the batch has enough
+    work per thread (`few=False`), and one head per item otherwise (`few=True`: one request).
+
+    Shapes: SmolLM2's 9 query heads over 3 kv heads, whose 16-token prompt tiles take two heads
+    and then one (a chunk of 17 after 20 cached: written straight out; 40 after 500: merged);
+    8 query heads per kv head (the most the bfloat16 tiles take); 16 per kv head.
+    """
+    cases = [(600, 1)] if few else [*PAGED_CASES, (20, 17)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        seqs, cached, k_cache, v_cache = _paged_step(16, dtype, cases, 64, num_kv_heads)
+        num_tokens = sum(s.num_tokens for s in seqs)
+        q = torch.randn(num_tokens, num_heads, 64).to(dtype)
+        k = torch.randn(num_tokens, num_kv_heads, 64).to(dtype)
+        v = torch.randn(num_tokens, num_kv_heads, 64).to(dtype)
+        backend = make_backend("paged")
+        meta = backend.build_metadata(seqs, num_tokens, torch.device("cpu"))
+        got = backend.forward(q, k, v, k_cache, v_cache, meta, 64**-0.5)
+    finally:
+        torch.set_num_threads(previous)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for seq, (keys, values) in zip(seqs, cached):
+        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+        all_keys, all_values = torch.cat([keys, k[rows]]), torch.cat([values, v[rows]])
+        expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
+        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_paged_backend_reads_the_virtual_cache_through_one_entry_tables() -> None:

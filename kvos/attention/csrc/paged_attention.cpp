@@ -16,10 +16,13 @@
  * The virtual cache is the same walk with a one-entry table whose block is the
  * request's whole row (B = row length).
  *
- * Work is cut into items of (request, kv head, query tile, KV partition):
+ * Work is cut into items of (request, kv heads, query tile, KV partition):
  *
  *     query tile:    up to 16 of the request's query tokens, times the G query heads
- *                    that share kv head h (GQA): R = tokens x G rows of one small matmul
+ *                    that share each kv head (GQA): R = tokens x heads x G rows
+ *     kv heads:      a run of kv heads whose rows fit in 128 (all of a decode's when the
+ *                    batch is big enough): a slot's heads lie side by side, so an item
+ *                    reads each slot's K and V rows whole, in the order they lie
  *     KV partition:  up to 512 positions of its context, so a single long decode still
  *                    spreads over every thread (flash-decoding)
  *
@@ -75,6 +78,7 @@ using kvos::widen;
 constexpr int64_t kQueryTile = 16;      // query tokens per item
 constexpr int64_t kKeyTile = 32;        // positions scored together
 constexpr int64_t kPartition = 512;     // positions per item (a multiple of kKeyTile)
+constexpr int64_t kMaxRows = kQueryTile * 8;  // query rows of an item that shares kv heads
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -184,10 +188,11 @@ struct Seq {
   int64_t num_computed;
 };
 
-/* A unit of parallel work; its R = (q_end - q_begin) * G partial rows start at `row`. */
+/* A unit of parallel work; its R = (q_end - q_begin) * (h_end - h_begin) * G partial rows start at
+ * `row`. Row r is query token q_begin + r / (heads * G) and query head h_begin * G + r % (heads * G). */
 struct Item {
   int64_t seq;
-  int64_t kv_head;
+  int64_t h_begin, h_end;  // kv heads
   int64_t q_begin, q_end;  // query tokens, relative to the request
   int64_t p_begin, p_end;  // context positions
   int64_t row;     // first partial row (items with one partition have none: row = -1)
@@ -202,10 +207,12 @@ struct Group {
 /* Where a position's K and V rows are, for one request and kv head. */
 template <typename scalar_t>
 struct KVWalk {
-  const scalar_t* k_base;  // k_cache + kv_head * stride_head
+  const scalar_t* k_base;  // k_cache + h_begin * stride_head
   const scalar_t* v_base;
   int64_t k_stride;  // between slots
   int64_t v_stride;
+  int64_t k_head_stride;  // between kv heads
+  int64_t v_head_stride;
   const int32_t* table;
   int64_t block_size;
 };
@@ -225,12 +232,13 @@ inline void tile_slots(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, i
   }
 }
 
-/* Asks for the K and V rows of positions [start, start + n) ahead of their use. */
+/* Asks for the K and V rows of positions [start, start + n) ahead of their use: `span` elements
+ * of each slot from the walk's first head (the item's heads lie side by side in a slot). */
 template <typename scalar_t>
-inline void prefetch_tile(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, int64_t head_dim) {
+inline void prefetch_tile(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, int64_t span) {
   int64_t slots[kKeyTile];
   tile_slots(walk, start, n, slots);
-  const int64_t lines = std::max<int64_t>(1, head_dim * static_cast<int64_t>(sizeof(scalar_t)) / 64);
+  const int64_t lines = std::max<int64_t>(1, span * static_cast<int64_t>(sizeof(scalar_t)) / 64);
   for (int64_t j = 0; j < n; ++j) {
     const char* k_row = reinterpret_cast<const char*>(walk.k_base + slots[j] * walk.k_stride);
     const char* v_row = reinterpret_cast<const char*>(walk.v_base + slots[j] * walk.v_stride);
@@ -241,20 +249,74 @@ inline void prefetch_tile(const KVWalk<scalar_t>& walk, int64_t start, int64_t n
   }
 }
 
-/* Pointers to the cache's own K and V rows of positions [start, start + n). */
+/* Pointers to the cache's own K and V rows of `n` slots, for the walk's head number `head`. */
 template <typename scalar_t>
-inline void tile_rows(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, const scalar_t** keys,
-                      const scalar_t** values) {
-  int64_t slots[kKeyTile];
-  tile_slots(walk, start, n, slots);
+inline void tile_rows(const KVWalk<scalar_t>& walk, const int64_t* slots, int64_t n, int64_t head,
+                      const scalar_t** keys, const scalar_t** values) {
+  const scalar_t* k_head = walk.k_base + head * walk.k_head_stride;
+  const scalar_t* v_head = walk.v_base + head * walk.v_head_stride;
   for (int64_t j = 0; j < n; ++j) {
-    keys[j] = walk.k_base + slots[j] * walk.k_stride;
-    values[j] = walk.v_base + slots[j] * walk.v_stride;
+    keys[j] = k_head + slots[j] * walk.k_stride;
+    values[j] = v_head + slots[j] * walk.v_stride;
   }
 }
 
+/* How far a slot's rows of the walk's heads reach: what a prefetch asks for. */
+template <typename scalar_t>
+inline int64_t heads_span(const KVWalk<scalar_t>& walk, int64_t heads, int64_t head_dim) {
+  return std::max(walk.k_head_stride, walk.v_head_stride) * (heads - 1) + head_dim;
+}
+
 /* One row's online-softmax step over a tile's `visible` scores: the running max m and sum l
- * move on, the scores become their weights e^(s - m), and acc is rescaled if m grew. */
+ * move on, the scores become their weights e^(s - m), and acc is rescaled if m grew.
+ * The weights past `visible`, up to kKeyTile, are 0 (the bfloat16 value sum reads them in pairs). */
+#if defined(__AVX512F__)
+/* exp_nonpositive on 16 lanes: the same steps (clamp, 2^n by the exponent bits, degree-7
+ * polynomial), fused multiply-adds where the compiler contracts the scalar version's. */
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(clamped, _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 g = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.6931471805599453f));
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, g, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ), e);
+}
+
+/* The tile's two vectors of scores, lanes past `visible` at -inf: one max, one sum, 16 exps at a
+ * time (a scalar max over 32 scores was a chain of 32 dependent instructions per row). */
+inline void online_softmax_tile(float* scores, int64_t visible, float& m, float& l, float* acc_row,
+                                int64_t head_dim) {
+  static_assert(kKeyTile == 32, "two vectors of scores per tile");
+  const __m512 neg_inf = _mm512_set1_ps(kNegInf);
+  const __mmask16 lo_mask = static_cast<__mmask16>(visible >= 16 ? 0xFFFFu : (1u << visible) - 1u);
+  const __mmask16 hi_mask = static_cast<__mmask16>(visible >= 32 ? 0xFFFFu : visible <= 16 ? 0u : (1u << (visible - 16)) - 1u);
+  const __m512 lo = _mm512_mask_loadu_ps(neg_inf, lo_mask, scores);
+  const __m512 hi = _mm512_mask_loadu_ps(neg_inf, hi_mask, scores + 16);
+  const float m_new = std::max(m, _mm512_reduce_max_ps(_mm512_max_ps(lo, hi)));
+  const __m512 shift = _mm512_set1_ps(m_new);
+  const __m512 w_lo = exp_nonpositive16(_mm512_sub_ps(lo, shift));
+  const __m512 w_hi = exp_nonpositive16(_mm512_sub_ps(hi, shift));
+  _mm512_storeu_ps(scores, w_lo);
+  _mm512_storeu_ps(scores + 16, w_hi);
+  if (m_new > m) {
+    const float alpha = m == kNegInf ? 0.0f : exp_nonpositive(m - m_new);
+    l *= alpha;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= alpha;
+    m = m_new;
+  }
+  l += _mm512_reduce_add_ps(_mm512_add_ps(w_lo, w_hi));
+}
+#else
 inline void online_softmax_tile(float* scores, int64_t visible, float& m, float& l, float* acc_row,
                                 int64_t head_dim) {
   float tile_max = kNegInf;
@@ -274,22 +336,24 @@ inline void online_softmax_tile(float* scores, int64_t visible, float& m, float&
     m = m_new;
   }
   l += sum;
+  for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = 0.0f;
 }
+#endif
 
-/* Pointers to the float32 K and V rows of positions [start, start + n): the cache rows
+/* Pointers to the float32 K and V rows of `n` slots for head number `head`: the cache rows
  * themselves for a float32 cache, rows widened into `k_buf`/`v_buf` for bfloat16. */
-inline void load_tile(const KVWalk<float>& walk, int64_t start, int64_t n, int64_t /*head_dim*/,
+inline void load_tile(const KVWalk<float>& walk, const int64_t* slots, int64_t n, int64_t head, int64_t /*head_dim*/,
                       float* /*k_buf*/, float* /*v_buf*/, const float** keys, const float** values) {
-  tile_rows(walk, start, n, keys, values);
+  tile_rows(walk, slots, n, head, keys, values);
 }
 
-inline void load_tile(const KVWalk<c10::BFloat16>& walk, int64_t start, int64_t n, int64_t head_dim,
-                      float* k_buf, float* v_buf, const float** keys, const float** values) {
-  int64_t slots[kKeyTile];
-  tile_slots(walk, start, n, slots);
+inline void load_tile(const KVWalk<c10::BFloat16>& walk, const int64_t* slots, int64_t n, int64_t head,
+                      int64_t head_dim, float* k_buf, float* v_buf, const float** keys, const float** values) {
+  const c10::BFloat16* k_head = walk.k_base + head * walk.k_head_stride;
+  const c10::BFloat16* v_head = walk.v_base + head * walk.v_head_stride;
   for (int64_t j = 0; j < n; ++j) {
-    widen(k_buf + j * head_dim, walk.k_base + slots[j] * walk.k_stride, head_dim);
-    widen(v_buf + j * head_dim, walk.v_base + slots[j] * walk.v_stride, head_dim);
+    widen(k_buf + j * head_dim, k_head + slots[j] * walk.k_stride, head_dim);
+    widen(v_buf + j * head_dim, v_head + slots[j] * walk.v_stride, head_dim);
     keys[j] = k_buf + j * head_dim;
     values[j] = v_buf + j * head_dim;
   }
@@ -302,11 +366,13 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
               int64_t group, int64_t head_dim_rt, float scale, float* acc, float* m, float* l, float* q_buf,
               float* k_buf, float* v_buf) {
   const int64_t head_dim = kD > 0 ? kD : head_dim_rt;
-  const int64_t num_rows = (item.q_end - item.q_begin) * group;
-  // Query rows of this tile, scaled once: row r is token q_begin + r / G, head kv_head * G + r % G.
+  const int64_t heads = item.h_end - item.h_begin;
+  const int64_t row_stride = heads * group;  // rows per query token
+  const int64_t num_rows = (item.q_end - item.q_begin) * row_stride;
+  // Query rows of this tile, scaled once.
   for (int64_t r = 0; r < num_rows; ++r) {
-    const int64_t token = seq.token_start + item.q_begin + r / group;
-    const float* src = q + token * q_stride_token + (item.kv_head * group + r % group) * head_dim;
+    const int64_t token = seq.token_start + item.q_begin + r / row_stride;
+    const float* src = q + token * q_stride_token + (item.h_begin * group + r % row_stride) * head_dim;
 #pragma omp simd
     for (int64_t d = 0; d < head_dim; ++d) q_buf[r * head_dim + d] = src[d] * scale;
     m[r] = kNegInf;
@@ -316,27 +382,34 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
   const float* keys[kKeyTile];
   const float* values[kKeyTile];
   float scores[kKeyTile];
+  int64_t slots[kKeyTile];
+  const int64_t span = heads_span(walk, heads, head_dim);
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
     const int64_t n = std::min(kKeyTile, item.p_end - start);
-    load_tile(walk, start, n, head_dim, k_buf, v_buf, keys, values);
+    tile_slots(walk, start, n, slots);
     if (start + kKeyTile < item.p_end)
-      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), head_dim);
-    for (int64_t r = 0; r < num_rows; ++r) {
-      const int64_t visible_end = seq.num_computed + item.q_begin + r / group + 1;  // causal limit
-      const int64_t visible = std::min(n, visible_end - start);
-      if (visible <= 0) continue;
-      const float* q_row = q_buf + r * head_dim;
-      if constexpr (kVectorTiles<kD>) {
-        tile_scores<kD>(q_row, keys, visible, scores);
-      } else {
-        for (int64_t j = 0; j < visible; ++j) scores[j] = dot(q_row, keys[j], head_dim);
-      }
-      float* acc_row = acc + r * head_dim;
-      online_softmax_tile(scores, visible, m[r], l[r], acc_row, head_dim);
-      if constexpr (kVectorTiles<kD>) {
-        tile_weighted_sum<kD>(acc_row, scores, values, visible);
-      } else {
-        for (int64_t j = 0; j < visible; ++j) axpy(acc_row, scores[j], values[j], head_dim);
+      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
+    for (int64_t h = 0; h < heads; ++h) {
+      load_tile(walk, slots, n, h, head_dim, k_buf, v_buf, keys, values);
+      for (int64_t r0 = h * group; r0 < num_rows; r0 += row_stride) {  // head h's rows of each token
+        const int64_t visible_end = seq.num_computed + item.q_begin + r0 / row_stride + 1;  // causal limit
+        const int64_t visible = std::min(n, visible_end - start);
+        if (visible <= 0) continue;
+        for (int64_t r = r0; r < r0 + group; ++r) {
+          const float* q_row = q_buf + r * head_dim;
+          if constexpr (kVectorTiles<kD>) {
+            tile_scores<kD>(q_row, keys, visible, scores);
+          } else {
+            for (int64_t j = 0; j < visible; ++j) scores[j] = dot(q_row, keys[j], head_dim);
+          }
+          float* acc_row = acc + r * head_dim;
+          online_softmax_tile(scores, visible, m[r], l[r], acc_row, head_dim);
+          if constexpr (kVectorTiles<kD>) {
+            tile_weighted_sum<kD>(acc_row, scores, values, visible);
+          } else {
+            for (int64_t j = 0; j < visible; ++j) axpy(acc_row, scores[j], values[j], head_dim);
+          }
+        }
       }
     }
   }
@@ -420,11 +493,13 @@ template <int64_t kD>
 void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk, const float* q, int64_t q_stride_token,
                    int64_t group, float scale, float* acc, float* m, float* l) {
   constexpr int kZ = static_cast<int>(kD / 32);
-  const int64_t num_rows = (item.q_end - item.q_begin) * group;
-  __m512bh q_rows[kQueryTile * 8][kZ];  // up to 8 query heads per kv head
+  const int64_t heads = item.h_end - item.h_begin;
+  const int64_t row_stride = heads * group;  // rows per query token
+  const int64_t num_rows = (item.q_end - item.q_begin) * row_stride;
+  __m512bh q_rows[kMaxRows][kZ];
   for (int64_t r = 0; r < num_rows; ++r) {
-    const int64_t token = seq.token_start + item.q_begin + r / group;
-    const float* src = q + token * q_stride_token + (item.kv_head * group + r % group) * kD;
+    const int64_t token = seq.token_start + item.q_begin + r / row_stride;
+    const float* src = q + token * q_stride_token + (item.h_begin * group + r % row_stride) * kD;
     for (int z = 0; z < kZ; ++z)
       q_rows[r][z] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 32 * z + 16), _mm512_loadu_ps(src + 32 * z));
     m[r] = kNegInf;
@@ -434,20 +509,26 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
   const bf16_t* keys[kKeyTile];
   const bf16_t* values[kKeyTile];
   alignas(64) float scores[kKeyTile];
+  int64_t slots[kKeyTile];
+  const int64_t span = heads_span(walk, heads, kD);
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
     const int64_t n = std::min(kKeyTile, item.p_end - start);
-    tile_rows(walk, start, n, keys, values);
+    tile_slots(walk, start, n, slots);
     if (start + kKeyTile < item.p_end)
-      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), kD);
-    for (int64_t r = 0; r < num_rows; ++r) {
-      const int64_t visible_end = seq.num_computed + item.q_begin + r / group + 1;  // causal limit
-      const int64_t visible = std::min(n, visible_end - start);
-      if (visible <= 0) continue;
-      tile_scores_bf16<kD>(q_rows[r], keys, visible, scale, scores);
-      float* acc_row = acc + r * kD;
-      online_softmax_tile(scores, visible, m[r], l[r], acc_row, kD);
-      for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = 0.0f;  // the pair after an odd last key
-      tile_weighted_sum_bf16<kD>(acc_row, scores, values, visible);
+      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
+    for (int64_t h = 0; h < heads; ++h) {
+      tile_rows(walk, slots, n, h, keys, values);
+      for (int64_t r0 = h * group; r0 < num_rows; r0 += row_stride) {  // head h's rows of each token
+        const int64_t visible_end = seq.num_computed + item.q_begin + r0 / row_stride + 1;  // causal limit
+        const int64_t visible = std::min(n, visible_end - start);
+        if (visible <= 0) continue;
+        for (int64_t r = r0; r < r0 + group; ++r) {
+          tile_scores_bf16<kD>(q_rows[r], keys, visible, scale, scores);
+          float* acc_row = acc + r * kD;
+          online_softmax_tile(scores, visible, m[r], l[r], acc_row, kD);
+          tile_weighted_sum_bf16<kD>(acc_row, scores, values, visible);
+        }
+      }
     }
   }
 }
@@ -459,10 +540,11 @@ constexpr bool kBF16Tiles = false;
 /* An item's rows, normalised, into the output: for items that are their group's only partition. */
 void write_rows(const Item& item, const Seq& seq, int64_t group, int64_t num_heads, int64_t head_dim,
                 const float* acc, const float* l, float* out) {
-  const int64_t num_rows = (item.q_end - item.q_begin) * group;
+  const int64_t row_stride = (item.h_end - item.h_begin) * group;
+  const int64_t num_rows = (item.q_end - item.q_begin) * row_stride;
   for (int64_t r = 0; r < num_rows; ++r) {
-    const int64_t token = seq.token_start + item.q_begin + r / group;
-    float* dst = out + (token * num_heads + item.kv_head * group + r % group) * head_dim;
+    const int64_t token = seq.token_start + item.q_begin + r / row_stride;
+    float* dst = out + (token * num_heads + item.h_begin * group + r % row_stride) * head_dim;
     const float inv = 1.0f / l[r];  // > 0: every row sees position 0, which is in its only partition
     const float* src = acc + r * head_dim;
 #pragma omp simd
@@ -470,25 +552,46 @@ void write_rows(const Item& item, const Seq& seq, int64_t group, int64_t num_hea
   }
 }
 
-/* The items of the batch, in (request, query tile, kv head, partition) order, and the groups of
- * those with several partitions (num_rows: their partial rows). */
+/* The items of the batch, in (request, query tile, kv heads, partition) order, and the groups of
+ * those with several partitions (num_rows: their partial rows; max_rows: the most rows of an item).
+ *
+ * An item takes as many kv heads as fit in kMaxRows query rows (every kv head of a decode, for the
+ * models kvos serves): a slot's heads lie side by side in the cache, so the item reads each slot's
+ * K and V rows whole, in the order they lie, instead of one head's slice of every slot, with the
+ * other heads' items reading the rest later. It keeps one head per item when the batch has fewer
+ * than 4 (request, query tile, partition) units per thread, so a small batch still spreads over
+ * every thread. */
 void plan_items(const std::vector<Seq>& seqs, int64_t num_kv_heads, int64_t group, std::vector<Item>& items,
-                std::vector<Group>& groups, int64_t& num_rows) {
+                std::vector<Group>& groups, int64_t& num_rows, int64_t& max_rows) {
+  int64_t units = 0;
+  for (const Seq& seq : seqs) {
+    for (int64_t q_begin = 0; q_begin < seq.num_tokens; q_begin += kQueryTile) {
+      const int64_t context = seq.num_computed + std::min(seq.num_tokens, q_begin + kQueryTile);
+      units += (context + kPartition - 1) / kPartition;
+    }
+  }
+  const bool share_heads = units >= 4 * static_cast<int64_t>(at::get_num_threads());
   num_rows = 0;
+  max_rows = 0;
   for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
     const Seq& seq = seqs[s];
     for (int64_t q_begin = 0; q_begin < seq.num_tokens; q_begin += kQueryTile) {
       const int64_t q_end = std::min(seq.num_tokens, q_begin + kQueryTile);
+      const int64_t tokens = q_end - q_begin;
+      const int64_t step = share_heads ? std::clamp<int64_t>(kMaxRows / (tokens * group), 1, num_kv_heads) : 1;
       const int64_t context = seq.num_computed + q_end;  // what the tile's last token sees
-      for (int64_t h = 0; h < num_kv_heads; ++h) {
+      for (int64_t h = 0; h < num_kv_heads; h += step) {
+        const int64_t h_end = std::min(num_kv_heads, h + step);
+        const int64_t rows = tokens * (h_end - h) * group;
+        max_rows = std::max(max_rows, rows);
         if (context <= kPartition) {  // one partition: its rows go straight to the output
-          items.push_back({s, h, q_begin, q_end, 0, context, -1});
+          items.push_back({s, h, h_end, q_begin, q_end, 0, context, -1});
           continue;
         }
         const int64_t first = static_cast<int64_t>(items.size());
         for (int64_t p_begin = 0; p_begin < context; p_begin += kPartition) {
-          items.push_back({s, h, q_begin, q_end, p_begin, std::min(context, p_begin + kPartition), num_rows});
-          num_rows += (q_end - q_begin) * group;
+          items.push_back({s, h, h_end, q_begin, q_end, p_begin, std::min(context, p_begin + kPartition), num_rows});
+          num_rows += rows;
         }
         groups.push_back({first, static_cast<int64_t>(items.size()) - first});
       }
@@ -508,7 +611,8 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   std::vector<Item> items;
   std::vector<Group> groups;
   int64_t num_rows = 0;
-  plan_items(seqs, num_kv_heads, group, items, groups, num_rows);
+  int64_t max_rows = 0;
+  plan_items(seqs, num_kv_heads, group, items, groups, num_rows, max_rows);
   // Partial results of every item: acc (num_rows, D), then m and l (num_rows each).
   std::unique_ptr<float[]> partial(new float[static_cast<size_t>(num_rows) * (head_dim + 2)]);
   float* acc_all = partial.get();
@@ -524,7 +628,6 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
 
   float* out_data = out.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-    const int64_t max_rows = kQueryTile * group;
     // Scratch of this thread: scaled queries, widened K/V tiles, and the rows of a one-partition item.
     std::vector<float> scratch(max_rows * head_dim + 2 * kKeyTile * head_dim + max_rows * (head_dim + 2));
     float* q_buf = scratch.data();
@@ -535,10 +638,12 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     float* l_own = m_own + max_rows;
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
-      const KVWalk<scalar_t> walk{k_data + item.kv_head * k_cache.stride(1),
-                                  v_data + item.kv_head * v_cache.stride(1),
+      const KVWalk<scalar_t> walk{k_data + item.h_begin * k_cache.stride(1),
+                                  v_data + item.h_begin * v_cache.stride(1),
                                   k_cache.stride(0),
                                   v_cache.stride(0),
+                                  k_cache.stride(1),
+                                  v_cache.stride(1),
                                   tables + item.seq * table_stride,
                                   block_size};
       const bool direct = item.row < 0;
@@ -565,12 +670,13 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     for (int64_t g = begin; g < end; ++g) {
       const Item& head_item = items[groups[g].first];
       const Seq& seq = seqs[head_item.seq];
-      const int64_t rows = (head_item.q_end - head_item.q_begin) * group;
+      const int64_t row_stride = (head_item.h_end - head_item.h_begin) * group;
+      const int64_t rows = (head_item.q_end - head_item.q_begin) * row_stride;
       for (int64_t r = 0; r < rows; ++r) {
         float m_max = kNegInf;
         for (int64_t k = 0; k < groups[g].count; ++k) m_max = std::max(m_max, m_all[items[groups[g].first + k].row + r]);
-        const int64_t token = seq.token_start + head_item.q_begin + r / group;
-        float* dst = out_data + (token * num_heads + head_item.kv_head * group + r % group) * head_dim;
+        const int64_t token = seq.token_start + head_item.q_begin + r / row_stride;
+        float* dst = out_data + (token * num_heads + head_item.h_begin * group + r % row_stride) * head_dim;
         std::fill(dst, dst + head_dim, 0.0f);
         float total = 0.0f;
         for (int64_t k = 0; k < groups[g].count; ++k) {
