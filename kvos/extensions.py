@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 _SHARED_HEADERS = Path(__file__).parent / "csrc"
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
 def build_cpu_extension(name: str, source: Path, purpose: str) -> None:
@@ -43,7 +44,7 @@ def build_cpu_extension(name: str, source: Path, purpose: str) -> None:
     cpp_extension.load(
         name=name,
         sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_cflags=CXX_FLAGS,
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(_SHARED_HEADERS)],
         build_directory=str(build_dir),
