@@ -23,9 +23,7 @@ class GatherSDPABackend:
 
     def build_metadata(self, seqs: list[SeqLayout], num_tokens: int, device: torch.device) -> AttentionMetadata:
         decodes = [s for s in seqs if s.num_tokens == 1]
-        prefills = [
-            PrefillChunk(s.token_start, s.num_tokens, s.num_computed, s.context_slots) for s in seqs if s.num_tokens > 1
-        ]
+        prefills = [prefill_chunk(s, device) for s in seqs if s.num_tokens > 1]
         return AttentionMetadata(
             slot_mapping=slot_mapping(seqs),
             decode=decode_batch(decodes, num_tokens, device),
@@ -57,16 +55,22 @@ class GatherSDPABackend:
             q_p = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
             k_p = _gather(k_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)  # (1, KV, L, D)
             v_p = _gather(v_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)
-            if p.num_computed == 0:
-                o = F.scaled_dot_product_attention(q_p, k_p, v_p, is_causal=True, scale=scale, enable_gqa=gqa)
-            else:
-                # Query i sits at position num_computed + i and sees keys up to it.
-                q_pos = torch.arange(p.num_tokens, device=q.device) + p.num_computed
-                k_pos = torch.arange(p.num_computed + p.num_tokens, device=q.device)
-                mask = k_pos[None, :] <= q_pos[:, None]
-                o = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask, scale=scale, enable_gqa=gqa)
+            o = F.scaled_dot_product_attention(
+                q_p, k_p, v_p, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=gqa
+            )
             out[rows] = o.squeeze(0).transpose(0, 1)
         return out
+
+
+def prefill_chunk(seq: SeqLayout, device: torch.device) -> PrefillChunk:
+    """A request's prompt tokens of the step, with its context's slots and, over a cached prefix,
+    the mask that lets query i (at position num_computed + i) see keys up to its own position."""
+    mask = None
+    if seq.num_computed > 0:
+        q_pos = torch.arange(seq.num_tokens, device=device) + seq.num_computed
+        k_pos = torch.arange(seq.num_computed + seq.num_tokens, device=device)
+        mask = k_pos[None, :] <= q_pos[:, None]
+    return PrefillChunk(seq.token_start, seq.num_tokens, seq.num_computed, seq.context_slots.to(device), mask)
 
 
 def decode_batch(decodes: list[SeqLayout], num_tokens: int, device: torch.device) -> DecodeBatch | None:

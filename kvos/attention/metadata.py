@@ -33,6 +33,9 @@ class PrefillChunk:
     num_tokens: int
     num_computed: int  # tokens already in the cache before this chunk
     kv_indices: torch.Tensor  # (num_computed + num_tokens,) flat cache slots
+    mask: torch.Tensor | None = None
+    """(num_tokens, num_computed + num_tokens) bool, True where query i sees key j (up to position
+    num_computed + i); None for a whole prompt, whose mask is plain causal. Built once per step."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,18 @@ class KVSpan:
 class PagedBatch:
     """Every request of the step for one paged-attention call per layer.
 
-    Whole prompts (nothing cached before them) of `PROMPT_SDPA_MIN_TOKENS` or
-    more attend only to their own new keys, which the layer holds already: on a
-    CPU without AVX-512, or with AMX (`paged_cpu.prompts_to_sdpa`), they go to
-    torch's causal SDPA instead (`prompts`), and the kernel gets the rest.
+    On a CPU without AVX-512, or with AMX (`paged_cpu.prompts_to_sdpa`), requests
+    computing `PROMPT_SDPA_MIN_TOKENS` or more tokens go to torch's SDPA instead
+    (`prompts`), and the kernel gets the rest: a whole prompt (nothing cached
+    before it) on the step's own K/V with a causal mask, a chunk over a cached
+    prefix on its context gathered from the cache with the chunk's mask.
     """
 
     block_tables: torch.Tensor  # (S, max_blocks) int32, each request's table, padded with block 0
     seqs: torch.Tensor  # (S, 3) int64 rows of (token_start, num_tokens, num_computed); S may be 0
     block_size: int  # positions per table entry (a virtual row's length for the virtual cache)
-    prompts: list[tuple[int, int]] = field(default_factory=list)
-    """(token_start, num_tokens) of the whole prompts attended by SDPA on the step's own K/V."""
+    prompts: list[PrefillChunk] = field(default_factory=list)
+    """The prompts and prompt chunks attended by SDPA."""
 
 
 @dataclass

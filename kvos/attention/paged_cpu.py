@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from kvos.attention.backend import SeqLayout, slot_mapping
-from kvos.attention.gather_sdpa import write_kv
+from kvos.attention.gather_sdpa import prefill_chunk, write_kv
 from kvos.attention.metadata import AttentionMetadata, PagedBatch
 from kvos.extensions import build_cpu_extension, cpu_flags
 
 _SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 
 PROMPT_SDPA_MIN_TOKENS = 32
-"""On the CPUs `prompts_to_sdpa` names, whole prompts at least this long go to torch's causal SDPA
-on the step's own K/V."""
+"""On the CPUs `prompts_to_sdpa` names, requests computing at least this many tokens in a step go
+to torch's SDPA: whole prompts on the step's own K/V, chunks over a cached prefix on their context."""
 _EXTENSION_NAME = "kvos_paged_attention"
 
 
@@ -47,11 +47,11 @@ class PagedCPUBackend:
         # Built (or loaded from the cache) now, at start-up, so a missing compiler is
         # reported before any request, and so the operator exists before torch.compile traces.
         load_kernel()
-        self.whole_prompts_to_sdpa = prompts_to_sdpa(torch.cpu._is_avx512_supported(), cpu_flags())
+        self.sdpa_for_prompts = prompts_to_sdpa(torch.cpu._is_avx512_supported(), cpu_flags())
 
     def build_metadata(self, seqs: list[SeqLayout], num_tokens: int, device: torch.device) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=slot_mapping(seqs), paged=paged_batch(seqs, device, self.whole_prompts_to_sdpa)
+            slot_mapping=slot_mapping(seqs), paged=paged_batch(seqs, device, self.sdpa_for_prompts)
         )
 
     def forward(
@@ -80,34 +80,46 @@ class PagedCPUBackend:
             )
         else:
             out = q.new_empty(q.shape, dtype=torch.float32)
-        for start, n in p.prompts:
+        for chunk in p.prompts:
             # In the cache's dtype, as the kernel reads the keys; SDPA's flash kernel is GEMM-tiled,
             # where the kernel's prompt tiles are dot products (BENCHMARKS.md).
-            rows = slice(start, start + n)
-            q_p, k_p, v_p = (x[rows].to(k_cache.dtype).transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+            rows = slice(chunk.token_start, chunk.token_start + chunk.num_tokens)
+            q_p = q[rows].to(k_cache.dtype).transpose(0, 1).unsqueeze(0)
+            if chunk.mask is None:  # a whole prompt: its keys are the step's own
+                k_p, v_p = (x[rows].to(k_cache.dtype).transpose(0, 1).unsqueeze(0) for x in (k, v))
+            else:  # over a cached prefix: its context, this step's keys included, out of the cache
+                k_p, v_p = (c[chunk.kv_indices].transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
             o = F.scaled_dot_product_attention(
-                q_p, k_p, v_p, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+                q_p,
+                k_p,
+                v_p,
+                attn_mask=chunk.mask,
+                is_causal=chunk.mask is None,
+                scale=scale,
+                enable_gqa=q.shape[1] != k.shape[1],
             )
             out[rows] = o.squeeze(0).transpose(0, 1)
         return out.to(q.dtype)
 
 
 def prompts_to_sdpa(avx512: bool, flags: frozenset[str]) -> bool:
-    """Whether whole prompts run faster through SDPA's GEMM-tiled flash kernel than through the kernel's tiles.
+    """Whether prompts run faster through SDPA's GEMM-tiled flash kernel than through the kernel's tiles.
 
     Measured per layer (docs/attention.md): without AVX-512 the kernel's generic tiles (one dot product
-    per key) ran 3x slower than SDPA. With AVX-512 on an AMD EPYC (no AMX) its tiles matched SDPA in
-    float32 and beat it 1.3-2x in bfloat16. On an Intel Xeon with AMX, SDPA was 1.3-2x faster in float32
-    and 1.5-4x in bfloat16 from about 77 tokens up. So: SDPA without AVX-512, or with AMX.
+    per key) ran 3x slower than SDPA on whole prompts. With AVX-512 on an AMD EPYC (no AMX) its tiles
+    matched SDPA in float32 and beat it 1.3-2x in bfloat16, and beat a gather and SDPA on a chunk over a
+    cached prefix. On an Intel Xeon with AMX, SDPA was 1.3-2x faster in float32 and 1.5-4x in bfloat16
+    on whole prompts from about 77 tokens up, and a gather and SDPA 1.5-3.4x faster on bfloat16 chunks of
+    32-480 tokens over 50-900 cached. So: SDPA without AVX-512, or with AMX.
     """
     return not avx512 or "amx_tile" in flags
 
 
-def paged_batch(seqs: list[SeqLayout], device: torch.device, whole_prompts_to_sdpa: bool) -> PagedBatch:
+def paged_batch(seqs: list[SeqLayout], device: torch.device, sdpa_for_prompts: bool) -> PagedBatch:
     """The step's block tables, padded into one int32 tensor, and each request's rows and lengths.
 
-    With `whole_prompts_to_sdpa`, whole prompts of `PROMPT_SDPA_MIN_TOKENS` or more are left
-    out of the tables and listed in `prompts` instead.
+    With `sdpa_for_prompts`, requests computing `PROMPT_SDPA_MIN_TOKENS` or more tokens (whole
+    prompts and chunks over a cached prefix) are left out of the tables and listed in `prompts`.
     """
     if not seqs:
         raise ValueError("paged attention needs at least one request in the step")
@@ -128,8 +140,8 @@ def paged_batch(seqs: list[SeqLayout], device: torch.device, whole_prompts_to_sd
                 f"request {i} has {s.num_computed + s.num_tokens} positions but its block table "
                 f"covers {s.block_table.numel()} blocks of {block_size}"
             )
-        if whole_prompts_to_sdpa and s.num_computed == 0 and s.num_tokens >= PROMPT_SDPA_MIN_TOKENS:
-            prompts.append((s.token_start, s.num_tokens))
+        if sdpa_for_prompts and s.num_tokens >= PROMPT_SDPA_MIN_TOKENS:
+            prompts.append(prefill_chunk(s, device))
             continue
         kernel_seqs.append(s)
         tables.append(s.block_table[:needed].to(torch.int32))

@@ -258,7 +258,7 @@ def test_paged_step_of_whole_prompts_matches_naive_attention(to_sdpa: bool) -> N
     v = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM)
     backend = make_backend("paged")
     assert isinstance(backend, paged_cpu.PagedCPUBackend)
-    backend.whole_prompts_to_sdpa = to_sdpa
+    backend.sdpa_for_prompts = to_sdpa
     meta = backend.build_metadata(seqs, num_tokens, torch.device("cpu"))
     assert meta.paged is not None and meta.paged.seqs.shape[0] == (0 if to_sdpa else len(seqs))
     assert len(meta.paged.prompts) == (len(seqs) if to_sdpa else 0)
@@ -268,3 +268,34 @@ def test_paged_step_of_whole_prompts_matches_naive_attention(to_sdpa: bool) -> N
         expected = naive_attention(q[rows].double(), k[rows], v[rows], 0)
         torch.testing.assert_close(got[rows].double(), expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(k_cache[seq.context_slots], k[rows])
+
+
+@pytest.mark.parametrize("to_sdpa", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_step_of_prompt_chunks_over_a_cached_prefix_matches_naive_attention(
+    to_sdpa: bool, dtype: torch.dtype
+) -> None:
+    """Chunks of 32+ tokens over a cached prefix, beside a decode and a short chunk: with SDPA for
+    prompts the long chunks attend their context gathered from the cache under the chunk's mask, the
+    rest go to the kernel in the same step."""
+    cases = [(20, 40), (500, 64), (3, 1), (9, 5), (0, 33)]
+    seqs, cached, k_cache, v_cache = _paged_step(16, dtype, cases)
+    num_tokens = sum(s.num_tokens for s in seqs)
+    q = torch.randn(num_tokens, NUM_HEADS, HEAD_DIM).to(dtype)
+    k = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+    v = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM).to(dtype)
+    backend = make_backend("paged")
+    assert isinstance(backend, paged_cpu.PagedCPUBackend)
+    backend.sdpa_for_prompts = to_sdpa
+    meta = backend.build_metadata(seqs, num_tokens, torch.device("cpu"))
+    assert meta.paged is not None
+    assert [(c.num_computed, c.num_tokens) for c in meta.paged.prompts] == (
+        [(20, 40), (500, 64), (0, 33)] if to_sdpa else []
+    )
+    got = backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for seq, (keys, values) in zip(seqs, cached):
+        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+        all_keys, all_values = torch.cat([keys, k[rows]]), torch.cat([values, v[rows]])
+        expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
+        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
