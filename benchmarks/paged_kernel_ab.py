@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from kvos.attention import paged_cpu
-from kvos.extensions import CXX_FLAGS
+from kvos.extensions import build_cpu_extension
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL = "kvos/attention/csrc/paged_attention.cpp"
@@ -62,18 +62,7 @@ def load_base_kernel(revision: str, folder: Path) -> Callable[..., torch.Tensor]
     source = show(KERNEL).replace("TORCH_LIBRARY(kvos,", "TORCH_LIBRARY(kvos_base,")
     source = source.replace("TORCH_LIBRARY_IMPL(kvos,", "TORCH_LIBRARY_IMPL(kvos_base,")
     (folder / "paged_attention_base.cpp").write_text(source)
-    from torch.utils import cpp_extension
-
-    cpp_extension.load(
-        name="kvos_paged_attention_base",
-        sources=[str(folder / "paged_attention_base.cpp")],
-        extra_cflags=CXX_FLAGS,
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(headers)],
-        build_directory=str(folder),
-        is_python_module=False,
-        verbose=False,
-    )
+    build_cpu_extension("kvos_paged_attention_base", folder / "paged_attention_base.cpp", "the base kernel", headers)
     return torch.ops.kvos_base.paged_attention
 
 

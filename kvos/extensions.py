@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 
 _SHARED_HEADERS = Path(__file__).parent / "csrc"
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-def build_cpu_extension(name: str, source: Path, purpose: str) -> None:
-    """Compile `source` (first use on this machine) and load it; `purpose` names it in errors."""
+def build_cpu_extension(name: str, source: Path, purpose: str, headers: Path = _SHARED_HEADERS) -> None:
+    """Compile `source` (first use on this machine) and load it; `purpose` names it in errors.
+
+    `headers` is the folder of shared headers it includes: kvos's own, unless a benchmark builds a
+    kernel as it was at another revision, with that revision's headers.
+    """
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise ValueError(
@@ -39,14 +42,14 @@ def build_cpu_extension(name: str, source: Path, purpose: str) -> None:
         raise ValueError(f"{purpose} builds its C++ kernel with ninja, which is not on PATH")
     from torch.utils import cpp_extension
 
-    build_dir = _build_dir(name, source)
+    build_dir = _build_dir(name, source, headers)
     build_dir.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=name,
         sources=[str(source)],
-        extra_cflags=CXX_FLAGS,
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(_SHARED_HEADERS)],
+        extra_include_paths=[str(headers)],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=False,
@@ -58,11 +61,11 @@ def cpu_flags() -> frozenset[str]:
     return _cpu_flags_line()[1]
 
 
-def _build_dir(name: str, source: Path) -> Path:
+def _build_dir(name: str, source: Path, headers: Path) -> Path:
     from kvos.model.loader import cache_root
 
     digest = hashlib.sha256(source.read_bytes())
-    for header in sorted(_SHARED_HEADERS.glob("*.h")):
+    for header in sorted(headers.glob("*.h")):
         digest.update(header.read_bytes())
     source_key = digest.hexdigest()[:12]
     return cache_root() / "torch_extensions" / f"{name}-torch{torch.__version__}-{_cpu_key()}-{source_key}"

@@ -125,6 +125,22 @@ def _paged_step(
     return seqs, cached, k_cache, v_cache
 
 
+def _assert_matches_naive(
+    got: torch.Tensor,
+    seqs: list[SeqLayout],
+    cached: list[tuple[torch.Tensor, torch.Tensor]],
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    tolerance: float,
+) -> None:
+    """Each request's output rows against naive attention over its cached KV and this step's."""
+    q, k, v = qkv
+    for seq, (keys, values) in zip(seqs, cached):
+        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
+        all_keys, all_values = torch.cat([keys, k[rows]]), torch.cat([values, v[rows]])
+        expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
+        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
+
+
 @pytest.mark.parametrize("backend_name", ["gather_sdpa", "paged"])
 @pytest.mark.parametrize("block_size", [16, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -149,11 +165,9 @@ def test_paged_cache_matches_naive_attention(
 
     assert got.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    for seq, (keys, values) in zip(seqs, cached):
+    _assert_matches_naive(got, seqs, cached, (q, k, v), tolerance)
+    for seq in seqs:
         rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
-        all_keys, all_values = torch.cat([keys, k[rows]]), torch.cat([values, v[rows]])
-        expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
-        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
         assert torch.equal(v_cache[seq.context_slots[seq.num_computed :]], v[rows])
 
 
@@ -186,11 +200,7 @@ def test_paged_kernel_items_of_several_kv_heads_match_naive_attention(
     finally:
         torch.set_num_threads(previous)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    for seq, (keys, values) in zip(seqs, cached):
-        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
-        all_keys, all_values = torch.cat([keys, k[rows]]), torch.cat([values, v[rows]])
-        expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
-        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
+    _assert_matches_naive(got, seqs, cached, (q, k, v), tolerance)
 
 
 def test_paged_backend_reads_the_virtual_cache_through_one_entry_tables() -> None:
@@ -294,8 +304,4 @@ def test_paged_step_of_prompt_chunks_over_a_cached_prefix_matches_naive_attentio
     )
     got = backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    for seq, (keys, values) in zip(seqs, cached):
-        rows = slice(seq.token_start, seq.token_start + seq.num_tokens)
-        all_keys, all_values = torch.cat([keys, k[rows]]), torch.cat([values, v[rows]])
-        expected = naive_attention(q[rows].double(), all_keys, all_values, seq.num_computed)
-        torch.testing.assert_close(got[rows].double(), expected, rtol=tolerance, atol=tolerance)
+    _assert_matches_naive(got, seqs, cached, (q, k, v), tolerance)

@@ -267,6 +267,16 @@ inline int64_t heads_span(const KVWalk<scalar_t>& walk, int64_t heads, int64_t h
   return std::max(walk.k_head_stride, walk.v_head_stride) * (heads - 1) + head_dim;
 }
 
+/* A row's running max grows to m_new (if it does): its sum and output so far are rescaled. */
+inline void raise_max(float m_new, float& m, float& l, float* acc_row, int64_t head_dim) {
+  if (!(m_new > m)) return;  // NaN included, as `m_new > m` was
+  const float alpha = m == kNegInf ? 0.0f : exp_nonpositive(m - m_new);
+  l *= alpha;
+#pragma omp simd
+  for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= alpha;
+  m = m_new;
+}
+
 /* One row's online-softmax step over a tile's `visible` scores: the running max m and sum l
  * move on, the scores become their weights e^(s - m), and acc is rescaled if m grew.
  * The weights past `visible`, up to kKeyTile, are 0 (the bfloat16 value sum reads them in pairs). */
@@ -307,13 +317,7 @@ inline void online_softmax_tile(float* scores, int64_t visible, float& m, float&
   const __m512 w_hi = exp_nonpositive16(_mm512_sub_ps(hi, shift));
   _mm512_storeu_ps(scores, w_lo);
   _mm512_storeu_ps(scores + 16, w_hi);
-  if (m_new > m) {
-    const float alpha = m == kNegInf ? 0.0f : exp_nonpositive(m - m_new);
-    l *= alpha;
-#pragma omp simd
-    for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= alpha;
-    m = m_new;
-  }
+  raise_max(m_new, m, l, acc_row, head_dim);
   l += _mm512_reduce_add_ps(_mm512_add_ps(w_lo, w_hi));
 }
 #else
@@ -328,13 +332,7 @@ inline void online_softmax_tile(float* scores, int64_t visible, float& m, float&
     scores[j] = exp_nonpositive(scores[j] - m_new);
     sum += scores[j];
   }
-  if (m_new > m) {
-    const float alpha = m == kNegInf ? 0.0f : exp_nonpositive(m - m_new);
-    l *= alpha;
-#pragma omp simd
-    for (int64_t d = 0; d < head_dim; ++d) acc_row[d] *= alpha;
-    m = m_new;
-  }
+  raise_max(m_new, m, l, acc_row, head_dim);
   l += sum;
   for (int64_t j = visible; j < kKeyTile; ++j) scores[j] = 0.0f;
 }
