@@ -110,7 +110,8 @@ def prompts_to_sdpa(avx512: bool, flags: frozenset[str]) -> bool:
     matched SDPA in float32 and beat it 1.3-2x in bfloat16, and beat a gather and SDPA on a chunk over a
     cached prefix. On an Intel Xeon with AMX, SDPA was 1.3-2x faster in float32 and 1.5-4x in bfloat16
     on whole prompts from about 77 tokens up, and a gather and SDPA 1.5-3.4x faster on bfloat16 chunks of
-    32-480 tokens over 50-900 cached. So: SDPA without AVX-512, or with AMX.
+    32-480 tokens over 32-900 cached (0.50 against 0.43 ms for 100 over 16). So: SDPA without AVX-512,
+    or with AMX.
     """
     return not avx512 or "amx_tile" in flags
 

@@ -204,7 +204,7 @@ struct Group {
   int64_t count;
 };
 
-/* Where a position's K and V rows are, for one request and kv head. */
+/* Where a position's K and V rows are, for one request and the kv heads of an item. */
 template <typename scalar_t>
 struct KVWalk {
   const scalar_t* k_base;  // k_cache + h_begin * stride_head
@@ -308,7 +308,8 @@ inline void online_softmax_tile(float* scores, int64_t visible, float& m, float&
   static_assert(kKeyTile == 32, "two vectors of scores per tile");
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
   const __mmask16 lo_mask = static_cast<__mmask16>(visible >= 16 ? 0xFFFFu : (1u << visible) - 1u);
-  const __mmask16 hi_mask = static_cast<__mmask16>(visible >= 32 ? 0xFFFFu : visible <= 16 ? 0u : (1u << (visible - 16)) - 1u);
+  const __mmask16 hi_mask =
+      static_cast<__mmask16>(visible >= 32 ? 0xFFFFu : visible <= 16 ? 0u : (1u << (visible - 16)) - 1u);
   const __m512 lo = _mm512_mask_loadu_ps(neg_inf, lo_mask, scores);
   const __m512 hi = _mm512_mask_loadu_ps(neg_inf, hi_mask, scores + 16);
   const float m_new = std::max(m, _mm512_reduce_max_ps(_mm512_max_ps(lo, hi)));
