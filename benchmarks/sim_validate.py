@@ -46,7 +46,7 @@ from kvos.entrypoints.cli import build_parser as kvos_parser
 from kvos.entrypoints.cli import engine_options
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.profile import GRIDS, profile_engine
-from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
+from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator, VirtualCacheConfig
 from kvos.sim.step_model import FrontEnd, Profile, fit_linear
 from kvos.sim.workload import arrival_times, with_arrivals
 
@@ -76,6 +76,7 @@ def instance_config(config: EngineConfig, profile: Profile) -> InstanceConfig:
         max_model_len=int(profile.engine["max_model_len"]),
         enable_prefix_caching=config.cache.enable_prefix_caching,
         front_end=profile.front_end(),
+        virtual=VirtualCacheConfig.of_profile(profile.engine) if config.cache.kv_cache == "virtual" else None,
     )
 
 

@@ -108,6 +108,18 @@ def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> N
     group.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
     group.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     group.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV cache size per instance, tokens")
+    group.add_argument(
+        "--kv-cache",
+        choices=["paged", "virtual"],
+        default=None,
+        help="the paged pool or the virtual cache (default: the profile's engine's, else paged)",
+    )
+    group.add_argument(
+        "--page-size",
+        type=int,
+        default=None,
+        help="virtual cache: bytes per page (default: the profile's engine's; 4096 on a host, 2 MiB on a GPU)",
+    )
     group.add_argument("--max-model-len", type=int, default=None)
     group.add_argument(
         "--host-capacity-tokens", type=int, default=None, help="a host KV tier per instance of this many tokens"
@@ -217,6 +229,7 @@ def make_fleet(
         policy=cast(SchedulingPolicyName, policy or args.scheduling_policy),
     )
     instance = InstanceConfig(
+        virtual=_virtual_cache(args, engine),
         scheduler=scheduler,
         kv_capacity_tokens=args.kv_capacity_tokens
         or engine.get("kv_capacity_tokens", InstanceConfig.kv_capacity_tokens),
@@ -247,6 +260,32 @@ def make_fleet(
         migration,
         prefill,
         link,
+    )
+
+
+def _virtual_cache(args: argparse.Namespace, engine: dict[str, Any]) -> Any:
+    """The virtual cache's shape and pages, when --kv-cache (or the profile's engine) says virtual; else None.
+
+    The shape is the profile's engine's, else --arch's at --dtype."""
+    from kvos.sim.simulator import VirtualCacheConfig
+
+    kind = args.kv_cache or engine.get("kv_cache", "paged")
+    if engine.get("kv_cache", kind) != kind:
+        logger.warning(
+            "the profile timed steps on the %s cache: simulating the %s cache's books with them",
+            engine["kv_cache"],
+            kind,
+        )
+    if kind != "virtual":
+        return None
+    page_size = args.page_size or engine.get("kv_page_size")
+    if page_size is None:
+        raise ValueError("the virtual cache needs --page-size: the profile's engine did not record one")
+    if "kv_shape" in engine:
+        return VirtualCacheConfig.of_profile(engine, page_size)
+    arch = _arch(args.arch)
+    return VirtualCacheConfig(
+        arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim, args.dtype, page_size=page_size
     )
 
 

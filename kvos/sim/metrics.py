@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kvos.cluster.migration import MigrationResult
+from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sim.repo import benchmarks
 from kvos.sim.simulator import SimInstance, SimResult
 
@@ -73,7 +74,7 @@ def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> di
             reason: sum(i.scheduler.preemptions_by_reason[reason] for i in instances)
             for reason in instances[0].scheduler.preemptions_by_reason
         },
-        "kv_peak_use": max(i.peak_used_blocks / i.kv.allocator.num_blocks for i in instances),
+        "kv_peak_use": max(i.peak_used_blocks / i.kv_capacity_blocks for i in instances),
         "busy_fraction": sum(i.worker.busy_s for i in instances) / (len(instances) * duration),
         **tier_summary(instances),
         "migrations": migration_summary(result.migrations),
@@ -138,7 +139,7 @@ def _host_use(instances: Sequence[SimInstance]) -> dict[str, float] | None:
 
 def _disk_use(instances: Sequence[SimInstance]) -> dict[str, float] | None:
     """The disk tier's use at the end, as a fraction of its files (everything on disk is cache)."""
-    tiers = [i.kv.disk for i in instances if i.kv.disk is not None]
+    tiers = [i.kv.disk for i in instances if isinstance(i.kv, PagedKVCacheManager) and i.kv.disk is not None]
     if not tiers:
         return None
     return {"stored_at_end": sum(t.num_stored_blocks for t in tiers) / sum(t.num_blocks for t in tiers)}

@@ -52,6 +52,7 @@ from kvos.core.plan import (
 from kvos.core.request import Request
 from kvos.memory.factory import host_tier
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
 from kvos.model.loader import load_model
 from kvos.sampling_params import SamplingParams
 from kvos.sim.step_model import Profile, StepShape
@@ -141,6 +142,13 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         "compile": config.model.compile,
         "device": config.model.device,
         "kv_bytes_per_token": core.kv_shape.bytes_per_token,
+        "kv_cache": config.cache.kv_cache,
+        "kv_shape": {
+            "num_layers": core.kv_shape.num_layers,
+            "num_kv_heads": core.kv_shape.num_kv_heads,
+            "head_dim": core.kv_shape.head_dim,
+            "dtype": str(core.kv_shape.dtype).removeprefix("torch."),
+        },
         "kv_capacity_tokens": core.capacity_tokens,
         "block_size": config.cache.block_size,
         "max_model_len": core.max_model_len,
@@ -149,6 +157,8 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "grid": {"points": len(samples), "repeats": grid.repeats},
     }
+    if isinstance(core.kv_manager, VirtualKVCacheManager):
+        engine["kv_page_size"] = core.kv_manager.layout.page_size
     if host_copy is not None:
         engine["host_copy"] = asdict(host_copy)
     if disk_copy is not None:

@@ -66,6 +66,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.instance import InstanceLoad, instance_load
 from kvos.cluster.migration import MigrationResult
@@ -78,9 +80,11 @@ from kvos.core.scheduler import Scheduler
 from kvos.memory.block_allocator import BlockStored, KVEvent
 from kvos.memory.block_hash import BlockHash
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.shape import KVShape
 from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import HostBlockPool
 from kvos.memory.tiers.swap import PreemptionRule
+from kvos.memory.virtual.virtual_kv_manager import DEFAULT_LOOKAHEAD_TOKENS, VirtualKVCacheManager
 from kvos.sampling_params import SamplingParams
 from kvos.sim.migration import REBALANCE, MigrationConfig, Migrations
 from kvos.sim.router import make_router
@@ -97,6 +101,9 @@ nothing and `displace` needs a waiting head. (The fair policy counts every decod
 
 SHARED_TOKEN_ID = -1
 """The sessions' shared prefix is made of it: an id no simulated prompt uses elsewhere (none reaches a model)."""
+
+META = torch.device("meta")
+"""The device of the virtual cache's books: no memory behind them."""
 
 MIN_DECODE_RUN = 2
 """Shorter runs take the ordinary path: one step gains nothing from the bookkeeping."""
@@ -161,6 +168,43 @@ class DiskTierConfig:
 
 
 @dataclass(frozen=True)
+class VirtualCacheConfig:
+    """The virtual KV cache (vAttention, `--kv-cache virtual`) in place of the paged pool.
+
+    Its books are the engine's own (`VirtualKVCacheManager`) over a region
+    without memory (`BooksRegion`): a row per running request, pages
+    committed as requests grow, deferred reclamation, no prefix sharing. The
+    page math needs the shape of a token's KV and the device's page size
+    (4 KiB on a host, 2 MiB on a GPU). The background look-ahead mapper is
+    modelled as always done before the next allocation.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    page_size: int
+    lookahead_tokens: int = DEFAULT_LOOKAHEAD_TOKENS
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"the virtual cache's {name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"the virtual cache's dtype must name a torch dtype, got {self.dtype!r}")
+        if self.lookahead_tokens < 0:
+            raise ValueError(f"lookahead_tokens must be >= 0, got {self.lookahead_tokens}")
+
+    @classmethod
+    def of_profile(cls, engine: dict, page_size: int | None = None) -> VirtualCacheConfig:
+        """The cache a profile's engine (`Profile.engine`) ran, at its page size unless `page_size` is given."""
+        return cls(**engine["kv_shape"], page_size=page_size or engine["kv_page_size"])
+
+    def shape(self) -> KVShape:
+        return KVShape(self.num_layers, self.num_kv_heads, self.head_dim, getattr(torch, self.dtype), META)
+
+
+@dataclass(frozen=True)
 class InstanceConfig:
     """One simulated engine: its scheduler config and its KV cache's size (what `EngineCore` would measure)."""
 
@@ -175,6 +219,9 @@ class InstanceConfig:
     """A host KV tier below the pool (`--kv-offload-size`), or none."""
     disk: DiskTierConfig | None = None
     """A disk KV tier below the host tier or the pool (`--kv-disk-size`), or none."""
+    virtual: VirtualCacheConfig | None = None
+    """The virtual KV cache instead of the paged pool (`--kv-cache virtual`), or none. Its budget is
+    `kv_capacity_tokens` tokens of KV; `block_size` is then the host tier's block."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -185,6 +232,11 @@ class InstanceConfig:
             )
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if self.virtual is not None and self.disk is not None:
+            raise ValueError(
+                "a disk tier needs the paged cache: it keeps prefix-cache blocks by digest, and the virtual "
+                "cache shares no prefix"
+            )
         for name, tier in (("host", self.host), ("disk", self.disk)):
             if tier is not None and tier.capacity_tokens < self.block_size:
                 raise ValueError(
@@ -224,9 +276,39 @@ class FleetConfig:
                 f"a disaggregated fleet needs 1 to num_instances - 1 = {self.num_instances - 1} prefill "
                 f"instances, got {self.prefill_instances}"
             )
+        if (self.migration is not None or self.prefill_instances) and self.instance.virtual is not None:
+            raise ValueError(
+                "live migration and disaggregation move paged blocks; the virtual KV cache has no block export"
+            )
         if (self.migration is not None or self.prefill_instances) and self.link is None:
             raise ValueError("live migration and disaggregation move KV between instances: give the fleet a link")
         make_router(self.router, 1, self.prefix_overload_steps)  # names the router if it is unknown
+
+
+def make_books(config: InstanceConfig) -> PagedKVCacheManager | VirtualKVCacheManager:
+    """The engine's own KV books for one instance, sized as `config` says, with no memory behind them."""
+    host, disk, bs = config.host, config.disk, config.block_size
+    if config.virtual is not None:
+        shape = config.virtual.shape()
+        return VirtualKVCacheManager(
+            budget_bytes=config.kv_capacity_tokens * shape.bytes_per_token,
+            shape=shape,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_model_len=config.max_model_len,
+            lookahead_tokens=config.virtual.lookahead_tokens,
+            host_bytes=host.capacity_tokens * shape.bytes_per_token if host is not None else None,
+            host_block_size=bs,
+            books_page_size=config.virtual.page_size,
+        )
+    return PagedKVCacheManager(
+        num_blocks=config.kv_capacity_tokens // bs,
+        block_size=bs,
+        max_model_len=config.max_model_len,
+        enable_prefix_caching=config.enable_prefix_caching,
+        model_identity="kvos-sim",
+        host=HostBlockPool(host.capacity_tokens // bs) if host is not None else None,
+        disk=DiskBlockIndex(disk.capacity_tokens // bs) if disk is not None else None,
+    )
 
 
 class SimInstance(MigrationEndpoint):
@@ -243,22 +325,14 @@ class SimInstance(MigrationEndpoint):
         self, config: InstanceConfig, step_model: StepTimeModel, decode_runs: bool = True, reports: bool = False
     ) -> None:
         host, disk = config.host, config.disk
-        self.kv = PagedKVCacheManager(
-            num_blocks=config.kv_capacity_tokens // config.block_size,
-            block_size=config.block_size,
-            max_model_len=config.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching,
-            model_identity="kvos-sim",
-            host=HostBlockPool(host.capacity_tokens // config.block_size) if host is not None else None,
-            disk=DiskBlockIndex(disk.capacity_tokens // config.block_size) if disk is not None else None,
-        )
+        self.kv = make_books(config)
         preemption = PreemptionRule(host.preemption_mode) if host is not None else None
         self.kv_manager = self.kv
         self.scheduler = Scheduler(config.scheduler, self.kv, frozenset(), config.max_model_len, preemption)
         self.worker = SimWorker(
             step_model,
             host.copy if host is not None else None,
-            config.block_size,
+            self.kv.host_block_size if isinstance(self.kv, VirtualKVCacheManager) else config.block_size,
             disk.copy if disk is not None else None,
         )
         self._incoming: dict[str, Request] = {}
@@ -267,7 +341,14 @@ class SimInstance(MigrationEndpoint):
         self.step_model = step_model
         # With a tier below the pool its evictions write blocks down, ops that go in the next plan: a run
         # would move them to the step after it, so every step is planned.
-        self.decode_runs = decode_runs and config.scheduler.policy in FAST_POLICIES and host is None and disk is None
+        # A run's memory check counts the paged pool's blocks: the virtual cache's steps are planned one by one.
+        self.decode_runs = (
+            decode_runs
+            and config.scheduler.policy in FAST_POLICIES
+            and host is None
+            and disk is None
+            and config.virtual is None
+        )
         self.reports = reports
         self.load = instance_load(self.scheduler, self.kv)
         """As of its last step (the cluster core's copy of its last report)."""
@@ -326,6 +407,12 @@ class SimInstance(MigrationEndpoint):
         self.in_flight = (plan, self.worker.execute(plan))
         self.num_steps += 1
         return self.worker.clock_s
+
+    @property
+    def kv_capacity_blocks(self) -> int:
+        """What `num_used_blocks` counts up to: the pool's blocks, or the virtual cache's budget of pages."""
+        kv = self.kv
+        return kv.table.budget_pages if isinstance(kv, VirtualKVCacheManager) else kv.allocator.num_blocks
 
     # -- live migration: MigrationEndpoint's calls, plus what an idle simulated engine needs --
 
@@ -520,6 +607,7 @@ class SimInstance(MigrationEndpoint):
             # The report of the run's step `done`. The books are those the run began with (migration calls
             # between the last report and the run included), less the blocks its steps have taken since.
             kv = self.kv
+            assert isinstance(kv, PagedKVCacheManager)  # runs are the paged pool's (see `decode_runs`)
             taken = bisect.bisect_right(run.boundaries, done)
             load = InstanceLoad((kv.num_free_blocks - taken) * kv.block_size, 0, len(run.requests), 0)
             if hits and taken:
@@ -702,7 +790,12 @@ class Simulator:
 
         def views(arriving: Request, with_prefix: bool) -> list[InstanceView]:
             # The cluster core's digests of the prompt's full blocks: one chain, every instance's root.
-            digests = kv0.block_hashes_of(arriving.all_token_ids, arriving.cache_salt) if with_prefix else []
+            # The virtual cache shares no prefix, so it reports none (as a cluster instance of it does).
+            digests = (
+                kv0.block_hashes_of(arriving.all_token_ids, arriving.cache_salt)
+                if with_prefix and isinstance(kv0, PagedKVCacheManager)
+                else []
+            )
             return [instances[j].view(j, digests, arriving.arrival_time) for j in routable]
 
         times = RequestTimes()

@@ -250,6 +250,62 @@ def test_simulator_makes_the_real_engines_decisions(tmp_path: Path, scheduler: d
         assert summary["simulation"]["preemptions"] > 0, "the workload should exercise preemption"
 
 
+@pytest.mark.parametrize(
+    ("scheduler", "host_pages"),
+    [
+        ({"policy": "fcfs", "max_num_batched_tokens": 32, "max_num_seqs": 6}, 0),
+        ({"policy": "priority", "max_num_batched_tokens": 48, "max_num_seqs": 4, "preemption_quantum_steps": 2}, 0),
+        ({"policy": "fcfs", "max_num_batched_tokens": 32, "max_num_seqs": 6}, 40),
+    ],
+    ids=["fcfs", "priority", "fcfs-host-swap"],
+)
+def test_simulator_makes_the_real_engines_decisions_with_the_virtual_cache(
+    tmp_path: Path, scheduler: dict, host_pages: int
+) -> None:
+    """The virtual cache's books (rows, pages committed as requests grow, deferred reclamation, swaps to a
+    host tier) run in the simulator without memory and decide as the engine's, page for page.
+
+    The engine's look-ahead mapper is a thread, whose timing would make its own plans vary from run to run;
+    here it maps at once, the simulator's model of it. (With seed 6 a look-ahead page decides a step: without
+    the look-ahead the plans differ.)"""
+    from kvos.memory.virtual.page_mapper import InlineMapper
+    from kvos.sim.simulator import VirtualCacheConfig
+
+    requests = workload(seed=6, num=60)
+    bytes_per_token = 2 * 2 * 2 * 16 * 4
+    page = 4096
+    host = {"kv_offload_bytes": host_pages * page, "preemption_mode": "swap"} if host_pages else {}
+    core = tiny_core(tmp_path, kv_cache="virtual", **scheduler, **host)
+    try:
+        kv = core.kv_manager
+        assert kv.layout.page_size == page  # type: ignore[attr-defined]
+        kv._mapper.close()  # type: ignore[attr-defined]
+        kv._mapper = InlineMapper(kv.table)  # type: ignore[attr-defined]
+        real = drive_real_engine(core, requests)
+        real_counters = dataclasses.replace(kv.counters)  # type: ignore[attr-defined]
+        config = InstanceConfig(
+            scheduler=core.config.scheduler,
+            kv_capacity_tokens=core.capacity_tokens,
+            block_size=core.config.cache.block_size,
+            max_model_len=core.max_model_len,
+            host=HostTierConfig(host_pages * page // bytes_per_token) if host_pages else None,
+            virtual=VirtualCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", page_size=page),
+        )
+    finally:
+        core.close()
+    simulated, summary = simulated_plans(config, requests)
+    assert len(simulated) == len(real)
+    for sim_plan, real_plan in zip(simulated, real):
+        assert plan_key(sim_plan) == plan_key(real_plan)
+    assert summary["completed"] == len(requests)
+    simulation = summary["simulation"]
+    assert simulation["preemptions"] > 0, "the workload should fill the budget"
+    assert 0 < simulation["kv_peak_use"] <= 1
+    assert simulation["blocks_moved"]["swap_out"] == real_counters.blocks_swapped_out
+    if host_pages:
+        assert real_counters.blocks_swapped_out > 0, "the workload should swap"
+
+
 def test_plan_for_a_trivial_case_is_one_instance() -> None:
     requests = with_arrivals([(100, 50)] * 50, arrival_times(50, 0.2, seed=1))
     result = plan_instances(FleetConfig(), STEP_MODEL, requests, SLO(ttft_s=1.0, tpot_s=0.1))
@@ -385,7 +441,7 @@ def test_poisson_arrivals_are_the_serving_benchmarks() -> None:
     assert arrival_times(300, 3.0, seed=7) == poisson_delays(300, 3.0, 7)
 
 
-def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
+def test_cli_profile_then_run_then_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kvos.entrypoints.cli import main
 
     (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
@@ -463,6 +519,13 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path) -> None:
         ("disaggregated", "least-load"),
     ]
     assert [p["num_instances"] for p in plans] == [1, 2, 1, 2]
+    # The virtual cache's books with the paged engine's step times: its page size must then be given.
+    assert main(["sim", "run", "--profile", str(profile), *workload_args, "--kv-cache", "virtual"]) == 2
+    assert "needs --page-size" in capsys.readouterr().err
+    virtual = ["--kv-cache", "virtual", "--page-size", "4096", "--json", str(out)]
+    assert main(["sim", "run", "--profile", str(profile), *workload_args, *virtual]) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["completed"] == 20 and 0 < run["simulation"]["kv_peak_use"] <= 1
     # Chat sessions from a trace, with a host tier under a pool too small to keep them between turns; the
     # profile of an engine with host and disk tiers times their moves, and the simulated tiers move at that cost.
     tiered, disk_dir = tmp_path / "tiered.json", tmp_path / "disk"

@@ -156,3 +156,28 @@ class PageMapper:
         if self._finalizer.alive:
             self._finalizer()
         self._thread.join()
+
+
+class InlineMapper:
+    """Look-ahead on the caller's thread, at once: for books without memory (`BooksRegion`, the simulator).
+
+    A thread there would only make the books depend on timing. Mapping at
+    once is the thread at its best: every look-ahead done before the next
+    allocation, which is what it is there for.
+    """
+
+    num_failed_jobs = 0
+    last_error: BaseException | None = None
+
+    def __init__(self, table: SlotPageTable) -> None:
+        self._table = table
+
+    def submit(self, row: int, req_id: str, num_pages: int) -> None:
+        with self._table.lock:
+            self._table.look_ahead(row, req_id, num_pages)
+
+    def drain(self) -> None:
+        """Nothing is ever queued."""
+
+    def close(self) -> None:
+        """No thread to stop."""

@@ -53,8 +53,9 @@ from kvos.memory.block_allocator import KVEvent
 from kvos.memory.kv_manager import KVAllocation, TierOps
 from kvos.memory.shape import KVShape
 from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters, release_copy, resumed_copy
+from kvos.memory.virtual.books_region import BooksRegion
 from kvos.memory.virtual.layout import KVLayout, LayoutKind
-from kvos.memory.virtual.page_mapper import PageMapper
+from kvos.memory.virtual.page_mapper import InlineMapper, PageMapper
 from kvos.memory.virtual.page_table import SlotPageTable
 from kvos.memory.virtual.region import DeviceOutOfMemory, VirtualRegion, open_region, region_page_size
 
@@ -82,9 +83,16 @@ class VirtualKVCacheManager:
         lookahead_tokens: int = DEFAULT_LOOKAHEAD_TOKENS,
         host_bytes: int | None = None,
         host_block_size: int = 16,
+        books_page_size: int | None = None,
     ) -> None:
         """`host_bytes` adds a host tier of that size (None: none), in blocks of `host_block_size`
-        tokens, or of their gcd with the row length where that does not divide it."""
+        tokens, or of their gcd with the row length where that does not divide it.
+
+        `books_page_size` keeps the books only, for a cache of pages of that
+        many bytes: a `BooksRegion` (no memory, no address range) and
+        look-ahead mapped inline. The simulator runs the manager this way.
+        None: a real region on the shape's device.
+        """
         if budget_bytes <= 0:
             raise ValueError(f"budget_bytes must be > 0, got {budget_bytes}")
         if lookahead_tokens < 0:
@@ -98,14 +106,18 @@ class VirtualKVCacheManager:
             dtype=shape.dtype,
             num_rows=max_num_seqs,
             max_context=max_model_len,
-            page_size=region_page_size(self.device),
+            page_size=books_page_size or region_page_size(self.device),
         )
         if budget_bytes // self.layout.page_size < self.layout.num_planes:
             raise ValueError(
                 f"the KV memory budget holds {budget_bytes // self.layout.page_size} pages, fewer than the "
                 f"{self.layout.num_planes} a single token needs; raise kv_cache_memory_bytes"
             )
-        self.region = open_region(self.layout.num_bytes, self.device)
+        self.region: VirtualRegion = (
+            BooksRegion(self.layout.num_bytes, books_page_size)
+            if books_page_size
+            else open_region(self.layout.num_bytes, self.device)
+        )
         if self.region.page_size != self.layout.page_size:
             self.region.close()
             raise RuntimeError(f"region pages of {self.region.page_size} bytes, layout expects {self.layout.page_size}")
@@ -140,7 +152,9 @@ class VirtualKVCacheManager:
             max_tokens -= max_tokens % self.host_block_size
         self.max_tokens_per_request = min(max_model_len, max_tokens)
         self.lookahead_tokens = lookahead_tokens
-        self._mapper = PageMapper(self.table) if lookahead_tokens else None
+        self._mapper: PageMapper | InlineMapper | None = None
+        if lookahead_tokens:
+            self._mapper = InlineMapper(self.table) if books_page_size else PageMapper(self.table)
         self._rows: dict[str, int] = {}
         self._num_tokens: dict[str, int] = {}
         self._num_queried_tokens = 0
