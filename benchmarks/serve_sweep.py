@@ -124,6 +124,7 @@ def running_server(
 ) -> Iterator[subprocess.Popen]:
     """A fresh server from `command` (output to `log`), ready at `url`; on the way out it gets SIGTERM,
     and is killed if it has not exited `stop_timeout_s` later."""
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w", encoding="utf-8") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
         try:
