@@ -381,6 +381,21 @@ def test_too_long_requests_fail_as_the_engine_refuses_them() -> None:
     assert (summary["completed"], summary["failed"]) == (1, 1)
 
 
+def test_the_virtual_cache_is_refused_where_the_engine_refuses_it() -> None:
+    from kvos.sim.simulator import VirtualCacheConfig
+
+    virtual = VirtualCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", page_size=4096)
+    with pytest.raises(ValueError, match="a disk tier needs the paged cache"):
+        InstanceConfig(virtual=virtual, disk=DiskTierConfig(4096))
+    link = LinkModel(1e9, 512)
+    with pytest.raises(ValueError, match="no block export"):
+        FleetConfig(InstanceConfig(virtual=virtual), 2, migration=MigrationConfig(10, 1.0), link=link)
+    with pytest.raises(ValueError, match="no block export"):
+        FleetConfig(InstanceConfig(virtual=virtual), 2, prefill_instances=1, link=link)
+    with pytest.raises(ValueError, match="dtype must name a torch dtype, got 'bf16'"):
+        dataclasses.replace(virtual, dtype="bf16")
+
+
 def test_trace_round_trips_and_names_a_bad_line(tmp_path: Path) -> None:
     requests, sessions = workload(num=5), conversations(num=2)
     path = tmp_path / "trace.jsonl"
