@@ -285,6 +285,64 @@ class FleetConfig:
         make_router(self.router, 1, self.prefix_overload_steps)  # names the router if it is unknown
 
 
+def _take_blocks(kv: PagedKVCacheManager, run: DecodeRun, num_steps: int) -> None:
+    """The blocks the run's steps take, in the order they would take them: by step, then by place in the batch.
+    Between block boundaries a decode's allocation takes nothing, so only the boundaries are called."""
+    bs = kv.block_size
+    needs: list[tuple[int, int]] = []
+    for position, (request, computed) in enumerate(zip(run.requests, run.context0)):
+        first = len(kv.block_table(request)) * bs - computed + 1
+        needs.extend((j, position) for j in range(first, num_steps + 1, bs))
+    needs.sort()
+    for j, position in needs:
+        request = run.requests[position]
+        request.num_computed_tokens = run.context0[position] + j - 1
+        if kv.allocate_slots(request, 1) is None:
+            raise RuntimeError("a decode run ran out of KV blocks its plan counted on")
+        kv.end_step()
+
+
+def _grow_rows(kv: VirtualKVCacheManager, run: DecodeRun, num_steps: int) -> None:
+    """Every allocation of the run's steps, in step and batch order: rows grow and look ahead as they would
+    have. (Each call is cheap, and which row's look-ahead gets the last free pages depends on the order.)"""
+    for j in range(num_steps):
+        for request, computed in zip(run.requests, run.context0):
+            request.num_computed_tokens = computed + j
+            if kv.allocate_slots(request, 1) is None:
+                raise RuntimeError("a decode run ran out of KV pages its plan counted on")
+        kv.end_step()
+
+
+def _steps_pages_cover(kv: VirtualKVCacheManager, running: list[Request], context0: list[int], num_steps: int) -> int:
+    """How many of the next `num_steps` decode steps the virtual cache's budget surely covers.
+
+    In a run nobody is admitted, freed or swapped, so a row's pages only
+    grow, to at most its look-ahead target at the run's last step (the
+    look-ahead maps from free budget only; a step's own growth reclaims
+    idle rows' pages when the budget is short). While every row's pages at
+    that point fit the budget, no allocation in the run can fail.
+    """
+    table, layout = kv.table, kv.layout
+    rows = [(table.mapped[kv.row_of(r)], r.max_total_tokens) for r in running]
+    most = kv.max_tokens_per_request
+    ahead = kv.lookahead_tokens
+
+    def pages_after(k: int) -> int:
+        return sum(
+            max(mapped, layout.pages_for(min(computed + k + ahead, limit, most)))
+            for (mapped, limit), computed in zip(rows, context0)
+        )
+
+    budget = table.budget_pages // table.num_planes
+    if pages_after(num_steps) <= budget:
+        return num_steps
+    low, high = 0, num_steps  # pages_after(low) fits (or low == 0), pages_after(high) does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if pages_after(middle) <= budget else (low, middle)
+    return low
+
+
 def make_books(config: InstanceConfig) -> PagedKVCacheManager | VirtualKVCacheManager:
     """The engine's own KV books for one instance, sized as `config` says, with no memory behind them."""
     host, disk, bs = config.host, config.disk, config.block_size
@@ -341,13 +399,14 @@ class SimInstance(MigrationEndpoint):
         self.step_model = step_model
         # With a tier below the pool its evictions write blocks down, ops that go in the next plan: a run
         # would move them to the step after it, so every step is planned.
-        # A run's memory check counts the paged pool's blocks: the virtual cache's steps are planned one by one.
+        # Inside a run a router's view of the virtual cache would need its pages step by step: with reports,
+        # its steps are planned one by one.
         self.decode_runs = (
             decode_runs
             and config.scheduler.policy in FAST_POLICIES
             and host is None
             and disk is None
-            and config.virtual is None
+            and not (config.virtual is not None and reports)
         )
         self.reports = reports
         self.load = instance_load(self.scheduler, self.kv)
@@ -489,6 +548,8 @@ class SimInstance(MigrationEndpoint):
 
     def _steps_memory_covers(self, running: list[Request], context0: list[int], num_steps: int) -> int:
         """How many of the next `num_steps` decode steps the free blocks cover (new blocks at block boundaries)."""
+        if isinstance(self.kv, VirtualKVCacheManager):
+            return _steps_pages_cover(self.kv, running, context0, num_steps)
         free = self.kv.num_free_blocks
         boundaries = self._boundaries(running, context0, num_steps)
         if len(boundaries) <= free:
@@ -532,19 +593,10 @@ class SimInstance(MigrationEndpoint):
         self.run = None
         num_steps = len(run.ends)
         kv, scheduler = self.kv, self.scheduler
-        bs = kv.block_size
-        # New blocks in the order the steps would take them: by step, then by place in the batch.
-        needs: list[tuple[int, int]] = []
-        for position, (request, computed) in enumerate(zip(run.requests, run.context0)):
-            first = len(kv.block_table(request)) * bs - computed + 1
-            needs.extend((j, position) for j in range(first, num_steps + 1, bs))
-        needs.sort()
-        for j, position in needs:
-            request = run.requests[position]
-            request.num_computed_tokens = run.context0[position] + j - 1
-            if kv.allocate_slots(request, 1) is None:
-                raise RuntimeError("a decode run ran out of KV blocks its plan counted on")
-            kv.end_step()
+        if isinstance(kv, VirtualKVCacheManager):
+            _grow_rows(kv, run, num_steps)
+        else:
+            _take_blocks(kv, run, num_steps)
         tokens = [SIM_TOKEN_ID] * num_steps
         for request, computed in zip(run.requests, run.context0):
             request.num_computed_tokens = computed + num_steps
@@ -601,13 +653,13 @@ class SimInstance(MigrationEndpoint):
         load = self.load
         hits = leading_blocks(digests, self.cached)
         run = self.run
-        done = bisect.bisect_left(run.ends, now) if run is not None else 0
-        if done:
+        done = bisect.bisect_left(run.ends, now) if run is not None and self.reports else 0
+        if done:  # (without reports no router reads the load: the last report stands)
             assert run is not None
             # The report of the run's step `done`. The books are those the run began with (migration calls
             # between the last report and the run included), less the blocks its steps have taken since.
             kv = self.kv
-            assert isinstance(kv, PagedKVCacheManager)  # runs are the paged pool's (see `decode_runs`)
+            assert isinstance(kv, PagedKVCacheManager)  # with reports, runs are the paged pool's (`decode_runs`)
             taken = bisect.bisect_right(run.boundaries, done)
             load = InstanceLoad((kv.num_free_blocks - taken) * kv.block_size, 0, len(run.requests), 0)
             if hits and taken:

@@ -665,6 +665,51 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
 
 
 @pytest.mark.parametrize(
+    "policy, num_instances, router, kv_tokens",
+    [
+        ("fcfs", 1, "round-robin", 24 * 16),  # small enough to preempt
+        ("priority", 1, "round-robin", 24 * 16),
+        ("fcfs", 4, "least-requests", 40 * 16),
+    ],
+)
+def test_decode_runs_with_the_virtual_cache_make_the_same_decisions_as_single_steps(
+    policy: SchedulingPolicyName, num_instances: int, router: str, kv_tokens: int
+) -> None:
+    """A run grows the rows and maps the look-ahead as its steps would have: the same plans, times and pages."""
+    from kvos.sim.simulator import VirtualCacheConfig
+
+    requests = workload(seed=5, num=120, rate=12.0)
+    if policy != "priority":
+        requests = [SimRequest(r.arrival_s, r.prompt_tokens, r.output_tokens, r.tenant) for r in requests]
+    # 512 bytes a token in 4 KiB pages: 8 tokens a page, and an 8-token look-ahead.
+    virtual = VirtualCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", page_size=4096)
+    instance = InstanceConfig(
+        scheduler=SchedulerConfig(policy=policy, max_num_batched_tokens=64, max_num_seqs=8),
+        kv_capacity_tokens=kv_tokens,
+        max_model_len=128,
+        virtual=virtual,
+    )
+    config = FleetConfig(instance, num_instances, router)
+    slow, slow_plans = run_recording_plans(config, requests, decode_runs=False)
+    fast, fast_plans = run_recording_plans(config, requests, decode_runs=True)
+    assert sum(i.num_runs for i in fast.instances) > 0 and len(fast_plans) < len(slow_plans) / 2
+    for key, plan in fast_plans.items():
+        assert plan_key(plan) == plan_key(slow_plans[key]), key
+    for name in ("first_token_s", "last_token_s", "num_output_tokens"):
+        assert getattr(fast.times, name) == getattr(slow.times, name), name
+    for a, b in zip(fast.instances, slow.instances):
+        assert (a.num_steps, a.scheduler.num_preemptions, a.peak_used_blocks) == (
+            b.num_steps,
+            b.scheduler.num_preemptions,
+            b.peak_used_blocks,
+        )
+        assert a.worker.busy_s == b.worker.busy_s
+        assert (a.kv.table.mapped, a.kv.table.tenant) == (b.kv.table.mapped, b.kv.table.tenant)  # type: ignore[union-attr]
+    if num_instances == 1:
+        assert fast.instances[0].scheduler.num_preemptions > 0, "the workload should exercise preemption"
+
+
+@pytest.mark.parametrize(
     "host_blocks, disk_blocks",
     [(0, 0), (64, 0), (0, 96), (8, 96)],
     ids=["pool-only", "host-tier", "disk-tier", "host-and-disk"],
