@@ -3,7 +3,7 @@
 The simulator (`kvos.sim`) runs the real `VirtualKVCacheManager` on this, so
 its page table, budget, best-fit rows and deferred reclamation decide as the
 engine's do, for a cache of any size and page size (a GPU's 2 MiB pages on
-this laptop), while nothing is reserved or mapped. Its device is `meta`:
+a machine without one), while nothing is reserved or mapped. Its device is `meta`:
 `as_bytes` is a tensor without storage, so a worker that tried to read or
 write the cache would fail loudly rather than touch memory that is not there.
 """

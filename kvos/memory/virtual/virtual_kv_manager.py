@@ -158,7 +158,9 @@ class VirtualKVCacheManager:
         self._rows: dict[str, int] = {}
         self._num_tokens: dict[str, int] = {}
         self._num_queried_tokens = 0
-        logger.info(
+        # A simulated fleet builds a thousand of these books: only a real cache is worth a line at INFO.
+        logger.log(
+            logging.DEBUG if books_page_size else logging.INFO,
             "virtual KV cache (%s): %d rows x %d tokens reserved (%.1f GiB of address space), "
             "%d-byte pages, budget %d pages",
             layout,
