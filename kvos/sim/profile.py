@@ -3,9 +3,11 @@
 For every grid point (prefill tokens T, decode batch B, context L) one plan
 is built by hand: B decodes, each one new token after L computed ones, then
 (if T > 0) one prompt chunk of T tokens, placed in blocks the engine's own
-paged KV books hand out. The real `Worker` runs it once to warm up (and to
-compile, with `compile=True`), then `repeats` more times; the median is the
-sample. Only `Worker.execute` is timed here: the scheduler's and front
+KV books hand out. The grid is visited in up to three rounds (forward,
+backward, forward: `ROUNDS`); at each visit the real `Worker` runs the plan
+once to warm up (and to compile, with `compile=True`), then times it; the
+median of a point's `repeats` (or a little more) timings over its visits is
+the sample. Only `Worker.execute` is timed here: the scheduler's and front
 end's own time per step is measured separately, on a served run
 (`benchmarks.profile_serving`), and added to the same profile.
 
@@ -95,6 +97,12 @@ class ProfileGrid:
         return max(self.prefill_tokens) + max(self.decode_batch_sizes) * (max(self.contexts) + 1)
 
 
+ROUNDS = 3
+"""Visits to every point, in alternating order (forward, backward, forward), whose timings are pooled. This
+VM's speed drifts by a third within minutes: timed in one visit, a point would carry the speed of its own
+minute into the fit, and neighbouring points (timed together) would share it. Spread over the profile, every
+point sees the same mix of spells."""
+
 QUICK_GRID = ProfileGrid(
     prefill_tokens=(0, 64, 256, 512), decode_batch_sizes=(0, 1, 8, 32), contexts=(64, 512), repeats=3
 )
@@ -116,21 +124,21 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         longest = max(max(grid.prefill_tokens), max(grid.contexts) + 1)
         if longest > core.max_model_len:
             raise ValueError(f"the grid needs {longest}-token sequences but the context is {core.max_model_len}")
-        samples = []
         points = grid.points()
-        for n, (t, b, length) in enumerate(points, 1):
-            seconds = _time_point(core, t, b, length, grid.repeats, step_id=n)
-            shape = StepShape(t, t * t, b, b * (length + 1), int(t > 0))
-            samples.append((shape, seconds))
-            logger.info(
-                "point %d/%d: prefill %d, decodes %d x context %d: %.2f ms",
-                n,
-                len(points),
-                t,
-                b,
-                length,
-                1000 * seconds,
-            )
+        rounds = min(ROUNDS, grid.repeats)
+        per_visit = -(-grid.repeats // rounds)
+        timings: list[list[float]] = [[] for _ in points]
+        for r in range(rounds):
+            logger.info("round %d/%d: %d points, %d timed steps each", r + 1, rounds, len(points), per_visit)
+            order = range(len(points)) if r % 2 == 0 else range(len(points) - 1, -1, -1)
+            for n in order:
+                t, b, length = points[n]
+                timings[n] += _time_point(core, t, b, length, per_visit, step_id=r * len(points) + n + 1)
+        samples = []
+        for (t, b, length), times in zip(points, timings):
+            seconds = statistics.median(times)
+            samples.append((StepShape(t, t * t, b, b * (length + 1), int(t > 0)), seconds))
+            logger.info("prefill %d, decodes %d x context %d: %.2f ms", t, b, length, 1000 * seconds)
         host_copy = _profile_moves(core, HOST, grid.repeats) if core.worker.host_pool is not None else None
         disk_copy = _profile_moves(core, DISK, grid.repeats) if core.worker.disk_store is not None else None
     finally:
@@ -274,8 +282,9 @@ def _disk_key(moved: int, index: int) -> bytes:
     return hashlib.sha256(f"kvos-sim-profile {moved} {index}".encode()).digest()
 
 
-def _time_point(core: EngineCore, prefill: int, batch: int, context: int, repeats: int, step_id: int) -> float:
-    """Median seconds of `Worker.execute` on one hand-built step; frees everything it took."""
+def _time_point(core: EngineCore, prefill: int, batch: int, context: int, repeats: int, step_id: int) -> list[float]:
+    """Seconds of `Worker.execute` on one hand-built step, `repeats` times after a warm-up; frees everything it
+    took."""
     kv, worker = core.kv_manager, core.worker
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     requests: list[tuple[Request, int, int]] = []  # (request, computed before the step, tokens in the step)
@@ -304,7 +313,7 @@ def _time_point(core: EngineCore, prefill: int, batch: int, context: int, repeat
     worker.execute(StepPlan(step_id, finished_req_ids=[r.req_id for r, _, _ in requests]))
     for request, _, _ in requests:
         kv.free(request)
-    return statistics.median(times)
+    return times
 
 
 def _tokens(step_id: int, index: int, length: int) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -891,3 +892,33 @@ def test_front_end_delays_each_request_on_its_way_in_and_each_token_on_its_way_o
     summary = summarize_sim(Simulator(FleetConfig(InstanceConfig(front_end=front)), steps).run(lone), 2.0, 0.2)
     assert summary["ttft_ms"]["p50"] == pytest.approx(5 + 20 + 3)
     assert summary["tpot_ms"]["p50"] == pytest.approx(10.0)  # the gaps between tokens are the engine's
+
+
+def test_the_profile_visits_the_grid_in_alternating_rounds_and_pools_their_timings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forward, backward, forward: each point's sample is the median of every timing of its visits, so a
+    slow spell of the machine cannot fall on one stretch of neighbouring points only."""
+    from kvos.sim import profile
+
+    visits: list[tuple[int, int, int]] = []
+
+    def timed(core: EngineCore, prefill: int, batch: int, context: int, repeats: int, step_id: int) -> list[float]:
+        visits.append((prefill, batch, context))
+        # A machine that slows down over time: each visit's timings grow with how many visits came before.
+        return [0.001 * len(visits) + 1e-6 * k for k in range(repeats)]
+
+    monkeypatch.setattr(profile, "_time_point", timed)
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    config = EngineConfig.from_kwargs(model=str(tmp_path), load_format="dummy", kv_cache_memory_bytes=16 * 2**20)
+    grid = profile.ProfileGrid(prefill_tokens=(0, 16), decode_batch_sizes=(0, 2), contexts=(8, 16), repeats=5)
+    points = grid.points()
+    result = profile.profile_engine(config, grid)
+    assert visits == points + points[::-1] + points
+    n = len(points)
+    for i, (shape, seconds) in enumerate(result.samples):
+        t, b, length = points[i]
+        assert (shape.prefill_tokens, shape.num_decodes, shape.decode_context) == (t, b, b * (length + 1))
+        # Two timings a visit (5 repeats over 3 rounds, rounded up), at visits i+1, 2n-i and 2n+i+1.
+        times = [0.001 * v + 1e-6 * k for v in (i + 1, 2 * n - i, 2 * n + i + 1) for k in range(2)]
+        assert seconds == pytest.approx(statistics.median(times))
