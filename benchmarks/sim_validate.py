@@ -1,7 +1,8 @@
 """Simulated against measured: the serving sweep's requests at several rates, through `kvos serve` and `kvos sim`.
 
 1. Profile this machine's engine with the flags the server will run with
-   (`kvos sim profile --grid quick`), unless given --profile.
+   (`kvos sim profile`, the full grid: saturation runs decode batches of 64, which the quick grid's 32
+   leaves to extrapolation), unless given --profile.
 2. Unless the profile has them, profile served steps and the front end
    (`benchmarks.profile_serving`, on other requests: seed 1) into the profile.
 3. For each rate, start `kvos serve` fresh and replay the ShareGPT requests
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, default=None, help="a `kvos sim profile` JSON made with --kvos-args (steps are added)"
     )
-    parser.add_argument("--grid", choices=sorted(GRIDS), default="quick", help="profile grid when profiling here")
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="full", help="profile grid when profiling here")
     parser.add_argument(
         "--serving-requests", type=int, default=40, help="requests per rate (2, inf) for the served-step profile"
     )
