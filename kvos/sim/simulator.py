@@ -9,8 +9,9 @@
 An arrival that finds its instance idle schedules a wake-up at the same
 instant, which sorts after every arrival of that instant, so simultaneous
 arrivals share the first step as they do in the engine. Each instance is
-kvos's own `Scheduler` over a `PagedKVCacheManager`; the
-order of calls is `EngineCore.step`'s (including its flush of ended
+kvos's own `Scheduler` over a `PagedKVCacheManager` (or, with
+`InstanceConfig.virtual`, the virtual cache's `VirtualKVCacheManager` on a
+region without memory); the order of calls is `EngineCore.step`'s (including its flush of ended
 requests when nothing is left), so the plans are the ones the engine would
 make given the same arrivals and step times.
 
