@@ -124,7 +124,12 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         longest = max(max(grid.prefill_tokens), max(grid.contexts) + 1)
         if longest > core.max_model_len:
             raise ValueError(f"the grid needs {longest}-token sequences but the context is {core.max_model_len}")
-        points = grid.points()
+        # The engine never runs more than max_num_seqs sequences in a step (the virtual cache has no row
+        # for more): a point beyond that is timed with as many decodes as fit beside its prompt chunk.
+        most = core.config.scheduler.max_num_seqs
+        points = [(t, min(b, most - (t > 0)), length) for t, b, length in grid.points()]
+        if points != grid.points():
+            logger.info("decodes capped at %d beside a prompt chunk (--max-num-seqs %d)", most - 1, most)
         rounds = min(ROUNDS, grid.repeats)
         per_visit = -(-grid.repeats // rounds)
         timings: list[list[float]] = [[] for _ in points]

@@ -898,7 +898,9 @@ def test_the_profile_visits_the_grid_in_alternating_rounds_and_pools_their_timin
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Forward, backward, forward: each point's sample is the median of every timing of its visits, so a
-    slow spell of the machine cannot fall on one stretch of neighbouring points only."""
+    slow spell of the machine cannot fall on one stretch of neighbouring points only. A point with more
+    sequences than the engine schedules (--max-num-seqs 2) is timed with as many decodes as fit beside its
+    prompt chunk."""
     from kvos.sim import profile
 
     visits: list[tuple[int, int, int]] = []
@@ -910,9 +912,12 @@ def test_the_profile_visits_the_grid_in_alternating_rounds_and_pools_their_timin
 
     monkeypatch.setattr(profile, "_time_point", timed)
     (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
-    config = EngineConfig.from_kwargs(model=str(tmp_path), load_format="dummy", kv_cache_memory_bytes=16 * 2**20)
+    config = EngineConfig.from_kwargs(
+        model=str(tmp_path), load_format="dummy", kv_cache_memory_bytes=16 * 2**20, max_num_seqs=2
+    )
     grid = profile.ProfileGrid(prefill_tokens=(0, 16), decode_batch_sizes=(0, 2), contexts=(8, 16), repeats=5)
-    points = grid.points()
+    points = [(0, 2, 8), (0, 2, 16), (16, 0, 8), (16, 1, 8), (16, 1, 16)]
+    assert grid.points() == [(0, 2, 8), (0, 2, 16), (16, 0, 8), (16, 2, 8), (16, 2, 16)]
     result = profile.profile_engine(config, grid)
     assert visits == points + points[::-1] + points
     n = len(points)
