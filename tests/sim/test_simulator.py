@@ -131,6 +131,23 @@ def plan_key(plan: StepPlan) -> tuple:
     )
 
 
+def instance_of(core: EngineCore, **tiers: Any) -> InstanceConfig:
+    """The simulated instance of a real engine core: its scheduler config and KV sizes, plus `tiers`."""
+    return InstanceConfig(
+        scheduler=core.config.scheduler,
+        kv_capacity_tokens=core.capacity_tokens,
+        block_size=core.config.cache.block_size,
+        max_model_len=core.max_model_len,
+        **tiers,
+    )
+
+
+def assert_same_plans(simulated: list[StepPlan], real: list[StepPlan]) -> None:
+    assert len(simulated) == len(real)
+    for sim_plan, real_plan in zip(simulated, real):
+        assert plan_key(sim_plan) == plan_key(real_plan)
+
+
 def drive_real_engine(
     core: EngineCore, requests: list[SimRequest], sessions: list[SimSession] | None = None
 ) -> list[StepPlan]:
@@ -233,18 +250,11 @@ def test_simulator_makes_the_real_engines_decisions(tmp_path: Path, scheduler: d
     core = tiny_core(tmp_path, **scheduler)
     try:
         real = drive_real_engine(core, requests)
-        config = InstanceConfig(
-            scheduler=core.config.scheduler,
-            kv_capacity_tokens=core.capacity_tokens,
-            block_size=core.config.cache.block_size,
-            max_model_len=core.max_model_len,
-        )
+        config = instance_of(core)
     finally:
         core.close()
     simulated, summary = simulated_plans(config, requests)
-    assert len(simulated) == len(real)
-    for sim_plan, real_plan in zip(simulated, real):
-        assert plan_key(sim_plan) == plan_key(real_plan)
+    assert_same_plans(simulated, real)
     assert summary["completed"] == len(requests)
     assert summary["total_output_tokens"] == sum(r.output_tokens for r in requests)
     if scheduler["policy"] == "fcfs":
@@ -284,20 +294,15 @@ def test_simulator_makes_the_real_engines_decisions_with_the_virtual_cache(
         kv._mapper = InlineMapper(kv.table)  # type: ignore[attr-defined]
         real = drive_real_engine(core, requests)
         real_counters = dataclasses.replace(kv.counters)  # type: ignore[attr-defined]
-        config = InstanceConfig(
-            scheduler=core.config.scheduler,
-            kv_capacity_tokens=core.capacity_tokens,
-            block_size=core.config.cache.block_size,
-            max_model_len=core.max_model_len,
+        config = instance_of(
+            core,
             host=HostTierConfig(host_pages * page // bytes_per_token) if host_pages else None,
             virtual=VirtualCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", page_size=page),
         )
     finally:
         core.close()
     simulated, summary = simulated_plans(config, requests)
-    assert len(simulated) == len(real)
-    for sim_plan, real_plan in zip(simulated, real):
-        assert plan_key(sim_plan) == plan_key(real_plan)
+    assert_same_plans(simulated, real)
     assert summary["completed"] == len(requests)
     simulation = summary["simulation"]
     assert simulation["preemptions"] > 0, "the workload should fill the budget"
@@ -599,6 +604,29 @@ def run_recording_plans(
     return result, {(order[key[0]], key[1]): plan for key, plan in plans.items()}
 
 
+def assert_runs_decide_as_steps(fast: Any, fast_plans: dict, slow: Any, slow_plans: dict) -> None:
+    """A run with decode runs against the same run one step at a time: plans, token times and counts."""
+    # Every plan the fast path made is the one-by-one path's plan of that step, exactly.
+    for key, plan in fast_plans.items():
+        assert plan_key(plan) == plan_key(slow_plans[key]), key
+    # The steps it skipped were pure decodes: no admission, preemption, copy or prompt chunk.
+    for key in slow_plans.keys() - fast_plans.keys():
+        plan = slow_plans[key]
+        assert not plan.new_requests and not plan.preempted_req_ids and not plan.copies
+        assert all(len(s.new_token_ids) == 1 and s.sample for s in plan.scheduled)
+    # The same token times for every request, and the same state left behind.
+    for name in ("first_token_s", "last_token_s", "num_output_tokens"):
+        assert getattr(fast.times, name) == getattr(slow.times, name), name
+    assert sorted(fast.times.itl_s) == sorted(slow.times.itl_s)
+    for a, b in zip(fast.instances, slow.instances):
+        assert (a.num_steps, a.scheduler.num_preemptions, a.peak_used_blocks) == (
+            b.num_steps,
+            b.scheduler.num_preemptions,
+            b.peak_used_blocks,
+        )
+        assert a.worker.busy_s == b.worker.busy_s
+
+
 @pytest.mark.parametrize(
     "policy, num_instances, router, kv_tokens, migrate",
     [
@@ -637,25 +665,8 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         assert runs == 0
     else:
         assert runs > 0 and len(fast_plans) < len(slow_plans) / 2, "the workload should have decode runs"
-    # Every plan the fast path made is the one-by-one path's plan of that step, exactly.
-    for key, plan in fast_plans.items():
-        assert plan_key(plan) == plan_key(slow_plans[key]), key
-    # The steps it skipped were pure decodes: no admission, preemption, copy or prompt chunk.
-    for key in slow_plans.keys() - fast_plans.keys():
-        plan = slow_plans[key]
-        assert not plan.new_requests and not plan.preempted_req_ids and not plan.copies
-        assert all(len(s.new_token_ids) == 1 and s.sample for s in plan.scheduled)
-    # The same token times for every request, and the same state left behind.
-    for name in ("first_token_s", "last_token_s", "num_output_tokens"):
-        assert getattr(fast.times, name) == getattr(slow.times, name), name
-    assert sorted(fast.times.itl_s) == sorted(slow.times.itl_s)
+    assert_runs_decide_as_steps(fast, fast_plans, slow, slow_plans)
     for a, b in zip(fast.instances, slow.instances):
-        assert (a.num_steps, a.scheduler.num_preemptions, a.peak_used_blocks) == (
-            b.num_steps,
-            b.scheduler.num_preemptions,
-            b.peak_used_blocks,
-        )
-        assert a.worker.busy_s == b.worker.busy_s
         assert list(a.kv.allocator._free) == list(b.kv.allocator._free)
         assert a.kv.allocator._cached == b.kv.allocator._cached
     assert fast.migrations == slow.migrations
@@ -694,17 +705,8 @@ def test_decode_runs_with_the_virtual_cache_make_the_same_decisions_as_single_st
     slow, slow_plans = run_recording_plans(config, requests, decode_runs=False)
     fast, fast_plans = run_recording_plans(config, requests, decode_runs=True)
     assert sum(i.num_runs for i in fast.instances) > 0 and len(fast_plans) < len(slow_plans) / 2
-    for key, plan in fast_plans.items():
-        assert plan_key(plan) == plan_key(slow_plans[key]), key
-    for name in ("first_token_s", "last_token_s", "num_output_tokens"):
-        assert getattr(fast.times, name) == getattr(slow.times, name), name
+    assert_runs_decide_as_steps(fast, fast_plans, slow, slow_plans)
     for a, b in zip(fast.instances, slow.instances):
-        assert (a.num_steps, a.scheduler.num_preemptions, a.peak_used_blocks) == (
-            b.num_steps,
-            b.scheduler.num_preemptions,
-            b.peak_used_blocks,
-        )
-        assert a.worker.busy_s == b.worker.busy_s
         assert (a.kv.table.mapped, a.kv.table.tenant) == (b.kv.table.mapped, b.kv.table.tenant)  # type: ignore[union-attr]
     if num_instances == 1:
         assert fast.instances[0].scheduler.num_preemptions > 0, "the workload should exercise preemption"
@@ -736,11 +738,8 @@ def test_simulator_makes_the_real_engines_decisions_for_chat_sessions(
         real = drive_real_engine(core, requests, sessions)
         found = host_tier(core.kv_manager)
         disk = core.kv_manager.disk  # type: ignore[attr-defined]
-        config = InstanceConfig(
-            scheduler=core.config.scheduler,
-            kv_capacity_tokens=core.capacity_tokens,
-            block_size=core.config.cache.block_size,
-            max_model_len=core.max_model_len,
+        config = instance_of(
+            core,
             host=HostTierConfig(found[0].num_blocks * found[1]) if found is not None else None,
             disk=DiskTierConfig(disk.num_blocks * 16) if disk is not None else None,
         )
@@ -748,9 +747,7 @@ def test_simulator_makes_the_real_engines_decisions_for_chat_sessions(
     finally:
         core.close()
     simulated, summary = simulated_plans(config, requests, sessions)
-    assert len(simulated) == len(real)
-    for sim_plan, real_plan in zip(simulated, real):
-        assert plan_key(sim_plan) == plan_key(real_plan)
+    assert_same_plans(simulated, real)
     num_turns = sum(len(s.turns) for s in sessions)
     assert summary["completed"] == len(requests) + num_turns
     simulation = summary["simulation"]
