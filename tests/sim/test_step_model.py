@@ -116,6 +116,25 @@ def test_overhead_fit_recovers_the_serving_overhead_on_top_of_the_worker_model()
     assert model.step_seconds(shape) == pytest.approx(TRUE.step_seconds(shape) + overhead.seconds(shape))
 
 
+def test_overhead_fit_keeps_a_negative_intercept_at_zero() -> None:
+    """Served steps a constant 2 ms faster than the worker model, plus 1 ms a request: the free fit's
+    intercept would be -2 ms; kept at 0, the per-request term is the weighted least-squares slope through
+    the origin, computed here by its formula."""
+    rng = random.Random(3)
+    served = []
+    for _ in range(100):
+        decodes = rng.randint(1, 40)
+        shape = StepShape(0, 0, decodes, decodes * rng.randint(20, 600), 0)
+        served.append((shape, TRUE.step_seconds(shape) - 0.002 + 0.001 * decodes))
+    model, _ = fit_overhead(TRUE, served)
+    assert model.overhead.per_step == 0.0
+    x = [s.num_decodes / t for s, t in served]
+    y = [(t - TRUE.step_seconds(s)) / t for s, t in served]
+    slope = sum(a * b for a, b in zip(x, y)) / sum(a * a for a in x)
+    assert model.overhead.per_sequence == pytest.approx(slope, rel=1e-9)
+    assert 0 < slope < 0.001
+
+
 @pytest.mark.parametrize(
     "model",
     [
