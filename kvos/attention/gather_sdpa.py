@@ -53,8 +53,8 @@ class GatherSDPABackend:
         for p in meta.prefills:
             rows = slice(p.token_start, p.token_start + p.num_tokens)
             q_p = q[rows].transpose(0, 1).unsqueeze(0)  # (1, H, n, D)
-            k_p = _gather(k_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)  # (1, KV, L, D)
-            v_p = _gather(v_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)
+            k_p = gather_slots(k_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)  # (1, KV, L, D)
+            v_p = gather_slots(v_cache, p.kv_indices).transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(
                 q_p, k_p, v_p, attn_mask=p.mask, is_causal=p.mask is None, scale=scale, enable_gqa=gqa
             )
@@ -105,7 +105,7 @@ def write_kv(
     v_cache[slot_mapping] = v.to(v_cache.dtype)
 
 
-def _gather(cache: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def gather_slots(cache: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """cache[indices] for flat slot indices of any shape, plus the cache's trailing dims.
 
     `index_select` copies whole rows; advanced indexing is several times slower on CPU.
@@ -124,8 +124,8 @@ def _decode(
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
-    k_b = _gather(k_cache, d.kv_indices).transpose(1, 2)  # (B, KV, L, D)
-    v_b = _gather(v_cache, d.kv_indices).transpose(1, 2)
+    k_b = gather_slots(k_cache, d.kv_indices).transpose(1, 2)  # (B, KV, L, D)
+    v_b = gather_slots(v_cache, d.kv_indices).transpose(1, 2)
     q_b = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     o = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=d.mask, scale=scale)
     return o.reshape(batch, num_heads, head_dim)

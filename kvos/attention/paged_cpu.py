@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvos.attention.backend import SeqLayout, slot_mapping
-from kvos.attention.gather_sdpa import prefill_chunk, write_kv
+from kvos.attention.gather_sdpa import gather_slots, prefill_chunk, write_kv
 from kvos.attention.metadata import AttentionMetadata, PagedBatch
 from kvos.extensions import build_cpu_extension, cpu_flags
 
@@ -88,7 +88,7 @@ class PagedCPUBackend:
             if chunk.mask is None:  # a whole prompt: its keys are the step's own
                 k_p, v_p = (x[rows].to(k_cache.dtype).transpose(0, 1).unsqueeze(0) for x in (k, v))
             else:  # over a cached prefix: its context, this step's keys included, out of the cache
-                k_p, v_p = (c[chunk.kv_indices].transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
+                k_p, v_p = (gather_slots(c, chunk.kv_indices).transpose(0, 1).unsqueeze(0) for c in (k_cache, v_cache))
             o = F.scaled_dot_product_attention(
                 q_p,
                 k_p,
