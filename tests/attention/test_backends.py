@@ -17,6 +17,7 @@ import torch
 from kvos.attention import paged_cpu
 from kvos.attention.backend import SeqLayout, make_backend
 from kvos.core.request import Request
+from kvos.extensions import cpu_flags
 from kvos.memory.shape import KVShape
 from kvos.memory.virtual import VirtualKVCacheManager
 from kvos.memory.virtual.layout import LayoutKind
@@ -249,6 +250,13 @@ def test_whole_prompts_go_to_sdpa_without_avx512_or_with_amx() -> None:
     assert not paged_cpu.prompts_to_sdpa(True, amd_zen4)
     assert paged_cpu.prompts_to_sdpa(True, amd_zen4 | {"amx_tile", "amx_bf16"})
     assert paged_cpu.prompts_to_sdpa(False, frozenset({"avx2", "fma"}))
+
+
+def test_bfloat16_items_run_on_the_tile_unit_where_the_cpu_has_amx() -> None:
+    """On a CPU with AMX the naive-attention checks above run the kernel's AMX path (decodes and
+    chunks of up to 16 query rows per kv head); a refused tile state would silently fall back."""
+    paged_cpu.load_kernel()
+    assert torch.ops.kvos.paged_attention_amx() == ({"amx_tile", "amx_bf16"} <= cpu_flags())
 
 
 def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:

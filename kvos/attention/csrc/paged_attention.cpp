@@ -47,8 +47,9 @@
  * written for the compiler's vectoriser (-O3 -march=native, `omp simd`), exp included;
  * with AVX-512 the two inner products of a tile (scores, weighted values) are written
  * with intrinsics (float32 caches), and with AVX512-BF16 bfloat16 caches are multiplied
- * as bfloat16 pairs, never widened (`run_item_bf16`). Without AVX512-BF16, bfloat16
- * tiles are widened to float32 once per tile.
+ * as bfloat16 pairs, never widened (`run_item_bf16`). With AMX, bfloat16 items of up to 16
+ * query rows per kv head (every decode) run both products on the tile unit instead
+ * (`run_item_amx`). Without AVX512-BF16, bfloat16 tiles are widened to float32 once per tile.
  */
 
 #include <ATen/ATen.h>
@@ -68,6 +69,13 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define KVOS_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <optional>
 #endif
 
 namespace {
@@ -531,6 +539,227 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
     }
   }
 }
+
+#if defined(KVOS_AMX)
+/* bfloat16 caches on a CPU with AMX: both products of a tile on the tile unit (TDPBF16PS, a
+ * 16 x 16 float32 block += (16 x 32) x (32 x 16) bfloat16 products per instruction), when an item's
+ * query rows per kv head (tokens x group, R) fit in one tile's 16 rows. The AVX512-BF16 path spent
+ * about 8 vector instructions per (query row, key); here the tile unit does the products and the
+ * vector units only reshape, so the kernel waits on memory instead of on its own arithmetic.
+ *
+ *   scores  S^T (16 keys x R) = K (16 keys x D) . Q^T (D x R): the K tile is loaded straight from
+ *           the cache (16 consecutive slots, the slot stride as the row stride); Q^T is built
+ *           once per item in the pair layout TDPBF16PS wants (dword p of column j = q_j[2p..2p+1]).
+ *           Each query row's 32 scores are gathered out of S^T for the online softmax.
+ *   values  O (R x 16 dims) = P (R x 32 keys) . V: the weights are a row each, and V is
+ *           re-laid as pairs of keys (unpacklo/hi_epi16 of rows 2p and 2p+1, the same unpacks as
+ *           the AVX512-BF16 path but once per kv head instead of once per query row); the
+ *           unpacks' dim order is undone when O is added to the running output.
+ *
+ * The same roundings as the AVX512-BF16 path (queries and weights to bfloat16, every sum in
+ * float32). A thread configures the tiles for its R and restores whatever configuration it
+ * found when its share of the items is done, so other users of the tile unit in the process
+ * (oneDNN's GEMMs) are left as they were. Linux hands the tile state to a process only after
+ * it asks (arch_prctl); where that is refused, the AVX512-BF16 path runs. */
+
+/* The tiles (GCC's tile intrinsics take the tile's number as a literal):
+ *   0  S^T  16 keys x R float32         3  P  R rows x 32 keys
+ *   1  K    16 keys x 32 dims           4  V  16 key pairs x 16 dims
+ *   2  Q^T  16 dim pairs x R            5  O  R rows x 16 dims float32 */
+constexpr int64_t kAmxRows = 16;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 0;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_usable() {
+  static const bool usable = [] {
+    constexpr long kReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
+    constexpr long kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
+
+/* One thread's use of the tile unit for the span of a parallel chunk. */
+class TileUse {
+ public:
+  TileUse() { _tile_storeconfig(&found_); }
+  ~TileUse() {
+    if (found_.palette != 0) {
+      _tile_loadconfig(&found_);
+    } else if (rows_ != 0) {
+      _tile_release();
+    }
+  }
+  TileUse(const TileUse&) = delete;
+  TileUse& operator=(const TileUse&) = delete;
+
+  /* Tiles shaped for R query rows per kv head (loading a configuration zeroes every tile). */
+  void configure(int64_t rows) {
+    if (rows == rows_) return;
+    TileConfig config;
+    config.palette = 1;
+    const auto set = [&](int tile, int64_t tile_rows, int64_t bytes_per_row) {
+      config.rows[tile] = static_cast<uint8_t>(tile_rows);
+      config.colsb[tile] = static_cast<uint16_t>(bytes_per_row);
+    };
+    set(0, 16, 4 * rows);
+    set(1, 16, 64);
+    set(2, 16, 4 * rows);
+    set(3, rows, 64);
+    set(4, 16, 64);
+    set(5, rows, 64);
+    _tile_loadconfig(&config);
+    rows_ = rows;
+  }
+
+ private:
+  TileConfig found_;
+  int64_t rows_ = 0;
+};
+
+/* A thread's buffers for the tile loads and stores of run_item_amx. */
+template <int64_t kD>
+struct AmxScratch {
+  static constexpr int kZ = static_cast<int>(kD / 32);
+  alignas(64) bf16_t keys[16 * kD];             // a short or scattered run of keys, copied
+  alignas(64) float scores[kKeyTile * kAmxRows];  // S^T of the tile: [key][row]
+  alignas(64) bf16_t weights[kAmxRows * kKeyTile];  // P: [row][key]
+  alignas(64) uint32_t values[kZ][2][16][16];   // V in key pairs: [32-dim chunk][lo/hi][pair][dim]
+  alignas(64) float out[kAmxRows * kD];         // O, dims in the unpacks' order
+  std::vector<uint32_t> query;                  // Q^T per kv head: [head][chunk][pair][row]
+};
+
+template <int64_t kD>
+void run_item_amx(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk, const float* q, int64_t q_stride_token,
+                  int64_t group, float scale, float* acc, float* m, float* l, AmxScratch<kD>& s, TileUse& tiles) {
+  constexpr int kZ = static_cast<int>(kD / 32);
+  const int64_t heads = item.h_end - item.h_begin;
+  const int64_t tokens = item.q_end - item.q_begin;
+  const int64_t rows = tokens * group;      // R: query rows per kv head
+  const int64_t row_stride = heads * group;  // item rows per query token
+  tiles.configure(rows);
+  // Item row of kv head h's tile row j: token j / group, query head h * group + j % group.
+  const auto item_row = [&](int64_t h, int64_t j) { return (j / group) * row_stride + h * group + j % group; };
+
+  s.query.resize(static_cast<size_t>(heads * kZ * 16 * rows));
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t j = 0; j < rows; ++j) {
+      const int64_t r = item_row(h, j);
+      const int64_t token = seq.token_start + item.q_begin + j / group;
+      const float* src = q + token * q_stride_token + (item.h_begin * group + r % row_stride) * kD;
+      for (int z = 0; z < kZ; ++z) {
+        alignas(64) uint32_t pairs[16];
+        _mm512_store_si512(pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 32 * z + 16),
+                                                                 _mm512_loadu_ps(src + 32 * z)));
+        uint32_t* dst = s.query.data() + ((h * kZ + z) * 16) * rows + j;
+        for (int p = 0; p < 16; ++p) dst[p * rows] = pairs[p];
+      }
+      m[r] = kNegInf;
+      l[r] = 0.0f;
+      std::fill(acc + r * kD, acc + (r + 1) * kD, 0.0f);
+    }
+  }
+
+  const __m512i key_index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(static_cast<int32_t>(rows)));
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  alignas(64) float scores[kKeyTile];
+  int64_t slots[kKeyTile];
+  bool seen[kAmxRows];
+  const int64_t span = heads_span(walk, heads, kD);
+  const int64_t k_bytes = walk.k_stride * static_cast<int64_t>(sizeof(bf16_t));
+  for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
+    const int64_t n = std::min(kKeyTile, item.p_end - start);
+    tile_slots(walk, start, n, slots);
+    if (start + kKeyTile < item.p_end)
+      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
+    for (int64_t h = 0; h < heads; ++h) {
+      const bf16_t* k_head = walk.k_base + h * walk.k_head_stride;
+      const bf16_t* v_head = walk.v_base + h * walk.v_head_stride;
+      // Scores, 16 keys at a time: straight from the cache when they are 16 consecutive slots.
+      for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        const int64_t count = std::min<int64_t>(16, n - j0);
+        const bf16_t* base = k_head + slots[j0] * walk.k_stride;
+        int64_t stride = k_bytes;
+        if (count < 16 || slots[j0 + 15] != slots[j0] + 15) {
+          for (int64_t j = 0; j < 16; ++j) {
+            if (j < count)
+              std::memcpy(s.keys + j * kD, k_head + slots[j0 + j] * walk.k_stride, kD * sizeof(bf16_t));
+            else
+              std::memset(s.keys + j * kD, 0, kD * sizeof(bf16_t));
+          }
+          base = s.keys;
+          stride = kD * static_cast<int64_t>(sizeof(bf16_t));
+        }
+        _tile_zero(0);
+        for (int z = 0; z < kZ; ++z) {
+          _tile_loadd(1, base + 32 * z, stride);
+          _tile_loadd(2, s.query.data() + ((h * kZ + z) * 16) * rows, 4 * rows);
+          _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, s.scores + j0 * rows, 4 * rows);
+      }
+      // The online softmax per query row; its weights become row j of P.
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t r = item_row(h, j);
+        const int64_t visible_end = seq.num_computed + item.q_begin + j / group + 1;  // causal limit
+        const int64_t visible = std::min(n, visible_end - start);
+        seen[j] = visible > 0;
+        __m512i* p_row = reinterpret_cast<__m512i*>(s.weights + j * kKeyTile);
+        if (!seen[j]) {
+          _mm512_store_si512(p_row, _mm512_setzero_si512());
+          continue;
+        }
+        const __m512i index = _mm512_add_epi32(key_index, _mm512_set1_epi32(static_cast<int32_t>(j)));
+        _mm512_store_ps(scores, _mm512_mul_ps(_mm512_i32gather_ps(index, s.scores, 4), scale_v));
+        if (visible > 16)
+          _mm512_store_ps(scores + 16, _mm512_mul_ps(_mm512_i32gather_ps(index, s.scores + 16 * rows, 4), scale_v));
+        online_softmax_tile(scores, visible, m[r], l[r], acc + r * kD, kD);
+        _mm512_store_si512(p_row, (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(scores + 16), _mm512_load_ps(scores)));
+      }
+      // V as pairs of keys (keys past n are zeros: their weights are 0, and 0 x NaN would not be).
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t a = 2 * p, b = 2 * p + 1;
+        for (int z = 0; z < kZ; ++z) {
+          const __m512i va = a < n ? _mm512_loadu_si512(v_head + slots[a] * walk.v_stride + 32 * z) : _mm512_setzero_si512();
+          const __m512i vb = b < n ? _mm512_loadu_si512(v_head + slots[b] * walk.v_stride + 32 * z) : _mm512_setzero_si512();
+          _mm512_store_si512(s.values[z][0][p], _mm512_unpacklo_epi16(va, vb));
+          _mm512_store_si512(s.values[z][1][p], _mm512_unpackhi_epi16(va, vb));
+        }
+      }
+      _tile_loadd(3, s.weights, kKeyTile * static_cast<int64_t>(sizeof(bf16_t)));
+      for (int z = 0; z < kZ; ++z) {
+        for (int half = 0; half < 2; ++half) {
+          _tile_zero(5);
+          _tile_loadd(4, s.values[z][half], 64);
+          _tile_dpbf16ps(5, 3, 4);
+          _tile_stored(5, s.out + 32 * z + 16 * half, kD * static_cast<int64_t>(sizeof(float)));
+        }
+      }
+      for (int64_t j = 0; j < rows; ++j) {
+        if (!seen[j]) continue;
+        float* acc_row = acc + item_row(h, j) * kD;
+        const float* o = s.out + j * kD;
+        for (int z = 0; z < kZ; ++z) {
+          const __m512 lo = _mm512_load_ps(o + 32 * z);
+          const __m512 hi = _mm512_load_ps(o + 32 * z + 16);
+          float* dst = acc_row + 32 * z;
+          _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_permutex2var_ps(lo, first, hi)));
+          _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_loadu_ps(dst + 16), _mm512_permutex2var_ps(lo, second, hi)));
+        }
+      }
+    }
+  }
+}
+#endif
 #else
 template <int64_t kD>
 constexpr bool kBF16Tiles = false;
@@ -626,6 +855,9 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
   const int64_t table_stride = block_tables.stride(0);
 
   float* out_data = out.data_ptr<float>();
+#if defined(KVOS_AMX)
+  const bool amx = std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD> && amx_usable();
+#endif
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     // Scratch of this thread: scaled queries, widened K/V tiles, and the rows of a one-partition item.
     std::vector<float> scratch(max_rows * head_dim + 2 * kKeyTile * head_dim + max_rows * (head_dim + 2));
@@ -635,6 +867,10 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     float* acc_own = v_buf + kKeyTile * head_dim;
     float* m_own = acc_own + max_rows * head_dim;
     float* l_own = m_own + max_rows;
+#if defined(KVOS_AMX)
+    std::unique_ptr<AmxScratch<std::max<int64_t>(kD, 32)>> amx_scratch;
+    std::optional<TileUse> tile_use;  // declared last: gives the tile unit back first
+#endif
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
       const KVWalk<scalar_t> walk{k_data + item.h_begin * k_cache.stride(1),
@@ -649,6 +885,20 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       float* acc = direct ? acc_own : acc_all + item.row * head_dim;
       float* m = direct ? m_own : m_all + item.row;
       float* l = direct ? l_own : l_all + item.row;
+#if defined(KVOS_AMX)
+      if constexpr (std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD>) {
+        if (amx && (item.q_end - item.q_begin) * group <= kAmxRows) {
+          if (!tile_use) {
+            tile_use.emplace();
+            amx_scratch = std::make_unique<AmxScratch<kD>>();
+          }
+          run_item_amx<kD>(item, seqs[item.seq], walk, q_data, q_stride_token, group, static_cast<float>(scale), acc, m,
+                           l, *amx_scratch, *tile_use);
+          if (direct) write_rows(item, seqs[item.seq], group, num_heads, head_dim, acc, l, out_data);
+          continue;
+        }
+      }
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
       if constexpr (std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD>) {
         if (group <= 8) {
@@ -843,12 +1093,22 @@ void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_map
   }
 }
 
+/* Whether bfloat16 items run on the tile unit (AMX) in this process. */
+bool paged_attention_amx() {
+#if defined(KVOS_AMX)
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(kvos, m) {
   m.def(
       "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seqs, "
       "int block_size, float scale) -> Tensor");
+  m.def("paged_attention_amx() -> bool", &paged_attention_amx);
   m.def("write_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping, Tensor k, Tensor v) -> ()");
 }
 
