@@ -1,4 +1,4 @@
-"""The bfloat16 layer kernels against the eager ops they replace, on one engine, interleaved.
+"""kvos's bfloat16 CPU kernels against what they replace, on one engine, interleaved.
 
 This VM's speed drifts by 10-30% between processes minutes apart, more than
 the kernels change a step by, so a before/after pair of separate runs says
@@ -7,9 +7,12 @@ linears) decodes a batch of B requests of C random prompt tokens, and its
 norms, SwiGLU activations and rotary embedding are switched between the
 kernels (`kvos.model.layer_kernels`) and eager twins on the same weights
 every few steps, in alternating order; each round times both. The KV write
-(`kvos::write_kv`) runs in both halves.
+(`kvos::write_kv`) runs in both halves. With `--kernels linears` the linears
+on the AMX kernel (`kvos.model.amx_linear`) are switched with oneDNN's
+prepacked twins instead (a CPU with AMX only).
 
-Usage: python -m benchmarks.layer_kernels_ab [--batches 1,16,64] [--context 256] [--rounds 6] [--steps 5]
+Usage: python -m benchmarks.layer_kernels_ab [--kernels layer|linears] [--batches 1,16,64] [--context 256]
+       [--rounds 6] [--steps 5]
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from kvos.config import EngineConfig
 from kvos.engine.llm_engine import LLMEngine
 from kvos.model.layer_kernels import KernelRMSNorm, KernelRotaryEmbedding, KernelSiluAndMul
 from kvos.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
+from kvos.model.prepack import PrepackedLinear
 from kvos.sampling_params import SamplingParams
 
 Swaps = list[tuple[nn.Module, str, nn.Module, nn.Module]]  # parent, name, kernel module, eager twin
@@ -49,15 +53,26 @@ def eager_twin(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def find_swaps(model: nn.Module) -> Swaps:
+def onednn_twin(module: nn.Module) -> nn.Module | None:
+    """oneDNN's prepacked linear on the weights of a linear that runs on the AMX kernel."""
+    if not (isinstance(module, PrepackedLinear) and module.amx):
+        return None
+    plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    plain.weight = nn.Parameter(module.dense_weight(), requires_grad=False)
+    plain.bias = module.bias
+    return PrepackedLinear(plain, batch_size_hint=64, use_amx=False)
+
+
+def find_swaps(model: nn.Module, kernels: str) -> Swaps:
+    twin_of = onednn_twin if kernels == "linears" else eager_twin
     swaps = []
-    for parent in model.modules():
-        for name, child in parent.named_children():
-            twin = eager_twin(child)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            twin = twin_of(child)
             if twin is not None:
                 swaps.append((parent, name, child, twin))
     if not swaps:
-        raise SystemExit("the engine runs no layer kernels (they need eager bfloat16 on a CPU)")
+        raise SystemExit(f"the engine runs no {kernels} kernels (eager bfloat16 on a CPU; linears: with AMX)")
     return swaps
 
 
@@ -92,6 +107,7 @@ def time_batch(engine: LLMEngine, swaps: Swaps, batch: int, context: int, rounds
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernels", choices=("layer", "linears"), default="layer")
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6, help="rounds of (kernels, eager) or (eager, kernels)")
@@ -102,9 +118,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     engine = LLMEngine(
         EngineConfig.from_kwargs(max_num_seqs=max(batches), max_num_batched_tokens=max(512, args.context))
     )
-    swaps = find_swaps(engine._local_core().worker.model)
+    swaps = find_swaps(engine._local_core().worker.model, args.kernels)
     print(f"{len(swaps)} modules switched; batch x {args.context} context; {args.rounds} rounds x {args.steps} steps")
-    print("| batch | eager step (median) | kernels step (median) | eager / kernels | rounds kernels faster |")
+    other = "oneDNN" if args.kernels == "linears" else "eager"
+    print(f"| batch | {other} step (median) | kernels step (median) | {other} / kernels | rounds kernels faster |")
     print("|---|---|---|---|---|")
     for batch in batches:
         r = time_batch(engine, swaps, batch, args.context, args.rounds, args.steps)

@@ -64,6 +64,8 @@ GEMM_OPS = frozenset(
         "aten::_weight_int8pack_mm",
         "aten::_weight_int4pack_mm_for_cpu",
         "mkldnn::_linear_pointwise",
+        "kvos::int4_linear",
+        "kvos_amx::linear",
     }
 )
 ATTENTION_OPS = frozenset({"kvos::paged_attention", "aten::_scaled_dot_product_flash_attention_for_cpu"})

@@ -31,11 +31,12 @@ class PrepackedLinear(nn.Module):
     """`nn.Linear` whose weight lives only in a GEMM's own layout: the AMX kernel's where the CPU has AMX
     and the shape fits it, oneDNN's blocked layout (an opaque mkldnn tensor) otherwise."""
 
-    def __init__(self, linear: nn.Linear, batch_size_hint: int) -> None:
+    def __init__(self, linear: nn.Linear, batch_size_hint: int, use_amx: bool = True) -> None:
+        """`use_amx=False` keeps oneDNN where the AMX kernel could run (to compare the two)."""
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.amx = amx_linear.fits(self.out_features, self.in_features) and amx_linear.supported()
+        self.amx = use_amx and amx_linear.fits(self.out_features, self.in_features) and amx_linear.supported()
         # A plain attribute, not a buffer: a packed weight has no layout that state_dict, `.to` or
         # parameter counts could use, and nothing but this forward reads it.
         weight = linear.weight.detach()
