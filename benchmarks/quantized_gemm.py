@@ -8,8 +8,9 @@ kernel replaces PyTorch's, and the copy goes if that kernel keeps up at every
 batch size. This times, for SmolLM2-135M's projection shapes (fused q|k|v, o,
 fused gate|up, down, the LM head) and each row count M: the quantized kernel
 (`quantized_matmul`: kvos's on VNNI CPUs for int4), the bfloat16 GEMM on the
-dequantized weight as `F.linear` and with the weight prepacked for oneDNN (as
-kvos runs unquantized bfloat16 models), and a float32 GEMM, each the median of
+dequantized weight as `F.linear`, with the weight prepacked for oneDNN, and on
+kvos's AMX kernel where the CPU has AMX (kvos runs unquantized bfloat16 models
+on the last, else the one before), and a float32 GEMM, each the median of
 `--iters` calls, summed over one layer's four projections (times the layer
 count) plus the LM head, the work of one forward pass.
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvos.model import int4_kernel
+from kvos.model import amx_linear, int4_kernel
 from kvos.model.prepack import PrepackedLinear
 from kvos.model.quantization import _FORMATS, QuantizedLinear
 
@@ -59,7 +60,7 @@ def median_seconds(fn: Callable[[], torch.Tensor], iters: int) -> float:
 
 def time_rows(method: str, rows: int, iters: int) -> dict[str, float]:
     """Seconds of one forward pass's linears at `rows` rows, per way of computing them."""
-    totals = {"packed": 0.0, "bf16_dequantized": 0.0, "bf16_prepacked": 0.0, "float32": 0.0}
+    totals = {"packed": 0.0, "bf16_dequantized": 0.0, "bf16_prepacked": 0.0, "bf16_amx": 0.0, "float32": 0.0}
     generator = torch.Generator().manual_seed(0)
     for in_features, out_features, count in SMOLLM2_LINEARS:
         linear = nn.Linear(in_features, out_features, bias=False)
@@ -72,13 +73,16 @@ def time_rows(method: str, rows: int, iters: int) -> dict[str, float]:
         weight_bf16 = quantized.dequantized_weight()
         bf16_linear = nn.Linear(in_features, out_features, bias=False, dtype=torch.bfloat16)
         bf16_linear.weight.data.copy_(weight_bf16)
-        prepacked = PrepackedLinear(bf16_linear, batch_size_hint=rows)
+        prepacked = PrepackedLinear(bf16_linear, batch_size_hint=rows, use_amx=False)
+        on_amx = PrepackedLinear(bf16_linear, batch_size_hint=rows) if amx_linear.supported() else None
         with torch.inference_mode():
             totals["packed"] += count * median_seconds(functools.partial(quantized.quantized_matmul, x_bf16), iters)
             totals["bf16_dequantized"] += count * median_seconds(
                 functools.partial(F.linear, x_bf16, weight_bf16), iters
             )
             totals["bf16_prepacked"] += count * median_seconds(functools.partial(prepacked, x_bf16), iters)
+            if on_amx is not None:
+                totals["bf16_amx"] += count * median_seconds(functools.partial(on_amx, x_bf16), iters)
             totals["float32"] += count * median_seconds(functools.partial(F.linear, x, weight_f32), iters)
     return totals
 
@@ -94,17 +98,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     kernel = "kvos's int4 kernel" if args.method == "int4" and int4_kernel.supported() else "PyTorch's kernel"
     print(f"{args.method} linears of one SmolLM2-135M forward pass ({kernel}), torch threads {torch.get_num_threads()}")
     print(
-        f"{'rows':>5} {'packed ms':>10} {'bf16 dequant ms':>16} {'bf16 prepacked ms':>18} {'float32 ms':>11} "
-        f"{'packed / best bf16':>19}"
+        f"{'rows':>5} {'packed ms':>10} {'bf16 dequant ms':>16} {'bf16 prepacked ms':>18} {'bf16 AMX ms':>12} "
+        f"{'float32 ms':>11} {'packed / best bf16':>19}"
     )
     points = []
     for rows in (int(r) for r in args.rows.split(",")):
         t = time_rows(args.method, rows, args.iters)
         points.append({"rows": rows, **t})
-        best_bf16 = min(t["bf16_dequantized"], t["bf16_prepacked"])
+        best_bf16 = min(v for k, v in t.items() if k.startswith("bf16") and v > 0)
+        amx_ms = f"{1e3 * t['bf16_amx']:.2f}" if t["bf16_amx"] > 0 else "-"
         print(
             f"{rows:>5} {1e3 * t['packed']:>10.2f} {1e3 * t['bf16_dequantized']:>16.2f} "
-            f"{1e3 * t['bf16_prepacked']:>18.2f} {1e3 * t['float32']:>11.2f} {t['packed'] / best_bf16:>18.2f}x",
+            f"{1e3 * t['bf16_prepacked']:>18.2f} {amx_ms:>12} {1e3 * t['float32']:>11.2f} "
+            f"{t['packed'] / best_bf16:>18.2f}x",
             flush=True,
         )
     load_after = os.getloadavg()[0]
