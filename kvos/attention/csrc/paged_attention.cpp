@@ -70,11 +70,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define KVOS_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-
+#include "amx_tiles.h"
+#if defined(KVOS_AMX)
 #include <optional>
 #endif
 
@@ -557,10 +554,8 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
  *           unpacks' dim order is undone when O is added to the running output.
  *
  * The same roundings as the AVX512-BF16 path (queries and weights to bfloat16, every sum in
- * float32). A thread configures the tiles for its R and restores whatever configuration it
- * found when its share of the items is done, so other users of the tile unit in the process
- * (oneDNN's GEMMs) are left as they were. Linux hands the tile state to a process only after
- * it asks (arch_prctl); where that is refused, the AVX512-BF16 path runs. */
+ * float32). A thread configures the tiles for its R and gives the unit back as it found it
+ * (`kvos::TileUse`); where Linux refuses the tile state, the AVX512-BF16 path runs. */
 
 /* The tiles (GCC's tile intrinsics take the tile's number as a literal):
  *   0  S^T  16 keys x R float32         3  P  R rows x 32 keys
@@ -568,58 +563,24 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
  *   2  Q^T  16 dim pairs x R            5  O  R rows x 16 dims float32 */
 constexpr int64_t kAmxRows = 16;
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 0;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_usable() {
-  static const bool usable = [] {
-    constexpr long kReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
-    constexpr long kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
-}
-
-/* One thread's use of the tile unit for the span of a parallel chunk. */
-class TileUse {
+/* The tiles shaped for R query rows per kv head, loaded when R changes. */
+class AttentionTiles {
  public:
-  TileUse() { _tile_storeconfig(&found_); }
-  ~TileUse() {
-    if (found_.palette != 0) {
-      _tile_loadconfig(&found_);
-    } else if (rows_ != 0) {
-      _tile_release();
-    }
-  }
-  TileUse(const TileUse&) = delete;
-  TileUse& operator=(const TileUse&) = delete;
-
-  /* Tiles shaped for R query rows per kv head (loading a configuration zeroes every tile). */
   void configure(int64_t rows) {
     if (rows == rows_) return;
-    TileConfig config;
-    config.palette = 1;
-    const auto set = [&](int tile, int64_t tile_rows, int64_t bytes_per_row) {
-      config.rows[tile] = static_cast<uint8_t>(tile_rows);
-      config.colsb[tile] = static_cast<uint16_t>(bytes_per_row);
-    };
-    set(0, 16, 4 * rows);
-    set(1, 16, 64);
-    set(2, 16, 4 * rows);
-    set(3, rows, 64);
-    set(4, 16, 64);
-    set(5, rows, 64);
-    _tile_loadconfig(&config);
+    kvos::TileConfig config;
+    config.set(0, 16, 4 * rows);
+    config.set(1, 16, 64);
+    config.set(2, 16, 4 * rows);
+    config.set(3, rows, 64);
+    config.set(4, 16, 64);
+    config.set(5, rows, 64);
+    use_.load(config);
     rows_ = rows;
   }
 
  private:
-  TileConfig found_;
+  kvos::TileUse use_;
   int64_t rows_ = 0;
 };
 
@@ -637,7 +598,7 @@ struct AmxScratch {
 
 template <int64_t kD>
 void run_item_amx(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk, const float* q, int64_t q_stride_token,
-                  int64_t group, float scale, float* acc, float* m, float* l, AmxScratch<kD>& s, TileUse& tiles) {
+                  int64_t group, float scale, float* acc, float* m, float* l, AmxScratch<kD>& s, AttentionTiles& tiles) {
   constexpr int kZ = static_cast<int>(kD / 32);
   const int64_t heads = item.h_end - item.h_begin;
   const int64_t tokens = item.q_end - item.q_begin;
@@ -856,7 +817,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
 
   float* out_data = out.data_ptr<float>();
 #if defined(KVOS_AMX)
-  const bool amx = std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD> && amx_usable();
+  const bool amx = std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD> && kvos::amx_usable();
 #endif
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
     // Scratch of this thread: scaled queries, widened K/V tiles, and the rows of a one-partition item.
@@ -869,7 +830,7 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     float* l_own = m_own + max_rows;
 #if defined(KVOS_AMX)
     std::unique_ptr<AmxScratch<std::max<int64_t>(kD, 32)>> amx_scratch;
-    std::optional<TileUse> tile_use;  // declared last: gives the tile unit back first
+    std::optional<AttentionTiles> tile_use;  // declared last: gives the tile unit back first
 #endif
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
@@ -1096,7 +1057,7 @@ void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slot_map
 /* Whether bfloat16 items run on the tile unit (AMX) in this process. */
 bool paged_attention_amx() {
 #if defined(KVOS_AMX)
-  return amx_usable();
+  return kvos::amx_usable();
 #else
   return false;
 #endif

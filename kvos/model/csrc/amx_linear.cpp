@@ -1,19 +1,22 @@
 /*
  * bfloat16 linears on the AMX tile unit for the row counts of a decode step.
  *
- * y (M x N) = x (M x K) . W^T, W (N x K) bfloat16, every sum in float32, y rounded to bfloat16.
- * TDPBF16PS multiplies a (16 x 32) bfloat16 tile by a (32 x 16) one into a 16 x 16 float32 tile;
- * its right operand must hold pairs of consecutive k for each column (dword p of row j =
- * W[n0 + j][2p .. 2p+1] sits at row p, column j). `amx_pack` lays W out that way once, at start-up:
+ * y (M x N) = x (M x K) . W^T (+ bias), W (N x K) bfloat16, every sum in float32, y rounded to
+ * bfloat16 once. TDPBF16PS multiplies a (16 x 32) bfloat16 tile by a (32 x 16) one into a 16 x 16
+ * float32 tile; its right operand must hold pairs of consecutive k for each column (dword p of row
+ * j = W[n0 + j][2p .. 2p+1] sits at row p, column j). `pack` lays W out that way once, at start-up:
  *
  *     packed[n_tile][k_pair][16 columns][2]      (N / 16 tiles of K / 2 rows of 64 bytes)
  *
- * so one column tile's whole K is one contiguous run that the hardware prefetcher streams, and a
- * B tile (16 k pairs) is 1 KiB read once per call. Each thread takes a run of column tiles; for
- * each it keeps up to four 16-row C tiles (64 rows of x) and a fifth for the last M % 16 rows,
- * loads the B tile once per 32 k and multiplies it into every C tile, so W is read once per 64 rows.
+ * so a column tile's whole K is one contiguous run that the hardware prefetcher streams, and a B
+ * tile (16 k pairs) is 1 KiB. The output is computed in 32 x 32 blocks (`column_pair`): four C
+ * tiles, two A tiles (rows 0-15 and 16-31 of the block) and two B tiles (the two column tiles),
+ * each loaded tile feeding two products. Each thread takes a run of column pairs, in groups of 8
+ * whose weights (8 x 2 x K x 32 bytes) stay in L2 while every 32-row block of x passes over them,
+ * so W comes from memory once per call whatever M is. The last M % 16 rows are copied into a
+ * zeroed 16-row block first, so every tile is 16 rows and no load reads past x.
  *
- * Tiles: 0-3 C (16 rows), 4 C of the M % 16 last rows, 5 A (16 rows), 6 A (M % 16 rows), 7 B.
+ * Tiles: 0-3 C, 4-5 A, 6-7 B, all 16 rows of 64 bytes.
  */
 
 #include <ATen/ATen.h>
@@ -25,62 +28,19 @@
 #include <cstring>
 #include <optional>
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define KVOS_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+#include "amx_tiles.h"
 
 namespace {
 
 constexpr int64_t kGroup = 8;  // column pairs per pass of x
 
 #if defined(KVOS_AMX)
-struct alignas(64) TileConfig {
-  uint8_t palette = 0;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-bool amx_usable() {
-  static const bool usable = [] {
-    constexpr long kReqXcompPerm = 0x1023;  // ARCH_REQ_XCOMP_PERM
-    constexpr long kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return usable;
+/* Every tile 16 rows of 64 bytes. */
+kvos::TileConfig linear_tiles() {
+  kvos::TileConfig config;
+  for (int tile = 0; tile < 8; ++tile) config.set(tile, 16, 64);
+  return config;
 }
-
-/* A thread's use of the tile unit: every tile 16 rows of 64 bytes; the configuration it found is put
- * back at the end. */
-class TileUse {
- public:
-  TileUse() {
-    _tile_storeconfig(&found_);
-    TileConfig config;
-    config.palette = 1;
-    for (int tile = 0; tile < 8; ++tile) {
-      config.rows[tile] = 16;
-      config.colsb[tile] = 64;
-    }
-    _tile_loadconfig(&config);
-  }
-  ~TileUse() {
-    if (found_.palette != 0) {
-      _tile_loadconfig(&found_);
-    } else {
-      _tile_release();
-    }
-  }
-  TileUse(const TileUse&) = delete;
-  TileUse& operator=(const TileUse&) = delete;
-
- private:
-  TileConfig found_;
-};
 
 /* `rows` rows of a stored 16 x 16 float32 tile, plus the bias's 16 columns (if any), into y rounded to
  * bfloat16 (oneDNN's fused bias: added in float32, rounded once). */
@@ -134,7 +94,7 @@ void column_pair(const c10::BFloat16* a0, int64_t a0_stride, const c10::BFloat16
 
 bool amx_linear_available() {
 #if defined(KVOS_AMX)
-  return amx_usable();
+  return kvos::amx_usable();
 #else
   return false;
 #endif
@@ -160,7 +120,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   TORCH_CHECK_VALUE(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == packed.size(0) * 16),
                     "amx_linear: bias must be (out_features,)");
 #if defined(KVOS_AMX)
-  TORCH_CHECK(amx_usable(), "amx_linear: this process has no AMX tile state");
+  TORCH_CHECK(kvos::amx_usable(), "amx_linear: this process has no AMX tile state");
   const int64_t m = x.size(0), k = x.size(1), n_tiles = packed.size(0);
   at::Tensor y = at::empty({m, n_tiles * 16}, x.options());
   if (m == 0) return y;
@@ -190,7 +150,8 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
   c10::BFloat16* y_data = y.data_ptr<c10::BFloat16>();
   const int64_t ldy = y.stride(0), k_steps = k / 32, tile_words = (k / 2) * 16;
   at::parallel_for(0, n_tiles / 2, 2, [&](int64_t begin, int64_t end) {
-    TileUse tiles;
+    kvos::TileUse tiles;
+    tiles.load(linear_tiles());
     // Groups of column pairs whose weights (8 x 2 x K x 32 bytes) stay in L2 while every 32-row block
     // of x (in L1) passes over them: the weights come from memory once, x's blocks from L1.
     for (int64_t g = begin; g < end; g += kGroup) {
