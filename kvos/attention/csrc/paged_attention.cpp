@@ -254,6 +254,18 @@ inline void prefetch_tile(const KVWalk<scalar_t>& walk, int64_t start, int64_t n
   }
 }
 
+/* The tile of an item's partition that starts at `start`: its length (up to kKeyTile), its slots, and
+ * the next tile's rows asked for while this one is worked on. */
+template <typename scalar_t>
+inline int64_t begin_tile(const Item& item, const KVWalk<scalar_t>& walk, int64_t start, int64_t span,
+                          int64_t* slots) {
+  const int64_t n = std::min(kKeyTile, item.p_end - start);
+  tile_slots(walk, start, n, slots);
+  if (start + kKeyTile < item.p_end)
+    prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
+  return n;
+}
+
 /* Pointers to the cache's own K and V rows of `n` slots, for the walk's head number `head`. */
 template <typename scalar_t>
 inline void tile_rows(const KVWalk<scalar_t>& walk, const int64_t* slots, int64_t n, int64_t head,
@@ -389,10 +401,7 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
   int64_t slots[kKeyTile];
   const int64_t span = heads_span(walk, heads, head_dim);
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
-    const int64_t n = std::min(kKeyTile, item.p_end - start);
-    tile_slots(walk, start, n, slots);
-    if (start + kKeyTile < item.p_end)
-      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
+    const int64_t n = begin_tile(item, walk, start, span, slots);
     for (int64_t h = 0; h < heads; ++h) {
       load_tile(walk, slots, n, h, head_dim, k_buf, v_buf, keys, values);
       for (int64_t r0 = h * group; r0 < num_rows; r0 += row_stride) {  // head h's rows of each token
@@ -516,10 +525,7 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
   int64_t slots[kKeyTile];
   const int64_t span = heads_span(walk, heads, kD);
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
-    const int64_t n = std::min(kKeyTile, item.p_end - start);
-    tile_slots(walk, start, n, slots);
-    if (start + kKeyTile < item.p_end)
-      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
+    const int64_t n = begin_tile(item, walk, start, span, slots);
     for (int64_t h = 0; h < heads; ++h) {
       tile_rows(walk, slots, n, h, keys, values);
       for (int64_t r0 = h * group; r0 < num_rows; r0 += row_stride) {  // head h's rows of each token
@@ -638,10 +644,7 @@ void run_item_amx(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk, 
   const int64_t span = heads_span(walk, heads, kD);
   const int64_t k_bytes = walk.k_stride * static_cast<int64_t>(sizeof(bf16_t));
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
-    const int64_t n = std::min(kKeyTile, item.p_end - start);
-    tile_slots(walk, start, n, slots);
-    if (start + kKeyTile < item.p_end)
-      prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
+    const int64_t n = begin_tile(item, walk, start, span, slots);
     for (int64_t h = 0; h < heads; ++h) {
       const bf16_t* k_head = walk.k_base + h * walk.k_head_stride;
       const bf16_t* v_head = walk.v_base + h * walk.v_head_stride;
