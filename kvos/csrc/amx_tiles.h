@@ -73,4 +73,13 @@ class TileUse {
 
 }  // namespace kvos
 
+#else
+
+namespace kvos {
+
+/* Built without AMX: no kernel uses the tile unit. */
+inline bool amx_usable() { return false; }
+
+}  // namespace kvos
+
 #endif

@@ -25,16 +25,15 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 
 #include "amx_tiles.h"
 
 namespace {
 
+#if defined(KVOS_AMX)
 constexpr int64_t kGroup = 8;  // column pairs per pass of x
 
-#if defined(KVOS_AMX)
 /* Every tile 16 rows of 64 bytes. */
 kvos::TileConfig linear_tiles() {
   kvos::TileConfig config;
@@ -91,14 +90,6 @@ void column_pair(const c10::BFloat16* a0, int64_t a0_stride, const c10::BFloat16
   }
 }
 #endif
-
-bool amx_linear_available() {
-#if defined(KVOS_AMX)
-  return kvos::amx_usable();
-#else
-  return false;
-#endif
-}
 
 at::Tensor amx_pack(const at::Tensor& weight) {
   TORCH_CHECK_VALUE(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16,
@@ -179,7 +170,7 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
 }  // namespace
 
 TORCH_LIBRARY(kvos_amx, m) {
-  m.def("available() -> bool", &amx_linear_available);
+  m.def("available() -> bool", &kvos::amx_usable);
   m.def("pack(Tensor weight) -> Tensor");
   m.def("linear(Tensor x, Tensor packed, Tensor? bias=None) -> Tensor");
 }
