@@ -9,15 +9,19 @@ kernels (`kvos.model.layer_kernels`) and eager twins on the same weights
 every few steps, in alternating order; each round times both. The KV write
 (`kvos::write_kv`) runs in both halves. With `--kernels linears` the linears
 on the AMX kernel (`kvos.model.amx_linear`) are switched with oneDNN's
-prepacked twins instead (a CPU with AMX only).
+prepacked twins instead (a CPU with AMX only). With `--kernels int4` the
+engine runs `quantization="int4"`, and its linears' AMX path for batches of
+`int4_kernel.AMX_MIN_ROWS` rows or more (`int4_linear_amx`) is switched with
+the integer-dot-product kernel that would run them without AMX.
 
-Usage: python -m benchmarks.layer_kernels_ab [--kernels layer|linears] [--batches 1,16,64] [--context 256]
+Usage: python -m benchmarks.layer_kernels_ab [--kernels layer|linears|int4] [--batches 1,16,64] [--context 256]
        [--rounds 6] [--steps 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import statistics
@@ -31,6 +35,7 @@ from kvos.engine.llm_engine import LLMEngine
 from kvos.model.layer_kernels import KernelRMSNorm, KernelRotaryEmbedding, KernelSiluAndMul
 from kvos.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 from kvos.model.prepack import PrepackedLinear
+from kvos.model.quantization import Int4Linear
 from kvos.sampling_params import SamplingParams
 
 Swaps = list[tuple[nn.Module, str, nn.Module, nn.Module]]  # parent, name, kernel module, eager twin
@@ -63,8 +68,17 @@ def onednn_twin(module: nn.Module) -> nn.Module | None:
     return PrepackedLinear(plain, batch_size_hint=64, use_amx=False)
 
 
+def vnni_twin(module: nn.Module) -> nn.Module | None:
+    """The same int4 linear (the same packed weights) without its AMX path."""
+    if not (isinstance(module, Int4Linear) and module.amx):
+        return None
+    twin = copy.copy(module)
+    twin.amx = False
+    return twin
+
+
 def find_swaps(model: nn.Module, kernels: str) -> Swaps:
-    twin_of = onednn_twin if kernels == "linears" else eager_twin
+    twin_of = {"linears": onednn_twin, "int4": vnni_twin}.get(kernels, eager_twin)
     swaps = []
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -72,7 +86,7 @@ def find_swaps(model: nn.Module, kernels: str) -> Swaps:
             if twin is not None:
                 swaps.append((parent, name, child, twin))
     if not swaps:
-        raise SystemExit(f"the engine runs no {kernels} kernels (eager bfloat16 on a CPU; linears: with AMX)")
+        raise SystemExit(f"the engine runs no {kernels} kernels (eager bfloat16 on a CPU; linears, int4: with AMX)")
     return swaps
 
 
@@ -107,7 +121,7 @@ def time_batch(engine: LLMEngine, swaps: Swaps, batch: int, context: int, rounds
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernels", choices=("layer", "linears"), default="layer")
+    parser.add_argument("--kernels", choices=("layer", "linears", "int4"), default="layer")
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=6, help="rounds of (kernels, eager) or (eager, kernels)")
@@ -116,11 +130,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     batches = [int(b) for b in args.batches.split(",")]
     load_before = os.getloadavg()[0]
     engine = LLMEngine(
-        EngineConfig.from_kwargs(max_num_seqs=max(batches), max_num_batched_tokens=max(512, args.context))
+        EngineConfig.from_kwargs(
+            max_num_seqs=max(batches),
+            max_num_batched_tokens=max(512, args.context),
+            quantization="int4" if args.kernels == "int4" else None,
+        )
     )
     swaps = find_swaps(engine._local_core().worker.model, args.kernels)
     print(f"{len(swaps)} modules switched; batch x {args.context} context; {args.rounds} rounds x {args.steps} steps")
-    other = "oneDNN" if args.kernels == "linears" else "eager"
+    other = {"linears": "oneDNN", "int4": "VNNI int4"}.get(args.kernels, "eager")
     print(f"| batch | {other} step (median) | kernels step (median) | {other} / kernels | rounds kernels faster |")
     print("|---|---|---|---|---|")
     for batch in batches:

@@ -6,6 +6,12 @@ SmolLM2's int4 weights at about half the bandwidth a plain read reaches. This
 kernel quantizes the few activation rows to int8 per group of 32 instead (as
 llama.cpp does) and multiplies 4-bit codes by 8-bit activations with integer
 dot-product instructions, so the weights stream at close to memory speed.
+
+Above a few rows the integer products cost more than the 4-bit weights save in bytes. Where the
+CPU has AMX, `int4_linear_amx` takes those batches: it dequantizes the weights to bfloat16 once
+per call, a few output rows at a time into a buffer that stays in cache, and multiplies on the
+tile unit (kvos/csrc/amx_gemm.h, the GEMM of kvos's bfloat16 linears), so no bfloat16 copy of
+the weights is kept for them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,13 @@ from kvos.extensions import build_cpu_extension, cpu_flags
 GROUP_SIZE = 32
 ROW_BLOCK = 16
 """Output rows per packed block: one per 32-bit lane of an AVX-512 register."""
+AMX_MIN_ROWS = 13
+"""Activation rows from which `int4_linear_amx` is the faster of the two (a forward pass's linears, weights
+from memory, on the Intel Xeon of BENCHMARKS.md: 12 rows 1.12x slower, 16 rows 1.15x faster)."""
+AMX_COLUMNS = 32
+"""`int4_linear_amx` takes weights whose output size is a multiple of this (two row blocks a column pair)."""
 _NEEDED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_vnni", "f16c"})
+_AMX_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512_bf16"})
 _SOURCE = Path(__file__).parent / "csrc" / "int4_linear.cpp"
 
 
@@ -30,13 +42,24 @@ def supported() -> bool:
 
 
 @functools.cache
+def amx_supported() -> bool:
+    """True where `int4_linear_amx` runs: a CPU with AMX whose Linux lends this process the tile state."""
+    if not (supported() and _AMX_FLAGS <= cpu_flags()):
+        return False
+    load()
+    return bool(torch.ops.kvos.int4_amx_available())
+
+
+@functools.cache
 def load() -> None:
-    """Compile (first use on this machine) and load the kernel: defines torch.ops.kvos.int4_linear."""
+    """Compile (first use on this machine) and load the kernel: torch.ops.kvos.int4_linear and .int4_linear_amx."""
     build_cpu_extension("kvos_int4_linear", _SOURCE, "quantization='int4'")
 
-    @torch.library.register_fake("kvos::int4_linear")
-    def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-        return x.new_empty((x.shape[0], out_features))
+    for op in ("kvos::int4_linear", "kvos::int4_linear_amx"):
+
+        @torch.library.register_fake(op)
+        def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+            return x.new_empty((x.shape[0], out_features))
 
 
 def pack(codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
@@ -84,3 +107,9 @@ def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (rows, in) bfloat16 times the packed weight's transpose: (rows, out) bfloat16."""
     return torch.ops.kvos.int4_linear(x, packed, out_features)
+
+
+def int4_linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The same product on the tile unit, weights dequantized to bfloat16 and x as it is (`amx_supported()`
+    only; out_features a multiple of 32)."""
+    return torch.ops.kvos.int4_linear_amx(x, packed, out_features)

@@ -7,9 +7,10 @@ float16 scale and minimum per group of 32). PyTorch ships CPU kernels for both
 activations; they pay off only for a few rows at a time, so above
 `max_quantized_rows` (prompt chunks, big decode batches) a bfloat16 GEMM runs
 on a dequantized copy of the weight instead (the same codes, rounded to
-bfloat16). On AVX512-VNNI CPUs int4 runs kvos's own kernel
-(`kvos.model.int4_kernel`), which is the faster one at every batch size and
-keeps no copy.
+bfloat16). On AVX512-VNNI CPUs int4 runs kvos's own kernels
+(`kvos.model.int4_kernel`) at every batch size and keeps no copy: integer dot
+products for a few rows, and where the CPU has AMX, above that, the tile unit
+on weights dequantized to bfloat16 in cache.
 
 int8: one symmetric scale per output channel (absmax / 127).
 int4: per group of 32 inputs an asymmetric range, w = scale * q + min with q
@@ -96,11 +97,14 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """Asymmetric int4 in groups of 32 input channels (GGUF Q4_1's layout).
 
-    On AVX512-VNNI CPUs every batch runs kvos's own kernel (`kvos.model.int4_kernel`: activations
-    quantized to int8 per group, integer dot products); it was measured at least as fast as a
-    bfloat16 GEMM from 1 to 512 rows (BENCHMARKS.md), so no dequantized copy is kept. Elsewhere
+    On AVX512-VNNI CPUs every batch runs kvos's own kernels (`kvos.model.int4_kernel`), so no
+    dequantized copy is kept: activations quantized to int8 per group and integer dot products,
+    measured at least as fast as a bfloat16 GEMM from 1 to 512 rows on the AMD EPYC of BENCHMARKS.md;
+    where the CPU also has AMX (`amx`), batches of `int4_kernel.AMX_MIN_ROWS` rows or more run on
+    the tile unit instead, on the weights dequantized to bfloat16 in cache, as fast as a bfloat16
+    copy on AMX from 32 rows up and within 10% at 16 (the Intel Xeon of BENCHMARKS.md). Elsewhere
     PyTorch's int4 kernel takes up to `max_quantized_rows` rows and a bfloat16 GEMM on a
-    dequantized copy the rest. `vnni` forces the choice (None: by the CPU).
+    dequantized copy the rest. `vnni` and `amx` force the choices (None: by the CPU).
     """
 
     packed: torch.Tensor
@@ -110,6 +114,7 @@ class Int4Linear(QuantizedLinear):
         linear: nn.Linear,
         max_quantized_rows: int = DEFAULT_MAX_QUANTIZED_ROWS["int4"],
         vnni: bool | None = None,
+        amx: bool | None = None,
     ) -> None:
         super().__init__(linear, max_quantized_rows)
         out_features, in_features = linear.weight.shape
@@ -125,6 +130,11 @@ class Int4Linear(QuantizedLinear):
         if vnni is None:
             vnni = int4_kernel.supported() and _fits_float16(scale, low)
         self.vnni = vnni
+        if amx is None:
+            amx = vnni and out_features % int4_kernel.AMX_COLUMNS == 0 and int4_kernel.amx_supported()
+        if amx and not vnni:
+            raise ValueError("Int4Linear: the AMX path multiplies the VNNI kernel's packed weights; amx needs vnni")
+        self.amx = amx
         if vnni:
             # w = scale * q + low with float16 scale and low, as GGUF stores Q4_1.
             packed = int4_kernel.pack(codes.view(out_features, in_features), scale.half().float(), low.half().float())
@@ -144,6 +154,8 @@ class Int4Linear(QuantizedLinear):
         self.register_buffer("weight_bf16", dequantized.view(out_features, in_features).to(torch.bfloat16))
 
     def quantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.amx and x.shape[0] >= int4_kernel.AMX_MIN_ROWS:
+            return int4_kernel.int4_linear_amx(x, self.packed, self.out_features)
         if self.vnni:
             return int4_kernel.int4_linear(x, self.packed, self.out_features)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)

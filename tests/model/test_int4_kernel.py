@@ -87,3 +87,48 @@ def test_kernel_names_a_wrong_activation_dtype() -> None:
 def test_int4_linear_takes_the_kernel_on_this_cpu() -> None:
     assert Int4Linear(nn.Linear(64, 32, bias=False)).vnni
     assert not Int4Linear(nn.Linear(64, 32, bias=False), vnni=False).vnni
+
+
+amx = pytest.mark.skipif(not int4_kernel.amx_supported(), reason="the int4 kernel's AMX path needs AMX")
+
+
+@amx
+@pytest.mark.parametrize("rows", [1, 7, 13, 16, 17, 33, 64, 100])
+@pytest.mark.parametrize("n, k", [(32, 32), (96, 576), (64, 1536)])
+def test_amx_kernel_multiplies_by_the_weights_rounded_to_bfloat16(rows: int, n: int, k: int) -> None:
+    """x unrounded times w = d q + m rounded once to float32, then to bfloat16, summed in float32."""
+    torch.manual_seed(rows * 1000 + n + k)
+    codes, scale, low = _weights(n, k)
+    x = torch.randn(rows, k).bfloat16()
+    got = int4_kernel.int4_linear_amx(x, int4_kernel.pack(codes, scale, low), n)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    exact_w = codes.double().view(n, -1, GROUP) * scale.double()[..., None] + low.double()[..., None]
+    weight = exact_w.view(n, k).float().bfloat16().double()  # float32 first, as the kernel's fma rounds
+    exact = x.double() @ weight.T
+    # The output's rounding (half a unit in the last place: 2^-8 relative) and float32 sums.
+    magnitude = x.double().abs() @ weight.abs().T
+    assert ((got.double() - exact).abs() <= 2**-8 * exact.abs() + 1e-6 * magnitude).all()
+
+
+@amx
+def test_amx_kernel_names_a_weight_it_cannot_pair() -> None:
+    codes, scale, low = _weights(48, 64)
+    with pytest.raises(ValueError, match="even number of row blocks"):
+        int4_kernel.int4_linear_amx(torch.randn(16, 64).bfloat16(), int4_kernel.pack(codes, scale, low), 48)
+
+
+@amx
+def test_int4_linear_multiplies_unrounded_activations_from_amx_min_rows() -> None:
+    """Below the threshold activations are rounded to int8 (about 1% off), from it on they are not."""
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 960, bias=False)
+    q = Int4Linear(linear)
+    assert q.amx and q.weight_bf16 is None
+    weight = q.dequantized_weight().double()
+    for rows, within in [(int4_kernel.AMX_MIN_ROWS - 1, 0.02), (int4_kernel.AMX_MIN_ROWS, 2**-7)]:
+        x = torch.randn(rows, 576).bfloat16()
+        exact = x.double() @ weight.T
+        error = ((q(x).double() - exact).norm() / exact.norm()).item()
+        assert error < within and (rows < int4_kernel.AMX_MIN_ROWS) == (error > 2**-7), (rows, error)
+    assert not Int4Linear(nn.Linear(64, 48, bias=False)).amx  # 48 outputs: no whole column pair
+    assert not Int4Linear(linear, amx=False).amx

@@ -25,6 +25,13 @@
  * A chunk's low nibbles meet the activation's int8 codes 8t..8t+3 (one 32-bit broadcast), its
  * high nibbles codes 8t+4..8t+7. A row block's groups lie one after another, so each thread
  * streams its share of the rows from memory in order.
+ *
+ * Above a few activation rows the integer products cost more than the weights' bytes save. On CPUs
+ * with AMX, `int4_linear_amx` then dequantizes each pair of row blocks (32 outputs, all groups) to
+ * bfloat16 once per call, into a per-thread buffer in the tile layout of kvos/csrc/amx_gemm.h (a
+ * group's 16 x 32 weights are exactly one B tile), and multiplies every activation row by it on the
+ * tile unit, activations unrounded: w = d q + m rounded to bfloat16, the weights a bfloat16 GEMM on
+ * the dequantized layer would multiply by.
  */
 
 #include <ATen/ATen.h>
@@ -35,6 +42,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "amx_gemm.h"
 
 namespace {
 
@@ -166,8 +175,91 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ou
   return y;
 }
 
+#if defined(KVOS_AMX)
+constexpr int64_t kAmxGroup = 2;  // column pairs dequantized per pass of x: 2 x 2 x K x 32 bytes of buffer
+
+/* Row block r's weights (all its groups) as bfloat16 in the tile layout: group g is B tile g, whose row
+ * p holds k = 32 g + 2p and 32 g + 2p + 1 of each of the 16 rows (columns of y). In chunk t the low
+ * nibbles of bytes 0, 1 are k pair 4t, of bytes 2, 3 pair 4t + 1, and the high nibbles pairs 4t + 2
+ * and 4t + 3. */
+void dequantize_row_block(const uint8_t* block, int64_t groups, uint32_t* out) {
+  // A code q (0..15) in mantissa bits 19-22 of 1.0 is the float 1 + q / 16, so w = d q + m is
+  // fma(1 + q / 16, 16 d, m - 16 d): a shift and a bit select per code instead of a mask and an int
+  // to float conversion. m - 16 d is exact in float32 (both float16 values), so w rounds once, as
+  // fma(q, d, m) would.
+  const __m512i code_bits = _mm512_set1_epi32(0x0F << 19);
+  const __m512i one = _mm512_set1_epi32(0x3F800000);
+  // After cvtne2ps_pbh(odd, even): [even 0..15, odd 0..15] -> even j and odd j side by side in dword j.
+  alignas(64) static constexpr int16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                          21, 6, 22, 7, 23, 8,  24, 9,  25, 10, 26,
+                                                          11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(kInterleave);
+  // A code's nibble at bit b of its dword, moved to bit 19, then or-ed into 1.0 (ternary-logic table
+  // 0xEA: (a & b) | c).
+  const auto code_as_float = [&](__m512i packed, int b) {
+    const __m512i at19 = b <= 19 ? _mm512_slli_epi32(packed, 19 - b) : _mm512_srli_epi32(packed, b - 19);
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(at19, code_bits, one, 0xEA));
+  };
+  for (int64_t g = 0; g < groups; ++g, block += kBlockBytes, out += 256) {
+    const __m512 d16 = _mm512_mul_ps(load_half16(block + kCodeBytes), _mm512_set1_ps(16.0f));
+    const __m512 base = _mm512_sub_ps(load_half16(block + kCodeBytes + 2 * kLanes), d16);
+    for (int t = 0; t < 4; ++t) {
+      const __m512i packed = _mm512_loadu_si512(block + 64 * t);
+      for (int half = 0; half < 2; ++half) {
+        for (int jp = 0; jp < 2; ++jp) {
+          const int b = 4 * half + 16 * jp;
+          const __m512 w_even = _mm512_fmadd_ps(code_as_float(packed, b), d16, base);
+          const __m512 w_odd = _mm512_fmadd_ps(code_as_float(packed, b + 8), d16, base);
+          const __m512i pairs = (__m512i)_mm512_cvtne2ps_pbh(w_odd, w_even);
+          _mm512_storeu_si512(out + 16 * (4 * t + 2 * half + jp), _mm512_permutexvar_epi16(interleave, pairs));
+        }
+      }
+    }
+  }
+}
+#endif
+
+at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kBFloat16,
+                    "int4_linear_amx: x must be a bfloat16 (rows, in_features) matrix, got ", x.scalar_type(), " ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kBlockBytes &&
+                        packed.is_contiguous() && packed.size(0) % 2 == 0,
+                    "int4_linear_amx: packed must be contiguous uint8 (row blocks, groups, ", kBlockBytes,
+                    ") with an even number of row blocks");
+  const int64_t k = x.size(1), groups = packed.size(1), row_blocks = packed.size(0);
+  TORCH_CHECK_VALUE(k == groups * kGroup, "int4_linear_amx: x has ", k, " features, the weight ", groups * kGroup);
+  TORCH_CHECK_VALUE(out_features == row_blocks * kLanes, "int4_linear_amx: out_features ", out_features,
+                    " is not the packed weight's ", row_blocks * kLanes);
+#if defined(KVOS_AMX)
+  TORCH_CHECK(kvos::amx_usable(), "int4_linear_amx: this process has no AMX tile state");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({x.size(0), out_features}, x.options());
+  const uint8_t* weights = packed.data_ptr<uint8_t>();
+  const int64_t tile_words = groups * 256;
+  kvos::tile_gemm(xc, row_blocks / 2, kAmxGroup, nullptr, y, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<uint32_t> buffer;
+    buffer.resize(2 * kAmxGroup * tile_words);
+    for (int64_t r = 2 * begin; r < 2 * end; ++r) {
+      dequantize_row_block(weights + r * groups * kBlockBytes, groups, buffer.data() + (r - 2 * begin) * tile_words);
+    }
+    return static_cast<const uint32_t*>(buffer.data());
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "int4_linear_amx: built without AMX");
+#endif
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(kvos, m) { m.def("int4_linear(Tensor x, Tensor packed, int out_features) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(kvos, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("int4_linear_amx(Tensor x, Tensor packed, int out_features) -> Tensor");
+  m.def("int4_amx_available() -> bool", &kvos::amx_usable);
+}
 
-TORCH_LIBRARY_IMPL(kvos, CPU, m) { m.impl("int4_linear", &int4_linear); }
+TORCH_LIBRARY_IMPL(kvos, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int4_linear_amx", &int4_linear_amx);
+}
