@@ -34,10 +34,17 @@ logger = logging.getLogger(__name__)
 
 
 def kvos_gemm_dtype(dtype: str, quantization: str | None) -> str:
-    """The dtype whose GEMM peak bounds kvos's matmuls: int8 for kvos's int4 kernel, else `dtype`."""
+    """The dtype whose GEMM peak bounds kvos's matmuls, else `dtype`.
+
+    kvos's int4 kernels multiply in int8 (integer dot products) on VNNI CPUs, and where the CPU has
+    AMX in bfloat16 on the tile unit from `int4_kernel.AMX_MIN_ROWS` rows: every batch whose GEMMs
+    could reach a peak runs there (fewer rows are bound by reading the weights).
+    """
     from kvos.model import int4_kernel
 
-    return "int8" if quantization == "int4" and int4_kernel.supported() else dtype
+    if quantization == "int4" and int4_kernel.supported():
+        return "bfloat16" if int4_kernel.amx_supported() else "int8"
+    return dtype
 
 
 def kvos_weight_bytes_per_param(dtype: str, quantization: str | None, rows: int) -> float:
