@@ -8,7 +8,7 @@ import torch
 from kvos import LLM, SamplingParams
 from tests.conftest import hf_greedy_fn
 from tests.engine.test_engine_equivalence import TEXTS, check_against_hf
-from tests.model.test_quantization import GOLDEN_TEXTS
+from tests.model.test_quantization import GOLDEN_TEXTS, INT4_EQUAL_TOKENS
 
 
 @pytest.mark.parametrize("backend", ["paged", "gather_sdpa"])
@@ -46,9 +46,9 @@ def test_compiled_int4_decode_holds_int4s_tolerance() -> None:
     """The compiled graph runs the same int4 kernels, but its fused bfloat16 arithmetic rounds
     differently from eager's, and the kernel's int8 activations can turn that into a different
     token some steps in (measured: eager and compiled first differ at token 6 on one prompt). What
-    a user is promised holds for both: the first 4 greedy tokens of every golden prompt equal
-    float32's (tests/model/test_quantization.py)."""
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    a user is promised holds for both: the first `INT4_EQUAL_TOKENS` greedy tokens of every golden
+    prompt equal float32's (tests/model/test_quantization.py)."""
+    params = SamplingParams(temperature=0, max_tokens=INT4_EQUAL_TOKENS, ignore_eos=True)
     exact = LLM(kv_cache_memory_bytes=2**26, dtype="float32").generate(GOLDEN_TEXTS, params, use_tqdm=False)
     llm = LLM(kv_cache_memory_bytes=2**26, quantization="int4", compile=True, max_num_seqs=2, dtype="float32")
     compiled = llm.generate(GOLDEN_TEXTS, params, use_tqdm=False)
