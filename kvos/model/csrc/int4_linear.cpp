@@ -185,8 +185,9 @@ constexpr int64_t kAmxGroup = 2;  // column pairs dequantized per pass of x: 2 x
 void dequantize_row_block(const uint8_t* block, int64_t groups, uint32_t* out) {
   // A code q (0..15) in mantissa bits 19-22 of 1.0 is the float 1 + q / 16, so w = d q + m is
   // fma(1 + q / 16, 16 d, m - 16 d): a shift and a bit select per code instead of a mask and an int
-  // to float conversion. m - 16 d is exact in float32 (both float16 values), so w rounds once, as
-  // fma(q, d, m) would.
+  // to float conversion. m - 16 d (two float16 values) is exact in float32 unless their magnitudes
+  // lie more than 2^13 apart (Q4_1's m is about -8 d), so w rounds once, as fma(q, d, m) would;
+  // otherwise it is one float32 rounding off, far below the bfloat16 rounding that follows.
   const __m512i code_bits = _mm512_set1_epi32(0x0F << 19);
   const __m512i one = _mm512_set1_epi32(0x3F800000);
   // After cvtne2ps_pbh(odd, even): [even 0..15, odd 0..15] -> even j and odd j side by side in dword j.
