@@ -24,7 +24,6 @@ Usage: python -m benchmarks.quantized_gemm [--rows 1,8,12,16,32,64,256,512] [--m
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import json
 import os
@@ -37,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.layer_kernels_ab import vnni_twin
 from kvos.model import amx_linear, int4_kernel
 from kvos.model.prepack import PrepackedLinear
-from kvos.model.quantization import _FORMATS, Int4Linear, QuantizedLinear
+from kvos.model.quantization import _FORMATS, QuantizedLinear
 
 # (in_features, out_features, count per forward pass) of SmolLM2-135M-Instruct.
 SMOLLM2_LINEARS = (
@@ -72,9 +72,8 @@ def layer_ways(
         "bf16_prepacked": PrepackedLinear(bf16_linear, batch_size_hint=rows, use_amx=False),
         "float32": lambda x: F.linear(x.float(), weight_f32),
     }
-    if isinstance(quantized, Int4Linear) and quantized.amx:
-        vnni = copy.copy(quantized)
-        vnni.amx = False
+    vnni = vnni_twin(quantized)
+    if isinstance(vnni, QuantizedLinear):
         ways["int4_vnni"] = vnni.quantized_matmul
     if amx_linear.supported():
         ways["bf16_amx"] = PrepackedLinear(bf16_linear, batch_size_hint=rows)
@@ -113,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     kernel = "kvos's int4 kernel" if args.method == "int4" and int4_kernel.supported() else "PyTorch's kernel"
     print(f"{args.method} linears of one SmolLM2-135M forward pass ({kernel}), torch threads {torch.get_num_threads()}")
     columns = ["packed", "int4_vnni", "bf16_dequantized", "bf16_prepacked", "bf16_amx", "float32"]
-    print(" ".join(f"{c:>16}" for c in ["rows", *columns, "packed/best bf16"]))
+    print(" ".join(f"{c:>16}" for c in ["rows", *columns, "best bf16 / packed"]))
     points = []
     for rows in (int(r) for r in args.rows.split(",")):
         t = time_rows(args.method, rows, args.iters)

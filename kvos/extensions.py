@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 _SHARED_HEADERS = Path(__file__).parent / "csrc"
+AMX_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512_bf16"})
+"""The CPU flags kvos's AMX kernels are built for (kvos/csrc/amx_tiles.h's KVOS_AMX)."""
 
 
 def build_cpu_extension(name: str, source: Path, purpose: str, headers: Path = _SHARED_HEADERS) -> None:

@@ -17,18 +17,17 @@ from pathlib import Path
 
 import torch
 
-from kvos.extensions import build_cpu_extension, cpu_flags
+from kvos.extensions import AMX_FLAGS, build_cpu_extension, cpu_flags
 
 TILE = 32
 """The kernel packs weights whose input and output sizes are multiples of this."""
-_NEEDED_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512_bf16"})
 _SOURCE = Path(__file__).parent / "csrc" / "amx_linear.cpp"
 
 
 @functools.cache
 def supported() -> bool:
     """True on CPUs with AMX whose Linux lends this process the tile state (the kernel is built to ask)."""
-    if not _NEEDED_FLAGS <= cpu_flags():
+    if not AMX_FLAGS <= cpu_flags():
         return False
     load()
     return bool(torch.ops.kvos_amx.available())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kvos.extensions import build_cpu_extension, cpu_flags
+from kvos.extensions import AMX_FLAGS, build_cpu_extension, cpu_flags
 
 GROUP_SIZE = 32
 ROW_BLOCK = 16
@@ -32,7 +32,6 @@ from memory, on the Intel Xeon of BENCHMARKS.md: 12 rows 1.12x slower, 16 rows 1
 AMX_COLUMNS = 32
 """`int4_linear_amx` takes weights whose output size is a multiple of this (two row blocks a column pair)."""
 _NEEDED_FLAGS = frozenset({"avx512f", "avx512bw", "avx512_vnni", "f16c"})
-_AMX_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512_bf16"})
 _SOURCE = Path(__file__).parent / "csrc" / "int4_linear.cpp"
 
 
@@ -44,7 +43,7 @@ def supported() -> bool:
 @functools.cache
 def amx_supported() -> bool:
     """True where `int4_linear_amx` runs: a CPU with AMX whose Linux lends this process the tile state."""
-    if not (supported() and _AMX_FLAGS <= cpu_flags()):
+    if not (supported() and AMX_FLAGS <= cpu_flags()):
         return False
     load()
     return bool(torch.ops.kvos.int4_amx_available())

@@ -141,17 +141,23 @@ void row_block_tile(const uint8_t* block, const QuantizedRows& x, int64_t first,
   row_block<Tile>(block, x.groups, x, first, out);
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kBFloat16,
-                    "int4_linear: x must be a bfloat16 (rows, in_features) matrix, got ", x.scalar_type(), " ",
-                    x.sizes());
+/* What both int4 ops need of their operands: bfloat16 rows of x, a packed weight in the layout above whose
+ * groups cover x's features and whose row blocks make `out_features`. Errors name the op. */
+void check_operands(const char* op, const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kBFloat16, op,
+                    ": x must be a bfloat16 (rows, in_features) matrix, got ", x.scalar_type(), " ", x.sizes());
   TORCH_CHECK_VALUE(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kBlockBytes &&
                         packed.is_contiguous(),
-                    "int4_linear: packed must be contiguous uint8 (row blocks, groups, ", kBlockBytes, ")");
-  const int64_t rows = x.size(0), k = x.size(1), groups = packed.size(1), row_blocks = packed.size(0);
-  TORCH_CHECK_VALUE(k == groups * kGroup, "int4_linear: x has ", k, " features, the weight ", groups * kGroup);
-  TORCH_CHECK_VALUE(out_features == row_blocks * kLanes, "int4_linear: out_features ", out_features,
+                    op, ": packed must be contiguous uint8 (row blocks, groups, ", kBlockBytes, ")");
+  const int64_t k = x.size(1), groups = packed.size(1), row_blocks = packed.size(0);
+  TORCH_CHECK_VALUE(k == groups * kGroup, op, ": x has ", k, " features, the weight ", groups * kGroup);
+  TORCH_CHECK_VALUE(out_features == row_blocks * kLanes, op, ": out_features ", out_features,
                     " is not the packed weight's ", row_blocks * kLanes);
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
+  check_operands("int4_linear", x, packed, out_features);
+  const int64_t rows = x.size(0), k = x.size(1), groups = packed.size(1), row_blocks = packed.size(0);
 
   const at::Tensor xc = x.contiguous();
   const QuantizedRows quantized = quantize_rows(xc.data_ptr<at::BFloat16>(), rows, k);
@@ -221,19 +227,12 @@ void dequantize_row_block(const uint8_t* block, int64_t groups, uint32_t* out) {
 #endif
 
 at::Tensor int4_linear_amx(const at::Tensor& x, const at::Tensor& packed, int64_t out_features) {
-  TORCH_CHECK_VALUE(x.dim() == 2 && x.scalar_type() == at::kBFloat16,
-                    "int4_linear_amx: x must be a bfloat16 (rows, in_features) matrix, got ", x.scalar_type(), " ",
-                    x.sizes());
-  TORCH_CHECK_VALUE(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(2) == kBlockBytes &&
-                        packed.is_contiguous() && packed.size(0) % 2 == 0,
-                    "int4_linear_amx: packed must be contiguous uint8 (row blocks, groups, ", kBlockBytes,
-                    ") with an even number of row blocks");
-  const int64_t k = x.size(1), groups = packed.size(1), row_blocks = packed.size(0);
-  TORCH_CHECK_VALUE(k == groups * kGroup, "int4_linear_amx: x has ", k, " features, the weight ", groups * kGroup);
-  TORCH_CHECK_VALUE(out_features == row_blocks * kLanes, "int4_linear_amx: out_features ", out_features,
-                    " is not the packed weight's ", row_blocks * kLanes);
+  check_operands("int4_linear_amx", x, packed, out_features);
+  TORCH_CHECK_VALUE(packed.size(0) % 2 == 0, "int4_linear_amx: packed must have an even number of row blocks (",
+                    "column pairs of 32 outputs), got ", packed.size(0));
 #if defined(KVOS_AMX)
   TORCH_CHECK(kvos::amx_usable(), "int4_linear_amx: this process has no AMX tile state");
+  const int64_t groups = packed.size(1), row_blocks = packed.size(0);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({x.size(0), out_features}, x.options());
   const uint8_t* weights = packed.data_ptr<uint8_t>();
