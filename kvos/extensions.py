@@ -10,15 +10,24 @@ cache each keep their own build instead of rebuilding over each other.
 Loading a kernel registers its torch operators (`torch.ops.kvos...`); the
 caller adds their fake (shape-only) implementations so torch.compile can trace
 through them.
+
+torch's loader guards a build folder with a `lock` file that a killed process
+leaves behind, and every later load (a warm start's too) then waits on it
+forever. kvos holds an flock on its own `kvos.lock` around each load instead:
+the kernel drops it when the holder dies, and whoever holds it knows a `lock`
+file it finds is stale.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,16 +55,26 @@ def build_cpu_extension(name: str, source: Path, purpose: str, headers: Path = _
 
     build_dir = _build_dir(name, source, headers)
     build_dir.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=name,
-        sources=[str(source)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(headers)],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=False,
-    )
+    with _build_lock(build_dir):
+        cpp_extension.load(
+            name=name,
+            sources=[str(source)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(headers)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: Path) -> Iterator[None]:
+    """The folder's build to this process alone; a `lock` file left by a killed process removed."""
+    with (build_dir / "kvos.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released by close, or by the kernel if this process dies
+        (build_dir / "lock").unlink(missing_ok=True)  # torch's: no live kvos process holds it now
+        yield
 
 
 def cpu_flags() -> frozenset[str]:
