@@ -8,10 +8,16 @@ GGUF files are slow to open the first time (parsing the vocabulary metadata,
 dequantizing, building the tokenizer: ~3 s for the 98 MB default model), so
 the result is cached as an ordinary HF folder under `$KVOS_CACHE_DIR` (default
 `~/.cache/kvos`), and later starts read that folder with memory-mapped
-safetensors. The cache key is a SHA-256 of the file's content: measured at
-~0.05 s (warm page cache) to 0.2 s (cold) for the 98 MB default, under the
-0.3 s budget, and unlike path+size+mtime it cannot be fooled by an in-place
-edit that keeps the timestamp. Entries are written to a temporary folder and
+safetensors. The cache key is a SHA-256 of the file's content, which unlike
+path+size+mtime cannot be fooled by an in-place edit that keeps the
+timestamp. Hashing costs about 0.09 s a start for the 98 MB default and
+seconds for a multi-GB model, so a file's digest is remembered
+(`digests.json` in the cache) beside its device, inode, size, mtime and
+ctime, and reused while all five are unchanged. ctime is the kernel's: any
+write or `utime` moves it, and no call sets it back. A file changed within
+a timestamp tick of being hashed could keep all five, so (as git does with
+"racily clean" entries) a digest is remembered only for a file whose
+timestamps are older than `_RACY_S`. Entries are written to a temporary folder and
 renamed into place, so a killed process never leaves a half-written entry (its
 leftover temporary folder is removed by a later conversion). An entry is
 float32, ~540 MB for the default model; entries of files that have since
@@ -39,7 +45,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvos.config import ModelConfig
-from kvos.model import gguf_loader
 from kvos.model.arch import ModelArch
 from kvos.model.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -53,6 +58,10 @@ CACHE_FORMAT = "v1"
 _STAGING_PREFIX = ".building-"
 # A staging folder this old belongs to a killed conversion (a live one takes seconds).
 _STALE_STAGING_S = 3600.0
+
+# A file touched this recently may still change within its timestamps' tick: its digest is not remembered.
+_RACY_S = 2.0
+_DIGESTS_FILE = "digests.json"
 
 _GGUF_MAGIC = b"GGUF"
 _QUANT_SUFFIX = re.compile(r"[.-](i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
@@ -237,13 +246,48 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _gguf_cache_entry(path: Path) -> Path:
-    """The cached HF folder for this GGUF's content, converting it on a miss."""
+def _stat_key(stat: os.stat_result) -> list[int]:
+    return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+
+
+def _content_digest(path: Path, root: Path) -> str:
+    """The file's SHA-256, remembered in the cache while its stat key is unchanged."""
+    memo_file = root / _DIGESTS_FILE
     try:
+        memo = json.loads(memo_file.read_text(encoding="utf-8"))
+        if not isinstance(memo, dict):
+            memo = {}
+    except (OSError, ValueError):
+        memo = {}
+    name = str(path.resolve())
+    try:
+        before = path.stat()
+        known = memo.get(name)
+        if isinstance(known, dict) and known.get("stat") == _stat_key(before):
+            return str(known["sha256"])
         digest = _file_digest(path)
+        after = path.stat()
     except OSError as exc:
         raise ModelLoadError(path, f"unreadable file ({exc})") from exc
+    settled = time.time_ns() - max(after.st_mtime_ns, after.st_ctime_ns) > _RACY_S * 1e9
+    if settled and _stat_key(after) == _stat_key(before):
+        memo[name] = {"stat": _stat_key(after), "sha256": digest}
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".digests-", dir=root)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(memo, f)
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache's memo from other users
+            os.replace(tmp, memo_file)
+        except OSError as exc:  # a read-only cache still loads, hashing every time
+            logger.debug("could not remember the digest of %s: %s", path, exc)
+    return digest
+
+
+def _gguf_cache_entry(path: Path) -> Path:
+    """The cached HF folder for this GGUF's content, converting it on a miss."""
     root = cache_root()
+    digest = _content_digest(path, root)
     entry = root / f"gguf-{CACHE_FORMAT}-{digest}"
     if entry.is_dir():
         return entry
@@ -277,6 +321,8 @@ def _remove_stale_staging(root: Path) -> None:
 
 def _convert_gguf(path: Path, out: Path) -> None:
     """Write the GGUF as an HF folder: config, float32 safetensors, tokenizer files."""
+    from kvos.model import gguf_loader  # only a conversion needs the gguf package
+
     try:
         reader = gguf_loader.open_gguf(path)
     except (OSError, ValueError, IndexError, KeyError, UnicodeDecodeError) as exc:

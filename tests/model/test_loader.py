@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import gguf
@@ -198,6 +199,40 @@ def test_changed_file_is_converted_again(tiny_gguf: Path, tmp_path: Path) -> Non
     assert after.state_dict["model.norm.weight"][0].item() == 123.0
     assert before.state_dict["model.norm.weight"][0].item() != 123.0
     assert torch.equal(after.state_dict["model.norm.weight"][1:], before.state_dict["model.norm.weight"][1:])
+
+
+def test_a_settled_files_digest_is_remembered_until_it_changes(
+    tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loader, "_RACY_S", 0.0)  # the file was written just now; take it as settled
+    before = load_model(ModelConfig(model=str(tiny_gguf)))
+    memo = json.loads((tmp_path / "cache" / "digests.json").read_text())
+    assert list(memo) == [str(tiny_gguf.resolve())]
+
+    def no_hashing(path: Path) -> str:
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(loader, "_file_digest", no_hashing)
+    again = load_model(ModelConfig(model=str(tiny_gguf)))
+    assert torch.equal(again.state_dict["model.norm.weight"], before.state_dict["model.norm.weight"])
+
+    monkeypatch.undo()  # hashing back, the racy window too
+    monkeypatch.setenv("KVOS_CACHE_DIR", str(tmp_path / "cache"))
+    norm = next(t for t in gguf.GGUFReader(str(tiny_gguf)).tensors if t.name == "output_norm.weight")
+    stat = tiny_gguf.stat()
+    time.sleep(0.05)  # past the kernel's timestamp tick, so the edit moves ctime
+    with tiny_gguf.open("r+b") as f:  # same size, same mtime: ctime and the content tell
+        f.seek(norm.data_offset)
+        f.write(np.float32(123.0).tobytes())
+    os.utime(tiny_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = load_model(ModelConfig(model=str(tiny_gguf)))
+    assert after.state_dict["model.norm.weight"][0].item() == 123.0
+    assert len([n for n in _cache_entries(tmp_path / "cache") if n.startswith("gguf-")]) == 2
+
+
+def test_a_file_written_just_now_is_hashed_every_time(tiny_gguf: Path, tmp_path: Path) -> None:
+    load_model(ModelConfig(model=str(tiny_gguf)))  # written by the fixture an instant ago: racy
+    assert not (tmp_path / "cache" / "digests.json").exists()
 
 
 def test_failed_conversion_leaves_no_entry(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
