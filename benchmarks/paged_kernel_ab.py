@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -35,34 +34,16 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.kernel_revision import build_at_revision
 from kvos.attention import paged_cpu
-from kvos.extensions import build_cpu_extension
 
-REPO = Path(__file__).resolve().parent.parent
 KERNEL = "kvos/attention/csrc/paged_attention.cpp"
 HEADS = (9, 3, 64)  # SmolLM2-135M: query heads, kv heads, head size
 
 
 def load_base_kernel(revision: str, folder: Path) -> Callable[..., torch.Tensor]:
     """The kernel source at `revision`, built as torch.ops.kvos_base.paged_attention."""
-
-    def show(path: str) -> str:
-        return subprocess.run(
-            ["git", "show", f"{revision}:{path}"], cwd=REPO, check=True, capture_output=True, text=True
-        ).stdout
-
-    headers = folder / "include"
-    headers.mkdir(parents=True)
-    listing = subprocess.run(
-        ["git", "ls-tree", "--name-only", revision, "kvos/csrc/"], cwd=REPO, check=True, capture_output=True, text=True
-    ).stdout.split()
-    for path in listing:
-        if path.endswith(".h"):
-            (headers / Path(path).name).write_text(show(path))
-    source = show(KERNEL).replace("TORCH_LIBRARY(kvos,", "TORCH_LIBRARY(kvos_base,")
-    source = source.replace("TORCH_LIBRARY_IMPL(kvos,", "TORCH_LIBRARY_IMPL(kvos_base,")
-    (folder / "paged_attention_base.cpp").write_text(source)
-    build_cpu_extension("kvos_paged_attention_base", folder / "paged_attention_base.cpp", "the base kernel", headers)
+    build_at_revision(revision, KERNEL, "kvos", folder)
     return torch.ops.kvos_base.paged_attention
 
 

@@ -1,0 +1,134 @@
+"""kvos's AMX GEMMs (the bfloat16 linears and int4's batches) against their source at another revision, in one process.
+
+Both linears multiply on the same tile GEMM (`kvos/csrc/amx_gemm.h`). This builds
+`amx_linear.cpp` and `int4_linear.cpp` (with that revision's headers) under the
+`_base` libraries (`benchmarks/kernel_revision.py`), checks that both revisions give
+the same output bit for bit, and times one forward pass of SmolLM2-135M's linears
+(30 layers, each with its own random weights, so weights come from memory as in a
+step) per revision, alternating which goes first, at each row count. Reported: the
+median per pass, base / head (above 1: head faster), and head's rate as a share of
+the bfloat16 GEMM peak that `benchmarks.roofline` measured.
+
+Usage: python -m benchmarks.amx_gemm_ab --base REV [--rows 1,16,32,64,128,256] [--kernels bf16,int4]
+       [--rounds 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from benchmarks.kernel_revision import build_at_revision
+from kvos.model import amx_linear, int4_kernel
+
+# SmolLM2-135M's linears without the LM head: (in_features, out_features) per layer.
+LINEARS = ((576, 960), (576, 576), (576, 3072), (1536, 576))
+LAYERS = 30
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+def bf16_layers(generator: torch.Generator) -> list[tuple[int, dict[str, Op]]]:
+    layers = []
+    for _ in range(LAYERS):
+        for in_features, out_features in LINEARS:
+            packed = amx_linear.pack((torch.randn(out_features, in_features, generator=generator) * 0.02).bfloat16())
+            ops: dict[str, Op] = {
+                "base": lambda x, p=packed: torch.ops.kvos_amx_base.linear(x, p),
+                "head": lambda x, p=packed: torch.ops.kvos_amx.linear(x, p),
+            }
+            layers.append((in_features, ops))
+    return layers
+
+
+def int4_layers(generator: torch.Generator) -> list[tuple[int, dict[str, Op]]]:
+    layers = []
+    for _ in range(LAYERS):
+        for in_features, out_features in LINEARS:
+            groups = in_features // int4_kernel.GROUP_SIZE
+            codes = torch.randint(0, 16, (out_features, in_features), generator=generator)
+            scale = torch.rand(out_features, groups, generator=generator) * 0.01
+            packed = int4_kernel.pack(codes, scale, -8 * scale)
+            ops: dict[str, Op] = {
+                "base": lambda x, p=packed, n=out_features: torch.ops.kvos_base.int4_linear_amx(x, p, n),
+                "head": lambda x, p=packed, n=out_features: torch.ops.kvos.int4_linear_amx(x, p, n),
+            }
+            layers.append((in_features, ops))
+    return layers
+
+
+def time_rows(layers: list[tuple[int, dict[str, Op]]], rows: int, rounds: int, generator: torch.Generator) -> dict:
+    """Median seconds of one pass over `layers` at `rows` rows, per revision."""
+    inputs = {k: torch.randn(rows, k, generator=generator).bfloat16() for k in {k for k, _ in layers}}
+    for in_features, ops in layers[:4]:
+        torch.testing.assert_close(ops["head"](inputs[in_features]), ops["base"](inputs[in_features]), rtol=0, atol=0)
+    times: dict[str, list[float]] = {"base": [], "head": []}
+    with torch.inference_mode():
+        for round_index in range(rounds + 1):  # the first round warms up
+            for name in ("base", "head") if round_index % 2 == 0 else ("head", "base"):
+                start = time.perf_counter()
+                for in_features, ops in layers:
+                    ops[name](inputs[in_features])
+                if round_index > 0:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", required=True, help="the revision whose kernels to compare against")
+    parser.add_argument("--rows", default="1,16,32,64,128,256")
+    parser.add_argument("--kernels", default="bf16,int4", help="bf16 (amx_linear), int4 (int4_linear_amx)")
+    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not amx_linear.supported():
+        parser.error("this CPU (or this process) has no AMX tile unit")
+
+    from benchmarks.roofline import load_or_measure
+
+    peak = load_or_measure("cpu", dtype="bfloat16").peak_flops
+    amx_linear.load()
+    int4_kernel.load()
+    kernels = args.kernels.split(",")
+    results = []
+    with tempfile.TemporaryDirectory() as folder:
+        if "bf16" in kernels:
+            build_at_revision(args.base, "kvos/model/csrc/amx_linear.cpp", "kvos_amx", Path(folder) / "bf16")
+        if "int4" in kernels:
+            build_at_revision(args.base, "kvos/model/csrc/int4_linear.cpp", "kvos", Path(folder) / "int4")
+        print(
+            f"amx_gemm_ab: base {args.base}, SmolLM2's linears x {LAYERS} layers, median of {args.rounds} rounds, "
+            f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        generator = torch.Generator().manual_seed(0)
+        flops_per_row = 2 * LAYERS * sum(i * o for i, o in LINEARS)
+        for kernel in kernels:
+            layers = bf16_layers(generator) if kernel == "bf16" else int4_layers(generator)
+            for rows in (int(r) for r in args.rows.split(",")):
+                seconds = time_rows(layers, rows, args.rounds, generator)
+                ratio = seconds["base"] / seconds["head"]
+                pct = 100.0 * flops_per_row * rows / seconds["head"] / peak
+                print(
+                    f"{kernel:<5} rows {rows:<4} base {seconds['base'] * 1e3:8.2f} ms"
+                    f"  head {seconds['head'] * 1e3:8.2f} ms"
+                    f"  base/head {ratio:4.2f}x  head at {pct:5.1f}% of {peak / 1e12:.2f} TFLOP/s",
+                    flush=True,
+                )
+                results.append({"kernel": kernel, "rows": rows, **seconds, "base_over_head": ratio, "peak_pct": pct})
+    print(f"load after {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({"base": args.base, "points": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

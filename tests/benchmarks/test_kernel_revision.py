@@ -1,0 +1,21 @@
+"""A kernel built at another revision registers under its own library, leaving kvos's ops alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.kernel_revision import renamed_library
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_only_the_named_library_is_renamed() -> None:
+    int4 = (REPO / "kvos/model/csrc/int4_linear.cpp").read_text()
+    out = renamed_library(int4, "kvos")
+    assert "TORCH_LIBRARY_FRAGMENT(kvos_base, m)" in out and "TORCH_LIBRARY_IMPL(kvos_base, CPU, m)" in out
+    assert "(kvos," not in out
+
+    amx = (REPO / "kvos/model/csrc/amx_linear.cpp").read_text()
+    assert renamed_library(amx, "kvos") == amx  # its library is kvos_amx
+    out = renamed_library(amx, "kvos_amx")
+    assert "TORCH_LIBRARY(kvos_amx_base, m)" in out and "TORCH_LIBRARY_IMPL(kvos_amx_base, CPU, m)" in out
