@@ -263,8 +263,8 @@ def _content_digest(path: Path, root: Path) -> str:
     try:
         before = path.stat()
         known = memo.get(name)
-        if isinstance(known, dict) and known.get("stat") == _stat_key(before):
-            return str(known["sha256"])
+        if isinstance(known, dict) and known.get("stat") == _stat_key(before) and isinstance(known.get("sha256"), str):
+            return known["sha256"]
         digest = _file_digest(path)
         after = path.stat()
     except OSError as exc:

@@ -235,6 +235,16 @@ def test_a_file_written_just_now_is_hashed_every_time(tiny_gguf: Path, tmp_path:
     assert not (tmp_path / "cache" / "digests.json").exists()
 
 
+@pytest.mark.parametrize("memo", ["not json", "[1, 2]", "no digest"])
+def test_a_damaged_digest_memo_is_ignored(tiny_gguf: Path, tmp_path: Path, memo: str) -> None:
+    if memo == "no digest":  # the file's stat, as remembered, but no digest beside it
+        memo = json.dumps({str(tiny_gguf.resolve()): {"stat": loader._stat_key(tiny_gguf.stat())}})
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "digests.json").write_text(memo)
+    loaded = load_model(ModelConfig(model=str(tiny_gguf)))
+    assert loaded.name == "tiny-llama" and loaded.state_dict is not None
+
+
 def test_failed_conversion_leaves_no_entry(tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def crash(*args, **kwargs):
         raise RuntimeError("killed while writing")
