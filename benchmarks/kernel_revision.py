@@ -4,7 +4,7 @@ A kernel change worth 5-10% only shows on this noisy VM when both versions run
 side by side in one process on the same data. The source at `revision` (and the
 shared headers of `kvos/csrc` at that revision) is written to a folder, its torch
 library renamed from `NAME` to `NAME_base` so both can be loaded, and built with
-kvos's own extension builder. Used by `paged_kernel_ab` and `amx_gemm_ab`.
+kvos's own extension builder. Used by `paged_kernel_ab` and `linear_kernels_ab`.
 """
 
 from __future__ import annotations

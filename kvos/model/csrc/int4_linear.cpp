@@ -96,6 +96,16 @@ inline __m512 load_half16(const uint8_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
+/* Asks for the group kPrefetchGroups after `block` (its 5 lines): row blocks lie one after another, so the
+ * stream of groups is one long run that the hardware prefetchers alone left 1.1-1.4x slower at 1-12 rows.
+ * Past the last row block the addresses are outside the weight; a prefetch never faults. */
+constexpr int64_t kPrefetchGroups = 16;
+
+inline void prefetch_ahead(const uint8_t* block) {
+  const char* ahead = reinterpret_cast<const char*>(block + kPrefetchGroups * kBlockBytes);
+  for (int64_t line = 0; line < kBlockBytes / 64; ++line) _mm_prefetch(ahead + 64 * line, _MM_HINT_T0);
+}
+
 /* Rows [16 r, 16 r + 16) of y for `Tile` activation rows: every group's codes are unpacked once and
  * multiplied into each row. */
 template <int Tile>
@@ -104,6 +114,7 @@ void row_block(const uint8_t* block, int64_t groups, const QuantizedRows& x, int
   __m512 acc[Tile];
   for (int m = 0; m < Tile; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g, block += kBlockBytes) {
+    prefetch_ahead(block);
     __m512i dot[Tile];
     for (int m = 0; m < Tile; ++m) dot[m] = _mm512_setzero_si512();
     for (int t = 0; t < 4; ++t) {
@@ -208,6 +219,7 @@ void dequantize_row_block(const uint8_t* block, int64_t groups, uint32_t* out) {
     return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(at19, code_bits, one, 0xEA));
   };
   for (int64_t g = 0; g < groups; ++g, block += kBlockBytes, out += 256) {
+    prefetch_ahead(block);
     const __m512 d16 = _mm512_mul_ps(load_half16(block + kCodeBytes), _mm512_set1_ps(16.0f));
     const __m512 base = _mm512_sub_ps(load_half16(block + kCodeBytes + 2 * kLanes), d16);
     for (int t = 0; t < 4; ++t) {
