@@ -4,9 +4,12 @@ Each kernel is one source file built with torch's extension tools
 (`-O3 -march=native`, OpenMP) into `$KVOS_CACHE_DIR/torch_extensions`; helpers
 several kernels share are headers in `kvos/csrc`. Each build has its own
 folder, named for the torch version, the CPU's feature flags, the source and
-the shared headers, so a cache shared between machines never hands one CPU
-code built for another, and checkouts with different kernels that share one
-cache each keep their own build instead of rebuilding over each other.
+the shared headers, and for where those files lie: a cache shared between
+machines never hands one CPU code built for another, and two checkouts that
+share one cache keep a build each. (torch's build file names the source's and
+the headers' paths, so checkouts with the same kernel in one folder rebuilt it
+whenever the other had loaded it last: 30-60 s a start for runs that take turns,
+as `benchmarks.compare_revisions` does.)
 Loading a kernel registers its torch operators (`torch.ops.kvos...`); the
 caller adds their fake (shape-only) implementations so torch.compile can trace
 through them.
@@ -85,7 +88,8 @@ def cpu_flags() -> frozenset[str]:
 def _build_dir(name: str, source: Path, headers: Path) -> Path:
     from kvos.model.loader import cache_root
 
-    digest = hashlib.sha256(source.read_bytes())
+    digest = hashlib.sha256(f"{source.resolve()}\0{headers.resolve()}\0".encode())
+    digest.update(source.read_bytes())
     for header in sorted(headers.glob("*.h")):
         digest.update(header.read_bytes())
     source_key = digest.hexdigest()[:12]
