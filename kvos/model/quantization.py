@@ -102,8 +102,8 @@ class Int4Linear(QuantizedLinear):
     measured at least as fast as a bfloat16 GEMM from 1 to 512 rows on the AMD EPYC of BENCHMARKS.md;
     where the CPU also has AMX (`amx`), batches of `int4_kernel.AMX_MIN_ROWS` rows or more run on
     the tile unit instead, on the weights dequantized to bfloat16 in cache: even with a bfloat16
-    copy on AMX from 13 to 32 rows, 0.7-0.8x of it at 64-256 (the Intel Xeon of BENCHMARKS.md), a
-    copy's 2 bytes per parameter not kept for that. Elsewhere
+    copy on AMX at 13 rows, 0.67-0.94x of it at 16-256 once that copy's GEMM prefetched its weights
+    (the Intel Xeon of BENCHMARKS.md, session 16), a copy's 2 bytes per parameter not kept for that. Elsewhere
     PyTorch's int4 kernel takes up to `max_quantized_rows` rows and a bfloat16 GEMM on a
     dequantized copy the rest. `vnni` and `amx` force the choices (None: by the CPU).
     """
