@@ -193,10 +193,8 @@ def format_breakdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> list[dict[str, float]]:
-    """Per request, seconds from the client's send to the front end handing it to the engine
-    (`to_engine`), in the engine's queue until a step boundary (`queued`), and from the engine
-    handing out its first token to the client reading it (`to_client`).
+def match_requests(client: list[Any], server: dict[str, dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """Each completed client request (its index in `client`) with the server's record of it.
 
     The server counts a prompt's tokens as the client does plus a constant
     (a BOS token, say), found as the one offset under which both sides hold
@@ -206,43 +204,52 @@ def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> li
     and a burst reaches the engine in any order.
     """
     taken = sorted((r for r in server.values() if "first_token" in r), key=lambda r: r["queued"])
-    sent = sorted((r for r in client if r.ok), key=lambda r: r.sent_s)
+    sent = sorted((k for k, r in enumerate(client) if r.ok), key=lambda k: client[k].sent_s)
     taken = taken[len(taken) - len(sent) :]  # the warm-up went first
     if not sent or not taken:
         return []
     # The offset under which the server's prompt lengths are the client's (sent all at once, they arrive
     # in any order, so pairs in order say nothing).
-    lengths = sorted(r.prompt_tokens for r in sent)
+    lengths = sorted(client[k].prompt_tokens for k in sent)
     offsets = [
         c
-        for c in sorted({t["prompt_tokens"] - sent[0].prompt_tokens for t in taken})
+        for c in sorted({t["prompt_tokens"] - client[sent[0]].prompt_tokens for t in taken})
         if sorted(t["prompt_tokens"] - c for t in taken) == lengths
     ]
     if not offsets:
         raise RuntimeError("the server's prompt lengths are not the client's plus a constant; cannot match them")
     offset = offsets[0]
-    delays = []
-    for result in sent:
-        match = next(r for r in taken if r["prompt_tokens"] == result.prompt_tokens + offset)
-        taken.remove(match)
-        delays.append(
-            {
-                "to_engine": match["queued"] - result.sent_s,
-                "queued": match["added"] - match["queued"],
-                "to_client": result.sent_s + result.ttft_s - match["first_token"],
-            }
-        )
-    return delays
+    matched = []
+    for k in sent:
+        record = next(r for r in taken if r["prompt_tokens"] == client[k].prompt_tokens + offset)
+        taken.remove(record)
+        matched.append((k, record))
+    return matched
 
 
-def run_rate(
-    rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any
-) -> tuple[list[dict], list[dict[str, float]]]:
-    """Serve `requests` at `rate` on an instrumented server; its served steps and each request's front-end delays."""
-    trace = Path(args.log_dir) / f"kvos-serving-trace-{rate}.jsonl"
+def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> list[dict[str, float]]:
+    """Per request (`match_requests`), seconds from the client's send to the front end handing it to the
+    engine (`to_engine`), in the engine's queue until a step boundary (`queued`), and from the engine
+    handing out its first token to the client reading it (`to_client`)."""
+    return [
+        {
+            "to_engine": record["queued"] - client[k].sent_s,
+            "queued": record["added"] - record["queued"],
+            "to_client": client[k].sent_s + client[k].ttft_s - record["first_token"],
+        }
+        for k, record in match_requests(client, server)
+    ]
+
+
+STOP_TIMEOUT_S = 60.0
+"""How long an instrumented server may take to stop: it writes its trace on the way out."""
+
+
+def instrumented_command(trace: Path, gguf: Path, port: int, kvos_args: str) -> list[str]:
+    """`kvos serve` with the engine loop instrumented (`--child`), writing its trace to `trace` when it exits."""
     trace.unlink(missing_ok=True)
-    url = f"http://127.0.0.1:{args.port}"
-    command = [
+    request_path(trace).unlink(missing_ok=True)
+    return [
         sys.executable,
         "-m",
         "benchmarks.profile_serving",
@@ -251,22 +258,36 @@ def run_rate(
         "serve",
         str(gguf),
         "--port",
-        str(args.port),
-        *shlex.split(args.kvos_args),
+        str(port),
+        *shlex.split(kvos_args),
     ]
+
+
+def read_trace(trace: Path, log: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """What a stopped instrumented server wrote: its engine loop's records and its per-request times."""
+    if not trace.exists():
+        raise RuntimeError(f"the server wrote no step trace to {trace}; see its log {log}")
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    return records, json.loads(request_path(trace).read_text())
+
+
+def run_rate(
+    rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any
+) -> tuple[list[dict], list[dict[str, float]]]:
+    """Serve `requests` at `rate` on an instrumented server; its served steps and each request's front-end delays."""
+    trace = Path(args.log_dir) / f"kvos-serving-trace-{rate}.jsonl"
+    url = f"http://127.0.0.1:{args.port}"
+    command = instrumented_command(trace, gguf, args.port, args.kvos_args)
     log = Path(args.log_dir) / f"kvos-profile-serving-{rate}.log"
-    # A minute to stop: the child writes its trace on the way out.
-    with serve_sweep.running_server(command, url, log, args.start_timeout, stop_timeout_s=60):
+    with serve_sweep.running_server(command, url, log, args.start_timeout, stop_timeout_s=STOP_TIMEOUT_S):
         client_args = serve.build_parser().parse_args(
             [url, "--request-rate", str(rate), "--seed", str(args.seed), "--no-progress"]
         )
         _, results, duration = asyncio.run(serve.run_requests(client_args, requests, count_tokens))
         summary = serve.summarize(results, duration, client_args.ttft_slo, client_args.tpot_slo)
         print(f"rate {rate:g}: {summary['completed']} requests, {summary['output_throughput']:.1f} tok/s", flush=True)
-    if not trace.exists():
-        raise RuntimeError(f"the server wrote no step trace to {trace}; see its log in {args.log_dir}")
-    records = [json.loads(line) for line in trace.read_text().splitlines()]
-    delays = front_end_delays(results, json.loads(request_path(trace).read_text()))
+    records, server_requests = read_trace(trace, log)
+    delays = front_end_delays(results, server_requests)
     for part in ("to_engine", "queued", "to_client") if delays else ():
         values = sorted(d[part] for d in delays)
         print(

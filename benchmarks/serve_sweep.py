@@ -138,6 +138,30 @@ def running_server(
                 process.kill()
 
 
+def replay(
+    url: str, rate: float, args: argparse.Namespace, requests: list, count_tokens: Any
+) -> tuple[dict[str, Any], list[serve.RequestResult]]:
+    """Replay the requests at `rate` against the server at `url` (token ids, the sweep's seed and SLOs):
+    the summary `benchmarks.serve` prints, and each request's result."""
+    client_args = serve.build_parser().parse_args(
+        [
+            url,
+            "--request-rate",
+            str(rate),
+            "--seed",
+            str(args.seed),
+            "--no-progress",
+            "--prompt-ids",
+            "--ttft-slo",
+            str(args.ttft_slo),
+            "--tpot-slo",
+            str(args.tpot_slo),
+        ]
+    )
+    model, results, duration = asyncio.run(serve.run_requests(client_args, requests, count_tokens))
+    return {"model": model, **serve.summarize(results, duration, args.ttft_slo, args.tpot_slo)}, results
+
+
 def run_server(
     command: list[str], port: int, rate: float, args: argparse.Namespace, requests: list, count_tokens: Any, log: Path
 ) -> dict:
@@ -146,23 +170,8 @@ def run_server(
     with running_server(command, url, log, args.start_timeout) as process:
         sampler = RSSSampler(process.pid)
         idle = sampler.sample()
-        client_args = serve.build_parser().parse_args(
-            [
-                url,
-                "--request-rate",
-                str(rate),
-                "--seed",
-                str(args.seed),
-                "--no-progress",
-                "--prompt-ids",
-                "--ttft-slo",
-                str(args.ttft_slo),
-                "--tpot-slo",
-                str(args.tpot_slo),
-            ]
-        )
         with sampler:
-            result = asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
+            result, _ = replay(url, rate, args, requests, count_tokens)
         return result | {"rss_idle_mib": mib(idle), "rss_peak_mib": mib(sampler.peak_bytes)}
 
 

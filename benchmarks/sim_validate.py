@@ -18,6 +18,14 @@
    --repeats N the error is against the median of N measured runs, whose
    range is shown: on this shared 2-core VM one run's figures can differ
    from the next's by 10-30%.
+6. With --fit-on-runs, every measured run is served by an instrumented
+   server (`benchmarks.profile_serving`'s engine loop records) and is also
+   simulated with step times and a front end fitted on that run's own
+   steps and requests, the requests reaching the engine in the order they
+   did (`InstrumentedRun.engine_order`). That is no prediction: it checks
+   the simulator's scheduling, batching and queueing alone, with the
+   machine's drift between a profile and the runs taken out (the VM's
+   speed moves by more than the 10% target within minutes).
 
 Usage: python -m benchmarks.sim_validate --json sim-validate.json   (defaults: about 8 minutes on 2 idle cores)
            [--rates 1,2,4,inf] [--num-requests 80] [--kvos-args "--kv-cache-memory 2GiB"] [--profile P.json]
@@ -36,6 +44,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +57,16 @@ from kvos.entrypoints.cli import engine_options
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.profile import GRIDS, profile_engine
 from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator, VirtualCacheConfig
-from kvos.sim.step_model import FrontEnd, Profile, fit_linear
-from kvos.sim.workload import arrival_times, with_arrivals
+from kvos.sim.step_model import (
+    FrontEnd,
+    Profile,
+    ServedStepModel,
+    StepShape,
+    fit_front_end,
+    fit_linear,
+    fit_overhead,
+)
+from kvos.sim.workload import SimRequest, arrival_times, with_arrivals
 
 DEFAULT_KVOS_ARGS = "--kv-cache-memory 2GiB"
 """float32 without --compile: no compilation at each of the six server start-ups, so the run fits in minutes."""
@@ -90,23 +107,102 @@ def measured_median(values: list[float]) -> tuple[float, str]:
     return statistics.median(values), f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else ""
 
 
-def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any], dict[str, Any]]]) -> str:
+@dataclass
+class RateResult:
+    """One rate's measured runs and its simulations."""
+
+    rate: str
+    runs: list[dict[str, Any]]
+    served: dict[str, Any]
+    """Simulated with the profile's served-step model and front end."""
+    worker: dict[str, Any]
+    """Simulated with the profile's worker model alone, no front end."""
+    fitted: list[dict[str, Any]] = field(default_factory=list)
+    """With --fit-on-runs: each run simulated with step times and a front end fitted on that run."""
+
+
+def format_table(rows: list[RateResult]) -> str:
     """Per rate and figure: measured (the median of the runs, and their range), simulated with the serving
-    overhead and front end (error against the median), worker only (error)."""
+    overhead and front end (error against the median), worker only (error), and with --fit-on-runs the
+    median of the runs' simulations fitted on themselves (error)."""
+    fitted = any(row.fitted for row in rows)
     header = (
         f"{'rate':>5} {'figure':<13} {'measured':>10} {'runs range':>17} {'simulated':>10} {'error':>8}   "
-        f"{'worker only':>11} {'error':>8}"
+        f"{'worker only':>11} {'error':>8}" + (f"   {'fit on run':>10} {'error':>8}" if fitted else "")
     )
     lines = [header, "-" * len(header)]
-    for rate, runs, served, worker in rows:
+    for row in rows:
         for name, pick in FIGURES:
-            m, spread = measured_median([pick(run) for run in runs])
-            s, w = pick(served), pick(worker)
-            lines.append(
-                f"{rate:>5} {name:<13} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%   "
+            m, spread = measured_median([pick(run) for run in row.runs])
+            s, w = pick(row.served), pick(row.worker)
+            line = (
+                f"{row.rate:>5} {name:<13} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%   "
                 f"{w:>11.1f} {error_pct(m, w):>+7.1f}%"
             )
+            if fitted:
+                f = statistics.median(pick(sim) for sim in row.fitted)
+                line += f"   {f:>10.1f} {error_pct(m, f):>+7.1f}%"
+            lines.append(line)
     return "\n".join(lines)
+
+
+@dataclass
+class InstrumentedRun:
+    """A measured run on an instrumented server, with what the engine saw of it."""
+
+    summary: dict[str, Any]
+    """The client's figures, as `benchmarks.serve` reports them."""
+    steps: list[dict[str, Any]]
+    """The served steps (`profile_serving.served_steps`)."""
+    delays: list[dict[str, float]]
+    """Each request's front-end delays (`profile_serving.front_end_delays`)."""
+    engine_order: list[int]
+    """The requests (indices into the replayed list) in the order the engine queued them: a burst sent at
+    once reaches the engine in any order, and with first-come first-served that order sets each TTFT."""
+
+
+def run_instrumented(
+    rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any, port: int
+) -> InstrumentedRun:
+    """Serve the requests at `rate` on a fresh instrumented server (`benchmarks.profile_serving`)."""
+    key = "inf" if math.isinf(rate) else f"{rate:g}"
+    trace = Path(args.log_dir) / f"kvos-validate-trace-{key}.jsonl"
+    log = Path(args.log_dir) / f"kvos-validate-{key}.log"
+    url = f"http://127.0.0.1:{port}"
+    command = profile_serving.instrumented_command(trace, gguf, port, args.kvos_args)
+    with serve_sweep.running_server(
+        command, url, log, args.start_timeout, stop_timeout_s=profile_serving.STOP_TIMEOUT_S
+    ):
+        summary, results = serve_sweep.replay(url, rate, args, requests, count_tokens)
+    records, server_requests = profile_serving.read_trace(trace, log)
+    matched = sorted(profile_serving.match_requests(results, server_requests), key=lambda m: m[1]["queued"])
+    return InstrumentedRun(
+        summary,
+        profile_serving.served_steps(records),
+        profile_serving.front_end_delays(results, server_requests),
+        [k for k, _ in matched],
+    )
+
+
+def in_engine_order(requests: list[SimRequest], order: list[int]) -> list[SimRequest]:
+    """The requests in the order the engine took them (`order`, every index once), each arriving when
+    it was sent or, if sent before one queued ahead of it, at that one's arrival (sends a moment apart
+    that swapped places on the way)."""
+    if sorted(order) != list(range(len(requests))):
+        raise ValueError(f"order must name each of the {len(requests)} requests once, got {order}")
+    ordered: list[SimRequest] = []
+    for k in order:
+        arrival = max(requests[k].arrival_s, ordered[-1].arrival_s if ordered else 0.0)
+        ordered.append(dataclasses.replace(requests[k], arrival_s=arrival))
+    return ordered
+
+
+def fit_on_run(steps: list[dict[str, Any]]) -> ServedStepModel:
+    """A served-step model fitted on one run's own steps: the worker on `Worker.execute`'s times, the
+    overhead on the rest of each step's served time."""
+    worker, _ = fit_linear([(StepShape(**step["shape"]), step["worker"]) for step in steps])
+    model, _ = fit_overhead(worker, [(StepShape(**step["shape"]), step["seconds"]) for step in steps])
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="measured runs per rate, each on a fresh server; errors are against their median",
+    )
+    parser.add_argument(
+        "--fit-on-runs",
+        action="store_true",
+        help="serve on instrumented servers and also simulate each run with step times fitted on it",
     )
     parser.add_argument("--port", type=int, default=8150)
     parser.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for a server")
@@ -191,20 +292,51 @@ def main(argv: list[str] | None = None) -> int:
         tpot_slo=args.tpot_slo,
     )
     load_before = os.getloadavg()[0]
-    rows = []
+    rows: list[RateResult] = []
+    finite_delays: list[tuple[float, float, float]] = []
+    """With --fit-on-runs: every request's front-end delays at the finite rates so far (a burst's say little)."""
+    fits: list[dict[str, Any]] = []
     for rate in rates:
         key = "inf" if math.isinf(rate) else f"{rate:g}"
-        runs = []
+        sim_requests = with_arrivals(lengths, arrival_times(len(lengths), rate, "poisson", seed=args.seed))
+        runs, fitted = [], []
         for run in range(args.repeats):
             print(f"rate {key}: kvos serve (run {run + 1} of {args.repeats}) ...", flush=True)
-            runs.append(serve_sweep.run_one("kvos", rate, gguf, sweep_args, requests, count_tokens))
-        sim_requests = with_arrivals(lengths, arrival_times(len(lengths), rate, "poisson", seed=args.seed))
+            if not args.fit_on_runs:
+                runs.append(serve_sweep.run_one("kvos", rate, gguf, sweep_args, requests, count_tokens))
+                continue
+            measured = run_instrumented(rate, gguf, sweep_args, requests, count_tokens, args.port + 20)
+            runs.append(measured.summary)
+            run_delays = [(rate, d["to_engine"], d["to_client"]) for d in measured.delays]
+            if math.isfinite(rate):
+                finite_delays.extend(run_delays)
+                front_end = fit_front_end(run_delays)
+            elif finite_delays:  # a burst's delays are its queue, not the front end's: the finite rates' so far
+                front_end = fit_front_end(finite_delays)
+            else:
+                front_end = instance.front_end
+            run_model = fit_on_run(measured.steps)
+            fits.append(
+                {
+                    "rate": key,
+                    "steps": len(measured.steps),
+                    "engine_order": measured.engine_order,
+                    "delays": measured.delays,
+                    "model": run_model.describe(),
+                    "front_end": dataclasses.asdict(front_end),
+                }
+            )
+            run_instance = dataclasses.replace(instance, front_end=front_end)
+            simulated = Simulator(FleetConfig(run_instance), run_model).run(
+                in_engine_order(sim_requests, measured.engine_order)
+            )
+            fitted.append(summarize_sim(simulated, args.ttft_slo, args.tpot_slo))
         bare = dataclasses.replace(instance, front_end=FrontEnd())
         served, worker = (
             summarize_sim(Simulator(FleetConfig(where), model).run(sim_requests), args.ttft_slo, args.tpot_slo)
             for where, model in ((instance, step_model), (bare, worker_model))
         )
-        rows.append((key, runs, served, worker))
+        rows.append(RateResult(key, runs, served, worker, fitted))
     print(format_table(rows))
     print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
     if args.json is not None:
@@ -217,8 +349,15 @@ def main(argv: list[str] | None = None) -> int:
             "front_end": dataclasses.asdict(instance.front_end),
             "serving_profile": profile.serving,
             "results": {
-                key: {"measured_runs": runs, "simulated": s, "simulated_worker_only": w} for key, runs, s, w in rows
+                row.rate: {
+                    "measured_runs": row.runs,
+                    "simulated": row.served,
+                    "simulated_worker_only": row.worker,
+                    "simulated_fitted_on_runs": row.fitted,
+                }
+                for row in rows
             },
+            "fits_on_runs": fits,
         }
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0

@@ -42,7 +42,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -180,8 +180,47 @@ def fit_error(model: StepTimeModel, samples: Sequence[tuple[StepShape, float]]) 
     )
 
 
+def _lstsq(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.linalg.lstsq(a, y, rcond=None)[0]
+
+
+IRLS_ROUNDS = 20
+"""At most this many reweightings of a relative-error fit (`_relative_lstsq`); a few usually converge."""
+
+
+def _relative_lstsq(
+    design: np.ndarray,
+    times: np.ndarray,
+    offset: np.ndarray,
+    solve: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Coefficients c minimising the squared relative error of `offset + design @ c` against `times`,
+    with each sample's weight 1 / (its predicted time), not 1 / (its measured time).
+
+    Weighting by the measured time gives every slow sample less say: on a
+    noisy machine the slow ones are the noise's upper tail, so the fit lands
+    below the mean. On this VM's served steps (`benchmarks.sim_validate
+    --fit-on-runs`) that put the fitted steps' sum 5-11% under the measured
+    one, and every simulated TPOT as much too short. The predictions carry no
+    noise, so iterating from the unweighted fit (iteratively reweighted least
+    squares) keeps short steps counting as much as long ones with no bias.
+    `solve(a, y)` solves one weighted problem (default: unconstrained least squares).
+    """
+    if solve is None:
+        solve = _lstsq
+    coefficients = solve(design, times - offset)
+    for _ in range(IRLS_ROUNDS):
+        weights = 1.0 / np.maximum(offset + design @ coefficients, MIN_STEP_S)
+        updated = solve(design * weights[:, None], (times - offset) * weights)
+        done = np.allclose(updated, coefficients, rtol=1e-10, atol=1e-15)
+        coefficients = updated
+        if done:
+            break
+    return coefficients
+
+
 def fit_linear(samples: Sequence[tuple[StepShape, float]]) -> tuple[LinearStepModel, FitError]:
-    """Least squares over measured steps, weighted by 1/time so short decode steps count as much as long prefills.
+    """Least squares over measured steps, in relative error, so short decode steps count as much as long prefills.
 
     Minimising relative rather than absolute error matters because step
     times span two orders of magnitude and TPOT depends on the short ones.
@@ -192,8 +231,7 @@ def fit_linear(samples: Sequence[tuple[StepShape, float]]) -> tuple[LinearStepMo
         raise ValueError("samples must have measured times > 0")
     design = np.array([features(shape) for shape, _ in samples])
     times = np.array([t for _, t in samples])
-    weights = 1.0 / times
-    coefficients, *_ = np.linalg.lstsq(design * weights[:, None], times * weights, rcond=None)
+    coefficients = _relative_lstsq(design, times, np.zeros(len(times)))
     model = LinearStepModel(*(float(c) for c in coefficients))
     return model, fit_error(model, samples)
 
@@ -243,7 +281,7 @@ def fit_overhead(worker: StepTimeModel, served: Sequence[tuple[StepShape, float]
     The target is what the worker model does not explain: served seconds
     minus `worker`'s prediction. That residual holds the scheduler and front
     end's own time and also the worker's slowdown from sharing the cores with
-    them, which is what the simulator must add. Weighted by 1/time, as
+    them, which is what the simulator must add. In relative error, as
     `fit_linear` is. Both terms are kept >= 0: serving adds work to a step,
     and a negative intercept (seen on the Intel VM, fitted at rates 2 and
     inf) makes a lone request's served step faster than the worker alone.
@@ -257,18 +295,21 @@ def fit_overhead(worker: StepTimeModel, served: Sequence[tuple[StepShape, float]
         raise ValueError("served steps must have measured times > 0")
     design = np.array([[1.0, float(s.num_prefills + s.num_decodes)] for s, _ in served])
     times = np.array([t for _, t in served])
-    residual = times - np.array([worker.step_seconds(s) for s, _ in served])
-    weights = 1.0 / times
-    a, y = design * weights[:, None], residual * weights
-    coefficients, *_ = np.linalg.lstsq(a, y, rcond=None)
-    if coefficients.min() < 0:
+    worker_times = np.array([worker.step_seconds(s) for s, _ in served])
+
+    def solve(a: np.ndarray, y: np.ndarray) -> np.ndarray:
+        coefficients = _lstsq(a, y)
+        if coefficients.min() >= 0:
+            return coefficients
         # One term at 0, the other fitted alone (and at 0 too if it still comes out negative); the better of two.
         fits = []
         for free in (0, 1):
             c = np.zeros(2)
             c[free] = max(0.0, float(a[:, free] @ y) / float(a[:, free] @ a[:, free]))
             fits.append((float(np.sum((a @ c - y) ** 2)), c))
-        coefficients = min(fits, key=lambda fit: fit[0])[1]
+        return min(fits, key=lambda fit: fit[0])[1]
+
+    coefficients = _relative_lstsq(design, times, worker_times, solve)
     model = ServedStepModel(worker, ServingOverhead(*(float(c) for c in coefficients)))
     return model, fit_error(model, served)
 
