@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         front_end = fit_front_end(delays)
         print(
             f"front end: {1000 * front_end.to_engine_s:.1f} ms from a send to the engine, "
-            f"{1000 * front_end.to_client_s:.1f} ms from a token to the client (medians)"
+            f"{1000 * front_end.to_client_s:.1f} ms from a token to the client (means)"
         )
     else:
         print("front end: not fitted (it is fitted at finite rates only; add one to --rates)")

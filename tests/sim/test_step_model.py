@@ -170,12 +170,12 @@ def test_decode_steps_seconds_are_bit_for_bit_the_step_times(model: StepTimeMode
     assert floored == [MIN_STEP_S] * 3
 
 
-def test_front_end_fit_takes_medians_of_the_finite_rates(tmp_path: Path) -> None:
+def test_front_end_fit_takes_means_of_the_finite_rates(tmp_path: Path) -> None:
     inf = float("inf")
     delays = [(2.0, 0.006, 0.004), (2.0, 0.007, 0.002), (1.0, 0.050, 0.090), (inf, 0.400, 0.300)]
     front = fit_front_end(delays)
-    assert front.to_engine_s == pytest.approx(0.007)  # median of 6, 7, 50 ms: the burst's 400 ms is left out
-    assert front.to_client_s == pytest.approx(0.004)  # median of 4, 2, 90 ms
+    assert front.to_engine_s == pytest.approx(0.021)  # mean of 6, 7, 50 ms: the burst's 400 ms is left out
+    assert front.to_client_s == pytest.approx(0.032)  # mean of 4, 2, 90 ms
     with pytest.raises(ValueError, match="finite rate"):
         fit_front_end([(inf, 0.4, 0.003)])
     with pytest.raises(ValueError, match="to_engine_s"):
