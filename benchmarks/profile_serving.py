@@ -194,17 +194,25 @@ def format_breakdown(rows: list[dict[str, Any]]) -> str:
 
 
 def match_requests(client: list[Any], server: dict[str, dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
-    """Each completed client request (its index in `client`) with the server's record of it.
+    """Each completed client request (its index in `client`, in send order) with the server's record of it.
 
-    The server counts a prompt's tokens as the client does plus a constant
-    (a BOS token, say), found as the one offset under which both sides hold
-    the same lengths. Then each client request, in send order, takes the
-    first unmatched server record of its length in the order the server
-    queued them: requests sent close together can swap places on the way,
-    and a burst reaches the engine in any order.
+    By id when the client saw every completion's id: kvos names the engine
+    request of a completion's choice i `<completion id>-<i>`
+    (`kvos/entrypoints/server/plumbing.py`). Otherwise by length: the server
+    counts a prompt's tokens as the client does plus a constant (a BOS
+    token, say), found as the one offset under which both sides hold the
+    same lengths, and each client request, in send order, takes the first
+    unmatched server record of its length in the order the server queued
+    them (requests sent close together can swap places on the way, and a
+    burst reaches the engine in any order). Requests of the same length
+    sent together can then be paired wrongly: a burst of 80 ShareGPT
+    requests held several prompts of 4, 6 and 9 tokens.
     """
-    taken = sorted((r for r in server.values() if "first_token" in r), key=lambda r: r["queued"])
     sent = sorted((k for k, r in enumerate(client) if r.ok), key=lambda k: client[k].sent_s)
+    by_id = [(k, server.get(f"{client[k].response_id}-0")) for k in sent if client[k].response_id]
+    if sent and len(by_id) == len(sent) and all(r is not None and "first_token" in r for _, r in by_id):
+        return [(k, r) for k, r in by_id if r is not None]
+    taken = sorted((r for r in server.values() if "first_token" in r), key=lambda r: r["queued"])
     taken = taken[len(taken) - len(sent) :]  # the warm-up went first
     if not sent or not taken:
         return []

@@ -58,6 +58,8 @@ class RequestResult:
     sent_s: float = 0.0
     """`time.perf_counter()` when the request was sent. On Linux that is the system-wide
     CLOCK_MONOTONIC, so a server on this machine can match its own timestamps with it."""
+    response_id: str = ""
+    """The `id` the server gave the completion (its chunks'), so its own records can be matched with this one."""
 
     @property
     def tpot_s(self) -> float:
@@ -115,6 +117,7 @@ async def stream_one(
                 if "error" in chunk:
                     result.error = str(chunk["error"])
                     return result
+                result.response_id = result.response_id or str(chunk.get("id") or "")
                 if chunk.get("usage"):
                     usage_tokens = chunk["usage"]["completion_tokens"]
                 delta = "".join(c.get("text") or "" for c in chunk.get("choices", []))

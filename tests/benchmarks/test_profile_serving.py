@@ -45,3 +45,19 @@ def test_a_burst_reaching_the_engine_in_any_order_is_matched() -> None:
     assert [d["to_engine"] for d in delays] == pytest.approx(
         [0.01 + order.index(k) * 1e-3 - k * 1e-4 for k in range(6)]
     )
+
+
+def test_requests_the_client_saw_the_ids_of_are_matched_by_id() -> None:
+    """Two prompts of the same length sent at once, queued the other way round: by length the first one
+    sent would take the first one queued; by the completions' ids each finds its own record."""
+    client = [sent(5.0, 9, 0.30), sent(5.0001, 9, 0.10)]
+    client[0].response_id, client[1].response_id = "cmpl-a", "cmpl-b"
+    server = {
+        "cmpl-b-0": {"queued": 5.004, "added": 5.01, "first_token": 5.095, "prompt_tokens": 9},
+        "cmpl-a-0": {"queued": 5.006, "added": 5.01, "first_token": 5.295, "prompt_tokens": 9},
+    }
+    delays = front_end_delays(client, server)
+    assert [d["to_engine"] for d in delays] == pytest.approx([0.006, 0.0039])
+    assert [d["to_client"] for d in delays] == pytest.approx([0.005, 0.0051])
+    client[1].response_id = ""  # one id missing: every request is matched by length (and these two wrongly)
+    assert [d["to_engine"] for d in front_end_delays(client, server)] == pytest.approx([0.004, 0.0059])
