@@ -162,12 +162,13 @@ class InstrumentedRun:
 
 
 def run_instrumented(
-    rate: float, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any, port: int
+    rate: float, run: int, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any, port: int
 ) -> InstrumentedRun:
-    """Serve the requests at `rate` on a fresh instrumented server (`benchmarks.profile_serving`)."""
+    """Serve the requests at `rate` on a fresh instrumented server (`benchmarks.profile_serving`); its trace
+    and log stay in the log folder, named by rate and run."""
     key = "inf" if math.isinf(rate) else f"{rate:g}"
-    trace = Path(args.log_dir) / f"kvos-validate-trace-{key}.jsonl"
-    log = Path(args.log_dir) / f"kvos-validate-{key}.log"
+    trace = Path(args.log_dir) / f"kvos-validate-trace-{key}-{run}.jsonl"
+    log = Path(args.log_dir) / f"kvos-validate-{key}-{run}.log"
     url = f"http://127.0.0.1:{port}"
     command = profile_serving.instrumented_command(trace, gguf, port, args.kvos_args)
     with serve_sweep.running_server(
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.fit_on_runs:
                 runs.append(serve_sweep.run_one("kvos", rate, gguf, sweep_args, requests, count_tokens))
                 continue
-            measured = run_instrumented(rate, gguf, sweep_args, requests, count_tokens, args.port + 20)
+            measured = run_instrumented(rate, run, gguf, sweep_args, requests, count_tokens, args.port + 20)
             runs.append(measured.summary)
             run_delays = [(rate, d["to_engine"], d["to_client"]) for d in measured.delays]
             if math.isfinite(rate):
