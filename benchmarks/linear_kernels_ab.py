@@ -19,15 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.kernel_revision import build_at_revision
+from benchmarks.kernel_revision import build_at_revision, time_alternating
 from kvos.model import amx_linear, int4_kernel
 
 # SmolLM2-135M's linears without the LM head: (in_features, out_features) per layer.
@@ -72,16 +70,13 @@ def time_rows(layers: list[tuple[int, dict[str, Op]]], rows: int, rounds: int, g
     inputs = {k: torch.randn(rows, k, generator=generator).bfloat16() for k in {k for k, _ in layers}}
     for in_features, ops in layers[:4]:
         torch.testing.assert_close(ops["head"](inputs[in_features]), ops["base"](inputs[in_features]), rtol=0, atol=0)
-    times: dict[str, list[float]] = {"base": [], "head": []}
+
+    def one_pass(name: str) -> None:
+        for in_features, ops in layers:
+            ops[name](inputs[in_features])
+
     with torch.inference_mode():
-        for round_index in range(rounds + 1):  # the first round warms up
-            for name in ("base", "head") if round_index % 2 == 0 else ("head", "base"):
-                start = time.perf_counter()
-                for in_features, ops in layers:
-                    ops[name](inputs[in_features])
-                if round_index > 0:
-                    times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+        return time_alternating({name: lambda n=name: one_pass(n) for name in ("base", "head")}, rounds, warmup=1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -26,15 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from benchmarks.kernel_revision import build_at_revision
+from benchmarks.kernel_revision import build_at_revision, time_alternating
 from kvos.attention import paged_cpu
 
 KERNEL = "kvos/attention/csrc/paged_attention.cpp"
@@ -78,15 +76,13 @@ def time_point(
     tolerance = 1e-5 if dtype == torch.float32 else 1e-3
     for other in outputs[1:]:
         torch.testing.assert_close(other, outputs[0], rtol=tolerance, atol=tolerance)
-    times: dict[str, list[float]] = {name: [] for name in kernels}
-    names = list(kernels)
-    for round_index in range(rounds):
-        for name in names if round_index % 2 == 0 else reversed(names):
-            start = time.perf_counter()
-            for k_cache, v_cache in pools:
-                kernels[name](q, k_cache, v_cache, tables, seqs, block_size, scale)
-            times[name].append((time.perf_counter() - start) / layers)
-    return {name: statistics.median(values) for name, values in times.items()}
+
+    def one_call_per_layer(kernel: Callable[..., torch.Tensor]) -> None:
+        for k_cache, v_cache in pools:
+            kernel(q, k_cache, v_cache, tables, seqs, block_size, scale)
+
+    passes = {name: lambda k=kernel: one_call_per_layer(k) for name, kernel in kernels.items()}
+    return {name: seconds / layers for name, seconds in time_alternating(passes, rounds).items()}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -239,13 +239,18 @@ def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> li
     """Per request (`match_requests`), seconds from the client's send to the front end handing it to the
     engine (`to_engine`), in the engine's queue until a step boundary (`queued`), and from the engine
     handing out its first token to the client reading it (`to_client`)."""
+    return delays_of(client, match_requests(client, server))
+
+
+def delays_of(client: list[Any], matched: list[tuple[int, dict[str, Any]]]) -> list[dict[str, float]]:
+    """`front_end_delays` of requests already matched with their server records."""
     return [
         {
             "to_engine": record["queued"] - client[k].sent_s,
             "queued": record["added"] - record["queued"],
             "to_client": client[k].sent_s + client[k].ttft_s - record["first_token"],
         }
-        for k, record in match_requests(client, server)
+        for k, record in matched
     ]
 
 

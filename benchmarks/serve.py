@@ -188,9 +188,12 @@ def summarize(results: list[RequestResult], duration_s: float, ttft_slo_s: float
     }
 
 
-async def run_benchmark(args: argparse.Namespace, requests: list[BenchRequest], count_tokens: Any) -> dict[str, Any]:
+async def run_benchmark(
+    args: argparse.Namespace, requests: list[BenchRequest], count_tokens: Any
+) -> tuple[dict[str, Any], list[RequestResult]]:
+    """The run's summary (the model's name and `summarize`'s figures) and each request's result."""
     model, results, duration = await run_requests(args, requests, count_tokens)
-    return {"model": model, **summarize(results, duration, args.ttft_slo, args.tpot_slo)}
+    return {"model": model, **summarize(results, duration, args.ttft_slo, args.tpot_slo)}, results
 
 
 async def run_requests(
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.system()} {platform.machine()}, {_cpu_count()} CPUs",
         "config": config,
-        **asyncio.run(run_benchmark(args, requests, count_tokens)),
+        **asyncio.run(run_benchmark(args, requests, count_tokens))[0],
     }
     text = json.dumps(report, indent=2)
     print(text)

@@ -158,8 +158,7 @@ def replay(
             str(args.tpot_slo),
         ]
     )
-    model, results, duration = asyncio.run(serve.run_requests(client_args, requests, count_tokens))
-    return {"model": model, **serve.summarize(results, duration, args.ttft_slo, args.tpot_slo)}, results
+    return asyncio.run(serve.run_benchmark(client_args, requests, count_tokens))
 
 
 def run_server(

@@ -176,12 +176,12 @@ def run_instrumented(
     ):
         summary, results = serve_sweep.replay(url, rate, args, requests, count_tokens)
     records, server_requests = profile_serving.read_trace(trace, log)
-    matched = sorted(profile_serving.match_requests(results, server_requests), key=lambda m: m[1]["queued"])
+    matched = profile_serving.match_requests(results, server_requests)
     return InstrumentedRun(
         summary,
         profile_serving.served_steps(records),
-        profile_serving.front_end_delays(results, server_requests),
-        [k for k, _ in matched],
+        profile_serving.delays_of(results, matched),
+        [k for k, _ in sorted(matched, key=lambda m: m[1]["queued"])],
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.kernel_revision import renamed_library
+from benchmarks.kernel_revision import renamed_library, time_alternating
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,3 +19,12 @@ def test_only_the_named_library_is_renamed() -> None:
     assert renamed_library(amx, "kvos") == amx  # its library is kvos_amx
     out = renamed_library(amx, "kvos_amx")
     assert "TORCH_LIBRARY(kvos_amx_base, m)" in out and "TORCH_LIBRARY_IMPL(kvos_amx_base, CPU, m)" in out
+
+
+def test_the_passes_take_turns_and_the_warm_up_rounds_are_not_timed() -> None:
+    calls: list[str] = []
+    medians = time_alternating(
+        {"base": lambda: calls.append("base"), "head": lambda: calls.append("head")}, 3, warmup=1
+    )
+    assert calls == ["base", "head", "head", "base", "base", "head", "head", "base"]
+    assert set(medians) == {"base", "head"}
