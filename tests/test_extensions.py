@@ -1,4 +1,5 @@
-"""Building kvos's C++ kernels: a build folder left locked by a killed process does not hang the next start."""
+"""Building kvos's C++ kernels: a finished build loads without torch's loader, an unfinished one is built
+again, and a build folder left locked by a killed process does not hang the next start."""
 
 from __future__ import annotations
 
@@ -13,11 +14,45 @@ _LOAD_SAMPLER = (
     "from kvos.extensions import build_cpu_extension; from kvos.worker import sampler; "
     "build_cpu_extension('kvos_sampler_ops', sampler._SOURCE, 'the greedy sampler')"
 )
+# Loads the kernel, runs its argmax on a row torch can check, and says whether torch's loader was imported.
+_LOAD_AND_RUN = (
+    _LOAD_SAMPLER + "; import sys, torch; x = torch.tensor([[0.5, 3.0, -1.0, 3.0]]); "
+    "assert torch.ops.kvos.argmax_rows(x).tolist() == [1]; "
+    "print('torch.utils.cpp_extension' in sys.modules)"
+)
+
+
+def _sampler_build_dir() -> Path:
+    extensions.build_cpu_extension("kvos_sampler_ops", sampler._SOURCE, "the greedy sampler")  # built, or cached
+    return extensions._build_dir("kvos_sampler_ops", sampler._SOURCE, extensions._SHARED_HEADERS)
+
+
+def _load_in_child() -> bool:
+    """Load the sampler's kernel in a fresh process; whether it went through torch's loader."""
+    done = subprocess.run([sys.executable, "-c", _LOAD_AND_RUN], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_a_finished_build_loads_without_torchs_loader() -> None:
+    build_dir = _sampler_build_dir()
+    assert (build_dir / "kvos.built").exists()
+    assert not _load_in_child()  # setuptools and ninja's check cost a warm start ~0.15 s
+
+
+def test_a_build_that_did_not_finish_goes_through_torchs_loader_again() -> None:
+    built = _sampler_build_dir() / "kvos.built"
+    built.unlink()  # what a build killed before it finished leaves
+    assert _load_in_child()
+    assert built.exists()  # finished this time: the next start loads directly
+    built.write_text("-O0")  # built with other flags than kvos's own
+    assert _load_in_child()
+    assert not _load_in_child()
 
 
 def test_a_lock_left_by_a_killed_build_is_removed() -> None:
-    extensions.build_cpu_extension("kvos_sampler_ops", sampler._SOURCE, "the greedy sampler")  # built, or cached
-    build_dir = extensions._build_dir("kvos_sampler_ops", sampler._SOURCE, extensions._SHARED_HEADERS)
+    build_dir = _sampler_build_dir()
+    (build_dir / "kvos.built").unlink()  # torch's loader is the one that waits on its lock
     stale = build_dir / "lock"
     stale.touch()  # what torch's loader leaves when the process holding it is killed
 
