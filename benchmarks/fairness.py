@@ -73,7 +73,9 @@ async def sample_service(
 
 async def run_policy(
     url: str, policy: str, streams: dict[str, list[tuple[float, BenchRequest]]], count_tokens: Any
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[tuple[str, float, serve.RequestResult]]]:
+    """Replay the streams against the server at `url`: the report, and each request's (tenant, send time
+    from the start, result) in the streams' order (tenant by tenant)."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
@@ -102,7 +104,7 @@ async def run_policy(
         duration = time.perf_counter() - start
         done.set()
         await sampler
-    return {"policy": policy, **summarize(results, duration, samples)}
+    return {"policy": policy, **summarize(results, duration, samples)}, results
 
 
 def summarize(results: list[tuple[str, float, serve.RequestResult]], duration: float, samples: list) -> dict:
@@ -182,7 +184,8 @@ def serve_policy(
     command = kvos_serve_command(gguf, port, server_flags(policy, kvos_args))
     url = f"http://127.0.0.1:{port}"
     with running_server(command, url, log_path, start_timeout_s=300):
-        return asyncio.run(run_policy(url, policy, streams, count_tokens))
+        report, _ = asyncio.run(run_policy(url, policy, streams, count_tokens))
+        return report
 
 
 def server_flags(policy: str, kvos_args: str) -> list[str]:

@@ -62,6 +62,7 @@ from kvos.sim.step_model import (
     Profile,
     ServedStepModel,
     StepShape,
+    StepTimeModel,
     fit_front_end,
     fit_linear,
     fit_overhead,
@@ -204,6 +205,55 @@ def fit_on_run(steps: list[dict[str, Any]]) -> ServedStepModel:
     worker, _ = fit_linear([(StepShape(**step["shape"]), step["worker"]) for step in steps])
     model, _ = fit_overhead(worker, [(StepShape(**step["shape"]), step["seconds"]) for step in steps])
     return model
+
+
+SPEED_WINDOW = 100
+"""Steps per window of `in_run_speed`: long enough that a window's sum is not one step's noise, short
+enough to follow this VM's drift (a fairness run's 2,300 steps took about a minute)."""
+
+
+def in_run_speed(model: StepTimeModel, steps: list[dict[str, Any]], window: int = SPEED_WINDOW) -> list[float]:
+    """How fast the machine ran through a run, window by window: each `window` consecutive served steps'
+    measured time over what `model` gives them."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    scales = []
+    for start in range(0, len(steps), window):
+        part = steps[start : start + window]
+        modelled = sum(model.step_seconds(StepShape(**step["shape"])) for step in part)
+        scales.append(sum(step["seconds"] for step in part) / modelled)
+    return scales
+
+
+@dataclass
+class WithRunSpeed:
+    """A run's fitted model, its k-th step scaled by `in_run_speed` at the measured run's k-th step.
+
+    A fitted model has one speed, and this VM's can move by 10-20% within a
+    run: a fairness run's first thousand steps took 11-14% longer than its
+    fit, the last thousand 10-21% less, so the queue built up early and the
+    light tenant's median wait came out half the measured one. The steps are
+    counted in order, which follows the measured run only while both are
+    busy (an idle moment's last step is not a served step): meant for runs
+    near saturation, and for a simulator taking its steps one by one
+    (`Simulator(..., decode_runs=False)`), so that each is asked for once.
+    """
+
+    model: StepTimeModel
+    scales: list[float]
+    window: int = SPEED_WINDOW
+    taken: int = 0
+
+    def step_seconds(self, shape: StepShape) -> float:
+        scale = self.scales[min(self.taken // self.window, len(self.scales) - 1)]
+        self.taken += 1
+        return self.model.step_seconds(shape) * scale
+
+    def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
+        raise NotImplementedError("WithRunSpeed counts steps one by one: simulate with decode_runs=False")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "with_run_speed", "model": self.model.describe(), "window": self.window, "scales": self.scales}
 
 
 def main(argv: list[str] | None = None) -> int:
