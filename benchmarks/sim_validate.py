@@ -25,7 +25,9 @@
    did (`InstrumentedRun.engine_order`). That is no prediction: it checks
    the simulator's scheduling, batching and queueing alone, with the
    machine's drift between a profile and the runs taken out (the VM's
-   speed moves by more than the 10% target within minutes).
+   speed moves by more than the 10% target within minutes). A third
+   column takes the drift within the run out too: each step at the run's
+   speed around that step (`WithRunSpeed`, windows of `SPEED_WINDOW` steps).
 
 Usage: python -m benchmarks.sim_validate --json sim-validate.json   (defaults: about 8 minutes on 2 idle cores)
            [--rates 1,2,4,inf] [--num-requests 80] [--kvos-args "--kv-cache-memory 2GiB"] [--profile P.json]
@@ -120,16 +122,19 @@ class RateResult:
     """Simulated with the profile's worker model alone, no front end."""
     fitted: list[dict[str, Any]] = field(default_factory=list)
     """With --fit-on-runs: each run simulated with step times and a front end fitted on that run."""
+    sped: list[dict[str, Any]] = field(default_factory=list)
+    """With --fit-on-runs: the same, each step at the run's speed around it (`WithRunSpeed`)."""
 
 
 def format_table(rows: list[RateResult]) -> str:
     """Per rate and figure: measured (the median of the runs, and their range), simulated with the serving
     overhead and front end (error against the median), worker only (error), and with --fit-on-runs the
-    median of the runs' simulations fitted on themselves (error)."""
+    median of the runs' simulations fitted on themselves (error), then with the runs' speed too."""
     fitted = any(row.fitted for row in rows)
     header = (
         f"{'rate':>5} {'figure':<13} {'measured':>10} {'runs range':>17} {'simulated':>10} {'error':>8}   "
-        f"{'worker only':>11} {'error':>8}" + (f"   {'fit on run':>10} {'error':>8}" if fitted else "")
+        f"{'worker only':>11} {'error':>8}"
+        + (f"   {'fit on run':>10} {'error':>8}   {'+ run speed':>11} {'error':>8}" if fitted else "")
     )
     lines = [header, "-" * len(header)]
     for row in rows:
@@ -142,7 +147,8 @@ def format_table(rows: list[RateResult]) -> str:
             )
             if fitted:
                 f = statistics.median(pick(sim) for sim in row.fitted)
-                line += f"   {f:>10.1f} {error_pct(m, f):>+7.1f}%"
+                v = statistics.median(pick(sim) for sim in row.sped)
+                line += f"   {f:>10.1f} {error_pct(m, f):>+7.1f}%   {v:>11.1f} {error_pct(m, v):>+7.1f}%"
             lines.append(line)
     return "\n".join(lines)
 
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     for rate in rates:
         key = "inf" if math.isinf(rate) else f"{rate:g}"
         sim_requests = with_arrivals(lengths, arrival_times(len(lengths), rate, "poisson", seed=args.seed))
-        runs, fitted = [], []
+        runs, fitted, sped = [], [], []
         for run in range(args.repeats):
             print(f"rate {key}: kvos serve (run {run + 1} of {args.repeats}) ...", flush=True)
             if not args.fit_on_runs:
@@ -367,27 +373,30 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 front_end = instance.front_end
             run_model = fit_on_run(measured.steps)
+            run_speed = WithRunSpeed(run_model, in_run_speed(run_model, measured.steps))
             fits.append(
                 {
                     "rate": key,
                     "steps": len(measured.steps),
                     "engine_order": measured.engine_order,
                     "delays": measured.delays,
-                    "model": run_model.describe(),
+                    "model": run_speed.describe(),
                     "front_end": dataclasses.asdict(front_end),
                 }
             )
-            run_instance = dataclasses.replace(instance, front_end=front_end)
-            simulated = Simulator(FleetConfig(run_instance), run_model).run(
-                in_engine_order(sim_requests, measured.engine_order)
-            )
-            fitted.append(summarize_sim(simulated, args.ttft_slo, args.tpot_slo))
+            run_fleet = FleetConfig(dataclasses.replace(instance, front_end=front_end))
+            ordered = in_engine_order(sim_requests, measured.engine_order)
+            for out, simulator in (
+                (fitted, Simulator(run_fleet, run_model)),
+                (sped, Simulator(run_fleet, run_speed, decode_runs=False)),
+            ):
+                out.append(summarize_sim(simulator.run(ordered), args.ttft_slo, args.tpot_slo))
         bare = dataclasses.replace(instance, front_end=FrontEnd())
         served, worker = (
             summarize_sim(Simulator(FleetConfig(where), model).run(sim_requests), args.ttft_slo, args.tpot_slo)
             for where, model in ((instance, step_model), (bare, worker_model))
         )
-        rows.append(RateResult(key, runs, served, worker, fitted))
+        rows.append(RateResult(key, runs, served, worker, fitted, sped))
     print(format_table(rows))
     print(f"1-minute load average before/after: {load_before:.2f}/{os.getloadavg()[0]:.2f}")
     if args.json is not None:
@@ -405,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                     "simulated": row.served,
                     "simulated_worker_only": row.worker,
                     "simulated_fitted_on_runs": row.fitted,
+                    "simulated_fitted_with_run_speed": row.sped,
                 }
                 for row in rows
             },

@@ -259,7 +259,8 @@ def test_bfloat16_items_run_on_the_tile_unit_where_the_cpu_has_amx() -> None:
     assert torch.ops.kvos.paged_attention_amx() == ({"amx_tile", "amx_bf16"} <= cpu_flags())
 
 
-def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
+def test_paged_kernel_without_a_compiler_is_a_clear_error(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("KVOS_CACHE_DIR", str(tmp_path))  # no finished build to load instead
     monkeypatch.setenv("CXX", "no-such-compiler++")
     with pytest.raises(ValueError, match="'no-such-compiler\\+\\+' is not on PATH"):
         paged_cpu.load_kernel.__wrapped__()
