@@ -43,6 +43,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks import profile_serving
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.serve import percentiles_ms, sse_chunks
 from benchmarks.sharegpt import Conversation, load_sharegpt
@@ -115,17 +116,26 @@ def plan_sessions(
 class Server:
     """`kvos serve` in a subprocess on a free port (this checkout's kvos)."""
 
-    def __init__(self, flags: list[str], log_path: Path) -> None:
+    def __init__(self, flags: list[str], log_path: Path, trace: Path | None = None) -> None:
+        """With `trace`, the engine loop is instrumented (`benchmarks.profile_serving --child`) and writes
+        its records there when the server stops."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
+        serve = ["serve", "--port", str(port), *flags]
+        if trace is None:
+            command = [sys.executable, "-m", "kvos.entrypoints.cli", *serve]
+        else:
+            trace.unlink(missing_ok=True)
+            profile_serving.request_path(trace).unlink(missing_ok=True)
+            command = [sys.executable, "-m", "benchmarks.profile_serving", "--child", str(trace), *serve]
         paths = (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
         self.log_path = log_path
         self.url = f"http://127.0.0.1:{port}"
         with log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "kvos.entrypoints.cli", "serve", "--port", str(port), *flags],
+                command,
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=log,
@@ -306,11 +316,12 @@ def summarize(results: list[TurnResult], duration_s: float, before: dict, after:
 
 
 def serve_sessions(
-    name: str, flags: list[str], plans: list[SessionPlan], args: argparse.Namespace
+    name: str, flags: list[str], plans: list[SessionPlan], args: argparse.Namespace, trace: Path | None = None
 ) -> tuple[dict[str, Any], list[TurnResult]]:
-    """The sessions through a fresh `kvos serve FLAGS`: the run's summary and every turn's result."""
+    """The sessions through a fresh `kvos serve FLAGS` (its engine loop instrumented into `trace` if given):
+    the run's summary and every turn's result."""
     print(f"-- {name}: kvos serve {' '.join(flags)}", flush=True)
-    server = Server(flags, Path(args.log_dir) / f"{name}.log")
+    server = Server(flags, Path(args.log_dir) / f"{name}.log", trace)
     try:
         before = server.metrics()
         start = time.perf_counter()

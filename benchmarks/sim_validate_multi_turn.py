@@ -38,9 +38,18 @@ hits per tier of each measured run and each simulation: a figure that moves
 with the step times (in a closed loop, which tier still holds a session's
 history when its next turn comes) is compared at the speed the servers ran.
 
+With `--fit-on-runs` every run is served with its engine loop instrumented
+(`benchmarks.profile_serving`) and also simulated with a served-step model
+fitted on that run's own steps (`benchmarks.sim_validate.fit_on_run`; the
+front end and the KV moves stay the profile's): no prediction, but a check
+of the tiers' books and the closed loop with the machine's drift between the
+profile and the run taken out. (The run's speed window by window,
+`WithRunSpeed`, is not used: a closed loop leaves the engine idle between
+turns, and its steps are counted only while busy.)
+
 Usage: python -m benchmarks.sim_validate_multi_turn --profile P.json [--json out.json]   (about a minute per repeat)
            [--configs off,host,host+disk] [--sessions 8] [--turns 3] [--max-output-tokens 32] [--think-time 1.0]
-           [--repeats 1] [--step-scales 1.1,1.2]
+           [--repeats 1] [--step-scales 1.1,1.2] [--fit-on-runs]
            [--instances 2 --routers round-robin,least-load,prefix-aware,session] [--pool-bytes N]
 The profile: `kvos sim profile --kv-offload-size 256MiB --kv-disk-path DIR --kv-disk-size 256MiB` and
 `benchmarks.profile_serving` with the servers' flags (less the pool size).
@@ -60,11 +69,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import multi_turn
+from benchmarks import multi_turn, profile_serving
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.serve import percentiles_ms
 from benchmarks.sharegpt import load_sharegpt
-from benchmarks.sim_validate import engine_config, error_pct, measured_median
+from benchmarks.sim_validate import engine_config, error_pct, fit_on_run, measured_median
 from kvos.sim.metrics import nearest_rank_ms, tier_summary
 from kvos.sim.router import CLUSTER_ROUTERS
 from kvos.sim.simulator import DiskTierConfig, FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator
@@ -156,13 +165,22 @@ def summarize_sessions(result: SimResult, sessions: list[SimSession]) -> dict[st
 
 
 def format_table(rows: list[tuple[str, list[dict[str, Any]], dict[str, Any]]]) -> str:
-    header = f"{'config':<22} {'figure':<24} {'measured':>10} {'runs range':>17} {'simulated':>10} {'error':>8}"
+    """Per config and figure: measured (median of the runs, their range), simulated (error), and with
+    --fit-on-runs the median of the runs' simulations with their own steps (`simulated["fitted_on_runs"]`)."""
+    fitted = any(simulated.get("fitted_on_runs") for _, _, simulated in rows)
+    header = f"{'config':<22} {'figure':<24} {'measured':>10} {'runs range':>17} {'simulated':>10} {'error':>8}" + (
+        f"   {'fit on run':>10} {'error':>8}" if fitted else ""
+    )
     lines = [header, "-" * len(header)]
     for name, runs, simulated in rows:
         for figure, pick in FIGURES:
             m, spread = measured_median([pick(run) for run in runs])
             s = pick(simulated)
-            lines.append(f"{name:<22} {figure:<24} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%")
+            line = f"{name:<22} {figure:<24} {m:>10.1f} {spread:>17} {s:>10.1f} {error_pct(m, s):>+7.1f}%"
+            if fitted:
+                f, _ = measured_median([pick(sim) for sim in simulated["fitted_on_runs"]])
+                line += f"   {f:>10.1f} {error_pct(m, f):>+7.1f}%"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -215,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma-separated factors: also simulate each config with every step that much longer (a diagnostic)",
     )
+    parser.add_argument(
+        "--fit-on-runs",
+        action="store_true",
+        help="serve on instrumented servers and also simulate each run with step times fitted on it",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -235,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not f > 0 for f in scales):
         parser.error(f"--step-scales must be > 0, got {args.step_scales!r}")
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="kvos-sim-mt-")
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     serve_flags = shlex.split(args.serve_flags)
 
     gguf = resolve_gguf(None)
@@ -279,13 +303,17 @@ def main(argv: list[str] | None = None) -> int:
             flags += ["--kv-offload-size", str(host_bytes)]
         if router:
             flags += ["--instances", str(args.instances), "--router", router]
-        runs, results = [], []
+        runs, results, run_models = [], [], []
         for run in range(args.repeats):
             log_name = f"{name.replace('/', '-').replace('+', '-')}-{run}"
             disk_dir = tempfile.mkdtemp(prefix="kvos-sim-mt-disk-", dir=args.log_dir)  # every run starts empty
             disk = ["--kv-disk-path", disk_dir, "--kv-disk-size", str(host)] if tier == "host+disk" else []
-            summary, turn_results = multi_turn.serve_sessions(log_name, [*flags, *disk], plans, serve_args)
+            trace = Path(args.log_dir) / f"{log_name}-trace.jsonl" if args.fit_on_runs else None
+            summary, turn_results = multi_turn.serve_sessions(log_name, [*flags, *disk], plans, serve_args, trace)
             shutil.rmtree(disk_dir, ignore_errors=True)
+            if trace is not None:
+                records, _ = profile_serving.read_trace(trace, Path(args.log_dir) / f"{log_name}.log")
+                run_models.append(fit_on_run(profile_serving.served_steps(records)))
             runs.append(summary)
             results.append(turn_results)
         sessions = sim_sessions(plans, delays, results[0], prefix_tokens)
@@ -302,6 +330,16 @@ def main(argv: list[str] | None = None) -> int:
         fleet = FleetConfig(instance, args.instances, router) if router else FleetConfig(instance)
         result = Simulator(fleet, step_model).run([], sessions)
         simulated = summarize_sessions(result, sessions)
+        if run_models:
+            # Each run's sessions as that run's server counted them, at that run's own step times.
+            simulated["fitted_on_runs"] = [
+                summarize_sessions(Simulator(fleet, model).run([], run_sessions), run_sessions)
+                for model, run_sessions in (
+                    (model, sim_sessions(plans, delays, turn_results, prefix_tokens))
+                    for model, turn_results in zip(run_models, results)
+                )
+            ]
+            simulated["fits"] = [model.describe() for model in run_models]
         rows.append((name, runs, simulated))
         for factor in scales:
             slowed = summarize_sessions(Simulator(fleet, Slowed(step_model, factor)).run([], sessions), sessions)
