@@ -167,6 +167,19 @@ class InstrumentedRun:
     """The requests (indices into the replayed list) in the order the engine queued them: a burst sent at
     once reaches the engine in any order, and with first-come first-served that order sets each TTFT."""
 
+    @classmethod
+    def read(cls, summary: dict[str, Any], clients: list[Any], trace: Path, log: Path) -> InstrumentedRun:
+        """The run of a stopped instrumented server: its trace matched with the client's results (`clients`,
+        `benchmarks.serve.RequestResult`s in the order the engine order's indices refer to)."""
+        records, server_requests = profile_serving.read_trace(trace, log)
+        matched = profile_serving.match_requests(clients, server_requests)
+        return cls(
+            summary,
+            profile_serving.served_steps(records),
+            profile_serving.delays_of(clients, matched),
+            [k for k, _ in sorted(matched, key=lambda m: m[1]["queued"])],
+        )
+
 
 def run_instrumented(
     rate: float, run: int, gguf: Path, args: argparse.Namespace, requests: list, count_tokens: Any, port: int
@@ -182,14 +195,7 @@ def run_instrumented(
         command, url, log, args.start_timeout, stop_timeout_s=profile_serving.STOP_TIMEOUT_S
     ):
         summary, results = serve_sweep.replay(url, rate, args, requests, count_tokens)
-    records, server_requests = profile_serving.read_trace(trace, log)
-    matched = profile_serving.match_requests(results, server_requests)
-    return InstrumentedRun(
-        summary,
-        profile_serving.served_steps(records),
-        profile_serving.delays_of(results, matched),
-        [k for k, _ in sorted(matched, key=lambda m: m[1]["queued"])],
-    )
+    return InstrumentedRun.read(summary, results, trace, log)
 
 
 def in_engine_order(requests: list[SimRequest], order: list[int]) -> list[SimRequest]:

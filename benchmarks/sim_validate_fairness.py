@@ -100,15 +100,7 @@ def serve_instrumented(
     )
     with serve_sweep.running_server(command, url, log, 300, stop_timeout_s=profile_serving.STOP_TIMEOUT_S):
         report, results = asyncio.run(fairness.run_policy(url, policy, streams, count_tokens))
-    records, server_requests = profile_serving.read_trace(trace, log)
-    clients = [r for _, _, r in results]
-    matched = profile_serving.match_requests(clients, server_requests)
-    return InstrumentedRun(
-        report,
-        profile_serving.served_steps(records),
-        profile_serving.delays_of(clients, matched),
-        [k for k, _ in sorted(matched, key=lambda m: m[1]["queued"])],
-    )
+    return InstrumentedRun.read(report, [r for _, _, r in results], trace, log)
 
 
 def simulated_report(
