@@ -43,7 +43,7 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -465,27 +465,43 @@ class RooflineStepModel:
 def calibrate_roofline(
     model: RooflineStepModel, samples: Sequence[tuple[StepShape, float]]
 ) -> tuple[RooflineStepModel, FitError]:
-    """Set each efficiency to the median of bound / measured over the steps that bound limits.
+    """Set each efficiency so that the steps that bound limits take, on average, their measured time
+    relative to the bound: 1 / mean(measured / bound).
 
-    A median, not a mean, so a few steps disturbed by the machine do not move
-    it. With no step limited by one side, that efficiency stays at 1.
+    The same relative least squares as `fit_linear` (for one scale, its
+    solution is that mean). It was the median of bound / measured, which on
+    this project's noisy machines runs short for the same reason the linear
+    fits weighted by the measured time did (session 17): the noise is
+    skewed towards slow steps, and a median leaves that tail out of every
+    simulated time. With no step limited by one side, that efficiency stays
+    at 1.
+
+    Which side limits a step depends on the efficiencies: a step whose raw
+    memory bound is the larger can be compute-limited once compute runs at
+    40% of its peak and memory at 70%, and a mean (unlike the median)
+    counts it on the wrong side. So the steps are sorted by the calibrated
+    model again until no step changes side.
     """
     if not samples:
         raise ValueError("samples must hold at least one measured step to calibrate")
-    compute_ratios: list[float] = []
-    memory_ratios: list[float] = []
-    for shape, measured in samples:
-        compute, memory = model.bounds(shape)
-        (compute_ratios if compute >= memory else memory_ratios).append(max(compute, memory) / measured)
-    calibrated = RooflineStepModel(
-        model.arch,
-        model.peak_flops,
-        model.memory_bandwidth,
-        model.weight_bytes_per_param,
-        model.kv_bytes_per_elem,
-        compute_efficiency=min(float(np.median(compute_ratios)), 1.5) if compute_ratios else 1.0,
-        memory_efficiency=min(float(np.median(memory_ratios)), 1.5) if memory_ratios else 1.0,
-    )
+    bounds = [(model.bounds(shape), measured) for shape, measured in samples]
+    calibrated = model
+    sides: list[bool] | None = None
+    for _ in range(IRLS_ROUNDS):
+        by_compute = [
+            compute / calibrated.compute_efficiency >= memory / calibrated.memory_efficiency
+            for (compute, memory), _ in bounds
+        ]
+        if by_compute == sides:
+            break
+        sides = by_compute
+        compute_ratios = [m / c for ((c, _), m), side in zip(bounds, sides) if side]
+        memory_ratios = [m / b for ((_, b), m), side in zip(bounds, sides) if not side]
+        calibrated = replace(
+            model,
+            compute_efficiency=min(1 / statistics.fmean(compute_ratios), 1.5) if compute_ratios else 1.0,
+            memory_efficiency=min(1 / statistics.fmean(memory_ratios), 1.5) if memory_ratios else 1.0,
+        )
     return calibrated, fit_error(calibrated, samples)
 
 
