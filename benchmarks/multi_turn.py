@@ -126,9 +126,7 @@ class Server:
         if trace is None:
             command = [sys.executable, "-m", "kvos.entrypoints.cli", *serve]
         else:
-            trace.unlink(missing_ok=True)
-            profile_serving.request_path(trace).unlink(missing_ok=True)
-            command = [sys.executable, "-m", "benchmarks.profile_serving", "--child", str(trace), *serve]
+            command = profile_serving.child_command(trace, serve)
         paths = (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
         self.log_path = log_path

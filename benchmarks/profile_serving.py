@@ -259,21 +259,16 @@ STOP_TIMEOUT_S = 60.0
 
 
 def instrumented_command(trace: Path, gguf: Path, port: int, kvos_args: str) -> list[str]:
-    """`kvos serve` with the engine loop instrumented (`--child`), writing its trace to `trace` when it exits."""
+    """`kvos serve GGUF --port PORT KVOS_ARGS` with the engine loop instrumented (`child_command`)."""
+    return child_command(trace, ["serve", str(gguf), "--port", str(port), *shlex.split(kvos_args)])
+
+
+def child_command(trace: Path, kvos_argv: list[str]) -> list[str]:
+    """`kvos KVOS_ARGV` with the engine loop instrumented (`--child`), writing its trace to `trace` (and the
+    requests' times beside it) when it exits; a trace left by an earlier run is removed first."""
     trace.unlink(missing_ok=True)
     request_path(trace).unlink(missing_ok=True)
-    return [
-        sys.executable,
-        "-m",
-        "benchmarks.profile_serving",
-        "--child",
-        str(trace),
-        "serve",
-        str(gguf),
-        "--port",
-        str(port),
-        *shlex.split(kvos_args),
-    ]
+    return [sys.executable, "-m", "benchmarks.profile_serving", "--child", str(trace), *kvos_argv]
 
 
 def read_trace(trace: Path, log: Path) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:

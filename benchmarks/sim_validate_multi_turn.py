@@ -332,13 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         simulated = summarize_sessions(result, sessions)
         if run_models:
             # Each run's sessions as that run's server counted them, at that run's own step times.
-            simulated["fitted_on_runs"] = [
-                summarize_sessions(Simulator(fleet, model).run([], run_sessions), run_sessions)
-                for model, run_sessions in (
-                    (model, sim_sessions(plans, delays, turn_results, prefix_tokens))
-                    for model, turn_results in zip(run_models, results)
-                )
-            ]
+            simulated["fitted_on_runs"] = []
+            for model, turn_results in zip(run_models, results):
+                run_sessions = sim_sessions(plans, delays, turn_results, prefix_tokens)
+                run_result = Simulator(fleet, model).run([], run_sessions)
+                simulated["fitted_on_runs"].append(summarize_sessions(run_result, run_sessions))
             simulated["fits"] = [model.describe() for model in run_models]
         rows.append((name, runs, simulated))
         for factor in scales:
