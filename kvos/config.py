@@ -15,8 +15,8 @@ LoadFormat = Literal["auto", "gguf", "hf", "dummy"]
 KVCacheKind = Literal["paged", "virtual"]
 PreemptionMode = Literal["auto", "swap", "recompute"]
 PREEMPTION_MODES = ("auto", "swap", "recompute")
-AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous", "paged"]
-ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous", "paged")
+AttentionBackendName = Literal["auto", "gather_sdpa", "contiguous", "paged", "paged_triton"]
+ATTENTION_BACKENDS = ("auto", "gather_sdpa", "contiguous", "paged", "paged_triton")
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,10 @@ class ModelConfig:
     per token; the graphs are compiled at start-up, about a minute the first
     time, seconds once Inductor's disk cache holds them). `attention_backend`
     names the attention implementation (`kvos.attention`); "auto" is the
-    C++ "paged" kernel (fastest measured, both caches, eager or compiled), or
-    "gather_sdpa" where the kernel cannot be built (no C++ compiler; the
-    engine logs why). `dtype="auto"` computes in bfloat16 where the device
+    C++ "paged" kernel on a CPU (fastest measured, both caches, eager or
+    compiled) and the Triton "paged_triton" kernel on a CUDA device, or
+    "gather_sdpa" where that kernel cannot be had (no C++ compiler, no
+    Triton; the engine logs why). `dtype="auto"` computes in bfloat16 where the device
     multiplies it natively and in float32 elsewhere (`resolved_dtype`):
     bfloat16's greedy tokens are close to, not equal to, float32's (the
     measured share and the tested bound: tests/model/test_bf16.py); float32's
@@ -67,7 +68,7 @@ class ModelConfig:
     def resolved_attention_backend(self, kv_cache: KVCacheKind) -> str:
         if self.attention_backend != "auto":
             return self.attention_backend
-        return "paged"
+        return "paged_triton" if self.device.startswith("cuda") else "paged"
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "gguf", "hf", "dummy"):
@@ -83,6 +84,11 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.attention_backend == "paged_triton" and not self.device.startswith("cuda") and not _triton_interprets():
+            raise ValueError(
+                f"attention_backend='paged_triton' runs on a CUDA device, not device={self.device!r} "
+                "(on a CPU only under Triton's interpreter, TRITON_INTERPRET=1, which the tests use)"
             )
         if self.quantization is not None and not self.device.startswith("cpu"):
             raise ValueError(
@@ -280,6 +286,12 @@ class EngineConfig:
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 """Bytes per element of each compute dtype `ModelConfig.dtype` resolves to (rooflines, KV sizing)."""
+
+
+def _triton_interprets() -> bool:
+    from kvos.attention.paged_triton import interpreted
+
+    return interpreted()
 
 
 @functools.cache

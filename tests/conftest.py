@@ -12,6 +12,10 @@ from kvos.model.loader import default_model_path
 
 torch.manual_seed(0)
 
+# Triton's kernels run in its interpreter where there is no GPU; Triton reads this when first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 GreedyFn = Callable[[list[list[int]], int], list[list[int]]]
 
 

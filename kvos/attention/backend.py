@@ -67,7 +67,7 @@ class AttentionBackend(Protocol):
 
 
 def backend_names() -> tuple[str, ...]:
-    return ("gather_sdpa", "contiguous", "paged")
+    return ("gather_sdpa", "contiguous", "paged", "paged_triton")
 
 
 def make_backend(name: str) -> AttentionBackend:
@@ -84,6 +84,10 @@ def make_backend(name: str) -> AttentionBackend:
         from kvos.attention.paged_cpu import PagedCPUBackend
 
         return PagedCPUBackend()
+    if name == "paged_triton":
+        from kvos.attention.paged_triton import PagedTritonBackend
+
+        return PagedTritonBackend()
     raise ValueError(f"unknown attention backend {name!r}; kvos has {', '.join(backend_names())}")
 
 

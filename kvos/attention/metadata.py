@@ -70,6 +70,14 @@ class PagedBatch:
     """The prompts and prompt chunks attended by SDPA."""
 
 
+@dataclass(frozen=True)
+class QueryTiles:
+    """The Triton backend's programs along its launch's first axis: a request and a run of its query tokens."""
+
+    tiles: torch.Tensor  # (N, 2) int32: (request index in PagedBatch.seqs, first query token of the tile)
+    tokens: int  # query tokens per tile
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
@@ -78,4 +86,6 @@ class AttentionMetadata:
     spans: list[KVSpan] | None = None
     """Set by the contiguous backend instead of `decode` and `prefills`."""
     paged: PagedBatch | None = None
-    """Set by the paged backend instead of `decode` and `prefills`."""
+    """Set by the paged backends instead of `decode` and `prefills`."""
+    tiles: QueryTiles | None = None
+    """Set by the paged_triton backend beside `paged`."""

@@ -1,0 +1,87 @@
+"""The Triton kernel of `kvos.attention.paged_triton` (its docstring says what a program does).
+
+In a module of its own, imported on the backend's first launch: Triton's
+interpreter finds `tl` among a kernel's module globals, and importing kvos
+should not import Triton.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    table_ptr,
+    seqs_ptr,
+    tiles_ptr,
+    scale,
+    stride_q_token,
+    stride_q_head,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_slot,
+    stride_v_head,
+    stride_table,
+    block_size,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    first = tl.load(tiles_ptr + 2 * tile + 1).to(tl.int64)
+    token_start = tl.load(seqs_ptr + 3 * seq)
+    num_tokens = tl.load(seqs_ptr + 3 * seq + 1)
+    num_computed = tl.load(seqs_ptr + 3 * seq + 2)
+
+    rows = tl.arange(0, BLOCK_M)
+    token = first + rows // GROUP  # the row's query token within its request
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < ROWS) & (token < num_tokens)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q_offsets = (token_start + token)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    position = num_computed + token  # each row sees keys at positions <= its own
+    last = tl.minimum(first + ROWS // GROUP, num_tokens) - 1
+    context = num_computed + last + 1  # positions the tile's last row sees
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_row = table_ptr + seq.to(tl.int64) * stride_table
+    for start in range(0, context, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        pos_ok = pos < context
+        block = tl.load(table_row + pos // block_size, mask=pos_ok, other=0)
+        slot = block.to(tl.int64) * block_size + pos % block_size
+        kv_mask = pos_ok[:, None] & dim_ok[None, :]
+        k = tl.load(
+            k_ptr + slot[:, None] * stride_k_slot + kv_head * stride_k_head + dims[None, :], mask=kv_mask, other=0.0
+        )
+        scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * scale
+        visible = (pos[None, :] <= position[:, None]) & pos_ok[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        # A row with nothing visible yet (past its request's tokens) keeps a finite reference.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_ref[:, None])
+        alpha = tl.exp(m - m_ref)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_ptr + slot[:, None] * stride_v_slot + kv_head * stride_v_head + dims[None, :], mask=kv_mask, other=0.0
+        )
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+        m = m_new
+    acc = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    tl.store(o_ptr + q_offsets, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])

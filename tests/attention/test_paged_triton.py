@@ -1,0 +1,130 @@
+"""The Triton paged-attention kernel against a naive softmax(QK^T)V, and inside the engine against HF.
+
+On a machine with a CUDA device (and TRITON_INTERPRET unset) the kernel is
+compiled and run there; elsewhere it runs in Triton's interpreter on the
+CPU, the same program. The cases are `test_backends`': scrambled block
+tables over a paged pool, a fresh prompt, chunks over a cached prefix
+(several query tiles, several key steps), decodes of many lengths, grouped
+heads, float32 and bfloat16, and the virtual cache's one-entry tables.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvos import LLM
+from kvos.attention import paged_triton
+from kvos.attention.backend import SeqLayout, make_backend
+from kvos.config import ModelConfig
+from tests.attention.test_backends import NUM_HEADS, NUM_KV_HEADS, PAGED_CASES, _assert_matches_naive, _paged_step
+from tests.conftest import GreedyFn
+from tests.engine.test_engine_equivalence import TEXTS, check_against_hf
+
+pytest.importorskip("triton")
+
+ON_GPU = torch.cuda.is_available() and not paged_triton.interpreted()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+def _run(seqs: list[SeqLayout], qkv: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One layer's step on DEVICE; the output back on the CPU, after checking the step's K/V were written."""
+    q, k, v = (x.to(DEVICE) for x in qkv)
+    k_cache, v_cache = (c.to(DEVICE) for c in caches)
+    on_device = [
+        SeqLayout(
+            s.token_start,
+            s.num_tokens,
+            s.num_computed,
+            s.context_slots.to(DEVICE),
+            None if s.block_table is None else s.block_table.to(DEVICE),
+            s.block_size,
+        )
+        for s in seqs
+    ]
+    backend = make_backend("paged_triton")
+    meta = backend.build_metadata(on_device, q.shape[0], DEVICE)
+    out = backend.forward(q, k, v, k_cache, v_cache, meta, q.shape[2] ** -0.5)
+    for s in on_device:
+        rows = slice(s.token_start, s.token_start + s.num_tokens)
+        new_slots = s.context_slots[s.num_computed :]
+        assert torch.equal(k_cache[new_slots], k[rows]) and torch.equal(v_cache[new_slots], v[rows])
+    return out.cpu()
+
+
+@pytest.mark.parametrize("block_size", [16, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_triton_kernel_matches_naive_attention(block_size: int, dtype: torch.dtype, head_dim: int) -> None:
+    """Head size 80 is not a power of two: the kernel pads the dims it reads and masks them."""
+    seqs, cached, k_cache, v_cache = _paged_step(block_size, dtype, PAGED_CASES, head_dim)
+    num_tokens = sum(s.num_tokens for s in seqs)
+    q = torch.randn(num_tokens, NUM_HEADS, head_dim).to(dtype)
+    k = torch.randn(num_tokens, NUM_KV_HEADS, head_dim).to(dtype)
+    v = torch.randn(num_tokens, NUM_KV_HEADS, head_dim).to(dtype)
+    got = _run(seqs, (q, k, v), (k_cache, v_cache))
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    _assert_matches_naive(got, seqs, cached, (q, k, v), tolerance)
+
+
+@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(9, 3), (32, 8), (8, 8)])
+def test_triton_kernel_groups_heads_in_decode_only_and_mixed_steps(num_heads: int, num_kv_heads: int) -> None:
+    """A decode-only step puts one token's group of heads in a tile; a mixed step 16 tokens' worth.
+    SmolLM2's 3 heads per kv head, Llama-3-8B's 4 and plain multi-head attention."""
+    for cases in ([(9, 1), (600, 1), (0, 1), (31, 1)], [(0, 20), (33, 1), (70, 18)]):
+        seqs, cached, k_cache, v_cache = _paged_step(16, torch.float32, cases, 64, num_kv_heads)
+        num_tokens = sum(s.num_tokens for s in seqs)
+        q = torch.randn(num_tokens, num_heads, 64)
+        k = torch.randn(num_tokens, num_kv_heads, 64)
+        v = torch.randn(num_tokens, num_kv_heads, 64)
+        got = _run(seqs, (q, k, v), (k_cache, v_cache))
+        _assert_matches_naive(got, seqs, cached, (q, k, v), 1e-5)
+
+
+def test_triton_kernel_reads_the_virtual_cache_through_one_entry_tables() -> None:
+    """A virtual row is one table entry as long as the row: rows 2 and 0 of a 64-token layout."""
+    row_tokens = 64
+    k_cache = torch.randn(4 * row_tokens, NUM_KV_HEADS, 16)
+    v_cache = torch.randn_like(k_cache)
+    seqs = [
+        SeqLayout(0, 1, 50, torch.arange(2 * row_tokens, 2 * row_tokens + 51), torch.tensor([2]), row_tokens),
+        SeqLayout(1, 6, 20, torch.arange(0, 26), torch.tensor([0], dtype=torch.int32), row_tokens),
+    ]
+    cached = [(k_cache[s.context_slots[: s.num_computed]], v_cache[s.context_slots[: s.num_computed]]) for s in seqs]
+    q = torch.randn(7, NUM_HEADS, 16)
+    k, v = torch.randn(7, NUM_KV_HEADS, 16), torch.randn(7, NUM_KV_HEADS, 16)
+    got = _run(seqs, (q, k, v), (k_cache, v_cache))
+    _assert_matches_naive(got, seqs, cached, (q, k, v), 1e-5)
+
+
+def test_triton_backend_is_the_default_on_a_cuda_device() -> None:
+    assert ModelConfig(device="cuda").resolved_attention_backend("paged") == "paged_triton"
+    assert ModelConfig(device="cuda").resolved_attention_backend("virtual") == "paged_triton"
+    assert ModelConfig(device="cpu").resolved_attention_backend("paged") == "paged"
+
+
+def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="'paged_triton' runs on a CUDA device, not device='cpu'"):
+        LLM(attention_backend="paged_triton")
+    seqs, _, k_cache, v_cache = _paged_step(16, torch.float32, [(3, 1)])
+    q, kv = torch.randn(1, NUM_HEADS, 16), torch.randn(1, NUM_KV_HEADS, 16)
+    backend = make_backend("paged_triton")
+    meta = backend.build_metadata(seqs, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="paged_triton' runs on a CUDA device .* got tensors on cpu"):
+        backend.forward(q, kv, kv, k_cache, v_cache, meta, 0.25)
+
+
+@pytest.mark.parametrize("kv_cache", ["paged", "virtual"])
+def test_triton_backend_in_the_engine_matches_hf(kv_cache: str, hf_smollm: GreedyFn) -> None:
+    """SmolLM2 in float32 through the Triton kernel: HF transformers' greedy tokens exactly."""
+    llm = LLM(
+        attention_backend="paged_triton",
+        kv_cache=kv_cache,
+        kv_cache_memory_bytes=64 * 2**20,
+        dtype="float32",
+        device=DEVICE.type,
+    )
+    assert llm.engine._local_core().worker.attention.name == "paged_triton"
+    check_against_hf(llm, TEXTS[:3], hf_smollm)
