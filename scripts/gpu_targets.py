@@ -1,0 +1,371 @@
+"""One prepared run of issue 12's GPU targets and the Triton kernel's GPU tests (about five minutes on an H200).
+
+Here, once (needs the default model and ShareGPT, which the device machine lacks):
+
+    python scripts/gpu_targets.py --prepare .gpu      # a Llama-3-8B-shaped config, a tokenizer, 1,000 requests
+
+There (carry `.gpu`; the repository goes first on sys.path by itself):
+
+    python scripts/gpu_targets.py --data .gpu [--only NAME ...] [--out summary.json]
+
+Checks, in order (each prints its figures, then PASS or FAIL):
+
+    versions   torch, Triton, the device
+    kernel     tests/attention/test_paged_triton.py's kernel cases, compiled for the GPU
+    engine     a small dummy Llama in float32: LLM(device="cuda") picks paged_triton, and its greedy
+               tokens against gather_sdpa's (at least 90% the same: random weights leave near-ties)
+    offline    the Llama-3-8B-shaped dummy in bfloat16 on the prepared ShareGPT requests: kvos's output
+               tokens/s and % of the roofline (GEMM peak and read bandwidth measured here, in bfloat16),
+               HF transformers on the first --hf-requests of them in the same run, in static batches;
+               target: kvos at least 60% of the roofline
+    decode     the same model, batch 1, 32-token prompt, 256 new tokens: tokens/s against the
+               memory-bandwidth bound (every weight read once per token); target: at least 80%
+
+`--dry-run` runs every check on the CPU with a 2-layer dummy and 16 requests, to try the script itself
+before spending device time (the targets are not judged there). Exit status 0 when every check passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+SMALL = {
+    **LLAMA3_8B,
+    "hidden_size": 512,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 2,
+    "vocab_size": 49152,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+"""The engine check's model (float32), and with --dry-run every check's."""
+
+
+@dataclass
+class Result:
+    name: str
+    passed: bool = False
+    details: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Setup:
+    data: Path
+    device: str
+    dry_run: bool
+    hf_requests: int
+    kv_cache_bytes: int
+
+
+def say(result: Result, line: str) -> None:
+    result.details.append(line)
+    print(f"   {line}", flush=True)
+
+
+def prepare(folder: Path, num_requests: int) -> None:
+    """The model folders (config + tokenizer), and ShareGPT requests as token ids with their answers' lengths."""
+    from benchmarks.peers import load_tokenizer, resolve_gguf
+    from benchmarks.sharegpt import sample_requests
+    from kvos.model.loader import _gguf_cache_entry, default_model_path
+    from kvos.model.tokenizer import TOKENIZER_FILE
+
+    tokenizer_file = _gguf_cache_entry(Path(default_model_path())) / TOKENIZER_FILE
+    for name, config in (("llama3-8b", LLAMA3_8B), ("small", SMALL)):
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(config, indent=2))
+        shutil.copy(tokenizer_file, folder / name / TOKENIZER_FILE)
+    requests = sample_requests(load_tokenizer(resolve_gguf(None)), num_requests)
+    rows = [{"prompt_token_ids": r.prompt_token_ids, "max_tokens": r.max_tokens} for r in requests]
+    (folder / "requests.json").write_text(json.dumps(rows))
+    print(f"wrote {folder}: {len(rows)} requests, {sum(len(r['prompt_token_ids']) for r in rows)} prompt tokens")
+
+
+def load_requests(setup: Setup) -> list[tuple[list[int], int]]:
+    rows = json.loads((setup.data / "requests.json").read_text())
+    if setup.dry_run:
+        rows = [{**r, "max_tokens": min(r["max_tokens"], 8)} for r in rows[:16]]
+    return [(r["prompt_token_ids"], r["max_tokens"]) for r in rows]
+
+
+def big_model(setup: Setup) -> str:
+    return str(setup.data / ("small" if setup.dry_run else "llama3-8b"))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_versions(setup: Setup, result: Result) -> None:
+    say(result, f"torch {torch.__version__}, CUDA {torch.version.cuda}, device {setup.device}")
+    if setup.device == "cuda":
+        say(result, f"{torch.cuda.get_device_name()}, {torch.cuda.mem_get_info()[1] / 2**30:.0f} GiB")
+    try:
+        import triton
+
+        say(result, f"triton {triton.__version__}")
+    except ImportError:
+        say(result, "no triton")
+
+
+def check_kernel(setup: Setup, result: Result) -> None:
+    import pytest
+
+    if setup.dry_run:
+        say(result, "skipped in a dry run (the suite runs these tests in Triton's interpreter)")
+        return
+    code = pytest.main(
+        ["-q", "-p", "no:cacheprovider", str(REPO / "tests/attention/test_paged_triton.py"), "-k", "not engine"]
+    )
+    if code != 0:
+        raise AssertionError(f"pytest exited with {code}")
+
+
+def check_engine(setup: Setup, result: Result) -> None:
+    from kvos import LLM, SamplingParams
+
+    prompts = [ids[:64] for ids, _ in load_requests(setup)[:8]]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    tokens: dict[str, list[list[int]]] = {}
+    for backend in ("auto", "gather_sdpa"):
+        llm = LLM(
+            str(setup.data / "small"),
+            load_format="dummy",
+            device=setup.device,
+            dtype="float32",
+            attention_backend=backend,
+            kv_cache_memory_bytes=2**30,
+        )
+        chosen = llm.engine._local_core().worker.attention.name
+        say(result, f"attention_backend={backend!r} runs {chosen}")
+        if backend == "auto" and setup.device == "cuda" and chosen != "paged_triton":
+            raise AssertionError(f"auto picked {chosen} on CUDA")
+        tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.close()
+    pairs = [(a, b) for x, y in zip(tokens["auto"], tokens["gather_sdpa"]) for a, b in zip(x, y)]
+    same = sum(a == b for a, b in pairs) / len(pairs)
+    result.figures["same_tokens"] = same
+    say(result, f"greedy tokens equal to gather_sdpa's: {same:.1%} of {len(pairs)}")
+    if same < 0.9:
+        raise AssertionError("fewer than 90% of the tokens agree")
+
+
+@functools.cache
+def roofline_for(setup: Setup, model: str) -> Any:
+    from benchmarks.roofline import ArchShape, Roofline, measure_machine
+
+    config = json.loads((Path(model) / "config.json").read_text())
+    peak = measure_machine(setup.device, ArchShape.from_any(config), dtype="bfloat16")
+    return peak, Roofline(ArchShape.from_any(config), peak.peak_flops, peak.read_bandwidth, kv_bytes_per_elem=2)
+
+
+def check_offline(setup: Setup, result: Result) -> None:
+    from kvos import LLM, SamplingParams
+
+    requests = load_requests(setup)
+    model = big_model(setup)
+    peak, roofline = roofline_for(setup, model)
+    say(result, f"roofline: {peak.peak_flops / 1e12:.1f} TFLOP/s bf16, {peak.read_bandwidth / 1e9:.0f} GB/s read")
+    max_num_seqs = 256
+    llm = LLM(
+        model,
+        load_format="dummy",
+        device=setup.device,
+        dtype="bfloat16",
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=8192,
+        kv_cache_memory_bytes=setup.kv_cache_bytes,
+    )
+    warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm.generate([requests[0][0]], warm, use_tqdm=False)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    sync(setup.device)
+    start = time.perf_counter()
+    outputs = llm.generate([ids for ids, _ in requests], params, use_tqdm=False)
+    sync(setup.device)
+    elapsed = time.perf_counter() - start
+    llm.close()
+    del llm
+    output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    wanted = sum(n for _, n in requests)
+    bound = roofline.lower_bound_seconds([(len(ids), n) for ids, n in requests], max_num_seqs, 2.0).total_s
+    kvos_rate = output_tokens / elapsed
+    result.figures.update(
+        requests=len(requests), output_tokens=output_tokens, kvos_s=elapsed, kvos_tok_s=kvos_rate, bound_s=bound
+    )
+    result.figures["kvos_pct_of_limit"] = 100 * bound / elapsed
+    say(result, f"kvos: {len(requests)} requests, {output_tokens} tokens (wanted {wanted}) in {elapsed:.1f} s")
+    say(result, f"kvos: {kvos_rate:.0f} output tok/s, {100 * bound / elapsed:.1f}% of the roofline ({bound:.1f} s)")
+    if setup.device == "cuda":
+        torch.cuda.empty_cache()
+
+    hf_rate = run_hf(setup, model, requests[: setup.hf_requests], result)
+    result.figures["kvos_over_hf"] = kvos_rate / hf_rate
+    say(result, f"kvos / HF transformers output tok/s: {kvos_rate / hf_rate:.2f}x")
+    if output_tokens != wanted:
+        raise AssertionError(f"kvos generated {output_tokens} tokens, not {wanted}")
+    if not setup.dry_run and 100 * bound / elapsed < 60:
+        say(result, "target (60% of the roofline) missed")
+        raise AssertionError("under 60% of the roofline")
+
+
+def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], result: Result) -> float:
+    """HF transformers on the same model shape (its own random weights), static left-padded batches of 64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in json.loads((Path(model) / "config.json").read_text()).items()})
+    with torch.device(setup.device):
+        hf = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    batch_size, pad = 64, 0
+    useful = 0
+    sync(setup.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(requests), batch_size):
+            batch = requests[i : i + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            new = max(n for _, n in batch)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device=setup.device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=setup.device)
+            hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=pad,
+            )
+            useful += sum(n for _, n in batch)
+    sync(setup.device)
+    elapsed = time.perf_counter() - start
+    del hf
+    if setup.device == "cuda":
+        torch.cuda.empty_cache()
+    rate = useful / elapsed
+    result.figures.update(hf_requests=len(requests), hf_s=elapsed, hf_tok_s=rate)
+    say(
+        result,
+        f"HF transformers: {len(requests)} requests, {useful} useful tokens in {elapsed:.1f} s: {rate:.0f} tok/s",
+    )
+    return rate
+
+
+def check_decode(setup: Setup, result: Result) -> None:
+    from kvos import LLM, SamplingParams
+
+    model = big_model(setup)
+    peak, roofline = roofline_for(setup, model)
+    llm = LLM(model, load_format="dummy", device=setup.device, dtype="bfloat16", kv_cache_memory_bytes=2**30)
+    prompt = load_requests(setup)[0][0][:32]
+    new_tokens = 16 if setup.dry_run else 256
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    times = []
+    for _ in range(2):
+        sync(setup.device)
+        start = time.perf_counter()
+        out = llm.generate(
+            [prompt], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), use_tqdm=False
+        )
+        sync(setup.device)
+        times.append(time.perf_counter() - start)
+        if len(out[0].outputs[0].token_ids) != new_tokens:
+            raise AssertionError(f"{len(out[0].outputs[0].token_ids)} tokens, not {new_tokens}")
+    llm.close()
+    elapsed = min(times)
+    bound = sum(roofline.decode_step_seconds([32 + i], 2.0) for i in range(new_tokens))
+    rate = new_tokens / elapsed
+    result.figures.update(decode_tok_s=rate, bound_tok_s=new_tokens / bound, pct_of_bound=100 * bound / elapsed)
+    say(result, f"batch 1: {rate:.1f} tok/s (best of 2, prefill included), bound {new_tokens / bound:.1f} tok/s:")
+    say(result, f"{100 * bound / elapsed:.1f}% of the memory-bandwidth bound")
+    if not setup.dry_run and 100 * bound / elapsed < 80:
+        raise AssertionError("under 80% of the bound")
+
+
+CHECKS: dict[str, Callable[[Setup, Result], None]] = {
+    "versions": check_versions,
+    "kernel": check_kernel,
+    "engine": check_engine,
+    "offline": check_offline,
+    "decode": check_decode,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prepare", type=Path, help="write the config, tokenizer and requests here, then stop")
+    parser.add_argument("--num-requests", type=int, default=1000, help="with --prepare")
+    parser.add_argument("--data", type=Path, default=REPO / ".gpu", help="what --prepare wrote")
+    parser.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks (default: all)")
+    parser.add_argument("--hf-requests", type=int, default=128, help="HF transformers runs the first N requests")
+    parser.add_argument("--kv-cache-gib", type=float, default=40.0, help="kvos's KV budget for the 8B model")
+    parser.add_argument("--dry-run", action="store_true", help="every check on the CPU with a tiny model")
+    parser.add_argument("--out", type=Path, help="also write the summary here as JSON")
+    args = parser.parse_args()
+    if args.prepare is not None:
+        prepare(args.prepare, args.num_requests)
+        return 0
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (use --dry-run to try the script on the CPU)")
+        return 2
+    setup = Setup(
+        args.data, device, args.dry_run, 4 if args.dry_run else args.hf_requests, int(args.kv_cache_gib * 2**30)
+    )
+    results = []
+    for name in args.only or list(CHECKS):
+        print(f"== {name}", flush=True)
+        result = Result(name)
+        start = time.perf_counter()
+        try:
+            CHECKS[name](setup, result)
+            result.passed = True
+        except Exception as exc:
+            traceback.print_exc()
+            say(result, f"FAILED: {type(exc).__name__}: {exc}")
+        result.seconds = time.perf_counter() - start
+        print(f"-- {name}: {'PASS' if result.passed else 'FAIL'} ({result.seconds:.1f}s)", flush=True)
+        results.append(result)
+    print("\n== summary")
+    for result in results:
+        last = result.details[-1] if result.details else ""
+        print(f"{'PASS' if result.passed else 'FAIL'}  {result.name:9} {result.seconds:6.1f}s  {last}")
+    if args.out is not None:
+        args.out.write_text(json.dumps([r.__dict__ for r in results], indent=2))
+    return 0 if all(r.passed for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
