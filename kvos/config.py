@@ -35,7 +35,8 @@ class ModelConfig:
     time, seconds once Inductor's disk cache holds them). `attention_backend`
     names the attention implementation (`kvos.attention`); "auto" is the
     C++ "paged" kernel on a CPU (fastest measured, both caches, eager or
-    compiled) and the Triton "paged_triton" kernel on a CUDA device, or
+    compiled) and the Triton "paged_triton" kernel on a CUDA device
+    (`gather_sdpa` there with `compile=True`), or
     "gather_sdpa" where that kernel cannot be had (no C++ compiler, no
     Triton; the engine logs why). `dtype="auto"` computes in bfloat16 where the device
     multiplies it natively and in float32 elsewhere (`resolved_dtype`):
@@ -68,7 +69,10 @@ class ModelConfig:
     def resolved_attention_backend(self, kv_cache: KVCacheKind) -> str:
         if self.attention_backend != "auto":
             return self.attention_backend
-        return "paged_triton" if self.device.startswith("cuda") else "paged"
+        if self.device.startswith("cuda"):
+            # The compiled decode step is warmed up on gather_sdpa's metadata, not the Triton kernel's.
+            return "gather_sdpa" if self.compile else "paged_triton"
+        return "paged"
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "gguf", "hf", "dummy"):

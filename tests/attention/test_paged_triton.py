@@ -102,6 +102,8 @@ def test_triton_backend_is_the_default_on_a_cuda_device() -> None:
     assert ModelConfig(device="cuda").resolved_attention_backend("paged") == "paged_triton"
     assert ModelConfig(device="cuda").resolved_attention_backend("virtual") == "paged_triton"
     assert ModelConfig(device="cpu").resolved_attention_backend("paged") == "paged"
+    # Compiled decode steps are built on gather_sdpa's metadata on a GPU.
+    assert ModelConfig(device="cuda", compile=True).resolved_attention_backend("paged") == "gather_sdpa"
 
 
 def test_triton_backend_on_cpu_tensors_without_the_interpreter_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
