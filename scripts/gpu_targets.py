@@ -20,6 +20,9 @@ Checks, in order (each prints its figures, then PASS or FAIL):
                target: kvos at least 60% of the roofline
     decode     the same model, batch 1, 32-token prompt, 256 new tokens: tokens/s against the
                memory-bandwidth bound (every weight read once per token); target: at least 80%
+    sim        issue 14: `kvos sim profile`'s worker timings of the same engine here, then the simulator on
+               the offline run's requests (all at once): duration within 5%, TTFT and TPOT p50 / p90
+               within 10% of the offline run's (needs `offline` first in the same run)
 
 `--dry-run` runs every check on the CPU with a 2-layer dummy and 16 requests, to try the script itself
 before spending device time (the targets are not judged there). Exit status 0 when every check passed.
@@ -88,6 +91,7 @@ class Setup:
     dry_run: bool
     hf_requests: int
     kv_cache_bytes: int
+    out: Path | None
 
 
 def say(result: Result, line: str) -> None:
@@ -192,6 +196,18 @@ def roofline_for(setup: Setup, model: str) -> Any:
     return peak, Roofline(ArchShape.from_any(config), peak.peak_flops, peak.read_bandwidth, kv_bytes_per_elem=2)
 
 
+def offline_engine_options(setup: Setup) -> dict[str, Any]:
+    return {
+        "model": big_model(setup),
+        "load_format": "dummy",
+        "device": setup.device,
+        "dtype": "bfloat16",
+        "max_num_seqs": 256,
+        "max_num_batched_tokens": 8192,
+        "kv_cache_memory_bytes": setup.kv_cache_bytes,
+    }
+
+
 def check_offline(setup: Setup, result: Result) -> None:
     from kvos import LLM, SamplingParams
 
@@ -199,16 +215,9 @@ def check_offline(setup: Setup, result: Result) -> None:
     model = big_model(setup)
     peak, roofline = roofline_for(setup, model)
     say(result, f"roofline: {peak.peak_flops / 1e12:.1f} TFLOP/s bf16, {peak.read_bandwidth / 1e9:.0f} GB/s read")
-    max_num_seqs = 256
-    llm = LLM(
-        model,
-        load_format="dummy",
-        device=setup.device,
-        dtype="bfloat16",
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=8192,
-        kv_cache_memory_bytes=setup.kv_cache_bytes,
-    )
+    options = offline_engine_options(setup)
+    max_num_seqs = int(options["max_num_seqs"])
+    llm = LLM(**options)
     warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     llm.generate([requests[0][0]], warm, use_tqdm=False)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
@@ -221,6 +230,13 @@ def check_offline(setup: Setup, result: Result) -> None:
     del llm
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     wanted = sum(n for _, n in requests)
+    ttft = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outputs]
+    tpot = [
+        (o.metrics["finish_time"] - o.metrics["first_token_time"]) / (len(o.outputs[0].token_ids) - 1)
+        for o in outputs
+        if len(o.outputs[0].token_ids) > 1
+    ]
+    result.figures.update(ttft_s=percentiles(ttft), tpot_s=percentiles(tpot))
     bound = roofline.lower_bound_seconds([(len(ids), n) for ids, n in requests], max_num_seqs, 2.0).total_s
     kvos_rate = output_tokens / elapsed
     result.figures.update(
@@ -232,6 +248,7 @@ def check_offline(setup: Setup, result: Result) -> None:
     if setup.device == "cuda":
         torch.cuda.empty_cache()
 
+    MEASURED["offline"] = result.figures
     hf_rate = run_hf(setup, model, requests[: setup.hf_requests], result)
     result.figures["kvos_over_hf"] = kvos_rate / hf_rate
     say(result, f"kvos / HF transformers output tok/s: {kvos_rate / hf_rate:.2f}x")
@@ -240,6 +257,11 @@ def check_offline(setup: Setup, result: Result) -> None:
     if not setup.dry_run and 100 * bound / elapsed < 60:
         say(result, "target (60% of the roofline) missed")
         raise AssertionError("under 60% of the roofline")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {f"p{q}": ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] for q in (50, 90)}
 
 
 def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], result: Result) -> float:
@@ -314,13 +336,75 @@ def check_decode(setup: Setup, result: Result) -> None:
         raise AssertionError("under 80% of the bound")
 
 
+def check_sim(setup: Setup, result: Result) -> None:
+    """Issue 14 on the GPU: profile the 8B dummy's worker here, simulate the offline run, compare with it."""
+    from kvos.config import EngineConfig
+    from kvos.sim.profile import ProfileGrid, profile_engine
+    from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
+    from kvos.sim.workload import SimRequest
+
+    measured = MEASURED.get("offline")
+    if measured is None:
+        raise AssertionError("needs the offline check's figures: run it first")
+    config = EngineConfig.from_kwargs(**offline_engine_options(setup))
+    grid = ProfileGrid(
+        prefill_tokens=(0, 64, 512) if setup.dry_run else (0, 256, 1024, 4096, 8192),
+        decode_batch_sizes=(0, 1, 8) if setup.dry_run else (0, 1, 32, 128, 256),
+        contexts=(64, 256) if setup.dry_run else (64, 256, 640),
+        repeats=1 if setup.dry_run else 3,
+    )
+    profile = profile_engine(config, grid)
+    error = profile.to_json()["fit_error"]
+    fit = f"fit mean error {error['mean_abs_pct']:.1f}%, max {error['max_abs_pct']:.1f}%"
+    say(result, f"profile: {len(profile.samples)} points; {fit}")
+    if setup.out is not None:
+        (setup.out.parent / "gpu-profile.json").write_text(json.dumps(profile.to_json(), indent=2))
+    requests = [SimRequest(0.0, len(ids), n) for ids, n in load_requests(setup)]
+    instance = InstanceConfig(
+        scheduler=config.scheduler,
+        kv_capacity_tokens=int(profile.engine["kv_capacity_tokens"]),
+        block_size=int(profile.engine["block_size"]),
+        max_model_len=int(profile.engine["max_model_len"]),
+        front_end=profile.front_end(),
+    )
+    sim = Simulator(FleetConfig(instance, 1), profile.step_model()).run(requests)
+    times = sim.times
+    simulated = {
+        "duration_s": sim.end_s,
+        "ttft_s": percentiles([f - a for f, a in zip(times.first_token_s, times.arrival_s)]),
+        "tpot_s": percentiles(
+            [
+                (last - first) / (n - 1)
+                for first, last, n in zip(times.first_token_s, times.last_token_s, times.num_output_tokens)
+                if n > 1
+            ]
+        ),
+    }
+    rows = [("duration s", measured["kvos_s"], simulated["duration_s"], 5.0)]
+    for figure in ("ttft_s", "tpot_s"):
+        for q in ("p50", "p90"):
+            rows.append((f"{figure[:4].upper()} {q} ms", 1e3 * measured[figure][q], 1e3 * simulated[figure][q], 10.0))
+    missed = 0
+    for name, real, model, bound in rows:
+        error = 100 * (model - real) / real
+        missed += abs(error) > bound
+        say(result, f"{name}: measured {real:.1f}, simulated {model:.1f} ({error:+.1f}%, target within {bound:g}%)")
+    result.figures.update(simulated=simulated, profile_samples=len(profile.samples))
+    say(result, "the profile times the worker alone: the engine's own time per step is not in it")
+    if missed and not setup.dry_run:
+        raise AssertionError(f"{missed} of {len(rows)} figures outside the targets")
+
+
 CHECKS: dict[str, Callable[[Setup, Result], None]] = {
     "versions": check_versions,
     "kernel": check_kernel,
     "engine": check_engine,
     "offline": check_offline,
     "decode": check_decode,
+    "sim": check_sim,
 }
+MEASURED: dict[str, dict[str, Any]] = {}
+"""Figures one check leaves for a later one (the simulator's check compares with the offline run)."""
 
 
 def main() -> int:
@@ -337,13 +421,14 @@ def main() -> int:
     if args.prepare is not None:
         prepare(args.prepare, args.num_requests)
         return 0
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (use --dry-run to try the script on the CPU)")
         return 2
-    setup = Setup(
-        args.data, device, args.dry_run, 4 if args.dry_run else args.hf_requests, int(args.kv_cache_gib * 2**30)
-    )
+    hf_requests = 4 if args.dry_run else args.hf_requests
+    setup = Setup(args.data, device, args.dry_run, hf_requests, int(args.kv_cache_gib * 2**30), args.out)
     results = []
     for name in args.only or list(CHECKS):
         print(f"== {name}", flush=True)
