@@ -135,6 +135,7 @@ def paged_attention(
         v_cache.stride(1),
         table.stride(0),
         meta.paged.block_size,
+        min(k_cache.shape[0], v_cache.shape[0]),
         GROUP=group,
         ROWS=tiles.tokens * group,
         HEAD_DIM=head_dim,

@@ -27,6 +27,7 @@ def paged_attention_kernel(
     stride_v_head,
     stride_table,
     block_size,
+    num_slots,
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -65,6 +66,9 @@ def paged_attention_kernel(
         pos_ok = pos < context
         block = tl.load(table_row + pos // block_size, mask=pos_ok, other=0)
         slot = block.to(tl.int64) * block_size + pos % block_size
+        # A table entry past the pool (a bug in the books) reads nothing rather than fault the GPU's
+        # context, which would end every request on it; the position then weighs nothing.
+        pos_ok = pos_ok & (slot < num_slots) & (slot >= 0)
         kv_mask = pos_ok[:, None] & dim_ok[None, :]
         k = tl.load(
             k_ptr + slot[:, None] * stride_k_slot + kv_head * stride_k_head + dims[None, :], mask=kv_mask, other=0.0

@@ -17,7 +17,14 @@ from kvos import LLM
 from kvos.attention import paged_triton
 from kvos.attention.backend import SeqLayout, make_backend
 from kvos.config import ModelConfig
-from tests.attention.test_backends import NUM_HEADS, NUM_KV_HEADS, PAGED_CASES, _assert_matches_naive, _paged_step
+from tests.attention.test_backends import (
+    NUM_HEADS,
+    NUM_KV_HEADS,
+    PAGED_CASES,
+    _assert_matches_naive,
+    _paged_step,
+    naive_attention,
+)
 from tests.conftest import GreedyFn
 from tests.engine.test_engine_equivalence import TEXTS, check_against_hf
 
@@ -96,6 +103,25 @@ def test_triton_kernel_reads_the_virtual_cache_through_one_entry_tables() -> Non
     k, v = torch.randn(7, NUM_KV_HEADS, 16), torch.randn(7, NUM_KV_HEADS, 16)
     got = _run(seqs, (q, k, v), (k_cache, v_cache))
     _assert_matches_naive(got, seqs, cached, (q, k, v), 1e-5)
+
+
+def test_a_table_entry_past_the_pool_reads_nothing_and_spares_its_neighbour() -> None:
+    """A block id past the pool (a bug in the books) must not fault the GPU, which would end every request:
+    its positions weigh nothing, and the other request of the step is untouched."""
+    seqs, cached, k_cache, v_cache = _paged_step(16, torch.float32, [(20, 1), (40, 1)])
+    bad = seqs[1]
+    assert bad.block_table is not None
+    table = bad.block_table.clone()
+    table[1] = k_cache.shape[0] // 16 + 5  # positions 16-31 of the second request
+    seqs[1] = SeqLayout(bad.token_start, 1, bad.num_computed, bad.context_slots, table, 16)
+    q = torch.randn(2, NUM_HEADS, 16)
+    k, v = torch.randn(2, NUM_KV_HEADS, 16), torch.randn(2, NUM_KV_HEADS, 16)
+    both = _run(seqs, (q, k, v), (k_cache, v_cache))
+    _assert_matches_naive(both[:1], seqs[:1], cached[:1], (q[:1], k[:1], v[:1]), 1e-5)
+    keep = torch.cat([torch.arange(16), torch.arange(32, 40)])
+    keys, values = cached[1]
+    expected = naive_attention(q[1:], torch.cat([keys[keep], k[1:]]), torch.cat([values[keep], v[1:]]), 24)
+    torch.testing.assert_close(both[1:], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_triton_backend_is_the_default_on_a_cuda_device() -> None:
