@@ -12,6 +12,9 @@ Checks, in order (each prints its figures, then PASS or FAIL):
 
     versions   torch, Triton, the device
     kernel     tests/attention/test_paged_triton.py's kernel cases, compiled for the GPU
+    attention  the Triton kernel per layer at Llama-3-8B's heads (bfloat16 decodes of 1 x 1,024 to 256 x 512):
+               one pass, contexts split into 512-position partitions, and gather_sdpa; KV read at % of the
+               bandwidth, and how many partitions `num_splits` picks
     engine     a small dummy Llama in float32: LLM(device="cuda") picks paged_triton, and its greedy
                tokens against gather_sdpa's (at least 90% the same: random weights leave near-ties)
     offline    the Llama-3-8B-shaped dummy in bfloat16 on the prepared ShareGPT requests: kvos's output
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import sys
 import time
@@ -156,6 +160,74 @@ def check_kernel(setup: Setup, result: Result) -> None:
     )
     if code != 0:
         raise AssertionError(f"pytest exited with {code}")
+
+
+def check_attention(setup: Setup, result: Result) -> None:
+    """The Triton kernel's speed per layer at Llama-3-8B's heads in bfloat16 (one pass over each context,
+    split into partitions, and the gather + SDPA reference), against the KV read at the measured bandwidth."""
+    from benchmarks.roofline import measure_machine
+    from kvos.attention import paged_triton
+    from kvos.attention.backend import SeqLayout
+
+    heads, kv_heads, dim, block = (4, 2, 64, 16) if setup.dry_run else (32, 8, 128, 16)
+    points = [(1, 64), (4, 128)] if setup.dry_run else [(1, 1024), (1, 8192), (16, 2048), (64, 1024), (256, 512)]
+    bandwidth = measure_machine(setup.device, dtype="bfloat16").read_bandwidth
+    say(result, f"read bandwidth {bandwidth / 1e9:.0f} GB/s; us per layer (KV read at % of it)")
+    for batch, context in points:
+        blocks = batch * (-(-(context + 1) // block))
+        pool = blocks * 2 * block
+        k_cache = torch.randn(pool, kv_heads, dim, device=setup.device, dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        order = torch.randperm(pool // block, device=setup.device)[:blocks].view(batch, -1).int()
+        seqs = []
+        for b in range(batch):
+            slots = (order[b, :, None].long() * block + torch.arange(block, device=setup.device)).flatten()
+            seqs.append(SeqLayout(b, 1, context, slots[: context + 1], order[b], block))
+        q = torch.randn(batch, heads, dim, device=setup.device, dtype=torch.bfloat16)
+        ways = attention_ways(seqs, q, k_cache, v_cache)
+        kv_bytes = 2 * batch * (context + 1) * kv_heads * dim * 2
+        reference = ways["one pass"]()
+        cells = []
+        for name, way in ways.items():
+            torch.testing.assert_close(way(), reference, rtol=2e-2, atol=2e-2)
+            seconds = time_call(way, setup.device)
+            cells.append(f"{name} {seconds * 1e6:.0f} ({100 * kv_bytes / seconds / bandwidth:.0f}%)")
+            result.figures[f"{batch}x{context} {name} us"] = seconds * 1e6
+        auto = paged_triton.num_splits(batch * kv_heads, context + 1, torch.device(setup.device))
+        say(result, f"{batch} x {context}: " + ", ".join(cells) + f"; auto splits {auto}")
+
+
+def attention_ways(
+    seqs: list[Any], q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """One decode layer three ways over the same cache; gather_sdpa rewrites the new positions' own K/V."""
+    from kvos.attention import paged_triton
+    from kvos.attention.backend import make_backend
+
+    device = q.device
+    triton_meta = make_backend("paged_triton").build_metadata(seqs, q.shape[0], device)
+    gather = make_backend("gather_sdpa")
+    gather_meta = gather.build_metadata(seqs, q.shape[0], device)
+    k_new, v_new = k_cache[gather_meta.slot_mapping], v_cache[gather_meta.slot_mapping]
+    return {
+        "one pass": lambda: paged_triton.paged_attention(q, k_cache, v_cache, triton_meta, 0.1, partition=1 << 30),
+        "split 512": lambda: paged_triton.paged_attention(q, k_cache, v_cache, triton_meta, 0.1, partition=512),
+        "gather_sdpa": lambda: gather.forward(q, k_new, v_new, k_cache, v_cache, gather_meta, 0.1),
+    }
+
+
+def time_call(call: Callable[[], Any], device: str, repeats: int = 20) -> float:
+    """Median seconds of `call` over `repeats` runs after three warm-ups."""
+    for _ in range(3):
+        call()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        call()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def check_engine(setup: Setup, result: Result) -> None:
@@ -398,6 +470,7 @@ def check_sim(setup: Setup, result: Result) -> None:
 CHECKS: dict[str, Callable[[Setup, Result], None]] = {
     "versions": check_versions,
     "kernel": check_kernel,
+    "attention": check_attention,
     "engine": check_engine,
     "offline": check_offline,
     "decode": check_decode,
@@ -424,6 +497,8 @@ def main() -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.dry_run else "cuda"
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
     if device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (use --dry-run to try the script on the CPU)")
         return 2

@@ -76,6 +76,7 @@ class QueryTiles:
 
     tiles: torch.Tensor  # (N, 2) int32: (request index in PagedBatch.seqs, first query token of the tile)
     tokens: int  # query tokens per tile
+    max_context: int  # the most positions any request of the step attends to
 
 
 @dataclass

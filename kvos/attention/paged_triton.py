@@ -16,7 +16,11 @@ head of one kv head as the rows of its tile (token-major: row r is token
 r // group, head r % group), walks the request's positions up to its last
 row's in steps of `BLOCK_N` with an online softmax (FlashAttention's), and
 accumulates in float32. A decode-only step uses one token per tile (the
-rows are the group's heads), other steps 16.
+rows are the group's heads), other steps 16. When that leaves the GPU's
+multiprocessors idle (few programs, contexts past `PARTITION`: a handful of
+long decodes), each context is split into runs of `PARTITION` positions,
+one program each, and a second launch merges their partial results
+(flash-decoding); `num_splits` decides.
 
 On a machine without a GPU the kernel runs under Triton's interpreter
 (`TRITON_INTERPRET=1`, numpy on the CPU, set before Triton is first
@@ -43,6 +47,8 @@ PROMPT_TILE_TOKENS = 16
 """Query tokens per program when the step has prompt tokens (a decode's tile holds its one token)."""
 BLOCK_N = 32
 """Positions per step of a program's walk over its request's KV."""
+PARTITION = 512
+"""Positions per program when a launch splits contexts (`num_splits`); a multiple of BLOCK_N."""
 
 
 def interpreted() -> bool:
@@ -91,13 +97,24 @@ def query_tiles(seqs: list[SeqLayout], device: torch.device) -> QueryTiles:
     """One tile per `tokens` query tokens of each request, in the order of `paged_batch`'s rows."""
     tokens = 1 if all(s.num_tokens == 1 for s in seqs) else PROMPT_TILE_TOKENS
     tiles = [(i, first) for i, s in enumerate(seqs) for first in range(0, s.num_tokens, tokens)]
-    return QueryTiles(torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2), tokens)
+    max_context = max((s.num_computed + s.num_tokens for s in seqs), default=0)
+    return QueryTiles(torch.tensor(tiles, dtype=torch.int32, device=device).view(-1, 2), tokens, max_context)
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    partition: int | None = None,
 ) -> torch.Tensor:
-    """Attention of every query row over its request's cached context (the step's K/V already written)."""
+    """Attention of every query row over its request's cached context (the step's K/V already written).
+
+    `partition` splits each context into runs of that many positions, one program each, merged by a
+    second launch (flash-decoding); None lets `num_splits` decide (`PARTITION` where the launch would
+    leave the GPU's multiprocessors idle).
+    """
     assert meta.paged is not None and meta.tiles is not None
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -118,11 +135,25 @@ def paged_attention(
     block_m = max(16, _next_power_of_2(tiles.tokens * group))
     block_d = max(16, _next_power_of_2(head_dim))
     table = meta.paged.block_tables
-    _kernel()[(num_tiles, num_kv_heads)](
+    if partition is None:
+        partition = PARTITION
+        splits = num_splits(num_tiles * num_kv_heads, tiles.max_context, q.device)
+    else:
+        if partition < BLOCK_N or partition % BLOCK_N:
+            raise ValueError(f"partition must be a positive multiple of {BLOCK_N}, got {partition}")
+        splits = -(-tiles.max_context // partition)
+    split = splits > 1
+    # Scratch for the partitions (one float32 row per query row, and its max and sum); unused without.
+    part = torch.empty((num_tiles * num_kv_heads * splits * block_m, block_d) if split else (1,), device=q.device)
+    ml = torch.empty((num_tiles * num_kv_heads * splits * block_m, 2) if split else (1,), device=q.device)
+    kernel, merge = _kernels()
+    kernel[(num_tiles, num_kv_heads, splits)](
         q,
         k_cache,
         v_cache,
         out,
+        part,
+        ml,
         table,
         meta.paged.seqs,
         tiles.tiles,
@@ -145,8 +176,36 @@ def paged_attention(
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         # Triton 3.9's interpreter multiplies bfloat16 tiles as raw integers; it gets float32 tiles.
         DOT_DTYPE=_dot_dtypes()[torch.float32 if interpreted() else k_cache.dtype],
+        PARTITION=partition,
+        SPLIT=split,
     )
+    if split:
+        merge[(num_tiles, num_kv_heads)](
+            out,
+            part,
+            ml,
+            meta.paged.seqs,
+            tiles.tiles,
+            splits,
+            q.stride(0),
+            q.stride(1),
+            GROUP=group,
+            ROWS=tiles.tokens * group,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_M=block_m,
+        )
     return out.to(dtype)
+
+
+def num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
+    """Partitions per context: one, unless the launch has fewer programs than twice the GPU's
+    multiprocessors and a context longer than `PARTITION` (a few long decodes), then enough to cover it."""
+    if max_context <= PARTITION or device.type != "cuda":
+        return 1
+    if num_programs >= 2 * torch.cuda.get_device_properties(device).multi_processor_count:
+        return 1
+    return -(-max_context // PARTITION)
 
 
 def _dot_dtypes() -> dict[torch.dtype, Any]:
@@ -160,6 +219,7 @@ def _next_power_of_2(n: int) -> int:
 
 
 @functools.cache
-def _kernel() -> Any:
-    """The jitted kernel, imported on first use (so importing kvos never imports Triton)."""
-    return importlib.import_module("kvos.attention.paged_triton_kernel").paged_attention_kernel
+def _kernels() -> tuple[Any, Any]:
+    """The jitted kernels, imported on first use (so importing kvos never imports Triton)."""
+    module = importlib.import_module("kvos.attention.paged_triton_kernel")
+    return module.paged_attention_kernel, module.merge_kernel

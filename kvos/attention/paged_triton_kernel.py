@@ -15,6 +15,8 @@ def paged_attention_kernel(
     k_ptr,
     v_ptr,
     o_ptr,
+    part_ptr,
+    ml_ptr,
     table_ptr,
     seqs_ptr,
     tiles_ptr,
@@ -36,7 +38,12 @@ def paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    PARTITION: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
+    """Without SPLIT: the tile's whole context, normalised into `o`. With SPLIT: positions
+    [split * PARTITION, (split + 1) * PARTITION) only, unnormalised, into `part` (float32 rows) and
+    `ml` (each row's running max and sum), for `merge_kernel`."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = tl.load(tiles_ptr + 2 * tile)
@@ -61,9 +68,14 @@ def paged_attention_kernel(
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_row = table_ptr + seq.to(tl.int64) * stride_table
-    for start in range(0, context, BLOCK_N):
+    lo = 0
+    hi = context
+    if SPLIT:
+        lo = tl.program_id(2) * PARTITION
+        hi = tl.minimum(context, lo + PARTITION)
+    for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        pos_ok = pos < context
+        pos_ok = pos < hi
         block = tl.load(table_row + pos // block_size, mask=pos_ok, other=0)
         slot = block.to(tl.int64) * block_size + pos % block_size
         # A table entry past the pool (a bug in the books) reads nothing rather than fault the GPU's
@@ -87,5 +99,60 @@ def paged_attention_kernel(
         )
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         m = m_new
+    if SPLIT:
+        # This program's slice of the launch's scratch: [tile][kv head][split][row][dim].
+        unit = ((tile * tl.num_programs(1) + kv_head) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64)
+        row_offsets = unit * BLOCK_M + rows
+        tl.store(part_ptr + row_offsets[:, None] * BLOCK_D + dims[None, :], acc)
+        tl.store(ml_ptr + 2 * row_offsets, m)
+        tl.store(ml_ptr + 2 * row_offsets + 1, l_sum)
+    else:
+        acc = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+        tl.store(o_ptr + q_offsets, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def merge_kernel(
+    o_ptr,
+    part_ptr,
+    ml_ptr,
+    seqs_ptr,
+    tiles_ptr,
+    num_splits,
+    stride_q_token,
+    stride_q_head,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """One (tile, kv head)'s partitions merged: each rescaled to the largest running max, summed, normalised."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    first = tl.load(tiles_ptr + 2 * tile + 1).to(tl.int64)
+    token_start = tl.load(seqs_ptr + 3 * seq)
+    num_tokens = tl.load(seqs_ptr + 3 * seq + 1)
+    rows = tl.arange(0, BLOCK_M)
+    token = first + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < ROWS) & (token < num_tokens)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    base = ((tile * tl.num_programs(1) + kv_head) * num_splits).to(tl.int64)
+
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for split in range(0, num_splits):
+        m = tl.maximum(m, tl.load(ml_ptr + 2 * ((base + split) * BLOCK_M + rows)))
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(0, num_splits):
+        row_offsets = (base + split) * BLOCK_M + rows
+        weight = tl.exp(tl.load(ml_ptr + 2 * row_offsets) - m_ref)
+        l_sum += weight * tl.load(ml_ptr + 2 * row_offsets + 1)
+        acc += weight[:, None] * tl.load(part_ptr + row_offsets[:, None] * BLOCK_D + dims[None, :])
     acc = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
+    q_offsets = (token_start + token)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
     tl.store(o_ptr + q_offsets, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
