@@ -32,37 +32,14 @@ import math
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from check_runner import CheckFailed, Result, expect, run_checks, say
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 2**20
-
-
-@dataclass
-class Result:
-    name: str
-    passed: bool
-    details: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-class CheckFailed(Exception):
-    """A check saw something wrong (as opposed to crashing)."""
-
-
-def expect(condition: bool, message: str) -> None:
-    if not condition:
-        raise CheckFailed(message)
-
-
-def say(result: Result, line: str) -> None:
-    print(f"  {line}", flush=True)
-    result.details.append(line)
 
 
 def free_mib() -> float:
@@ -452,29 +429,7 @@ def main() -> int:
         print("no CUDA device: nothing to check (this script is for a machine with a GPU)")
         return 2
     sys.path.insert(0, str(REPO))  # the tests import `tests.memory...` from the repository root
-    results = []
-    for name in args.only or list(CHECKS):
-        print(f"== {name}", flush=True)
-        result = Result(name, passed=False)
-        start = time.perf_counter()
-        try:
-            CHECKS[name](result)
-            result.passed = True
-        except CheckFailed as exc:
-            say(result, f"FAILED: {exc}")
-        except Exception as exc:
-            traceback.print_exc()
-            say(result, f"CRASHED: {type(exc).__name__}: {exc}")
-        result.seconds = time.perf_counter() - start
-        print(f"-- {name}: {'PASS' if result.passed else 'FAIL'} ({result.seconds:.1f}s)", flush=True)
-        results.append(result)
-    print("\n== summary")
-    for result in results:
-        last = result.details[-1] if result.details else ""
-        print(f"{'PASS' if result.passed else 'FAIL'}  {result.name:9} {result.seconds:6.1f}s  {last}")
-    if args.out is not None:
-        args.out.write_text(json.dumps([r.__dict__ for r in results], indent=2))
-    return 0 if all(r.passed for r in results) else 1
+    return run_checks(CHECKS, args.only or list(CHECKS), args.out)
 
 
 if __name__ == "__main__":

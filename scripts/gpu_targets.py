@@ -40,13 +40,13 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from check_runner import CheckFailed, Result, run_checks, say
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -79,15 +79,6 @@ SMALL = {
 """The engine check's model (float32), and with --dry-run every check's."""
 
 
-@dataclass
-class Result:
-    name: str
-    passed: bool = False
-    details: list[str] = field(default_factory=list)
-    figures: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
 @dataclass(frozen=True)
 class Setup:
     data: Path
@@ -96,11 +87,6 @@ class Setup:
     hf_requests: int
     kv_cache_bytes: int
     out: Path | None
-
-
-def say(result: Result, line: str) -> None:
-    result.details.append(line)
-    print(f"   {line}", flush=True)
 
 
 def prepare(folder: Path, num_requests: int) -> None:
@@ -159,7 +145,7 @@ def check_kernel(setup: Setup, result: Result) -> None:
         ["-q", "-p", "no:cacheprovider", str(REPO / "tests/attention/test_paged_triton.py"), "-k", "not engine"]
     )
     if code != 0:
-        raise AssertionError(f"pytest exited with {code}")
+        raise CheckFailed(f"pytest exited with {code}")
 
 
 def check_attention(setup: Setup, result: Result) -> None:
@@ -248,7 +234,7 @@ def check_engine(setup: Setup, result: Result) -> None:
         chosen = llm.engine._local_core().worker.attention.name
         say(result, f"attention_backend={backend!r} runs {chosen}")
         if backend == "auto" and setup.device == "cuda" and chosen != "paged_triton":
-            raise AssertionError(f"auto picked {chosen} on CUDA")
+            raise CheckFailed(f"auto picked {chosen} on CUDA")
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.close()
     pairs = [(a, b) for x, y in zip(tokens["auto"], tokens["gather_sdpa"]) for a, b in zip(x, y)]
@@ -256,7 +242,7 @@ def check_engine(setup: Setup, result: Result) -> None:
     result.figures["same_tokens"] = same
     say(result, f"greedy tokens equal to gather_sdpa's: {same:.1%} of {len(pairs)}")
     if same < 0.9:
-        raise AssertionError("fewer than 90% of the tokens agree")
+        raise CheckFailed("fewer than 90% of the tokens agree")
 
 
 @functools.cache
@@ -325,10 +311,10 @@ def check_offline(setup: Setup, result: Result) -> None:
     result.figures["kvos_over_hf"] = kvos_rate / hf_rate
     say(result, f"kvos / HF transformers output tok/s: {kvos_rate / hf_rate:.2f}x")
     if output_tokens != wanted:
-        raise AssertionError(f"kvos generated {output_tokens} tokens, not {wanted}")
+        raise CheckFailed(f"kvos generated {output_tokens} tokens, not {wanted}")
     if not setup.dry_run and 100 * bound / elapsed < 60:
         say(result, "target (60% of the roofline) missed")
-        raise AssertionError("under 60% of the roofline")
+        raise CheckFailed("under 60% of the roofline")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -396,7 +382,7 @@ def check_decode(setup: Setup, result: Result) -> None:
         sync(setup.device)
         times.append(time.perf_counter() - start)
         if len(out[0].outputs[0].token_ids) != new_tokens:
-            raise AssertionError(f"{len(out[0].outputs[0].token_ids)} tokens, not {new_tokens}")
+            raise CheckFailed(f"{len(out[0].outputs[0].token_ids)} tokens, not {new_tokens}")
     llm.close()
     elapsed = min(times)
     bound = sum(roofline.decode_step_seconds([32 + i], 2.0) for i in range(new_tokens))
@@ -405,7 +391,7 @@ def check_decode(setup: Setup, result: Result) -> None:
     say(result, f"batch 1: {rate:.1f} tok/s (best of 2, prefill included), bound {new_tokens / bound:.1f} tok/s:")
     say(result, f"{100 * bound / elapsed:.1f}% of the memory-bandwidth bound")
     if not setup.dry_run and 100 * bound / elapsed < 80:
-        raise AssertionError("under 80% of the bound")
+        raise CheckFailed("under 80% of the bound")
 
 
 def check_sim(setup: Setup, result: Result) -> None:
@@ -417,7 +403,7 @@ def check_sim(setup: Setup, result: Result) -> None:
 
     measured = MEASURED.get("offline")
     if measured is None:
-        raise AssertionError("needs the offline check's figures: run it first")
+        raise CheckFailed("needs the offline check's figures: run it first")
     config = EngineConfig.from_kwargs(**offline_engine_options(setup))
     grid = ProfileGrid(
         prefill_tokens=(0, 64, 512) if setup.dry_run else (0, 256, 1024, 4096, 8192),
@@ -464,7 +450,7 @@ def check_sim(setup: Setup, result: Result) -> None:
     result.figures.update(simulated=simulated, profile_samples=len(profile.samples))
     say(result, "the profile times the worker alone: the engine's own time per step is not in it")
     if missed and not setup.dry_run:
-        raise AssertionError(f"{missed} of {len(rows)} figures outside the targets")
+        raise CheckFailed(f"{missed} of {len(rows)} figures outside the targets")
 
 
 CHECKS: dict[str, Callable[[Setup, Result], None]] = {
@@ -494,8 +480,6 @@ def main() -> int:
     if args.prepare is not None:
         prepare(args.prepare, args.num_requests)
         return 0
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.dry_run else "cuda"
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
@@ -504,27 +488,8 @@ def main() -> int:
         return 2
     hf_requests = 4 if args.dry_run else args.hf_requests
     setup = Setup(args.data, device, args.dry_run, hf_requests, int(args.kv_cache_gib * 2**30), args.out)
-    results = []
-    for name in args.only or list(CHECKS):
-        print(f"== {name}", flush=True)
-        result = Result(name)
-        start = time.perf_counter()
-        try:
-            CHECKS[name](setup, result)
-            result.passed = True
-        except Exception as exc:
-            traceback.print_exc()
-            say(result, f"FAILED: {type(exc).__name__}: {exc}")
-        result.seconds = time.perf_counter() - start
-        print(f"-- {name}: {'PASS' if result.passed else 'FAIL'} ({result.seconds:.1f}s)", flush=True)
-        results.append(result)
-    print("\n== summary")
-    for result in results:
-        last = result.details[-1] if result.details else ""
-        print(f"{'PASS' if result.passed else 'FAIL'}  {result.name:9} {result.seconds:6.1f}s  {last}")
-    if args.out is not None:
-        args.out.write_text(json.dumps([r.__dict__ for r in results], indent=2))
-    return 0 if all(r.passed for r in results) else 1
+    bound = {name: functools.partial(check, setup) for name, check in CHECKS.items()}
+    return run_checks(bound, args.only or list(CHECKS), args.out)
 
 
 if __name__ == "__main__":
