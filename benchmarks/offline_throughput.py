@@ -155,7 +155,7 @@ def run_hf(
     batch_size: int,
 ) -> EngineRun:
     model = load_hf_model(gguf_path)
-    _hf_generate(model, [warmup_ids, warmup_ids[:3]], max_new_tokens=8, pad_token_id=pad_token_id)
+    hf_generate(model, [warmup_ids, warmup_ids[:3]], max_new_tokens=8, pad_token_id=pad_token_id)
 
     batches = [requests[i : i + batch_size] for i in range(0, len(requests), batch_size)]
     num_generated = 0
@@ -165,7 +165,7 @@ def run_hf(
     with sampler:
         for batch in tqdm(batches, desc="hf batches", unit="batch"):
             max_new = max(r.max_tokens for r in batch)
-            _hf_generate(
+            hf_generate(
                 model, [list(r.prompt_token_ids) for r in batch], max_new_tokens=max_new, pad_token_id=pad_token_id
             )
             num_generated += len(batch) * max_new
@@ -180,11 +180,12 @@ def run_hf(
     )
 
 
-def _hf_generate(model: Any, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
-    """Greedy, left-padded, exactly max_new_tokens per row (EOS suppressed, as with ignore_eos)."""
+def hf_generate(model: Any, prompts: list[list[int]], max_new_tokens: int, pad_token_id: int) -> torch.Tensor:
+    """Greedy, left-padded, exactly max_new_tokens per row (EOS suppressed, as with ignore_eos), on the
+    model's device."""
     width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + p for p in prompts], device=model.device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     out = model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,

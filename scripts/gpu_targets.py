@@ -326,6 +326,8 @@ def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], resu
     """HF transformers on the same model shape (its own random weights), static left-padded batches of 64."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks.offline_throughput import hf_generate
+
     config = LlamaConfig(**{k: v for k, v in json.loads((Path(model) / "config.json").read_text()).items()})
     with torch.device(setup.device):
         hf = LlamaForCausalLM(config).to(torch.bfloat16).eval()
@@ -336,18 +338,8 @@ def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], resu
     with torch.inference_mode():
         for i in range(0, len(requests), batch_size):
             batch = requests[i : i + batch_size]
-            width = max(len(ids) for ids, _ in batch)
             new = max(n for _, n in batch)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in batch], device=setup.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=setup.device)
-            hf.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                do_sample=False,
-                pad_token_id=pad,
-            )
+            hf_generate(hf, [ids for ids, _ in batch], new, pad)
             useful += sum(n for _, n in batch)
     sync(setup.device)
     elapsed = time.perf_counter() - start
