@@ -13,8 +13,8 @@ Checks, in order (each prints its figures, then PASS or FAIL):
     versions   torch, Triton, the device
     kernel     tests/attention/test_paged_triton.py's kernel cases, compiled for the GPU
     attention  the Triton kernel per layer at Llama-3-8B's heads (bfloat16 decodes of 1 x 1,024 to 256 x 512):
-               one pass, contexts split into 512-position partitions, and gather_sdpa; KV read at % of the
-               bandwidth, and how many partitions `num_splits` picks
+               one pass (key steps of 32, 16 and 64 positions), contexts split into 512-position partitions,
+               and gather_sdpa; KV read at % of the bandwidth, and how many partitions `num_splits` picks
     engine     a small dummy Llama in float32: LLM(device="cuda") picks paged_triton, and its greedy
                tokens against gather_sdpa's (at least 90% the same: random weights leave near-ties)
     offline    the Llama-3-8B-shaped dummy in bfloat16 on the prepared ShareGPT requests: kvos's output
@@ -195,9 +195,15 @@ def attention_ways(
     gather = make_backend("gather_sdpa")
     gather_meta = gather.build_metadata(seqs, q.shape[0], device)
     k_new, v_new = k_cache[gather_meta.slot_mapping], v_cache[gather_meta.slot_mapping]
+
+    def triton(partition: int, block_n: int) -> Callable[[], torch.Tensor]:
+        return lambda: paged_triton.paged_attention(q, k_cache, v_cache, triton_meta, 0.1, partition, block_n)
+
     return {
-        "one pass": lambda: paged_triton.paged_attention(q, k_cache, v_cache, triton_meta, 0.1, partition=1 << 30),
-        "split 512": lambda: paged_triton.paged_attention(q, k_cache, v_cache, triton_meta, 0.1, partition=512),
+        "one pass": triton(1 << 30, 32),
+        "one pass, 16-key steps": triton(1 << 30, 16),
+        "one pass, 64-key steps": triton(1 << 30, 64),
+        "split 512": triton(512, 32),
         "gather_sdpa": lambda: gather.forward(q, k_new, v_new, k_cache, v_cache, gather_meta, 0.1),
     }
 

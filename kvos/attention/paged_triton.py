@@ -108,13 +108,17 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     partition: int | None = None,
+    block_n: int = BLOCK_N,
 ) -> torch.Tensor:
     """Attention of every query row over its request's cached context (the step's K/V already written).
 
     `partition` splits each context into runs of that many positions, one program each, merged by a
     second launch (flash-decoding); None lets `num_splits` decide (`PARTITION` where the launch would
-    leave the GPU's multiprocessors idle).
+    leave the GPU's multiprocessors idle). `block_n` is the positions per key step (a power of two, at
+    least 16), for the GPU check that times other sizes than the default.
     """
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two of at least 16, got {block_n}")
     assert meta.paged is not None and meta.tiles is not None
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
@@ -139,8 +143,8 @@ def paged_attention(
         partition = PARTITION
         splits = num_splits(num_tiles * num_kv_heads, tiles.max_context, q.device)
     else:
-        if partition < BLOCK_N or partition % BLOCK_N:
-            raise ValueError(f"partition must be a positive multiple of {BLOCK_N}, got {partition}")
+        if partition < block_n or partition % block_n:
+            raise ValueError(f"partition must be a positive multiple of {block_n}, got {partition}")
         splits = -(-tiles.max_context // partition)
     split = splits > 1
     # Scratch for the partitions (one float32 row per query row, and its max and sum); unused without.
@@ -172,7 +176,7 @@ def paged_attention(
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_M=block_m,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         # Triton 3.9's interpreter multiplies bfloat16 tiles as raw integers; it gets float32 tiles.
         DOT_DTYPE=_dot_dtypes()[torch.float32 if interpreted() else k_cache.dtype],

@@ -40,6 +40,7 @@ def _run(
     qkv: tuple[torch.Tensor, ...],
     caches: tuple[torch.Tensor, ...],
     partition: int | None = None,
+    block_n: int = paged_triton.BLOCK_N,
 ) -> torch.Tensor:
     """One layer's step on DEVICE; the output back on the CPU, after checking the step's K/V were written."""
     q, k, v = (x.to(DEVICE) for x in qkv)
@@ -57,11 +58,11 @@ def _run(
     ]
     backend = make_backend("paged_triton")
     meta = backend.build_metadata(on_device, q.shape[0], DEVICE)
-    if partition is None:
+    if partition is None and block_n == paged_triton.BLOCK_N:
         out = backend.forward(q, k, v, k_cache, v_cache, meta, q.shape[2] ** -0.5)
     else:
         write_kv(k_cache, v_cache, meta.slot_mapping, k, v)
-        out = paged_triton.paged_attention(q, k_cache, v_cache, meta, q.shape[2] ** -0.5, partition=partition)
+        out = paged_triton.paged_attention(q, k_cache, v_cache, meta, q.shape[2] ** -0.5, partition, block_n)
     for s in on_device:
         rows = slice(s.token_start, s.token_start + s.num_tokens)
         new_slots = s.context_slots[s.num_computed :]
@@ -100,28 +101,32 @@ def test_triton_kernel_groups_heads_in_decode_only_and_mixed_steps(num_heads: in
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("partition", [32, 64, 512])
-def test_split_contexts_merge_to_naive_attention(dtype: torch.dtype, partition: int) -> None:
+@pytest.mark.parametrize(("partition", "block_n"), [(32, 32), (64, 32), (512, 32), (64, 16), (128, 64), (None, 64)])
+def test_split_contexts_merge_to_naive_attention(dtype: torch.dtype, partition: int | None, block_n: int) -> None:
     """Flash-decoding: each context cut into runs of `partition` positions, one program each, merged by a
     second launch. Short requests of the same launch get empty partitions (nothing visible), a chunk's
-    rows see different numbers of partitions, and 32 is a single key step per partition."""
+    rows see different numbers of partitions, and partition == block_n is one key step per partition.
+    Key steps of 16 and 64 positions (the GPU check's alternatives to 32) with and without splitting."""
     cases = [(600, 1), (3, 1), (0, 20), (100, 40), (33, 1)]
     seqs, cached, k_cache, v_cache = _paged_step(16, dtype, cases, 64)
     num_tokens = sum(s.num_tokens for s in seqs)
     q = torch.randn(num_tokens, NUM_HEADS, 64).to(dtype)
     k = torch.randn(num_tokens, NUM_KV_HEADS, 64).to(dtype)
     v = torch.randn(num_tokens, NUM_KV_HEADS, 64).to(dtype)
-    got = _run(seqs, (q, k, v), (k_cache, v_cache), partition=partition)
+    got = _run(seqs, (q, k, v), (k_cache, v_cache), partition, block_n)
     _assert_matches_naive(got, seqs, cached, (q, k, v), 1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_contexts_are_split_only_where_a_launch_would_leave_the_gpu_idle() -> None:
     cpu = torch.device("cpu")
     assert paged_triton.num_splits(8, 100_000, cpu) == 1  # the interpreter: never split unless asked
+    seqs, _, k_cache, v_cache = _paged_step(16, torch.float32, [(3, 1)])
+    meta = make_backend("paged_triton").build_metadata(seqs, 1, cpu)
+    q = torch.randn(1, NUM_HEADS, 16)
     with pytest.raises(ValueError, match="partition must be a positive multiple of 32, got 40"):
-        seqs, _, k_cache, v_cache = _paged_step(16, torch.float32, [(3, 1)])
-        meta = make_backend("paged_triton").build_metadata(seqs, 1, cpu)
-        paged_triton.paged_attention(torch.randn(1, NUM_HEADS, 16), k_cache, v_cache, meta, 0.25, partition=40)
+        paged_triton.paged_attention(q, k_cache, v_cache, meta, 0.25, partition=40)
+    with pytest.raises(ValueError, match="block_n must be a power of two of at least 16, got 48"):
+        paged_triton.paged_attention(q, k_cache, v_cache, meta, 0.25, block_n=48)
     if ON_GPU:
         programs = torch.cuda.get_device_properties(DEVICE).multi_processor_count
         assert paged_triton.num_splits(8, 8192, DEVICE) == 8192 // paged_triton.PARTITION
