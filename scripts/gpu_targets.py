@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import os
 import shutil
@@ -121,6 +122,14 @@ def big_model(setup: Setup) -> str:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def release(device: str) -> None:
+    """Give a closed engine's GPU memory back before the next check builds one (an 8B model and its KV
+    cache take 56 GiB; three of them at once would not fit)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def check_versions(setup: Setup, result: Result) -> None:
@@ -243,6 +252,8 @@ def check_engine(setup: Setup, result: Result) -> None:
             raise CheckFailed(f"auto picked {chosen} on CUDA")
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.close()
+        del llm
+        release(setup.device)
     pairs = [(a, b) for x, y in zip(tokens["auto"], tokens["gather_sdpa"]) for a, b in zip(x, y)]
     same = sum(a == b for a, b in pairs) / len(pairs)
     result.figures["same_tokens"] = same
@@ -292,6 +303,7 @@ def check_offline(setup: Setup, result: Result) -> None:
     elapsed = time.perf_counter() - start
     llm.close()
     del llm
+    release(setup.device)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     wanted = sum(n for _, n in requests)
     ttft = [o.metrics["first_token_time"] - o.metrics["arrival_time"] for o in outputs]
@@ -309,9 +321,6 @@ def check_offline(setup: Setup, result: Result) -> None:
     result.figures["kvos_pct_of_limit"] = 100 * bound / elapsed
     say(result, f"kvos: {len(requests)} requests, {output_tokens} tokens (wanted {wanted}) in {elapsed:.1f} s")
     say(result, f"kvos: {kvos_rate:.0f} output tok/s, {100 * bound / elapsed:.1f}% of the roofline ({bound:.1f} s)")
-    if setup.device == "cuda":
-        torch.cuda.empty_cache()
-
     MEASURED["offline"] = result.figures
     hf_rate = run_hf(setup, model, requests[: setup.hf_requests], result)
     result.figures["kvos_over_hf"] = kvos_rate / hf_rate
@@ -350,8 +359,7 @@ def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], resu
     sync(setup.device)
     elapsed = time.perf_counter() - start
     del hf
-    if setup.device == "cuda":
-        torch.cuda.empty_cache()
+    release(setup.device)
     rate = useful / elapsed
     result.figures.update(hf_requests=len(requests), hf_s=elapsed, hf_tok_s=rate)
     say(
@@ -382,6 +390,8 @@ def check_decode(setup: Setup, result: Result) -> None:
         if len(out[0].outputs[0].token_ids) != new_tokens:
             raise CheckFailed(f"{len(out[0].outputs[0].token_ids)} tokens, not {new_tokens}")
     llm.close()
+    del llm
+    release(setup.device)
     elapsed = min(times)
     bound = sum(roofline.decode_step_seconds([32 + i], 2.0) for i in range(new_tokens))
     rate = new_tokens / elapsed
@@ -414,6 +424,7 @@ def check_sim(setup: Setup, result: Result) -> None:
     fit = f"fit mean error {error['mean_abs_pct']:.1f}%, max {error['max_abs_pct']:.1f}%"
     say(result, f"profile: {len(profile.samples)} points; {fit}")
     if setup.out is not None:
+        setup.out.parent.mkdir(parents=True, exist_ok=True)
         (setup.out.parent / "gpu-profile.json").write_text(json.dumps(profile.to_json(), indent=2))
     requests = [SimRequest(0.0, len(ids), n) for ids, n in load_requests(setup)]
     instance = InstanceConfig(
