@@ -27,7 +27,7 @@ from tests.attention.test_backends import (
     naive_attention,
 )
 from tests.conftest import GreedyFn
-from tests.engine.test_engine_equivalence import TEXTS, check_against_hf
+from tests.engine.test_engine_equivalence import SHARED, TEXTS, check_against_hf
 
 pytest.importorskip("triton")
 
@@ -201,3 +201,18 @@ def test_triton_backend_in_the_engine_matches_hf(kv_cache: str, hf_smollm: Greed
     )
     assert llm.engine._local_core().worker.attention.name == "paged_triton"
     check_against_hf(llm, TEXTS[:3], hf_smollm)
+
+
+def test_triton_backend_chunked_prefill_over_shared_prefixes_matches_hf(hf_smollm: GreedyFn) -> None:
+    """Prompt chunks of at most 16 tokens over a cached prefix (their own earlier chunks, and other
+    requests' blocks), beside decodes in the same steps: HF's greedy tokens."""
+    llm = LLM(
+        attention_backend="paged_triton",
+        max_num_batched_tokens=16,
+        kv_cache_memory_bytes=64 * 2**20,
+        dtype="float32",
+        device=DEVICE.type,
+    )
+    outputs = check_against_hf(llm, TEXTS[:1] + SHARED[:2], hf_smollm)
+    assert max(len(o.prompt_token_ids) for o in outputs) > 16
+    assert sum(o.num_cached_tokens > 0 for o in outputs) >= 1
