@@ -212,6 +212,7 @@ def num_splits(num_programs: int, max_context: int, device: torch.device) -> int
     return -(-max_context // PARTITION)
 
 
+@functools.cache
 def _dot_dtypes() -> dict[torch.dtype, Any]:
     import triton.language as tl
 

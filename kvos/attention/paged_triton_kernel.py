@@ -44,22 +44,14 @@ def paged_attention_kernel(
     """Without SPLIT: the tile's whole context, normalised into `o`. With SPLIT: positions
     [split * PARTITION, (split + 1) * PARTITION) only, unnormalised, into `part` (float32 rows) and
     `ml` (each row's running max and sum), for `merge_kernel`."""
-    tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.load(tiles_ptr + 2 * tile)
-    first = tl.load(tiles_ptr + 2 * tile + 1).to(tl.int64)
-    token_start = tl.load(seqs_ptr + 3 * seq)
-    num_tokens = tl.load(seqs_ptr + 3 * seq + 1)
+    seq, first, num_tokens, token, q_offsets, row_mask = _tile_rows(
+        tiles_ptr, seqs_ptr, stride_q_token, stride_q_head, GROUP, ROWS, HEAD_DIM, BLOCK_D, BLOCK_M
+    )
     num_computed = tl.load(seqs_ptr + 3 * seq + 2)
-
-    rows = tl.arange(0, BLOCK_M)
-    token = first + rows // GROUP  # the row's query token within its request
-    head = kv_head * GROUP + rows % GROUP
-    row_ok = (rows < ROWS) & (token < num_tokens)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    q_offsets = (token_start + token)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(q_ptr + q_offsets, mask=row_mask, other=0.0)
     position = num_computed + token  # each row sees keys at positions <= its own
     last = tl.minimum(first + ROWS // GROUP, num_tokens) - 1
     context = num_computed + last + 1  # positions the tile's last row sees
@@ -100,15 +92,12 @@ def paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
         m = m_new
     if SPLIT:
-        # This program's slice of the launch's scratch: [tile][kv head][split][row][dim].
-        unit = ((tile * tl.num_programs(1) + kv_head) * tl.num_programs(2) + tl.program_id(2)).to(tl.int64)
-        row_offsets = unit * BLOCK_M + rows
+        row_offsets = _scratch_rows(tl.program_id(2), tl.num_programs(2), BLOCK_M)
         tl.store(part_ptr + row_offsets[:, None] * BLOCK_D + dims[None, :], acc)
         tl.store(ml_ptr + 2 * row_offsets, m)
         tl.store(ml_ptr + 2 * row_offsets + 1, l_sum)
     else:
-        acc = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-        tl.store(o_ptr + q_offsets, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+        _store_normalised(o_ptr, q_offsets, row_mask, acc, l_sum)
 
 
 @triton.jit
@@ -128,31 +117,62 @@ def merge_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """One (tile, kv head)'s partitions merged: each rescaled to the largest running max, summed, normalised."""
-    tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    seq = tl.load(tiles_ptr + 2 * tile)
-    first = tl.load(tiles_ptr + 2 * tile + 1).to(tl.int64)
-    token_start = tl.load(seqs_ptr + 3 * seq)
-    num_tokens = tl.load(seqs_ptr + 3 * seq + 1)
-    rows = tl.arange(0, BLOCK_M)
-    token = first + rows // GROUP
-    head = kv_head * GROUP + rows % GROUP
-    row_ok = (rows < ROWS) & (token < num_tokens)
+    _, _, _, _, o_offsets, row_mask = _tile_rows(
+        tiles_ptr, seqs_ptr, stride_q_token, stride_q_head, GROUP, ROWS, HEAD_DIM, BLOCK_D, BLOCK_M
+    )
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    base = ((tile * tl.num_programs(1) + kv_head) * num_splits).to(tl.int64)
-
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for split in range(0, num_splits):
-        m = tl.maximum(m, tl.load(ml_ptr + 2 * ((base + split) * BLOCK_M + rows)))
+        m = tl.maximum(m, tl.load(ml_ptr + 2 * _scratch_rows(split, num_splits, BLOCK_M)))
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for split in range(0, num_splits):
-        row_offsets = (base + split) * BLOCK_M + rows
+        row_offsets = _scratch_rows(split, num_splits, BLOCK_M)
         weight = tl.exp(tl.load(ml_ptr + 2 * row_offsets) - m_ref)
         l_sum += weight * tl.load(ml_ptr + 2 * row_offsets + 1)
         acc += weight[:, None] * tl.load(part_ptr + row_offsets[:, None] * BLOCK_D + dims[None, :])
+    _store_normalised(o_ptr, o_offsets, row_mask, acc, l_sum)
+
+
+@triton.jit
+def _tile_rows(
+    tiles_ptr,
+    seqs_ptr,
+    stride_q_token,
+    stride_q_head,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The program's tile (axis 0) of its kv head (axis 1): its request, the request's first token in the
+    tile and its token count, each row's query token, and each row's (token, head, dim) offsets in q and o
+    with the mask of the rows and dims that exist. Row r is token r // GROUP, head r % GROUP."""
+    seq = tl.load(tiles_ptr + 2 * tl.program_id(0))
+    first = tl.load(tiles_ptr + 2 * tl.program_id(0) + 1).to(tl.int64)
+    token_start = tl.load(seqs_ptr + 3 * seq)
+    num_tokens = tl.load(seqs_ptr + 3 * seq + 1)
+    rows = tl.arange(0, BLOCK_M)
+    token = first + rows // GROUP
+    head = tl.program_id(1) * GROUP + rows % GROUP
+    dims = tl.arange(0, BLOCK_D)
+    offsets = (token_start + token)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
+    mask = ((rows < ROWS) & (token < num_tokens))[:, None] & (dims < HEAD_DIM)[None, :]
+    return seq, first, num_tokens, token, offsets, mask
+
+
+@triton.jit
+def _scratch_rows(split, num_splits, BLOCK_M: tl.constexpr):
+    """Where partition `split` of this program's (tile, kv head) keeps its rows in the split launch's
+    scratch, laid out [tile][kv head][split][row]: int64 row indices."""
+    unit = ((tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * num_splits + split).to(tl.int64)
+    return unit * BLOCK_M + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _store_normalised(o_ptr, offsets, mask, acc, l_sum):
+    """A tile's accumulated rows divided by their softmax sums (rows that saw nothing stay 0), into o."""
     acc = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    q_offsets = (token_start + token)[:, None] * stride_q_token + head[:, None] * stride_q_head + dims[None, :]
-    tl.store(o_ptr + q_offsets, acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(o_ptr + offsets, acc.to(o_ptr.dtype.element_ty), mask=mask)
