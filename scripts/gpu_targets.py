@@ -284,6 +284,7 @@ def offline_engine_options(setup: Setup) -> dict[str, Any]:
 
 
 def check_offline(setup: Setup, result: Result) -> None:
+    from benchmarks.serve import percentiles_ms
     from kvos import LLM, SamplingParams
 
     requests = load_requests(setup)
@@ -312,7 +313,7 @@ def check_offline(setup: Setup, result: Result) -> None:
         for o in outputs
         if len(o.outputs[0].token_ids) > 1
     ]
-    result.figures.update(ttft_s=percentiles(ttft), tpot_s=percentiles(tpot))
+    result.figures.update(ttft_ms=percentiles_ms(ttft), tpot_ms=percentiles_ms(tpot))
     bound = roofline.lower_bound_seconds([(len(ids), n) for ids, n in requests], max_num_seqs, 2.0).total_s
     kvos_rate = output_tokens / elapsed
     result.figures.update(
@@ -330,11 +331,6 @@ def check_offline(setup: Setup, result: Result) -> None:
     if not setup.dry_run and 100 * bound / elapsed < 60:
         say(result, "target (60% of the roofline) missed")
         raise CheckFailed("under 60% of the roofline")
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {f"p{q}": ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] for q in (50, 90)}
 
 
 def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], result: Result) -> float:
@@ -404,6 +400,7 @@ def check_decode(setup: Setup, result: Result) -> None:
 
 def check_sim(setup: Setup, result: Result) -> None:
     """Issue 14 on the GPU: profile the 8B dummy's worker here, simulate the offline run, compare with it."""
+    from benchmarks.serve import percentiles_ms
     from kvos.config import EngineConfig
     from kvos.sim.profile import ProfileGrid, profile_engine
     from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
@@ -438,8 +435,8 @@ def check_sim(setup: Setup, result: Result) -> None:
     times = sim.times
     simulated = {
         "duration_s": sim.end_s,
-        "ttft_s": percentiles([f - a for f, a in zip(times.first_token_s, times.arrival_s)]),
-        "tpot_s": percentiles(
+        "ttft_ms": percentiles_ms([f - a for f, a in zip(times.first_token_s, times.arrival_s)]),
+        "tpot_ms": percentiles_ms(
             [
                 (last - first) / (n - 1)
                 for first, last, n in zip(times.first_token_s, times.last_token_s, times.num_output_tokens)
@@ -448,9 +445,9 @@ def check_sim(setup: Setup, result: Result) -> None:
         ),
     }
     rows = [("duration s", measured["kvos_s"], simulated["duration_s"], 5.0)]
-    for figure in ("ttft_s", "tpot_s"):
+    for figure in ("ttft_ms", "tpot_ms"):
         for q in ("p50", "p90"):
-            rows.append((f"{figure[:4].upper()} {q} ms", 1e3 * measured[figure][q], 1e3 * simulated[figure][q], 10.0))
+            rows.append((f"{figure[:4].upper()} {q} ms", measured[figure][q], simulated[figure][q], 10.0))
     missed = 0
     for name, real, model, bound in rows:
         error = 100 * (model - real) / real
