@@ -160,13 +160,12 @@ def check_kernel(setup: Setup, result: Result) -> None:
 def check_attention(setup: Setup, result: Result) -> None:
     """The Triton kernel's speed per layer at Llama-3-8B's heads in bfloat16 (one pass over each context,
     split into partitions, and the gather + SDPA reference), against the KV read at the measured bandwidth."""
-    from benchmarks.roofline import measure_machine
     from kvos.attention import paged_triton
     from kvos.attention.backend import SeqLayout
 
     heads, kv_heads, dim, block = (4, 2, 64, 16) if setup.dry_run else (32, 8, 128, 16)
     points = [(1, 64), (4, 128)] if setup.dry_run else [(1, 1024), (1, 8192), (16, 2048), (64, 1024), (256, 512)]
-    bandwidth = measure_machine(setup.device, dtype="bfloat16").read_bandwidth
+    bandwidth = measured_roofline(setup, big_model(setup))[0].read_bandwidth  # measured once for every check
     say(result, f"read bandwidth {bandwidth / 1e9:.0f} GB/s; us per layer (KV read at % of it)")
     for batch, context in points:
         blocks = batch * (-(-(context + 1) // block))
@@ -263,7 +262,7 @@ def check_engine(setup: Setup, result: Result) -> None:
 
 
 @functools.cache
-def roofline_for(setup: Setup, model: str) -> Any:
+def measured_roofline(setup: Setup, model: str) -> Any:
     from benchmarks.roofline import ArchShape, Roofline, measure_machine
 
     config = json.loads((Path(model) / "config.json").read_text())
@@ -289,7 +288,7 @@ def check_offline(setup: Setup, result: Result) -> None:
 
     requests = load_requests(setup)
     model = big_model(setup)
-    peak, roofline = roofline_for(setup, model)
+    peak, roofline = measured_roofline(setup, model)
     say(result, f"roofline: {peak.peak_flops / 1e12:.1f} TFLOP/s bf16, {peak.read_bandwidth / 1e9:.0f} GB/s read")
     options = offline_engine_options(setup)
     max_num_seqs = int(options["max_num_seqs"])
@@ -369,7 +368,7 @@ def check_decode(setup: Setup, result: Result) -> None:
     from kvos import LLM, SamplingParams
 
     model = big_model(setup)
-    peak, roofline = roofline_for(setup, model)
+    peak, roofline = measured_roofline(setup, model)
     llm = LLM(model, load_format="dummy", device=setup.device, dtype="bfloat16", kv_cache_memory_bytes=2**30)
     prompt = load_requests(setup)[0][0][:32]
     new_tokens = 16 if setup.dry_run else 256
