@@ -28,14 +28,18 @@ take a running one's sequence slot is the policy's (`kvos.core.policies`).
 
 Sessions' holds (KV kept for a conversation's next call) give way first:
 before any request is preempted or kept waiting for memory, the oldest hold
-is released, and so on until the allocation fits or nothing is held. A
-request of a session leaves its KV held under the session's key when it ends.
+is released, and so on until the allocation fits or nothing is held; then
+what waiting requests prefetched from the disk tier. A request of a session
+leaves its KV held under the session's key when it ends.
 
 n > 1 siblings are admitted here like everyone else, under the same budget
 and sequence limit: once the first sequence has computed the prompt, a
 sibling forks its KV (shared copy-on-write, or copied) for all prompt tokens
 but the last, and computes that last one itself, so its first token is
-sampled from its own logits row like any other request's.
+sampled from its own logits row like any other request's. The fork's
+copies run before the step's forward pass, so a first sequence resumed in
+this very step (its prompt found in blocks the step may still be writing)
+is forked from in the next one.
 """
 
 from __future__ import annotations
@@ -202,7 +206,7 @@ class Scheduler:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             allocation = self.kv.allocate_slots(request, num_tokens)
-            while allocation is None and self._release_hold():
+            while allocation is None and self._make_room():
                 allocation = self.kv.allocate_slots(request, num_tokens)
             while allocation is None:
                 memory_short = True
@@ -259,7 +263,7 @@ class Scheduler:
         num_cached = num_swapped or self.kv.lookup_prefix(request)
         num_tokens = min(request.num_tokens - num_cached, budget)
         allocation = self.kv.allocate_slots(request, num_tokens, num_cached)
-        while allocation is None and self._release_hold():
+        while allocation is None and self._make_room(keep=request):
             allocation = self.kv.allocate_slots(request, num_tokens, num_cached)
         if allocation is None:
             return False
@@ -293,9 +297,13 @@ class Scheduler:
             return None  # this sibling ran before and was preempted: it has tokens of its own
         if parent.num_computed_tokens < parent.num_prompt_tokens:
             return False  # the parent is still computing the prompt: wait for it, it is running
+        if parent.admitted_step == self._step_id:
+            # Resumed in this very step, its prompt found as prefix hits, some perhaps on blocks this step
+            # writes (pending): the fork's copy of the shared tail runs before the forward pass would fill it.
+            return False
         num_shared = request.num_prompt_tokens - 1
         allocation = self.kv.fork(parent, request, num_shared, 1)
-        while allocation is None and self._release_hold():
+        while allocation is None and self._make_room(keep=request):
             allocation = self.kv.fork(parent, request, num_shared, 1)
         if allocation is None:
             return False
@@ -341,12 +349,18 @@ class Scheduler:
         plan.saves.extend(allocation.saves)
         plan.loads.extend(allocation.loads)
 
-    def _release_hold(self) -> bool:
-        """Free the oldest session hold for a live request's sake; False when none is left."""
-        if self._holding is None or not self._holding.release_oldest_hold():
-            return False
-        self.num_hold_releases += 1
-        return True
+    def _make_room(self, keep: Request | None = None) -> bool:
+        """Free memory that no live request holds, for a live request's sake: the oldest session hold,
+        else what waiting requests other than `keep` (the one being admitted) prefetched from disk.
+        False when nothing of either kind is left.
+
+        Prefetches give way as holds do: a waiting request queued behind the head (a preempted request
+        goes back in front of it) could otherwise hold the very blocks the head needs while nothing runs.
+        It prefetches again when it reaches the head."""
+        if self._holding is not None and self._holding.release_oldest_hold():
+            self.num_hold_releases += 1
+            return True
+        return self._swapping is not None and self._swapping.release_prefetches(keep)
 
     def _preempt(self, plan: StepPlan, request: Request, reason: str) -> None:
         saves = self._swap_out(request)

@@ -151,6 +151,11 @@ class SwappingKVCacheManager(KVCacheManager, Protocol):
         """Plan loads of the waiting request's prefix from a slower tier (disk); True: it waits this step."""
         ...
 
+    def release_prefetches(self, keep: Request | None) -> bool:
+        """Let go of what waiting requests other than `keep` prefetched (a live request needs the memory);
+        False when none held anything. Blocks still being read stay held until the worker reports them."""
+        ...
+
     def take_tier_ops(self) -> TierOps:
         """Memory operations planned outside allocations since the last call (for this step's plan)."""
         ...

@@ -280,7 +280,7 @@ class PagedKVCacheManager:
         for block_id in primary_hits:
             self.allocator.take_cached(block_id)
         loads = self._take_hits(hits, table, self._prefetched.get(request.req_id, []))
-        self._release_prefetched(request)
+        self._release_prefetched(request.req_id)
         num_needed -= len(hits) - len(primary_hits)
         self._allocate_blocks(table, num_needed)
         self._mark_pending(request, table, total)
@@ -501,7 +501,7 @@ class PagedKVCacheManager:
         self._prefetched[request.req_id] = held
         room = self.host.num_free_blocks if self.host is not None else self.allocator.num_free_blocks
         if room == 0:  # nowhere to load into: admit it with what the faster tiers hold
-            self._release_prefetched(request)
+            self._release_prefetched(request.req_id)
             return False
         hashes = self.block_hashes(request)
         for i, (tier, _) in enumerate(hits):
@@ -577,12 +577,19 @@ class PagedKVCacheManager:
                         self._save_to_disk(PRIMARY, source, digest)
         return self.take_tier_ops()
 
-    def _release_prefetched(self, request: Request) -> None:
+    def release_prefetches(self, keep: Request | None) -> bool:
+        """Let go of what waiting requests other than `keep` prefetched; they prefetch again at the head."""
+        others = [req_id for req_id in self._prefetched if keep is None or req_id != keep.req_id]
+        for req_id in others:
+            self._release_prefetched(req_id)
+        return bool(others)
+
+    def _release_prefetched(self, req_id: str) -> None:
         """Let go of what the request's prefetch holds; a target still being read is let go by its report."""
-        held = self._prefetched.pop(request.req_id, [])
+        held = self._prefetched.pop(req_id, [])
         reading = set()
         for read in self._disk_inflight.values():
-            if read.req_id == request.req_id:
+            if read.req_id == req_id:
                 read.req_id = None
                 reading.add((read.tier, read.block_id))
         for block in held:
@@ -759,7 +766,7 @@ class PagedKVCacheManager:
 
     def free(self, request: Request) -> None:
         """Give back the request's blocks here and in the host tier (cached host blocks stay as cache)."""
-        self._release_prefetched(request)
+        self._release_prefetched(request.req_id)
         self._free_primary(request)
         release_copy(self._host_copies, request.req_id, self.host)
 

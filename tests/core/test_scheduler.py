@@ -9,6 +9,7 @@ from kvos.core.plan import SampledToken, StepOutput
 from kvos.core.request import Request, RequestStatus
 from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.sampling_params import SamplingParams
 
 EOS = 99
@@ -130,6 +131,50 @@ def test_fork_plans_a_copy_on_write_of_the_shared_partial_block() -> None:
     assert (copy.src_slot, copy.dst_slot, copy.num_slots) == (parent_tail * 4, child_tail * 4, 4)
     (child_chunk,) = [c for c in plan.scheduled if c.req_id == "p#1"]
     assert child_chunk.num_computed_tokens == 5 and child_chunk.new_token_ids == [6] and child_chunk.sample
+
+
+def test_a_parent_resumed_on_blocks_this_step_writes_is_not_forked_until_they_are_written() -> None:
+    """The parent comes back after a preemption (prompt and first output token known) and finds its whole
+    prompt as prefix hits on blocks that `q`, planned first in the same step, is writing. Forking it in
+    that step would copy its shared tail block before the forward pass fills it: the sibling would
+    decode from garbage."""
+    kv = PagedKVCacheManager(num_blocks=16, block_size=4, max_model_len=1000)
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=8), kv, frozenset({EOS}), 1000)
+    prompt, params = [1, 2, 3, 4, 5, 6, 7, 8], SamplingParams(max_tokens=4)
+    s.add(Request("q", [*prompt, 20, 21], params))
+    s.add(Request("p", list(prompt), params, output_token_ids=[9]))
+    s.add(Request("p#1", list(prompt), params, fork_of="p", seed_offset=1))
+    plan = s.schedule()
+    q_blocks = kv.block_table(s.requests["q"])[:2]
+    assert kv.block_table(s.requests["p"])[:2] == q_blocks  # p's prompt: hits on what q writes now
+    written = {q_blocks[0], q_blocks[1]}
+    assert not any(copy.src_slot // 4 in written for copy in plan.copies)
+    assert [c.req_id for c in plan.scheduled] == ["q", "p"]  # the sibling waits for the blocks to be written
+    s.update_from_output(plan, StepOutput(plan.step_id, {c.req_id: SampledToken(0) for c in plan.scheduled}))
+    plan = s.schedule()
+    (copy,) = plan.copies  # now written: the sibling forks, copying the shared tail
+    assert copy.src_slot == q_blocks[1] * 4 and [c.req_id for c in plan.scheduled] == ["q", "p", "p#1"]
+
+
+def test_waiting_requests_prefetches_give_way_to_the_head_when_nothing_runs() -> None:
+    """`w` prefetched its prefix from disk into two of the pool's four blocks, then `h` (more urgent) came
+    and needs all four. Nothing runs, so unless `w` lets go, neither ever runs."""
+    kv = PagedKVCacheManager(num_blocks=4, block_size=4, max_model_len=1000, disk=DiskBlockIndex(8))
+    keys = kv.block_hashes_of(list(range(8)))
+    kv.disk = DiskBlockIndex(8, keys)  # as a restarted engine finds them
+    config = SchedulerConfig(max_num_batched_tokens=100, max_num_seqs=8, policy="priority")
+    s = Scheduler(config, kv, frozenset({EOS}), 1000)
+    s.add(Request("w", [*range(8), 99], SamplingParams(max_tokens=2), priority=1))
+    plan = s.schedule()
+    assert not plan.scheduled and len(plan.disk_loads) == 2 and kv.num_used_blocks == 2
+    s.update_from_output(plan, StepOutput(plan.step_id, disk_loaded=[op.key for op in plan.disk_loads]))
+    s.add(Request("h", list(range(100, 113)), SamplingParams(max_tokens=3), priority=0))
+    assert run_step(s) == {"h": 13}
+    for _ in range(8):  # h decodes and ends; w prefetches again (h evicted its blocks) and runs
+        plan = s.schedule()
+        sampled = {c.req_id: SampledToken(5) for c in plan.scheduled if c.sample}
+        s.update_from_output(plan, StepOutput(plan.step_id, sampled, disk_loaded=[op.key for op in plan.disk_loads]))
+    assert not s.has_unfinished() and kv.num_used_blocks == 0
 
 
 def test_token_slice_equals_slicing_all_token_ids() -> None:

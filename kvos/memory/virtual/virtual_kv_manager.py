@@ -396,6 +396,10 @@ class VirtualKVCacheManager:
         """No disk tier, so nothing is ever read ahead: the request is admitted as usual."""
         return False
 
+    def release_prefetches(self, keep: Request | None) -> bool:
+        """Nothing is ever prefetched here."""
+        return False
+
     def take_tier_ops(self) -> TierOps:
         """Only swaps move KV between tiers here, and they travel with the preemption and the allocation."""
         return TierOps()

@@ -1,0 +1,403 @@
+"""Random runs of the real scheduler and KV books against a shadow of the worker's memory.
+
+The worker is replaced by a model of what it stores: every pool, host and
+disk block holds, per slot, a value that names the token sequence whose KV
+it is (the KV of position p depends on tokens 0..p and nothing else). The
+shadow runs each plan as the worker does: moves between tiers as FIFO jobs
+of a copy thread that may lag behind the steps (a forward pass waits only
+for the jobs touching its blocks), copy-on-write copies, then the forward
+pass, which writes the new tokens' KV and reads every earlier position of
+every scheduled request through its block table. A value that is missing
+or names another sequence means the books let a block be overwritten while
+someone needed it, loaded the wrong block, or marked unwritten KV as ready.
+
+Around it, what a busy server does to the scheduler: arrivals with shared
+prefixes and cache salts, n > 1 siblings, session holds, aborts at any
+time, priorities and tenants, a pool small enough to preempt (swap or
+recompute), host and disk tiers, and failures: a step that raises, a
+request whose sampling fails, host loads, disk reads and disk writes that
+fail. After the arrivals stop, every request must end (none hangs), each
+with the tokens its sampling produced; once the holds are released, every
+block of every tier is free.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from kvos.config import SchedulerConfig
+from kvos.core.plan import SampledToken, StepOutput, StepPlan, TableUpdate
+from kvos.core.request import Request
+from kvos.core.scheduler import Scheduler
+from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.tiers.disk import DiskBlockIndex
+from kvos.memory.tiers.host import HostBlockPool
+from kvos.memory.tiers.swap import PreemptionRule
+from kvos.sampling_params import SamplingParams
+
+BS = 4
+EOS = 0
+MAX_MODEL_LEN = 64
+VOCAB = 12
+PREFIXES = [[random.Random(k).randrange(1, VOCAB) for _ in range(40)] for k in range(3)]
+"""Shared prompt beginnings (system prompts, few-shot examples): the prefix cache's hits."""
+
+
+class StepFailed(Exception):
+    """The shadow worker's injected failure of a whole step."""
+
+
+@dataclass
+class Job:
+    """One job of the worker's copy thread: the pool blocks it touches, what it does, whose step it is."""
+
+    step_id: int
+    blocks: set[int]
+    run: Callable[[StepOutput], None]
+
+
+@dataclass
+class Shadow:
+    """What the worker's memory holds, as values naming token sequences (None: never written or garbage)."""
+
+    rng: random.Random
+    fail_rate: float
+    pool: dict[int, list[object]] = field(default_factory=dict)
+    host: dict[int, list[object]] = field(default_factory=dict)
+    disk: dict[bytes, list[object]] = field(default_factory=dict)
+    tables: dict[str, list[int]] = field(default_factory=dict)
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    queue: deque[Job] = field(default_factory=deque)
+    done: list[tuple[int, StepOutput]] = field(default_factory=list)
+    """Reports of finished jobs not yet handed back: (step id, the report)."""
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    """Every token each request sampled, to compare with what the scheduler reported."""
+
+    @staticmethod
+    def value(tokens: list[int], position: int) -> object:
+        return tuple(tokens[: position + 1])
+
+    def fails(self) -> bool:
+        return self.rng.random() < self.fail_rate
+
+    def block(self, tier: str, block_id: int) -> list[object]:
+        blocks = self.pool if tier == "primary" else self.host
+        return blocks.setdefault(block_id, [None] * BS)
+
+    def slot(self, slot: int) -> object:
+        return self.block("primary", slot // BS)[slot % BS]
+
+    def copy_block(self, src_tier: str, src: int, dst_tier: str, dst: int) -> None:
+        self.block(dst_tier, dst)[:] = self.block(src_tier, src)
+
+    def scribble(self, tier: str, block_id: int) -> None:
+        self.block(tier, block_id)[:] = [None] * BS
+
+    # -- the copy thread ------------------------------------------------------------------
+
+    def submit(self, plan: StepPlan) -> None:
+        """Queue the plan's moves in the worker's three kinds of job, in its order."""
+        step = plan.step_id
+        if plan.disk_drops or plan.disk_saves or plan.saves:
+            blocks = {op.block_id for op in plan.disk_saves if op.tier == "primary"}
+            blocks |= {b for op in plan.saves for b in range(op.block_id, op.block_id + op.num_blocks)}
+
+            def save(report: StepOutput) -> None:
+                for key in plan.disk_drops:
+                    self.disk.pop(key, None)
+                for op in plan.disk_saves:
+                    if self.rng.random() < self.fail_rate / 10:  # rarer: the first one stops the tier taking blocks
+                        report.disk_save_failed[op.key] = "OSError: injected"
+                    else:
+                        self.disk[op.key] = list(self.block(op.tier, op.block_id))
+                for op in plan.saves:
+                    for i in range(op.num_blocks):
+                        self.copy_block("primary", op.block_id + i, "host", op.host_block_id + i)
+
+            self.queue.append(Job(step, blocks, save))
+        if plan.loads:
+
+            def load(report: StepOutput) -> None:
+                for op in plan.loads:
+                    for i in range(op.num_blocks):
+                        self.copy_block("host", op.host_block_id + i, "primary", op.block_id + i)
+
+            blocks = {b for op in plan.loads for b in range(op.block_id, op.block_id + op.num_blocks)}
+            self.queue.append(Job(step, blocks, load))
+        for kv_load in plan.kv_loads:
+            blocks = {b for op in kv_load.loads for b in range(op.block_id, op.block_id + op.num_blocks)}
+
+            def load_request(report: StepOutput, kv_load=kv_load, blocks=blocks) -> None:
+                if self.fails():
+                    for b in blocks:
+                        self.scribble("primary", b)
+                    report.kv_load_failed.append((kv_load.req_id, step, "OSError: injected"))
+                    return
+                for op in kv_load.loads:
+                    for i in range(op.num_blocks):
+                        self.copy_block("host", op.host_block_id + i, "primary", op.block_id + i)
+                report.kv_loaded.append((kv_load.req_id, step))
+
+            self.queue.append(Job(step, blocks, load_request))
+        if plan.disk_loads:
+
+            def load_disk(report: StepOutput) -> None:
+                for op in plan.disk_loads:
+                    data = self.disk.get(op.key)
+                    if data is None or self.fails():
+                        self.scribble(op.tier, op.block_id)
+                        report.disk_load_failed[op.key] = "missing" if data is None else "corrupt"
+                    else:
+                        self.block(op.tier, op.block_id)[:] = data
+                        report.disk_loaded.append(op.key)
+
+            blocks = {op.block_id for op in plan.disk_loads if op.tier == "primary"}
+            self.queue.append(Job(step, blocks, load_disk))
+
+    def run_jobs(self, count: int) -> None:
+        for _ in range(min(count, len(self.queue))):
+            job = self.queue.popleft()
+            report = StepOutput(job.step_id)
+            job.run(report)
+            self.done.append((job.step_id, report))
+
+    def wait_for(self, blocks: set[int]) -> None:
+        """Run jobs until none left touches `blocks` (the worker's `CopyEngine.wait_for`)."""
+        last = max((i for i, job in enumerate(self.queue) if job.blocks & blocks), default=-1)
+        self.run_jobs(last + 1)
+
+    def output(self, step_id: int, sampled: dict[str, SampledToken], failed: dict[str, str]) -> StepOutput:
+        output = StepOutput(step_id, sampled, failed)
+        for _, report in self.done:
+            output.kv_loaded.extend(report.kv_loaded)
+            output.kv_load_failed.extend(report.kv_load_failed)
+            output.disk_loaded.extend(report.disk_loaded)
+            output.disk_load_failed.update(report.disk_load_failed)
+            output.disk_save_failed.update(report.disk_save_failed)
+        self.done = []
+        return output
+
+    # -- a step ---------------------------------------------------------------------------
+
+    def execute(self, plan: StepPlan, fail: bool) -> StepOutput:
+        try:
+            return self._execute(plan, fail)
+        except StepFailed:
+            self.run_jobs(len(self.queue))  # drain, then forget this plan's reports
+            self.done = [(step, report) for step, report in self.done if step != plan.step_id]
+            raise
+
+    def _execute(self, plan: StepPlan, fail: bool) -> StepOutput:
+        for req_id in plan.finished_req_ids:
+            self.tables.pop(req_id, None)
+            self.tokens.pop(req_id, None)
+        for data in plan.new_requests:
+            self.tables[data.req_id] = []
+            self.tokens[data.req_id] = list(data.prompt_token_ids) + list(data.output_token_ids)
+        for req_id in plan.preempted_req_ids:
+            if req_id in self.tables:
+                self.tables[req_id] = []
+        for kv_load in plan.kv_loads:
+            self.set_table(kv_load.req_id, kv_load.table_update)
+        self.submit(plan)
+        if not (plan.scheduled or plan.copies):
+            self.run_jobs(len(self.queue))
+            return self.output(plan.step_id, {}, {})
+        for scheduled in plan.scheduled:
+            if scheduled.table_update is not None:
+                self.set_table(scheduled.req_id, scheduled.table_update)
+        in_use = {b for s in plan.scheduled for b in self.tables[s.req_id]}
+        in_use |= {slot // BS for c in plan.copies for slot in (c.src_slot, c.dst_slot + c.num_slots - 1)}
+        self.wait_for(in_use)
+        self.run_jobs(self.rng.randrange(3))  # the copy thread gets ahead of the forward pass, or not
+        for copy in plan.copies:
+            data = [self.slot(copy.src_slot + i) for i in range(copy.num_slots)]
+            for i, value in enumerate(data):
+                slot = copy.dst_slot + i
+                self.block("primary", slot // BS)[slot % BS] = value
+        if fail:  # a layer raised half-way: some of the step's KV written, some not
+            for scheduled in plan.scheduled[: len(plan.scheduled) // 2]:
+                self.write(scheduled.req_id, scheduled.num_computed_tokens, len(scheduled.new_token_ids))
+            raise StepFailed
+        # Every layer writes the whole batch's new KV before any request reads (a request admitted in this step
+        # may read blocks another one fills in it).
+        for scheduled in plan.scheduled:
+            tokens = self.tokens[scheduled.req_id]
+            start, n = scheduled.num_computed_tokens, len(scheduled.new_token_ids)
+            assert scheduled.new_token_ids == tokens[start : start + n], f"{scheduled.req_id}: wrong tokens planned"
+            self.write(scheduled.req_id, start, n)
+        for scheduled in plan.scheduled:
+            self.check_reads(scheduled.req_id, scheduled.num_computed_tokens + len(scheduled.new_token_ids))
+        sampled: dict[str, SampledToken] = {}
+        failed: dict[str, str] = {}
+        for scheduled in plan.scheduled:
+            if not scheduled.sample:
+                continue
+            if self.rng.random() < self.fail_rate:
+                failed[scheduled.req_id] = "sampling failed (injected)"
+                continue
+            token = EOS if self.rng.random() < 0.04 else self.rng.randrange(1, VOCAB)
+            sampled[scheduled.req_id] = SampledToken(token)
+            self.tokens[scheduled.req_id].append(token)
+            self.sampled.setdefault(scheduled.req_id, []).append(token)
+        if self.rng.random() < 0.5:  # the CPU worker ends its copies with the step; a GPU's run on
+            self.run_jobs(len(self.queue))
+        return self.output(plan.step_id, sampled, failed)
+
+    def set_table(self, req_id: str, update: TableUpdate) -> None:
+        table = self.tables[req_id]
+        del table[update.start :]
+        table.extend(update.block_ids)
+
+    def write(self, req_id: str, start: int, n: int) -> None:
+        table, tokens = self.tables[req_id], self.tokens[req_id]
+        for p in range(start, start + n):
+            self.block("primary", table[p // BS])[p % BS] = self.value(tokens, p)
+
+    def check_reads(self, req_id: str, num_tokens: int) -> None:
+        table, tokens = self.tables[req_id], self.tokens[req_id]
+        assert len(table) * BS >= num_tokens, f"{req_id}: table of {len(table)} blocks for {num_tokens} tokens"
+        for p in range(num_tokens):
+            got = self.slot(table[p // BS] * BS + p % BS)
+            assert got == self.value(tokens, p), (
+                f"{req_id} reads position {p} from block {table[p // BS]}: holds {got}, not its KV"
+            )
+
+
+@dataclass(frozen=True)
+class Setup:
+    pool_blocks: int
+    host_blocks: int | None = None
+    disk_blocks: int | None = None
+    preemption: str = "recompute"
+    policy: str = "fcfs"
+    token_budget: int = 24
+    max_num_seqs: int = 6
+
+
+SETUPS = {
+    "pool": Setup(pool_blocks=24),
+    "pool-priority": Setup(pool_blocks=24, policy="priority"),
+    "host-swap": Setup(pool_blocks=24, host_blocks=40, preemption="swap"),
+    "host-recompute-fair": Setup(pool_blocks=24, host_blocks=16, policy="fair"),
+    "disk": Setup(pool_blocks=24, disk_blocks=30),
+    "host-disk-swap": Setup(pool_blocks=24, host_blocks=12, disk_blocks=60, preemption="swap"),
+    "host-disk-priority": Setup(pool_blocks=28, host_blocks=20, disk_blocks=20, preemption="swap", policy="priority"),
+}
+
+
+def run(setup: Setup, seed: int, num_steps: int = 400, fail_rate: float = 0.03) -> None:
+    rng = random.Random(seed)
+    host = HostBlockPool(setup.host_blocks) if setup.host_blocks else None
+    disk = DiskBlockIndex(setup.disk_blocks) if setup.disk_blocks else None
+    kv = PagedKVCacheManager(setup.pool_blocks, BS, MAX_MODEL_LEN, host=host, disk=disk)
+    config = SchedulerConfig(
+        max_num_batched_tokens=setup.token_budget, max_num_seqs=setup.max_num_seqs, policy=setup.policy
+    )
+    preemption = PreemptionRule(setup.preemption) if host is not None else None  # type: ignore[arg-type]
+    scheduler = Scheduler(config, kv, frozenset({EOS}), MAX_MODEL_LEN, preemption)
+    shadow = Shadow(rng, fail_rate)
+    reported: dict[str, list[int]] = {}
+    ended: dict[str, str] = {}
+    params_of: dict[str, SamplingParams] = {}
+    sessions = [f"session-{i}" for i in range(3)]
+    next_id = 0
+
+    def arrive() -> None:
+        nonlocal next_id
+        prefix = rng.choice(PREFIXES)[: rng.randrange(0, 40)]
+        prompt = prefix + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 12))]
+        n = 1 if rng.random() < 0.8 else rng.randrange(2, 4)
+        stop = (11,) if rng.random() < 0.3 else ()
+        params = SamplingParams(n=n, max_tokens=rng.randrange(1, 16), stop_token_ids=stop)
+        if len(prompt) + params.max_tokens > MAX_MODEL_LEN:
+            return  # the engine refuses it at the door
+        try:
+            kv.check_fits(len(prompt) + params.max_tokens)
+        except ValueError:
+            return
+        salt = rng.choice([None, None, "tenant-b"])
+        session = rng.choice(sessions) if n == 1 and rng.random() < 0.3 else None
+        ids = [f"r{next_id + i}" for i in range(n)]
+        next_id += n
+        for i, req_id in enumerate(ids):
+            params_of[req_id] = params
+            scheduler.add(
+                Request(
+                    req_id,
+                    list(prompt),
+                    params,
+                    arrival_time=float(next_id),
+                    priority=rng.randrange(3),
+                    tenant=rng.choice("ab"),
+                    fork_of=None if i == 0 else ids[0],
+                    seed_offset=i,
+                    cache_salt=salt,
+                    session_id=session,
+                )
+            )
+
+    def step(fail: bool) -> None:
+        plan = scheduler.schedule()
+        try:
+            output = shadow.execute(plan, fail)
+        except StepFailed:
+            updates = scheduler.fail_step(plan, "step failed (injected)")
+        else:
+            updates = scheduler.update_from_output(plan, output)
+        for update in updates:
+            assert update.req_id not in ended, f"{update.req_id} reported after it ended"
+            reported.setdefault(update.req_id, []).extend(update.new_token_ids)
+            if update.finish_reason is not None:
+                ended[update.req_id] = update.finish_reason
+
+    for _ in range(num_steps):
+        for _ in range(rng.choice([0, 0, 1, 1, 2])):
+            arrive()
+        live = list(scheduler.requests)
+        if live and rng.random() < 0.06:
+            req_id = rng.choice(live)
+            scheduler.abort(req_id)
+            ended[req_id] = "abort"
+        if rng.random() < 0.05:
+            kv.release_hold(rng.choice(sessions))
+        step(fail=rng.random() < fail_rate)
+
+    for _ in range(2000):  # no more arrivals: everything must end
+        if not scheduler.has_unfinished():
+            break
+        step(fail=False)
+    assert not scheduler.has_unfinished(), f"requests never ended: {sorted(scheduler.requests)}"
+    for key in sessions:
+        kv.release_hold(key)
+    step(fail=False)  # hands the worker the ended requests and collects the copy thread's last reports
+
+    assert len(ended) == next_id, "every request ends exactly once"
+    for req_id, reason in ended.items():
+        got = reported.get(req_id, [])
+        assert got == shadow.sampled.get(req_id, [])[: len(got)], f"{req_id}: reported tokens differ from sampled"
+        params = params_of[req_id]
+        if reason == "length":
+            assert len(got) == params.max_tokens
+        elif reason == "stop":
+            assert got and (got[-1] == EOS or got[-1] in params.stop_token_ids)
+            assert got == shadow.sampled[req_id]
+        else:
+            assert reason == "abort", f"{req_id} ended with {reason!r}"
+    assert kv.num_used_blocks == 0, "pool blocks still referenced after every request ended"
+    assert kv.num_held_blocks == 0 and kv.num_host_copies == 0
+    if host is not None:
+        assert host.num_held_blocks == 0, "host blocks still held after every request ended"
+    assert not shadow.tables and not shadow.queue, "the worker still holds state or jobs"
+    assert not scheduler.running and not scheduler.loading and len(scheduler.waiting) == 0
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+@pytest.mark.parametrize("seed", range(3))
+def test_random_runs_keep_every_request_s_kv_intact_and_free_everything(name: str, seed: int) -> None:
+    run(SETUPS[name], seed)
