@@ -449,10 +449,11 @@ class SimInstance(MigrationEndpoint):
                 self.num_runs += 1
                 return run.ends[-1]
         plan = self.scheduler.schedule()
-        if plan.is_empty and (self.num_detached or self._incoming):
+        if plan.is_empty and not plan.moves_kv and (self.num_detached or self._incoming):
             # Requests wait for blocks that a migration holds (a request moving out, a reservation for one
             # moving in). The engine would spin on empty steps until the migration's next call frees or
-            # uses them; here the instance idles, and that call wakes it (`Migrations.deliver`).
+            # uses them; here the instance idles, and that call wakes it (`Migrations.deliver`). A plan
+            # that moves KV (a waiting request's prefetch from disk, say) runs, as the engine's would.
             return None
         if plan.is_empty:
             self._num_empty_steps += 1
