@@ -101,7 +101,10 @@ class Scheduler:
         self._finished_ids: list[str] = []
         """Ended since the last plan: the worker drops their state."""
         self._attached: list[Request] = []
-        """Migrated in since the last plan: the worker learns of them (and their whole table) next step."""
+        """Migrated in since the last plan: the worker learns of them next step."""
+        self._unsent_tables: set[str] = set()
+        """Migrated-in requests whose whole block table the worker has not been sent: it goes with their
+        first scheduled chunk, which need not be in the step that introduces them (the token budget, say)."""
 
     # -- requests in and out ----------------------------------------------------------
 
@@ -156,8 +159,8 @@ class Scheduler:
 
     @property
     def has_attached(self) -> bool:
-        """A request migrated in since the last plan (that plan gives the worker its whole table)."""
-        return bool(self._attached)
+        """A request migrated in whose whole table a plan has yet to give the worker."""
+        return bool(self._attached or self._unsent_tables)
 
     def release_detached(self, req_id: str) -> None:
         """The destination committed: free the detached request's KV and forget it here."""
@@ -166,6 +169,7 @@ class Scheduler:
             return
         self.kv.free(request)
         del self.requests[req_id]
+        self._unsent_tables.discard(req_id)
         self._finished_ids.append(req_id)
 
     def attach(self, request: Request) -> None:
@@ -185,11 +189,10 @@ class Scheduler:
         self._step_id += 1
         plan = StepPlan(self._step_id, finished_req_ids=self._finished_ids)
         self._finished_ids = []
-        fresh_tables = set()
         for request in self._attached:
             if request.status == RequestStatus.RUNNING:
                 plan.new_requests.append(self._request_data(request))
-                fresh_tables.add(request.req_id)
+                self._unsent_tables.add(request.req_id)
         self._attached = []
         budget = self.config.max_num_batched_tokens
         # Sequence slots first: the policy may hand a running request's slot to a more urgent one.
@@ -220,7 +223,8 @@ class Scheduler:
                 allocation = self.kv.allocate_slots(request, num_tokens)
             if allocation is None:
                 continue
-            if request.req_id in fresh_tables:  # the worker has never seen this table
+            if request.req_id in self._unsent_tables:  # the worker has never seen this table
+                self._unsent_tables.remove(request.req_id)
                 full = TableUpdate(0, tuple(self.kv.block_table(request)))
                 allocation = KVAllocation(full, allocation.copies, allocation.saves, allocation.loads)
             self._plan_chunk(plan, request, num_tokens, allocation)
@@ -363,6 +367,7 @@ class Scheduler:
         return self._swapping is not None and self._swapping.release_prefetches(keep)
 
     def _preempt(self, plan: StepPlan, request: Request, reason: str) -> None:
+        self._unsent_tables.discard(request.req_id)  # it comes back with a fresh table
         saves = self._swap_out(request)
         if saves is None:
             self.kv.free(request)
@@ -487,4 +492,5 @@ class Scheduler:
             self._holding.hold(request.session_id, request)
         self.kv.free(request)
         del self.requests[request.req_id]
+        self._unsent_tables.discard(request.req_id)
         self._finished_ids.append(request.req_id)

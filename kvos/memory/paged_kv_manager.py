@@ -505,6 +505,11 @@ class PagedKVCacheManager:
             return False
         hashes = self.block_hashes(request)
         for i, (tier, _) in enumerate(hits):
+            # Pinned before any target is taken: taking one may write an evicted block to disk, and the disk
+            # tier, if full, would drop its oldest unpinned file, perhaps one of these (read back "missing").
+            if tier == DISK:
+                self.disk.pin(hashes[i])
+        for i, (tier, _) in enumerate(hits):
             if tier != DISK:
                 continue
             if room == 0:
@@ -512,7 +517,6 @@ class PagedKVCacheManager:
             room -= 1
             key = hashes[i]
             block_id = self._allocate_host_block() if target == HOST else self._allocate_block()
-            self.disk.pin(key)
             self.disk.touch(key)
             parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
             self._disk_inflight[key] = _DiskRead(target, block_id, parent, request.req_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 
 from kvos.config import SchedulerConfig
-from kvos.core.plan import SampledToken, StepOutput
+from kvos.core.plan import SampledToken, StepOutput, TableUpdate
 from kvos.core.request import Request, RequestStatus
 from kvos.core.scheduler import Scheduler
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
@@ -175,6 +175,26 @@ def test_waiting_requests_prefetches_give_way_to_the_head_when_nothing_runs() ->
         sampled = {c.req_id: SampledToken(5) for c in plan.scheduled if c.sample}
         s.update_from_output(plan, StepOutput(plan.step_id, sampled, disk_loaded=[op.key for op in plan.disk_loads]))
     assert not s.has_unfinished() and kv.num_used_blocks == 0
+
+
+def test_a_migrated_in_request_gets_its_whole_table_with_its_first_scheduled_chunk() -> None:
+    """`a` arrives by live migration (12 tokens of KV copied into reserved blocks) while `long`, ahead of it,
+    prefills in chunks that take the whole token budget, so the plan that introduces `a` to the worker
+    cannot schedule it. Its whole table must still reach the worker, with the first chunk it does run."""
+    s = make(num_blocks=16, budget=4)
+    s.add(request("long", 12))
+    run_step(s)
+    a = Request("a", list(range(10)), SamplingParams(max_tokens=8), output_token_ids=[5, 6, 7])
+    a.num_computed_tokens = 12  # the last sampled token is computed here, as after any decode step
+    assert s.kv.reserve(a, 12) is not None  # type: ignore[attr-defined]
+    s.attach(a)
+    plan = s.schedule()
+    assert [d.req_id for d in plan.new_requests] == ["a"] and [c.req_id for c in plan.scheduled] == ["long"]
+    s.update_from_output(plan, StepOutput(plan.step_id))
+    assert run_step(s) == {"long": 4}
+    plan = s.schedule()
+    (chunk,) = [c for c in plan.scheduled if c.req_id == "a"]
+    assert chunk.table_update == TableUpdate(0, tuple(s.kv.block_table(a)))
 
 
 def test_token_slice_equals_slicing_all_token_ids() -> None:

@@ -72,6 +72,23 @@ def test_aborting_a_request_that_prefetched_gives_back_what_it_held() -> None:
     assert kv.allocator.num_idle_cached_blocks == 2  # the checked blocks stay findable
 
 
+def test_a_prefetch_never_evicts_the_files_it_is_about_to_read() -> None:
+    """The disk tier is full with r's two prefix blocks, the pool full of another prompt's cached blocks.
+    Taking a pool block to read r's first file into writes that pool block's KV to disk, and a full disk
+    drops its oldest file to make room: never one of those r reads this step (it would read back missing)."""
+    kv = make_manager(num_blocks=2, num_disk_blocks=2)
+    keys = kv.block_hashes_of(list(range(8)))
+    kv.disk = DiskBlockIndex(2, [keys[1], keys[0]])  # keys[1] the oldest
+    a = make_request("a", list(range(100, 108)))
+    run_prompt(kv, a)
+    kv.free(a)  # both pool blocks cached and idle
+    r = make_request("r", list(range(8)) + [1])
+    assert kv.prefetch(r)
+    ops = kv.take_tier_ops()
+    assert [op.key for op in ops.disk_loads] == keys
+    assert not set(ops.disk_drops) & set(keys) and keys[0] in kv.disk and keys[1] in kv.disk  # type: ignore[operator]
+
+
 def test_a_failed_write_stops_the_tier_taking_blocks() -> None:
     kv = make_manager()
     a = make_request("a", list(range(8)))

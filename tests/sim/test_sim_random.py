@@ -8,15 +8,24 @@ from disk on a small pool, conversations that come back to another
 instance. Two outcomes a user relies on are checked: no request hangs or
 loses tokens (every one the door took gets exactly its output tokens), and
 once all have ended every block of every tier on every instance is free.
+With the worker replaced by one that keeps a shadow of each instance's
+memory (`ShadowWorker`), a third: every step reads, for every request, the
+KV of its own tokens, wherever it was computed, swapped, written to disk or
+migrated from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Sequence
 
 import pytest
 
 from kvos.config import SchedulerConfig
+from kvos.core.plan import StepOutput, StepPlan
+from kvos.memory.kv_manager import TierOps
+from kvos.sim import simulator
 from kvos.sim.migration import MigrationConfig
 from kvos.sim.simulator import (
     DiskTierConfig,
@@ -27,7 +36,7 @@ from kvos.sim.simulator import (
     VirtualCacheConfig,
 )
 from kvos.sim.step_model import LinearStepModel
-from kvos.sim.worker import CopyModel, LinkModel
+from kvos.sim.worker import SIM_TOKEN_ID, CopyModel, LinkModel, SimWorker
 from kvos.sim.workload import SimRequest, SimSession, SimTurn
 
 STEP_MODEL = LinearStepModel(0.020, 0.010, 1e-4, 1e-8, 1e-6, 2e-4)
@@ -115,3 +124,118 @@ def test_random_fleets_serve_every_request_in_full_and_free_every_tier(seed: int
         assert instance.num_detached == 0 and not instance._incoming
         host = getattr(instance.kv, "host", None)
         assert host is None or host.num_held_blocks == 0, f"instance {index} still holds host blocks"
+
+
+class ShadowWorker(SimWorker):
+    """The simulated worker, plus what its memory would hold: per pool and host slot and disk file, a value
+    naming the tokens whose KV it is. Moves run at once, in the worker's order; then the forward pass
+    writes every scheduled request's new KV and checks that it reads its own at every earlier position.
+    For the paged cache (the only one that migrates or has a disk tier): slot = block x block size."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pool_kv: dict[int, object] = {}
+        self.host_kv: dict[int, object] = {}
+        self.disk_kv: dict[bytes, list[object]] = {}
+        self.tables: dict[str, list[int]] = {}
+        self.values: dict[str, list[object]] = {}
+        """Per request, the value of each position's KV: its tokens so far, hashed as a chain."""
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        output = super().execute(plan)
+        bs = self.block_size
+        for req_id in plan.finished_req_ids:
+            self.tables.pop(req_id, None)
+            self.values.pop(req_id, None)
+        for data in plan.new_requests:
+            self.tables[data.req_id] = []
+            self.values[data.req_id] = []
+            self.extend(data.req_id, [*data.prompt_token_ids, *data.output_token_ids])
+        for req_id in plan.preempted_req_ids:
+            if req_id in self.tables:
+                self.tables[req_id] = []
+        for kv_load in plan.kv_loads:
+            self.set_table(kv_load.req_id, kv_load.table_update.start, kv_load.table_update.block_ids)
+        self.move_down(TierOps(list(plan.saves), list(plan.disk_drops), list(plan.disk_saves)))
+        for op in [*plan.loads, *(load for kv_load in plan.kv_loads for load in kv_load.loads)]:
+            for i in range(op.num_blocks * bs):
+                self.pool_kv[op.block_id * bs + i] = self.host_kv.get(op.host_block_id * bs + i)
+        for op in plan.disk_loads:
+            tier = self.pool_kv if op.tier == "primary" else self.host_kv
+            for i, value in enumerate(self.disk_kv[op.key]):
+                tier[op.block_id * bs + i] = value
+        for scheduled in plan.scheduled:
+            if scheduled.table_update is not None:
+                update = scheduled.table_update
+                self.set_table(scheduled.req_id, update.start, update.block_ids)
+        for copy in plan.copies:
+            data = [self.pool_kv.get(copy.src_slot + i) for i in range(copy.num_slots)]
+            for i, value in enumerate(data):
+                self.pool_kv[copy.dst_slot + i] = value
+        for scheduled in plan.scheduled:
+            start = scheduled.num_computed_tokens
+            for p in range(start, start + len(scheduled.new_token_ids)):
+                self.pool_kv[self.slot(scheduled.req_id, p)] = self.values[scheduled.req_id][p]
+        for scheduled in plan.scheduled:
+            values = self.values[scheduled.req_id]
+            for p in range(scheduled.num_computed_tokens + len(scheduled.new_token_ids)):
+                got = self.pool_kv.get(self.slot(scheduled.req_id, p))
+                assert got == values[p], f"request {scheduled.req_id} reads another's KV at position {p}"
+        for req_id in output.sampled:
+            self.extend(req_id, [SIM_TOKEN_ID])
+        return output
+
+    def extend(self, req_id: str, tokens: list[int]) -> None:
+        values = self.values[req_id]
+        for token in tokens:
+            values.append(hash((values[-1] if values else None, token)))
+
+    def set_table(self, req_id: str, start: int, block_ids: Sequence[int]) -> None:
+        table = self.tables[req_id]
+        del table[start:]
+        table.extend(block_ids)
+
+    def slot(self, req_id: str, position: int) -> int:
+        return self.tables[req_id][position // self.block_size] * self.block_size + position % self.block_size
+
+    def read_blocks(self, block_ids: Sequence[int]) -> list[object]:  # type: ignore[override]
+        bs = self.block_size
+        return [self.pool_kv.get(b * bs + i) for b in block_ids for i in range(bs)]
+
+    def write_blocks(self, block_ids: Sequence[int], data: list[object]) -> None:  # type: ignore[override]
+        bs = self.block_size
+        for j, b in enumerate(block_ids):
+            for i in range(bs):
+                self.pool_kv[b * bs + i] = data[j * bs + i]
+
+    def write_down(self, ops: TierOps) -> dict[bytes, str]:
+        self.move_down(ops)
+        return super().write_down(ops)
+
+    def move_down(self, ops: TierOps) -> None:
+        """Disk drops and writes, then write-backs to the host tier, as the worker's saves job runs them."""
+        bs = self.block_size
+        for key in ops.disk_drops:
+            self.disk_kv.pop(key, None)
+        for op in ops.disk_saves:
+            tier = self.pool_kv if op.tier == "primary" else self.host_kv
+            self.disk_kv[op.key] = [tier.get(op.block_id * bs + i) for i in range(bs)]
+        for save in ops.saves:
+            for i in range(save.num_blocks * bs):
+                self.host_kv[save.host_block_id * bs + i] = self.pool_kv.get(save.block_id * bs + i)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_fleets_read_each_request_s_own_kv_at_every_step(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(seed)
+    config = random_fleet(rng)
+    if config.instance.virtual is not None:
+        config = dataclasses.replace(config, instance=dataclasses.replace(config.instance, virtual=None))
+    requests, sessions = random_workload(rng, config.instance.max_model_len)
+    monkeypatch.setattr(simulator, "SimWorker", ShadowWorker)
+    result = Simulator(config, STEP_MODEL, decode_runs=False).run(requests, sessions)
+    assert all(isinstance(instance.worker, ShadowWorker) for instance in result.instances)
+    ended_early = set(result.times.rejected) | set(result.times.abandoned)
+    for k, expected in enumerate(result.times.expected_tokens):
+        if k not in ended_early:
+            assert result.times.num_output_tokens[k] == expected
