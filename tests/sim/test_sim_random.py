@@ -17,6 +17,7 @@ migrated from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Sequence
 
@@ -239,3 +240,21 @@ def test_random_fleets_read_each_request_s_own_kv_at_every_step(seed: int, monke
     for k, expected in enumerate(result.times.expected_tokens):
         if k not in ended_early:
             assert result.times.num_output_tokens[k] == expected
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_random_fleets_decide_the_same_with_decode_runs_as_step_by_step(seed: int) -> None:
+    """The simulator's fast path (a stretch of pure decodes as one event) against planning every step."""
+    from tests.sim.test_simulator import assert_runs_decide_as_steps, run_recording_plans
+
+    rng = random.Random(seed)
+    config = random_fleet(rng)
+    requests, sessions = random_workload(rng, config.instance.max_model_len)
+    slow, slow_plans = run_recording_plans(config, requests, False, sessions)
+    fast, fast_plans = run_recording_plans(config, requests, True, sessions)
+    for result in (slow, fast):  # requests refused at the door have no token times (NaN, unequal to itself)
+        for times in (result.times.first_token_s, result.times.last_token_s):
+            for k, t in enumerate(times):
+                times[k] = -1.0 if math.isnan(t) else t
+    assert_runs_decide_as_steps(fast, fast_plans, slow, slow_plans)
+    assert fast.migrations == slow.migrations
