@@ -1,0 +1,297 @@
+"""Random runs of the whole step loop on a model whose tokens can be checked exactly.
+
+The real scheduler, KV books and worker (its KV buffer, paged or virtual,
+the copy thread, the host tier's memory, the disk tier's files, the
+sampler) run as the engine runs them; only the model is replaced, by
+`ChainModel`: the KV it writes at position p is a function of the KV at
+p - 1 and token p, and the two tokens it allows next are a function of
+every position's KV. So each token a request samples is one of those its
+own tokens allow (`first_wrong_token`) only if every KV it read, at every
+step, was its own: a block overwritten while in use, a load into the wrong
+block, a page released under a live row, a stale or missing copy-on-write
+or a bad disk file read as good would show.
+
+Around it, what a busy server does: arrivals with shared prefixes, n > 1
+siblings, session holds, aborts, priorities, a pool small enough to preempt
+(swap or recompute), host and disk tiers, disk files corrupted on disk, and
+steps that raise. Every request that ends with its tokens must have the
+reference's; once all have ended, every tier is back to empty.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvos.attention.backend import SeqLayout
+from kvos.config import SchedulerConfig
+from kvos.core.request import Request
+from kvos.core.scheduler import Scheduler
+from kvos.memory.kv_manager import KVCacheManager
+from kvos.memory.paged_kv_manager import PagedKVCacheManager
+from kvos.memory.shape import KVShape
+from kvos.memory.tiers.disk import DiskBlockIndex
+from kvos.memory.tiers.host import HostBlockPool
+from kvos.memory.tiers.swap import PreemptionRule
+from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
+from kvos.sampling_params import SamplingParams
+from kvos.worker.disk_store import DiskKVStore
+from kvos.worker.kv_cache import make_host_pool, make_kv_buffer
+from kvos.worker.worker import Worker
+
+VOCAB = 12
+EOS = 0
+MAX_MODEL_LEN = 64
+MODULUS = 2**24 - 3
+"""KV values stay below 2**24: exact in float32."""
+SHAPE = KVShape(num_layers=1, num_kv_heads=1, head_dim=16, dtype=torch.float32, device=torch.device("cpu"))
+PREFIXES = [[random.Random(k).randrange(1, VOCAB) for _ in range(40)] for k in range(3)]
+
+
+def chain(previous: int, token: int) -> int:
+    return (previous * 1_000_003 + token * 7919 + 1) % MODULUS
+
+
+def predict(values: list[int]) -> int:
+    """The next token from every position's KV (the sum) and the last one's."""
+    return (sum(values) * 131 + values[-1] * 17) % VOCAB
+
+
+def allowed(values: list[int]) -> tuple[int, int]:
+    """The two tokens the model gives equal odds after a context (seeded sampling picks one, so n > 1
+    siblings part ways, as they do with a real model)."""
+    first = predict(values)
+    return first, (first + 5) % VOCAB
+
+
+def first_wrong_token(prompt: list[int], tokens: list[int]) -> int | None:
+    """The index of the first token the model could not have sampled had every KV it read been the
+    sequence's own (None: all could)."""
+    values: list[int] = []
+    for token in prompt:
+        values.append(chain(values[-1] if values else 1, token))
+    for i, token in enumerate(tokens):
+        if token not in allowed(values):
+            return i
+        values.append(chain(values[-1], token))
+    return None
+
+
+class StepFailed(RuntimeError):
+    """The injected failure of a whole step."""
+
+
+@dataclass
+class _Meta:
+    seqs: list[SeqLayout]
+    paged: None = None
+    decode: None = None
+
+
+class ChainModel:
+    """Reads and writes KV as a model does, through the slots the worker hands it; see the module docstring."""
+
+    name = "chain"
+
+    def __init__(self, fail_rate: float, rng: random.Random) -> None:
+        self.attention = self
+        self.fail_rate = fail_rate
+        self.rng = rng
+
+    def build_metadata(self, seqs: list[SeqLayout], num_tokens: int, device: torch.device) -> _Meta:
+        return _Meta(seqs)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: _Meta) -> torch.Tensor:
+        return self.forward(ids, positions, kv_caches, meta)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, meta: _Meta) -> torch.Tensor:
+        if self.rng.random() < self.fail_rate:
+            raise StepFailed("a layer raised (injected)")
+        k = kv_caches[0][0]
+        tokens = ids.tolist()
+        hidden = torch.zeros(len(tokens), dtype=torch.long)
+        # Every layer writes the whole batch's KV before any request reads (a request admitted in this step may
+        # read blocks another one fills in it): write all first, then read.
+        for seq in meta.seqs:
+            slots = seq.context_slots.tolist()
+            value = int(k[slots[seq.num_computed - 1], 0, 0].item()) if seq.num_computed else 1
+            for i in range(seq.num_tokens):
+                value = chain(value, tokens[seq.token_start + i])
+                k[slots[seq.num_computed + i], 0, :] = float(value)
+        for seq in meta.seqs:
+            context = k[seq.context_slots, 0, 0].tolist()
+            hidden[seq.token_start + seq.num_tokens - 1] = predict([int(v) for v in context])
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((len(hidden), VOCAB), -1e9)
+        rows = torch.arange(len(hidden))
+        logits[rows, hidden] = 0.0
+        logits[rows, (hidden + 5) % VOCAB] = 0.0
+        return logits
+
+
+@dataclass(frozen=True)
+class Setup:
+    cache: str = "paged"
+    host_blocks: int = 0
+    disk_blocks: int = 0
+    preemption: str = "recompute"
+    policy: str = "fcfs"
+    pool_tokens: int = 96
+
+
+SETUPS = {
+    "paged": Setup(),
+    "paged-host-swap": Setup(host_blocks=40, preemption="swap", policy="priority"),
+    "paged-host-disk": Setup(host_blocks=12, disk_blocks=40, preemption="swap"),
+    "paged-disk-fair": Setup(disk_blocks=30, policy="fair"),
+    "virtual": Setup(cache="virtual", pool_tokens=160),
+    "virtual-host-swap": Setup(cache="virtual", host_blocks=40, preemption="swap", pool_tokens=160),
+}
+
+
+@dataclass
+class Engine:
+    kv: KVCacheManager
+    scheduler: Scheduler
+    worker: Worker
+    disk_dir: Path | None
+    reported: dict[str, list[int]] = field(default_factory=dict)
+    ended: dict[str, str] = field(default_factory=dict)
+
+
+def build(setup: Setup, rng: random.Random, tmp_path: Path) -> Engine:
+    bs = 4
+    host = HostBlockPool(setup.host_blocks) if setup.host_blocks and setup.cache == "paged" else None
+    store = None
+    if setup.disk_blocks:
+        probe = DiskKVStore(str(tmp_path / "probe"), 1 << 20, bs, SHAPE)
+        store = DiskKVStore(str(tmp_path / "disk"), setup.disk_blocks * probe.file_bytes, bs, SHAPE)
+    kv: KVCacheManager
+    if setup.cache == "paged":
+        disk = DiskBlockIndex(store.num_blocks, store.opened.present) if store is not None else None
+        kv = PagedKVCacheManager(setup.pool_tokens // bs, bs, MAX_MODEL_LEN, host=host, disk=disk)
+    else:
+        host_bytes = setup.host_blocks * bs * SHAPE.bytes_per_token if setup.host_blocks else None
+        budget = setup.pool_tokens * SHAPE.bytes_per_token
+        kv = VirtualKVCacheManager(budget, SHAPE, 6, MAX_MODEL_LEN, host_bytes=host_bytes, host_block_size=bs)
+    preemption = PreemptionRule(setup.preemption) if setup.host_blocks else None  # type: ignore[arg-type]
+    config = SchedulerConfig(max_num_batched_tokens=24, max_num_seqs=6, policy=setup.policy)  # type: ignore[arg-type]
+    scheduler = Scheduler(config, kv, frozenset({EOS}), MAX_MODEL_LEN, preemption)
+    model = ChainModel(0.03, rng)
+    worker = Worker(
+        model,  # type: ignore[arg-type]
+        make_kv_buffer(kv, SHAPE),
+        kv.table_block_size,
+        SHAPE.device,
+        host_pool=make_host_pool(kv, SHAPE),
+        disk_store=store,
+    )
+    return Engine(kv, scheduler, worker, tmp_path / "disk" if store is not None else None)
+
+
+def step(engine: Engine) -> None:
+    plan = engine.scheduler.schedule()
+    try:
+        output = engine.worker.execute(plan)
+    except StepFailed:
+        updates = engine.scheduler.fail_step(plan, "step failed")
+    else:
+        updates = engine.scheduler.update_from_output(plan, output)
+    for update in updates:
+        assert update.req_id not in engine.ended, f"{update.req_id} reported after it ended"
+        engine.reported.setdefault(update.req_id, []).extend(update.new_token_ids)
+        if update.finish_reason is not None:
+            engine.ended[update.req_id] = update.finish_reason
+
+
+def corrupt_a_file(engine: Engine, rng: random.Random) -> None:
+    """Flip a byte in one block file, as a bad disk would: its checksum must catch it."""
+    assert engine.disk_dir is not None
+    files = [f for f in engine.disk_dir.iterdir() if f.suffix == ".kv"]
+    if files:
+        path = rng.choice(files)
+        data = bytearray(path.read_bytes())
+        data[-1 - rng.randrange(64)] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+def run(setup: Setup, seed: int, tmp_path: Path, num_steps: int = 250) -> None:
+    rng = random.Random(seed)
+    engine = build(setup, rng, tmp_path)
+    scheduler, kv = engine.scheduler, engine.kv
+    prompts: dict[str, list[int]] = {}
+    sessions = [f"session-{i}" for i in range(3)]
+    next_id = 0
+    for _ in range(num_steps):
+        for _ in range(rng.choice([0, 0, 1, 1, 2])):
+            prompt = rng.choice(PREFIXES)[: rng.randrange(0, 40)] + [rng.randrange(1, VOCAB)]
+            prompt += [rng.randrange(1, VOCAB) for _ in range(rng.randrange(0, 10))]
+            n = 1 if rng.random() < 0.8 else rng.randrange(2, 4)
+            params = SamplingParams(n=n, max_tokens=rng.randrange(1, 14), seed=rng.randrange(1000))
+            if len(prompt) + params.max_tokens > min(MAX_MODEL_LEN, kv.max_tokens_per_request):
+                continue
+            ids = [f"r{next_id + i}" for i in range(n)]
+            next_id += n
+            session = rng.choice(sessions) if n == 1 and rng.random() < 0.3 else None
+            for i, req_id in enumerate(ids):
+                prompts[req_id] = prompt
+                fork_of = None if i == 0 else ids[0]
+                request = Request(req_id, list(prompt), params, priority=rng.randrange(3), tenant=rng.choice("ab"))
+                request.fork_of, request.seed_offset, request.session_id = fork_of, i, session
+                scheduler.add(request)
+        if scheduler.requests and rng.random() < 0.05:
+            req_id = rng.choice(list(scheduler.requests))
+            scheduler.abort(req_id)
+            engine.ended[req_id] = "abort"
+        if rng.random() < 0.05 and isinstance(kv, PagedKVCacheManager):
+            kv.release_hold(rng.choice(sessions))
+        if engine.disk_dir is not None and rng.random() < 0.05:
+            corrupt_a_file(engine, rng)
+        step(engine)
+    engine.worker.attention.fail_rate = 0.0  # type: ignore[attr-defined]
+    for _ in range(1000):
+        if not scheduler.has_unfinished():
+            break
+        step(engine)
+    assert not scheduler.has_unfinished(), f"requests never ended: {sorted(scheduler.requests)}"
+    if isinstance(kv, PagedKVCacheManager):
+        for key in sessions:
+            kv.release_hold(key)
+    step(engine)
+    engine.worker.close()
+
+    assert len(engine.ended) == next_id
+    for req_id, reason in engine.ended.items():
+        got = engine.reported.get(req_id, [])
+        wrong = first_wrong_token(prompts[req_id], got)
+        assert wrong is None, f"{req_id} ({reason}) generated {got}: token {wrong} came from KV not its own"
+    assert kv.num_used_blocks == 0, "KV memory still in use after every request ended"
+    host = getattr(kv, "host", None)
+    assert host is None or host.num_held_blocks == 0, "host blocks still held after every request ended"
+    assert engine.worker.num_requests == 0
+
+
+@pytest.mark.parametrize("name", list(SETUPS))
+@pytest.mark.parametrize("seed", range(2))
+def test_random_runs_generate_the_tokens_of_each_request_s_own_kv(name: str, seed: int, tmp_path: Path) -> None:
+    run(SETUPS[name], seed, tmp_path)
+
+
+def test_the_chain_model_is_sensitive_to_every_position() -> None:
+    """Changing any one KV value of a context changes the predicted token for most values: the check bites."""
+    prompt = PREFIXES[0][:20]
+    values = []
+    for token in prompt:
+        values.append(chain(values[-1] if values else 1, token))
+    changed = 0
+    for p in range(len(values)):
+        wrong = list(values)
+        wrong[p] = chain(wrong[p], 3)
+        changed += allowed(wrong)[0] not in allowed(values)
+    assert changed >= 0.75 * len(values)
