@@ -21,14 +21,18 @@ reference's; once all have ended, every tier is back to empty.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from kvos.attention.backend import SeqLayout
+from kvos.cluster.migration import migration
 from kvos.config import SchedulerConfig
+from kvos.core.migration import MigrationEndpoint
+from kvos.core.plan import StepPlan
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.memory.kv_manager import KVCacheManager
@@ -171,6 +175,7 @@ def build(setup: Setup, rng: random.Random, tmp_path: Path) -> Engine:
     store = None
     if setup.disk_blocks:
         probe = DiskKVStore(str(tmp_path / "probe"), 1 << 20, bs, SHAPE)
+        probe.close()
         store = DiskKVStore(str(tmp_path / "disk"), setup.disk_blocks * probe.file_bytes, bs, SHAPE)
     kv: KVCacheManager
     if setup.cache == "paged":
@@ -195,7 +200,9 @@ def build(setup: Setup, rng: random.Random, tmp_path: Path) -> Engine:
     return Engine(kv, scheduler, worker, tmp_path / "disk" if store is not None else None)
 
 
-def step(engine: Engine) -> None:
+def step(engine: Engine, owns: Callable[[str], bool] | None = None) -> None:
+    """One engine step; its reports go to the client, unless `owns` says another engine serves that request
+    now (a router's view: a request committed elsewhere, or aborted while its migration committed)."""
     plan = engine.scheduler.schedule()
     try:
         output = engine.worker.execute(plan)
@@ -204,6 +211,8 @@ def step(engine: Engine) -> None:
     else:
         updates = engine.scheduler.update_from_output(plan, output)
     for update in updates:
+        if owns is not None and not owns(update.req_id):
+            continue
         assert update.req_id not in engine.ended, f"{update.req_id} reported after it ended"
         engine.reported.setdefault(update.req_id, []).extend(update.new_token_ids)
         if update.finish_reason is not None:
@@ -221,13 +230,14 @@ def corrupt_a_file(engine: Engine, rng: random.Random) -> None:
         path.write_bytes(bytes(data))
 
 
-def run(setup: Setup, seed: int, tmp_path: Path, num_steps: int = 250) -> None:
-    rng = random.Random(seed)
-    engine = build(setup, rng, tmp_path)
+def serve(engine: Engine, rng: random.Random, num_steps: int, first_id: int) -> int:
+    """Random traffic for `num_steps` steps, then none until every request has ended and every hold is
+    released; checks each request's tokens and that every tier is empty. Returns the next free id."""
     scheduler, kv = engine.scheduler, engine.kv
     prompts: dict[str, list[int]] = {}
     sessions = [f"session-{i}" for i in range(3)]
-    next_id = 0
+    next_id = first_id
+    engine.worker.attention.fail_rate = 0.03  # type: ignore[attr-defined]
     for _ in range(num_steps):
         for _ in range(rng.choice([0, 0, 1, 1, 2])):
             prompt = rng.choice(PREFIXES)[: rng.randrange(0, 40)] + [rng.randrange(1, VOCAB)]
@@ -264,17 +274,48 @@ def run(setup: Setup, seed: int, tmp_path: Path, num_steps: int = 250) -> None:
         for key in sessions:
             kv.release_hold(key)
     step(engine)
-    engine.worker.close()
 
     assert len(engine.ended) == next_id
-    for req_id, reason in engine.ended.items():
+    for req_id, prompt in prompts.items():
         got = engine.reported.get(req_id, [])
-        wrong = first_wrong_token(prompts[req_id], got)
+        wrong = first_wrong_token(prompt, got)
+        reason = engine.ended[req_id]
         assert wrong is None, f"{req_id} ({reason}) generated {got}: token {wrong} came from KV not its own"
     assert kv.num_used_blocks == 0, "KV memory still in use after every request ended"
     host = getattr(kv, "host", None)
     assert host is None or host.num_held_blocks == 0, "host blocks still held after every request ended"
     assert engine.worker.num_requests == 0
+    return next_id
+
+
+def shut_down(engine: Engine) -> None:
+    """As `EngineCore.close` does: write the cached KV the disk tier lacks, then let go of the files."""
+    kv, worker = engine.kv, engine.worker
+    if worker.disk_store is not None:
+        assert isinstance(kv, PagedKVCacheManager)
+        ops = kv.flush_to_disk()
+        output = worker.execute(StepPlan(-1, disk_drops=ops.disk_drops, disk_saves=ops.disk_saves))
+        kv.apply_disk_report(output.disk_loaded, output.disk_load_failed, output.disk_save_failed)
+        kv.end_step()
+        worker.disk_store.close()
+    worker.close()
+
+
+def run(setup: Setup, seed: int, tmp_path: Path, num_steps: int = 250) -> None:
+    """Random traffic; with a disk tier, then a restart on the same directory and more traffic, whose
+    prefixes come back from the first run's files."""
+    rng = random.Random(seed)
+    engine = build(setup, rng, tmp_path)
+    next_id = serve(engine, rng, num_steps, 0)
+    shut_down(engine)
+    if setup.disk_blocks:
+        engine = build(setup, rng, tmp_path)
+        assert isinstance(engine.kv, PagedKVCacheManager) and engine.kv.disk is not None
+        assert engine.kv.disk.num_stored_blocks > 0, "the restart should find the first run's files"
+        engine.ended.update(dict.fromkeys((f"r{i}" for i in range(next_id)), "earlier run"))
+        serve(engine, rng, num_steps // 2, next_id)
+        assert engine.kv.counters.disk_hit_tokens > 0, "the second run should read the first run's KV"
+        shut_down(engine)
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
@@ -295,3 +336,120 @@ def test_the_chain_model_is_sensitive_to_every_position() -> None:
         wrong[p] = chain(wrong[p], 3)
         changed += allowed(wrong)[0] not in allowed(values)
     assert changed >= 0.75 * len(values)
+
+
+class Endpoint(MigrationEndpoint):
+    """One engine's half of a live migration, as `EngineCore` has it: the calls land between its steps."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.scheduler = engine.scheduler
+        self.kv_manager = engine.kv
+        self._incoming: dict[str, Request] = {}
+
+    @property
+    def mover(self) -> Worker:
+        return self.engine.worker
+
+    def _flush_if_idle(self) -> None:
+        """The test steps every engine every round: ended requests reach the worker with the next plan."""
+
+    def abort(self, req_id: str) -> None:
+        self.scheduler.abort(req_id)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("host_blocks", [0, 40])
+def test_random_runs_with_live_migrations_keep_each_request_s_own_kv(
+    seed: int, host_blocks: int, tmp_path: Path
+) -> None:
+    """Two engines; running requests move between them by the cluster's migration protocol (its staged copies
+    run while the request decodes on), at random times, beside everything else. Each call lands between two
+    steps of the engine it goes to, as on a Ray actor."""
+    rng = random.Random(seed)
+    setup = Setup(host_blocks=host_blocks, preemption="swap", pool_tokens=200)
+    engines = [build(setup, rng, tmp_path / "a"), build(setup, rng, tmp_path / "b")]
+    endpoints = [Endpoint(engine) for engine in engines]
+    reported: dict[str, list[int]] = {}
+    ended: dict[str, str] = {}
+    for engine in engines:
+        engine.reported, engine.ended = reported, ended
+    owner: dict[str, int] = {}
+    prompts: dict[str, list[int]] = {}
+    moves: list[tuple[Generator, list]] = []
+    outcomes: list[str] = []
+    next_id = 0
+
+    def on_commit(destination: int) -> object:
+        def commit(state: Request) -> bool:
+            if state.req_id in ended:
+                return False
+            owner[state.req_id] = destination
+            return True
+
+        return commit
+
+    def advance(move: tuple[Generator, list]) -> bool:
+        """One call of a migration (a commit with the router's switch and the call after it, as the cluster
+        holds the router's lock across them); False once it is over."""
+        protocol, reply = move
+        while True:
+            try:
+                instance, method, args = protocol.send(reply[0])
+            except StopIteration as done:
+                outcomes.append(done.value.outcome)
+                return False
+            reply[0] = getattr(instance, method)(*args)
+            if method != "migration_commit":
+                return True
+
+    for round_index in range(400):
+        if round_index < 250:
+            for _ in range(rng.choice([0, 1, 1, 2])):
+                prompt = rng.choice(PREFIXES)[: rng.randrange(0, 40)] + [rng.randrange(1, VOCAB)]
+                params = SamplingParams(max_tokens=rng.randrange(1, 20), seed=rng.randrange(1000))
+                if len(prompt) + params.max_tokens > MAX_MODEL_LEN:
+                    continue
+                req_id, where = f"r{next_id}", rng.randrange(2)
+                next_id += 1
+                prompts[req_id], owner[req_id] = prompt, where
+                engines[where].scheduler.add(Request(req_id, list(prompt), params))
+            live = [r for e in engines for r in e.scheduler.requests]
+            if live and rng.random() < 0.04:
+                req_id = rng.choice(live)
+                engines[owner[req_id]].scheduler.abort(req_id)
+                ended[req_id] = "abort"
+            if rng.random() < 0.15:
+                source = rng.randrange(2)
+                running = [r for r in engines[source].scheduler.running if r.req_id not in ended]
+                if running:
+                    request = rng.choice(running)
+                    state = replace(request, output_token_ids=list(request.output_token_ids))
+                    protocol = migration(
+                        endpoints[source], endpoints[1 - source], state, request.num_tokens, on_commit(1 - source)
+                    )
+                    moves.append((protocol, [None]))
+        moves = [move for move in moves if advance(move)]
+        if round_index == 250:
+            for engine in engines:
+                engine.worker.attention.fail_rate = 0.0  # type: ignore[attr-defined]
+        for index, engine in enumerate(engines):
+            step(engine, lambda req_id, index=index: owner[req_id] == index and req_id not in ended)
+        if round_index > 250 and not moves and not any(e.scheduler.has_unfinished() for e in engines):
+            break
+    assert not moves and not any(e.scheduler.has_unfinished() for e in engines), "requests never ended"
+    assert "migrated" in outcomes, "the run should move some requests"
+    for index, engine in enumerate(engines):
+        step(engine, lambda req_id, index=index: owner[req_id] == index and req_id not in ended)
+        engine.worker.close()
+    assert len(ended) == next_id
+    for req_id, reason in ended.items():
+        got = reported.get(req_id, [])
+        wrong = first_wrong_token(prompts[req_id], got)
+        assert wrong is None, f"{req_id} ({reason}) generated {got}: token {wrong} came from KV not its own"
+        if reason == "length":
+            assert len(got) > 0
+    for engine, endpoint in zip(engines, endpoints):
+        assert engine.kv.num_used_blocks == 0 and not endpoint._incoming
+        host = getattr(engine.kv, "host", None)
+        assert host is None or host.num_held_blocks == 0
