@@ -34,6 +34,7 @@ from kvos.config import SchedulerConfig
 from kvos.core.plan import SampledToken, StepOutput, StepPlan, TableUpdate
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
+from kvos.memory.block_allocator import BlockStored
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import HostBlockPool
@@ -307,6 +308,8 @@ def run(setup: Setup, seed: int, num_steps: int = 400, fail_rate: float = 0.03) 
     params_of: dict[str, SamplingParams] = {}
     sessions = [f"session-{i}" for i in range(3)]
     next_id = 0
+    announced: dict[bytes, int] = {}
+    """The pool's cached blocks as its KV events tell them: digest -> block id."""
 
     def arrive() -> None:
         nonlocal next_id
@@ -355,6 +358,14 @@ def run(setup: Setup, seed: int, num_steps: int = 400, fail_rate: float = 0.03) 
             reported.setdefault(update.req_id, []).extend(update.new_token_ids)
             if update.finish_reason is not None:
                 ended[update.req_id] = update.finish_reason
+        # A prefix-aware router knows the pool only from its KV events: replayed, they must give what it holds.
+        for event in kv.drain_events():
+            if isinstance(event, BlockStored):
+                assert event.block_hash not in announced, "a block stored twice without its removal between"
+                announced[event.block_hash] = event.block_id
+            else:
+                assert announced.pop(event.block_hash) == event.block_id, "a removal of a block never stored"
+        assert announced == dict(kv.allocator.cached_blocks()), "the KV events disagree with the prefix cache"
 
     for _ in range(num_steps):
         for _ in range(rng.choice([0, 0, 1, 1, 2])):
