@@ -14,8 +14,9 @@ or a bad disk file read as good would show.
 Around it, what a busy server does: arrivals with shared prefixes, n > 1
 siblings, session holds, aborts, priorities, a pool small enough to preempt
 (swap or recompute), host and disk tiers, disk files corrupted on disk, and
-steps that raise. Every request that ends with its tokens must have the
-reference's; once all have ended, every tier is back to empty.
+steps that raise, live migrations between two engines, a restart on the
+same disk directory. Every token of every request must be one its own KV
+allows; once all have ended, every tier is back to empty.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class StepFailed(RuntimeError):
 
 @dataclass
 class _Meta:
+    """The step as `ChainModel` needs it: the worker's own per-request layouts (and no backend's batches,
+    which is what the worker's `_pure_decode` asks)."""
+
     seqs: list[SeqLayout]
     paged: None = None
     decode: None = None
