@@ -1,9 +1,9 @@
 """Random runs of the real scheduler and KV books against a shadow of the worker's memory.
 
-The worker is replaced by a model of what it stores: every pool, host and
-disk block holds, per slot, a value that names the token sequence whose KV
-it is (the KV of position p depends on tokens 0..p and nothing else). The
-shadow runs each plan as the worker does: moves between tiers as FIFO jobs
+The worker is replaced by a model of what it stores (`tests.shadow_kv`):
+every pool, host and disk slot holds a value that names the token sequence
+whose KV it is (the KV of position p depends on tokens 0..p and nothing
+else). The shadow runs each plan as the worker does: moves between tiers as FIFO jobs
 of a copy thread that may lag behind the steps (a forward pass waits only
 for the jobs touching its blocks), copy-on-write copies, then the forward
 pass, which writes the new tokens' KV and reads every earlier position of
@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 
 from kvos.config import SchedulerConfig
-from kvos.core.plan import SampledToken, StepOutput, StepPlan, TableUpdate
+from kvos.core.plan import LoadFromHost, SampledToken, SaveToHost, StepOutput, StepPlan
 from kvos.core.request import Request
 from kvos.core.scheduler import Scheduler
 from kvos.memory.block_allocator import BlockStored
@@ -40,6 +40,7 @@ from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import HostBlockPool
 from kvos.memory.tiers.swap import PreemptionRule
 from kvos.sampling_params import SamplingParams
+from tests.shadow_kv import ShadowKV
 
 BS = 4
 EOS = 0
@@ -62,86 +63,54 @@ class Job:
     run: Callable[[StepOutput], None]
 
 
+def block_range(ops: Sequence[SaveToHost | LoadFromHost]) -> set[int]:
+    return {b for op in ops for b in range(op.block_id, op.block_id + op.num_blocks)}
+
+
 @dataclass
 class Shadow:
-    """What the worker's memory holds, as values naming token sequences (None: never written or garbage)."""
+    """The worker, as its memory shows it (`tests.shadow_kv`), with a copy thread that may lag behind the
+    steps and failures injected at `fail_rate`."""
 
     rng: random.Random
     fail_rate: float
-    pool: dict[int, list[object]] = field(default_factory=dict)
-    host: dict[int, list[object]] = field(default_factory=dict)
-    disk: dict[bytes, list[object]] = field(default_factory=dict)
-    tables: dict[str, list[int]] = field(default_factory=dict)
-    tokens: dict[str, list[int]] = field(default_factory=dict)
+    kv: ShadowKV = field(default_factory=lambda: ShadowKV(BS))
     queue: deque[Job] = field(default_factory=deque)
     done: list[tuple[int, StepOutput]] = field(default_factory=list)
     """Reports of finished jobs not yet handed back: (step id, the report)."""
     sampled: dict[str, list[int]] = field(default_factory=dict)
     """Every token each request sampled, to compare with what the scheduler reported."""
 
-    @staticmethod
-    def value(tokens: list[int], position: int) -> object:
-        return tuple(tokens[: position + 1])
-
     def fails(self) -> bool:
         return self.rng.random() < self.fail_rate
-
-    def block(self, tier: str, block_id: int) -> list[object]:
-        blocks = self.pool if tier == "primary" else self.host
-        return blocks.setdefault(block_id, [None] * BS)
-
-    def slot(self, slot: int) -> object:
-        return self.block("primary", slot // BS)[slot % BS]
-
-    def copy_block(self, src_tier: str, src: int, dst_tier: str, dst: int) -> None:
-        self.block(dst_tier, dst)[:] = self.block(src_tier, src)
-
-    def scribble(self, tier: str, block_id: int) -> None:
-        self.block(tier, block_id)[:] = [None] * BS
 
     # -- the copy thread ------------------------------------------------------------------
 
     def submit(self, plan: StepPlan) -> None:
         """Queue the plan's moves in the worker's three kinds of job, in its order."""
-        step = plan.step_id
+        step, kv = plan.step_id, self.kv
         if plan.disk_drops or plan.disk_saves or plan.saves:
-            blocks = {op.block_id for op in plan.disk_saves if op.tier == "primary"}
-            blocks |= {b for op in plan.saves for b in range(op.block_id, op.block_id + op.num_blocks)}
+            blocks = {op.block_id for op in plan.disk_saves if op.tier == "primary"} | block_range(plan.saves)
 
             def save(report: StepOutput) -> None:
-                for key in plan.disk_drops:
-                    self.disk.pop(key, None)
                 for op in plan.disk_saves:
                     if self.rng.random() < self.fail_rate / 10:  # rarer: the first one stops the tier taking blocks
                         report.disk_save_failed[op.key] = "OSError: injected"
-                    else:
-                        self.disk[op.key] = list(self.block(op.tier, op.block_id))
-                for op in plan.saves:
-                    for i in range(op.num_blocks):
-                        self.copy_block("primary", op.block_id + i, "host", op.host_block_id + i)
+                kv.save_down(plan.disk_drops, plan.disk_saves, plan.saves, set(report.disk_save_failed))
 
             self.queue.append(Job(step, blocks, save))
         if plan.loads:
-
-            def load(report: StepOutput) -> None:
-                for op in plan.loads:
-                    for i in range(op.num_blocks):
-                        self.copy_block("host", op.host_block_id + i, "primary", op.block_id + i)
-
-            blocks = {b for op in plan.loads for b in range(op.block_id, op.block_id + op.num_blocks)}
-            self.queue.append(Job(step, blocks, load))
+            self.queue.append(Job(step, block_range(plan.loads), lambda report: kv.load_from_host(plan.loads)))
         for kv_load in plan.kv_loads:
-            blocks = {b for op in kv_load.loads for b in range(op.block_id, op.block_id + op.num_blocks)}
+            blocks = block_range(kv_load.loads)
 
             def load_request(report: StepOutput, kv_load=kv_load, blocks=blocks) -> None:
                 if self.fails():
                     for b in blocks:
-                        self.scribble("primary", b)
+                        kv.scribble("primary", b)
                     report.kv_load_failed.append((kv_load.req_id, step, "OSError: injected"))
                     return
-                for op in kv_load.loads:
-                    for i in range(op.num_blocks):
-                        self.copy_block("host", op.host_block_id + i, "primary", op.block_id + i)
+                kv.load_from_host(kv_load.loads)
                 report.kv_loaded.append((kv_load.req_id, step))
 
             self.queue.append(Job(step, blocks, load_request))
@@ -149,13 +118,11 @@ class Shadow:
 
             def load_disk(report: StepOutput) -> None:
                 for op in plan.disk_loads:
-                    data = self.disk.get(op.key)
-                    if data is None or self.fails():
-                        self.scribble(op.tier, op.block_id)
-                        report.disk_load_failed[op.key] = "missing" if data is None else "corrupt"
-                    else:
-                        self.block(op.tier, op.block_id)[:] = data
+                    error = kv.load_from_disk(op, corrupt=self.fails())
+                    if error is None:
                         report.disk_loaded.append(op.key)
+                    else:
+                        report.disk_load_failed[op.key] = error
 
             blocks = {op.block_id for op in plan.disk_loads if op.tier == "primary"}
             self.queue.append(Job(step, blocks, load_disk))
@@ -194,46 +161,22 @@ class Shadow:
             raise
 
     def _execute(self, plan: StepPlan, fail: bool) -> StepOutput:
-        for req_id in plan.finished_req_ids:
-            self.tables.pop(req_id, None)
-            self.tokens.pop(req_id, None)
-        for data in plan.new_requests:
-            self.tables[data.req_id] = []
-            self.tokens[data.req_id] = list(data.prompt_token_ids) + list(data.output_token_ids)
-        for req_id in plan.preempted_req_ids:
-            if req_id in self.tables:
-                self.tables[req_id] = []
-        for kv_load in plan.kv_loads:
-            self.set_table(kv_load.req_id, kv_load.table_update)
+        kv = self.kv
+        kv.begin(plan)
         self.submit(plan)
         if not (plan.scheduled or plan.copies):
             self.run_jobs(len(self.queue))
             return self.output(plan.step_id, {}, {})
-        for scheduled in plan.scheduled:
-            if scheduled.table_update is not None:
-                self.set_table(scheduled.req_id, scheduled.table_update)
-        in_use = {b for s in plan.scheduled for b in self.tables[s.req_id]}
+        in_use = {b for s in plan.scheduled for b in kv.tables[s.req_id]}
         in_use |= {slot // BS for c in plan.copies for slot in (c.src_slot, c.dst_slot + c.num_slots - 1)}
         self.wait_for(in_use)
         self.run_jobs(self.rng.randrange(3))  # the copy thread gets ahead of the forward pass, or not
-        for copy in plan.copies:
-            data = [self.slot(copy.src_slot + i) for i in range(copy.num_slots)]
-            for i, value in enumerate(data):
-                slot = copy.dst_slot + i
-                self.block("primary", slot // BS)[slot % BS] = value
+        kv.copy(plan.copies)
         if fail:  # a layer raised half-way: some of the step's KV written, some not
             for scheduled in plan.scheduled[: len(plan.scheduled) // 2]:
-                self.write(scheduled.req_id, scheduled.num_computed_tokens, len(scheduled.new_token_ids))
+                kv.write(scheduled)
             raise StepFailed
-        # Every layer writes the whole batch's new KV before any request reads (a request admitted in this step
-        # may read blocks another one fills in it).
-        for scheduled in plan.scheduled:
-            tokens = self.tokens[scheduled.req_id]
-            start, n = scheduled.num_computed_tokens, len(scheduled.new_token_ids)
-            assert scheduled.new_token_ids == tokens[start : start + n], f"{scheduled.req_id}: wrong tokens planned"
-            self.write(scheduled.req_id, start, n)
-        for scheduled in plan.scheduled:
-            self.check_reads(scheduled.req_id, scheduled.num_computed_tokens + len(scheduled.new_token_ids))
+        kv.forward(plan.scheduled)
         sampled: dict[str, SampledToken] = {}
         failed: dict[str, str] = {}
         for scheduled in plan.scheduled:
@@ -244,30 +187,11 @@ class Shadow:
                 continue
             token = EOS if self.rng.random() < 0.04 else self.rng.randrange(1, VOCAB)
             sampled[scheduled.req_id] = SampledToken(token)
-            self.tokens[scheduled.req_id].append(token)
+            kv.append(scheduled.req_id, token)
             self.sampled.setdefault(scheduled.req_id, []).append(token)
         if self.rng.random() < 0.5:  # the CPU worker ends its copies with the step; a GPU's run on
             self.run_jobs(len(self.queue))
         return self.output(plan.step_id, sampled, failed)
-
-    def set_table(self, req_id: str, update: TableUpdate) -> None:
-        table = self.tables[req_id]
-        del table[update.start :]
-        table.extend(update.block_ids)
-
-    def write(self, req_id: str, start: int, n: int) -> None:
-        table, tokens = self.tables[req_id], self.tokens[req_id]
-        for p in range(start, start + n):
-            self.block("primary", table[p // BS])[p % BS] = self.value(tokens, p)
-
-    def check_reads(self, req_id: str, num_tokens: int) -> None:
-        table, tokens = self.tables[req_id], self.tokens[req_id]
-        assert len(table) * BS >= num_tokens, f"{req_id}: table of {len(table)} blocks for {num_tokens} tokens"
-        for p in range(num_tokens):
-            got = self.slot(table[p // BS] * BS + p % BS)
-            assert got == self.value(tokens, p), (
-                f"{req_id} reads position {p} from block {table[p // BS]}: holds {got}, not its KV"
-            )
 
 
 @dataclass(frozen=True)
@@ -404,7 +328,7 @@ def run(setup: Setup, seed: int, num_steps: int = 400, fail_rate: float = 0.03) 
     assert kv.num_held_blocks == 0 and kv.num_host_copies == 0
     if host is not None:
         assert host.num_held_blocks == 0, "host blocks still held after every request ended"
-    assert not shadow.tables and not shadow.queue, "the worker still holds state or jobs"
+    assert not shadow.kv.tables and not shadow.queue, "the worker still holds state or jobs"
     assert not scheduler.running and not scheduler.loading and len(scheduler.waiting) == 0
 
 

@@ -9,7 +9,7 @@ instance. Two outcomes a user relies on are checked: no request hangs or
 loses tokens (every one the door took gets exactly its output tokens), and
 once all have ended every block of every tier on every instance is free.
 With the worker replaced by one that keeps a shadow of each instance's
-memory (`ShadowWorker`), a third: every step reads, for every request, the
+memory (`ShadowWorker`, over `tests.shadow_kv`), a third: every step reads, for every request, the
 KV of its own tokens, wherever it was computed, swapped, written to disk or
 migrated from.
 """
@@ -39,6 +39,7 @@ from kvos.sim.simulator import (
 from kvos.sim.step_model import LinearStepModel
 from kvos.sim.worker import SIM_TOKEN_ID, CopyModel, LinkModel, SimWorker
 from kvos.sim.workload import SimRequest, SimSession, SimTurn
+from tests.shadow_kv import ShadowKV
 
 STEP_MODEL = LinearStepModel(0.020, 0.010, 1e-4, 1e-8, 1e-6, 2e-4)
 COPY = CopyModel(save_s_per_token=2e-5, load_s_per_token=2e-5)
@@ -128,102 +129,37 @@ def test_random_fleets_serve_every_request_in_full_and_free_every_tier(seed: int
 
 
 class ShadowWorker(SimWorker):
-    """The simulated worker, plus what its memory would hold: per pool and host slot and disk file, a value
-    naming the tokens whose KV it is. Moves run at once, in the worker's order; then the forward pass
-    writes every scheduled request's new KV and checks that it reads its own at every earlier position.
-    For the paged cache (the only one that migrates or has a disk tier): slot = block x block size."""
+    """The simulated worker, plus a shadow of its memory (`tests.shadow_kv`): moves run at once, in the
+    worker's order; then the forward pass writes every scheduled request's new KV and checks that it reads
+    its own at every earlier position. For the paged cache, the only one that migrates or has a disk tier."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.pool_kv: dict[int, object] = {}
-        self.host_kv: dict[int, object] = {}
-        self.disk_kv: dict[bytes, list[object]] = {}
-        self.tables: dict[str, list[int]] = {}
-        self.values: dict[str, list[object]] = {}
-        """Per request, the value of each position's KV: its tokens so far, hashed as a chain."""
+        self.shadow = ShadowKV(self.block_size)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         output = super().execute(plan)
-        bs = self.block_size
-        for req_id in plan.finished_req_ids:
-            self.tables.pop(req_id, None)
-            self.values.pop(req_id, None)
-        for data in plan.new_requests:
-            self.tables[data.req_id] = []
-            self.values[data.req_id] = []
-            self.extend(data.req_id, [*data.prompt_token_ids, *data.output_token_ids])
-        for req_id in plan.preempted_req_ids:
-            if req_id in self.tables:
-                self.tables[req_id] = []
-        for kv_load in plan.kv_loads:
-            self.set_table(kv_load.req_id, kv_load.table_update.start, kv_load.table_update.block_ids)
-        self.move_down(TierOps(list(plan.saves), list(plan.disk_drops), list(plan.disk_saves)))
-        for op in [*plan.loads, *(load for kv_load in plan.kv_loads for load in kv_load.loads)]:
-            for i in range(op.num_blocks * bs):
-                self.pool_kv[op.block_id * bs + i] = self.host_kv.get(op.host_block_id * bs + i)
+        shadow = self.shadow
+        shadow.begin(plan)
+        shadow.save_down(plan.disk_drops, plan.disk_saves, plan.saves, failed=set())
+        shadow.load_from_host([*plan.loads, *(load for kv_load in plan.kv_loads for load in kv_load.loads)])
         for op in plan.disk_loads:
-            tier = self.pool_kv if op.tier == "primary" else self.host_kv
-            for i, value in enumerate(self.disk_kv[op.key]):
-                tier[op.block_id * bs + i] = value
-        for scheduled in plan.scheduled:
-            if scheduled.table_update is not None:
-                update = scheduled.table_update
-                self.set_table(scheduled.req_id, update.start, update.block_ids)
-        for copy in plan.copies:
-            data = [self.pool_kv.get(copy.src_slot + i) for i in range(copy.num_slots)]
-            for i, value in enumerate(data):
-                self.pool_kv[copy.dst_slot + i] = value
-        for scheduled in plan.scheduled:
-            start = scheduled.num_computed_tokens
-            for p in range(start, start + len(scheduled.new_token_ids)):
-                self.pool_kv[self.slot(scheduled.req_id, p)] = self.values[scheduled.req_id][p]
-        for scheduled in plan.scheduled:
-            values = self.values[scheduled.req_id]
-            for p in range(scheduled.num_computed_tokens + len(scheduled.new_token_ids)):
-                got = self.pool_kv.get(self.slot(scheduled.req_id, p))
-                assert got == values[p], f"request {scheduled.req_id} reads another's KV at position {p}"
+            assert shadow.load_from_disk(op) is None, "the books read a file the disk tier never got"
+        shadow.copy(plan.copies)
+        shadow.forward(plan.scheduled)
         for req_id in output.sampled:
-            self.extend(req_id, [SIM_TOKEN_ID])
+            shadow.append(req_id, SIM_TOKEN_ID)
         return output
 
-    def extend(self, req_id: str, tokens: list[int]) -> None:
-        values = self.values[req_id]
-        for token in tokens:
-            values.append(hash((values[-1] if values else None, token)))
-
-    def set_table(self, req_id: str, start: int, block_ids: Sequence[int]) -> None:
-        table = self.tables[req_id]
-        del table[start:]
-        table.extend(block_ids)
-
-    def slot(self, req_id: str, position: int) -> int:
-        return self.tables[req_id][position // self.block_size] * self.block_size + position % self.block_size
-
     def read_blocks(self, block_ids: Sequence[int]) -> list[object]:  # type: ignore[override]
-        bs = self.block_size
-        return [self.pool_kv.get(b * bs + i) for b in block_ids for i in range(bs)]
+        return self.shadow.read_blocks(block_ids)
 
     def write_blocks(self, block_ids: Sequence[int], data: list[object]) -> None:  # type: ignore[override]
-        bs = self.block_size
-        for j, b in enumerate(block_ids):
-            for i in range(bs):
-                self.pool_kv[b * bs + i] = data[j * bs + i]
+        self.shadow.write_blocks(block_ids, data)
 
     def write_down(self, ops: TierOps) -> dict[bytes, str]:
-        self.move_down(ops)
+        self.shadow.save_down(ops.disk_drops, ops.disk_saves, ops.saves, failed=set())
         return super().write_down(ops)
-
-    def move_down(self, ops: TierOps) -> None:
-        """Disk drops and writes, then write-backs to the host tier, as the worker's saves job runs them."""
-        bs = self.block_size
-        for key in ops.disk_drops:
-            self.disk_kv.pop(key, None)
-        for op in ops.disk_saves:
-            tier = self.pool_kv if op.tier == "primary" else self.host_kv
-            self.disk_kv[op.key] = [tier.get(op.block_id * bs + i) for i in range(bs)]
-        for save in ops.saves:
-            for i in range(save.num_blocks * bs):
-                self.host_kv[save.host_block_id * bs + i] = self.pool_kv.get(save.block_id * bs + i)
 
 
 @pytest.mark.parametrize("seed", range(60))
