@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from kvos.core.plan import StepOutput
 from kvos.core.request import Request, RequestStatus
 from kvos.core.scheduler import Scheduler
 from kvos.memory.kv_manager import KVCacheManager, TierOps
@@ -47,7 +48,7 @@ class BlockMover(Protocol):
 
     def write_blocks(self, block_ids: Sequence[int], data: Any) -> None: ...
 
-    def write_down(self, ops: TierOps) -> dict[bytes, str]: ...
+    def write_down(self, ops: TierOps) -> StepOutput: ...
 
 
 class MigrationEndpoint(ABC):
@@ -122,9 +123,11 @@ class MigrationEndpoint(ABC):
             if not kv.block_table(incoming):
                 del self._incoming[request.req_id]
             return False
-        failed = self.mover.write_down(ops)
-        if failed:  # those blocks are simply not on disk; the tier stops taking more
-            kv.apply_disk_report([], {}, failed)
+        written = self.mover.write_down(ops)
+        if written.disk_save_failed:  # those blocks are simply not on disk; the tier stops taking more
+            kv.apply_disk_report([], {}, written.disk_save_failed)
+        if written.host_save_failed:
+            self.scheduler.lose_host_blocks(written.host_save_failed)
         return True
 
     def migration_import(self, req_id: str, chunk: KVChunk) -> bool:

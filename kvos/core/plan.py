@@ -262,6 +262,9 @@ class StepOutput:
     """Keys of `disk_loads` that did not: "corrupt" (bad header, size or checksum) or "missing"."""
     disk_save_failed: dict[bytes, str] = field(default_factory=dict)
     """Keys of `disk_saves` the worker could not write (the OS error, for the log)."""
+    host_save_failed: list[int] = field(default_factory=list)
+    """Host blocks a `SaveToHost` could not write: they hold no usable KV, so the books forget their
+    digests and the host copies that include them (a load that reads one fails instead of copying)."""
     copy_seconds: dict[str, float] = field(default_factory=dict)
     """Copy-thread time of the KV moves finished since the last output, by direction: "to_host"
     (swap-outs and write-backs), "from_host" (swap-ins and host prefix hits), "to_disk",

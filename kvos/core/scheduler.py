@@ -395,6 +395,8 @@ class Scheduler:
     def update_from_output(self, plan: StepPlan, output: StepOutput) -> list[SequenceUpdate]:
         """Advance every request the plan ran; finish those that are done; report what changed."""
         self.waiting.on_step(plan, output, self.requests)
+        if output.host_save_failed:
+            self.lose_host_blocks(output.host_save_failed)
         updates = []
         for req_id, step_id in output.kv_loaded:
             request = self.requests.get(req_id)
@@ -412,13 +414,13 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
             request.num_computed_tokens = scheduled.num_computed_tokens + len(scheduled.new_token_ids)
-            # Only now, with the step done, may other requests find these blocks.
-            self.kv.publish(request, request.num_computed_tokens)
             error = output.failed.get(request.req_id)
-            if error is not None:
+            if error is not None:  # its KV may be wrong (a host load it needed was skipped): never published
                 self._finish(request, "abort")
                 updates.append(SequenceUpdate(request.req_id, [], [], request.num_cached_tokens, "abort", None, error))
                 continue
+            # Only now, with the step done, may other requests find these blocks.
+            self.kv.publish(request, request.num_computed_tokens)
             if not scheduled.sample:
                 continue
             token = output.sampled[request.req_id]
@@ -453,12 +455,7 @@ class Scheduler:
         for kv_load in plan.kv_loads:  # the loads may not have run: these recompute, like the victims above
             request = self.requests.get(kv_load.req_id)
             if request is not None and self.loading.get(kv_load.req_id) == plan.step_id:
-                del self.loading[kv_load.req_id]
-                self.kv.free(request)
-                request.num_computed_tokens = 0
-                request.num_swapped_tokens = 0
-                request.status = RequestStatus.PREEMPTED
-                self.waiting.requeue(request)
+                self._recompute_loading(request)
         updates = []
         for scheduled in plan.scheduled:
             request = self.requests.get(scheduled.req_id)
@@ -468,6 +465,28 @@ class Scheduler:
             updates.append(SequenceUpdate(request.req_id, [], [], request.num_cached_tokens, "abort", None, error))
         self.kv.end_step(failed=True)
         return updates
+
+    def _recompute_loading(self, request: Request) -> None:
+        """The request's KV load will not bring what it needs: back to the queue, to compute it again.
+        A load still in flight lands in blocks freed here; the worker orders whatever reuses them after it."""
+        del self.loading[request.req_id]
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_swapped_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.requeue(request)
+
+    def lose_host_blocks(self, host_block_ids: list[int]) -> None:
+        """The worker could not write these host blocks: the books forget them, and requests whose
+        swapped-out KV they held compute it again (those waiting on its load included)."""
+        assert self._swapping is not None, "a worker without a host tier reported a failed host save"
+        for req_id in self._swapping.lose_host_blocks(host_block_ids):
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if req_id in self.loading:
+                self._recompute_loading(request)
+            request.num_swapped_tokens = 0
 
     def _check_stop(self, request: Request, token_id: int) -> None:
         params = request.params

@@ -166,6 +166,11 @@ class SwappingKVCacheManager(KVCacheManager, Protocol):
         """What the worker's disk operations did: checked loads become findable, failures are forgotten."""
         ...
 
+    def lose_host_blocks(self, host_block_ids: list[int]) -> list[str]:
+        """A host save failed to write these blocks: forget their digests and the host copies that include
+        them; returns the requests whose copy is gone (they must compute their KV again)."""
+        ...
+
 
 @runtime_checkable
 class HoldingKVCacheManager(KVCacheManager, Protocol):

@@ -78,7 +78,14 @@ from kvos.memory.block_allocator import BlockAllocator, KVEvent
 from kvos.memory.block_hash import BlockHash, block_hash, root_hash, salted_root
 from kvos.memory.kv_manager import KVAllocation, TierOps
 from kvos.memory.tiers.disk import DiskBlockIndex
-from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters, release_copy, resumed_copy
+from kvos.memory.tiers.host import (
+    HostBlockPool,
+    HostCopy,
+    TierCounters,
+    forget_unwritten,
+    release_copy,
+    resumed_copy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -566,6 +573,10 @@ class PagedKVCacheManager:
                 "the disk KV tier stopped taking blocks: a write failed (%s); it keeps serving what it holds",
                 next(iter(save_failed.values())),
             )
+
+    def lose_host_blocks(self, host_block_ids: list[int]) -> list[str]:
+        assert self.host is not None
+        return forget_unwritten(self._host_copies, self.host, host_block_ids)
 
     def flush_to_disk(self) -> TierOps:
         """Plan writes of every cached block the disk tier lacks (at a clean shutdown), pool first."""

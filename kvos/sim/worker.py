@@ -143,13 +143,13 @@ class SimWorker:
     def write_blocks(self, block_ids: Sequence[int], data: None) -> None:
         """No bytes to copy in: the link's time was spent before the call landed."""
 
-    def write_down(self, ops: TierOps) -> dict[bytes, str]:
+    def write_down(self, ops: TierOps) -> StepOutput:
         """The moves down the tiers a reservation forced: the real worker runs them before its next step.
-        None fails (every simulated disk write lands)."""
+        None fails (every simulated write lands)."""
         seconds = self._saves_seconds(ops.disk_saves, ops.saves)
         self._saves_s += seconds
         self.copy_s += seconds
-        return {}
+        return StepOutput(-1)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         seconds = self.step_seconds(plan)

@@ -23,7 +23,9 @@ A job that raises is logged and raised again by the next `take_reports`
 (its reports and the others' wait for the call after): the step that hears
 of it fails its requests, as a step whose synchronous copy raised would. Jobs
 that can fail one request alone (a swap-in) catch their own errors and say so
-in their report instead.
+in their report instead, and so do host saves: a save that dies leaves its
+blocks marked unwritten, so whoever reads them later fails alone
+(`HostKVPool.unwritten`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class CopyReport:
     disk_loaded: list[bytes] = field(default_factory=list)
     disk_load_failed: dict[bytes, str] = field(default_factory=dict)
     disk_save_failed: dict[bytes, str] = field(default_factory=dict)
+    host_save_failed: list[int] = field(default_factory=list)
+    """Host blocks a save could not write."""
+    unfilled_blocks: list[int] = field(default_factory=list)
+    """Primary blocks a host load skipped: its source's save had failed."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 

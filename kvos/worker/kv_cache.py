@@ -162,6 +162,10 @@ class VirtualKVBuffer:
             raise IndexError(f"slots [{first_slot}, {first_slot + num_slots}) cross the end of a row")
 
 
+class UnwrittenHostBlock(RuntimeError):
+    """A load read a host block whose save had failed (the books learn of it from the save's report)."""
+
+
 class HostKVPool:
     """The host tier's memory: per layer K and V for `num_blocks` blocks of `block_size` tokens, in host RAM.
 
@@ -183,20 +187,48 @@ class HostKVPool:
             )
             for _ in range(shape.num_layers)
         ]
+        self.unwritten: set[int] = set()
+        """Blocks whose last save raised part-way: the books think they hold KV they may not. Only the copy
+        thread touches it (every save and load runs there in plan order, or with it drained), so no lock."""
         if not pin:
             # Built (first use on this machine) and loaded now, not on the copy thread by the first move,
             # which a step may be waiting for.
             kv_copy.load()
 
     def save(self, primary: KVCaches, ops: list[SaveToHost]) -> None:
-        """Primary blocks -> host blocks, one run per op, in every layer."""
+        """Primary blocks -> host blocks, one run per op, in every layer.
+
+        If it raises, every target block counts as unwritten (`unwritten`) until
+        a later save or disk read fills it: the books already point at them."""
         runs = [(op.block_id, op.host_block_id, op.num_blocks) for op in ops]
-        self._move(primary, self.kv_caches, runs)
+        try:
+            self._move(primary, self.kv_caches, runs)
+        except BaseException:
+            for op in ops:
+                self.unwritten.update(range(op.host_block_id, op.host_block_id + op.num_blocks))
+            raise
+        for op in ops:
+            self.mark_written(op.host_block_id, op.num_blocks)
 
     def load(self, primary: KVCaches, ops: list[LoadFromHost]) -> None:
-        """Host blocks -> primary blocks, one run per op, in every layer."""
+        """Host blocks -> primary blocks, one run per op, in every layer; raises UnwrittenHostBlock,
+        copying nothing, if a source block's save failed."""
+        bad = [op for op in ops if not self.readable(op)]
+        if bad:
+            raise UnwrittenHostBlock(f"host block {bad[0].host_block_id}'s save failed; it holds no usable KV")
         runs = [(op.host_block_id, op.block_id, op.num_blocks) for op in ops]
         self._move(self.kv_caches, primary, runs)
+
+    def readable(self, op: LoadFromHost) -> bool:
+        """Whether every source block of `op` holds the KV its last save wrote."""
+        return not self.unwritten or self.unwritten.isdisjoint(
+            range(op.host_block_id, op.host_block_id + op.num_blocks)
+        )
+
+    def mark_written(self, host_block_id: int, num_blocks: int = 1) -> None:
+        """The blocks were filled whole (a save, a checked disk read): readable again."""
+        if self.unwritten:
+            self.unwritten.difference_update(range(host_block_id, host_block_id + num_blocks))
 
     def _move(self, src: KVCaches, dst: KVCaches, runs: list[tuple[int, int, int]]) -> None:
         """Copy block runs (source block, destination block, blocks) in every layer's K and V.

@@ -37,6 +37,7 @@ from kvos.core.plan import (
     SampledToken,
     SaveToDisk,
     SaveToHost,
+    ScheduledRequest,
     StepOutput,
     StepPlan,
     TableUpdate,
@@ -55,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 SAMPLING_FAILED = "sampling failed for this request"
 """What a client hears when its row of the sampler raised (the cause goes to the log)."""
+KV_UNREADABLE = "this request's cached KV could not be read back from the host tier"
+"""What a client hears when a prefix hit it took from the host tier had never been written (a failed save)."""
 
 
 @dataclass
@@ -172,11 +175,11 @@ class Worker:
         forward = self._decode_forward if _pure_decode(meta, seqs) else self.model
         hidden = forward(ids, pos, self.kv_buffer.kv_caches, meta)
         if not sample_rows:
-            return self._output(plan.step_id)
+            return self._output(plan.step_id, scheduled=plan.scheduled)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[rows])
         sampled, failed = self._sample(logits, sampling_ids)
-        return self._output(plan.step_id, sampled, failed)
+        return self._output(plan.step_id, sampled, failed, plan.scheduled)
 
     def _blocks_in_use(self, plan: StepPlan) -> set[int]:
         """Every block the step's forward pass and copies read or write (in table blocks)."""
@@ -190,20 +193,35 @@ class Worker:
         return blocks
 
     def _output(
-        self, step_id: int, sampled: dict[str, SampledToken] | None = None, failed: dict[str, str] | None = None
+        self,
+        step_id: int,
+        sampled: dict[str, SampledToken] | None = None,
+        failed: dict[str, str] | None = None,
+        scheduled: Sequence[ScheduledRequest] = (),
     ) -> StepOutput:
-        """The step's tokens, plus what the copy thread finished since the last output."""
+        """The step's tokens, plus what the copy thread finished since the last output.
+
+        A `scheduled` request whose blocks a skipped host load was to fill read KV
+        that is not its own: it fails (alone, with whoever shared those blocks)."""
         if self.kv_buffer.copies_end_with_step:
             self.copies.drain()
         output = StepOutput(step_id, sampled or {}, failed or {})
+        unfilled: set[int] = set()
         for report in self.copies.take_reports():
             output.kv_loaded.extend((req_id, report.step_id) for req_id in report.kv_loaded)
             output.kv_load_failed.extend((req_id, report.step_id, e) for req_id, e in report.kv_load_failed.items())
             output.disk_loaded.extend(report.disk_loaded)
             output.disk_load_failed.update(report.disk_load_failed)
             output.disk_save_failed.update(report.disk_save_failed)
+            output.host_save_failed.extend(report.host_save_failed)
+            unfilled.update(report.unfilled_blocks)
             for kind, seconds in report.seconds.items():
                 output.copy_seconds[kind] = output.copy_seconds.get(kind, 0.0) + seconds
+        if unfilled:
+            for request in scheduled:
+                if not unfilled.isdisjoint(self._requests[request.req_id].block_table):
+                    output.sampled.pop(request.req_id, None)
+                    output.failed[request.req_id] = KV_UNREADABLE
         return output
 
     def _move_kv(self, plan: StepPlan) -> None:
@@ -243,7 +261,11 @@ class Worker:
             def load(report: CopyReport) -> None:
                 assert host is not None
                 start = time.perf_counter()
-                host.load(primary, plan.loads)
+                readable = [op for op in plan.loads if host.readable(op)]
+                for op in plan.loads:
+                    if not host.readable(op):
+                        report.unfilled_blocks.extend(range(op.block_id, op.block_id + op.num_blocks))
+                host.load(primary, readable)
                 report.seconds["from_host"] = time.perf_counter() - start
 
             self.copies.submit(plan.step_id, host_ranges(plan.loads), load)
@@ -270,6 +292,9 @@ class Worker:
                 for op in plan.disk_loads:
                     try:
                         disk.load(caches, op)
+                        if op.tier == "host":
+                            assert host is not None
+                            host.mark_written(op.block_id)
                     except CorruptBlockError as exc:
                         report.disk_load_failed[op.key] = exc.reason
                     except FileNotFoundError:
@@ -305,22 +330,34 @@ class Worker:
         report: CopyReport,
     ) -> None:
         """Disk drops and writes, then write-backs to the host tier: a disk write may read a host block that
-        a write-back is about to fill. A failed disk write is reported, not raised."""
+        a write-back is about to fill. A failed write is reported, not raised.
+
+        A host block whose save failed is not written to disk (its key reads as missing later); the
+        failed save's blocks are reported for the books to forget."""
+        host = self.host_pool
         if drops or disk_saves:
             assert self.disk_store is not None  # the callers checked
             start = time.perf_counter()
             for key in drops:
                 self.disk_store.drop(key)
             for op in disk_saves:
+                if op.tier == "host" and host is not None and op.block_id in host.unwritten:
+                    continue
                 try:
                     self.disk_store.save(caches, op)
                 except OSError as exc:
                     report.disk_save_failed[op.key] = f"{type(exc).__name__}: {exc}"
             report.seconds["to_disk"] = time.perf_counter() - start
         if saves:
-            assert self.host_pool is not None
+            assert host is not None
             start = time.perf_counter()
-            self.host_pool.save(caches["primary"], list(saves))
+            try:
+                host.save(caches["primary"], list(saves))
+            except Exception:  # the books forget these blocks; whoever would read them recomputes or fails alone
+                logger.exception("saving %d KV block runs to the host tier failed", len(saves))
+                report.host_save_failed.extend(
+                    b for op in saves for b in range(op.host_block_id, op.host_block_id + op.num_blocks)
+                )
             report.seconds["to_host"] = time.perf_counter() - start
 
     def _sample(self, logits: torch.Tensor, req_ids: list[str]) -> tuple[dict[str, SampledToken], dict[str, str]]:
@@ -392,8 +429,9 @@ class Worker:
             k[slots] = data[layer, 0].to(k.device)
             v[slots] = data[layer, 1].to(v.device)
 
-    def write_down(self, ops: TierOps) -> dict[bytes, str]:
-        """Run moves down the tiers now, outside a step, in a step's order; the disk writes that failed.
+    def write_down(self, ops: TierOps) -> StepOutput:
+        """Run moves down the tiers now, outside a step, in a step's order; the writes that failed
+        (`disk_save_failed`, `host_save_failed`).
 
         A live migration's reservation evicts cached blocks, and the KV it
         copies in overwrites them before the next step: their write-backs and
@@ -403,11 +441,11 @@ class Worker:
             raise ValueError("write_down runs saves only")
         self._check_tiers(bool(ops.saves), bool(ops.disk_drops or ops.disk_saves))
         if not (ops.saves or ops.disk_drops or ops.disk_saves):
-            return {}
+            return StepOutput(-1)
         self.copies.drain()
         report = CopyReport(step_id=-1)
         self._save_down(ops.disk_drops, ops.disk_saves, ops.saves, self._tier_caches(), report)
-        return report.disk_save_failed
+        return StepOutput(-1, disk_save_failed=report.disk_save_failed, host_save_failed=report.host_save_failed)
 
     def _block_slots(self, block_ids: Sequence[int]) -> torch.Tensor:
         blocks = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)

@@ -198,3 +198,62 @@ def test_a_failed_step_sends_its_loading_requests_back_to_recompute() -> None:
     assert rerun.req_id == "b" and rerun.num_computed_tokens == 0  # recomputed from the start
     kv = s.kv
     assert isinstance(kv, PagedKVCacheManager) and kv.host is not None and kv.host.num_held_blocks == 0
+
+
+def test_a_victim_whose_swap_out_was_never_written_computes_its_kv_again() -> None:
+    s, b, c = swapped_b_beside_running_c()
+    kv = s.kv
+    assert isinstance(kv, PagedKVCacheManager) and kv.host is not None
+    (host_block,) = kv._host_copies["b"].host_block_ids
+    # The worker reports the swap-out's save failed (with the output of a later step).
+    s.update_from_output(StepPlan(99), StepOutput(99, host_save_failed=[host_block]))
+    assert b.status == RequestStatus.PREEMPTED and b.num_swapped_tokens == 0
+    assert kv.host.num_held_blocks == 0 and kv.num_host_copies == 0
+    plan = s.schedule()
+    rerun = next(x for x in plan.scheduled if x.req_id == "b")
+    assert rerun.num_computed_tokens == 0 and rerun.new_token_ids == [0, 1, 2, 3, 0]  # prompt and its token
+    assert not plan.kv_loads and not plan.loads
+
+
+def test_a_request_loading_from_a_block_never_written_goes_back_to_recompute() -> None:
+    s, b, c = swapped_b_beside_running_c()
+    plan = s.schedule()
+    assert plan.kv_loads and b.status == RequestStatus.LOADING
+    (host_block,) = (op.host_block_id for op in plan.kv_loads[0].loads)
+    # The failure is heard while b's load is still in flight; the load's own report (failed) comes later.
+    s.update_from_output(plan, StepOutput(plan.step_id, {"c": SampledToken(0)}, host_save_failed=[host_block]))
+    assert b.status == RequestStatus.PREEMPTED and "b" not in s.loading and b.num_swapped_tokens == 0
+    plan2 = s.schedule()
+    late = [("b", plan.step_id, "UnwrittenHostBlock: host block 0's save failed")]
+    sampled = {x.req_id: SampledToken(0) for x in plan2.scheduled if x.sample}
+    updates = s.update_from_output(plan2, StepOutput(plan2.step_id, sampled, kv_load_failed=late))
+    assert all(u.error is None for u in updates)  # the stale report ends nobody
+    rerun = next(x for x in plan2.scheduled if x.req_id == "b")
+    assert rerun.num_computed_tokens == 0 and b.status == RequestStatus.RUNNING
+
+
+def test_a_host_block_never_written_is_found_by_no_prefix_lookup() -> None:
+    s = make(num_blocks=3, num_host_blocks=4, prefix_caching=True)
+    kv = s.kv
+    assert isinstance(kv, PagedKVCacheManager) and kv.host is not None
+    s.add(request("a", 9, max_tokens=1))
+    finish_step(s, s.schedule())  # a ends; its two full blocks stay cached in the pool
+    s.add(Request("b", list(range(100, 109)), SamplingParams(max_tokens=1)))
+    plan = s.schedule()  # b needs the pool: a's blocks are written back to the host tier
+    again = request("again", 9)
+    assert sum(op.num_blocks for op in plan.saves) == 2 and kv.tier_hits(again)["host"] == 8
+    first = kv.host.lookup(kv.block_hashes(again)[0])
+    assert first is not None
+    finish_step(s, plan)
+    s.update_from_output(StepPlan(99), StepOutput(99, host_save_failed=[first]))
+    assert kv.tier_hits(again) == {"primary": 0, "host": 0, "disk": 0}  # the chain breaks at its first block
+    assert kv.host.lookup(kv.block_hashes(again)[1]) is not None  # the second block's save was fine
+
+
+def test_a_request_failed_by_the_worker_publishes_nothing_it_computed() -> None:
+    s = make(num_blocks=8, num_host_blocks=4, prefix_caching=True)
+    s.add(request("a", 9))
+    plan = s.schedule()
+    updates = s.update_from_output(plan, StepOutput(plan.step_id, failed={"a": "its KV was not its own"}))
+    assert [(u.req_id, u.finish_reason, u.error) for u in updates] == [("a", "abort", "its KV was not its own")]
+    assert s.kv.lookup_prefix(request("again", 9)) == 0

@@ -254,3 +254,62 @@ def test_tiny_a_step_failing_in_its_saves_leaves_no_unwritten_block_findable(
     (again,) = llm.generate([prompt], greedy(), use_tqdm=False)
     assert again.outputs[0].token_ids == hf([prompt], MAX_NEW)[0]
     assert_host_back_to_baseline(llm)
+
+
+def die_in_host_saves(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int, int]]]:
+    """Every save to the host tier scribbles over its targets and raises, on the copy thread, as a copy
+    dying half-way would; returns the runs of the saves that died (loads and other copies work)."""
+    pool = llm.engine.core.worker.host_pool
+    assert pool is not None
+    real, bs, died = pool._move, pool.block_size, []
+
+    def move(src, dst, runs):
+        if dst is not pool.kv_caches:
+            return real(src, dst, runs)
+        died.append(runs)
+        for _, target, count in runs:
+            for k, v in dst:
+                k[target * bs : (target + count) * bs] = 3.0
+                v[target * bs : (target + count) * bs] = -3.0
+        raise MemoryError("host memory went away")
+
+    monkeypatch.setattr(pool, "_move", move)
+    return died
+
+
+def test_tiny_write_backs_dying_on_the_copy_thread_fail_nobody_and_leave_nothing_findable(
+    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, hf = tiny_llama
+    llm = LLM(
+        folder,
+        block_size=4,
+        kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
+        kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
+        dtype="float32",
+    )
+    tokenizer = llm.tokenizer
+    prompt = tokenizer.encode(TEXTS[4])
+    llm.generate([prompt], greedy(), use_tqdm=False)
+    died = die_in_host_saves(llm, monkeypatch)
+    others = [tokenizer.encode(t) for t in TEXTS[5:8]]
+    outputs = llm.generate(others, greedy(), use_tqdm=False)
+    assert died  # the pool reused the prompt's cached blocks, and their write-backs died
+    assert [(o.error, o.outputs[0].token_ids) for o in outputs] == [(None, want) for want in hf(others, MAX_NEW)]
+    assert tier(llm, "host").cached_bytes == 0  # no block the dead saves were to fill is findable
+    (again,) = llm.generate([prompt], greedy(), use_tqdm=False)
+    assert again.outputs[0].token_ids == hf([prompt], MAX_NEW)[0]
+    assert_host_back_to_baseline(llm)
+
+
+def test_tiny_swap_outs_dying_on_the_copy_thread_make_their_victims_recompute(
+    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, hf = tiny_llama
+    llm = swap_llm(folder)
+    died = die_in_host_saves(llm, monkeypatch)
+    prompts = [llm.tokenizer.encode(t) for t in TEXTS]
+    outputs = llm.generate(prompts, greedy(), use_tqdm=False)
+    assert died and llm.engine.stats().num_preemptions > 0
+    assert [(o.error, o.outputs[0].token_ids) for o in outputs] == [(None, want) for want in hf(prompts, MAX_NEW)]
+    assert_host_back_to_baseline(llm)

@@ -222,6 +222,25 @@ def test_abort_while_swapped_out_and_a_failed_step_give_everything_back() -> Non
     assert_all_back(kv)
 
 
+def test_a_swap_out_never_written_is_forgotten_and_its_request_named() -> None:
+    kv = make_manager()
+    a, b = make_request("a", 40), make_request("b", 20)
+    prefill(kv, a)
+    prefill(kv, b)
+    saves = kv.swap_out(a)
+    assert saves is not None and kv.swap_out(b) is not None
+    kv.end_step()
+    lost = saves[-1].host_block_id + saves[-1].num_blocks - 1  # a's last block: the worker reports it unwritten
+    assert kv.lose_host_blocks([lost]) == ["a"]
+    assert kv.num_host_copies == 1  # b's copy stands
+    allocation = kv.allocate_slots(a, 40)  # as the scheduler has it: a computes its KV again, in a fresh row
+    assert allocation is not None and not allocation.loads
+    kv.free(a)
+    kv.free(b)
+    assert_all_back(kv)
+    check_page_map(kv)
+
+
 def test_swap_out_refuses_when_the_host_tier_is_full_and_changes_nothing() -> None:
     kv = make_manager(host_blocks=2)
     a = make_request("a", 40)

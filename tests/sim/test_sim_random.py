@@ -157,7 +157,7 @@ class ShadowWorker(SimWorker):
     def write_blocks(self, block_ids: Sequence[int], data: list[object]) -> None:  # type: ignore[override]
         self.shadow.write_blocks(block_ids, data)
 
-    def write_down(self, ops: TierOps) -> dict[bytes, str]:
+    def write_down(self, ops: TierOps) -> StepOutput:
         self.shadow.save_down(ops.disk_drops, ops.disk_saves, ops.saves, failed=set())
         return super().write_down(ops)
 

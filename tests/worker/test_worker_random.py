@@ -22,6 +22,7 @@ allows; once all have ended, every tier is back to empty.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,7 +46,7 @@ from kvos.memory.tiers.swap import PreemptionRule
 from kvos.memory.virtual.virtual_kv_manager import VirtualKVCacheManager
 from kvos.sampling_params import SamplingParams
 from kvos.worker.disk_store import DiskKVStore
-from kvos.worker.kv_cache import make_host_pool, make_kv_buffer
+from kvos.worker.kv_cache import HostKVPool, make_host_pool, make_kv_buffer
 from kvos.worker.worker import Worker
 
 VOCAB = 12
@@ -88,6 +89,30 @@ def first_wrong_token(prompt: list[int], tokens: list[int]) -> int | None:
 
 class StepFailed(RuntimeError):
     """The injected failure of a whole step."""
+
+
+class FlakyHostSaves:
+    """The host tier's copies, some saves among them scribbling over their targets and raising, as a copy
+    that dies half-way would (on the copy thread, so with an rng of their own: the jobs run in plan order)."""
+
+    def __init__(self, pool: HostKVPool, seed: int) -> None:
+        self.pool, self.move = pool, pool._move
+        self.rng = random.Random(seed)
+        self.fail_rate = 0.0
+        self.num_failed = 0
+        pool._move = self  # type: ignore[method-assign]
+
+    def __call__(self, src: list, dst: list, runs: list[tuple[int, int, int]]) -> None:
+        if dst is not self.pool.kv_caches or self.rng.random() >= self.fail_rate:
+            self.move(src, dst, runs)
+            return
+        self.num_failed += 1
+        time.sleep(0.005)  # late, so the engine thread often plans on before it hears of the failure
+        bs = self.pool.block_size
+        for _, target, count in runs:
+            for k, _v in dst:
+                k[target * bs : (target + count) * bs] = float(self.rng.randrange(MODULUS))
+        raise MemoryError("a host save died half-way (injected)")
 
 
 @dataclass
@@ -169,6 +194,7 @@ class Engine:
     scheduler: Scheduler
     worker: Worker
     disk_dir: Path | None
+    host_saves: FlakyHostSaves | None
     reported: dict[str, list[int]] = field(default_factory=dict)
     ended: dict[str, str] = field(default_factory=dict)
 
@@ -201,7 +227,8 @@ def build(setup: Setup, rng: random.Random, tmp_path: Path) -> Engine:
         host_pool=make_host_pool(kv, SHAPE),
         disk_store=store,
     )
-    return Engine(kv, scheduler, worker, tmp_path / "disk" if store is not None else None)
+    host_saves = FlakyHostSaves(worker.host_pool, rng.randrange(1 << 30)) if worker.host_pool is not None else None
+    return Engine(kv, scheduler, worker, tmp_path / "disk" if store is not None else None, host_saves)
 
 
 def step(engine: Engine, owns: Callable[[str], bool] | None = None) -> None:
@@ -242,6 +269,8 @@ def serve(engine: Engine, rng: random.Random, num_steps: int, first_id: int) -> 
     sessions = [f"session-{i}" for i in range(3)]
     next_id = first_id
     engine.worker.attention.fail_rate = 0.03  # type: ignore[attr-defined]
+    if engine.host_saves is not None:
+        engine.host_saves.fail_rate = 0.03
     for _ in range(num_steps):
         for _ in range(rng.choice([0, 0, 1, 1, 2])):
             prompt = rng.choice(PREFIXES)[: rng.randrange(0, 40)] + [rng.randrange(1, VOCAB)]
@@ -269,6 +298,8 @@ def serve(engine: Engine, rng: random.Random, num_steps: int, first_id: int) -> 
             corrupt_a_file(engine, rng)
         step(engine)
     engine.worker.attention.fail_rate = 0.0  # type: ignore[attr-defined]
+    if engine.host_saves is not None:
+        engine.host_saves.fail_rate = 0.0
     for _ in range(1000):
         if not scheduler.has_unfinished():
             break

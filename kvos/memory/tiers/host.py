@@ -164,3 +164,18 @@ def release_copy(copies: dict[str, HostCopy], req_id: str, pool: HostBlockPool |
     if copy is not None and pool is not None:
         for host_block_id in copy.host_block_ids:
             pool.release(host_block_id)
+
+
+def forget_unwritten(copies: dict[str, HostCopy], pool: HostBlockPool, host_block_ids: list[int]) -> list[str]:
+    """A save failed to write these blocks: drop their digests and every host copy that includes one
+    (giving its blocks back); the ids of the requests whose copy was dropped.
+
+    A block given out again since may already hold good KV; forgetting it then costs a hit, never a
+    wrong token."""
+    lost = set(host_block_ids)
+    for host_block_id in lost:
+        pool.unindex(host_block_id)
+    dropped = [req_id for req_id, copy in copies.items() if not lost.isdisjoint(copy.host_block_ids)]
+    for req_id in dropped:
+        release_copy(copies, req_id, pool)
+    return dropped

@@ -52,7 +52,14 @@ from kvos.core.request import Request
 from kvos.memory.block_allocator import KVEvent
 from kvos.memory.kv_manager import KVAllocation, TierOps
 from kvos.memory.shape import KVShape
-from kvos.memory.tiers.host import HostBlockPool, HostCopy, TierCounters, release_copy, resumed_copy
+from kvos.memory.tiers.host import (
+    HostBlockPool,
+    HostCopy,
+    TierCounters,
+    forget_unwritten,
+    release_copy,
+    resumed_copy,
+)
 from kvos.memory.virtual.books_region import BooksRegion
 from kvos.memory.virtual.layout import KVLayout, LayoutKind
 from kvos.memory.virtual.page_mapper import InlineMapper, PageMapper
@@ -408,6 +415,10 @@ class VirtualKVCacheManager:
         self, loaded: list[bytes], load_failed: dict[bytes, str], save_failed: dict[bytes, str]
     ) -> None:
         """No disk tier: the worker has nothing to report."""
+
+    def lose_host_blocks(self, host_block_ids: list[int]) -> list[str]:
+        assert self.host is not None
+        return forget_unwritten(self._host_copies, self.host, host_block_ids)
 
     def kv_start(self, request: Request) -> int:
         """Flat slot of the request's token 0; its token p is at `kv_start + p`."""
