@@ -120,23 +120,28 @@ class ShadowKV:
 
     # -- the forward pass -------------------------------------------------------------------
 
-    def forward(self, scheduled: Sequence[ScheduledRequest]) -> None:
+    def forward(self, scheduled: Sequence[ScheduledRequest], unread: frozenset[str] = frozenset()) -> None:
         """Every layer writes the whole batch's new KV before any request reads (a request admitted in this
-        step may read blocks another one fills in it): write all, then check every read."""
+        step may read blocks another one fills in it): write all, then check every read.
+
+        Requests in `unread` hold blocks a skipped load left unfilled (the worker fails them): they write
+        garbage, and what they read is not checked."""
         for chunk in scheduled:
             start, n = chunk.num_computed_tokens, len(chunk.new_token_ids)
             assert chunk.new_token_ids == self.tokens[chunk.req_id][start : start + n], f"{chunk.req_id}: wrong tokens"
-            self.write(chunk)
+            self.write(chunk, garbage=chunk.req_id in unread)
         for chunk in scheduled:
+            if chunk.req_id in unread:
+                continue
             values = self.values[chunk.req_id]
             for p in range(chunk.num_computed_tokens + len(chunk.new_token_ids)):
                 got = self.pool.get(self.slot(chunk.req_id, p))
                 assert got == values[p], f"request {chunk.req_id} reads another's KV at position {p}"
 
-    def write(self, chunk: ScheduledRequest) -> None:
+    def write(self, chunk: ScheduledRequest, garbage: bool = False) -> None:
         start = chunk.num_computed_tokens
         for p in range(start, start + len(chunk.new_token_ids)):
-            self.pool[self.slot(chunk.req_id, p)] = self.values[chunk.req_id][p]
+            self.pool[self.slot(chunk.req_id, p)] = None if garbage else self.values[chunk.req_id][p]
 
     def slot(self, req_id: str, position: int) -> int:
         table, bs = self.tables[req_id], self.block_size

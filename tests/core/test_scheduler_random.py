@@ -15,8 +15,8 @@ Around it, what a busy server does to the scheduler: arrivals with shared
 prefixes and cache salts, n > 1 siblings, session holds, aborts at any
 time, priorities and tenants, a pool small enough to preempt (swap or
 recompute), host and disk tiers, and failures: a step that raises, a
-request whose sampling fails, host loads, disk reads and disk writes that
-fail. After the arrivals stop, every request must end (none hangs), each
+request whose sampling fails, host loads, host saves (dying half-way), disk
+reads and disk writes that fail. After the arrivals stop, every request must end (none hangs), each
 with the tokens its sampling produced; once the holds are released, every
 block of every tier is free.
 """
@@ -67,6 +67,10 @@ def block_range(ops: Sequence[SaveToHost | LoadFromHost]) -> set[int]:
     return {b for op in ops for b in range(op.block_id, op.block_id + op.num_blocks)}
 
 
+def host_targets(saves: Sequence[SaveToHost]) -> set[int]:
+    return {b for op in saves for b in range(op.host_block_id, op.host_block_id + op.num_blocks)}
+
+
 @dataclass
 class Shadow:
     """The worker, as its memory shows it (`tests.shadow_kv`), with a copy thread that may lag behind the
@@ -80,31 +84,75 @@ class Shadow:
     """Reports of finished jobs not yet handed back: (step id, the report)."""
     sampled: dict[str, list[int]] = field(default_factory=dict)
     """Every token each request sampled, to compare with what the scheduler reported."""
+    unwritten: set[int] = field(default_factory=set)
+    """Host blocks a save died writing (`HostKVPool.unwritten`): loads from them are refused."""
+    unfilled: set[int] = field(default_factory=set)
+    """Pool blocks a host load skipped for that reason, in the step being run."""
+    heard: set[int] = field(default_factory=set)
+    """Unwritten host blocks whose failed save the scheduler has been told of: no plan may read them
+    before a save queued after that fills them again."""
+    queued_saves: list[set[int]] = field(default_factory=list)
+    """Host blocks each queued, not yet run save job writes."""
 
     def fails(self) -> bool:
         return self.rng.random() < self.fail_rate
 
     # -- the copy thread ------------------------------------------------------------------
 
+    def check_reads(self, plan: StepPlan) -> None:
+        """The books read no host block they were told a save died writing, unless a save queued since
+        (this plan's included) writes it first."""
+        known_bad = (self.heard & self.unwritten) - set().union(*self.queued_saves)
+        loads = [*plan.loads, *(op for kv_load in plan.kv_loads for op in kv_load.loads)]
+        reads = {b for op in loads for b in range(op.host_block_id, op.host_block_id + op.num_blocks)}
+        bad = reads & (known_bad - host_targets(plan.saves))  # the plan's saves run before its loads
+        assert not bad, f"step {plan.step_id} loads host blocks {bad} reported unwritten"
+        to_disk = {op.block_id for op in plan.disk_saves if op.tier == "host"}  # and after its disk writes
+        assert not to_disk & known_bad, f"step {plan.step_id} writes host blocks {to_disk & known_bad} to disk"
+
     def submit(self, plan: StepPlan) -> None:
         """Queue the plan's moves in the worker's three kinds of job, in its order."""
         step, kv = plan.step_id, self.kv
+        self.check_reads(plan)
         if plan.disk_drops or plan.disk_saves or plan.saves:
             blocks = {op.block_id for op in plan.disk_saves if op.tier == "primary"} | block_range(plan.saves)
+            targets = host_targets(plan.saves)
+            self.queued_saves.append(targets)
 
-            def save(report: StepOutput) -> None:
+            def save(report: StepOutput, targets: set[int] = targets) -> None:
+                self.queued_saves.remove(targets)
                 for op in plan.disk_saves:
                     if self.rng.random() < self.fail_rate / 10:  # rarer: the first one stops the tier taking blocks
                         report.disk_save_failed[op.key] = "OSError: injected"
-                kv.save_down(plan.disk_drops, plan.disk_saves, plan.saves, set(report.disk_save_failed))
+                # The worker writes no host block a save died writing to disk; the key reads as missing later.
+                skipped = {op.key for op in plan.disk_saves if op.tier == "host" and op.block_id in self.unwritten}
+                kv.save_down(plan.disk_drops, plan.disk_saves, [], set(report.disk_save_failed) | skipped)
+                if targets and self.fails():  # the host saves die half-way
+                    for b in targets:
+                        kv.scribble("host", b)
+                    self.unwritten |= targets
+                    report.host_save_failed.extend(sorted(targets))
+                else:
+                    kv.save_down([], [], plan.saves, set())
+                    self.unwritten -= targets
+                    self.heard -= targets
 
             self.queue.append(Job(step, blocks, save))
         if plan.loads:
-            self.queue.append(Job(step, block_range(plan.loads), lambda report: kv.load_from_host(plan.loads)))
+
+            def load(report: StepOutput) -> None:
+                readable = [op for op in plan.loads if self.readable(op)]
+                kv.load_from_host(readable)
+                self.unfilled |= block_range([op for op in plan.loads if op not in readable])
+
+            self.queue.append(Job(step, block_range(plan.loads), load))
         for kv_load in plan.kv_loads:
             blocks = block_range(kv_load.loads)
 
             def load_request(report: StepOutput, kv_load=kv_load, blocks=blocks) -> None:
+                if not all(self.readable(op) for op in kv_load.loads):
+                    report.kv_load_failed.append((kv_load.req_id, step, "UnwrittenHostBlock"))
+                    return
                 if self.fails():
                     for b in blocks:
                         kv.scribble("primary", b)
@@ -121,11 +169,17 @@ class Shadow:
                     error = kv.load_from_disk(op, corrupt=self.fails())
                     if error is None:
                         report.disk_loaded.append(op.key)
+                        if op.tier == "host":
+                            self.unwritten.discard(op.block_id)
+                            self.heard.discard(op.block_id)
                     else:
                         report.disk_load_failed[op.key] = error
 
             blocks = {op.block_id for op in plan.disk_loads if op.tier == "primary"}
             self.queue.append(Job(step, blocks, load_disk))
+
+    def readable(self, op: LoadFromHost) -> bool:
+        return self.unwritten.isdisjoint(range(op.host_block_id, op.host_block_id + op.num_blocks))
 
     def run_jobs(self, count: int) -> None:
         for _ in range(min(count, len(self.queue))):
@@ -147,6 +201,8 @@ class Shadow:
             output.disk_loaded.extend(report.disk_loaded)
             output.disk_load_failed.update(report.disk_load_failed)
             output.disk_save_failed.update(report.disk_save_failed)
+            output.host_save_failed.extend(report.host_save_failed)
+        self.heard.update(output.host_save_failed)
         self.done = []
         return output
 
@@ -158,6 +214,7 @@ class Shadow:
         except StepFailed:
             self.run_jobs(len(self.queue))  # drain, then forget this plan's reports
             self.done = [(step, report) for step, report in self.done if step != plan.step_id]
+            self.unfilled.clear()
             raise
 
     def _execute(self, plan: StepPlan, fail: bool) -> StepOutput:
@@ -176,11 +233,14 @@ class Shadow:
             for scheduled in plan.scheduled[: len(plan.scheduled) // 2]:
                 kv.write(scheduled)
             raise StepFailed
-        kv.forward(plan.scheduled)
+        # This step's host loads are done: whoever holds a block one skipped fails (`Worker._output`).
+        unread = frozenset(s.req_id for s in plan.scheduled if not self.unfilled.isdisjoint(kv.tables[s.req_id]))
+        self.unfilled.clear()
+        kv.forward(plan.scheduled, unread)
         sampled: dict[str, SampledToken] = {}
-        failed: dict[str, str] = {}
+        failed: dict[str, str] = dict.fromkeys(unread, "KV unreadable")
         for scheduled in plan.scheduled:
-            if not scheduled.sample:
+            if not scheduled.sample or scheduled.req_id in unread:
                 continue
             if self.rng.random() < self.fail_rate:
                 failed[scheduled.req_id] = "sampling failed (injected)"
