@@ -57,7 +57,8 @@ logger = logging.getLogger(__name__)
 SAMPLING_FAILED = "sampling failed for this request"
 """What a client hears when its row of the sampler raised (the cause goes to the log)."""
 KV_UNREADABLE = "this request's cached KV could not be read back from the host tier"
-"""What a client hears when a prefix hit it took from the host tier had never been written (a failed save)."""
+"""What a client hears when a prefix hit it took from the host tier could not be loaded: its copy raised, or
+the block had never been written (a failed save)."""
 
 
 @dataclass
@@ -262,10 +263,14 @@ class Worker:
                 assert host is not None
                 start = time.perf_counter()
                 readable = [op for op in plan.loads if host.readable(op)]
+                try:
+                    host.load(primary, readable)
+                except Exception:  # the requests that hold these blocks fail, not the whole step
+                    logger.exception("loading %d host-tier prefix hits failed", len(readable))
+                    readable = []
                 for op in plan.loads:
-                    if not host.readable(op):
+                    if op not in readable:
                         report.unfilled_blocks.extend(range(op.block_id, op.block_id + op.num_blocks))
-                host.load(primary, readable)
                 report.seconds["from_host"] = time.perf_counter() - start
 
             self.copies.submit(plan.step_id, host_ranges(plan.loads), load)

@@ -178,3 +178,31 @@ def test_the_host_pool_refuses_to_load_what_a_failed_save_left() -> None:
     pool.load(primary, [LoadFromHost(0, 0), LoadFromHost(3, 1)])  # the others load as ever
     pool.save(primary, [SaveToHost(4, 2)])
     assert pool.unwritten == {1}
+
+
+def test_a_promotion_whose_copy_raises_fails_only_the_requests_holding_its_blocks() -> None:
+    worker, _ = make_worker()
+    prefill_a(worker)
+    assert not run(worker, StepPlan(2, saves=[SaveToHost(0, 5)])).host_save_failed
+    pool = worker.host_pool
+    assert pool is not None
+    real = pool._move
+
+    def fails_into_the_pool(src: list, dst: list, runs: list[tuple[int, int, int]]) -> None:
+        if dst is not pool.kv_caches:
+            raise OSError("the host memory could not be read")
+        real(src, dst, runs)
+
+    pool._move = fails_into_the_pool  # type: ignore[method-assign]
+    c_prompt = [2, 7, 1, 8, 2]
+    plan = StepPlan(
+        3,
+        [
+            ScheduledRequest("b", PROMPT[4:], 4, True, TableUpdate(0, (6, 7, 8))),
+            ScheduledRequest("c", c_prompt, 0, True, TableUpdate(0, (9, 10))),
+        ],
+        [new("b", PROMPT), new("c", c_prompt)],
+        loads=[LoadFromHost(5, 6)],
+    )
+    output = worker.execute(plan)  # raises nothing: the step goes on for c
+    assert output.failed == {"b": KV_UNREADABLE} and list(output.sampled) == ["c"]
