@@ -337,20 +337,24 @@ class Worker:
         """Disk drops and writes, then write-backs to the host tier: a disk write may read a host block that
         a write-back is about to fill. A failed write is reported, not raised.
 
-        A host block whose save failed is not written to disk (its key reads as missing later); the
-        failed save's blocks are reported for the books to forget."""
+        Nothing here raises: the books already count on every host save of the job, so a disk
+        failure must not skip them. A host block whose save failed is not written to disk (its key
+        reads as missing later); the failed save's blocks are reported for the books to forget."""
         host = self.host_pool
         if drops or disk_saves:
             assert self.disk_store is not None  # the callers checked
             start = time.perf_counter()
             for key in drops:
-                self.disk_store.drop(key)
+                try:
+                    self.disk_store.drop(key)
+                except OSError:  # the file outlives its index entry; the host saves below must still run
+                    logger.exception("removing an evicted disk KV block failed")
             for op in disk_saves:
                 if op.tier == "host" and host is not None and op.block_id in host.unwritten:
                     continue
                 try:
                     self.disk_store.save(caches, op)
-                except OSError as exc:
+                except Exception as exc:
                     report.disk_save_failed[op.key] = f"{type(exc).__name__}: {exc}"
             report.seconds["to_disk"] = time.perf_counter() - start
         if saves:

@@ -206,3 +206,21 @@ def test_a_promotion_whose_copy_raises_fails_only_the_requests_holding_its_block
     )
     output = worker.execute(plan)  # raises nothing: the step goes on for c
     assert output.failed == {"b": KV_UNREADABLE} and list(output.sampled) == ["c"]
+
+
+def test_a_disk_drop_that_raises_skips_none_of_the_host_saves_behind_it(tmp_path: Path) -> None:
+    worker, _ = make_worker(tmp_path)
+    prefill_a(worker)
+    store = worker.disk_store
+    assert store is not None
+
+    def drop(key: bytes) -> None:
+        raise PermissionError("read-only directory")
+
+    store.drop = drop  # type: ignore[method-assign]
+    output = run(worker, StepPlan(2, disk_drops=[b"\x02" * 32], saves=[SaveToHost(0, 5)]))
+    assert not output.host_save_failed and not output.disk_save_failed
+    swap_in = LoadRequestKV("a", TableUpdate(0, (11,)), (LoadFromHost(5, 11),))
+    assert run(worker, StepPlan(3, kv_loads=[swap_in])).kv_loaded == [("a", 3)]
+    k = worker.kv_buffer.kv_caches[0][0]
+    assert [int(k[11 * BS + p, 0, 0]) for p in range(BS)] == [kv_value(PROMPT, p) for p in range(BS)]
