@@ -304,7 +304,7 @@ class Worker:
                         report.disk_load_failed[op.key] = exc.reason
                     except FileNotFoundError:
                         report.disk_load_failed[op.key] = "missing"
-                    except OSError as exc:
+                    except Exception as exc:  # reported, so the read's request stops waiting for it
                         report.disk_load_failed[op.key] = f"{type(exc).__name__}: {exc}"
                     else:
                         report.disk_loaded.append(op.key)

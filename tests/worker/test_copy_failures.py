@@ -1,4 +1,5 @@
-"""A host save that raises on the copy thread: whoever would read its blocks fails or recomputes, alone.
+"""Moves between tiers that raise on the copy thread: whoever would use what they moved fails or
+recomputes, alone, and no later move of the same job is skipped.
 
 The books plan against the host tier a step or more ahead of the copy thread,
 so by the time a save fails, later plans may already read its blocks (a
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from kvos.core.plan import (
+    LoadFromDisk,
     LoadFromHost,
     LoadRequestKV,
     NewRequestData,
@@ -83,6 +85,8 @@ def run(worker: Worker, plan: StepPlan) -> StepOutput:
     output.kv_load_failed.extend(late.kv_load_failed)
     output.host_save_failed.extend(late.host_save_failed)
     output.disk_save_failed.update(late.disk_save_failed)
+    output.disk_loaded.extend(late.disk_loaded)
+    output.disk_load_failed.update(late.disk_load_failed)
     return output
 
 
@@ -224,3 +228,17 @@ def test_a_disk_drop_that_raises_skips_none_of_the_host_saves_behind_it(tmp_path
     assert run(worker, StepPlan(3, kv_loads=[swap_in])).kv_loaded == [("a", 3)]
     k = worker.kv_buffer.kv_caches[0][0]
     assert [int(k[11 * BS + p, 0, 0]) for p in range(BS)] == [kv_value(PROMPT, p) for p in range(BS)]
+
+
+def test_a_disk_read_that_raises_is_reported_as_that_read_s_failure(tmp_path: Path) -> None:
+    worker, _ = make_worker(tmp_path)
+    store = worker.disk_store
+    assert store is not None
+
+    def load(caches: dict, op: LoadFromDisk) -> None:
+        raise RuntimeError("shape mismatch")
+
+    store.load = load  # type: ignore[method-assign]
+    key = b"\x03" * 32
+    output = run(worker, StepPlan(1, disk_loads=[LoadFromDisk(key, "host", 2)]))
+    assert output.disk_load_failed == {key: "RuntimeError: shape mismatch"} and not output.disk_loaded
