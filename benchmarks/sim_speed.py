@@ -14,6 +14,11 @@ whether run one by one or inside a decode run), and requests per second.
 writes a cProfile of the run.
 
 Usage: python -m benchmarks.sim_speed [--num-requests 1000000] [--num-instances 1000] [--one-by-one]
+
+The scheduler's own cost per step at a GPU's batch sizes (one instance, every
+request at once, each step through `schedule` and `update_from_output`):
+python -m benchmarks.sim_speed --num-instances 1 --num-requests 4000 --rate-per-instance 1e9 \
+    --one-by-one --max-num-seqs 256
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-per-instance", type=float, default=2.0, help="requests/s offered per instance")
     parser.add_argument("--router", default="least-requests")
     parser.add_argument("--one-by-one", action="store_true", help="no decode runs: every step through schedule()")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="each instance's batch (sequences) limit")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="each instance's token budget")
     parser.add_argument("--profile-out", type=Path, default=None, help="write a cProfile of the run here")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -53,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.num_requests
     lengths = [(64 + (k * 37) % 400, 8 + (k * 13) % 120) for k in range(n)]
     requests = with_arrivals(lengths, arrival_times(n, args.rate_per_instance * args.num_instances, seed=3))
-    instance = InstanceConfig(scheduler=SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=64))
+    scheduler = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+    instance = InstanceConfig(scheduler=scheduler)
     simulator = Simulator(
         FleetConfig(instance, args.num_instances, args.router), STEP_MODEL, decode_runs=not args.one_by_one
     )
@@ -79,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         "requests_per_s": n / result.wall_s,
         "simulated_s": result.end_s,
         "completed": sum(1 for t in result.times.num_output_tokens if t > 0),
+        # With --one-by-one: what the real scheduler, KV books and the simulated worker cost per engine step.
+        "ms_per_step": 1e3 * result.wall_s / steps,
+        "us_per_output_token": 1e6 * result.wall_s / sum(result.times.num_output_tokens),
     }
     print(json.dumps(report, indent=2))
     if args.json is not None:
