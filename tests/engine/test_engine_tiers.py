@@ -224,10 +224,9 @@ def test_cli_flags_set_the_tier_fields() -> None:
     assert defaults["kv_offload_bytes"] is None and defaults["preemption_mode"] == "auto"
 
 
-def test_tiny_a_step_failing_in_its_saves_leaves_no_unwritten_block_findable(
-    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    folder, hf = tiny_llama
+def write_back_llm(folder: str) -> tuple[LLM, list[int]]:
+    """A pool of 100 tokens with prefix caching over a host tier, and a prompt it has cached: the next
+    requests make the pool write that prompt's blocks back."""
     llm = LLM(
         folder,
         block_size=4,
@@ -235,9 +234,17 @@ def test_tiny_a_step_failing_in_its_saves_leaves_no_unwritten_block_findable(
         kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
         dtype="float32",
     )
-    tokenizer = llm.tokenizer
-    prompt = tokenizer.encode(TEXTS[4])
+    prompt = llm.tokenizer.encode(TEXTS[4])
     llm.generate([prompt], greedy(), use_tqdm=False)
+    return llm, prompt
+
+
+def test_tiny_a_step_failing_in_its_saves_leaves_no_unwritten_block_findable(
+    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, hf = tiny_llama
+    llm, prompt = write_back_llm(folder)
+    tokenizer = llm.tokenizer
     worker = llm.engine.core.worker
     real = worker.execute
 
@@ -281,16 +288,8 @@ def test_tiny_write_backs_dying_on_the_copy_thread_fail_nobody_and_leave_nothing
     tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder, hf = tiny_llama
-    llm = LLM(
-        folder,
-        block_size=4,
-        kv_cache_memory_bytes=100 * TINY_BYTES_PER_TOKEN,
-        kv_offload_bytes=4096 * TINY_BYTES_PER_TOKEN,
-        dtype="float32",
-    )
+    llm, prompt = write_back_llm(folder)
     tokenizer = llm.tokenizer
-    prompt = tokenizer.encode(TEXTS[4])
-    llm.generate([prompt], greedy(), use_tqdm=False)
     died = die_in_host_saves(llm, monkeypatch)
     others = [tokenizer.encode(t) for t in TEXTS[5:8]]
     outputs = llm.generate(others, greedy(), use_tqdm=False)
