@@ -54,7 +54,7 @@ class CopyReport:
     host_save_failed: list[int] = field(default_factory=list)
     """Host blocks a save could not write."""
     unfilled_blocks: list[int] = field(default_factory=list)
-    """Primary blocks a host load skipped: its source's save had failed."""
+    """Primary blocks a host load did not fill: its source's save had failed, or the copy raised."""
     seconds: dict[str, float] = field(default_factory=dict)
 
 

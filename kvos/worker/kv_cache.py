@@ -213,9 +213,11 @@ class HostKVPool:
     def load(self, primary: KVCaches, ops: list[LoadFromHost]) -> None:
         """Host blocks -> primary blocks, one run per op, in every layer; raises UnwrittenHostBlock,
         copying nothing, if a source block's save failed."""
-        bad = [op for op in ops if not self.readable(op)]
-        if bad:
-            raise UnwrittenHostBlock(f"host block {bad[0].host_block_id}'s save failed; it holds no usable KV")
+        if self.unwritten:
+            bad = [b for op in ops for b in range(op.host_block_id, op.host_block_id + op.num_blocks)]
+            bad = [b for b in bad if b in self.unwritten]
+            if bad:
+                raise UnwrittenHostBlock(f"host block {min(bad)}'s save failed; it holds no usable KV")
         runs = [(op.host_block_id, op.block_id, op.num_blocks) for op in ops]
         self._move(self.kv_caches, primary, runs)
 
