@@ -57,7 +57,13 @@ from kvos.core.plan import (
 )
 from kvos.core.policies import SchedulingPolicy, make_policy
 from kvos.core.request import Request, RequestStatus
-from kvos.memory.kv_manager import HoldingKVCacheManager, KVAllocation, KVCacheManager, SwappingKVCacheManager
+from kvos.memory.kv_manager import (
+    NO_CHANGE,
+    HoldingKVCacheManager,
+    KVAllocation,
+    KVCacheManager,
+    SwappingKVCacheManager,
+)
 from kvos.memory.tiers.swap import PreemptionRule
 
 KV_LOAD_FAILED = "loading this request's KV from the host tier failed"
@@ -349,9 +355,10 @@ class Scheduler:
                 table_update=allocation.table_update,
             )
         )
-        plan.copies.extend(allocation.copies)
-        plan.saves.extend(allocation.saves)
-        plan.loads.extend(allocation.loads)
+        if allocation is not NO_CHANGE:
+            plan.copies.extend(allocation.copies)
+            plan.saves.extend(allocation.saves)
+            plan.loads.extend(allocation.loads)
 
     def _make_room(self, keep: Request | None = None) -> bool:
         """Free memory that no live request holds, for a live request's sake: the oldest session hold,

@@ -38,6 +38,11 @@ class KVAllocation:
     """Host-tier prefix hits and swapped-out KV coming back (host tier only)."""
 
 
+NO_CHANGE = KVAllocation()
+"""The allocation of a request whose table and memory stay as they are (most decode steps). Shared:
+callers read its lists and never write them."""
+
+
 @dataclass
 class TierOps:
     """Memory operations a manager planned outside any one request's allocation (the scheduler adds

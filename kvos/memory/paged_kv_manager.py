@@ -76,7 +76,7 @@ from kvos.core.plan import (
 from kvos.core.request import Request
 from kvos.memory.block_allocator import BlockAllocator, KVEvent
 from kvos.memory.block_hash import BlockHash, block_hash, root_hash, salted_root
-from kvos.memory.kv_manager import KVAllocation, TierOps
+from kvos.memory.kv_manager import NO_CHANGE, KVAllocation, TierOps
 from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import (
     HostBlockPool,
@@ -316,7 +316,7 @@ class PagedKVCacheManager:
         self._mark_pending(request, table, total)
         saves, self._demotions = self._demotions, []
         if first_changed == len(table):
-            return KVAllocation(saves=coalesce_saves(saves)) if saves else KVAllocation()
+            return KVAllocation(saves=coalesce_saves(saves)) if saves else NO_CHANGE
         return KVAllocation(TableUpdate(first_changed, tuple(table[first_changed:])), copies, coalesce_saves(saves))
 
     def _take_hits(

@@ -50,7 +50,7 @@ import torch
 from kvos.core.plan import CopyKV, LoadFromHost, SaveToHost, TableUpdate, coalesce_loads, coalesce_saves
 from kvos.core.request import Request
 from kvos.memory.block_allocator import KVEvent
-from kvos.memory.kv_manager import KVAllocation, TierOps
+from kvos.memory.kv_manager import NO_CHANGE, KVAllocation, TierOps
 from kvos.memory.shape import KVShape
 from kvos.memory.tiers.host import (
     HostBlockPool,
@@ -285,7 +285,7 @@ class VirtualKVCacheManager:
                 return None
             self._num_tokens[req_id] = total
         self._look_ahead(request, row, total)
-        return KVAllocation(TableUpdate(0, (row,))) if is_new else KVAllocation()
+        return KVAllocation(TableUpdate(0, (row,))) if is_new else NO_CHANGE
 
     def fork(self, parent: Request, child: Request, num_tokens: int, num_new_tokens: int) -> KVAllocation | None:
         """Give `child` its own row and ask for a copy of `parent`'s first `num_tokens` tokens of KV.
