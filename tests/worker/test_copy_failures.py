@@ -27,6 +27,7 @@ from kvos.core.plan import (
     StepPlan,
     TableUpdate,
 )
+from kvos.memory.kv_manager import TierOps
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.memory.tiers.host import HostBlockPool
 from kvos.sampling_params import SamplingParams
@@ -242,3 +243,12 @@ def test_a_disk_read_that_raises_is_reported_as_that_read_s_failure(tmp_path: Pa
     key = b"\x03" * 32
     output = run(worker, StepPlan(1, disk_loads=[LoadFromDisk(key, "host", 2)]))
     assert output.disk_load_failed == {key: "RuntimeError: shape mismatch"} and not output.disk_loaded
+
+
+def test_write_down_reports_a_dying_host_save_as_a_step_does() -> None:
+    worker, saves = make_worker()
+    prefill_a(worker)
+    saves.failing = True
+    written = worker.write_down(TierOps(saves=[SaveToHost(0, 4, 2)]))  # a migration's reservation, between steps
+    assert written.host_save_failed == [4, 5] and not written.disk_save_failed
+    assert worker.host_pool is not None and worker.host_pool.unwritten == {4, 5}
