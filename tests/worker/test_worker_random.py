@@ -74,6 +74,12 @@ def allowed(values: list[int]) -> tuple[int, int]:
     return first, (first + 5) % VOCAB
 
 
+def kv_value(stored: torch.Tensor) -> int:
+    """A KV slot's value as the chain reads it. A slot no one wrote holds whatever memory held (NaN or
+    infinity among it): read as garbage, as a real model would, never raised."""
+    return int(torch.nan_to_num(stored, nan=0.0, posinf=0.0, neginf=0.0).item()) % MODULUS
+
+
 def first_wrong_token(prompt: list[int], tokens: list[int]) -> int | None:
     """The index of the first token the model could not have sampled had every KV it read been the
     sequence's own (None: all could)."""
@@ -151,13 +157,13 @@ class ChainModel:
         # read blocks another one fills in it): write all first, then read.
         for seq in meta.seqs:
             slots = seq.context_slots.tolist()
-            value = int(k[slots[seq.num_computed - 1], 0, 0].item()) if seq.num_computed else 1
+            value = kv_value(k[slots[seq.num_computed - 1], 0, 0]) if seq.num_computed else 1
             for i in range(seq.num_tokens):
                 value = chain(value, tokens[seq.token_start + i])
                 k[slots[seq.num_computed + i], 0, :] = float(value)
         for seq in meta.seqs:
-            context = k[seq.context_slots, 0, 0].tolist()
-            hidden[seq.token_start + seq.num_tokens - 1] = predict([int(v) for v in context])
+            context = k[seq.context_slots, 0, 0]
+            hidden[seq.token_start + seq.num_tokens - 1] = predict([kv_value(v) for v in context])
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
