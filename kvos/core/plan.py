@@ -61,6 +61,11 @@ class SaveToHost:
     host_block_id: int
     num_blocks: int = 1
 
+    @property
+    def host_blocks(self) -> range:
+        """The host blocks it writes."""
+        return range(self.host_block_id, self.host_block_id + self.num_blocks)
+
 
 @dataclass(frozen=True)
 class LoadFromHost:
@@ -73,6 +78,11 @@ class LoadFromHost:
     host_block_id: int
     block_id: int
     num_blocks: int = 1
+
+    @property
+    def host_blocks(self) -> range:
+        """The host blocks it reads."""
+        return range(self.host_block_id, self.host_block_id + self.num_blocks)
 
 
 @dataclass(frozen=True)

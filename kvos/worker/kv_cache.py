@@ -205,32 +205,28 @@ class HostKVPool:
             self._move(primary, self.kv_caches, runs)
         except BaseException:
             for op in ops:
-                self.unwritten.update(range(op.host_block_id, op.host_block_id + op.num_blocks))
+                self.unwritten.update(op.host_blocks)
             raise
         for op in ops:
-            self.mark_written(op.host_block_id, op.num_blocks)
+            self.mark_written(op.host_blocks)
 
     def load(self, primary: KVCaches, ops: list[LoadFromHost]) -> None:
         """Host blocks -> primary blocks, one run per op, in every layer; raises UnwrittenHostBlock,
         copying nothing, if a source block's save failed."""
-        if self.unwritten:
-            bad = [b for op in ops for b in range(op.host_block_id, op.host_block_id + op.num_blocks)]
-            bad = [b for b in bad if b in self.unwritten]
-            if bad:
-                raise UnwrittenHostBlock(f"host block {min(bad)}'s save failed; it holds no usable KV")
+        bad = [b for op in ops if not self.readable(op) for b in op.host_blocks if b in self.unwritten]
+        if bad:
+            raise UnwrittenHostBlock(f"host block {min(bad)}'s save failed; it holds no usable KV")
         runs = [(op.host_block_id, op.block_id, op.num_blocks) for op in ops]
         self._move(self.kv_caches, primary, runs)
 
     def readable(self, op: LoadFromHost) -> bool:
         """Whether every source block of `op` holds the KV its last save wrote."""
-        return not self.unwritten or self.unwritten.isdisjoint(
-            range(op.host_block_id, op.host_block_id + op.num_blocks)
-        )
+        return not self.unwritten or self.unwritten.isdisjoint(op.host_blocks)
 
-    def mark_written(self, host_block_id: int, num_blocks: int = 1) -> None:
+    def mark_written(self, host_blocks: range) -> None:
         """The blocks were filled whole (a save, a checked disk read): readable again."""
         if self.unwritten:
-            self.unwritten.difference_update(range(host_block_id, host_block_id + num_blocks))
+            self.unwritten.difference_update(host_blocks)
 
     def _move(self, src: KVCaches, dst: KVCaches, runs: list[tuple[int, int, int]]) -> None:
         """Copy block runs (source block, destination block, blocks) in every layer's K and V.

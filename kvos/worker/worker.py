@@ -262,15 +262,14 @@ class Worker:
             def load(report: CopyReport) -> None:
                 assert host is not None
                 start = time.perf_counter()
-                readable = [op for op in plan.loads if host.readable(op)]
+                skipped = [op for op in plan.loads if not host.readable(op)]
                 try:
-                    host.load(primary, readable)
+                    host.load(primary, [op for op in plan.loads if op not in skipped])
                 except Exception:  # the requests that hold these blocks fail, not the whole step
-                    logger.exception("loading %d host-tier prefix hits failed", len(readable))
-                    readable = []
-                for op in plan.loads:
-                    if op not in readable:
-                        report.unfilled_blocks.extend(range(op.block_id, op.block_id + op.num_blocks))
+                    logger.exception("loading %d host-tier prefix hits failed", len(plan.loads) - len(skipped))
+                    skipped = plan.loads
+                for op in skipped:
+                    report.unfilled_blocks.extend(range(op.block_id, op.block_id + op.num_blocks))
                 report.seconds["from_host"] = time.perf_counter() - start
 
             self.copies.submit(plan.step_id, host_ranges(plan.loads), load)
@@ -299,7 +298,7 @@ class Worker:
                         disk.load(caches, op)
                         if op.tier == "host":
                             assert host is not None
-                            host.mark_written(op.block_id)
+                            host.mark_written(range(op.block_id, op.block_id + 1))
                     except CorruptBlockError as exc:
                         report.disk_load_failed[op.key] = exc.reason
                     except FileNotFoundError:
@@ -364,9 +363,7 @@ class Worker:
                 host.save(caches["primary"], list(saves))
             except Exception:  # the books forget these blocks; whoever would read them recomputes or fails alone
                 logger.exception("saving %d KV block runs to the host tier failed", len(saves))
-                report.host_save_failed.extend(
-                    b for op in saves for b in range(op.host_block_id, op.host_block_id + op.num_blocks)
-                )
+                report.host_save_failed.extend(b for op in saves for b in op.host_blocks)
             report.seconds["to_host"] = time.perf_counter() - start
 
     def _sample(self, logits: torch.Tensor, req_ids: list[str]) -> tuple[dict[str, SampledToken], dict[str, str]]:

@@ -68,7 +68,7 @@ def block_range(ops: Sequence[SaveToHost | LoadFromHost]) -> set[int]:
 
 
 def host_targets(saves: Sequence[SaveToHost]) -> set[int]:
-    return {b for op in saves for b in range(op.host_block_id, op.host_block_id + op.num_blocks)}
+    return {b for op in saves for b in op.host_blocks}
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Shadow:
         (this plan's included) writes it first."""
         known_bad = (self.heard & self.unwritten) - set().union(*self.queued_saves)
         loads = [*plan.loads, *(op for kv_load in plan.kv_loads for op in kv_load.loads)]
-        reads = {b for op in loads for b in range(op.host_block_id, op.host_block_id + op.num_blocks)}
+        reads = {b for op in loads for b in op.host_blocks}
         bad = reads & (known_bad - host_targets(plan.saves))  # the plan's saves run before its loads
         assert not bad, f"step {plan.step_id} loads host blocks {bad} reported unwritten"
         to_disk = {op.block_id for op in plan.disk_saves if op.tier == "host"}  # and after its disk writes
@@ -179,7 +179,7 @@ class Shadow:
             self.queue.append(Job(step, blocks, load_disk))
 
     def readable(self, op: LoadFromHost) -> bool:
-        return self.unwritten.isdisjoint(range(op.host_block_id, op.host_block_id + op.num_blocks))
+        return self.unwritten.isdisjoint(op.host_blocks)
 
     def run_jobs(self, count: int) -> None:
         for _ in range(min(count, len(self.queue))):
