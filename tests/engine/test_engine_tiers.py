@@ -14,6 +14,7 @@ from kvos.entrypoints.metrics import ServerMetrics
 from kvos.memory.virtual import VirtualKVCacheManager
 from tests.conftest import GreedyFn, hf_greedy_fn
 from tests.engine.test_engine_equivalence import MAX_NEW, TEXTS, check_against_hf, greedy
+from tests.worker.test_worker_random import FlakyHostSaves
 
 TINY_BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, head_dim 16, fp32
 SMOLLM_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 4
@@ -263,37 +264,26 @@ def test_tiny_a_step_failing_in_its_saves_leaves_no_unwritten_block_findable(
     assert_host_back_to_baseline(llm)
 
 
-def die_in_host_saves(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, int, int]]]:
+def die_in_host_saves(llm: LLM) -> FlakyHostSaves:
     """Every save to the host tier scribbles over its targets and raises, on the copy thread, as a copy
-    dying half-way would; returns the runs of the saves that died (loads and other copies work)."""
+    dying half-way would (loads and other copies work)."""
     pool = llm.engine.core.worker.host_pool
     assert pool is not None
-    real, bs, died = pool._move, pool.block_size, []
-
-    def move(src, dst, runs):
-        if dst is not pool.kv_caches:
-            return real(src, dst, runs)
-        died.append(runs)
-        for _, target, count in runs:
-            for k, v in dst:
-                k[target * bs : (target + count) * bs] = 3.0
-                v[target * bs : (target + count) * bs] = -3.0
-        raise MemoryError("host memory went away")
-
-    monkeypatch.setattr(pool, "_move", move)
-    return died
+    saves = FlakyHostSaves(pool, seed=0)
+    saves.fail_rate = 1.0
+    return saves
 
 
 def test_tiny_write_backs_dying_on_the_copy_thread_fail_nobody_and_leave_nothing_findable(
-    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
+    tiny_llama: tuple[str, GreedyFn],
 ) -> None:
     folder, hf = tiny_llama
     llm, prompt = write_back_llm(folder)
     tokenizer = llm.tokenizer
-    died = die_in_host_saves(llm, monkeypatch)
+    saves = die_in_host_saves(llm)
     others = [tokenizer.encode(t) for t in TEXTS[5:8]]
     outputs = llm.generate(others, greedy(), use_tqdm=False)
-    assert died  # the pool reused the prompt's cached blocks, and their write-backs died
+    assert saves.num_failed  # the pool reused the prompt's cached blocks, and their write-backs died
     assert [(o.error, o.outputs[0].token_ids) for o in outputs] == [(None, want) for want in hf(others, MAX_NEW)]
     assert tier(llm, "host").cached_bytes == 0  # no block the dead saves were to fill is findable
     (again,) = llm.generate([prompt], greedy(), use_tqdm=False)
@@ -302,13 +292,13 @@ def test_tiny_write_backs_dying_on_the_copy_thread_fail_nobody_and_leave_nothing
 
 
 def test_tiny_swap_outs_dying_on_the_copy_thread_make_their_victims_recompute(
-    tiny_llama: tuple[str, GreedyFn], monkeypatch: pytest.MonkeyPatch
+    tiny_llama: tuple[str, GreedyFn],
 ) -> None:
     folder, hf = tiny_llama
     llm = swap_llm(folder)
-    died = die_in_host_saves(llm, monkeypatch)
+    saves = die_in_host_saves(llm)
     prompts = [llm.tokenizer.encode(t) for t in TEXTS]
     outputs = llm.generate(prompts, greedy(), use_tqdm=False)
-    assert died and llm.engine.stats().num_preemptions > 0
+    assert saves.num_failed and llm.engine.stats().num_preemptions > 0
     assert [(o.error, o.outputs[0].token_ids) for o in outputs] == [(None, want) for want in hf(prompts, MAX_NEW)]
     assert_host_back_to_baseline(llm)

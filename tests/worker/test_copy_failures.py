@@ -34,31 +34,12 @@ from kvos.sampling_params import SamplingParams
 from kvos.worker.disk_store import DiskKVStore
 from kvos.worker.kv_cache import HostKVPool, UnwrittenHostBlock, make_host_pool, make_kv_buffer
 from kvos.worker.worker import KV_UNREADABLE, Worker
-from tests.worker.test_worker_random import SHAPE, ChainModel, allowed, chain
+from tests.worker.test_worker_random import SHAPE, ChainModel, FlakyHostSaves, allowed, chain
 
 BS = 4
 
 
-class FailingSaves:
-    """The host pool's saves raise (after scribbling over their targets) while `failing` is set."""
-
-    def __init__(self, pool: HostKVPool) -> None:
-        self.pool, self.move = pool, pool._move
-        self.failing = False
-        pool._move = self  # type: ignore[method-assign]
-
-    def __call__(self, src: list, dst: list, runs: list[tuple[int, int, int]]) -> None:
-        if not (self.failing and dst is self.pool.kv_caches):
-            self.move(src, dst, runs)
-            return
-        for _, target, count in runs:
-            for k, v in dst:
-                k[target * BS : (target + count) * BS] = 7.0
-                v[target * BS : (target + count) * BS] = 7.0
-        raise MemoryError("the host copy died half-way")
-
-
-def make_worker(tmp_path: Path | None = None) -> tuple[Worker, FailingSaves]:
+def make_worker(tmp_path: Path | None = None) -> tuple[Worker, FlakyHostSaves]:
     kv = PagedKVCacheManager(16, BS, 64, host=HostBlockPool(8))
     store = DiskKVStore(str(tmp_path), 1 << 20, BS, SHAPE) if tmp_path is not None else None
     worker = Worker(
@@ -73,7 +54,7 @@ def make_worker(tmp_path: Path | None = None) -> tuple[Worker, FailingSaves]:
     for k, v in worker.kv_buffer.kv_caches:  # what fresh memory may hold: a block no load filled reads as garbage
         k.fill_(float("nan"))
         v.fill_(float("nan"))
-    return worker, FailingSaves(worker.host_pool)
+    return worker, FlakyHostSaves(worker.host_pool, seed=0)  # no save fails until a test sets fail_rate
 
 
 def new(req_id: str, prompt: list[int]) -> NewRequestData:
@@ -115,10 +96,10 @@ def prefill_a(worker: Worker) -> None:
 def test_a_failed_save_is_reported_and_a_promotion_from_it_fails_its_readers_alone() -> None:
     worker, saves = make_worker()
     prefill_a(worker)
-    saves.failing = True
+    saves.fail_rate = 1.0
     # Step 2 writes a's first block back to host block 5; the copy dies. Nothing is raised to the engine.
     assert run(worker, StepPlan(2, saves=[SaveToHost(0, 5)])).host_save_failed == [5]
-    saves.failing = False
+    saves.fail_rate = 0.0
     # Step 3, planned before the books heard (the copy thread may lag a step behind): b finds a's first block
     # in the host tier (promoted into block 6) and computes the rest; c, beside it, shares nothing.
     # c samples; b fails with a message.
@@ -140,9 +121,9 @@ def test_a_failed_save_is_reported_and_a_promotion_from_it_fails_its_readers_alo
 def test_a_swap_in_from_an_unwritten_block_fails_that_request_and_a_later_save_heals_the_block() -> None:
     worker, saves = make_worker()
     prefill_a(worker)
-    saves.failing = True
+    saves.fail_rate = 1.0
     assert run(worker, StepPlan(2, saves=[SaveToHost(0, 5, 2)])).host_save_failed == [5, 6]
-    saves.failing = False
+    saves.fail_rate = 0.0
     swap_in = LoadRequestKV("a", TableUpdate(0, (11, 12, 13)), (LoadFromHost(5, 11, 2),))
     output = run(worker, StepPlan(3, kv_loads=[swap_in], preempted_req_ids=["a"]))
     ((req_id, step_id, error),) = output.kv_load_failed
@@ -160,9 +141,9 @@ def test_a_swap_in_from_an_unwritten_block_fails_that_request_and_a_later_save_h
 def test_an_unwritten_host_block_is_not_written_to_disk(tmp_path: Path) -> None:
     worker, saves = make_worker(tmp_path)
     prefill_a(worker)
-    saves.failing = True
+    saves.fail_rate = 1.0
     assert run(worker, StepPlan(2, saves=[SaveToHost(0, 5)])).host_save_failed == [5]
-    saves.failing = False
+    saves.fail_rate = 0.0
     output = run(worker, StepPlan(3, disk_saves=[SaveToDisk("host", 5, b"\x01" * 32)]))
     assert not output.disk_save_failed  # skipped, not failed: the disk tier keeps taking blocks
     assert worker.disk_store is not None and not any(tmp_path.glob("*.kv"))
@@ -251,7 +232,7 @@ def test_a_disk_read_that_raises_is_reported_as_that_read_s_failure(tmp_path: Pa
 def test_write_down_reports_a_dying_host_save_as_a_step_does() -> None:
     worker, saves = make_worker()
     prefill_a(worker)
-    saves.failing = True
+    saves.fail_rate = 1.0
     written = worker.write_down(TierOps(saves=[SaveToHost(0, 4, 2)]))  # a migration's reservation, between steps
     assert written.host_save_failed == [4, 5] and not written.disk_save_failed
     assert worker.host_pool is not None and worker.host_pool.unwritten == {4, 5}

@@ -116,8 +116,9 @@ class FlakyHostSaves:
         time.sleep(0.005)  # late, so the engine thread often plans on before it hears of the failure
         bs = self.pool.block_size
         for _, target, count in runs:
-            for k, _v in dst:
+            for k, v in dst:
                 k[target * bs : (target + count) * bs] = float(self.rng.randrange(MODULUS))
+                v[target * bs : (target + count) * bs] = float(self.rng.randrange(MODULUS))
         raise MemoryError("a host save died half-way (injected)")
 
 
