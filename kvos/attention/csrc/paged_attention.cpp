@@ -40,8 +40,9 @@
  * The head dimension is a template parameter for the common sizes (64, 128), so the
  * compiler unrolls every loop over it into whole vector registers; other sizes take
  * the same code with the size known only at run time. A tile's slots come from one
- * division and a walk along the blocks, and the next tile's rows are prefetched
- * while the current one is scored (blocks sit anywhere in the pool).
+ * division and a walk along the blocks, and the next tile's rows (the next item's first,
+ * after an item's last) are asked for a share per query row while the current tile is
+ * worked on (blocks sit anywhere in the pool: `Lookahead`).
  *
  * Caches are float32 or bfloat16, and every sum accumulates in float32. The loops are
  * written for the compiler's vectoriser (-O3 -march=native, `omp simd`), exp included;
@@ -237,35 +238,6 @@ inline void tile_slots(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, i
   }
 }
 
-/* Asks for the K and V rows of positions [start, start + n) ahead of their use: `span` elements
- * of each slot from the walk's first head (the item's heads lie side by side in a slot). */
-template <typename scalar_t>
-inline void prefetch_tile(const KVWalk<scalar_t>& walk, int64_t start, int64_t n, int64_t span) {
-  int64_t slots[kKeyTile];
-  tile_slots(walk, start, n, slots);
-  const int64_t lines = std::max<int64_t>(1, span * static_cast<int64_t>(sizeof(scalar_t)) / 64);
-  for (int64_t j = 0; j < n; ++j) {
-    const char* k_row = reinterpret_cast<const char*>(walk.k_base + slots[j] * walk.k_stride);
-    const char* v_row = reinterpret_cast<const char*>(walk.v_base + slots[j] * walk.v_stride);
-    for (int64_t c = 0; c < lines; ++c) {
-      __builtin_prefetch(k_row + 64 * c);
-      __builtin_prefetch(v_row + 64 * c);
-    }
-  }
-}
-
-/* The tile of an item's partition that starts at `start`: its length (up to kKeyTile), its slots, and
- * the next tile's rows asked for while this one is worked on. */
-template <typename scalar_t>
-inline int64_t begin_tile(const Item& item, const KVWalk<scalar_t>& walk, int64_t start, int64_t span,
-                          int64_t* slots) {
-  const int64_t n = std::min(kKeyTile, item.p_end - start);
-  tile_slots(walk, start, n, slots);
-  if (start + kKeyTile < item.p_end)
-    prefetch_tile(walk, start + kKeyTile, std::min(kKeyTile, item.p_end - start - kKeyTile), span);
-  return n;
-}
-
 /* Pointers to the cache's own K and V rows of `n` slots, for the walk's head number `head`. */
 template <typename scalar_t>
 inline void tile_rows(const KVWalk<scalar_t>& walk, const int64_t* slots, int64_t n, int64_t head,
@@ -278,11 +250,79 @@ inline void tile_rows(const KVWalk<scalar_t>& walk, const int64_t* slots, int64_
   }
 }
 
-/* How far a slot's rows of the walk's heads reach: what a prefetch asks for. */
-template <typename scalar_t>
-inline int64_t heads_span(const KVWalk<scalar_t>& walk, int64_t heads, int64_t head_dim) {
-  return std::max(walk.k_head_stride, walk.v_head_stride) * (heads - 1) + head_dim;
+/* Asks for the cache line at p. An asm statement rather than __builtin_prefetch: GCC 12's mod-ref
+ * analysis takes a function whose only effect is __builtin_prefetch for one without effects and
+ * deletes the calls to it, which left this kernel's earlier prefetch helper compiled out (no prefetch
+ * instruction in the built kernel) since it was written. */
+inline void prefetch_line(const char* p) {
+#if defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p);
+#endif
 }
+
+/* The K and V rows of the tile a thread works on next (the rest of this item's partition, or the
+ * next item's first tile), asked for a share at a time while the current tile is worked on: before
+ * each of a kv head's query rows, that row's share of the head's rows in the next tile.
+ *
+ * The hardware prefetchers alone leave each new block's first lines to wait on memory (a block is
+ * a few kilobytes anywhere in the pool), and the arithmetic of a tile does not overlap them: the
+ * kernel read KV at a third of the read bandwidth. Asking for the whole next tile at the tile's
+ * start (a few hundred lines against the core's few dozen outstanding misses) measured no faster
+ * than asking for nothing; spread out like this, 1.4-1.6x a layer at batch 16-64 on the AMD EPYC
+ * (`benchmarks/paged_kernel_ab`, bfloat16). */
+template <typename scalar_t>
+struct Lookahead {
+  const scalar_t* k_base = nullptr;
+  const scalar_t* v_base = nullptr;
+  int64_t k_stride = 0, v_stride = 0, k_head_stride = 0, v_head_stride = 0;
+  int64_t slots[kKeyTile];
+  int64_t n = 0;  // positions of the tile (0: nothing to ask for)
+  int64_t heads = 0;
+
+  /* Aim at positions [start, end) (at most a tile) of `walk`'s `heads` kv heads. */
+  void aim(const KVWalk<scalar_t>& walk, int64_t num_heads, int64_t start, int64_t end) {
+    n = std::clamp<int64_t>(end - start, 0, kKeyTile);
+    if (n == 0) return;
+    tile_slots(walk, start, n, slots);
+    k_base = walk.k_base;
+    v_base = walk.v_base;
+    k_stride = walk.k_stride;
+    v_stride = walk.v_stride;
+    k_head_stride = walk.k_head_stride;
+    v_head_stride = walk.v_head_stride;
+    heads = num_heads;
+  }
+
+  /* Aim at the tile after the current one: the next positions of this item up to `end`, else `next` (the
+   * thread's next item's first tile, or nothing when null). */
+  void follow(const KVWalk<scalar_t>& walk, int64_t num_heads, int64_t start, int64_t end, const Lookahead* next) {
+    if (start < end)
+      aim(walk, num_heads, start, end);
+    else if (next != nullptr)
+      *this = *next;
+    else
+      n = 0;
+  }
+
+  /* Ask for share `part` of `parts` of kv head `head`'s rows (nothing past the tile's heads). */
+  void ask(int64_t head, int64_t part, int64_t parts, int64_t head_dim) const {
+    if (head >= heads) return;
+    const int64_t begin = n * part / parts, end = n * (part + 1) / parts;
+    const scalar_t* k_head = k_base + head * k_head_stride;
+    const scalar_t* v_head = v_base + head * v_head_stride;
+    const int64_t lines = std::max<int64_t>(1, head_dim * static_cast<int64_t>(sizeof(scalar_t)) / 64);
+    for (int64_t j = begin; j < end; ++j) {
+      const char* k_row = reinterpret_cast<const char*>(k_head + slots[j] * k_stride);
+      const char* v_row = reinterpret_cast<const char*>(v_head + slots[j] * v_stride);
+      for (int64_t c = 0; c < lines; ++c) {
+        prefetch_line(k_row + 64 * c);
+        prefetch_line(v_row + 64 * c);
+      }
+    }
+  }
+};
 
 /* A row's running max grows to m_new (if it does): its sum and output so far are rescaled. */
 inline void raise_max(float m_new, float& m, float& l, float* acc_row, int64_t head_dim) {
@@ -380,7 +420,7 @@ inline void load_tile(const KVWalk<c10::BFloat16>& walk, const int64_t* slots, i
 template <typename scalar_t, int64_t kD>
 void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, const float* q, int64_t q_stride_token,
               int64_t group, int64_t head_dim_rt, float scale, float* acc, float* m, float* l, float* q_buf,
-              float* k_buf, float* v_buf) {
+              float* k_buf, float* v_buf, const Lookahead<scalar_t>* next) {
   const int64_t head_dim = kD > 0 ? kD : head_dim_rt;
   const int64_t heads = item.h_end - item.h_begin;
   const int64_t row_stride = heads * group;  // rows per query token
@@ -399,16 +439,21 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
   const float* values[kKeyTile];
   float scores[kKeyTile];
   int64_t slots[kKeyTile];
-  const int64_t span = heads_span(walk, heads, head_dim);
+  Lookahead<scalar_t> ahead;
+  const int64_t parts = num_rows / heads;  // a share asked for before each of a head's rows
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
-    const int64_t n = begin_tile(item, walk, start, span, slots);
+    const int64_t n = std::min(kKeyTile, item.p_end - start);
+    tile_slots(walk, start, n, slots);
+    ahead.follow(walk, heads, start + kKeyTile, item.p_end, next);
     for (int64_t h = 0; h < heads; ++h) {
       load_tile(walk, slots, n, h, head_dim, k_buf, v_buf, keys, values);
+      int64_t part = 0;
       for (int64_t r0 = h * group; r0 < num_rows; r0 += row_stride) {  // head h's rows of each token
         const int64_t visible_end = seq.num_computed + item.q_begin + r0 / row_stride + 1;  // causal limit
         const int64_t visible = std::min(n, visible_end - start);
-        if (visible <= 0) continue;
         for (int64_t r = r0; r < r0 + group; ++r) {
+          ahead.ask(h, part++, parts, head_dim);
+          if (visible <= 0) continue;
           const float* q_row = q_buf + r * head_dim;
           if constexpr (kVectorTiles<kD>) {
             tile_scores<kD>(q_row, keys, visible, scores);
@@ -507,7 +552,7 @@ inline void tile_weighted_sum_bf16(float* __restrict acc_row, const float* weigh
 /* run_item for bfloat16 caches with AVX512-BF16: the same online softmax, on bfloat16 pairs. */
 template <int64_t kD>
 void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk, const float* q, int64_t q_stride_token,
-                   int64_t group, float scale, float* acc, float* m, float* l) {
+                   int64_t group, float scale, float* acc, float* m, float* l, const Lookahead<bf16_t>* next) {
   constexpr int kZ = static_cast<int>(kD / 32);
   const int64_t heads = item.h_end - item.h_begin;
   const int64_t row_stride = heads * group;  // rows per query token
@@ -526,16 +571,21 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
   const bf16_t* values[kKeyTile];
   alignas(64) float scores[kKeyTile];
   int64_t slots[kKeyTile];
-  const int64_t span = heads_span(walk, heads, kD);
+  Lookahead<bf16_t> ahead;
+  const int64_t parts = num_rows / heads;  // a share asked for before each of a head's rows
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
-    const int64_t n = begin_tile(item, walk, start, span, slots);
+    const int64_t n = std::min(kKeyTile, item.p_end - start);
+    tile_slots(walk, start, n, slots);
+    ahead.follow(walk, heads, start + kKeyTile, item.p_end, next);
     for (int64_t h = 0; h < heads; ++h) {
       tile_rows(walk, slots, n, h, keys, values);
+      int64_t part = 0;
       for (int64_t r0 = h * group; r0 < num_rows; r0 += row_stride) {  // head h's rows of each token
         const int64_t visible_end = seq.num_computed + item.q_begin + r0 / row_stride + 1;  // causal limit
         const int64_t visible = std::min(n, visible_end - start);
-        if (visible <= 0) continue;
         for (int64_t r = r0; r < r0 + group; ++r) {
+          ahead.ask(h, part++, parts, kD);
+          if (visible <= 0) continue;
           tile_scores_bf16<kD>(q_rows[r], keys, visible, scale, scores);
           float* acc_row = acc + r * kD;
           online_softmax_tile(scores, visible, m[r], l[r], acc_row, kD);
@@ -642,16 +692,17 @@ void run_item_amx(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk, 
   alignas(64) float scores[kKeyTile];
   int64_t slots[kKeyTile];
   bool seen[kAmxRows];
-  const int64_t span = heads_span(walk, heads, kD);
   const int64_t k_bytes = walk.k_stride * static_cast<int64_t>(sizeof(bf16_t));
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
-    const int64_t n = begin_tile(item, walk, start, span, slots);
+    const int64_t n = std::min(kKeyTile, item.p_end - start);
+    tile_slots(walk, start, n, slots);
     for (int64_t h = 0; h < heads; ++h) {
       const bf16_t* k_head = walk.k_base + h * walk.k_head_stride;
       const bf16_t* v_head = walk.v_base + h * walk.v_head_stride;
       // This head's value rows and the next head's key rows, asked for a head's work (a few hundred
-      // cycles) before their loads: sampled, two thirds of the kernel waited on those first touches, and
-      // the whole next tile asked for at once (begin_tile) did not cover them. 1.21-1.42x a layer at batch 16-64.
+      // cycles) before their loads: sampled, two thirds of the kernel waited on those first touches.
+      // 1.21-1.42x a layer at batch 16-64 on the Intel VM, beside a whole-tile prefetch that GCC 12
+      // compiled out for that CPU too (see prefetch_line; checked with -march=sapphirerapids).
       for (int64_t j = 0; j < n; ++j) {
         const char* v_row = reinterpret_cast<const char*>(v_head + slots[j] * walk.v_stride);
         for (int64_t c = 0; c < kD * 2 / 64; ++c) _mm_prefetch(v_row + 64 * c, _MM_HINT_T0);
@@ -842,20 +893,28 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
     std::unique_ptr<AmxScratch<std::max<int64_t>(kD, 32)>> amx_scratch;
     std::optional<AttentionTiles> tile_use;  // declared last: gives the tile unit back first
 #endif
+    const auto walk_of = [&](const Item& item) {
+      return KVWalk<scalar_t>{k_data + item.h_begin * k_cache.stride(1),
+                              v_data + item.h_begin * v_cache.stride(1),
+                              k_cache.stride(0),
+                              v_cache.stride(0),
+                              k_cache.stride(1),
+                              v_cache.stride(1),
+                              tables + item.seq * table_stride,
+                              block_size};
+    };
     for (int64_t i = begin; i < end; ++i) {
       const Item& item = items[i];
-      const KVWalk<scalar_t> walk{k_data + item.h_begin * k_cache.stride(1),
-                                  v_data + item.h_begin * v_cache.stride(1),
-                                  k_cache.stride(0),
-                                  v_cache.stride(0),
-                                  k_cache.stride(1),
-                                  v_cache.stride(1),
-                                  tables + item.seq * table_stride,
-                                  block_size};
+      const KVWalk<scalar_t> walk = walk_of(item);
       const bool direct = item.row < 0;
       float* acc = direct ? acc_own : acc_all + item.row * head_dim;
       float* m = direct ? m_own : m_all + item.row;
       float* l = direct ? l_own : l_all + item.row;
+      Lookahead<scalar_t> next;  // this thread's next item's first tile, asked for during this item's last
+      if (i + 1 < end) {
+        const Item& following = items[i + 1];
+        next.aim(walk_of(following), following.h_end - following.h_begin, following.p_begin, following.p_end);
+      }
 #if defined(KVOS_AMX)
       if constexpr (std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD>) {
         if (amx && (item.q_end - item.q_begin) * group <= kAmxRows) {
@@ -874,14 +933,14 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       if constexpr (std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD>) {
         if (group <= 8) {
           run_item_bf16<kD>(item, seqs[item.seq], walk, q_data, q_stride_token, group, static_cast<float>(scale), acc,
-                            m, l);
+                            m, l, &next);
           if (direct) write_rows(item, seqs[item.seq], group, num_heads, head_dim, acc, l, out_data);
           continue;
         }
       }
 #endif
       run_item<scalar_t, kD>(item, seqs[item.seq], walk, q_data, q_stride_token, group, head_dim,
-                             static_cast<float>(scale), acc, m, l, q_buf, k_buf, v_buf);
+                             static_cast<float>(scale), acc, m, l, q_buf, k_buf, v_buf, &next);
       if (direct) write_rows(item, seqs[item.seq], group, num_heads, head_dim, acc, l, out_data);
     }
   });
