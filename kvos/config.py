@@ -186,7 +186,7 @@ class SchedulerConfig:
     """
 
     max_num_batched_tokens: int = 512
-    max_num_seqs: int = 64
+    max_num_seqs: int = 128
     policy: SchedulingPolicyName = "fcfs"
     preemption_quantum_steps: int = 4
     tenant_weights: tuple[tuple[str, float], ...] = ()
