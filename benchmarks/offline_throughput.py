@@ -41,7 +41,7 @@ from benchmarks.roofline import (
     percent_of_limit,
 )
 from benchmarks.sharegpt import BenchRequest, sample_requests
-from kvos.config import DTYPE_BYTES, ModelConfig
+from kvos.config import DTYPE_BYTES, ModelConfig, SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +230,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engines", default="kvos,hf", help="comma-separated subset of kvos,hf")
     parser.add_argument("--kv-cache", choices=["paged", "virtual"], default="paged")
-    parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    defaults = SchedulerConfig()
+    parser.add_argument("--max-num-seqs", type=int, default=defaults.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=defaults.max_num_batched_tokens)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--attention-backend", default=None, help="kvos attention backend (default: kvos's choice)")
     parser.add_argument(

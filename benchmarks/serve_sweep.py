@@ -52,7 +52,7 @@ from benchmarks.roofline import (
     percent_of_limit,
 )
 from benchmarks.sharegpt import sample_requests
-from kvos.config import DTYPE_BYTES, ModelConfig
+from kvos.config import DTYPE_BYTES, ModelConfig, SchedulerConfig
 
 SERVERS = ("kvos", "llama-server", "llama-cpp-python")
 
@@ -217,7 +217,7 @@ def kvos_bound(shape: ArchShape, machine: Any, work: list[tuple[int, int]], kvos
 
     dtype = ModelConfig(dtype=flag("--dtype", "auto")).resolved_dtype  # type: ignore[arg-type]
     quantization = flag("--quantization", "") or None
-    max_batch = int(flag("--max-num-seqs", "64"))
+    max_batch = int(flag("--max-num-seqs", str(SchedulerConfig().max_num_seqs)))
     gemm_dtype = kvos_gemm_dtype(dtype, quantization)
     peak = machine if gemm_dtype == "float32" else load_or_measure("cpu", dtype=gemm_dtype)  # the GEMMs' own peak
     # Quantized weights count at their kernel's bytes at every batch size: above the kernel's rows kvos
