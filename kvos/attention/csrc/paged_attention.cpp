@@ -263,15 +263,22 @@ inline void prefetch_line(const char* p) {
 }
 
 /* The K and V rows of the tile a thread works on next (the rest of this item's partition, or the
- * next item's first tile), asked for a share at a time while the current tile is worked on: before
- * each of a kv head's query rows, that row's share of the head's rows in the next tile.
+ * next item's first tile), asked for a share at a time while the current tile is worked on: a query
+ * row's work on a kv head is cut into kAsksPerRow pieces (the two halves of its scores, the softmax,
+ * the two halves of its value sum), and before each piece the next share of that head's rows in the
+ * next tile is asked for.
  *
  * The hardware prefetchers alone leave each new block's first lines to wait on memory (a block is
  * a few kilobytes anywhere in the pool), and the arithmetic of a tile does not overlap them: the
  * kernel read KV at a third of the read bandwidth. Asking for the whole next tile at the tile's
  * start (a few hundred lines against the core's few dozen outstanding misses) measured no faster
- * than asking for nothing; spread out like this, 1.4-1.6x a layer at batch 16-64 on the AMD EPYC
- * (`benchmarks/paged_kernel_ab`, bfloat16). */
+ * than asking for nothing. One share per row measured 1.4-1.6x a layer at batch 16-64 on the AMD EPYC
+ * (`benchmarks/paged_kernel_ab`, bfloat16); five per row 1.2-1.5x more (two per row 1.1x, three 1.15-1.2x;
+ * seven, the value sum in quarters, less than five: the extra pieces cost more than they hid). The
+ * halves' offsets are constants: at run time they cost 5-7%. */
+constexpr int64_t kAsksPerRow = 5;
+constexpr int64_t kHalfTile = kKeyTile / 2;
+
 template <typename scalar_t>
 struct Lookahead {
   const scalar_t* k_base = nullptr;
@@ -440,7 +447,7 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
   float scores[kKeyTile];
   int64_t slots[kKeyTile];
   Lookahead<scalar_t> ahead;
-  const int64_t parts = num_rows / heads;  // a share asked for before each of a head's rows
+  const int64_t parts = kAsksPerRow * num_rows / heads;  // shares of a head's rows in the next tile
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
     const int64_t n = std::min(kKeyTile, item.p_end - start);
     tile_slots(walk, start, n, slots);
@@ -452,21 +459,38 @@ void run_item(const Item& item, const Seq& seq, const KVWalk<scalar_t>& walk, co
         const int64_t visible_end = seq.num_computed + item.q_begin + r0 / row_stride + 1;  // causal limit
         const int64_t visible = std::min(n, visible_end - start);
         for (int64_t r = r0; r < r0 + group; ++r) {
+          // The row's work in kAsksPerRow pieces, the next share of the next tile asked for before each.
           ahead.ask(h, part++, parts, head_dim);
-          if (visible <= 0) continue;
+          if (visible <= 0) {
+            for (int64_t k = 1; k < kAsksPerRow; ++k) ahead.ask(h, part++, parts, head_dim);
+            continue;
+          }
           const float* q_row = q_buf + r * head_dim;
-          if constexpr (kVectorTiles<kD>) {
-            tile_scores<kD>(q_row, keys, visible, scores);
-          } else {
-            for (int64_t j = 0; j < visible; ++j) scores[j] = dot(q_row, keys[j], head_dim);
-          }
+          const int64_t half = std::min(kHalfTile, visible);
+          const auto score = [&](int64_t begin, int64_t end) {
+            if constexpr (kVectorTiles<kD>) {
+              tile_scores<kD>(q_row, keys + begin, end - begin, scores + begin);
+            } else {
+              for (int64_t j = begin; j < end; ++j) scores[j] = dot(q_row, keys[j], head_dim);
+            }
+          };
           float* acc_row = acc + r * head_dim;
+          const auto add_values = [&](int64_t begin, int64_t end) {
+            if constexpr (kVectorTiles<kD>) {
+              tile_weighted_sum<kD>(acc_row, scores + begin, values + begin, end - begin);
+            } else {
+              for (int64_t j = begin; j < end; ++j) axpy(acc_row, scores[j], values[j], head_dim);
+            }
+          };
+          score(0, half);
+          ahead.ask(h, part++, parts, head_dim);
+          score(half, visible);
+          ahead.ask(h, part++, parts, head_dim);
           online_softmax_tile(scores, visible, m[r], l[r], acc_row, head_dim);
-          if constexpr (kVectorTiles<kD>) {
-            tile_weighted_sum<kD>(acc_row, scores, values, visible);
-          } else {
-            for (int64_t j = 0; j < visible; ++j) axpy(acc_row, scores[j], values[j], head_dim);
-          }
+          ahead.ask(h, part++, parts, head_dim);
+          add_values(0, half);
+          ahead.ask(h, part++, parts, head_dim);
+          add_values(half, visible);
         }
       }
     }
@@ -525,7 +549,8 @@ __attribute__((always_inline)) inline void add_unpacked(float* __restrict dst, _
   _mm512_storeu_ps(dst + 16, _mm512_add_ps(_mm512_loadu_ps(dst + 16), _mm512_permutex2var_ps(lo, second, hi)));
 }
 
-/* acc_row += sum_j weights[j] * values[j] for j < n; weights[n] must be 0 when n is odd. */
+/* acc_row += sum_j weights[j] * values[j] for j < n; weights[n] must be 0 when n is odd, and 32 floats
+ * from `weights` must be readable (the pairs are converted 32 at a time). */
 template <int64_t kD>
 inline void tile_weighted_sum_bf16(float* __restrict acc_row, const float* weights, const bf16_t* const* values,
                                    int64_t n) {
@@ -569,10 +594,10 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
   }
   const bf16_t* keys[kKeyTile];
   const bf16_t* values[kKeyTile];
-  alignas(64) float scores[kKeyTile];
+  alignas(64) float scores[kKeyTile + kHalfTile] = {};  // the second half's value sum converts 32 from its middle
   int64_t slots[kKeyTile];
   Lookahead<bf16_t> ahead;
-  const int64_t parts = num_rows / heads;  // a share asked for before each of a head's rows
+  const int64_t parts = kAsksPerRow * num_rows / heads;  // shares of a head's rows in the next tile
   for (int64_t start = item.p_begin; start < item.p_end; start += kKeyTile) {
     const int64_t n = std::min(kKeyTile, item.p_end - start);
     tile_slots(walk, start, n, slots);
@@ -584,12 +609,25 @@ void run_item_bf16(const Item& item, const Seq& seq, const KVWalk<bf16_t>& walk,
         const int64_t visible_end = seq.num_computed + item.q_begin + r0 / row_stride + 1;  // causal limit
         const int64_t visible = std::min(n, visible_end - start);
         for (int64_t r = r0; r < r0 + group; ++r) {
+          // The row's work in kAsksPerRow pieces, the next share of the next tile asked for before each.
           ahead.ask(h, part++, parts, kD);
-          if (visible <= 0) continue;
-          tile_scores_bf16<kD>(q_rows[r], keys, visible, scale, scores);
+          if (visible <= 0) {
+            for (int64_t k = 1; k < kAsksPerRow; ++k) ahead.ask(h, part++, parts, kD);
+            continue;
+          }
+          const int64_t half = std::min(kHalfTile, visible);
+          tile_scores_bf16<kD>(q_rows[r], keys, half, scale, scores);
+          ahead.ask(h, part++, parts, kD);
+          if (visible > kHalfTile)
+            tile_scores_bf16<kD>(q_rows[r], keys + kHalfTile, visible - kHalfTile, scale, scores + kHalfTile);
+          ahead.ask(h, part++, parts, kD);
           float* acc_row = acc + r * kD;
           online_softmax_tile(scores, visible, m[r], l[r], acc_row, kD);
-          tile_weighted_sum_bf16<kD>(acc_row, scores, values, visible);
+          ahead.ask(h, part++, parts, kD);
+          tile_weighted_sum_bf16<kD>(acc_row, scores, values, half);
+          ahead.ask(h, part++, parts, kD);
+          if (visible > kHalfTile)
+            tile_weighted_sum_bf16<kD>(acc_row, scores + kHalfTile, values + kHalfTile, visible - kHalfTile);
         }
       }
     }
