@@ -948,11 +948,6 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
       float* acc = direct ? acc_own : acc_all + item.row * head_dim;
       float* m = direct ? m_own : m_all + item.row;
       float* l = direct ? l_own : l_all + item.row;
-      Lookahead<scalar_t> next;  // this thread's next item's first tile, asked for during this item's last
-      if (i + 1 < end) {
-        const Item& following = items[i + 1];
-        next.aim(walk_of(following), following.h_end - following.h_begin, following.p_begin, following.p_end);
-      }
 #if defined(KVOS_AMX)
       if constexpr (std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD>) {
         if (amx && (item.q_end - item.q_begin) * group <= kAmxRows) {
@@ -967,6 +962,11 @@ void paged_attention_impl(const at::Tensor& q, const at::Tensor& k_cache, const 
         }
       }
 #endif
+      Lookahead<scalar_t> next;  // this thread's next item's first tile, asked for during this item's last
+      if (i + 1 < end) {
+        const Item& following = items[i + 1];
+        next.aim(walk_of(following), following.h_end - following.h_begin, following.p_begin, following.p_end);
+      }
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
       if constexpr (std::is_same_v<scalar_t, bf16_t> && kBF16Tiles<kD>) {
         if (group <= 8) {
