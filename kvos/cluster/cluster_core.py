@@ -52,7 +52,7 @@ from kvos.core.request import Request, RequestStatus
 from kvos.engine.stats import EngineStats
 from kvos.errors import EngineUnavailableError, InvalidRequestError
 from kvos.memory.block_allocator import BlockRemoved, BlockStored
-from kvos.memory.block_hash import BlockHash, block_hash, salted_root
+from kvos.memory.block_hash import BlockHash, chain_hashes, salted_root
 
 logger = logging.getLogger(__name__)
 
@@ -433,14 +433,7 @@ class ClusterCore:
     def _prompt_digests(self, request: Request) -> list[BlockHash]:
         if self._kv_root is None:
             return []
-        size = self._block_size
-        parent = salted_root(self._kv_root, request.cache_salt)
-        digests = []
-        tokens = request.all_token_ids
-        for start in range(0, len(tokens) - size + 1, size):
-            parent = block_hash(parent, tokens[start : start + size])
-            digests.append(parent)
-        return digests
+        return chain_hashes(salted_root(self._kv_root, request.cache_salt), request.all_token_ids, self._block_size)
 
     def _send(self, seq: _Sequence, inst: _Instance) -> None:
         request = seq.request

@@ -75,7 +75,7 @@ from kvos.core.plan import (
 )
 from kvos.core.request import Request
 from kvos.memory.block_allocator import BlockAllocator, KVEvent
-from kvos.memory.block_hash import BlockHash, block_hash, root_hash, salted_root
+from kvos.memory.block_hash import BlockHash, chain_hashes, root_hash, salted_root
 from kvos.memory.kv_manager import NO_CHANGE, KVAllocation, TierOps
 from kvos.memory.tiers.disk import DiskBlockIndex
 from kvos.memory.tiers.host import (
@@ -212,22 +212,17 @@ class PagedKVCacheManager:
         """Chained digests of the request's full blocks, extended incrementally."""
         hashes = self._block_hashes.setdefault(request.req_id, [])
         bs = self.block_size
+        done = len(hashes)
         num_full = request.num_tokens // bs
-        if len(hashes) >= num_full:  # the usual case once a step has run: nothing new to digest
+        if done >= num_full:  # the usual case once a step has run: nothing new to digest
             return hashes
-        for i in range(len(hashes), num_full):
-            parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
-            hashes.append(block_hash(parent, request.token_slice(i * bs, (i + 1) * bs)))
+        parent = hashes[-1] if done else salted_root(self._root, request.cache_salt)
+        hashes.extend(chain_hashes(parent, request.token_slice(done * bs, num_full * bs), bs))
         return hashes
 
     def block_hashes_of(self, token_ids: list[int], cache_salt: str | None = None) -> list[BlockHash]:
         """The digests (disk file names included) of the full blocks of a token sequence."""
-        hashes: list[BlockHash] = []
-        bs = self.block_size
-        for i in range(len(token_ids) // bs):
-            parent = hashes[-1] if hashes else salted_root(self._root, cache_salt)
-            hashes.append(block_hash(parent, token_ids[i * bs : (i + 1) * bs]))
-        return hashes
+        return chain_hashes(salted_root(self._root, cache_salt), token_ids, self.block_size)
 
     def lookup_prefix(self, request: Request) -> int:
         """Prefix hits in every tier: the digest chain is followed through the pool and the host tier."""

@@ -999,7 +999,7 @@ class Simulator:
         """Every request of the run got one token at each step's end."""
         ends = run.ends
         num_steps = len(ends)
-        gaps = [b - a for a, b in zip(ends, ends[1:])]
+        gaps = list(map(operator.sub, ends[1:], ends))
         for request in run.requests:
             k = int(request.req_id)
             if times.num_output_tokens[k] == 0:

@@ -41,9 +41,11 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from itertools import repeat
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -143,14 +145,27 @@ class LinearStepModel:
         return max(t, MIN_STEP_S)
 
     def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
-        # The same floating-point operations as `step_seconds`, in its order, with the terms that do not
-        # change from step to step computed once: the times are bit for bit the one-step-at-a-time ones.
+        # The same floating-point operations as `step_seconds`, with the terms that do not change from step
+        # to step computed once: the times are bit for bit the one-step-at-a-time ones (the loop runs in C,
+        # and an addition's operands commute exactly). With a context term >= 0 the times never fall, so
+        # once the first clears the floor every one does.
         base = self.decode_intercept + self.per_prefill_token * 0 + self.per_attention_pair * 0
         per_context, per_decodes = self.per_context_token, self.per_decode * num_decodes
-        return [
-            max(base + per_context * (context + j * num_decodes) + per_decodes, MIN_STEP_S)
-            for j in range(1, num_steps + 1)
-        ]
+        contexts = (
+            range(context + num_decodes, context + num_steps * num_decodes + 1, num_decodes)
+            if num_decodes
+            else repeat(context, num_steps)
+        )
+        seconds = list(
+            map(
+                operator.add,
+                map(operator.add, repeat(base), map(operator.mul, repeat(per_context), contexts)),
+                repeat(per_decodes),
+            )
+        )
+        if seconds and not (per_context >= 0 and seconds[0] >= MIN_STEP_S):
+            seconds = [max(t, MIN_STEP_S) for t in seconds]
+        return seconds
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "linear", **asdict(self)}
@@ -267,9 +282,12 @@ class ServedStepModel:
 
     def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
         overhead = self.overhead.seconds(StepShape(num_decodes=num_decodes))
-        return [
-            max(t + overhead, MIN_STEP_S) for t in self.worker.decode_steps_seconds(num_decodes, context, num_steps)
-        ]
+        seconds = list(
+            map(operator.add, self.worker.decode_steps_seconds(num_decodes, context, num_steps), repeat(overhead))
+        )
+        if seconds and min(seconds) < MIN_STEP_S:
+            seconds = [max(t, MIN_STEP_S) for t in seconds]
+        return seconds
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "served", "worker": self.worker.describe(), "overhead": asdict(self.overhead)}

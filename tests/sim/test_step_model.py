@@ -169,10 +169,12 @@ def test_overhead_fit_keeps_a_negative_intercept_at_zero() -> None:
         TRUE,
         # A fitted line can go negative: the floor applies per step.
         LinearStepModel(0.03, 1e-4, 2e-4, 3e-8, -4e-7, 1e-5),
+        # Below the floor at first, above it once the context has grown.
+        LinearStepModel(0.03, -0.002, 2e-4, 3e-8, 2e-7, 1e-5),
         ServedStepModel(TRUE, ServingOverhead(per_step=0.0031, per_sequence=0.00017)),
         RooflineStepModel(SMOLLM2_135M, 1e12, 1e10, 4.0, 4, compute_efficiency=0.4, memory_efficiency=0.7),
     ],
-    ids=["linear", "linear-floor", "served", "roofline"],
+    ids=["linear", "linear-floor", "linear-rising", "served", "roofline"],
 )
 def test_decode_steps_seconds_are_bit_for_bit_the_step_times(model: StepTimeModel) -> None:
     for num_decodes, context in ((1, 17), (7, 3001), (40, 25_000)):
