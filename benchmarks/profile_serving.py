@@ -243,15 +243,72 @@ def front_end_delays(client: list[Any], server: dict[str, dict[str, Any]]) -> li
 
 
 def delays_of(client: list[Any], matched: list[tuple[int, dict[str, Any]]]) -> list[dict[str, float]]:
-    """`front_end_delays` of requests already matched with their server records."""
+    """`front_end_delays` of requests already matched with their server records (and the client's index
+    of each, `request`)."""
     return [
         {
+            "request": k,
             "to_engine": record["queued"] - client[k].sent_s,
             "queued": record["added"] - record["queued"],
             "to_client": client[k].sent_s + client[k].ttft_s - record["first_token"],
         }
         for k, record in matched
     ]
+
+
+def delay_tuples(rate: float, delays: list[dict[str, float]], hidden: list[int]) -> list[tuple[float, float, float]]:
+    """(rate, to the engine, to the client) of each request, as `fit_front_end` takes them; NaN to the client
+    for a request whose first tokens show no text: the client's TTFT then also holds those tokens' steps,
+    which the simulator times itself (`SimRequest.hidden_tokens`)."""
+    return [(rate, d["to_engine"], math.nan if hidden[int(d["request"])] else d["to_client"]) for d in delays]
+
+
+def engine_config(kvos_args: str, gguf: Path) -> Any:
+    """The `EngineConfig` that `kvos serve GGUF <kvos_args>` builds, read with kvos's own parser (so no flag
+    is missed)."""
+    from kvos.config import EngineConfig
+    from kvos.entrypoints.cli import build_parser, engine_options
+
+    args = build_parser().parse_args(["serve", str(gguf), *shlex.split(kvos_args)])
+    return EngineConfig.from_kwargs(**engine_options(args))
+
+
+HIDDEN_LOOKAHEAD = 8
+"""Reply tokens generated per request to find the first one a client sees (at most this many minus one hide)."""
+
+
+def hidden_tokens(config: Any, requests: list[Any]) -> list[int]:
+    """How many leading tokens of each request's greedy reply show a streaming client no text.
+
+    The serving benchmark sends raw prompts with `ignore_eos`, and a chat
+    model answers some of them with its end-of-turn token first: the server
+    skips it (a special token), the client sees nothing, and its TTFT is the
+    next token's. Found on the engine the server runs (`config`, built here
+    and closed again): a request's text is empty until the token the client
+    sees first.
+    """
+    from kvos.engine.llm_engine import LLMEngine
+    from kvos.sampling_params import SamplingParams
+
+    engine = LLMEngine(config)
+    hidden = [0] * len(requests)
+    try:
+        for k, request in enumerate(requests):
+            limit = min(request.max_tokens, HIDDEN_LOOKAHEAD)
+            engine.add_request(
+                str(k), request.prompt, SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True)
+            )
+        pending = set(range(len(requests)))
+        while pending:
+            for out in engine.step():
+                k = int(out.req_id)
+                reply = out.outputs[0]
+                if k in pending and (reply.text or out.finished):
+                    hidden[k] = len(reply.token_ids) - 1
+                    pending.discard(k)
+    finally:
+        engine.close()
+    return hidden
 
 
 STOP_TIMEOUT_S = 60.0
@@ -342,13 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     requests = sample_requests(
         tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
     )
+    hidden = hidden_tokens(engine_config(args.kvos_args, gguf), requests)
+    print(f"{sum(1 for h in hidden if h)} of {len(requests)} requests begin with tokens that show no text")
     load_before = os.getloadavg()[0]
     steps: list[dict[str, Any]] = []
     delays: list[tuple[float, float, float]] = []
     for rate in rates:
         rate_steps, rate_delays = run_rate(rate, gguf, args, requests, count_tokens)
         steps.extend(rate_steps)
-        delays.extend((rate, d["to_engine"], d["to_client"]) for d in rate_delays)
+        delays.extend(delay_tuples(rate, rate_delays, hidden))
     if len(steps) < 3:
         raise RuntimeError(f"only {len(steps)} busy served steps were recorded; send more requests")
     rows = breakdown(steps)

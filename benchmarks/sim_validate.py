@@ -42,7 +42,6 @@ import datetime
 import json
 import math
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -52,10 +51,9 @@ from typing import Any
 
 from benchmarks import profile_serving, serve_sweep
 from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.profile_serving import engine_config
 from benchmarks.sharegpt import sample_requests
 from kvos.config import EngineConfig
-from kvos.entrypoints.cli import build_parser as kvos_parser
-from kvos.entrypoints.cli import engine_options
 from kvos.sim.metrics import summarize_sim
 from kvos.sim.profile import GRIDS, profile_engine
 from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator, VirtualCacheConfig
@@ -80,12 +78,6 @@ FIGURES = (
     ("TPOT p50 ms", lambda s: s["tpot_ms"]["p50"]),
     ("TPOT p90 ms", lambda s: s["tpot_ms"]["p90"]),
 )
-
-
-def engine_config(kvos_args: str, gguf: Path) -> EngineConfig:
-    """The engine `kvos serve GGUF <kvos_args>` builds, read with kvos's own parser (so no flag is missed)."""
-    args = kvos_parser().parse_args(["serve", str(gguf), *shlex.split(kvos_args)])
-    return EngineConfig.from_kwargs(**engine_options(args))
 
 
 def instance_config(config: EngineConfig, profile: Profile) -> InstanceConfig:
@@ -345,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
     )
     lengths = [(len(r.prompt_token_ids), r.max_tokens) for r in requests]
+    hidden = profile_serving.hidden_tokens(config, requests)
+    print(f"{sum(1 for h in hidden if h)} of {len(requests)} requests begin with tokens that show no text")
     sweep_args = argparse.Namespace(
         port=args.port,
         log_dir=args.log_dir,
@@ -361,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     fits: list[dict[str, Any]] = []
     for rate in rates:
         key = "inf" if math.isinf(rate) else f"{rate:g}"
-        sim_requests = with_arrivals(lengths, arrival_times(len(lengths), rate, "poisson", seed=args.seed))
+        sim_requests = with_arrivals(lengths, arrival_times(len(lengths), rate, "poisson", seed=args.seed), hidden)
         runs, fitted, sped = [], [], []
         for run in range(args.repeats):
             print(f"rate {key}: kvos serve (run {run + 1} of {args.repeats}) ...", flush=True)
@@ -370,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             measured = run_instrumented(rate, run, gguf, sweep_args, requests, count_tokens, args.port + 20)
             runs.append(measured.summary)
-            run_delays = [(rate, d["to_engine"], d["to_client"]) for d in measured.delays]
+            run_delays = profile_serving.delay_tuples(rate, measured.delays, hidden)
             if math.isfinite(rate):
                 finite_delays.extend(run_delays)
                 front_end = fit_front_end(run_delays)

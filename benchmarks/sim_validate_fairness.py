@@ -41,10 +41,10 @@ from typing import Any
 
 from benchmarks import fairness, profile_serving, serve, serve_sweep
 from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.profile_serving import engine_config
 from benchmarks.sim_validate import (
     InstrumentedRun,
     WithRunSpeed,
-    engine_config,
     error_pct,
     fit_on_run,
     in_engine_order,

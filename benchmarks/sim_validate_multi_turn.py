@@ -71,9 +71,10 @@ from typing import Any
 
 from benchmarks import multi_turn, profile_serving
 from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.profile_serving import engine_config
 from benchmarks.serve import percentiles_ms
 from benchmarks.sharegpt import load_sharegpt
-from benchmarks.sim_validate import engine_config, error_pct, fit_on_run, measured_median
+from benchmarks.sim_validate import error_pct, fit_on_run, measured_median
 from kvos.sim.metrics import nearest_rank_ms, tier_summary
 from kvos.sim.router import CLUSTER_ROUTERS
 from kvos.sim.simulator import DiskTierConfig, FleetConfig, HostTierConfig, InstanceConfig, SimResult, Simulator

@@ -690,6 +690,8 @@ class SimInstance(MigrationEndpoint):
 class RequestTimes:
     """Per request (by index): when it arrived, got its first and last token, and how many tokens it got.
 
+    The first token is the first the client sees: after the request's hidden
+    tokens (`SimRequest.hidden_tokens`), as a streaming client measures TTFT.
     Flat arrays rather than an object per request, so a million requests fit in memory.
     """
 
@@ -699,11 +701,12 @@ class RequestTimes:
     num_output_tokens: array = field(default_factory=lambda: array("l"))
     prompt_tokens: array = field(default_factory=lambda: array("l"))
     expected_tokens: array = field(default_factory=lambda: array("l"))
+    hidden_tokens: array = field(default_factory=lambda: array("l"))
     rejected: list[int] = field(default_factory=list)
     abandoned: list[int] = field(default_factory=list)
     """Session turns never sent, because an earlier turn of theirs was refused (their arrival: that refusal)."""
     itl_s: array = field(default_factory=lambda: array("d"))
-    """Every gap between consecutive tokens of any request."""
+    """Every gap between consecutive tokens of any request, from its first token on (as the client sees them)."""
 
 
 @dataclass
@@ -861,6 +864,8 @@ class Simulator:
         times.arrival_s.extend([nan] * len(turns.specs))
         times.prompt_tokens.extend(r.prompt_tokens for r in itertools.chain(requests, turns.specs))
         times.expected_tokens.extend(r.output_tokens for r in itertools.chain(requests, turns.specs))
+        times.hidden_tokens.extend(r.hidden_tokens for r in requests)
+        times.hidden_tokens.extend([0] * len(turns.specs))
         times.first_token_s.extend([nan] * total)
         times.last_token_s.extend([nan] * total)
         times.num_output_tokens.extend([0] * total)
@@ -962,13 +967,13 @@ class Simulator:
             for update in instance.finish_step():
                 k = int(update.req_id)
                 if update.new_token_ids:
-                    last = times.last_token_s[k]
-                    if times.num_output_tokens[k] == 0:
+                    before = times.num_output_tokens[k]
+                    if before > times.hidden_tokens[k]:
+                        times.itl_s.append(now - times.last_token_s[k])
+                    elif before + len(update.new_token_ids) > times.hidden_tokens[k]:
                         times.first_token_s[k] = now
-                    else:
-                        times.itl_s.append(now - last)
                     times.last_token_s[k] = now
-                    times.num_output_tokens[k] += len(update.new_token_ids)
+                    times.num_output_tokens[k] = before + len(update.new_token_ids)
                 if update.finish_reason is not None:
                     router.on_finish(index)
                     if k >= n:
@@ -1002,10 +1007,13 @@ class Simulator:
         gaps = list(map(operator.sub, ends[1:], ends))
         for request in run.requests:
             k = int(request.req_id)
-            if times.num_output_tokens[k] == 0:
-                times.first_token_s[k] = ends[0]
-            else:
+            before = times.num_output_tokens[k]
+            shown = times.hidden_tokens[k] - before  # the run's step whose token the client sees first
+            if shown < 0:
                 times.itl_s.append(ends[0] - times.last_token_s[k])
-            times.itl_s.extend(gaps)
+                times.itl_s.extend(gaps)
+            elif shown < num_steps:
+                times.first_token_s[k] = ends[shown]
+                times.itl_s.extend(gaps[shown:])
             times.last_token_s[k] = ends[-1]
-            times.num_output_tokens[k] += num_steps
+            times.num_output_tokens[k] = before + num_steps

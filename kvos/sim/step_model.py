@@ -374,11 +374,17 @@ def fit_front_end(delays: Sequence[tuple[float, float, float]]) -> FrontEnd:
     medians left TTFT p50 and p90 4-16% short at 1-4 req/s; the means brought
     them within 2-9% (drawing each request's delays from the measured ones
     did no better).
+
+    A NaN to the client leaves that request out of that mean only: its
+    first tokens showed no text, so the client's first token came steps
+    later, steps the simulator times itself (`SimRequest.hidden_tokens`).
     """
     timed = [(to_engine, to_client) for rate, to_engine, to_client in delays if math.isfinite(rate)]
     if not timed:
         raise ValueError("delays must hold at least one request measured at a finite rate")
-    return FrontEnd(max(0.0, statistics.fmean(t for t, _ in timed)), max(0.0, statistics.fmean(c for _, c in timed)))
+    seen = [c for _, c in timed if not math.isnan(c)]
+    to_client = statistics.fmean(seen) if seen else 0.0
+    return FrontEnd(max(0.0, statistics.fmean(t for t, _ in timed)), max(0.0, to_client))
 
 
 # -- roofline ---------------------------------------------------------------------------
@@ -560,7 +566,11 @@ class Profile:
             data.setdefault("serving", {})["front_end"] = {
                 "fit": asdict(self.front_end()),
                 "requests": [
-                    {"rate": rate if math.isfinite(rate) else "inf", "to_engine_s": into, "to_client_s": out}
+                    {
+                        "rate": rate if math.isfinite(rate) else "inf",
+                        "to_engine_s": into,
+                        "to_client_s": None if math.isnan(out) else out,
+                    }
                     for rate, into, out in self.front_end_delays
                 ],
             }
@@ -585,7 +595,14 @@ class Profile:
             derived = ("steps", "overhead_fit", "fit_error", "front_end")
             info = {k: v for k, v in serving.items() if k not in derived} if serving else None
             front = (serving or {}).get("front_end", {}).get("requests", [])
-            delays = tuple((float(r["rate"]), float(r["to_engine_s"]), float(r["to_client_s"])) for r in front)
+            delays = tuple(
+                (
+                    float(r["rate"]),
+                    float(r["to_engine_s"]),
+                    math.nan if r["to_client_s"] is None else float(r["to_client_s"]),
+                )
+                for r in front
+            )
             return cls(samples, dict(data["engine"]), served, info, delays)
         except KeyError as exc:
             raise ValueError(f"{path}: profile is missing {exc.args[0]!r}") from exc

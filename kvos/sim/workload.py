@@ -6,7 +6,7 @@ Three sources of single requests, one shape (`SimRequest`):
   benchmark does), with arrivals from a process;
 - a JSONL trace, one request per line:
   `{"arrival_s": 0.5, "prompt_tokens": 120, "output_tokens": 64, "tenant": "a", "priority": 0}`
-  (`tenant` and `priority` optional);
+  (`tenant`, `priority` and `hidden_tokens` optional);
 - a Poisson process (exponential gaps) or a gamma process (burstier for a
   coefficient of variation above 1) at a rate.
 
@@ -42,6 +42,10 @@ class SimRequest:
     output_tokens: int
     tenant: str = ""
     priority: int = 0
+    hidden_tokens: int = 0
+    """Leading output tokens that show a streaming client no text: a special token the server skips, such
+    as the end-of-turn token that a benchmark's `ignore_eos` runs past. The client's first token, and so its
+    TTFT, is the first token after them (the serving benchmark measures it so); they take their steps."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.arrival_s) and self.arrival_s >= 0):
@@ -49,6 +53,10 @@ class SimRequest:
         if self.prompt_tokens < 1 or self.output_tokens < 1:
             raise ValueError(
                 f"prompt_tokens and output_tokens must be >= 1, got {self.prompt_tokens} and {self.output_tokens}"
+            )
+        if not 0 <= self.hidden_tokens < self.output_tokens:
+            raise ValueError(
+                f"hidden_tokens must be >= 0 and below output_tokens ({self.output_tokens}), got {self.hidden_tokens}"
             )
 
 
@@ -131,11 +139,17 @@ def arrival_times(num: int, rate: float, process: str = "poisson", cv: float = 1
     return times
 
 
-def with_arrivals(lengths: Sequence[tuple[int, int]], times: Sequence[float]) -> list[SimRequest]:
-    """Pair (prompt, output) lengths with arrival times, in order."""
+def with_arrivals(
+    lengths: Sequence[tuple[int, int]], times: Sequence[float], hidden: Sequence[int] | None = None
+) -> list[SimRequest]:
+    """Pair (prompt, output) lengths with arrival times (and `hidden` leading tokens, see `SimRequest`), in order."""
     if len(lengths) != len(times):
         raise ValueError(f"got {len(lengths)} request lengths but {len(times)} arrival times")
-    return [SimRequest(t, p, o) for (p, o), t in zip(lengths, times)]
+    if hidden is None:
+        return [SimRequest(t, p, o) for (p, o), t in zip(lengths, times)]
+    if len(hidden) != len(lengths):
+        raise ValueError(f"got {len(lengths)} request lengths but {len(hidden)} hidden token counts")
+    return [SimRequest(t, p, o, hidden_tokens=h) for (p, o), t, h in zip(lengths, times, hidden)]
 
 
 SHAREGPT_POOL = 1000
@@ -199,6 +213,7 @@ def load_trace(path: str | Path) -> Workload:
                         output_tokens=int(entry["output_tokens"]),
                         tenant=str(entry.get("tenant", "")),
                         priority=int(entry.get("priority", 0)),
+                        hidden_tokens=int(entry.get("hidden_tokens", 0)),
                     )
                 )
             except KeyError as exc:
@@ -233,7 +248,8 @@ def write_trace(path: str | Path, requests: Sequence[SimRequest], sessions: Sequ
     with open(path, "w", encoding="utf-8") as f:
         for r in requests:
             fields = {"arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens}
-            f.write(json.dumps({**fields, "tenant": r.tenant, "priority": r.priority}) + "\n")
+            hidden = {"hidden_tokens": r.hidden_tokens} if r.hidden_tokens else {}
+            f.write(json.dumps({**fields, "tenant": r.tenant, "priority": r.priority, **hidden}) + "\n")
         for j, session in enumerate(sessions):
             for k, turn in enumerate(session.turns):
                 when = {"arrival_s": session.start_s} if k == 0 else {"think_s": turn.think_s}

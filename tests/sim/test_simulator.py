@@ -404,6 +404,7 @@ def test_the_virtual_cache_is_refused_where_the_engine_refuses_it() -> None:
 
 def test_trace_round_trips_and_names_a_bad_line(tmp_path: Path) -> None:
     requests, sessions = workload(num=5), conversations(num=2)
+    requests[3] = dataclasses.replace(requests[3], output_tokens=5, hidden_tokens=2)
     path = tmp_path / "trace.jsonl"
     write_trace(path, requests, sessions)
     assert load_trace(path) == Workload(requests, sessions)
@@ -924,3 +925,32 @@ def test_the_profile_visits_the_grid_in_alternating_rounds_and_pools_their_timin
         # Two timings a visit (5 repeats over 3 rounds, rounded up), at visits i+1, 2n-i and 2n+i+1.
         times = [0.001 * v + 1e-6 * k for v in (i + 1, 2 * n - i, 2 * n + i + 1) for k in range(2)]
         assert seconds == pytest.approx(statistics.median(times))
+
+
+@pytest.mark.parametrize("decode_runs", [True, False], ids=["decode-runs", "one-by-one"])
+def test_hidden_leading_tokens_delay_the_clients_first_token(decode_runs: bool) -> None:
+    """By hand: prefill 20 ms, decode 10 ms. A request whose first 2 tokens show no text (an end-of-turn
+    token that ignore_eos runs past) is first seen at its third token; its gaps count from there. A
+    second request arriving mid-way cuts the first one's decode run, on either side of its first seen token."""
+    steps = LinearStepModel(0.020, 0.010, 0.0, 0.0, 0.0, 0.0)
+    alone = Simulator(FleetConfig(), steps, decode_runs=decode_runs).run([SimRequest(0.0, 8, 6, hidden_tokens=2)])
+    # Tokens at 20, 30, 40, 50, 60, 70 ms; the client sees the third (40 ms) first.
+    assert list(alone.times.first_token_s) == pytest.approx([0.040])
+    assert list(alone.times.last_token_s) == pytest.approx([0.070])
+    assert sorted(alone.times.itl_s) == pytest.approx([0.010] * 3)
+    summary = summarize_sim(alone, 2.0, 0.2)
+    assert summary["ttft_ms"]["p50"] == pytest.approx(40.0)
+    assert summary["tpot_ms"]["p50"] == pytest.approx((70 - 40) / 5)  # as serve.py counts it: over tokens - 1
+
+    pair = [SimRequest(0.0, 8, 6, hidden_tokens=3), SimRequest(0.025, 8, 2, hidden_tokens=1)]
+    both = Simulator(FleetConfig(), steps, decode_runs=decode_runs).run(pair)
+    # First: tokens at 20, 30; the second joins the step 30-50 (its prompt), so the first's third token is
+    # at 50, then 60, 70, 80. The second's tokens at 50 (hidden) and 60.
+    assert list(both.times.first_token_s) == pytest.approx([0.060, 0.060])
+    assert list(both.times.last_token_s) == pytest.approx([0.080, 0.060])
+    assert sorted(both.times.itl_s) == pytest.approx([0.010, 0.010])
+
+
+def test_hidden_tokens_must_leave_a_token_to_see() -> None:
+    with pytest.raises(ValueError, match=r"hidden_tokens must be >= 0 and below output_tokens \(3\), got 3"):
+        SimRequest(0.0, 8, 3, hidden_tokens=3)

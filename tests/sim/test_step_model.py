@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -195,11 +196,17 @@ def test_front_end_fit_takes_means_of_the_finite_rates(tmp_path: Path) -> None:
     assert front.to_client_s == pytest.approx(0.032)  # mean of 4, 2, 90 ms
     with pytest.raises(ValueError, match="finite rate"):
         fit_front_end([(inf, 0.4, 0.003)])
+    # A request whose first tokens showed no text: its way in counts, its way out (steps later) does not.
+    hidden = fit_front_end([*delays, (2.0, 0.009, math.nan)])
+    assert hidden.to_engine_s == pytest.approx(0.018)  # mean of 6, 7, 50, 9 ms
+    assert hidden.to_client_s == pytest.approx(0.032)
     with pytest.raises(ValueError, match="to_engine_s"):
         FrontEnd(to_engine_s=-0.001)
 
-    profile = Profile(tuple(synthetic_steps(TRUE, 0.0)), {"model": "m"}, front_end_delays=tuple(delays))
+    profile = Profile(
+        tuple(synthetic_steps(TRUE, 0.0)), {"model": "m"}, front_end_delays=(*delays, (2.0, 0.009, math.nan))
+    )
     path = tmp_path / "profile.json"
-    path.write_text(json.dumps(profile.to_json()))
-    assert Profile.load(path).front_end() == front
+    path.write_text(json.dumps(profile.to_json(), allow_nan=False))  # strict JSON: the hidden one's way out is null
+    assert Profile.load(path).front_end() == hidden
     assert Profile(profile.samples, profile.engine).front_end() == FrontEnd()  # no serving run: a bare engine
