@@ -189,7 +189,8 @@ async def run_agents(url: str, mode: str, material: list[dict[str, Any]], args: 
                 return await run_task(client, model, task, i, args, mode)
 
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(i, task) for i, task in enumerate(material)))
+        with serve.frozen_heap():
+            results = await asyncio.gather(*(one(i, task) for i, task in enumerate(material)))
         duration = time.perf_counter() - start
     per_step = [
         serve.percentiles_ms([r["ttft_s"][s] for r in results]) | {"cached_tokens_mean": _mean(results, s)}

@@ -100,7 +100,8 @@ async def run_policy(
             return tenant, sent, result
 
         jobs = [send(tenant, at, r) for tenant, stream in streams.items() for at, r in stream]
-        results = await asyncio.gather(*jobs)
+        with serve.frozen_heap():
+            results = await asyncio.gather(*jobs)
         duration = time.perf_counter() - start
         done.set()
         await sampler

@@ -45,7 +45,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import profile_serving
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.serve import percentiles_ms, sse_chunks
+from benchmarks.serve import frozen_heap, percentiles_ms, sse_chunks
 from benchmarks.sharegpt import Conversation, load_sharegpt
 from kvos.config import ModelConfig
 
@@ -268,7 +268,8 @@ async def run_sessions(server: Server, plans: list[SessionPlan], think_s: float,
     delays = think_delays(plans, think_s, seed)
     limits = httpx.Limits(max_connections=len(plans) + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=httpx.Timeout(3600.0), limits=limits) as client:
-        await asyncio.gather(*(session(i, p, client, delays[i]) for i, p in enumerate(plans)))
+        with frozen_heap():
+            await asyncio.gather(*(session(i, p, client, delays[i]) for i, p in enumerate(plans)))
     return results
 
 

@@ -277,28 +277,27 @@ HIDDEN_LOOKAHEAD = 8
 """Reply tokens generated per request to find the first one a client sees (at most this many minus one hide)."""
 
 
-def hidden_tokens(config: Any, requests: list[Any]) -> list[int]:
+def hidden_tokens(config: Any, prompts: list[Any], max_tokens: list[int]) -> list[int]:
     """How many leading tokens of each request's greedy reply show a streaming client no text.
 
     The serving benchmark sends raw prompts with `ignore_eos`, and a chat
     model answers some of them with its end-of-turn token first: the server
     skips it (a special token), the client sees nothing, and its TTFT is the
     next token's. Found on the engine the server runs (`config`, built here
-    and closed again): a request's text is empty until the token the client
-    sees first.
+    and closed again), from each prompt as the client sends it (text or
+    token ids): a request's text is empty until the token the client sees
+    first.
     """
     from kvos.engine.llm_engine import LLMEngine
     from kvos.sampling_params import SamplingParams
 
     engine = LLMEngine(config)
-    hidden = [0] * len(requests)
+    hidden = [0] * len(prompts)
     try:
-        for k, request in enumerate(requests):
-            limit = min(request.max_tokens, HIDDEN_LOOKAHEAD)
-            engine.add_request(
-                str(k), request.prompt, SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True)
-            )
-        pending = set(range(len(requests)))
+        for k, (prompt, most) in enumerate(zip(prompts, max_tokens)):
+            limit = min(most, HIDDEN_LOOKAHEAD)
+            engine.add_request(str(k), prompt, SamplingParams(max_tokens=limit, temperature=0.0, ignore_eos=True))
+        pending = set(range(len(prompts)))
         while pending:
             for out in engine.step():
                 k = int(out.req_id)
@@ -399,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     requests = sample_requests(
         tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
     )
-    hidden = hidden_tokens(engine_config(args.kvos_args, gguf), requests)
+    hidden = hidden_tokens(
+        engine_config(args.kvos_args, gguf), [r.prompt for r in requests], [r.max_tokens for r in requests]
+    )
     print(f"{sum(1 for h in hidden if h)} of {len(requests)} requests begin with tokens that show no text")
     load_before = os.getloadavg()[0]
     steps: list[dict[str, Any]] = []

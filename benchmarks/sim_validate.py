@@ -337,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer, args.num_requests, args.max_prompt_tokens, args.max_output_tokens, seed=args.seed
     )
     lengths = [(len(r.prompt_token_ids), r.max_tokens) for r in requests]
-    hidden = profile_serving.hidden_tokens(config, requests)
+    # The sweep's client sends token ids (`serve_sweep.replay`).
+    hidden = profile_serving.hidden_tokens(
+        config, [list(r.prompt_token_ids) for r in requests], [r.max_tokens for r in requests]
+    )
     print(f"{sum(1 for h in hidden if h)} of {len(requests)} requests begin with tokens that show no text")
     sweep_args = argparse.Namespace(
         port=args.port,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from benchmarks.profile_serving import front_end_delays
+from benchmarks.peers import load_tokenizer, resolve_gguf
+from benchmarks.profile_serving import delay_tuples, engine_config, front_end_delays, hidden_tokens
 from benchmarks.serve import RequestResult
 
 
@@ -61,3 +64,36 @@ def test_requests_the_client_saw_the_ids_of_are_matched_by_id() -> None:
     assert [d["to_client"] for d in delays] == pytest.approx([0.005, 0.0051])
     client[1].response_id = ""  # one id missing: every request is matched by length (and these two wrongly)
     assert [d["to_engine"] for d in front_end_delays(client, server)] == pytest.approx([0.004, 0.0059])
+
+
+def test_the_way_out_of_a_request_whose_first_tokens_show_no_text_is_left_out() -> None:
+    client = [sent(10.0, 30, 0.100), sent(11.0, 40, 0.090)]
+    server = {
+        "a": {"queued": 10.005, "added": 10.01, "first_token": 10.096, "prompt_tokens": 30},
+        "b": {"queued": 11.004, "added": 11.01, "first_token": 11.070, "prompt_tokens": 40},
+    }
+    delays = front_end_delays(client, server)
+    assert [d["request"] for d in delays] == [0, 1]
+    # The second one's first token showed no text: the client's first chunk came a step (about 17 ms) later.
+    rows = delay_tuples(2.0, delays, [0, 1])
+    assert rows[0] == pytest.approx((2.0, 0.005, 0.004))
+    assert rows[1][:2] == pytest.approx((2.0, 0.004)) and math.isnan(rows[1][2])
+
+
+def test_hidden_tokens_are_the_replys_leading_tokens_without_text() -> None:
+    """A short question the chat model answers with its end-of-turn token first (which ignore_eos runs
+    past), and a prompt it continues with text at once, against the tokenizer decoding the same greedy
+    tokens one at a time."""
+    from kvos import LLM, SamplingParams
+
+    prompts = ["How many words was that?", "I started a dnd campaign. It takes place in the material plane"]
+    gguf = resolve_gguf(None)
+    hidden = hidden_tokens(engine_config("", gguf), prompts, [16, 16])
+    with LLM(str(gguf)) as llm:
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    tokenizer = load_tokenizer(gguf)
+    expected = [
+        next(i for i, t in enumerate(o.outputs[0].token_ids) if tokenizer.decode([t], skip_special_tokens=True))
+        for o in outputs
+    ]
+    assert hidden == expected == [1, 0]
