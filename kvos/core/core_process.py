@@ -46,13 +46,14 @@ class CoreInfo:
 def _serve(config: EngineConfig, eos_token_ids: frozenset[int], conn: multiprocessing.connection.Connection) -> None:
     """The core process: load, report ready, then step whenever there is work."""
     from kvos.core.engine_core import EngineCore
-    from kvos.model.loader import load_model  # the child loads its own weights
+    from kvos.model.loader import freeze_startup_heap, load_model  # the child loads its own weights
 
     try:
         core = EngineCore(config, load_model(config.model), eos_token_ids)
     except Exception as exc:  # the front end re-raises it where the user called
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
+    freeze_startup_heap()
     kv = core.kv_manager
     conn.send(
         (
