@@ -17,7 +17,6 @@ sharing or probing each other's prefixes (a hit is observable as latency).
 from __future__ import annotations
 
 import hashlib
-import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -38,23 +37,10 @@ def salted_root(root: BlockHash, cache_salt: str | None) -> BlockHash:
     return hashlib.sha256(root + b"salt\0" + cache_salt.encode("utf-8", "surrogatepass")).digest()
 
 
-_PACKERS: dict[int, struct.Struct] = {}
-"""Compiled little-endian int64 layouts by block length (a pool has one block size): the format string
-is parsed once, not on every digest."""
-
-
-def block_hash(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
-    """Digest of a full block given its parent's digest (little-endian int64 token ids)."""
-    packer = _PACKERS.get(len(token_ids))
-    if packer is None:
-        packer = _PACKERS[len(token_ids)] = struct.Struct(f"<{len(token_ids)}q")
-    return hashlib.sha256(parent + packer.pack(*token_ids)).digest()
-
-
 def chain_hashes(parent: BlockHash, token_ids: Sequence[int], block_size: int) -> list[BlockHash]:
-    """`block_hash` of each full block of `token_ids` in turn, each block's parent the one before it
-    (the first's `parent`): the same digests, with the ids packed in one call instead of one per block
-    (a prompt's blocks are digested together when it arrives, hundreds of them for a long prompt)."""
+    """The digest of each full block of `token_ids` in turn (little-endian int64 ids), each block's parent
+    the one before it and the first's `parent`; a partial last block is not digested. The ids are packed in
+    one call (a prompt's blocks are digested together when it arrives, hundreds of them for a long prompt)."""
     packed = array("q", token_ids)
     if sys.byteorder != "little":
         packed.byteswap()

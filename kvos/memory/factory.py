@@ -53,7 +53,7 @@ def make_kv_manager(
     model_identity: str = "",
     disk: DiskBlockIndex | None = None,
 ) -> KVCacheManager:
-    """`model_identity` roots the prefix cache's block digests (see `block_hash`); `disk` is the disk
+    """`model_identity` roots the prefix cache's block digests (see `kvos.memory.block_hash`); `disk` is the disk
     tier's books, built from what the worker's store found in its directory."""
     budget = kv_budget_bytes(cache, shape.device)
     if cache.kv_cache == "virtual":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import struct
+
 import pytest
 
 from kvos.core.plan import CopyKV
 from kvos.core.request import Request
 from kvos.memory.block_allocator import BlockAllocator, BlockRemoved, BlockStored
-from kvos.memory.block_hash import block_hash, root_hash
+from kvos.memory.block_hash import root_hash
 from kvos.memory.paged_kv_manager import PagedKVCacheManager
 from kvos.sampling_params import SamplingParams
 
@@ -169,8 +172,8 @@ def test_block_identity_is_a_chained_sha256_rooted_in_the_model() -> None:
     a = make_request("a", list(range(9)))
     admit(kv, a)
     root = root_hash("m", BS)
-    h0 = block_hash(root, [0, 1, 2, 3])
-    h1 = block_hash(h0, [4, 5, 6, 7])
+    h0 = hashlib.sha256(root + struct.pack("<4q", 0, 1, 2, 3)).digest()
+    h1 = hashlib.sha256(h0 + struct.pack("<4q", 4, 5, 6, 7)).digest()
     assert kv.block_hashes(a) == [h0, h1]
     assert [type(e) for e in kv.drain_events()] == [BlockStored, BlockStored]
     # Another model's blocks never match.
