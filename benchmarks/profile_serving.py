@@ -41,11 +41,14 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks import serve, serve_sweep
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.sharegpt import sample_requests
+
+if TYPE_CHECKING:
+    from kvos.config import EngineConfig
 
 DEFAULT_SEED = 1
 """Not the validation's seed (0): the overhead is fitted on other requests than those it is checked on."""
@@ -263,7 +266,7 @@ def delay_tuples(rate: float, delays: list[dict[str, float]], hidden: list[int])
     return [(rate, d["to_engine"], math.nan if hidden[int(d["request"])] else d["to_client"]) for d in delays]
 
 
-def engine_config(kvos_args: str, gguf: Path) -> Any:
+def engine_config(kvos_args: str, gguf: Path) -> EngineConfig:
     """The `EngineConfig` that `kvos serve GGUF <kvos_args>` builds, read with kvos's own parser (so no flag
     is missed)."""
     from kvos.config import EngineConfig
@@ -277,7 +280,7 @@ HIDDEN_LOOKAHEAD = 8
 """Reply tokens generated per request to find the first one a client sees (at most this many minus one hide)."""
 
 
-def hidden_tokens(config: Any, prompts: list[Any], max_tokens: list[int]) -> list[int]:
+def hidden_tokens(config: EngineConfig, prompts: list[Any], max_tokens: list[int]) -> list[int]:
     """How many leading tokens of each request's greedy reply show a streaming client no text.
 
     The serving benchmark sends raw prompts with `ignore_eos`, and a chat
@@ -307,6 +310,7 @@ def hidden_tokens(config: Any, prompts: list[Any], max_tokens: list[int]) -> lis
                     pending.discard(k)
     finally:
         engine.close()
+    print(f"{sum(1 for h in hidden if h)} of {len(prompts)} requests begin with tokens that show no text")
     return hidden
 
 
@@ -401,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     hidden = hidden_tokens(
         engine_config(args.kvos_args, gguf), [r.prompt for r in requests], [r.max_tokens for r in requests]
     )
-    print(f"{sum(1 for h in hidden if h)} of {len(requests)} requests begin with tokens that show no text")
     load_before = os.getloadavg()[0]
     steps: list[dict[str, Any]] = []
     delays: list[tuple[float, float, float]] = []

@@ -341,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     hidden = profile_serving.hidden_tokens(
         config, [list(r.prompt_token_ids) for r in requests], [r.max_tokens for r in requests]
     )
-    print(f"{sum(1 for h in hidden if h)} of {len(requests)} requests begin with tokens that show no text")
     sweep_args = argparse.Namespace(
         port=args.port,
         log_dir=args.log_dir,
