@@ -153,15 +153,25 @@ def served_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     The warm-up request's steps (everything up to the first idle moment) are
     dropped. A step counts only when the engine still had work after it, so
     the next step started at once and start-to-start is a served step's time.
+    `new_rows` marks a step whose row count (`StepShape.rows`) no earlier step
+    of the server had: it paid the first-use cost the engine profile measures
+    apart (`kvos.sim.profile`), so the fits leave it out.
     """
     first = next((k for k, r in enumerate(records) if not r["busy_after"]), len(records))
+    new_rows = []
+    rows_run: set[int] = set()
+    for r in records:
+        rows = r["shape"]["prefill_tokens"] + r["shape"]["num_decodes"] if "shape" in r else 0
+        new_rows.append(rows not in rows_run)
+        rows_run.add(rows)
     steps = []
-    for r, after in zip(records[first + 1 :], records[first + 2 :]):
+    for k, (r, after) in enumerate(zip(records[first + 1 :], records[first + 2 :]), start=first + 1):
         if not r["busy_after"] or "shape" not in r:
             continue
         steps.append(
             {
                 "shape": r["shape"],
+                "new_rows": new_rows[k],
                 "seconds": after["start"] - r["start"],
                 "worker": r["worker_s"],
                 "scheduler": r["core_s"] - r["worker_s"],
@@ -416,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         raise RuntimeError(f"only {len(steps)} busy served steps were recorded; send more requests")
     rows = breakdown(steps)
     print(format_breakdown(rows))
-    served = tuple((StepShape(**s["shape"]), s["seconds"]) for s in steps)
+    served = tuple((StepShape(**s["shape"]), s["seconds"]) for s in steps if not s["new_rows"])
+    print(f"served steps: {len(steps) - len(served)} of {len(steps)} ran a row count for the first time (left out)")
     worker, _ = fit_linear(profile.samples)
     model, error = fit_overhead(worker, served)
     worker_error = [abs(worker.step_seconds(s) - s_meas) / s_meas for s, s_meas in served]

@@ -89,6 +89,7 @@ def instance_config(config: EngineConfig, profile: Profile) -> InstanceConfig:
         max_model_len=int(profile.engine["max_model_len"]),
         enable_prefix_caching=config.cache.enable_prefix_caching,
         front_end=profile.front_end(),
+        first_use_s=profile.first_use_seconds(),
         virtual=VirtualCacheConfig.of_profile(profile.engine) if config.cache.kv_cache == "virtual" else None,
     )
 
@@ -205,7 +206,9 @@ def in_engine_order(requests: list[SimRequest], order: list[int]) -> list[SimReq
 
 def fit_on_run(steps: list[dict[str, Any]]) -> ServedStepModel:
     """A served-step model fitted on one run's own steps: the worker on `Worker.execute`'s times, the
-    overhead on the rest of each step's served time."""
+    overhead on the rest of each step's served time. Steps that ran a row count for the first time are left
+    out: the simulated worker adds the profile's first-use cost to those."""
+    steps = [step for step in steps if not step["new_rows"]]
     worker, _ = fit_linear([(StepShape(**step["shape"]), step["worker"]) for step in steps])
     model, _ = fit_overhead(worker, [(StepShape(**step["shape"]), step["seconds"]) for step in steps])
     return model

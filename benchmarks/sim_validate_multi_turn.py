@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=int(profile.engine["max_model_len"]),
             enable_prefix_caching=config.cache.enable_prefix_caching,
             front_end=profile.front_end(),
+            first_use_s=profile.first_use_seconds(),
             host=HostTierConfig(host_bytes // bytes_per_token, moves["host"]) if tier != "off" else None,
             disk=DiskTierConfig(host // bytes_per_token, moves["disk"]) if tier == "host+disk" else None,
         )

@@ -236,6 +236,7 @@ def make_fleet(
         block_size=engine.get("block_size", InstanceConfig.block_size),
         max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
         front_end=profile.front_end() if profile is not None else FrontEnd(),
+        first_use_s=profile.first_use_seconds() if profile is not None else 0.0,
         host=host,
         disk=disk,
     )
@@ -448,7 +449,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     error = report["fit_error"]
     print(
         f"{len(profile.samples)} steps timed; joint linear fit: mean error {error['mean_abs_pct']:.1f}%, "
-        f"p90 {error['p90_abs_pct']:.1f}%, max {error['max_abs_pct']:.1f}%; wrote {args.out}"
+        f"p90 {error['p90_abs_pct']:.1f}%, max {error['max_abs_pct']:.1f}%; a new row count costs "
+        f"{1000 * profile.first_use_seconds():.2f} ms once (median of {len(profile.first_uses)}); wrote {args.out}"
     )
     return 0
 

@@ -11,6 +11,13 @@ the sample. Only `Worker.execute` is timed here: the scheduler's and front
 end's own time per step is measured separately, on a served run
 (`benchmarks.profile_serving`), and added to the same profile.
 
+After the grid, the first use of a row count: a step's linears run a
+matmul oneDNN built for that many rows, and the first step with a new
+count builds them (about 2.8 ms more here, `ONEDNN_VERBOSE=2` shows each
+`create:cache_miss`). Fresh prompts of lengths the grid never ran are timed
+three times each; the first time less the faster repeat is that length's
+first-use cost (`Profile.first_uses`; the simulator charges their median).
+
 With a host tier (`--kv-offload-size`), the moves are timed on the real
 worker too: a prompt chunk whose first tokens come up from the host tier in
 this step (`loads`, which the forward pass waits for), and one whose blocks
@@ -144,6 +151,9 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
             seconds = statistics.median(times)
             samples.append((StepShape(t, t * t, b, b * (length + 1), int(t > 0)), seconds))
             logger.info("prefill %d, decodes %d x context %d: %.2f ms", t, b, length, 1000 * seconds)
+        # Rows run so far: the grid's steps, and with --compile the warm-up's decode batches (at most max_num_seqs).
+        rows_run = {t + b for t, b, _ in points} | {1, 2, most}
+        first_uses = _profile_first_uses(core, rows_run, max(grid.prefill_tokens), ROUNDS * len(points) + 1)
         host_copy = _profile_moves(core, HOST, grid.repeats) if core.worker.host_pool is not None else None
         disk_copy = _profile_moves(core, DISK, grid.repeats) if core.worker.disk_store is not None else None
     finally:
@@ -176,7 +186,59 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
         engine["host_copy"] = asdict(host_copy)
     if disk_copy is not None:
         engine["disk_copy"] = asdict(disk_copy)
-    return Profile(tuple(samples), engine)
+    return Profile(tuple(samples), engine, first_uses=first_uses)
+
+
+FIRST_USE_LENGTHS = 32
+"""Prompt lengths timed for the first-use cost, spread from 8 tokens to the grid's longest prompt: one timing
+of a long prompt scatters by several ms on this VM, so the median needs a few dozen."""
+
+
+def _profile_first_uses(
+    core: EngineCore, rows_run: set[int], longest: int, step_id: int
+) -> tuple[tuple[int, float], ...]:
+    """(rows, seconds) for prompt lengths from 8 to `longest` that no step of the profile has run: a prompt of
+    that length, then two more (fresh requests each, so each step adopts one), the first's time less the
+    faster of the others'."""
+    longest = min(max(longest, 8), core.max_model_len)
+    lengths: list[int] = []
+    for k in range(FIRST_USE_LENGTHS):
+        n = 8 + k * (longest - 8) // max(FIRST_USE_LENGTHS - 1, 1)
+        while n in rows_run or n in lengths:
+            n += 1
+        if n <= core.max_model_len:
+            lengths.append(n)
+    first_uses = []
+    for k, n in enumerate(lengths):
+        first, *again = (_time_prompt(core, n, step_id + 3 * k + j) for j in range(3))
+        first_uses.append((n, first - min(again)))
+        logger.info("first use of %d rows: %.2f ms more than a repeat", n, 1000 * first_uses[-1][1])
+    return tuple(first_uses)
+
+
+def _time_prompt(core: EngineCore, length: int, step_id: int) -> float:
+    """Seconds of `Worker.execute` on a step that adopts one new request and computes its whole prompt."""
+    kv, worker = core.kv_manager, core.worker
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    request = Request(f"f{step_id}", _tokens(step_id, 0, length), params)
+    allocation = kv.allocate_slots(request, length)
+    if allocation is None:
+        raise RuntimeError("KV books ran out below the capacity checked before profiling")
+    kv.end_step()
+    ids = list(request.prompt_token_ids)
+    plan = StepPlan(
+        step_id,
+        [ScheduledRequest(request.req_id, ids, 0, True, allocation.table_update)],
+        [NewRequestData(request.req_id, ids, [], request.params, 0)],
+    )
+    start = time.perf_counter()
+    worker.execute(plan)
+    if worker.device.type == "cuda":
+        torch.cuda.synchronize(worker.device)
+    seconds = time.perf_counter() - start
+    worker.execute(StepPlan(step_id, finished_req_ids=[request.req_id]))
+    kv.free(request)
+    return seconds
 
 
 Tier = Literal["host", "disk"]

@@ -216,6 +216,9 @@ class InstanceConfig:
     enable_prefix_caching: bool = True
     front_end: FrontEnd = field(default_factory=FrontEnd)
     """The server's front end before the engine and back to the client; the default, zero, is a bare engine."""
+    first_use_s: float = 0.0
+    """What a step pays once more when its row count is new to the instance (`Profile.first_use_seconds`);
+    the default, zero, is an engine that built every kernel before its first request."""
     host: HostTierConfig | None = None
     """A host KV tier below the pool (`--kv-offload-size`), or none."""
     disk: DiskTierConfig | None = None
@@ -233,6 +236,8 @@ class InstanceConfig:
             )
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not self.first_use_s >= 0:
+            raise ValueError(f"first_use_s must be >= 0, got {self.first_use_s}")
         if self.virtual is not None and self.disk is not None:
             raise ValueError(
                 "a disk tier needs the paged cache: it keeps prefix-cache blocks by digest, and the virtual "
@@ -393,6 +398,7 @@ class SimInstance(MigrationEndpoint):
             host.copy if host is not None else None,
             self.kv.host_block_size if isinstance(self.kv, VirtualKVCacheManager) else config.block_size,
             disk.copy if disk is not None else None,
+            config.first_use_s,
         )
         self._incoming: dict[str, Request] = {}
         self.calls: list[int] = []
@@ -532,6 +538,9 @@ class SimInstance(MigrationEndpoint):
         if num_steps < MIN_DECODE_RUN:
             return None
         seconds = self.step_model.decode_steps_seconds(len(running), sum(context0), num_steps)
+        if self.worker.first_use_s:
+            # Only the first step can meet a new row count (the batch stays the same); a cut run keeps it.
+            seconds[0] += self.worker.first_use(len(running))
         # The clock advanced one step at a time, as the worker's is: the same sums in the same order.
         ends = list(itertools.accumulate(seconds, initial=now))[1:]
         boundaries = sorted(self._boundaries(running, context0, num_steps)) if self.reports else []

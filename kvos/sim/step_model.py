@@ -31,6 +31,12 @@ Models, one interface (`StepTimeModel.step_seconds`):
   the same cores), `a + b*(R + D)`, fitted by `fit_overhead` to the
   steps of a profiled `kvos serve` run (`benchmarks.profile_serving`).
 
+Beside the shape, a step pays once more the first time its process runs
+its number of token rows, P + D (`StepShape.rows`): on a CPU, oneDNN builds a
+matmul for every row count of every linear (about 2.8 ms a step here,
+`Profile.first_use_seconds`). That depends on what the instance ran before,
+not on the step, so the simulated worker keeps it (`SimWorker.first_use`).
+
 Outside the step, `FrontEnd` is what the server's HTTP front end adds to a
 request: a delay before the engine sees it and one from a token to the
 client. The simulator applies them to arrivals and token times
@@ -80,6 +86,11 @@ class StepShape:
                 prefill += n
                 pairs += n * (s.num_computed_tokens + n)
         return cls(prefill, pairs, decodes, context, chunks)
+
+    @property
+    def rows(self) -> int:
+        """Token rows the step's linears multiply: every prompt-chunk token and one per decode."""
+        return self.prefill_tokens + self.num_decodes
 
 
 class StepTimeModel(Protocol):
@@ -545,6 +556,9 @@ class Profile:
     """How the served steps were taken (rates, requests) and where their time went, for reports."""
     front_end_delays: tuple[tuple[float, float, float], ...] = ()
     """Per request of the profiled serving runs: (rate, seconds to the engine, seconds to the client)."""
+    first_uses: tuple[tuple[int, float], ...] = ()
+    """(rows, seconds): how much longer a prompt step of `rows` tokens took the first time the process ran
+    that many rows than the next time (`kvos.sim.profile`); empty: not measured."""
 
     def to_json(self) -> dict[str, Any]:
         model, error = fit_linear(self.samples)
@@ -554,6 +568,11 @@ class Profile:
             "fit_error": asdict(error),
             "samples": [_sample_json(shape, t) for shape, t in self.samples],
         }
+        if self.first_uses:
+            data["first_use"] = {
+                "seconds": self.first_use_seconds(),
+                "steps": [{"rows": rows, "extra_s": extra} for rows, extra in self.first_uses],
+            }
         if self.served:
             served, served_error = fit_overhead(model, self.served)
             data["serving"] = {
@@ -580,6 +599,11 @@ class Profile:
         """The fitted front end; the zero one (a bare engine) when no serving run was profiled."""
         return fit_front_end(self.front_end_delays) if self.front_end_delays else FrontEnd()
 
+    def first_use_seconds(self) -> float:
+        """What a step pays the first time its row count runs: the measured extras' median (they scatter by
+        a few ms either way around it, with no trend over 8 to 600 rows here), 0 if none were measured."""
+        return max(0.0, statistics.median(extra for _, extra in self.first_uses)) if self.first_uses else 0.0
+
     def step_model(self) -> StepTimeModel:
         """The fitted worker model, plus the serving overhead when served steps were profiled."""
         model, _ = fit_linear(self.samples)
@@ -603,7 +627,8 @@ class Profile:
                 )
                 for r in front
             )
-            return cls(samples, dict(data["engine"]), served, info, delays)
+            first = tuple((int(r["rows"]), float(r["extra_s"])) for r in data.get("first_use", {}).get("steps", ()))
+            return cls(samples, dict(data["engine"]), served, info, delays, first)
         except KeyError as exc:
             raise ValueError(f"{path}: profile is missing {exc.args[0]!r}") from exc
 

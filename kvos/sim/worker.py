@@ -92,8 +92,14 @@ class SimWorker:
         copy: CopyModel | None = None,
         block_size: int = 16,
         disk: CopyModel | None = None,
+        first_use_s: float = 0.0,
     ) -> None:
         self.step_model = step_model
+        self.first_use_s = first_use_s
+        """What a step pays on top of its shape's time when its row count is new to this worker."""
+        self.rows_run: set[int] = set()
+        """Row counts the worker has run (`StepShape.rows`): their kernels are built. Kept only when a first use
+        costs something."""
         self.copy = copy if copy is not None else CopyModel()
         """The host tier's moves."""
         self.disk = disk if disk is not None else CopyModel()
@@ -107,8 +113,28 @@ class SimWorker:
         self._saves_s = 0.0
         """Moves down the tiers a migration's reservation forced between steps: the next step waits for them."""
 
+    def first_use(self, rows: int) -> float:
+        """The extra seconds a step of `rows` token rows pays now: `first_use_s` the first time, then 0.
+
+        On a CPU, oneDNN builds a matmul for every row count of every linear
+        the first time it meets it (`kvos.sim.profile` measures the cost). The
+        real worker's process keeps what it built; so does this worker. (oneDNN
+        keeps at most 1,024 matmuls, about 256 row counts of a Llama's four
+        linear shapes, and builds an evicted one again; that is not modelled.)
+        """
+        if rows in self.rows_run:
+            return 0.0
+        self.rows_run.add(rows)
+        return self.first_use_s
+
     def step_seconds(self, plan: StepPlan) -> float:
-        forward = self.step_model.step_seconds(StepShape.from_plan(plan)) if plan.scheduled else 0.0
+        if plan.scheduled:
+            shape = StepShape.from_plan(plan)
+            forward = self.step_model.step_seconds(shape)
+            if self.first_use_s:
+                forward += self.first_use(shape.rows)
+        else:
+            forward = 0.0
         if not (plan.moves_kv or plan.copies or self._saves_s):
             return forward
         host, disk, bs = self.copy, self.disk, self.block_size

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.profile_serving import delay_tuples, engine_config, front_end_delays, hidden_tokens
+from benchmarks.profile_serving import delay_tuples, engine_config, front_end_delays, hidden_tokens, served_steps
 from benchmarks.serve import RequestResult
 
 
@@ -97,3 +97,35 @@ def test_hidden_tokens_are_the_replys_leading_tokens_without_text() -> None:
         for o in outputs
     ]
     assert hidden == expected == [1, 0]
+
+
+def step_record(start: float, prefill: int, decodes: int, busy_after: bool = True) -> dict:
+    shape = {"prefill_tokens": prefill, "attention_pairs": prefill * prefill, "num_decodes": decodes}
+    shape |= {"decode_context": 10 * decodes, "num_prefills": int(prefill > 0)}
+    return {
+        "start": start,
+        "end": start + 0.008,
+        "worker_s": 0.006,
+        "engine_s": 0.007,
+        "core_s": 0.0065,
+        "shape": shape,
+        "busy_after": busy_after,
+    }
+
+
+def test_served_steps_mark_the_first_step_of_each_row_count_the_warm_up_included() -> None:
+    """Rows are prompt tokens plus decodes. The warm-up request's steps (up to the first idle one) are not
+    served steps, but the row counts they ran are built: a later step with the same count is not new."""
+    records = [
+        step_record(0.00, 9, 0),  # warm-up: 9 rows
+        step_record(0.01, 0, 1, busy_after=False),  # 1 row; then idle
+        step_record(1.00, 30, 0),  # the first served request's prompt: 30 rows, new
+        step_record(1.03, 0, 1),  # 1 row: the warm-up ran it
+        step_record(1.04, 8, 1),  # 9 rows: the warm-up ran it
+        step_record(1.06, 29, 1),  # 30 rows again
+        step_record(1.09, 0, 2),  # 2 rows: new
+        step_record(1.10, 0, 2),  # the last record: no next start, so no served time
+    ]
+    steps = served_steps(records)
+    assert [s["new_rows"] for s in steps] == [True, False, False, False, True]
+    assert [s["seconds"] for s in steps] == pytest.approx([0.03, 0.01, 0.02, 0.03, 0.01])

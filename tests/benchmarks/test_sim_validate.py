@@ -40,7 +40,7 @@ def served_steps() -> list[dict]:
                 )
                 worker = WORKER.step_seconds(shape)
                 served = worker + PER_STEP + PER_SEQUENCE * (shape.num_prefills + decodes)
-                steps.append({"shape": asdict(shape), "worker": worker, "seconds": served})
+                steps.append({"shape": asdict(shape), "worker": worker, "seconds": served, "new_rows": False})
     return steps
 
 
@@ -51,6 +51,20 @@ def test_a_run_fitted_on_itself_recovers_its_worker_and_serving_overhead() -> No
         assert getattr(model.worker, name) == pytest.approx(value, rel=1e-6, abs=1e-12), name
     assert model.overhead.per_step == pytest.approx(PER_STEP, rel=1e-6)
     assert model.overhead.per_sequence == pytest.approx(PER_SEQUENCE, rel=1e-6)
+
+
+def test_steps_that_ran_a_row_count_first_are_left_out_of_a_runs_fit() -> None:
+    """Their extra time is the first-use cost the simulated worker adds on its own: fitted in, it would be
+    counted twice."""
+    steps = served_steps()
+    for step in steps[::5]:
+        step["new_rows"] = True
+        step["worker"] += 0.003
+        step["seconds"] += 0.003
+    model = fit_on_run(steps)
+    for name, value in asdict(WORKER).items():
+        assert getattr(model.worker, name) == pytest.approx(value, rel=1e-6, abs=1e-12), name
+    assert model.overhead.per_step == pytest.approx(PER_STEP, rel=1e-6)
 
 
 def test_requests_reach_the_simulated_engine_in_the_order_the_real_one_queued_them() -> None:

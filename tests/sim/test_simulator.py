@@ -470,7 +470,15 @@ def test_cli_profile_then_run_then_plan(tmp_path: Path, capsys: pytest.CaptureFi
     profile = tmp_path / "profile.json"
     common = ["--model", str(tmp_path), "--load-format", "dummy", "--kv-cache-memory", "16MiB"]
     assert main(["sim", "profile", *common, "--grid", "smoke", "--out", str(profile)]) == 0
-    assert len(json.loads(profile.read_text())["samples"]) == 14
+    data = json.loads(profile.read_text())
+    assert len(data["samples"]) == 14
+    # The first-use cost is timed on prompt lengths no step before it ran: the grid's steps (prompt tokens
+    # 0, 16, 48 beside 0, 1 or 4 decodes) and a compiled engine's warm-up batches (1, 2, max_num_seqs).
+    rows = [step["rows"] for step in data["first_use"]["steps"]]
+    grid_rows = {t + b for t in (0, 16, 48) for b in (0, 1, 4)} | {1, 2, 128}
+    assert len(set(rows)) == len(rows) == 32 and min(rows) == 8 and not set(rows) & grid_rows
+    extras = [step["extra_s"] for step in data["first_use"]["steps"]]
+    assert data["first_use"]["seconds"] == max(0.0, statistics.median(extras))
     # As the `kvos` console script runs it: its own folder, not the working directory, first on the path
     # (`python -P`), from the repository root, as docs/simulator.md says to; cluster router classes inside.
     script = "import sys; from kvos.entrypoints.cli import main; sys.exit(main())"
@@ -626,6 +634,7 @@ def assert_runs_decide_as_steps(fast: Any, fast_plans: dict, slow: Any, slow_pla
             b.peak_used_blocks,
         )
         assert a.worker.busy_s == b.worker.busy_s
+        assert a.worker.rows_run == b.worker.rows_run
 
 
 @pytest.mark.parametrize(
@@ -655,6 +664,7 @@ def test_decode_runs_make_the_same_decisions_as_single_steps(
         scheduler=SchedulerConfig(policy=policy, max_num_batched_tokens=64, max_num_seqs=8),
         kv_capacity_tokens=kv_tokens,
         max_model_len=128,
+        first_use_s=0.004,  # a run's first step can be a batch size new to the instance
     )
     migration = MigrationConfig(freeness_gap=20.0, interval_s=0.2) if migrate else None
     config = FleetConfig(instance, num_instances, router, migration=migration, link=LinkModel(1e6, 100, 1e-3))
@@ -701,6 +711,7 @@ def test_decode_runs_with_the_virtual_cache_make_the_same_decisions_as_single_st
         kv_capacity_tokens=kv_tokens,
         max_model_len=128,
         virtual=virtual,
+        first_use_s=0.004,
     )
     config = FleetConfig(instance, num_instances, router)
     slow, slow_plans = run_recording_plans(config, requests, decode_runs=False)
@@ -949,6 +960,30 @@ def test_hidden_leading_tokens_delay_the_clients_first_token(decode_runs: bool) 
     assert list(both.times.first_token_s) == pytest.approx([0.060, 0.060])
     assert list(both.times.last_token_s) == pytest.approx([0.080, 0.060])
     assert sorted(both.times.itl_s) == pytest.approx([0.010, 0.010])
+
+
+@pytest.mark.parametrize("decode_runs", [True, False], ids=["decode-runs", "one-by-one"])
+def test_a_step_pays_the_first_use_cost_once_per_row_count(decode_runs: bool) -> None:
+    """By hand: prefill 20 ms, decode 10 ms, 5 ms more the first time an instance runs a row count (prompt
+    tokens plus decodes). The first request's prompt (8 rows) and first decode (1 row) pay it; a later
+    request's same counts do not, a third's 12-token prompt does, and so does the first step where two
+    requests decode together (2 rows)."""
+    steps = LinearStepModel(0.020, 0.010, 0.0, 0.0, 0.0, 0.0)
+    requests = [SimRequest(0.0, 8, 20), SimRequest(1.0, 8, 20), SimRequest(2.0, 12, 20), SimRequest(2.001, 8, 20)]
+    config = FleetConfig(InstanceConfig(first_use_s=0.005))
+    result = Simulator(config, steps, decode_runs=decode_runs).run(requests)
+    # 1: 25 + 15 + 18 x 10 ms. 2: the same counts, no extra. 3: 12 rows, new (2.000-2.025); 4 arrives
+    # during it and its prompt runs beside 3's first decode (9 rows, new: 2.025-2.050); then both decode
+    # (2 rows, new: 2.050-2.065; then 10 ms a step), and 4's last token alone (1 row, built).
+    assert list(result.times.first_token_s) == pytest.approx([0.025, 1.020, 2.025, 2.050])
+    assert list(result.times.last_token_s) == pytest.approx([0.220, 1.210, 2.065 + 0.010 * 17, 2.065 + 0.010 * 18])
+    (instance,) = result.instances
+    assert instance.worker.rows_run == {8, 1, 12, 9, 2}
+
+
+def test_a_negative_first_use_cost_is_refused() -> None:
+    with pytest.raises(ValueError, match="first_use_s must be >= 0, got -0.001"):
+        InstanceConfig(first_use_s=-0.001)
 
 
 def test_hidden_tokens_must_leave_a_token_to_see() -> None:

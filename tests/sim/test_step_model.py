@@ -210,3 +210,16 @@ def test_front_end_fit_takes_means_of_the_finite_rates(tmp_path: Path) -> None:
     path.write_text(json.dumps(profile.to_json(), allow_nan=False))  # strict JSON: the hidden one's way out is null
     assert Profile.load(path).front_end() == hidden
     assert Profile(profile.samples, profile.engine).front_end() == FrontEnd()  # no serving run: a bare engine
+
+
+def test_the_first_use_cost_is_the_median_extra_and_survives_the_json(tmp_path: Path) -> None:
+    extras = ((8, 0.0021), (40, 0.0030), (200, -0.0040), (333, 0.0250), (500, 0.0027))
+    profile = Profile(tuple(synthetic_steps(TRUE, 0.0)), {"model": "m"}, first_uses=extras)
+    assert profile.first_use_seconds() == 0.0027  # the one slow and the one negative timing do not pull it
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(profile.to_json(), allow_nan=False))
+    loaded = Profile.load(path)
+    assert loaded.first_uses == extras and loaded.first_use_seconds() == 0.0027
+    assert Profile(profile.samples, profile.engine).first_use_seconds() == 0.0  # not measured: none charged
+    noise = Profile(profile.samples, profile.engine, first_uses=((8, -0.001), (9, 0.0005), (10, -0.002)))
+    assert noise.first_use_seconds() == 0.0  # a median below zero is noise, not a step that got faster
