@@ -39,7 +39,7 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before_after": [load_before, os.getloadavg()[0]],
     }
     out = args.out or args.profile
-    with_serving = Profile(profile.samples, profile.engine, served, info, tuple(delays))
+    with_serving = replace(profile, served=served, serving=info, front_end_delays=tuple(delays))
     out.write_text(json.dumps(with_serving.to_json(), indent=2) + "\n")
     print(f"wrote {out}")
     return 0
