@@ -49,6 +49,7 @@ from benchmarks.sharegpt import sample_requests
 
 if TYPE_CHECKING:
     from kvos.config import EngineConfig
+    from kvos.sim.step_model import StepTimeModel
 
 DEFAULT_SEED = 1
 """Not the validation's seed (0): the overhead is fitted on other requests than those it is checked on."""
@@ -181,6 +182,27 @@ def served_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return steps
+
+
+def format_first_uses(steps: list[dict[str, Any]], worker: StepTimeModel, first_use_s: float) -> str:
+    """The worker's time in steps that ran a row count first against those that did not, each over the worker
+    model's prediction (median ms over it, and the ratio): the first use the profile measured, seen served."""
+    from kvos.sim.step_model import StepShape
+
+    lines = [f"first use of a row count, as the profile measured it: {1000 * first_use_s:.2f} ms"]
+    for kind, prompt in (("prompt", True), ("decode-only", False)):
+        for new in (True, False):
+            group = [s for s in steps if (s["shape"]["prefill_tokens"] > 0) == prompt and s["new_rows"] == new]
+            if not group:
+                continue
+            predicted = [worker.step_seconds(StepShape(**s["shape"])) for s in group]
+            over = statistics.median(1000 * (s["worker"] - p) for s, p in zip(group, predicted))
+            ratio = statistics.median(s["worker"] / p for s, p in zip(group, predicted))
+            lines.append(
+                f"  {kind} steps, {'new' if new else 'run before'} row count: {len(group)}, worker time "
+                f"{over:+.2f} ms over the worker model (median), ratio {ratio:.3f}"
+            )
+    return "\n".join(lines)
 
 
 def breakdown(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -429,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     served = tuple((StepShape(**s["shape"]), s["seconds"]) for s in steps if not s["new_rows"])
     print(f"served steps: {len(steps) - len(served)} of {len(steps)} ran a row count for the first time (left out)")
     worker, _ = fit_linear(profile.samples)
+    print(format_first_uses(steps, worker, profile.first_use_seconds()))
     model, error = fit_overhead(worker, served)
     worker_error = [abs(worker.step_seconds(s) - s_meas) / s_meas for s, s_meas in served]
     print(

@@ -129,3 +129,23 @@ def test_served_steps_mark_the_first_step_of_each_row_count_the_warm_up_included
     steps = served_steps(records)
     assert [s["new_rows"] for s in steps] == [True, False, False, False, True]
     assert [s["seconds"] for s in steps] == pytest.approx([0.03, 0.01, 0.02, 0.03, 0.01])
+
+
+def test_first_uses_are_reported_as_the_worker_time_over_the_model_by_kind_and_novelty() -> None:
+    from benchmarks.profile_serving import format_first_uses
+    from kvos.sim.step_model import LinearStepModel
+
+    model = LinearStepModel(0.010, 0.005, 0.0, 0.0, 0.0, 0.0)  # 10 ms a prompt step, 5 ms a decode-only one
+    records = [step_record(0.0, 9, 0, busy_after=False)] + [step_record(0.1 * k, 20 + k, 0) for k in range(4)]
+    records += [step_record(1.0, 20, 0), step_record(1.1, 0, 3), step_record(1.2, 0, 3), step_record(1.3, 0, 3)]
+    steps = served_steps(records)
+    for s in steps:
+        s["worker"] = 0.0125 if s["new_rows"] and s["shape"]["prefill_tokens"] else 0.0051
+    text = format_first_uses(steps, model, 0.0028)
+    assert text.splitlines() == [
+        "first use of a row count, as the profile measured it: 2.80 ms",
+        "  prompt steps, new row count: 4, worker time +2.50 ms over the worker model (median), ratio 1.250",
+        "  prompt steps, run before row count: 1, worker time -4.90 ms over the worker model (median), ratio 0.510",
+        "  decode-only steps, new row count: 1, worker time +0.10 ms over the worker model (median), ratio 1.020",
+        "  decode-only steps, run before row count: 1, worker time +0.10 ms over the worker model (median), ratio 1.020",
+    ]
