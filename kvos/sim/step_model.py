@@ -33,7 +33,7 @@ Models, one interface (`StepTimeModel.step_seconds`):
 
 Beside the shape, a step pays once more the first time its process runs
 its number of token rows, P + D (`StepShape.rows`): on a CPU, oneDNN builds a
-matmul for every row count of every linear (about 2.8 ms a step here,
+matmul for every row count of every linear (about 2.7 ms a step here,
 `Profile.first_use_seconds`). That depends on what the instance ran before,
 not on the step, so the simulated worker keeps it (`SimWorker.first_use`).
 
