@@ -200,7 +200,7 @@ def format_first_uses(steps: list[dict[str, Any]], worker: StepTimeModel, first_
             ratio = statistics.median(s["worker"] / p for s, p in zip(group, predicted))
             lines.append(
                 f"  {kind} steps, {'new' if new else 'run before'} row count: {len(group)}, worker time "
-                f"{over:+.2f} ms over the worker model (median), ratio {ratio:.3f}"
+                f"{over:+.2f} ms over the model (median), ratio {ratio:.3f}"
             )
     return "\n".join(lines)
 

@@ -144,8 +144,8 @@ def test_first_uses_are_reported_as_the_worker_time_over_the_model_by_kind_and_n
     text = format_first_uses(steps, model, 0.0028)
     assert text.splitlines() == [
         "first use of a row count, as the profile measured it: 2.80 ms",
-        "  prompt steps, new row count: 4, worker time +2.50 ms over the worker model (median), ratio 1.250",
-        "  prompt steps, run before row count: 1, worker time -4.90 ms over the worker model (median), ratio 0.510",
-        "  decode-only steps, new row count: 1, worker time +0.10 ms over the worker model (median), ratio 1.020",
-        "  decode-only steps, run before row count: 1, worker time +0.10 ms over the worker model (median), ratio 1.020",
+        "  prompt steps, new row count: 4, worker time +2.50 ms over the model (median), ratio 1.250",
+        "  prompt steps, run before row count: 1, worker time -4.90 ms over the model (median), ratio 0.510",
+        "  decode-only steps, new row count: 1, worker time +0.10 ms over the model (median), ratio 1.020",
+        "  decode-only steps, run before row count: 1, worker time +0.10 ms over the model (median), ratio 1.020",
     ]
