@@ -14,9 +14,10 @@ end's own time per step is measured separately, on a served run
 After the grid, the first use of a row count: a step's linears run a
 matmul oneDNN built for that many rows, and the first step with a new
 count builds them (about 2.7 ms more here, `ONEDNN_VERBOSE=2` shows each
-`create:cache_miss`). Fresh prompts of lengths the grid never ran are timed
-four times each; the first time less the median of the repeats is that
-length's first-use cost (`Profile.first_uses`; the simulator charges their median).
+`create:cache_miss`). Fresh prompts of 8 to about 136 tokens, of lengths
+the grid never ran, are timed four times each, in a shuffled order; the
+first time less the median of the repeats is that length's first-use
+cost (`Profile.first_uses`; the simulator charges their median).
 
 With a host tier (`--kv-offload-size`), the moves are timed on the real
 worker too: a prompt chunk whose first tokens come up from the host tier in
@@ -154,7 +155,7 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
             logger.info("prefill %d, decodes %d x context %d: %.2f ms", t, b, length, 1000 * seconds)
         # Rows run so far: the grid's steps, and with --compile the warm-up's decode batches (at most max_num_seqs).
         rows_run = {t + b for t, b, _ in points} | {1, 2, most}
-        first_uses = _profile_first_uses(core, rows_run, max(grid.prefill_tokens), ROUNDS * len(points) + 1)
+        first_uses = _profile_first_uses(core, rows_run, ROUNDS * len(points) + 1)
         host_copy = _profile_moves(core, HOST, grid.repeats) if core.worker.host_pool is not None else None
         disk_copy = _profile_moves(core, DISK, grid.repeats) if core.worker.disk_store is not None else None
     finally:
@@ -190,22 +191,20 @@ def profile_engine(config: EngineConfig, grid: ProfileGrid) -> Profile:
     return Profile(tuple(samples), engine, first_uses=first_uses)
 
 
-FIRST_USE_LENGTHS = 32
-"""Prompt lengths timed for the first-use cost, spread from 8 tokens to the grid's longest prompt: one timing
-of a long prompt scatters by several ms on this VM, so the median needs a few dozen."""
+FIRST_USE_ROWS = range(8, 136, 4)
+"""Prompt lengths timed for the first-use cost (moved past the rows the profile ran). Short ones: the extra
+does not grow with the rows (2.44, 2.82 and 2.51 ms below 130, at 130-300 and at 300-600 tokens, 40 lengths,
+2026-11-29), but one timing of a long prompt scatters by as much as the extra itself on this VM (-8 to +44 ms
+at 300-514 tokens in one profile, whose median came out 0.9 ms), so the median needs short steps."""
 
 
-def _profile_first_uses(
-    core: EngineCore, rows_run: set[int], longest: int, step_id: int
-) -> tuple[tuple[int, float], ...]:
-    """(rows, seconds) for prompt lengths from 8 to `longest` that no step of the profile has run: a prompt of
-    that length, then three more (fresh requests each, so each step adopts one), the first's time less the
-    median of the others'. (Less the fastest, the extra came out biased upwards by the noise of long steps:
-    3.9 against 2.2 ms at 300-600 and below 130 tokens, where the median gives 2.5 and 2.4.)"""
-    longest = min(max(longest, 8), core.max_model_len)
+def _profile_first_uses(core: EngineCore, rows_run: set[int], step_id: int) -> tuple[tuple[int, float], ...]:
+    """(rows, seconds) for prompt lengths that no step of the profile has run: a prompt of that length, then
+    three more (fresh requests each, so each step adopts one), the first's time less the median of the
+    others'. (Less the fastest, the extra came out biased upwards by the noise of long steps: 3.9 against
+    2.2 ms at 300-600 and below 130 tokens, where the median gives 2.5 and 2.4.)"""
     lengths: list[int] = []
-    for k in range(FIRST_USE_LENGTHS):
-        n = 8 + k * (longest - 8) // max(FIRST_USE_LENGTHS - 1, 1)
+    for n in FIRST_USE_ROWS:
         while n in rows_run or n in lengths:
             n += 1
         if n <= core.max_model_len:
