@@ -280,9 +280,13 @@ class Worker:
                 start = time.perf_counter()
                 try:
                     host.load(primary, list(kv_load.loads))
-                except Exception as exc:  # this request fails alone; the log has the cause
+                except Exception as exc:  # this request fails, and whoever shares its blocks; the log has the cause
                     logger.exception("loading %s's KV from the host tier failed", kv_load.req_id)
                     report.kv_load_failed[kv_load.req_id] = f"{type(exc).__name__}: {exc}"
+                    # A request planned into the same step may have found these blocks by digest (the
+                    # books mark a swap-in's blocks findable at once) and computed on top of them.
+                    for op in kv_load.loads:
+                        report.unfilled_blocks.extend(range(op.block_id, op.block_id + op.num_blocks))
                 else:
                     report.kv_loaded.append(kv_load.req_id)
                 report.seconds["from_host"] = time.perf_counter() - start

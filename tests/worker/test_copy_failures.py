@@ -138,6 +138,23 @@ def test_a_swap_in_from_an_unwritten_block_fails_that_request_and_a_later_save_h
     assert [int(k[11 * BS + p, 0, 0]) for p in range(8)] == [expected_kv(PROMPT, p) for p in range(8)]
 
 
+def test_a_failed_swap_in_fails_a_request_that_shares_its_blocks_in_the_same_step() -> None:
+    """The books make a swap-in's full blocks findable by digest to requests planned into the same step; one
+    that took them as its prefix computed on blocks the failed load never filled: it fails, not samples."""
+    worker, saves = make_worker()
+    prefill_a(worker)
+    saves.fail_rate = 1.0
+    assert run(worker, StepPlan(2, saves=[SaveToHost(0, 5, 2)])).host_save_failed == [5, 6]
+    saves.fail_rate = 0.0
+    swap_in = LoadRequestKV("a", TableUpdate(0, (11, 12, 13)), (LoadFromHost(5, 11, 2),))
+    # b's prompt is a's: its first 8 tokens are a's two full blocks (11, 12), which it shares.
+    b = ScheduledRequest("b", PROMPT[8:], 8, True, TableUpdate(0, (11, 12, 14)))
+    output = worker.execute(StepPlan(3, [b], [new("b", PROMPT)], kv_loads=[swap_in], preempted_req_ids=["a"]))
+    assert output.failed == {"b": KV_UNREADABLE} and "b" not in output.sampled
+    ((req_id, _, _),) = output.kv_load_failed
+    assert req_id == "a"
+
+
 def test_an_unwritten_host_block_is_not_written_to_disk(tmp_path: Path) -> None:
     worker, saves = make_worker(tmp_path)
     prefill_a(worker)
