@@ -118,13 +118,19 @@ def test_a_failed_save_is_reported_and_a_promotion_from_it_fails_its_readers_alo
     assert output.sampled["c"].token_id in allowed([expected_kv(c_prompt, p) for p in range(len(c_prompt))])
 
 
-def test_a_swap_in_from_an_unwritten_block_fails_that_request_and_a_later_save_heals_the_block() -> None:
+def swap_in_from_a_failed_save() -> tuple[Worker, LoadRequestKV]:
+    """a computes PROMPT; its two full blocks' save to host blocks 5-6 dies; the swap-in that reads them back
+    into blocks 11-13."""
     worker, saves = make_worker()
     prefill_a(worker)
     saves.fail_rate = 1.0
     assert run(worker, StepPlan(2, saves=[SaveToHost(0, 5, 2)])).host_save_failed == [5, 6]
     saves.fail_rate = 0.0
-    swap_in = LoadRequestKV("a", TableUpdate(0, (11, 12, 13)), (LoadFromHost(5, 11, 2),))
+    return worker, LoadRequestKV("a", TableUpdate(0, (11, 12, 13)), (LoadFromHost(5, 11, 2),))
+
+
+def test_a_swap_in_from_an_unwritten_block_fails_that_request_and_a_later_save_heals_the_block() -> None:
+    worker, swap_in = swap_in_from_a_failed_save()
     output = run(worker, StepPlan(3, kv_loads=[swap_in], preempted_req_ids=["a"]))
     ((req_id, step_id, error),) = output.kv_load_failed
     assert (req_id, step_id) == ("a", 3) and error.startswith("UnwrittenHostBlock: host block 5")
@@ -141,12 +147,7 @@ def test_a_swap_in_from_an_unwritten_block_fails_that_request_and_a_later_save_h
 def test_a_failed_swap_in_fails_a_request_that_shares_its_blocks_in_the_same_step() -> None:
     """The books make a swap-in's full blocks findable by digest to requests planned into the same step; one
     that took them as its prefix computed on blocks the failed load never filled: it fails, not samples."""
-    worker, saves = make_worker()
-    prefill_a(worker)
-    saves.fail_rate = 1.0
-    assert run(worker, StepPlan(2, saves=[SaveToHost(0, 5, 2)])).host_save_failed == [5, 6]
-    saves.fail_rate = 0.0
-    swap_in = LoadRequestKV("a", TableUpdate(0, (11, 12, 13)), (LoadFromHost(5, 11, 2),))
+    worker, swap_in = swap_in_from_a_failed_save()
     # b's prompt is a's: its first 8 tokens are a's two full blocks (11, 12), which it shares.
     b = ScheduledRequest("b", PROMPT[8:], 8, True, TableUpdate(0, (11, 12, 14)))
     output = worker.execute(StepPlan(3, [b], [new("b", PROMPT)], kv_loads=[swap_in], preempted_req_ids=["a"]))
