@@ -71,6 +71,13 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--calibrate", type=Path, default=None, help="roofline: profile whose steps set the efficiencies"
     )
+    group.add_argument(
+        "--first-use-ms",
+        type=float,
+        default=None,
+        help="ms a step pays once more the first time its instance runs its row count (default: the profile's "
+        "measured first use, else 0; 0 asks what an engine that builds its kernels up front would do)",
+    )
 
 
 def _add_workload_args(parser: argparse.ArgumentParser) -> None:
@@ -192,6 +199,14 @@ def make_step_model(args: argparse.Namespace) -> Any:
     return model
 
 
+def _first_use_s(args: argparse.Namespace, profile: Any) -> float:
+    if args.first_use_ms is not None:
+        if not args.first_use_ms >= 0:
+            raise ValueError(f"--first-use-ms must be >= 0, got {args.first_use_ms}")
+        return args.first_use_ms / 1000
+    return profile.first_use_seconds() if profile is not None else 0.0
+
+
 def _arch(source: str | None) -> Any:
     peers, roofline = benchmarks("peers"), benchmarks("roofline")
     if source is not None and not source.endswith(".gguf"):
@@ -236,7 +251,7 @@ def make_fleet(
         block_size=engine.get("block_size", InstanceConfig.block_size),
         max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
         front_end=profile.front_end() if profile is not None else FrontEnd(),
-        first_use_s=profile.first_use_seconds() if profile is not None else 0.0,
+        first_use_s=_first_use_s(args, profile),
         host=host,
         disk=disk,
     )

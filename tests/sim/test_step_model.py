@@ -223,3 +223,28 @@ def test_the_first_use_cost_is_the_median_extra_and_survives_the_json(tmp_path: 
     assert Profile(profile.samples, profile.engine).first_use_seconds() == 0.0  # not measured: none charged
     noise = Profile(profile.samples, profile.engine, first_uses=((8, -0.001), (9, 0.0005), (10, -0.002)))
     assert noise.first_use_seconds() == 0.0  # a median below zero is noise, not a step that got faster
+
+
+def test_the_command_line_takes_the_profiles_first_use_unless_told_otherwise(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvos.entrypoints.cli import build_parser, main
+    from kvos.sim.cli import make_fleet
+
+    path = tmp_path / "profile.json"
+    profile = Profile(
+        tuple(synthetic_steps(TRUE, 0.0)), {"model": "m"}, first_uses=((8, 0.002), (9, 0.004), (10, 0.003))
+    )
+    path.write_text(json.dumps(profile.to_json()))
+
+    def first_use(*flags: str) -> float:
+        return make_fleet(
+            build_parser().parse_args(["sim", "run", "--profile", str(path), *flags])
+        ).instance.first_use_s
+
+    assert first_use() == 0.003
+    assert first_use("--first-use-ms", "0") == 0.0  # an engine that builds its kernels before the first request
+    assert first_use("--first-use-ms", "2.5") == 0.0025
+    assert make_fleet(build_parser().parse_args(["sim", "run"])).instance.first_use_s == 0.0  # no profile: none
+    assert main(["sim", "run", "--profile", str(path), "--first-use-ms", "-1", "--num-requests", "2"]) == 2
+    assert "--first-use-ms must be >= 0, got -1.0" in capsys.readouterr().err
