@@ -84,6 +84,11 @@ class LoadFromHost:
         """The host blocks it reads."""
         return range(self.host_block_id, self.host_block_id + self.num_blocks)
 
+    @property
+    def blocks(self) -> range:
+        """The primary blocks it fills."""
+        return range(self.block_id, self.block_id + self.num_blocks)
+
 
 @dataclass(frozen=True)
 class LoadRequestKV:

@@ -269,7 +269,7 @@ class Worker:
                     logger.exception("loading %d host-tier prefix hits failed", len(plan.loads) - len(skipped))
                     skipped = plan.loads
                 for op in skipped:
-                    report.unfilled_blocks.extend(range(op.block_id, op.block_id + op.num_blocks))
+                    report.unfilled_blocks.extend(op.blocks)
                 report.seconds["from_host"] = time.perf_counter() - start
 
             self.copies.submit(plan.step_id, host_ranges(plan.loads), load)
@@ -286,7 +286,7 @@ class Worker:
                     # A request planned into the same step may have found these blocks by digest (the
                     # books mark a swap-in's blocks findable at once) and computed on top of them.
                     for op in kv_load.loads:
-                        report.unfilled_blocks.extend(range(op.block_id, op.block_id + op.num_blocks))
+                        report.unfilled_blocks.extend(op.blocks)
                 else:
                     report.kv_loaded.append(kv_load.req_id)
                 report.seconds["from_host"] = time.perf_counter() - start
