@@ -158,11 +158,13 @@ def served_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     of the server had: it paid the first-use cost the engine profile measures
     apart (`kvos.sim.profile`), so the fits leave it out.
     """
+    from kvos.sim.step_model import StepShape
+
     first = next((k for k, r in enumerate(records) if not r["busy_after"]), len(records))
     new_rows = []
     rows_run: set[int] = set()
     for r in records:
-        rows = r["shape"]["prefill_tokens"] + r["shape"]["num_decodes"] if "shape" in r else 0
+        rows = StepShape(**r["shape"]).rows if "shape" in r else 0
         new_rows.append(rows not in rows_run)
         rows_run.add(rows)
     steps = []
