@@ -42,7 +42,11 @@ class ModelConfig:
     multiplies it natively and in float32 elsewhere (`resolved_dtype`):
     bfloat16's greedy tokens are close to, not equal to, float32's (the
     measured share and the tested bound: tests/model/test_bf16.py); float32's
-    equal HF transformers' exactly.
+    equal HF transformers' exactly. On a CUDA device, decode steps of the
+    paged cache through the Triton kernel replay CUDA graphs captured at
+    start-up (`worker/cuda_graphs.py`: one launch per step instead of one
+    per kernel); `enforce_eager=True` runs them eagerly, as vLLM's flag of
+    that name does.
     """
 
     model: str | None = None
@@ -54,6 +58,7 @@ class ModelConfig:
     max_model_len: int | None = None
     compile: bool = False
     attention_backend: AttentionBackendName = "auto"
+    enforce_eager: bool = False
 
     @property
     def resolved_dtype(self) -> Literal["float32", "bfloat16", "float16"]:

@@ -15,14 +15,15 @@ Checks, in order (each prints its figures, then PASS or FAIL):
     attention  the Triton kernel per layer at Llama-3-8B's heads (bfloat16 decodes of 1 x 1,024 to 256 x 512):
                one pass (key steps of 32, 16 and 64 positions), contexts split into 512-position partitions,
                and gather_sdpa; KV read at % of the bandwidth, and how many partitions `num_splits` picks
-    engine     a small dummy Llama in float32: LLM(device="cuda") picks paged_triton, and its greedy
-               tokens against gather_sdpa's (at least 90% the same: random weights leave near-ties)
+    engine     a small dummy Llama in float32: LLM(device="cuda") picks paged_triton and CUDA graphs, and
+               its greedy tokens against gather_sdpa's (eager) (at least 90% the same: random weights leave near-ties)
     offline    the Llama-3-8B-shaped dummy in bfloat16 on the prepared ShareGPT requests: kvos's output
                tokens/s and % of the roofline (GEMM peak and read bandwidth measured here, in bfloat16),
                HF transformers on the first --hf-requests of them in the same run, in static batches;
                target: kvos at least 60% of the roofline
     decode     the same model, batch 1, 32-token prompt, 256 new tokens: tokens/s against the
-               memory-bandwidth bound (every weight read once per token); target: at least 80%
+               memory-bandwidth bound (every weight read once per token); target: at least 80%, with
+               CUDA graphs (the default); enforce_eager=True beside it
     sim        issue 14: `kvos sim profile`'s worker timings of the same engine here, then the simulator on
                the offline run's requests (all at once): duration within 5%, TTFT and TPOT p50 / p90
                within 10% of the offline run's (needs `offline` first in the same run)
@@ -246,10 +247,12 @@ def check_engine(setup: Setup, result: Result) -> None:
             attention_backend=backend,
             kv_cache_memory_bytes=2**30,
         )
-        chosen = llm.engine._local_core().worker.attention.name
-        say(result, f"attention_backend={backend!r} runs {chosen}")
-        if backend == "auto" and setup.device == "cuda" and chosen != "paged_triton":
-            raise CheckFailed(f"auto picked {chosen} on CUDA")
+        worker = llm.engine._local_core().worker
+        chosen = worker.attention.name
+        graphs = worker.decode_graphs is not None
+        say(result, f"attention_backend={backend!r} runs {chosen}{', decodes from CUDA graphs' if graphs else ''}")
+        if backend == "auto" and setup.device == "cuda" and (chosen != "paged_triton" or not graphs):
+            raise CheckFailed(f"auto picked {chosen} on CUDA, CUDA graphs {'on' if graphs else 'off'}")
         tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.close()
         del llm
@@ -366,13 +369,40 @@ def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], resu
 
 
 def check_decode(setup: Setup, result: Result) -> None:
-    from kvos import LLM, SamplingParams
-
+    """Batch-1 decode with CUDA graphs (the default), then with enforce_eager=True for comparison."""
     model = big_model(setup)
     peak, roofline = measured_roofline(setup, model)
-    llm = LLM(model, load_format="dummy", device=setup.device, dtype="bfloat16", kv_cache_memory_bytes=2**30)
-    prompt = load_requests(setup)[0][0][:32]
     new_tokens = 16 if setup.dry_run else 256
+    bound = sum(roofline.decode_step_seconds([32 + i], 2.0) for i in range(new_tokens))
+    pct = {}
+    for eager in (False, True):
+        elapsed = _time_decode(setup, model, new_tokens, eager)
+        name = "eager" if eager else "graphs"
+        pct[name] = 100 * bound / elapsed
+        result.figures[f"{name}_tok_s"] = new_tokens / elapsed
+        say(
+            result,
+            f"batch 1, {name}: {new_tokens / elapsed:.1f} tok/s, {1e3 * elapsed / new_tokens:.2f} ms/token "
+            f"(best of 2, prefill included): {pct[name]:.1f}% of the memory-bandwidth bound",
+        )
+    result.figures.update(bound_tok_s=new_tokens / bound, pct_of_bound=pct["graphs"])
+    say(result, f"bound {new_tokens / bound:.1f} tok/s ({1e3 * bound / new_tokens:.2f} ms/token)")
+    if not setup.dry_run and pct["graphs"] < 80:
+        raise CheckFailed("under 80% of the bound")
+
+
+def _time_decode(setup: Setup, model: str, new_tokens: int, eager: bool) -> float:
+    from kvos import LLM, SamplingParams
+
+    llm = LLM(
+        model,
+        load_format="dummy",
+        device=setup.device,
+        dtype="bfloat16",
+        kv_cache_memory_bytes=2**30,
+        enforce_eager=eager,
+    )
+    prompt = load_requests(setup)[0][0][:32]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     times = []
     for _ in range(2):
@@ -388,14 +418,7 @@ def check_decode(setup: Setup, result: Result) -> None:
     llm.close()
     del llm
     release(setup.device)
-    elapsed = min(times)
-    bound = sum(roofline.decode_step_seconds([32 + i], 2.0) for i in range(new_tokens))
-    rate = new_tokens / elapsed
-    result.figures.update(decode_tok_s=rate, bound_tok_s=new_tokens / bound, pct_of_bound=100 * bound / elapsed)
-    say(result, f"batch 1: {rate:.1f} tok/s (best of 2, prefill included), bound {new_tokens / bound:.1f} tok/s:")
-    say(result, f"{100 * bound / elapsed:.1f}% of the memory-bandwidth bound")
-    if not setup.dry_run and 100 * bound / elapsed < 80:
-        raise CheckFailed("under 80% of the bound")
+    return min(times)
 
 
 def check_sim(setup: Setup, result: Result) -> None:

@@ -44,6 +44,7 @@ from kvos.model.prepack import can_prepack, prepack_linears
 from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
 from kvos.structured.grammar import GrammarCompiler
+from kvos.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kvos.worker.disk_store import DiskKVStore
 from kvos.worker.kv_cache import make_host_pool, make_kv_buffer
 from kvos.worker.worker import Worker
@@ -192,6 +193,22 @@ class EngineCore(MigrationEndpoint):
         )
         if config.model.compile:
             self.worker.warm_up_decode(sorted({1, 2, config.scheduler.max_num_seqs}))
+        if (
+            device.type == "cuda"
+            and not config.model.enforce_eager
+            and attention == "paged_triton"
+            and cache.kv_cache == "paged"
+        ):
+            graphs = DecodeGraphs(
+                model,
+                self.worker.kv_buffer.kv_caches,
+                self.kv_manager.table_block_size,
+                self.max_model_len,
+                graph_batch_sizes(config.scheduler.max_num_seqs),
+                device,
+            )
+            graphs.capture_all()
+            self.worker.decode_graphs = graphs
         self._kv_events: deque[KVEvent] = deque(maxlen=MAX_KV_EVENTS)
         self._incoming: dict[str, Request] = {}
         """Requests migrating in: blocks reserved under their id, not yet scheduled."""

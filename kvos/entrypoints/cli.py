@@ -80,6 +80,12 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Fa
         default=d["compile"],
         help="compile decode steps with torch.compile (slower start, faster tokens)",
     )
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=d["enforce_eager"],
+        help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs",
+    )
     parser.add_argument("--device", default=d["device"])
     parser.add_argument(
         "--attention-backend",
@@ -175,6 +181,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype,
         quantization=args.quantization,
         compile=args.compile,
+        enforce_eager=args.enforce_eager,
         device=args.device,
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len,

@@ -5,7 +5,8 @@
         apply table updates                           (block tables / rows, cached as slot indices)
         queue moves between tiers on the copy thread  (host and disk saves, loads: off the critical path)
         wait for the moves that touch the step's blocks; copy-on-write, forks
-        flat batch -> attention metadata -> forward   (the backend chosen at start-up)
+        flat batch -> attention metadata -> forward   (the backend chosen at start-up; a decode step on a
+                                                       GPU replays a CUDA graph: cuda_graphs)
         sample the rows that complete their tokens    (one row's failure is that row's alone)
         -> StepOutput
 
@@ -48,6 +49,7 @@ from kvos.model.llama import LlamaForCausalLM
 from kvos.sampling_params import SamplingParams
 from kvos.structured.grammar import GrammarCompiler, GrammarMatcher
 from kvos.worker.copy_engine import CopyEngine, CopyReport
+from kvos.worker.cuda_graphs import DecodeGraphs
 from kvos.worker.disk_store import CorruptBlockError, DiskKVStore, KVCaches
 from kvos.worker.kv_cache import HostKVPool, KVBuffer
 from kvos.worker.sampler import SamplingRow, sample
@@ -111,6 +113,8 @@ class Worker:
         self._decode_forward = compiled_decode.compile_decode(model) if compile_decode else model.forward
         self.copies = CopyEngine(device)
         """Moves between tiers, run off the step's critical path."""
+        self.decode_graphs: DecodeGraphs | None = None
+        """Decode steps replayed from CUDA graphs, where the engine captured them (`cuda_graphs`)."""
 
     def close(self) -> None:
         """Finish the queued moves between tiers and stop the copy thread. Safe to call twice."""
@@ -173,8 +177,11 @@ class Worker:
         meta = self.attention.build_metadata(seqs, len(input_ids), self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        forward = self._decode_forward if _pure_decode(meta, seqs) else self.model
-        hidden = forward(ids, pos, self.kv_buffer.kv_caches, meta)
+        decode = _pure_decode(meta, seqs)
+        hidden = self.decode_graphs.run(ids, pos, meta) if decode and self.decode_graphs is not None else None
+        if hidden is None:
+            forward = self._decode_forward if decode else self.model
+            hidden = forward(ids, pos, self.kv_buffer.kv_caches, meta)
         if not sample_rows:
             return self._output(plan.step_id, scheduled=plan.scheduled)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
