@@ -207,8 +207,13 @@ class EngineCore(MigrationEndpoint):
                 graph_batch_sizes(config.scheduler.max_num_seqs),
                 device,
             )
-            graphs.capture_all()
-            self.worker.decode_graphs = graphs
+            try:
+                graphs.capture_all()
+            except RuntimeError:
+                # A capture the driver or a kernel refuses costs speed, not service.
+                logger.exception("capturing decode steps as CUDA graphs failed; decode steps run eagerly")
+            else:
+                self.worker.decode_graphs = graphs
         self._kv_events: deque[KVEvent] = deque(maxlen=MAX_KV_EVENTS)
         self._incoming: dict[str, Request] = {}
         """Requests migrating in: blocks reserved under their id, not yet scheduled."""
