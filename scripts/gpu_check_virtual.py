@@ -252,7 +252,9 @@ def check_llm(result: Result) -> None:
     with tempfile.TemporaryDirectory() as folder:
         config = _write_config(Path(folder))
         generator = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in (17, 40, 64, 90, 120, 33)]
+        # Each needs a second page (past 128 tokens) while decoding: four admitted into the tiny budget's
+        # four pages cannot all grow, so one is preempted (shorter prompts finish within their first page).
+        prompts = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in (100, 110, 120, 105, 115, 125)]
         params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
         common = {"load_format": "dummy", "device": "cuda", "dtype": "bfloat16", "seed": 1, "max_num_seqs": 8}
 
@@ -296,12 +298,12 @@ def check_oom(result: Result) -> None:
     try:
         scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=8192, max_num_seqs=8), kv, frozenset(), 4096)
         for i in range(8):
-            # 1 page per plane (4 pages, 8 MiB) at admission, 2 once past 1,024 tokens: all 8 are
-            # admitted into 96 MiB, and only some can grow, so the rest must be preempted (a prompt of
-            # 2,000 would never cross a page while decoding: the refusals would all be admissions).
-            scheduler.add(_request(f"o{i}", 1000, 100))
+            # 8 MiB each at admission (64 MiB: all 8 fit in 96), 16 MiB at the end (128 MiB): some must
+            # be preempted while decoding. (Prompts of 2,000 tokens that stop at 2,048 never cross a page
+            # while decoding: the first run's refusals were all admissions, which only wait.)
+            scheduler.add(_request(f"o{i}", 1000, 1000))
         steps = 0
-        while scheduler.has_unfinished() and steps < 2000:
+        while scheduler.has_unfinished() and steps < 10_000:
             plan = scheduler.schedule()
             sampled = {c.req_id: SampledToken(1) for c in plan.scheduled if c.sample}
             scheduler.update_from_output(plan, StepOutput(plan.step_id, sampled))

@@ -379,7 +379,7 @@ def check_decode(setup: Setup, result: Result) -> None:
     bound = sum(roofline.decode_step_seconds([32 + i], 2.0) for i in range(new_tokens))
     pct = {}
     for eager in (False, True):
-        elapsed = _time_decode(setup, model, new_tokens, eager)
+        elapsed = _time_decode(setup, result, model, new_tokens, eager)
         name = "eager" if eager else "graphs"
         pct[name] = 100 * bound / elapsed
         result.figures[f"{name}_tok_s"] = new_tokens / elapsed
@@ -394,7 +394,7 @@ def check_decode(setup: Setup, result: Result) -> None:
         raise CheckFailed("under 80% of the bound")
 
 
-def _time_decode(setup: Setup, model: str, new_tokens: int, eager: bool) -> float:
+def _time_decode(setup: Setup, result: Result, model: str, new_tokens: int, eager: bool) -> float:
     from kvos import LLM, SamplingParams
 
     llm = LLM(
@@ -418,6 +418,17 @@ def _time_decode(setup: Setup, model: str, new_tokens: int, eager: bool) -> floa
         times.append(time.perf_counter() - start)
         if len(out[0].outputs[0].token_ids) != new_tokens:
             raise CheckFailed(f"{len(out[0].outputs[0].token_ids)} tokens, not {new_tokens}")
+    graphs = llm.engine._local_core().worker.decode_graphs
+    if graphs is not None:
+        # The batch-1 graph replayed back to back on the last step's buffers: the GPU's time per token,
+        # without the engine's (its request has ended, and the engine is closed right after).
+        replay = graphs._replays[1, graphs.splits[1][0]]
+        sync(setup.device)
+        start = time.perf_counter()
+        for _ in range(50):
+            replay()
+        sync(setup.device)
+        say(result, f"batch-1 graph replayed alone: {1e3 * (time.perf_counter() - start) / 50:.2f} ms per step")
     llm.close()
     del llm
     release(setup.device)
