@@ -25,7 +25,7 @@ Checks, in order (each prints its figures, then PASS or FAIL):
                memory-bandwidth bound (every weight read once per token); target: at least 80%, with
                CUDA graphs (the default); enforce_eager=True beside it
     sim        issue 14: `kvos sim profile`'s worker timings of the same engine here, and the engine's own
-               time per step fitted on an offline run of the first quarter of the requests; then the
+               time per step fitted on an offline run of the first 2 x max_num_seqs requests; then the
                simulator on the offline run's requests (all at once), with the worker alone and with the
                engine's time added: duration within 5%, TTFT and TPOT p50 / p90 within 10% of the offline
                run's (judged with the engine's time; needs `offline` first in the same run)
@@ -459,13 +459,17 @@ def check_sim(setup: Setup, result: Result) -> None:
     fit = f"fit mean error {error['mean_abs_pct']:.1f}%, max {error['max_abs_pct']:.1f}%"
     say(result, f"profile: {len(profile.samples)} points; {fit}; first use {1e3 * profile.first_use_seconds():.2f} ms")
     prepared = load_requests(setup)
-    served = served_offline_steps(setup, prepared[: len(prepared) // 4])
+    # Twice as many requests as slots, so that requests finish and new ones join running batches: most
+    # of the validated run's steps mix prompts into a full batch. (A first try fitted on 250 of 1,000
+    # requests, all admitted at once: 3 of its 255 steps had prompts, and the overhead came out short.)
+    fit_requests = prepared[: 2 * config.scheduler.max_num_seqs]
+    served = served_offline_steps(setup, fit_requests)
     profile = dataclasses.replace(profile, served=tuple(served))
     overhead = profile.to_json()["serving"]["overhead_fit"]
     say(
         result,
         f"engine's own time per step, fitted on {len(served)} steps of an offline run of the first "
-        f"{len(prepared) // 4} requests: {1e3 * overhead['per_step']:.2f} ms + "
+        f"{len(fit_requests)} requests: {1e3 * overhead['per_step']:.2f} ms + "
         f"{1e6 * overhead['per_sequence']:.1f} us per request in the step",
     )
     if setup.out is not None:
