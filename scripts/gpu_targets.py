@@ -12,7 +12,8 @@ Checks, in order (each prints its figures, then PASS or FAIL):
 
     versions   torch, Triton, the device
     kernel     tests/attention/test_paged_triton.py's kernel cases, compiled for the GPU
-    attention  the Triton kernel per layer at Llama-3-8B's heads (bfloat16 decodes of 1 x 1,024 to 256 x 512):
+    attention  the Triton kernel per layer at Llama-3-8B's heads (bfloat16 decodes of 1 x 1,024 to 256 x 512,
+               and around where splitting contexts starts to pay):
                one pass (key steps of 32, 16 and 64 positions), contexts split into 512-position partitions,
                and gather_sdpa; KV read at % of the bandwidth, and how many partitions `num_splits` picks
     engine     a small dummy Llama in float32: LLM(device="cuda") picks paged_triton and CUDA graphs, and
@@ -169,7 +170,13 @@ def check_attention(setup: Setup, result: Result) -> None:
     from kvos.attention.backend import SeqLayout
 
     heads, kv_heads, dim, block = (4, 2, 64, 16) if setup.dry_run else (32, 8, 128, 16)
-    points = [(1, 64), (4, 128)] if setup.dry_run else [(1, 1024), (1, 8192), (16, 2048), (64, 1024), (256, 512)]
+    # Beside the first run's five points, where one pass and the split cross: at 1 x 1,024 the split
+    # (3 partitions) lost, 166 against 138 us, and at 16 x 2,048 it won, 169 against 244 (H200, 2026-11-30).
+    points = (
+        [(1, 64), (4, 128)]
+        if setup.dry_run
+        else [(1, 1024), (1, 1536), (1, 2048), (4, 1024), (4, 2048), (1, 8192), (16, 2048), (64, 1024), (256, 512)]
+    )
     bandwidth = measured_roofline(setup, big_model(setup))[0].read_bandwidth  # measured once for every check
     say(result, f"read bandwidth {bandwidth / 1e9:.0f} GB/s; us per layer (KV read at % of it)")
     for batch, context in points:
