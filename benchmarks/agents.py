@@ -52,6 +52,7 @@ from benchmarks import serve
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.serve_sweep import kvos_serve_command, wait_ready
 from benchmarks.sharegpt import BenchRequest, load_sharegpt, sample_requests
+from kvos.heap import frozen_heap
 
 SYSTEM = (
     "You are a research agent. You answer only by calling the search tool, one call per reply, "
@@ -189,7 +190,7 @@ async def run_agents(url: str, mode: str, material: list[dict[str, Any]], args: 
                 return await run_task(client, model, task, i, args, mode)
 
         start = time.perf_counter()
-        with serve.frozen_heap():
+        with frozen_heap():
             results = await asyncio.gather(*(one(i, task) for i, task in enumerate(material)))
         duration = time.perf_counter() - start
     per_step = [

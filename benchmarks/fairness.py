@@ -37,6 +37,7 @@ from benchmarks import serve
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.serve_sweep import kvos_serve_command, running_server
 from benchmarks.sharegpt import BenchRequest, sample_requests
+from kvos.heap import frozen_heap
 
 POLICIES = ("fcfs", "priority", "fair")
 TENANTS = ("heavy", "light")
@@ -100,7 +101,7 @@ async def run_policy(
             return tenant, sent, result
 
         jobs = [send(tenant, at, r) for tenant, stream in streams.items() for at, r in stream]
-        with serve.frozen_heap():
+        with frozen_heap():
             results = await asyncio.gather(*jobs)
         duration = time.perf_counter() - start
         done.set()

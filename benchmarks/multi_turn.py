@@ -45,9 +45,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks import profile_serving
 from benchmarks.peers import load_tokenizer, resolve_gguf
-from benchmarks.serve import frozen_heap, percentiles_ms, sse_chunks
+from benchmarks.serve import percentiles_ms, sse_chunks
 from benchmarks.sharegpt import Conversation, load_sharegpt
 from kvos.config import ModelConfig
+from kvos.heap import frozen_heap
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIERS = ("primary", "host", "disk")

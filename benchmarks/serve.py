@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
-import gc
 import json
 import logging
 import math
@@ -29,7 +27,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +36,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.peers import load_tokenizer, resolve_gguf
 from benchmarks.sharegpt import BenchRequest, sample_requests
+from kvos.heap import frozen_heap
 
 logger = logging.getLogger(__name__)
 
@@ -226,23 +225,6 @@ async def run_requests(
         duration = time.perf_counter() - start
         bar.close()
     return model, list(results), duration
-
-
-@contextlib.contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Keep the client's own long-lived objects out of Python's collections while it times a server.
-
-    A client process holds torch, tokenizers and the dataset's leftovers (about 190,000 tracked objects once
-    the simulator's validation has imported its modules), and a full collection of them stops its event
-    loop for 70-85 ms on this machine, more beside a busy server: a stall that lands in whichever request's
-    TTFT or token gap is being read. Objects made while timing are still collected.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,8 @@ class CoreInfo:
 def _serve(config: EngineConfig, eos_token_ids: frozenset[int], conn: multiprocessing.connection.Connection) -> None:
     """The core process: load, report ready, then step whenever there is work."""
     from kvos.core.engine_core import EngineCore
-    from kvos.model.loader import freeze_startup_heap, load_model  # the child loads its own weights
+    from kvos.heap import freeze_startup_heap
+    from kvos.model.loader import load_model  # the child loads its own weights
 
     try:
         core = EngineCore(config, load_model(config.model), eos_token_ids)

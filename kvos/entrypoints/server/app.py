@@ -209,7 +209,7 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[Any] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
-            from kvos.model.loader import freeze_startup_heap
+            from kvos.heap import freeze_startup_heap
 
             freeze_startup_heap()  # everything is loaded: what is alive now lives as long as the server
             host, port = self.servers[0].sockets[0].getsockname()[:2]
