@@ -221,9 +221,10 @@ class LLMEngine:
 
     # -- the loop ---------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """One iteration: returns the state of every request that progressed or ended."""
-        outputs, to_abort = self.processor.process(self.core.step())
+    def step(self, final_only: bool = False) -> list[RequestOutput]:
+        """One iteration: returns the state of every request that progressed or ended (`final_only`: that
+        ended)."""
+        outputs, to_abort = self.processor.process(self.core.step(), final_only)
         for seq_id in to_abort:
             self.core.abort_request(seq_id)
         if self.sessions.active:

@@ -135,8 +135,8 @@ class LLM:
         # Full collections would walk the engine's start-up heap (and the caller's) every few hundred steps.
         with frozen_heap(), tqdm(total=len(req_ids), desc="generating", unit="req", disable=not use_tqdm) as bar:
             while pending:
-                for out in self.engine.step():
-                    if out.finished and out.req_id in pending:
+                for out in self.engine.step(final_only=True):
+                    if out.req_id in pending:
                         pending.discard(out.req_id)
                         finished[out.req_id] = out
                         bar.update(1)

@@ -134,8 +134,11 @@ class OutputProcessor:
             del self._group_of[seq.req_id]
         return [s.req_id for s in group.sequences if s.finish_reason is None]
 
-    def process(self, updates: list[SequenceUpdate]) -> tuple[list[RequestOutput], list[str]]:
-        """(outputs of every request that changed, sequence ids the core must abort)."""
+    def process(self, updates: list[SequenceUpdate], final_only: bool = False) -> tuple[list[RequestOutput], list[str]]:
+        """(outputs of every request that changed, sequence ids the core must abort).
+
+        `final_only` leaves out the requests that have not ended, for a caller that reads final outputs
+        alone (the offline `LLM`): it does not pay for copying every running request's tokens each step."""
         touched: dict[str, _Group] = {}
         to_abort: list[str] = []
         for update in updates:
@@ -159,7 +162,8 @@ class OutputProcessor:
                     if seq.finish_reason is None:
                         seq.finish_reason = "abort"
                         to_abort.append(seq.req_id)
-            outputs.append(self._output(group))
+            if not final_only or group.finished:
+                outputs.append(self._output(group))
         return outputs, to_abort
 
     def _apply(self, group: _Group, seq: _Sequence, update: SequenceUpdate) -> bool:
