@@ -313,3 +313,11 @@ def test_paged_step_of_prompt_chunks_over_a_cached_prefix_matches_naive_attentio
     got = backend.forward(q, k, v, k_cache, v_cache, meta, HEAD_DIM**-0.5)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     _assert_matches_naive(got, seqs, cached, (q, k, v), tolerance)
+
+
+@pytest.mark.parametrize("lengths", [[3], [2, 2, 2], [1, 5, 3, 5, 2], [7, 1]])
+def test_block_tables_pad_like_torchs_pad_sequence(lengths: list[int]) -> None:
+    from kvos.attention.paged_cpu import pad_rows
+
+    rows = [torch.arange(100 * i, 100 * i + n, dtype=torch.int32) for i, n in enumerate(lengths)]
+    assert torch.equal(pad_rows(rows), torch.nn.utils.rnn.pad_sequence(rows, batch_first=True))
