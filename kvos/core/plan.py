@@ -185,9 +185,13 @@ class NewRequestData:
     """Added to `params.seed`: sibling i of an n > 1 request samples with seed + i."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScheduledRequest:
-    """One request's share of the step."""
+    """One request's share of the step.
+
+    Not frozen, though nothing changes one once built: one is built per running request per step, and a
+    frozen dataclass's `__init__` (an `object.__setattr__` per field) cost 2.4x as much, a fifth of the
+    scheduler's time at 256 requests. Slotted: smaller, and its fields read faster."""
 
     req_id: str
     new_token_ids: list[int]
@@ -286,9 +290,10 @@ class StepOutput:
     "from_disk"; for the latency histograms."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SequenceUpdate:
-    """The core's report on one sequence after a step, for the front end (token ids only)."""
+    """The core's report on one sequence after a step, for the front end (token ids only). Not frozen and
+    slotted, as `ScheduledRequest` is, for the same reason."""
 
     req_id: str
     new_token_ids: list[int]
