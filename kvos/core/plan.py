@@ -251,8 +251,10 @@ class StepPlan:
         return bool(self.saves or self.loads or self.kv_loads or self.disk_drops or self.disk_saves or self.disk_loads)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SampledToken:
+    """One per sampling request per step: slotted and not frozen, as `ScheduledRequest` is."""
+
     token_id: int
     logprob: TokenLogprob | None = None
 
