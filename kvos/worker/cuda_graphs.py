@@ -122,22 +122,15 @@ class DecodeGraphs:
         start = time.monotonic()
         pool = None
         with torch.inference_mode():
-            self._capture_each(capture_one, pool)
+            for size in reversed(self.batch_sizes):
+                for splits in reversed(self.splits[size]):
+                    meta = self._metadata(size, splits)
+
+                    def forward(size: int = size, meta: AttentionMetadata = meta) -> torch.Tensor:
+                        return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
+
+                    self._replays[size, splits], pool = capture_one(forward, pool)
         logger.info("decode steps captured as %d CUDA graphs in %.1fs", len(self._replays), time.monotonic() - start)
-
-    def _capture_each(
-        self,
-        capture_one: Capture,
-        pool: Pool | None,
-    ) -> None:
-        for size in reversed(self.batch_sizes):
-            for splits in reversed(self.splits[size]):
-                meta = self._metadata(size, splits)
-
-                def forward(size: int = size, meta: AttentionMetadata = meta) -> torch.Tensor:
-                    return self.model(self.input_ids[:size], self.positions[:size], self.kv_caches, meta)
-
-                self._replays[size, splits], pool = capture_one(forward, pool)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
         """The step's hidden states (T, hidden) from its bucket's graph; None when no graph covers it."""
