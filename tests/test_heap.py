@@ -39,10 +39,7 @@ def test_generate_leaves_the_callers_garbage_collectable() -> None:
     """`LLM.generate` freezes the heap while it runs; a cycle the caller dropped before the call is
     frozen with it, and must be freed after the call as it would have been."""
     llm = LLM(kv_cache_memory_bytes=2**26)
-    a, b = Node(), Node()
-    a.other, b.other = b, a
-    gone = weakref.ref(a)
-    del a, b
+    gone = cycle()
     out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2, temperature=0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
     assert gc.get_freeze_count() == 0
