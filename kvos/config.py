@@ -8,7 +8,9 @@ never written back here.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 LoadFormat = Literal["auto", "gguf", "hf", "dummy"]
@@ -308,3 +310,9 @@ def _cpu_has_native_bfloat16() -> bool:
     import torch  # here, not at the top: configs are built and parsed without loading torch
 
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cache_root() -> Path:
+    """Where kvos keeps what it builds once per machine: converted models, compiled kernels, the simulator's
+    compiled modules (`$KVOS_CACHE_DIR`, default ~/.cache/kvos)."""
+    return Path(os.environ.get("KVOS_CACHE_DIR") or Path.home() / ".cache" / "kvos")

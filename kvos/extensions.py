@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from kvos.config import cache_root
+
 _SHARED_HEADERS = Path(__file__).parent / "csrc"
 AMX_FLAGS = frozenset({"amx_tile", "amx_bf16", "avx512_bf16"})
 """The CPU flags kvos's AMX kernels are built for (kvos/csrc/amx_tiles.h's KVOS_AMX)."""
@@ -103,8 +105,6 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _build_dir(name: str, source: Path, headers: Path) -> Path:
-    from kvos.model.loader import cache_root
-
     digest = hashlib.sha256(f"{source.resolve()}\0{headers.resolve()}\0".encode())
     digest.update(source.read_bytes())
     for header in sorted(headers.glob("*.h")):

