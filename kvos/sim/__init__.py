@@ -9,3 +9,10 @@ The simulator is a repository tool, like `kvos bench`: it reuses the serving
 benchmark's metrics and ShareGPT sampler from `benchmarks/`, so run it from
 the repository root.
 """
+
+from kvos.cluster.config import ROUTERS as CLUSTER_ROUTERS
+
+ROUTERS = (*CLUSTER_ROUTERS, "least-requests")
+"""The routers a simulated fleet can use: the cluster's, unchanged, and the simulator's own `least-requests`
+(`kvos.sim.router`). Named here, apart from the routers, so the command line can list them without importing
+the scheduler, which `kvos.sim.native` may still have to swap for its compiled build."""

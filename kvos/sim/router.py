@@ -22,14 +22,12 @@ import heapq
 from collections.abc import Callable
 from typing import Protocol
 
-from kvos.cluster.config import ROUTERS as CLUSTER_ROUTERS
 from kvos.cluster.config import ClusterConfig
 from kvos.cluster.routers import InstanceView
 from kvos.cluster.routers import Router as ClusterRouterPolicy
 from kvos.cluster.routers import make_router as make_cluster_router
 from kvos.core.request import Request
-
-ROUTERS = (*CLUSTER_ROUTERS, "least-requests")
+from kvos.sim import CLUSTER_ROUTERS, ROUTERS
 
 Views = Callable[[Request, bool], list[InstanceView]]
 """Every instance's view now, in index order; with True, each counts the request's prompt blocks it caches."""
