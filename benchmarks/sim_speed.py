@@ -11,9 +11,11 @@ Reported: wall seconds, events (arrivals and step or decode-run ends) per
 second, simulated steps per second (every step the engine would take,
 whether run one by one or inside a decode run), and requests per second.
 `--one-by-one` turns decode runs off (the reference path); `--profile-out`
-writes a cProfile of the run.
+writes a cProfile of the run; `--native` runs the simulator compiled with
+mypyc (`kvos.sim.native`; built first if the sources have no build yet, which
+is not timed).
 
-Usage: python -m benchmarks.sim_speed [--num-requests 1000000] [--num-instances 1000] [--one-by-one]
+Usage: python -m benchmarks.sim_speed [--num-requests 1000000] [--num-instances 1000] [--one-by-one] [--native]
 
 The scheduler's own cost per step at a GPU's batch sizes (one instance, every
 request at once, each step through `schedule` and `update_from_output`):
@@ -29,19 +31,14 @@ import json
 import sys
 from pathlib import Path
 
-from kvos.config import SchedulerConfig
-from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
-from kvos.sim.step_model import LinearStepModel
-from kvos.sim.workload import arrival_times, with_arrivals
-
-STEP_MODEL = LinearStepModel(
-    prefill_intercept=0.020,
-    decode_intercept=0.010,
-    per_prefill_token=1.0e-4,
-    per_attention_pair=1.0e-8,
-    per_context_token=1.0e-6,
-    per_decode=2.0e-4,
-)
+STEP_MODEL_TERMS = {
+    "prefill_intercept": 0.020,
+    "decode_intercept": 0.010,
+    "per_prefill_token": 1.0e-4,
+    "per_attention_pair": 1.0e-8,
+    "per_context_token": 1.0e-6,
+    "per_decode": 2.0e-4,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="each instance's batch (sequences) limit")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="each instance's token budget")
     parser.add_argument("--profile-out", type=Path, default=None, help="write a cProfile of the run here")
+    parser.add_argument("--native", action="store_true", help="the simulator compiled with mypyc (kvos sim build)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.native:
+        from kvos.sim import native
+
+        native.build()
+        native.activate()
+    # Imported after the choice: the compiled modules must load before anything imports the Python ones.
+    from kvos.config import SchedulerConfig
+    from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator
+    from kvos.sim.step_model import LinearStepModel
+    from kvos.sim.workload import arrival_times, with_arrivals
 
     n = args.num_requests
     lengths = [(64 + (k * 37) % 400, 8 + (k * 13) % 120) for k in range(n)]
@@ -63,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
     instance = InstanceConfig(scheduler=scheduler)
     simulator = Simulator(
-        FleetConfig(instance, args.num_instances, args.router), STEP_MODEL, decode_runs=not args.one_by_one
+        FleetConfig(instance, args.num_instances, args.router),
+        LinearStepModel(**STEP_MODEL_TERMS),
+        decode_runs=not args.one_by_one,
     )
     profiler = cProfile.Profile() if args.profile_out is not None else None
     if profiler is not None:
@@ -78,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_requests": n,
         "num_instances": args.num_instances,
         "decode_runs": not args.one_by_one,
+        "native": args.native,
         "wall_s": result.wall_s,
         "num_events": result.num_events,
         "events_per_s": result.num_events / result.wall_s,

@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_sim_subcommand(sub: Any) -> None:
-    """`kvos sim run | profile | plan`: the simulator (`kvos.sim`), defined there and registered here."""
+    """`kvos sim run | plan | profile | build`: the simulator (`kvos.sim`), defined there and registered here."""
     from kvos.sim.cli import add_sim_parser
 
     add_sim_parser(sub)

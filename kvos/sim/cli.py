@@ -1,4 +1,4 @@
-"""`kvos sim run | profile | plan`: the simulator's command line (run from the repository root)."""
+"""`kvos sim run | plan | profile | build`: the simulator's command line (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,11 @@ def add_sim_parser(sub: Any) -> None:
     )
     profile.set_defaults(func=cmd_profile)
 
+    build = commands.add_parser(
+        "build", help="compile the simulator's hot path with mypyc (needs mypy and a C compiler); run and plan use it"
+    )
+    build.set_defaults(func=cmd_build)
+
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("step-time model (one of --profile or --hardware)")
@@ -97,7 +102,7 @@ def _add_workload_args(parser: argparse.ArgumentParser) -> None:
 def _add_fleet_args(parser: argparse.ArgumentParser, several: bool = False) -> None:
     """Fleet flags; with `several`, --router and --scheduling-policy take comma-separated lists to compare."""
     from kvos.cluster.config import add_disaggregation_args, add_placement_args
-    from kvos.sim.router import ROUTERS
+    from kvos.sim import ROUTERS
 
     d = SchedulerConfig()
     group = parser.add_argument_group("fleet (instance sizes default to the profile's engine)")
@@ -243,13 +248,13 @@ def make_fleet(
         max_num_seqs=args.max_num_seqs,
         policy=cast(SchedulingPolicyName, policy or args.scheduling_policy),
     )
+    d = InstanceConfig()  # its defaults; a class compiled by `kvos sim build` has no class-level ones
     instance = InstanceConfig(
         virtual=_virtual_cache(args, engine),
         scheduler=scheduler,
-        kv_capacity_tokens=args.kv_capacity_tokens
-        or engine.get("kv_capacity_tokens", InstanceConfig.kv_capacity_tokens),
-        block_size=engine.get("block_size", InstanceConfig.block_size),
-        max_model_len=args.max_model_len or engine.get("max_model_len", InstanceConfig.max_model_len),
+        kv_capacity_tokens=args.kv_capacity_tokens or engine.get("kv_capacity_tokens", d.kv_capacity_tokens),
+        block_size=engine.get("block_size", d.block_size),
+        max_model_len=args.max_model_len or engine.get("max_model_len", d.max_model_len),
         front_end=profile.front_end() if profile is not None else FrontEnd(),
         first_use_s=_first_use_s(args, profile),
         host=host,
@@ -338,7 +343,19 @@ def _rates(text: str) -> list[float]:
 # -- commands ----------------------------------------------------------------------------
 
 
+def _load_native() -> None:
+    """Run and plan load the compiled build of the current sources, if there is one, before their imports."""
+    from kvos.sim import native
+
+    where = native.activate()
+    if where is not None:
+        logger.info("the simulator runs compiled (mypyc) from %s", where)
+    else:
+        logger.info("the simulator runs as Python; `kvos sim build` compiles it once (about 1.7x faster)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _load_native()
     from kvos.sim.metrics import plot_goodput, summarize_sim
     from kvos.sim.simulator import Simulator
 
@@ -401,8 +418,9 @@ def _link(args: argparse.Namespace, needed_by: str) -> Any:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    _load_native()
+    from kvos.sim import ROUTERS
     from kvos.sim.planner import SLO, plan_disaggregated, plan_instances
-    from kvos.sim.router import ROUTERS
 
     if not args.rate > 0:
         raise ValueError(f"--rate must be > 0, got {args.rate}")
@@ -467,6 +485,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
         f"p90 {error['p90_abs_pct']:.1f}%, max {error['max_abs_pct']:.1f}%; a new row count costs "
         f"{1000 * profile.first_use_seconds():.2f} ms once (median of {len(profile.first_uses)}); wrote {args.out}"
     )
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from kvos.sim import native
+
+    print(f"compiled simulator: {native.build()}")
     return 0
 
 

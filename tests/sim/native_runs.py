@@ -1,0 +1,131 @@
+"""Simulations whose every result `tests/sim/test_native.py` compares between the compiled build and the Python.
+
+Run as a script, in a process of its own, because the compiled modules must
+load before anything imports the Python ones:
+`python tests/sim/native_runs.py compiled|python OUT.json`. It writes the
+file each of `native.MODULES` was loaded from and, for each fleet below,
+every request's token times and every instance's counts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvos.sim import native
+
+if sys.argv[1] == "compiled" and native.activate() is None:
+    sys.exit("no compiled build for these sources")
+
+# After the choice above: these imports load whichever build it made.
+from kvos.config import SchedulerConfig  # noqa: E402
+from kvos.sim.migration import MigrationConfig  # noqa: E402
+from kvos.sim.simulator import (  # noqa: E402
+    DiskTierConfig,
+    FleetConfig,
+    HostTierConfig,
+    InstanceConfig,
+    Simulator,
+    VirtualCacheConfig,
+)
+from kvos.sim.step_model import LinearStepModel  # noqa: E402
+from kvos.sim.worker import CopyModel, LinkModel  # noqa: E402
+from kvos.sim.workload import SimRequest, SimSession, SimTurn, arrival_times  # noqa: E402
+
+STEP_MODEL = LinearStepModel(
+    prefill_intercept=0.020,
+    decode_intercept=0.010,
+    per_prefill_token=1.0e-4,
+    per_attention_pair=1.0e-8,
+    per_context_token=1.0e-6,
+    per_decode=2.0e-4,
+)
+LINK = LinkModel(1e6, 100, 1e-3)
+
+
+def requests(seed: int, num: int, rate: float) -> list[SimRequest]:
+    rng = random.Random(seed)
+    return [
+        SimRequest(t, rng.randint(3, 70), rng.randint(1, 40), tenant=f"t{k % 3}", priority=rng.randint(0, 2))
+        for k, t in enumerate(arrival_times(num, rate, seed=seed))
+    ]
+
+
+def chats(seed: int, num: int) -> list[SimSession]:
+    rng = random.Random(seed)
+    sessions = []
+    for _ in range(num):
+        turns, history = [], 0
+        for t in range(3):
+            prompt = history + rng.randint(5, 30 if t == 0 else 15)
+            output = rng.randint(2, 12)
+            turns.append(SimTurn(prompt, output, 0.0 if t == 0 else rng.uniform(0.0, 0.3)))
+            history = prompt + output
+        sessions.append(SimSession(rng.uniform(0.0, 0.4), tuple(turns)))
+    return sessions
+
+
+def instance(policy: str = "fcfs", kv_tokens: int = 24 * 16, **extra: Any) -> InstanceConfig:
+    scheduler = SchedulerConfig(policy=policy, max_num_batched_tokens=64, max_num_seqs=8)  # type: ignore[arg-type]
+    return InstanceConfig(scheduler=scheduler, kv_capacity_tokens=kv_tokens, max_model_len=128, **extra)
+
+
+VIRTUAL = VirtualCacheConfig(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", page_size=4096)
+COPY = CopyModel(1e-4, 2e-4)
+FLEETS = {
+    # Few blocks: preemption; the priority policy reorders and preempts by priority; fair steps one at a time.
+    "fcfs-preempting": FleetConfig(instance(first_use_s=0.004)),
+    "priority": FleetConfig(instance("priority")),
+    "fair-2": FleetConfig(instance("fair", 64 * 16), 2),
+    "least-requests-4": FleetConfig(instance(kv_tokens=40 * 16), 4, "least-requests"),
+    "prefix-aware-3-chats": FleetConfig(instance(kv_tokens=64 * 16), 3, "prefix-aware"),
+    "host-and-disk-tiers": FleetConfig(instance(host=HostTierConfig(8 * 16, COPY), disk=DiskTierConfig(96 * 16, COPY))),
+    "virtual-cache": FleetConfig(instance(virtual=VIRTUAL)),
+    "migration-3": FleetConfig(
+        instance(kv_tokens=64 * 16), 3, migration=MigrationConfig(freeness_gap=20.0, interval_s=0.2), link=LINK
+    ),
+    "disaggregated-1p2d": FleetConfig(instance(kv_tokens=64 * 16), 3, prefill_instances=1, link=LINK),
+}
+WITH_CHATS = {"prefix-aware-3-chats", "host-and-disk-tiers", "migration-3"}
+
+
+def results(name: str, fleet: FleetConfig) -> dict[str, Any]:
+    sessions = chats(seed=2, num=10) if name in WITH_CHATS else ()
+    work = requests(seed=5, num=120, rate=12.0)
+    if fleet.instance.scheduler.policy != "priority":
+        work = [SimRequest(r.arrival_s, r.prompt_tokens, r.output_tokens, r.tenant) for r in work]
+    result = Simulator(fleet, STEP_MODEL).run(work, sessions)
+    times = result.times
+    return {
+        "first_token_s": list(times.first_token_s),
+        "last_token_s": list(times.last_token_s),
+        "num_output_tokens": list(times.num_output_tokens),
+        "itl_s": sorted(times.itl_s),
+        "rejected": times.rejected,
+        "num_events": result.num_events,
+        "migrations": [(m.outcome, m.stages, m.blocks_copied, m.downtime_s) for m in result.migrations],
+        "instances": [
+            {
+                "steps": i.num_steps,
+                "runs": i.num_runs,
+                "preemptions": i.scheduler.num_preemptions,
+                "peak_used_blocks": i.peak_used_blocks,
+                "busy_s": i.worker.busy_s,
+                "used_blocks_at_end": i.kv.num_used_blocks,
+            }
+            for i in result.instances
+        ],
+    }
+
+
+def main() -> None:
+    fleets = {name: results(name, fleet) for name, fleet in FLEETS.items()}
+    loaded = {name: str(getattr(sys.modules.get(name), "__file__", None)) for name in native.MODULES}
+    Path(sys.argv[2]).write_text(json.dumps({"loaded": loaded, "fleets": fleets}))
+
+
+if __name__ == "__main__":
+    main()
