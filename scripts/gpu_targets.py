@@ -22,6 +22,9 @@ Checks, in order (each prints its figures, then PASS or FAIL):
                tokens/s and % of the roofline (GEMM peak and read bandwidth measured here, in bfloat16),
                HF transformers on the first --hf-requests of them in the same run, in static batches;
                target: kvos at least 60% of the roofline
+    steps      the same engine: kernels by kind (GEMMs, attention, the rest) against a steady offline step's
+               wall time (what is not on the device is the engine's own time), and the batch-1 decode graph
+               replayed alone; measures only (torch.profiler, about a minute)
     decode     the same model, batch 1, 32-token prompt, 256 new tokens: tokens/s against the
                memory-bandwidth bound (every weight read once per token); target: at least 80%, with
                CUDA graphs (the default); enforce_eager=True beside it
@@ -442,6 +445,127 @@ def _time_decode(setup: Setup, result: Result, model: str, new_tokens: int, eage
     return min(times)
 
 
+KERNEL_KINDS = (
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "linear")),
+    ("attention", ("paged", "attention", "attn", "sdpa", "flash")),
+)
+"""Kernel names by kind (lower case substrings); the rest (norms, rotary, SwiGLU, copies, sampling) is "other"."""
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def kernel_table(prof: Any, steps: int, device: str) -> tuple[dict[str, float], list[tuple[str, float, float]]]:
+    """Per step: ms of device time by kind, and the ten longest kernels (name, ms, calls). On the CPU
+    (--dry-run) the operators' self CPU time stands in for kernels."""
+    on_device = device == "cuda"
+    kinds: dict[str, float] = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    rows = []
+    for event in prof.key_averages():
+        if on_device:
+            if event.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = event.self_device_time_total
+        else:
+            us = event.self_cpu_time_total
+        if us <= 0 or event.key.startswith("ProfilerStep"):
+            continue
+        kinds[kernel_kind(event.key)] += us / 1e3 / steps
+        rows.append((event.key[:90], us / 1e3 / steps, event.count / steps))
+    return kinds, sorted(rows, key=lambda row: -row[1])[:10]
+
+
+def report_kernels(result: Result, label: str, wall_ms: float, kinds: dict[str, float], top: list[Any]) -> None:
+    busy = sum(kinds.values())
+    result.figures[label] = {"wall_ms": wall_ms, "kernel_ms": kinds, "top": top}
+    shares = ", ".join(f"{kind} {ms:.2f} ms ({100 * ms / wall_ms:.0f}%)" for kind, ms in kinds.items())
+    for name, ms, calls in top:
+        say(result, f"  {label}: {ms:7.3f} ms  {calls:6.1f} calls  {name}")
+    say(
+        result,
+        f"{label}: {wall_ms:.2f} ms a step; kernels {busy:.2f} ms: {shares}; not on the device "
+        f"{wall_ms - busy:.2f} ms ({100 * (wall_ms - busy) / wall_ms:.0f}%)",
+    )
+
+
+def check_steps(setup: Setup, result: Result) -> None:
+    """Where the time of a steady offline step goes: kernels by kind against the step's wall time.
+
+    The offline check's engine on its first 1.5 x max_num_seqs requests (a full batch with new prompts
+    coming in as others end, as in the offline run); the profiler records a window of steps after the
+    first admissions' prefill, and the batch-1 decode graph replayed alone. Measures, judges nothing.
+    """
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from kvos import LLM, SamplingParams
+    from kvos.engine.llm_engine import LLMEngine
+    from kvos.worker.worker import Worker
+
+    options = offline_engine_options(setup)
+    requests = load_requests(setup)[: int(options["max_num_seqs"]) * 3 // 2]
+    skip, active = (2, 4) if setup.dry_run else (30, 20)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device == "cuda" else [])
+    llm = LLM(**options)
+    llm.generate([requests[0][0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    walls: list[float] = []
+    shapes: list[tuple[int, int]] = []
+    step, execute = LLMEngine.step, Worker.execute
+    with profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=active, repeat=1)) as prof:
+
+        def profiled_step(self: LLMEngine, *args: Any, **kwargs: Any) -> Any:
+            sync(setup.device)
+            start = time.perf_counter()
+            out = step(self, *args, **kwargs)
+            sync(setup.device)
+            walls.append(time.perf_counter() - start)
+            prof.step()
+            return out
+
+        def shaped_execute(self: Worker, plan: Any) -> Any:
+            decodes = sum(1 for s in plan.scheduled if len(s.new_token_ids) == 1)
+            shapes.append((decodes, sum(len(s.new_token_ids) for s in plan.scheduled)))
+            return execute(self, plan)
+
+        LLMEngine.step = profiled_step  # type: ignore[method-assign]
+        Worker.execute = shaped_execute  # type: ignore[method-assign]
+        try:
+            params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+            llm.generate([ids for ids, _ in requests], params, use_tqdm=False)
+        finally:
+            LLMEngine.step = step  # type: ignore[method-assign]
+            Worker.execute = execute  # type: ignore[method-assign]
+    window = slice(skip + 2, skip + 2 + active)
+    if len(walls[window]) < active:
+        raise CheckFailed(f"the run took {len(walls)} steps, fewer than the {skip + 2 + active} the window needs")
+    decodes = [d for d, _ in shapes[window]]
+    tokens = [t for _, t in shapes[window]]
+    say(
+        result,
+        f"offline steps {window.start}-{window.stop - 1} of {len(walls)}: {sum(decodes) / active:.0f} "
+        f"decodes and {sum(tokens) / active:.0f} tokens a step",
+    )
+    kinds, top = kernel_table(prof, active, setup.device)
+    report_kernels(result, "offline_step", 1e3 * sum(walls[window]) / active, kinds, top)
+    graphs = llm.engine._local_core().worker.decode_graphs
+    if graphs is not None:
+        replay = graphs._replays[1, graphs.splits[1][0]]
+        replay()
+        sync(setup.device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(20):
+                replay()
+            sync(setup.device)
+            wall = (time.perf_counter() - start) / 20
+        kinds, top = kernel_table(prof, 20, setup.device)
+        report_kernels(result, "batch1_graph", 1e3 * wall, kinds, top)
+    llm.close()
+    del llm
+    release(setup.device)
+
+
 def check_sim(setup: Setup, result: Result) -> None:
     """Issue 14 on the GPU: profile the 8B dummy's worker here, simulate the offline run, compare with it."""
     from benchmarks.serve import percentiles_ms
@@ -539,9 +663,9 @@ def served_offline_steps(setup: Setup, requests: list[tuple[list[int], int]]) ->
     shapes: dict[int, StepShape] = {}
     step, execute = LLMEngine.step, Worker.execute
 
-    def timed_step(self: LLMEngine) -> Any:
+    def timed_step(self: LLMEngine, *args: Any, **kwargs: Any) -> Any:
         starts.append(time.perf_counter())
-        return step(self)
+        return step(self, *args, **kwargs)
 
     def shaped_execute(self: Worker, plan: Any) -> Any:
         if plan.scheduled:
@@ -568,6 +692,7 @@ CHECKS: dict[str, Callable[[Setup, Result], None]] = {
     "attention": check_attention,
     "engine": check_engine,
     "offline": check_offline,
+    "steps": check_steps,
     "decode": check_decode,
     "sim": check_sim,
 }
