@@ -491,7 +491,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from kvos.sim import native
 
-    print(f"compiled simulator: {native.build()}")
+    try:
+        where = native.build()
+    except RuntimeError as exc:  # no mypy or no C compiler: say so, the simulator still runs as Python
+        print(f"kvos: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"compiled simulator: {where}")
     return 0
 
 

@@ -65,6 +65,10 @@ MODULES = (
 """What a simulation spends its time in (the profile in docs/simulator.md). The protocols in
 `kvos.memory.kv_manager` stay Python: mypyc compiles no protocol that extends another."""
 
+KEEP_BUILDS = 4
+"""Builds kept, the newest: every edit makes another (3.4 MB each), and checkouts that share a cache (a
+revision and its base, compared in turn) each keep theirs."""
+
 _GROUP = "kvos_sim_native"
 """The shared library mypyc puts the compiled code of every module in (`<group>__mypyc`)."""
 
@@ -115,7 +119,8 @@ def _suffix() -> str:
 
 
 def build() -> Path:
-    """Compile `MODULES` for the current sources (about a minute on two cores) unless already built.
+    """Compile `MODULES` for the current sources (about 45 s on two cores) unless already built; older
+    builds beyond the newest `KEEP_BUILDS` are removed.
 
     Needs mypy (its mypyc) and a C compiler; raises RuntimeError naming what is missing or, when the
     compiler fails, the end of its output.
@@ -153,6 +158,10 @@ def build() -> Path:
         staging.rename(dest)
     except OSError:  # another process finished the same build first
         shutil.rmtree(staging, ignore_errors=True)
+    builds = sorted((p for p in dest.parent.iterdir() if not p.name.startswith(".")), key=lambda p: p.stat().st_mtime)
+    for old in builds[:-KEEP_BUILDS]:
+        if old != dest:
+            shutil.rmtree(old, ignore_errors=True)
     return dest
 
 

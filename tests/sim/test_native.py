@@ -23,12 +23,18 @@ EXT = str(native.sysconfig.get_config_var("EXT_SUFFIX"))
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A kvos cache holding a build of the current sources (about a minute to compile)."""
     root = tmp_path_factory.mktemp("kvos-cache")
+    # Builds of earlier sources, oldest first: a new build keeps the newest KEEP_BUILDS in all.
+    earlier = [root / "sim-native" / f"earlier-{k}" for k in range(native.KEEP_BUILDS + 1)]
+    for k, folder in enumerate(earlier):
+        folder.mkdir(parents=True)
+        os.utime(folder, (1e9 + k, 1e9 + k))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("KVOS_CACHE_DIR", str(root))
         built = native.build()
     assert built.parent.parent == root and sorted(p.name for p in built.rglob(f"*{EXT}")) == sorted(
         name.rsplit(".", 1)[-1] + EXT for name in (*native.MODULES, "kvos_sim_native__mypyc")
     )
+    assert sorted(built.parent.iterdir()) == sorted([*earlier[-(native.KEEP_BUILDS - 1) :], built])
     yield root
 
 
@@ -114,3 +120,19 @@ def test_any_edit_to_the_sources_names_a_new_build(tmp_path: Path) -> None:
     assert edited != native.source_digest()
     (copy / "core" / "new_policy.py").write_text("")
     assert native.source_digest(copy) not in (edited, native.source_digest())
+
+
+def test_a_build_that_cannot_compile_says_why_and_leaves_no_build(tmp_path: Path) -> None:
+    env = {**os.environ, "KVOS_CACHE_DIR": str(tmp_path), "CC": "/bin/false"}  # a C compiler that always fails
+    done = subprocess.run(
+        [sys.executable, "-m", "kvos.entrypoints.cli", "sim", "build"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    assert "kvos: error: mypyc could not compile the simulator" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not [p for p in (tmp_path / "sim-native").glob("*") if not p.name.startswith(".")]
