@@ -6,7 +6,10 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
+import os
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +31,7 @@ def add_sim_parser(sub: Any) -> None:
     run.add_argument(
         "--rates", default="1", help="comma-separated requests/s (ignored with --trace); inf = all at once"
     )
+    _add_jobs_arg(run, "rates")
     run.add_argument("--json", type=Path, default=None, help="write the report here")
     run.add_argument("--plot", type=Path, default=None, help="write goodput against rate here (PNG)")
     run.set_defaults(func=cmd_run)
@@ -44,6 +48,7 @@ def add_sim_parser(sub: Any) -> None:
     plan.add_argument(
         "--disaggregated", action="store_true", help="also size prefill/decode-disaggregated fleets (needs a link)"
     )
+    _add_jobs_arg(plan, "searches (one per layout, router and policy)")
     plan.add_argument("--json", type=Path, default=None)
     plan.set_defaults(func=cmd_plan)
 
@@ -64,6 +69,15 @@ def add_sim_parser(sub: Any) -> None:
         "build", help="compile the simulator's hot path with mypyc (needs mypy and a C compiler); run and plan use it"
     )
     build.set_defaults(func=cmd_build)
+
+
+def _add_jobs_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help=f"{what} simulated at once, each in a process of its own (default: one per CPU)",
+    )
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -342,6 +356,36 @@ def _rates(text: str) -> list[float]:
 
 # -- commands ----------------------------------------------------------------------------
 
+_TASK: Callable[[Any], Any] | None = None
+_ITEMS: Sequence[Any] = ()
+
+
+def _run_item(index: int) -> Any:
+    assert _TASK is not None
+    return _TASK(_ITEMS[index])
+
+
+def in_parallel(task: Callable[[Any], Any], items: Sequence[Any], jobs: int) -> Iterator[Any]:
+    """`task(item)` for each item, in order, in up to `jobs` forked processes.
+
+    Each simulation is deterministic and shares nothing with the others, so the results are exactly
+    a loop's. The children are forked, not spawned: they start with this process's objects (the step
+    model, the workload) and its imports (the compiled simulator, if it was loaded), and only an item's
+    index goes to them; its result (plain data) comes back pickled.
+    """
+    global _TASK, _ITEMS
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if jobs == 1 or len(items) == 1:
+        yield from map(task, items)
+        return
+    _TASK, _ITEMS = task, items
+    try:
+        with multiprocessing.get_context("fork").Pool(min(jobs, len(items))) as pool:
+            yield from pool.imap(_run_item, range(len(items)))
+    finally:
+        _TASK, _ITEMS = None, ()
+
 
 def _load_native() -> None:
     """Run and plan load the compiled build of the current sources, if there is one, before their imports."""
@@ -362,11 +406,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     step_model = make_step_model(args)
     fleet = make_fleet(args)
     rates = [math.nan] if args.trace is not None else _rates(args.rates)
-    runs = []
-    for rate in rates:
-        workload = make_workload(args, rate)
+    workloads = [make_workload(args, rate) for rate in rates]
+
+    def simulate(workload: Any) -> dict[str, Any]:
         result = Simulator(fleet, step_model).run(workload.requests, workload.sessions)
-        summary = summarize_sim(result, args.ttft_slo, args.tpot_slo)
+        return summarize_sim(result, args.ttft_slo, args.tpot_slo)
+
+    runs = []
+    for rate, summary in zip(rates, in_parallel(simulate, workloads, args.jobs)):
         runs.append((rate, summary))
         print(
             f"rate {rate:g}: {summary['output_throughput']:.1f} tok/s, goodput {summary['goodput']:.3f} req/s, "
@@ -432,29 +479,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     workload = make_workload(args, args.rate)
     if link is not None and workload.sessions:
         raise ValueError("--disaggregated does not simulate sessions (closed-loop turns): plan them colocated")
+    layouts = ("colocated", "disaggregated") if link is not None else ("colocated",)
+    searches = [(layout, router, policy) for router in routers for policy in policies for layout in layouts]
+    fleets = {(router, policy): make_fleet(args, router=router, policy=policy) for _, router, policy in searches}
+
+    def search(layout_router_policy: tuple[str, str, str]) -> dict[str, Any]:
+        layout, router, policy = layout_router_policy
+        fleet = fleets[router, policy]
+        entry: dict[str, Any] = {"layout": layout, "router": router, "policy": policy}
+        try:
+            if link is None or layout == "colocated":
+                entry |= plan_instances(
+                    fleet, step_model, workload.requests, slo, args.max_instances, workload.sessions
+                ).to_json()
+            else:
+                entry |= plan_disaggregated(
+                    fleet, link, step_model, workload.requests, slo, args.max_instances
+                ).to_json()
+        except ValueError as exc:  # no fleet within --max-instances: say so, keep comparing
+            entry |= {"num_instances": None, "error": str(exc)}
+        return entry
+
     plans: list[dict[str, Any]] = []
-    for router in routers:
-        for policy in policies:
-            fleet = make_fleet(args, router=router, policy=policy)
-            for layout in ("colocated", "disaggregated") if link is not None else ("colocated",):
-                entry: dict[str, Any] = {"layout": layout, "router": router, "policy": policy}
-                try:
-                    if link is None or layout == "colocated":
-                        entry |= plan_instances(
-                            fleet, step_model, workload.requests, slo, args.max_instances, workload.sessions
-                        ).to_json()
-                    else:
-                        entry |= plan_disaggregated(
-                            fleet, link, step_model, workload.requests, slo, args.max_instances
-                        ).to_json()
-                except ValueError as exc:  # no fleet within --max-instances: say so, keep comparing
-                    entry |= {"num_instances": None, "error": str(exc)}
-                plans.append(entry)
-                tiers = entry.get("num_prefill"), entry.get("num_decode")
-                split = f" = {tiers[0]} prefill + {tiers[1]} decode" if tiers[0] is not None else ""
-                print(
-                    f"{layout:>13} {router:>14} {policy:>8}: {entry['num_instances']} instances{split}", file=sys.stderr
-                )
+    for entry in in_parallel(search, searches, args.jobs):
+        plans.append(entry)
+        tiers = entry.get("num_prefill"), entry.get("num_decode")
+        split = f" = {tiers[0]} prefill + {tiers[1]} decode" if tiers[0] is not None else ""
+        print(
+            f"{entry['layout']:>13} {entry['router']:>14} {entry['policy']:>8}: {entry['num_instances']} instances"
+            f"{split}",
+            file=sys.stderr,
+        )
     sized = [p for p in plans if p["num_instances"] is not None]
     best = min(sized, key=lambda p: p["num_instances"]) if sized else None
     report = {

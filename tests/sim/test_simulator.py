@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -989,3 +990,58 @@ def test_a_negative_first_use_cost_is_refused() -> None:
 def test_hidden_tokens_must_leave_a_token_to_see() -> None:
     with pytest.raises(ValueError, match=r"hidden_tokens must be >= 0 and below output_tokens \(3\), got 3"):
         SimRequest(0.0, 8, 3, hidden_tokens=3)
+
+
+def test_cli_simulations_in_parallel_report_what_one_process_does(tmp_path: Path) -> None:
+    """`--jobs`: rates, and plan searches, each in a forked process; the reports equal one process's."""
+    hardware, arch = tmp_path / "hw.json", tmp_path / "config.json"
+    hardware.write_text(json.dumps({"name": "cpu", "peak_flops": {"float32": 2e11}, "memory_bandwidth": 2e10}))
+    arch.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 256, "max_position_embeddings": 1024}))
+    common = ["--hardware", str(hardware), "--arch", str(arch), "--fixed-lengths", "100,30", "--num-requests", "300"]
+    commands = {
+        "run": ["run", *common, "--rates", "5,20,inf", "--num-instances", "2", "--router", "least-requests"],
+        "plan": [
+            "plan",
+            *common,
+            "--rate",
+            "40",
+            "--router",
+            "round-robin,least-requests",
+            "--scheduling-policy",
+            "fcfs,priority",
+        ],
+    }
+    script = "import sys; from kvos.entrypoints.cli import main; sys.exit(main())"
+    compared = {}
+    for name, command in commands.items():
+        reports = []
+        for jobs in ("1", "3"):
+            out = tmp_path / f"{name}-{jobs}.json"
+            done = subprocess.run(
+                [sys.executable, "-P", "-c", script, "sim", *command, "--jobs", jobs, "--json", str(out)],
+                cwd=Path(__file__).resolve().parents[2],
+                env={**os.environ, "KVOS_CACHE_DIR": str(tmp_path / "cache")},  # the Python, not a compiled build
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert done.returncode == 0, done.stderr[-2000:]
+            report = json.loads(out.read_text())
+            for run in report.get("runs", []):
+                run.pop("simulation")  # its own speed: the one thing that differs
+            reports.append(report)
+        assert reports[0] == reports[1], name
+        compared[name] = reports[0]
+    assert [run["rate"] for run in compared["run"]["runs"]] == ["5.0", "20.0", "inf"]
+    assert len(compared["plan"]["plans"]) == 4
+
+
+def test_cli_jobs_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvos.entrypoints.cli import main
+
+    hardware = tmp_path / "hw.json"
+    hardware.write_text(json.dumps({"name": "cpu", "peak_flops": {"float32": 2e11}, "memory_bandwidth": 2e10}))
+    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
+    model = ["--hardware", str(hardware), "--arch", str(tmp_path / "config.json"), "--fixed-lengths", "20,5"]
+    assert main(["sim", "run", *model, "--rates", "1,2", "--jobs", "0"]) == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
