@@ -11,7 +11,8 @@ There (carry `.gpu`; the repository goes first on sys.path by itself):
 Checks, in order (each prints its figures, then PASS or FAIL):
 
     versions   torch, Triton, the device
-    kernel     tests/attention/test_paged_triton.py's kernel cases, compiled for the GPU
+    kernel     tests/attention/test_paged_triton.py's kernel cases and the Triton layer kernels' tests
+               (tests/model/test_layer_kernels.py -k triton), compiled for the GPU
     attention  the Triton kernel per layer at Llama-3-8B's heads (bfloat16 decodes of 1 x 1,024 to 256 x 512,
                and around where splitting contexts starts to pay):
                one pass (key steps of 32, 16 and 64 positions), contexts split into 512-position partitions,
@@ -27,7 +28,8 @@ Checks, in order (each prints its figures, then PASS or FAIL):
                replayed alone; measures only (torch.profiler, about a minute)
     decode     the same model, batch 1, 32-token prompt, 256 new tokens: tokens/s against the
                memory-bandwidth bound (every weight read once per token); target: at least 80%, with
-               CUDA graphs (the default); enforce_eager=True beside it
+               CUDA graphs (the default); beside it the same without the Triton layer kernels (torch's
+               elementwise ops), and enforce_eager=True
     sim        issue 14: `kvos sim profile`'s worker timings of the same engine here, and the engine's own
                time per step fitted on an offline run of the first 2 x max_num_seqs requests; then the
                simulator on the offline run's requests (all at once), with the worker alone and with the
@@ -158,12 +160,15 @@ def check_kernel(setup: Setup, result: Result) -> None:
     if setup.dry_run:
         say(result, "skipped in a dry run (the suite runs these tests in Triton's interpreter)")
         return
-    # The tests against HF need the default model, which the GPU machine lacks (CI runs them on the CPU).
-    code = pytest.main(
-        ["-q", "-p", "no:cacheprovider", str(REPO / "tests/attention/test_paged_triton.py"), "-k", "not matches_hf"]
-    )
-    if code != 0:
-        raise CheckFailed(f"pytest exited with {code}")
+    # The tests against HF need the default model, which the GPU machine lacks (CI runs them on the CPU);
+    # of the layer kernels' tests, the Triton ones (the rest are the CPU's C++ kernels).
+    for tests, select in (
+        ("attention/test_paged_triton.py", "not matches_hf"),
+        ("model/test_layer_kernels.py", "triton"),
+    ):
+        code = pytest.main(["-q", "-p", "no:cacheprovider", str(REPO / "tests" / tests), "-k", select])
+        if code != 0:
+            raise CheckFailed(f"pytest exited with {code} on {tests}")
 
 
 def check_attention(setup: Setup, result: Result) -> None:
@@ -382,15 +387,19 @@ def run_hf(setup: Setup, model: str, requests: list[tuple[list[int], int]], resu
 
 
 def check_decode(setup: Setup, result: Result) -> None:
-    """Batch-1 decode with CUDA graphs (the default), then with enforce_eager=True for comparison."""
+    """Batch-1 decode with CUDA graphs (the default), then the same with torch's elementwise ops instead of
+    the Triton layer kernels, then with enforce_eager=True, for comparison."""
     model = big_model(setup)
     peak, roofline = measured_roofline(setup, model)
     new_tokens = 16 if setup.dry_run else 256
     bound = sum(roofline.decode_step_seconds([32 + i], 2.0) for i in range(new_tokens))
     pct = {}
-    for eager in (False, True):
-        elapsed = _time_decode(setup, result, model, new_tokens, eager)
-        name = "eager" if eager else "graphs"
+    for name, eager, triton_layers in (
+        ("graphs", False, True),
+        ("graphs_torch_ops", False, False),  # torch's elementwise ops instead of the Triton layer kernels
+        ("eager", True, True),
+    ):
+        elapsed = _time_decode(setup, result, model, new_tokens, eager, triton_layers)
         pct[name] = 100 * bound / elapsed
         result.figures[f"{name}_tok_s"] = new_tokens / elapsed
         say(
@@ -404,17 +413,26 @@ def check_decode(setup: Setup, result: Result) -> None:
         raise CheckFailed("under 80% of the bound")
 
 
-def _time_decode(setup: Setup, result: Result, model: str, new_tokens: int, eager: bool) -> float:
+def _time_decode(setup: Setup, result: Result, model: str, new_tokens: int, eager: bool, triton_layers: bool) -> float:
+    """Best of two batch-1 decodes; `triton_layers=False` keeps torch's elementwise ops (no Triton norms,
+    SwiGLU or rotary), to show what those kernels save."""
     from kvos import LLM, SamplingParams
+    from kvos.core import engine_core
 
-    llm = LLM(
-        model,
-        load_format="dummy",
-        device=setup.device,
-        dtype="bfloat16",
-        kv_cache_memory_bytes=2**30,
-        enforce_eager=eager,
-    )
+    chooses = engine_core.can_use_triton_layers
+    if not triton_layers:
+        engine_core.can_use_triton_layers = lambda device, dtype: False  # type: ignore[assignment]
+    try:
+        llm = LLM(
+            model,
+            load_format="dummy",
+            device=setup.device,
+            dtype="bfloat16",
+            kv_cache_memory_bytes=2**30,
+            enforce_eager=eager,
+        )
+    finally:
+        engine_core.can_use_triton_layers = chooses
     prompt = load_requests(setup)[0][0][:32]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     times = []

@@ -43,6 +43,7 @@ from kvos.model.loader import LoadedModel
 from kvos.model.prepack import can_prepack, prepack_linears
 from kvos.model.quantization import quantize
 from kvos.model.registry import build_model
+from kvos.model.triton_layers import can_use_triton_layers, use_triton_layers
 from kvos.structured.grammar import GrammarCompiler
 from kvos.worker.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from kvos.worker.disk_store import DiskKVStore
@@ -181,6 +182,8 @@ class EngineCore(MigrationEndpoint):
             prepack_linears(model, config.scheduler.max_num_seqs)
         if not config.model.compile and can_use_layer_kernels(device, dtype):
             use_layer_kernels(model)
+        elif not config.model.compile and can_use_triton_layers(device, dtype):
+            use_triton_layers(model)
         self.worker = Worker(
             model,
             make_kv_buffer(self.kv_manager, shape),

@@ -1,4 +1,7 @@
-"""The bfloat16 layer kernels against the formulas computed naively in float64, and the engine's use of them."""
+"""The bfloat16 layer kernels against the formulas computed naively in float64, and the engine's use of them.
+
+Each formula is checked for both implementations: the C++ kernels (`layer_kernels`, a CPU's) and the Triton
+ones (`triton_layers`, a GPU's, here in Triton's interpreter)."""
 
 from __future__ import annotations
 
@@ -7,8 +10,9 @@ import torch
 from torch import nn
 
 from kvos import LLM, SamplingParams
+from kvos.attention import paged_triton
 from kvos.attention.paged_cpu import load_kernel
-from kvos.model import layer_kernels
+from kvos.model import layer_kernels, triton_layers
 from kvos.model.layers import RMSNorm, RotaryEmbedding, SiluAndMul
 
 BF16 = torch.bfloat16
@@ -29,25 +33,42 @@ def assert_within_one_ulp(got: torch.Tensor, want: torch.Tensor, min_exact: floa
     assert ((got.float() - want_bf16.float()).abs() <= ulp).all()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def kernels() -> None:
+@pytest.fixture
+def cpp() -> None:
     layer_kernels.load()
 
 
+RMS_NORMS = {"cpp": layer_kernels.KernelRMSNorm, "triton": triton_layers.TritonRMSNorm}
+SILU_MULS = {"cpp": layer_kernels.KernelSiluAndMul, "triton": triton_layers.TritonSiluAndMul}
+ROTARIES = {"cpp": layer_kernels.KernelRotaryEmbedding, "triton": triton_layers.TritonRotaryEmbedding}
+ON_GPU = torch.cuda.is_available() and not paged_triton.interpreted()
+
+
+def device_for(impl: str) -> torch.device:
+    """The C++ kernels' CPU; for Triton a GPU when there is one (the GPU script runs these tests there, with
+    `-k triton`), else the CPU in Triton's interpreter."""
+    if impl == "cpp":
+        layer_kernels.load()
+        return torch.device("cpu")
+    return torch.device("cuda" if ON_GPU else "cpu")
+
+
+@pytest.mark.parametrize("impl", list(RMS_NORMS))
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_rms_norm_is_the_formula_with_the_eager_roundings(rows: int) -> None:
+def test_rms_norm_is_the_formula_with_the_eager_roundings(rows: int, impl: str) -> None:
     torch.manual_seed(rows)
     x = (torch.randn(rows, 576) * 4).to(BF16)
     weight = torch.randn(576).to(BF16)
     norm = RMSNorm(576, 1e-5).to(BF16)
     norm.weight = nn.Parameter(weight, requires_grad=False)
-    got = layer_kernels.KernelRMSNorm(norm)(x)
+    device = device_for(impl)
+    got = RMS_NORMS[impl](norm.to(device))(x.to(device)).cpu()
     xd = x.double()
     normed = bf16(xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert_within_one_ulp(got, weight.double() * normed, min_exact=0.999)
 
 
-def test_rms_norm_reads_strided_rows_and_refuses_other_dtypes() -> None:
+def test_rms_norm_reads_strided_rows_and_refuses_other_dtypes(cpp: None) -> None:
     x = torch.randn(6, 1000).to(BF16)
     weight = torch.ones(576, dtype=BF16)
     got = torch.ops.kvos.rms_norm(x[:, :576], weight, 1e-6)
@@ -58,35 +79,39 @@ def test_rms_norm_reads_strided_rows_and_refuses_other_dtypes() -> None:
         torch.ops.kvos.rms_norm(x[:, :576], torch.ones(575, dtype=BF16), 1e-6)
 
 
+@pytest.mark.parametrize("impl", list(SILU_MULS))
 @pytest.mark.parametrize("rows", [1, 16, 300])
-def test_silu_mul_is_the_formula_with_the_eager_roundings(rows: int) -> None:
+def test_silu_mul_is_the_formula_with_the_eager_roundings(rows: int, impl: str) -> None:
     torch.manual_seed(rows)
     gate_up = (torch.randn(rows, 2 * 1536) * 6).to(BF16)
     gate_up[0, :8] = torch.tensor([0.0, -0.0, 80.0, -80.0, 200.0, -200.0, 1e-30, -1e-30]).to(BF16)
-    got = layer_kernels.KernelSiluAndMul()(gate_up)
+    device = device_for(impl)
+    got = SILU_MULS[impl]()(gate_up.to(device)).cpu()
     g, up = gate_up.double()[:, :1536], gate_up.double()[:, 1536:]
     want = bf16(g / (1 + torch.exp(-g))) * up
     assert_within_one_ulp(got, want, min_exact=0.998)
 
 
-def test_silu_mul_refuses_an_odd_width() -> None:
+def test_silu_mul_refuses_an_odd_width(cpp: None) -> None:
     with pytest.raises(ValueError, match="silu_mul: the row width 7 must be even"):
         torch.ops.kvos.silu_mul(torch.ones(2, 7, dtype=BF16))
 
 
+@pytest.mark.parametrize("impl", list(ROTARIES))
 @pytest.mark.parametrize("tokens", [1, 5, 200])
-def test_rotary_is_rotate_half_with_the_eager_roundings(tokens: int) -> None:
+def test_rotary_is_rotate_half_with_the_eager_roundings(tokens: int, impl: str) -> None:
     torch.manual_seed(tokens)
     rotary = RotaryEmbedding(64, 4096, 10000.0, None).to(BF16)
     positions = torch.randint(0, 4096, (tokens,))
     qkv = torch.randn(tokens, 15 * 64).to(BF16)
-    qk = qkv[:, : 12 * 64].view(tokens, 12, 64)  # the layer's view: token stride 15 heads
-    got = layer_kernels.KernelRotaryEmbedding(rotary).tables(positions).apply(qk)
+    device = device_for(impl)
+    qk = qkv.to(device)[:, : 12 * 64].view(tokens, 12, 64)  # the layer's view: token stride 15 heads
+    got = ROTARIES[impl](rotary.to(device)).tables(positions.to(device)).apply(qk).cpu()
     # Hugging Face's form, from the angles: x * cos + rotate_half(x) * sin, each product rounded.
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     angles = torch.outer(positions.double(), inv_freq).repeat(1, 2).unsqueeze(1)
     cos, sin = bf16(angles.cos()), bf16(angles.sin())
-    x = qk.double()
+    x = qk.cpu().double()
     rotated_half = torch.cat([-x[..., 32:], x[..., :32]], dim=-1)
     want = bf16(x * cos) + bf16(rotated_half * sin)
     assert got.dtype == BF16 and torch.equal(got, want.to(BF16))
@@ -124,12 +149,41 @@ def test_write_kv_names_a_slot_outside_the_cache_and_writes_nothing() -> None:
         torch.ops.kvos.write_kv(k_cache, v_cache, torch.tensor([3, 4]), kv[:1], kv)
 
 
-def test_use_layer_kernels_swaps_bfloat16_modules_and_refuses_float32() -> None:
+def test_use_layer_kernels_swaps_bfloat16_modules_and_refuses_float32(cpp: None) -> None:
     model = nn.Sequential(RMSNorm(8, 1e-6).to(BF16), SiluAndMul(), nn.Linear(8, 8))
     assert layer_kernels.use_layer_kernels(model) == 2
     assert isinstance(model[0], layer_kernels.KernelRMSNorm) and isinstance(model[1], layer_kernels.KernelSiluAndMul)
     with pytest.raises(ValueError, match="the layer kernels compute in bfloat16; 0 holds torch.float32"):
         layer_kernels.use_layer_kernels(nn.Sequential(RMSNorm(8, 1e-6)))
+
+
+def test_use_triton_layers_swaps_a_bfloat16_model_and_keeps_its_outputs() -> None:
+    """The swapped modules compute what torch's ops compute (to the sum-order ulp); float32 is refused."""
+    torch.manual_seed(0)
+    device = device_for("triton")
+    model = nn.Sequential(RMSNorm(64, 1e-6), nn.Linear(64, 128), SiluAndMul(), RMSNorm(64, 1e-6)).to(device, BF16)
+    x = torch.randn(5, 64).to(device, BF16)
+    want = model(x)
+    assert triton_layers.use_triton_layers(model) == 3
+    assert [type(m).__name__ for m in model] == ["TritonRMSNorm", "Linear", "TritonSiluAndMul", "TritonRMSNorm"]
+    got = model(x)
+    assert (got.float() - want.float()).abs().max() <= 2 * 2.0**-7 * want.float().abs().max()
+    with pytest.raises(ValueError, match="the Triton layers compute in bfloat16; 0 holds torch.float32"):
+        triton_layers.use_triton_layers(nn.Sequential(RMSNorm(8, 1e-6)))
+
+
+def test_triton_layers_that_fail_on_the_device_leave_torchs_ops(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(triton_layers, "silu_mul", broken)
+    device = device_for("triton")
+    model = nn.Sequential(RMSNorm(64, 1e-6), SiluAndMul()).to(device, BF16)
+    assert triton_layers.use_triton_layers(model) == 0
+    assert isinstance(model[0], RMSNorm) and isinstance(model[1], SiluAndMul)
+    assert f"the Triton layer kernels failed on {device}; the model keeps torch's ops" in caplog.text
 
 
 def test_the_bfloat16_engine_runs_the_kernels_and_float32_does_not() -> None:
