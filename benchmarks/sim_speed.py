@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         from kvos.sim import native
 
         native.build()
-        native.activate()
+        if native.activate() is None:
+            parser.error("the compiled simulator could not be loaded (imported as Python already)")
     # Imported after the choice: the compiled modules must load before anything imports the Python ones.
     from kvos.config import SchedulerConfig
     from kvos.sim.simulator import FleetConfig, InstanceConfig, Simulator

@@ -395,7 +395,7 @@ def _load_native() -> None:
     if where is not None:
         logger.info("the simulator runs compiled (mypyc) from %s", where)
     else:
-        logger.info("the simulator runs as Python; `kvos sim build` compiles it once (about 1.7x faster)")
+        logger.info("the simulator runs as Python; `kvos sim build` compiles it once (1.4-1.7x faster)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
