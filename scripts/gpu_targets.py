@@ -43,6 +43,7 @@ before spending device time (the targets are not judged there). Exit status 0 wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -51,7 +52,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,18 @@ def time_call(call: Callable[[], Any], device: str, repeats: int = 20) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
+
+
+@contextlib.contextmanager
+def around(cls: type, name: str, hook: Callable[..., Any]) -> Iterator[None]:
+    """Inside the block, `cls.name(self, ...)` runs as `hook(original, self, ...)`: a timer or recorder around an
+    engine method, put back however the block ends."""
+    original = getattr(cls, name)
+    setattr(cls, name, lambda self, *args, **kwargs: hook(original, self, *args, **kwargs))
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
 
 
 def check_engine(setup: Setup, result: Result) -> None:
@@ -529,31 +542,25 @@ def check_steps(setup: Setup, result: Result) -> None:
     llm.generate([requests[0][0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     walls: list[float] = []
     shapes: list[tuple[int, int]] = []
-    step, execute = LLMEngine.step, Worker.execute
-    with profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=active, repeat=1)) as prof:
+    prof = profile(activities=activities, schedule=schedule(wait=skip, warmup=2, active=active, repeat=1))
 
-        def profiled_step(self: LLMEngine, *args: Any, **kwargs: Any) -> Any:
-            sync(setup.device)
-            start = time.perf_counter()
-            out = step(self, *args, **kwargs)
-            sync(setup.device)
-            walls.append(time.perf_counter() - start)
-            prof.step()
-            return out
+    def profiled_step(step: Callable[..., Any], self: LLMEngine, *args: Any, **kwargs: Any) -> Any:
+        sync(setup.device)
+        start = time.perf_counter()
+        out = step(self, *args, **kwargs)
+        sync(setup.device)
+        walls.append(time.perf_counter() - start)
+        prof.step()
+        return out
 
-        def shaped_execute(self: Worker, plan: Any) -> Any:
-            decodes = sum(1 for s in plan.scheduled if len(s.new_token_ids) == 1)
-            shapes.append((decodes, sum(len(s.new_token_ids) for s in plan.scheduled)))
-            return execute(self, plan)
+    def shaped_execute(execute: Callable[..., Any], self: Worker, plan: Any) -> Any:
+        decodes = sum(1 for s in plan.scheduled if len(s.new_token_ids) == 1)
+        shapes.append((decodes, sum(len(s.new_token_ids) for s in plan.scheduled)))
+        return execute(self, plan)
 
-        LLMEngine.step = profiled_step  # type: ignore[method-assign]
-        Worker.execute = shaped_execute  # type: ignore[method-assign]
-        try:
-            params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
-            llm.generate([ids for ids, _ in requests], params, use_tqdm=False)
-        finally:
-            LLMEngine.step = step  # type: ignore[method-assign]
-            Worker.execute = execute  # type: ignore[method-assign]
+    with prof, around(LLMEngine, "step", profiled_step), around(Worker, "execute", shaped_execute):
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+        llm.generate([ids for ids, _ in requests], params, use_tqdm=False)
     window = slice(skip + 2, skip + 2 + active)
     if len(walls[window]) < active:
         raise CheckFailed(f"the run took {len(walls)} steps, fewer than the {skip + 2 + active} the window needs")
@@ -679,25 +686,19 @@ def served_offline_steps(setup: Setup, requests: list[tuple[list[int], int]]) ->
     llm.generate([requests[0][0]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     starts: list[float] = []
     shapes: dict[int, StepShape] = {}
-    step, execute = LLMEngine.step, Worker.execute
 
-    def timed_step(self: LLMEngine, *args: Any, **kwargs: Any) -> Any:
+    def timed_step(step: Callable[..., Any], self: LLMEngine, *args: Any, **kwargs: Any) -> Any:
         starts.append(time.perf_counter())
         return step(self, *args, **kwargs)
 
-    def shaped_execute(self: Worker, plan: Any) -> Any:
+    def shaped_execute(execute: Callable[..., Any], self: Worker, plan: Any) -> Any:
         if plan.scheduled:
             shapes[len(starts) - 1] = StepShape.from_plan(plan)
         return execute(self, plan)
 
-    LLMEngine.step = timed_step  # type: ignore[method-assign]
-    Worker.execute = shaped_execute  # type: ignore[method-assign]
-    try:
+    with around(LLMEngine, "step", timed_step), around(Worker, "execute", shaped_execute):
         params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
         llm.generate([ids for ids, _ in requests], params, use_tqdm=False)
-    finally:
-        LLMEngine.step = step  # type: ignore[method-assign]
-        Worker.execute = execute  # type: ignore[method-assign]
     llm.close()
     del llm
     release(setup.device)

@@ -13,6 +13,8 @@ bit the reference's.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,24 +32,51 @@ def load() -> None:
     build_cpu_extension("kvos_layer_ops", _SOURCE, "bfloat16 on CPU")
 
 
+@dataclass(frozen=True)
+class LayerOps:
+    """One implementation of the three ops: the C++ kernels here (`CPP_OPS`), Triton's for a GPU
+    (`kvos.model.triton_layers.TRITON_OPS`). The modules below run whichever they are given."""
+
+    name: str
+    rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    silu_mul: Callable[[torch.Tensor], torch.Tensor]
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+CPP_OPS = LayerOps(
+    "C++",
+    lambda x, weight, eps: torch.ops.kvos.rms_norm(x, weight, eps),
+    lambda gate_up: torch.ops.kvos.silu_mul(gate_up),
+    lambda x, cos, sin_rotated: torch.ops.kvos.rotary(x, cos, sin_rotated),
+)
+
+
 class KernelRMSNorm(nn.Module):
-    def __init__(self, norm: RMSNorm) -> None:
+    def __init__(self, norm: RMSNorm, ops: LayerOps = CPP_OPS) -> None:
         super().__init__()
         self.weight = norm.weight
         self.eps = norm.eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kvos.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 class KernelSiluAndMul(nn.Module):
+    def __init__(self, ops: LayerOps = CPP_OPS) -> None:
+        super().__init__()
+        self.ops = ops
+
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kvos.silu_mul(gate_up)
+        return self.ops.silu_mul(gate_up)
 
 
+@dataclass(frozen=True)
 class KernelRotaryTables(RotaryTables):
+    ops: LayerOps = CPP_OPS
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.kvos.rotary(x, self.cos, self.sin_rotated)
+        return self.ops.rotary(x, self.cos, self.sin_rotated)
 
 
 class KernelRotaryEmbedding(nn.Module):
@@ -56,13 +85,14 @@ class KernelRotaryEmbedding(nn.Module):
     cos: torch.Tensor
     sin_rotated: torch.Tensor
 
-    def __init__(self, rotary: RotaryEmbedding) -> None:
+    def __init__(self, rotary: RotaryEmbedding, ops: LayerOps = CPP_OPS) -> None:
         super().__init__()
         self.register_buffer("cos", rotary.cos, persistent=False)
         self.register_buffer("sin_rotated", rotary.sin_rotated, persistent=False)
+        self.ops = ops
 
     def tables(self, positions: torch.Tensor) -> RotaryTables:
-        return KernelRotaryTables(self.cos[positions].unsqueeze(1), self.sin_rotated[positions].unsqueeze(1))
+        return KernelRotaryTables(self.cos[positions].unsqueeze(1), self.sin_rotated[positions].unsqueeze(1), self.ops)
 
 
 def can_use_layer_kernels(device: torch.device, dtype: torch.dtype) -> bool:
@@ -76,19 +106,26 @@ def use_layer_kernels(model: nn.Module) -> int:
     The model must compute in bfloat16 on a CPU (`can_use_layer_kernels`). Returns how many modules were swapped.
     """
     load()
-    count = 0
+    swaps = layer_swaps(model, CPP_OPS)
+    for module, name, swapped in swaps:
+        setattr(module, name, swapped)
+    return len(swaps)
+
+
+def layer_swaps(model: nn.Module, ops: LayerOps) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, replacement) for each of `model`'s bfloat16 RMSNorms, SwiGLU activations and rotary
+    embedding, running `ops`; ValueError names a norm that does not hold bfloat16."""
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            swapped: nn.Module | None = None
+        for name, child in module.named_children():
             if isinstance(child, RMSNorm):
                 if child.weight.dtype != torch.bfloat16:
-                    raise ValueError(f"the layer kernels compute in bfloat16; {name} holds {child.weight.dtype}")
-                swapped = KernelRMSNorm(child)
+                    raise ValueError(
+                        f"the {ops.name} layer kernels compute in bfloat16; {name} holds {child.weight.dtype}"
+                    )
+                swaps.append((module, name, KernelRMSNorm(child, ops)))
             elif isinstance(child, SiluAndMul):
-                swapped = KernelSiluAndMul()
+                swaps.append((module, name, KernelSiluAndMul(ops)))
             elif isinstance(child, RotaryEmbedding):
-                swapped = KernelRotaryEmbedding(child)
-            if swapped is not None:
-                setattr(module, name, swapped)
-                count += 1
-    return count
+                swaps.append((module, name, KernelRotaryEmbedding(child, ops)))
+    return swaps

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvos.model.layers import RMSNorm, RotaryEmbedding, RotaryTables, SiluAndMul
+from kvos.model.layer_kernels import LayerOps, layer_swaps
 
 logger = logging.getLogger(__name__)
 
@@ -103,39 +103,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin_rotated: torch.Tensor) -> tor
     return out
 
 
-class TritonRMSNorm(nn.Module):
-    def __init__(self, norm: RMSNorm) -> None:
-        super().__init__()
-        self.weight = norm.weight
-        self.eps = norm.eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-class TritonSiluAndMul(nn.Module):
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        return silu_mul(gate_up)
-
-
-class TritonRotaryTables(RotaryTables):
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return rotary(x, self.cos, self.sin_rotated)
-
-
-class TritonRotaryEmbedding(nn.Module):
-    """The same tables as the `RotaryEmbedding` it replaces, applied by the kernel."""
-
-    cos: torch.Tensor
-    sin_rotated: torch.Tensor
-
-    def __init__(self, rotary: RotaryEmbedding) -> None:
-        super().__init__()
-        self.register_buffer("cos", rotary.cos, persistent=False)
-        self.register_buffer("sin_rotated", rotary.sin_rotated, persistent=False)
-
-    def tables(self, positions: torch.Tensor) -> RotaryTables:
-        return TritonRotaryTables(self.cos[positions].unsqueeze(1), self.sin_rotated[positions].unsqueeze(1))
+TRITON_OPS = LayerOps("Triton", rms_norm, silu_mul, rotary)
 
 
 def can_use_triton_layers(device: torch.device, dtype: torch.dtype) -> bool:
@@ -150,25 +118,15 @@ def use_triton_layers(model: nn.Module) -> int:
     device; if one fails there (a Triton that cannot compile it for this GPU), the error is logged and
     nothing is swapped: the model runs torch's ops, as without Triton.
     """
-    swaps: list[tuple[nn.Module, str, nn.Module]] = []
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, RMSNorm):
-                if child.weight.dtype != torch.bfloat16:
-                    raise ValueError(f"the Triton layers compute in bfloat16; {name} holds {child.weight.dtype}")
-                swaps.append((module, name, TritonRMSNorm(child)))
-            elif isinstance(child, SiluAndMul):
-                swaps.append((module, name, TritonSiluAndMul()))
-            elif isinstance(child, RotaryEmbedding):
-                swaps.append((module, name, TritonRotaryEmbedding(child)))
+    swaps = layer_swaps(model, TRITON_OPS)
     if not swaps:
         return 0
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         probe = torch.ones(2, 64, dtype=torch.bfloat16, device=device)
-        rms_norm(probe, probe[0], 1e-6)
-        silu_mul(probe)
-        rotary(probe.view(2, 1, 64), probe.view(2, 1, 64), probe.view(2, 1, 64))
+        TRITON_OPS.rms_norm(probe, probe[0], 1e-6)
+        TRITON_OPS.silu_mul(probe)
+        TRITON_OPS.rotary(probe.view(2, 1, 64), probe.view(2, 1, 64), probe.view(2, 1, 64))
     except Exception:
         logger.exception("the Triton layer kernels failed on %s; the model keeps torch's ops", device)
         return 0

@@ -5,6 +5,8 @@ ones (`triton_layers`, a GPU's, here in Triton's interpreter)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -38,9 +40,7 @@ def cpp() -> None:
     layer_kernels.load()
 
 
-RMS_NORMS = {"cpp": layer_kernels.KernelRMSNorm, "triton": triton_layers.TritonRMSNorm}
-SILU_MULS = {"cpp": layer_kernels.KernelSiluAndMul, "triton": triton_layers.TritonSiluAndMul}
-ROTARIES = {"cpp": layer_kernels.KernelRotaryEmbedding, "triton": triton_layers.TritonRotaryEmbedding}
+OPS = {"cpp": layer_kernels.CPP_OPS, "triton": triton_layers.TRITON_OPS}
 ON_GPU = torch.cuda.is_available() and not paged_triton.interpreted()
 
 
@@ -53,7 +53,7 @@ def device_for(impl: str) -> torch.device:
     return torch.device("cuda" if ON_GPU else "cpu")
 
 
-@pytest.mark.parametrize("impl", list(RMS_NORMS))
+@pytest.mark.parametrize("impl", list(OPS))
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
 def test_rms_norm_is_the_formula_with_the_eager_roundings(rows: int, impl: str) -> None:
     torch.manual_seed(rows)
@@ -62,7 +62,7 @@ def test_rms_norm_is_the_formula_with_the_eager_roundings(rows: int, impl: str) 
     norm = RMSNorm(576, 1e-5).to(BF16)
     norm.weight = nn.Parameter(weight, requires_grad=False)
     device = device_for(impl)
-    got = RMS_NORMS[impl](norm.to(device))(x.to(device)).cpu()
+    got = layer_kernels.KernelRMSNorm(norm.to(device), OPS[impl])(x.to(device)).cpu()
     xd = x.double()
     normed = bf16(xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert_within_one_ulp(got, weight.double() * normed, min_exact=0.999)
@@ -79,14 +79,14 @@ def test_rms_norm_reads_strided_rows_and_refuses_other_dtypes(cpp: None) -> None
         torch.ops.kvos.rms_norm(x[:, :576], torch.ones(575, dtype=BF16), 1e-6)
 
 
-@pytest.mark.parametrize("impl", list(SILU_MULS))
+@pytest.mark.parametrize("impl", list(OPS))
 @pytest.mark.parametrize("rows", [1, 16, 300])
 def test_silu_mul_is_the_formula_with_the_eager_roundings(rows: int, impl: str) -> None:
     torch.manual_seed(rows)
     gate_up = (torch.randn(rows, 2 * 1536) * 6).to(BF16)
     gate_up[0, :8] = torch.tensor([0.0, -0.0, 80.0, -80.0, 200.0, -200.0, 1e-30, -1e-30]).to(BF16)
     device = device_for(impl)
-    got = SILU_MULS[impl]()(gate_up.to(device)).cpu()
+    got = layer_kernels.KernelSiluAndMul(OPS[impl])(gate_up.to(device)).cpu()
     g, up = gate_up.double()[:, :1536], gate_up.double()[:, 1536:]
     want = bf16(g / (1 + torch.exp(-g))) * up
     assert_within_one_ulp(got, want, min_exact=0.998)
@@ -97,7 +97,7 @@ def test_silu_mul_refuses_an_odd_width(cpp: None) -> None:
         torch.ops.kvos.silu_mul(torch.ones(2, 7, dtype=BF16))
 
 
-@pytest.mark.parametrize("impl", list(ROTARIES))
+@pytest.mark.parametrize("impl", list(OPS))
 @pytest.mark.parametrize("tokens", [1, 5, 200])
 def test_rotary_is_rotate_half_with_the_eager_roundings(tokens: int, impl: str) -> None:
     torch.manual_seed(tokens)
@@ -106,7 +106,7 @@ def test_rotary_is_rotate_half_with_the_eager_roundings(tokens: int, impl: str) 
     qkv = torch.randn(tokens, 15 * 64).to(BF16)
     device = device_for(impl)
     qk = qkv.to(device)[:, : 12 * 64].view(tokens, 12, 64)  # the layer's view: token stride 15 heads
-    got = ROTARIES[impl](rotary.to(device)).tables(positions.to(device)).apply(qk).cpu()
+    got = layer_kernels.KernelRotaryEmbedding(rotary.to(device), OPS[impl]).tables(positions.to(device)).apply(qk).cpu()
     # Hugging Face's form, from the angles: x * cos + rotate_half(x) * sin, each product rounded.
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     angles = torch.outer(positions.double(), inv_freq).repeat(1, 2).unsqueeze(1)
@@ -153,7 +153,7 @@ def test_use_layer_kernels_swaps_bfloat16_modules_and_refuses_float32(cpp: None)
     model = nn.Sequential(RMSNorm(8, 1e-6).to(BF16), SiluAndMul(), nn.Linear(8, 8))
     assert layer_kernels.use_layer_kernels(model) == 2
     assert isinstance(model[0], layer_kernels.KernelRMSNorm) and isinstance(model[1], layer_kernels.KernelSiluAndMul)
-    with pytest.raises(ValueError, match="the layer kernels compute in bfloat16; 0 holds torch.float32"):
+    with pytest.raises(ValueError, match="the C\\+\\+ layer kernels compute in bfloat16; 0 holds torch.float32"):
         layer_kernels.use_layer_kernels(nn.Sequential(RMSNorm(8, 1e-6)))
 
 
@@ -165,10 +165,11 @@ def test_use_triton_layers_swaps_a_bfloat16_model_and_keeps_its_outputs() -> Non
     x = torch.randn(5, 64).to(device, BF16)
     want = model(x)
     assert triton_layers.use_triton_layers(model) == 3
-    assert [type(m).__name__ for m in model] == ["TritonRMSNorm", "Linear", "TritonSiluAndMul", "TritonRMSNorm"]
+    assert [type(m).__name__ for m in model] == ["KernelRMSNorm", "Linear", "KernelSiluAndMul", "KernelRMSNorm"]
+    assert all(m.ops is triton_layers.TRITON_OPS for m in model if not isinstance(m, nn.Linear))
     got = model(x)
     assert (got.float() - want.float()).abs().max() <= 2 * 2.0**-7 * want.float().abs().max()
-    with pytest.raises(ValueError, match="the Triton layers compute in bfloat16; 0 holds torch.float32"):
+    with pytest.raises(ValueError, match="the Triton layer kernels compute in bfloat16; 0 holds torch.float32"):
         triton_layers.use_triton_layers(nn.Sequential(RMSNorm(8, 1e-6)))
 
 
@@ -178,7 +179,7 @@ def test_triton_layers_that_fail_on_the_device_leave_torchs_ops(
     def broken(*args: object) -> None:
         raise RuntimeError("no kernel for this GPU")
 
-    monkeypatch.setattr(triton_layers, "silu_mul", broken)
+    monkeypatch.setattr(triton_layers, "TRITON_OPS", dataclasses.replace(triton_layers.TRITON_OPS, silu_mul=broken))
     device = device_for("triton")
     model = nn.Sequential(RMSNorm(64, 1e-6), SiluAndMul()).to(device, BF16)
     assert triton_layers.use_triton_layers(model) == 0

@@ -10,17 +10,17 @@ every request's token times and every instance's counts.
 from __future__ import annotations
 
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any
 
-from kvos.sim import native
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for `tests.sim.test_simulator`
+from kvos.sim import native  # noqa: E402
 
 if sys.argv[1] == "compiled" and native.activate() is None:
     sys.exit("no compiled build for these sources")
 
-# After the choice above: these imports load whichever build it made.
+# After the choice above: these imports load whichever build it made (the test module's too).
 from kvos.config import SchedulerConfig  # noqa: E402
 from kvos.sim.migration import MigrationConfig  # noqa: E402
 from kvos.sim.simulator import (  # noqa: E402
@@ -31,41 +31,11 @@ from kvos.sim.simulator import (  # noqa: E402
     Simulator,
     VirtualCacheConfig,
 )
-from kvos.sim.step_model import LinearStepModel  # noqa: E402
 from kvos.sim.worker import CopyModel, LinkModel  # noqa: E402
-from kvos.sim.workload import SimRequest, SimSession, SimTurn, arrival_times  # noqa: E402
+from kvos.sim.workload import SimRequest  # noqa: E402
+from tests.sim.test_simulator import STEP_MODEL, conversations, workload  # noqa: E402
 
-STEP_MODEL = LinearStepModel(
-    prefill_intercept=0.020,
-    decode_intercept=0.010,
-    per_prefill_token=1.0e-4,
-    per_attention_pair=1.0e-8,
-    per_context_token=1.0e-6,
-    per_decode=2.0e-4,
-)
 LINK = LinkModel(1e6, 100, 1e-3)
-
-
-def requests(seed: int, num: int, rate: float) -> list[SimRequest]:
-    rng = random.Random(seed)
-    return [
-        SimRequest(t, rng.randint(3, 70), rng.randint(1, 40), tenant=f"t{k % 3}", priority=rng.randint(0, 2))
-        for k, t in enumerate(arrival_times(num, rate, seed=seed))
-    ]
-
-
-def chats(seed: int, num: int) -> list[SimSession]:
-    rng = random.Random(seed)
-    sessions = []
-    for _ in range(num):
-        turns, history = [], 0
-        for t in range(3):
-            prompt = history + rng.randint(5, 30 if t == 0 else 15)
-            output = rng.randint(2, 12)
-            turns.append(SimTurn(prompt, output, 0.0 if t == 0 else rng.uniform(0.0, 0.3)))
-            history = prompt + output
-        sessions.append(SimSession(rng.uniform(0.0, 0.4), tuple(turns)))
-    return sessions
 
 
 def instance(policy: str = "fcfs", kv_tokens: int = 24 * 16, **extra: Any) -> InstanceConfig:
@@ -93,8 +63,8 @@ WITH_CHATS = {"prefix-aware-3-chats", "host-and-disk-tiers", "migration-3"}
 
 
 def results(name: str, fleet: FleetConfig) -> dict[str, Any]:
-    sessions = chats(seed=2, num=10) if name in WITH_CHATS else ()
-    work = requests(seed=5, num=120, rate=12.0)
+    sessions = conversations(seed=2, num=10) if name in WITH_CHATS else ()
+    work = workload(seed=5, num=120, rate=12.0)
     if fleet.instance.scheduler.policy != "priority":
         work = [SimRequest(r.arrival_s, r.prompt_tokens, r.output_tokens, r.tenant) for r in work]
     result = Simulator(fleet, STEP_MODEL).run(work, sessions)
