@@ -1,4 +1,5 @@
-"""One prepared run of issue 12's GPU targets and the Triton kernel's GPU tests (about five minutes on an H200).
+"""One prepared run of issue 12's GPU targets and the Triton kernels' GPU tests (about seven minutes on an H200:
+session 25's run took five, before the `steps` check and the third decode variant).
 
 Here, once (needs the default model and ShareGPT, which the device machine lacks):
 
