@@ -25,8 +25,9 @@ Checks, in order (each prints its figures, then PASS or FAIL):
                HF transformers on the first --hf-requests of them in the same run, in static batches;
                target: kvos at least 60% of the roofline
     steps      the same engine: kernels by kind (GEMMs, attention, the rest) against a steady offline step's
-               wall time (what is not on the device is the engine's own time), and the batch-1 decode graph
-               replayed alone; measures only (torch.profiler, about a minute)
+               wall time (what is not on the device is the engine's own time), with the Triton layer kernels
+               and with torch's elementwise ops, and the batch-1 decode graph replayed alone; measures only
+               (torch.profiler, about a minute and a half)
     decode     the same model, batch 1, 32-token prompt, 256 new tokens: tokens/s against the
                memory-bandwidth bound (every weight read once per token); target: at least 80%, with
                CUDA graphs (the default); beside it the same without the Triton layer kernels (torch's
@@ -264,6 +265,20 @@ def around(cls: type, name: str, hook: Callable[..., Any]) -> Iterator[None]:
         setattr(cls, name, original)
 
 
+@contextlib.contextmanager
+def torch_elementwise_ops(enabled: bool) -> Iterator[None]:
+    """With `enabled`, engines built inside keep torch's elementwise ops instead of the Triton layer kernels."""
+    from kvos.core import engine_core
+
+    chooses = engine_core.can_use_triton_layers
+    if enabled:
+        engine_core.can_use_triton_layers = lambda device, dtype: False  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        engine_core.can_use_triton_layers = chooses
+
+
 def check_engine(setup: Setup, result: Result) -> None:
     from kvos import LLM, SamplingParams
 
@@ -431,12 +446,8 @@ def _time_decode(setup: Setup, result: Result, model: str, new_tokens: int, eage
     """Best of two batch-1 decodes; `triton_layers=False` keeps torch's elementwise ops (no Triton norms,
     SwiGLU or rotary), to show what those kernels save."""
     from kvos import LLM, SamplingParams
-    from kvos.core import engine_core
 
-    chooses = engine_core.can_use_triton_layers
-    if not triton_layers:
-        engine_core.can_use_triton_layers = lambda device, dtype: False  # type: ignore[assignment]
-    try:
+    with torch_elementwise_ops(not triton_layers):
         llm = LLM(
             model,
             load_format="dummy",
@@ -445,8 +456,6 @@ def _time_decode(setup: Setup, result: Result, model: str, new_tokens: int, eage
             kv_cache_memory_bytes=2**30,
             enforce_eager=eager,
         )
-    finally:
-        engine_core.can_use_triton_layers = chooses
     prompt = load_requests(setup)[0][0][:32]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     times = []
@@ -527,8 +536,16 @@ def check_steps(setup: Setup, result: Result) -> None:
 
     The offline check's engine on its first 1.5 x max_num_seqs requests (a full batch with new prompts
     coming in as others end, as in the offline run); the profiler records a window of steps after the
-    first admissions' prefill, and the batch-1 decode graph replayed alone. Measures, judges nothing.
+    first admissions' prefill. Then the same with torch's elementwise ops instead of the Triton layer
+    kernels (a step with prompt tokens runs eagerly, where Triton's launches cost more host time than
+    torch's), and the batch-1 decode graph replayed alone. Measures, judges nothing.
     """
+    for label, torch_ops in (("offline_step", False), ("offline_step_torch_ops", True)):
+        with torch_elementwise_ops(torch_ops):
+            _profile_offline_steps(setup, result, label, with_graph=not torch_ops)
+
+
+def _profile_offline_steps(setup: Setup, result: Result, label: str, with_graph: bool) -> None:
     from torch.profiler import ProfilerActivity, profile, schedule
 
     from kvos import LLM, SamplingParams
@@ -569,23 +586,23 @@ def check_steps(setup: Setup, result: Result) -> None:
     tokens = [t for _, t in shapes[window]]
     say(
         result,
-        f"offline steps {window.start}-{window.stop - 1} of {len(walls)}: {sum(decodes) / active:.0f} "
+        f"{label}: steps {window.start}-{window.stop - 1} of {len(walls)}, {sum(decodes) / active:.0f} "
         f"decodes and {sum(tokens) / active:.0f} tokens a step",
     )
     kinds, top = kernel_table(prof, active, setup.device)
-    report_kernels(result, "offline_step", 1e3 * sum(walls[window]) / active, kinds, top)
+    report_kernels(result, label, 1e3 * sum(walls[window]) / active, kinds, top)
     graphs = llm.engine._local_core().worker.decode_graphs
-    if graphs is not None:
+    if with_graph and graphs is not None:
         replay = graphs._replays[1, graphs.splits[1][0]]
         replay()
         sync(setup.device)
-        with profile(activities=activities) as prof:
+        with profile(activities=activities) as graph_prof:
             start = time.perf_counter()
             for _ in range(20):
                 replay()
             sync(setup.device)
             wall = (time.perf_counter() - start) / 20
-        kinds, top = kernel_table(prof, 20, setup.device)
+        kinds, top = kernel_table(graph_prof, 20, setup.device)
         report_kernels(result, "batch1_graph", 1e3 * wall, kinds, top)
     llm.close()
     del llm
