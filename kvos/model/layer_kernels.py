@@ -34,7 +34,7 @@ def load() -> None:
 
 @dataclass(frozen=True)
 class LayerOps:
-    """One implementation of the three ops: the C++ kernels here (`CPP_OPS`), Triton's for a GPU
+    """One implementation of the three ops: the C++ kernels here (`cpp_ops()`), Triton's for a GPU
     (`kvos.model.triton_layers.TRITON_OPS`). The modules below run whichever they are given."""
 
     name: str
@@ -43,16 +43,16 @@ class LayerOps:
     rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-CPP_OPS = LayerOps(
-    "C++",
-    lambda x, weight, eps: torch.ops.kvos.rms_norm(x, weight, eps),
-    lambda gate_up: torch.ops.kvos.silu_mul(gate_up),
-    lambda x, cos, sin_rotated: torch.ops.kvos.rotary(x, cos, sin_rotated),
-)
+@functools.cache
+def cpp_ops() -> LayerOps:
+    """The C++ kernels (loaded, built on first use), as the torch operators themselves: no Python frame
+    between a module and its kernel."""
+    load()
+    return LayerOps("C++", torch.ops.kvos.rms_norm, torch.ops.kvos.silu_mul, torch.ops.kvos.rotary)
 
 
 class KernelRMSNorm(nn.Module):
-    def __init__(self, norm: RMSNorm, ops: LayerOps = CPP_OPS) -> None:
+    def __init__(self, norm: RMSNorm, ops: LayerOps) -> None:
         super().__init__()
         self.weight = norm.weight
         self.eps = norm.eps
@@ -63,7 +63,7 @@ class KernelRMSNorm(nn.Module):
 
 
 class KernelSiluAndMul(nn.Module):
-    def __init__(self, ops: LayerOps = CPP_OPS) -> None:
+    def __init__(self, ops: LayerOps) -> None:
         super().__init__()
         self.ops = ops
 
@@ -73,7 +73,7 @@ class KernelSiluAndMul(nn.Module):
 
 @dataclass(frozen=True)
 class KernelRotaryTables(RotaryTables):
-    ops: LayerOps = CPP_OPS
+    ops: LayerOps
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.rotary(x, self.cos, self.sin_rotated)
@@ -85,7 +85,7 @@ class KernelRotaryEmbedding(nn.Module):
     cos: torch.Tensor
     sin_rotated: torch.Tensor
 
-    def __init__(self, rotary: RotaryEmbedding, ops: LayerOps = CPP_OPS) -> None:
+    def __init__(self, rotary: RotaryEmbedding, ops: LayerOps) -> None:
         super().__init__()
         self.register_buffer("cos", rotary.cos, persistent=False)
         self.register_buffer("sin_rotated", rotary.sin_rotated, persistent=False)
@@ -105,8 +105,7 @@ def use_layer_kernels(model: nn.Module) -> int:
 
     The model must compute in bfloat16 on a CPU (`can_use_layer_kernels`). Returns how many modules were swapped.
     """
-    load()
-    swaps = layer_swaps(model, CPP_OPS)
+    swaps = layer_swaps(model, cpp_ops())
     for module, name, swapped in swaps:
         setattr(module, name, swapped)
     return len(swaps)

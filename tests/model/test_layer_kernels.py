@@ -40,17 +40,15 @@ def cpp() -> None:
     layer_kernels.load()
 
 
-OPS = {"cpp": layer_kernels.CPP_OPS, "triton": triton_layers.TRITON_OPS}
+OPS = {"cpp": layer_kernels.cpp_ops, "triton": lambda: triton_layers.TRITON_OPS}
+"""Each implementation's ops (the C++ ones loaded on first use)."""
 ON_GPU = torch.cuda.is_available() and not paged_triton.interpreted()
 
 
 def device_for(impl: str) -> torch.device:
     """The C++ kernels' CPU; for Triton a GPU when there is one (the GPU script runs these tests there, with
     `-k triton`), else the CPU in Triton's interpreter."""
-    if impl == "cpp":
-        layer_kernels.load()
-        return torch.device("cpu")
-    return torch.device("cuda" if ON_GPU else "cpu")
+    return torch.device("cuda" if impl == "triton" and ON_GPU else "cpu")
 
 
 @pytest.mark.parametrize("impl", list(OPS))
@@ -62,7 +60,7 @@ def test_rms_norm_is_the_formula_with_the_eager_roundings(rows: int, impl: str) 
     norm = RMSNorm(576, 1e-5).to(BF16)
     norm.weight = nn.Parameter(weight, requires_grad=False)
     device = device_for(impl)
-    got = layer_kernels.KernelRMSNorm(norm.to(device), OPS[impl])(x.to(device)).cpu()
+    got = layer_kernels.KernelRMSNorm(norm.to(device), OPS[impl]())(x.to(device)).cpu()
     xd = x.double()
     normed = bf16(xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert_within_one_ulp(got, weight.double() * normed, min_exact=0.999)
@@ -86,7 +84,7 @@ def test_silu_mul_is_the_formula_with_the_eager_roundings(rows: int, impl: str) 
     gate_up = (torch.randn(rows, 2 * 1536) * 6).to(BF16)
     gate_up[0, :8] = torch.tensor([0.0, -0.0, 80.0, -80.0, 200.0, -200.0, 1e-30, -1e-30]).to(BF16)
     device = device_for(impl)
-    got = layer_kernels.KernelSiluAndMul(OPS[impl])(gate_up.to(device)).cpu()
+    got = layer_kernels.KernelSiluAndMul(OPS[impl]())(gate_up.to(device)).cpu()
     g, up = gate_up.double()[:, :1536], gate_up.double()[:, 1536:]
     want = bf16(g / (1 + torch.exp(-g))) * up
     assert_within_one_ulp(got, want, min_exact=0.998)
@@ -106,7 +104,9 @@ def test_rotary_is_rotate_half_with_the_eager_roundings(tokens: int, impl: str) 
     qkv = torch.randn(tokens, 15 * 64).to(BF16)
     device = device_for(impl)
     qk = qkv.to(device)[:, : 12 * 64].view(tokens, 12, 64)  # the layer's view: token stride 15 heads
-    got = layer_kernels.KernelRotaryEmbedding(rotary.to(device), OPS[impl]).tables(positions.to(device)).apply(qk).cpu()
+    got = (
+        layer_kernels.KernelRotaryEmbedding(rotary.to(device), OPS[impl]()).tables(positions.to(device)).apply(qk).cpu()
+    )
     # Hugging Face's form, from the angles: x * cos + rotate_half(x) * sin, each product rounded.
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     angles = torch.outer(positions.double(), inv_freq).repeat(1, 2).unsqueeze(1)
