@@ -136,8 +136,8 @@ def paged_attention(
         return out.to(dtype)
     # tl.dot takes tiles of at least 16 along each side; float32 runs in full precision (not TF32),
     # so float32 steps keep HF's greedy tokens.
-    block_m = max(16, _next_power_of_2(tiles.tokens * group))
-    block_d = max(16, _next_power_of_2(head_dim))
+    block_m = max(16, next_power_of_2(tiles.tokens * group))
+    block_d = max(16, next_power_of_2(head_dim))
     table = meta.paged.block_tables
     if partition is None:
         partition = PARTITION
@@ -219,7 +219,8 @@ def _dot_dtypes() -> dict[torch.dtype, Any]:
     return {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-def _next_power_of_2(n: int) -> int:
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (Triton's block sizes; 1 for n <= 1)."""
     return 1 << max(0, n - 1).bit_length()
 
 

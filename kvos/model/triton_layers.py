@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvos.attention.paged_triton import next_power_of_2
 from kvos.model.layer_kernels import LayerOps, layer_swaps
 
 logger = logging.getLogger(__name__)
@@ -49,17 +50,13 @@ def _kernels() -> Any:
     return importlib.import_module("kvos.model.triton_layers_kernel")
 
 
-def _block(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: (rows, features) bfloat16, each row contiguous."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     rows, features = x.shape
     out = torch.empty((rows, features), dtype=torch.bfloat16, device=x.device)
-    block = _block(features)
+    block = next_power_of_2(features)
     _kernels().rms_norm_kernel[(rows,)](
         x, weight, out, x.stride(0), out.stride(0), features, eps, BLOCK=block, num_warps=min(16, max(1, block // 256))
     )
@@ -98,7 +95,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin_rotated: torch.Tensor) -> tor
         out.stride(1),
         cos.stride(0),
         head_dim,
-        BLOCK=_block(head_dim),
+        BLOCK=next_power_of_2(head_dim),
     )
     return out
 
