@@ -180,10 +180,11 @@ class EngineCore(MigrationEndpoint):
         if not config.model.compile and config.model.quantization is None and can_prepack(device, dtype):
             # After the preemption rule above counted the parameters (packed weights are not parameters).
             prepack_linears(model, config.scheduler.max_num_seqs)
-        if not config.model.compile and can_use_layer_kernels(device, dtype):
-            use_layer_kernels(model)
-        elif not config.model.compile and can_use_triton_layers(device, dtype):
-            use_triton_layers(model)
+        if not config.model.compile:  # a compiled model's norms, SwiGLU and rotary are Inductor's to fuse
+            if can_use_layer_kernels(device, dtype):
+                use_layer_kernels(model)
+            elif can_use_triton_layers(device, dtype):
+                use_triton_layers(model)
         self.worker = Worker(
             model,
             make_kv_buffer(self.kv_manager, shape),
