@@ -471,19 +471,23 @@ def _time_decode(setup: Setup, result: Result, model: str, new_tokens: int, eage
             raise CheckFailed(f"{len(out[0].outputs[0].token_ids)} tokens, not {new_tokens}")
     graphs = llm.engine._local_core().worker.decode_graphs
     if graphs is not None:
-        # The batch-1 graph replayed back to back on the last step's buffers: the GPU's time per token,
-        # without the engine's (its request has ended, and the engine is closed right after).
-        replay = graphs._replays[1, graphs.splits[1][0]]
-        sync(setup.device)
-        start = time.perf_counter()
-        for _ in range(50):
-            replay()
-        sync(setup.device)
-        say(result, f"batch-1 graph replayed alone: {1e3 * (time.perf_counter() - start) / 50:.2f} ms per step")
+        say(result, f"batch-1 graph replayed alone: {1e3 * replay_batch1(graphs, setup.device, 50):.2f} ms per step")
     llm.close()
     del llm
     release(setup.device)
     return min(times)
+
+
+def replay_batch1(graphs: Any, device: str, repeats: int) -> float:
+    """Seconds per replay of the batch-1 decode graph, back to back on the last step's buffers: the GPU's
+    time per token without the engine's (its requests have ended; the engine is closed right after)."""
+    replay = graphs._replays[1, graphs.splits[1][0]]
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        replay()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
 
 
 KERNEL_KINDS = (
@@ -593,15 +597,9 @@ def _profile_offline_steps(setup: Setup, result: Result, label: str, with_graph:
     report_kernels(result, label, 1e3 * sum(walls[window]) / active, kinds, top)
     graphs = llm.engine._local_core().worker.decode_graphs
     if with_graph and graphs is not None:
-        replay = graphs._replays[1, graphs.splits[1][0]]
-        replay()
-        sync(setup.device)
+        replay_batch1(graphs, setup.device, 1)  # outside the profile: a first replay's own costs
         with profile(activities=activities) as graph_prof:
-            start = time.perf_counter()
-            for _ in range(20):
-                replay()
-            sync(setup.device)
-            wall = (time.perf_counter() - start) / 20
+            wall = replay_batch1(graphs, setup.device, 20)
         kinds, top = kernel_table(graph_prof, 20, setup.device)
         report_kernels(result, "batch1_graph", 1e3 * wall, kinds, top)
     llm.close()
