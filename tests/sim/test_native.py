@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from kvos.sim import native
+from tests.sim.test_simulator import roofline_args
 
 REPO = Path(__file__).resolve().parents[2]
 EXT = str(native.sysconfig.get_config_var("EXT_SUFFIX"))
@@ -63,25 +64,9 @@ def test_compiled_simulations_give_the_pythons_results(cache: Path, tmp_path: Pa
 
 
 def test_the_sim_commands_load_the_build_and_report_what_the_python_does(cache: Path, tmp_path: Path) -> None:
-    hardware = tmp_path / "hw.json"
-    hardware.write_text(json.dumps({"name": "cpu", "peak_flops": {"float32": 2e11}, "memory_bandwidth": 2e10}))
-    arch = tmp_path / "config.json"
-    arch.write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": 4096,
-                "hidden_size": 256,
-                "intermediate_size": 512,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "max_position_embeddings": 1024,
-            }
-        )
+    model = roofline_args(
+        tmp_path, hidden_size=256, intermediate_size=512, num_hidden_layers=4, max_position_embeddings=1024
     )
-    model = ["--hardware", str(hardware), "--arch", str(arch)]
     workload = ["--fixed-lengths", "60,20", "--num-requests", "40"]
     # As the `kvos` console script runs them: its own folder first on the path, from the repository root.
     kvos = [sys.executable, "-P", "-c", "import sys; from kvos.entrypoints.cli import main; sys.exit(main())"]

@@ -992,12 +992,19 @@ def test_hidden_tokens_must_leave_a_token_to_see() -> None:
         SimRequest(0.0, 8, 3, hidden_tokens=3)
 
 
+def roofline_args(folder: Path, **arch: Any) -> list[str]:
+    """`kvos sim`'s flags for the roofline step model, files written into `folder`: a device of 200 GFLOP/s
+    and 20 GB/s, and TINY_LLAMA with `arch`'s changes."""
+    hardware, config = folder / "hw.json", folder / "config.json"
+    hardware.write_text(json.dumps({"name": "cpu", "peak_flops": {"float32": 2e11}, "memory_bandwidth": 2e10}))
+    config.write_text(json.dumps({**TINY_LLAMA, **arch}))
+    return ["--hardware", str(hardware), "--arch", str(config)]
+
+
 def test_cli_simulations_in_parallel_report_what_one_process_does(tmp_path: Path) -> None:
     """`--jobs`: rates, and plan searches, each in a forked process; the reports equal one process's."""
-    hardware, arch = tmp_path / "hw.json", tmp_path / "config.json"
-    hardware.write_text(json.dumps({"name": "cpu", "peak_flops": {"float32": 2e11}, "memory_bandwidth": 2e10}))
-    arch.write_text(json.dumps({**TINY_LLAMA, "hidden_size": 256, "max_position_embeddings": 1024}))
-    common = ["--hardware", str(hardware), "--arch", str(arch), "--fixed-lengths", "100,30", "--num-requests", "300"]
+    model = roofline_args(tmp_path, hidden_size=256, max_position_embeddings=1024)
+    common = [*model, "--fixed-lengths", "100,30", "--num-requests", "300"]
     commands = {
         "run": ["run", *common, "--rates", "5,20,inf", "--num-instances", "2", "--router", "least-requests"],
         "plan": [
@@ -1039,9 +1046,6 @@ def test_cli_simulations_in_parallel_report_what_one_process_does(tmp_path: Path
 def test_cli_jobs_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from kvos.entrypoints.cli import main
 
-    hardware = tmp_path / "hw.json"
-    hardware.write_text(json.dumps({"name": "cpu", "peak_flops": {"float32": 2e11}, "memory_bandwidth": 2e10}))
-    (tmp_path / "config.json").write_text(json.dumps(TINY_LLAMA))
-    model = ["--hardware", str(hardware), "--arch", str(tmp_path / "config.json"), "--fixed-lengths", "20,5"]
+    model = [*roofline_args(tmp_path), "--fixed-lengths", "20,5"]
     assert main(["sim", "run", *model, "--rates", "1,2", "--jobs", "0"]) == 2
     assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
