@@ -259,6 +259,11 @@ class WithRunSpeed:
     def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
         raise NotImplementedError("WithRunSpeed counts steps one by one: simulate with decode_runs=False")
 
+    def terms(self, shape: StepShape) -> dict[str, float]:
+        """The model's terms at the speed of the steps taken so far (asking counts no step)."""
+        scale = self.scales[min(self.taken // self.window, len(self.scales) - 1)]
+        return {name: seconds * scale for name, seconds in self.model.terms(shape).items()}
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "with_run_speed", "model": self.model.describe(), "window": self.window, "scales": self.scales}
 

@@ -112,6 +112,12 @@ class Slowed:
     def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
         return [self.factor * t for t in self.model.decode_steps_seconds(num_decodes, context, num_steps)]
 
+    def terms(self, shape: StepShape) -> dict[str, float]:
+        return {name: self.factor * seconds for name, seconds in self.model.terms(shape).items()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "slowed", "model": self.model.describe(), "factor": self.factor}
+
 
 def template_prefix_tokens(tokenizer: Any) -> int:
     """Tokens every chat prompt begins with: the template's opening (SmolLM2's default system prompt)."""

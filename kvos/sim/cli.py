@@ -34,6 +34,12 @@ def add_sim_parser(sub: Any) -> None:
     _add_jobs_arg(run, "rates")
     run.add_argument("--json", type=Path, default=None, help="write the report here")
     run.add_argument("--plot", type=Path, default=None, help="write goodput against rate here (PNG)")
+    run.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="report each run's busy time split into the step-time model's terms (slower: it visits every "
+        "simulated step)",
+    )
     run.set_defaults(func=cmd_run)
 
     plan = commands.add_parser(
@@ -96,6 +102,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="ms a step pays once more the first time its instance runs its row count (default: the profile's "
         "measured first use, else 0; 0 asks what an engine that builds its kernels up front would do)",
+    )
+    group.add_argument(
+        "--overlap-host",
+        action="store_true",
+        help="what-if: the engine's own time per step (the profile's served steps) overlaps the device's, as "
+        "async scheduling does: a step takes the longer of the two instead of their sum",
     )
 
 
@@ -202,7 +214,7 @@ def make_step_model(args: argparse.Namespace) -> Any:
     if (args.profile is None) == (args.hardware is None):
         raise ValueError("give exactly one step-time model: --profile PROFILE.json or --hardware HARDWARE.json")
     if args.profile is not None:
-        return Profile.load(args.profile).step_model()
+        return _overlapped(args, Profile.load(args.profile).step_model())
     weight_bytes = benchmarks("roofline").kvos_weight_bytes_per_param(args.dtype, args.quantization, rows=1)
     model = roofline_for(
         _arch(args.arch), HardwareSpec.from_json(args.hardware), args.dtype, weight_bytes, DTYPE_BYTES[args.dtype]
@@ -214,8 +226,22 @@ def make_step_model(args: argparse.Namespace) -> Any:
         if profile.served:
             served, error = fit_overhead(model, profile.served)
             logger.info("serving overhead fitted on %s: %s", args.calibrate, error)
-            return served
-    return model
+            return _overlapped(args, served)
+    return _overlapped(args, model)
+
+
+def _overlapped(args: argparse.Namespace, model: Any) -> Any:
+    """`model`, with the engine's own time overlapping the device's under --overlap-host."""
+    from kvos.sim.step_model import ServedStepModel
+
+    if not args.overlap_host:
+        return model
+    if not isinstance(model, ServedStepModel):
+        raise ValueError(
+            "--overlap-host needs the engine's own time per step: a profile with served steps "
+            "(python -m benchmarks.profile_serving adds them), given as --profile or --calibrate"
+        )
+    return ServedStepModel(model.worker, model.overhead, overlap=True)
 
 
 def _first_use_s(args: argparse.Namespace, profile: Any) -> float:
@@ -400,8 +426,9 @@ def _load_native() -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _load_native()
-    from kvos.sim.metrics import plot_goodput, summarize_sim
+    from kvos.sim.metrics import busy_by_term, plot_goodput, summarize_sim
     from kvos.sim.simulator import Simulator
+    from kvos.sim.step_model import TermTotals
 
     step_model = make_step_model(args)
     fleet = make_fleet(args)
@@ -409,8 +436,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     workloads = [make_workload(args, rate) for rate in rates]
 
     def simulate(workload: Any) -> dict[str, Any]:
-        result = Simulator(fleet, step_model).run(workload.requests, workload.sessions)
-        return summarize_sim(result, args.ttft_slo, args.tpot_slo)
+        totals = TermTotals(step_model) if args.breakdown else None
+        result = Simulator(fleet, totals or step_model).run(workload.requests, workload.sessions)
+        summary = summarize_sim(result, args.ttft_slo, args.tpot_slo)
+        if totals is not None:
+            summary["busy_by_term_s"] = busy_by_term(totals.seconds, result)
+        return summary
 
     runs = []
     for rate, summary in zip(rates, in_parallel(simulate, workloads, args.jobs)):

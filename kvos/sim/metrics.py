@@ -82,6 +82,20 @@ def summarize_sim(result: SimResult, ttft_slo_s: float, tpot_slo_s: float) -> di
     return summary
 
 
+def busy_by_term(terms: dict[str, float], result: SimResult) -> dict[str, float]:
+    """The fleet's busy time split by the step-time model's terms (`TermTotals.seconds`), largest first.
+
+    `other` is what the model's terms leave out of the instances' busy time:
+    first uses of a row count, waits for KV copies a step cannot overlap,
+    and steps raised to the model's floor.
+    """
+    busy = sum((i.worker.busy_s for i in result.instances), 0.0)
+    split = dict(sorted(terms.items(), key=lambda item: -item[1]))
+    split["other"] = busy - sum(terms.values(), 0.0)
+    split["busy"] = busy
+    return split
+
+
 def migration_summary(migrations: Sequence[MigrationResult]) -> dict[str, Any]:
     """Live migrations tried, by outcome; blocks copied and downtime (stop to resume) of those that moved."""
     outcomes: dict[str, int] = {}

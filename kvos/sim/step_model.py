@@ -30,6 +30,10 @@ Models, one interface (`StepTimeModel.step_seconds`):
   processing, detokenizing, the async engine's hand-offs, HTTP/SSE work on
   the same cores), `a + b*(R + D)`, fitted by `fit_overhead` to the
   steps of a profiled `kvos serve` run (`benchmarks.profile_serving`).
+  With `overlap`, the two run at once (async scheduling): a what-if.
+
+Every model also splits a step's time into its named terms
+(`StepTimeModel.terms`); `TermTotals` sums them over a run.
 
 Beside the shape, a step pays once more the first time its process runs
 its number of token rows, P + D (`StepShape.rows`): on a CPU, oneDNN builds a
@@ -101,6 +105,11 @@ class StepTimeModel(Protocol):
     def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
         """`step_seconds` of each of `num_steps` pure-decode steps of `num_decodes` requests, step j (from 1)
         attending `context + j * num_decodes` keys: the simulator's decode runs ask for thousands at once."""
+        ...
+
+    def terms(self, shape: StepShape) -> dict[str, float]:
+        """`step_seconds` of the step split into the model's own terms (before the floor), by name: where a
+        simulated run's busy time goes (`TermTotals`)."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -177,6 +186,16 @@ class LinearStepModel:
         if seconds and not (per_context >= 0 and seconds[0] >= MIN_STEP_S):
             seconds = [max(t, MIN_STEP_S) for t in seconds]
         return seconds
+
+    def terms(self, shape: StepShape) -> dict[str, float]:
+        intercept = "prompt_step_intercept" if shape.prefill_tokens else "decode_step_intercept"
+        return {
+            intercept: self.prefill_intercept if shape.prefill_tokens else self.decode_intercept,
+            "prompt_tokens": self.per_prefill_token * shape.prefill_tokens,
+            "attention_pairs": self.per_attention_pair * shape.attention_pairs,
+            "decode_context": self.per_context_token * shape.decode_context,
+            "decodes": self.per_decode * shape.num_decodes,
+        }
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "linear", **asdict(self)}
@@ -287,21 +306,43 @@ class ServedStepModel:
 
     worker: StepTimeModel
     overhead: ServingOverhead
+    overlap: bool = False
+    """A what-if: the engine's own work for a step runs while the device computes the one before, as vLLM's
+    async scheduling and SGLang's overlap scheduler arrange, so a step takes the longer of the two instead of
+    their sum. kvos's loop runs them one after the other (`kvos sim run --overlap-host` asks what overlapping
+    them would buy)."""
 
     def step_seconds(self, shape: StepShape) -> float:
-        return max(self.worker.step_seconds(shape) + self.overhead.seconds(shape), MIN_STEP_S)
+        worker, overhead = self.worker.step_seconds(shape), self.overhead.seconds(shape)
+        return max(max(worker, overhead) if self.overlap else worker + overhead, MIN_STEP_S)
 
     def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
         overhead = self.overhead.seconds(StepShape(num_decodes=num_decodes))
-        seconds = list(
-            map(operator.add, self.worker.decode_steps_seconds(num_decodes, context, num_steps), repeat(overhead))
-        )
+        worker = self.worker.decode_steps_seconds(num_decodes, context, num_steps)
+        if self.overlap:
+            seconds = [max(t, overhead) for t in worker]
+        else:
+            seconds = list(map(operator.add, worker, repeat(overhead)))
         if seconds and min(seconds) < MIN_STEP_S:
             seconds = [max(t, MIN_STEP_S) for t in seconds]
         return seconds
 
+    def terms(self, shape: StepShape) -> dict[str, float]:
+        terms = self.worker.terms(shape)
+        overhead = self.overhead.seconds(shape)
+        if self.overlap:  # only what the device's time does not cover
+            terms["engine_overhead"] = max(0.0, overhead - self.worker.step_seconds(shape))
+        else:
+            terms["engine_overhead"] = overhead
+        return terms
+
     def describe(self) -> dict[str, Any]:
-        return {"kind": "served", "worker": self.worker.describe(), "overhead": asdict(self.overhead)}
+        return {
+            "kind": "served",
+            "worker": self.worker.describe(),
+            "overhead": asdict(self.overhead),
+            "overlap": self.overlap,
+        }
 
 
 def fit_overhead(worker: StepTimeModel, served: Sequence[tuple[StepShape, float]]) -> tuple[ServedStepModel, FitError]:
@@ -485,6 +526,12 @@ class RooflineStepModel:
             for j in range(1, num_steps + 1)
         ]
 
+    def terms(self, shape: StepShape) -> dict[str, float]:
+        """The step's time under whichever bound sets it."""
+        compute, memory = self.bounds(shape)
+        compute, memory = compute / self.compute_efficiency, memory / self.memory_efficiency
+        return {"compute_bound_steps": compute} if compute >= memory else {"memory_bound_steps": memory}
+
     def describe(self) -> dict[str, Any]:
         return {
             "kind": "roofline",
@@ -646,6 +693,43 @@ def _sample_from_json(s: dict[str, Any]) -> tuple[StepShape, float]:
         s.get("num_prefills", 0),
     )
     return shape, float(s["seconds"])
+
+
+class TermTotals:
+    """`model`, summing the time each of its terms takes over every step it is asked for.
+
+    Where a simulated fleet's busy time goes (`kvos sim run --breakdown`):
+    for a fitted model, the intercepts of prompt and decode steps, the prompt
+    tokens, attention pairs, decode context and decodes, and the engine's own
+    time when served steps were profiled. The times it returns are the
+    model's, untouched, so a run with it simulates exactly what a run
+    without it does; a decode run's terms are taken step by step, which
+    costs a Python call per simulated step, so it is asked for, not always on.
+    """
+
+    def __init__(self, model: StepTimeModel) -> None:
+        self.model = model
+        self.seconds: dict[str, float] = {}
+
+    def _add(self, shape: StepShape) -> None:
+        totals = self.seconds
+        for name, seconds in self.model.terms(shape).items():
+            totals[name] = totals.get(name, 0.0) + seconds
+
+    def step_seconds(self, shape: StepShape) -> float:
+        self._add(shape)
+        return self.model.step_seconds(shape)
+
+    def decode_steps_seconds(self, num_decodes: int, context: int, num_steps: int) -> list[float]:
+        for j in range(1, num_steps + 1):
+            self._add(StepShape(0, 0, num_decodes, context + j * num_decodes, 0))
+        return self.model.decode_steps_seconds(num_decodes, context, num_steps)
+
+    def terms(self, shape: StepShape) -> dict[str, float]:
+        return self.model.terms(shape)
+
+    def describe(self) -> dict[str, Any]:
+        return self.model.describe()
 
 
 def model_from_profile(path: str | Path) -> StepTimeModel:

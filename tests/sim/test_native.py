@@ -71,7 +71,7 @@ def test_the_sim_commands_load_the_build_and_report_what_the_python_does(cache: 
     # As the `kvos` console script runs them: its own folder first on the path, from the repository root.
     kvos = [sys.executable, "-P", "-c", "import sys; from kvos.entrypoints.cli import main; sys.exit(main())"]
     commands = {
-        "run": ["sim", "run", *model, *workload, "--num-instances", "2", "--router", "least-requests"],
+        "run": ["sim", "run", *model, *workload, "--num-instances", "2", "--router", "least-requests", "--breakdown"],
         "plan": ["sim", "plan", *model, *workload, "--rate", "20", "--router", "round-robin,least-requests"],
     }
     for name, command in commands.items():

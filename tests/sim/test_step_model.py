@@ -6,13 +6,15 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.roofline import SMOLLM2_135M
 from benchmarks.serve import percentiles_ms
 from kvos.core.plan import ScheduledRequest, StepPlan
-from kvos.sim.metrics import nearest_rank_ms
+from kvos.sim.metrics import busy_by_term, nearest_rank_ms
+from kvos.sim.simulator import FleetConfig, InstanceConfig, SimResult, Simulator
 from kvos.sim.step_model import (
     MIN_STEP_S,
     FrontEnd,
@@ -23,11 +25,13 @@ from kvos.sim.step_model import (
     ServingOverhead,
     StepShape,
     StepTimeModel,
+    TermTotals,
     calibrate_roofline,
     fit_front_end,
     fit_linear,
     fit_overhead,
 )
+from kvos.sim.workload import SimRequest
 
 TRUE = LinearStepModel(
     prefill_intercept=0.030,
@@ -173,9 +177,11 @@ def test_overhead_fit_keeps_a_negative_intercept_at_zero() -> None:
         # Below the floor at first, above it once the context has grown.
         LinearStepModel(0.03, -0.002, 2e-4, 3e-8, 2e-7, 1e-5),
         ServedStepModel(TRUE, ServingOverhead(per_step=0.0031, per_sequence=0.00017)),
+        # Overlapped: the engine's time wins at small batches and long contexts' steps overtake it.
+        ServedStepModel(TRUE, ServingOverhead(per_step=0.0131, per_sequence=0.00017), overlap=True),
         RooflineStepModel(SMOLLM2_135M, 1e12, 1e10, 4.0, 4, compute_efficiency=0.4, memory_efficiency=0.7),
     ],
-    ids=["linear", "linear-floor", "linear-rising", "served", "roofline"],
+    ids=["linear", "linear-floor", "linear-rising", "served", "served-overlap", "roofline"],
 )
 def test_decode_steps_seconds_are_bit_for_bit_the_step_times(model: StepTimeModel) -> None:
     for num_decodes, context in ((1, 17), (7, 3001), (40, 25_000)):
@@ -248,3 +254,120 @@ def test_the_command_line_takes_the_profiles_first_use_unless_told_otherwise(
     assert make_fleet(build_parser().parse_args(["sim", "run"])).instance.first_use_s == 0.0  # no profile: none
     assert main(["sim", "run", "--profile", str(path), "--first-use-ms", "-1", "--num-requests", "2"]) == 2
     assert "--first-use-ms must be >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_terms_are_each_coefficient_times_its_count() -> None:
+    mixed = StepShape(prefill_tokens=100, attention_pairs=7000, num_decodes=3, decode_context=900, num_prefills=1)
+    assert TRUE.terms(mixed) == pytest.approx(
+        {
+            "prompt_step_intercept": 0.030,
+            "prompt_tokens": 100 * 2.0e-4,
+            "attention_pairs": 7000 * 3.0e-8,
+            "decode_context": 900 * 4.0e-7,
+            "decodes": 3 * 5.0e-4,
+        }
+    )
+    decode = StepShape(num_decodes=4, decode_context=400)
+    assert TRUE.terms(decode) == pytest.approx(
+        {
+            "decode_step_intercept": 0.012,
+            "prompt_tokens": 0.0,
+            "attention_pairs": 0.0,
+            "decode_context": 400 * 4.0e-7,
+            "decodes": 4 * 5.0e-4,
+        }
+    )
+    for shape in (mixed, decode):
+        assert sum(TRUE.terms(shape).values()) == pytest.approx(TRUE.step_seconds(shape))
+    # The same decode step (14.16 ms on the device) with 20 ms + 1 ms a request of the engine's own work.
+    overhead = ServingOverhead(per_step=0.020, per_sequence=0.001)
+    serial = ServedStepModel(TRUE, overhead)
+    overlapped = ServedStepModel(TRUE, overhead, overlap=True)
+    assert serial.step_seconds(decode) == pytest.approx(0.01416 + 0.024)
+    assert overlapped.step_seconds(decode) == pytest.approx(0.024)  # the engine's 24 ms hide the device's 14.16
+    assert serial.terms(decode)["engine_overhead"] == pytest.approx(0.024)
+    assert overlapped.terms(decode)["engine_overhead"] == pytest.approx(0.024 - 0.01416)  # what shows past the device
+    long = StepShape(num_decodes=4, decode_context=400_000)  # 172 ms on the device: the engine's time is hidden
+    assert overlapped.step_seconds(long) == pytest.approx(TRUE.step_seconds(long))
+    assert overlapped.terms(long)["engine_overhead"] == 0.0
+    assert overlapped.describe()["overlap"] is True and serial.describe()["overlap"] is False
+    roofline = RooflineStepModel(SMOLLM2_135M, 1e12, 1e10, 4.0, 4, compute_efficiency=0.4, memory_efficiency=0.7)
+    compute, memory = roofline.bounds(decode)
+    assert roofline.terms(decode) == {"memory_bound_steps": memory / 0.7}  # one decode: the weights' read
+    prompt = StepShape(prefill_tokens=4096, attention_pairs=4096 * 4096, num_prefills=1)
+    compute, memory = roofline.bounds(prompt)
+    assert roofline.terms(prompt) == {"compute_bound_steps": compute / 0.4}
+
+
+def _one_instance(requests: list[SimRequest], model: StepTimeModel, decode_runs: bool = True) -> SimResult:
+    return Simulator(FleetConfig(InstanceConfig(block_size=16)), model, decode_runs=decode_runs).run(requests)
+
+
+def test_term_totals_of_a_run_are_the_hand_counted_steps_and_change_no_time() -> None:
+    # One request: a prompt step of 40 tokens (it samples the first token), then 4 decodes attending 41 to 44 keys.
+    totals = TermTotals(TRUE)
+    result = _one_instance([SimRequest(0.0, 40, 5)], totals)
+    assert totals.seconds == pytest.approx(
+        {
+            "prompt_step_intercept": 0.030,
+            "prompt_tokens": 40 * 2.0e-4,
+            "attention_pairs": 40 * 40 * 3.0e-8,
+            "decode_step_intercept": 4 * 0.012,
+            "decode_context": (41 + 42 + 43 + 44) * 4.0e-7,
+            "decodes": 4 * 5.0e-4,
+        }
+    )
+    split = busy_by_term(totals.seconds, result)
+    assert split["busy"] == pytest.approx(sum(totals.seconds.values()))
+    assert split["other"] == pytest.approx(0.0, abs=1e-12)
+    # Many requests, decode runs on and off: the same totals, and the same token times as the bare model's.
+    rng = random.Random(3)
+    requests = [SimRequest(0.01 * i, rng.randint(8, 300), rng.randint(1, 90)) for i in range(40)]
+    by_runs, by_steps = TermTotals(TRUE), TermTotals(TRUE)
+    runs = _one_instance(requests, by_runs)
+    _one_instance(requests, by_steps, decode_runs=False)
+    bare = _one_instance(requests, TRUE)
+    assert runs.times.first_token_s == bare.times.first_token_s
+    assert runs.times.last_token_s == bare.times.last_token_s
+    assert by_runs.seconds.keys() == by_steps.seconds.keys()
+    for name, seconds in by_steps.seconds.items():
+        assert by_runs.seconds[name] == pytest.approx(seconds, rel=1e-9)
+    assert busy_by_term(by_runs.seconds, runs)["other"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_command_line_overlaps_the_engines_time_and_breaks_busy_time_down(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvos.entrypoints.cli import main
+
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps(Profile(tuple(synthetic_steps(TRUE, 0.0)), {"model": "m"}).to_json()))
+    rng = random.Random(5)
+    served = []
+    for _ in range(40):
+        shape = StepShape(0, 0, rng.randint(1, 32), rng.randint(1, 32) * rng.randint(20, 600), 0)
+        served.append((shape, TRUE.step_seconds(shape) + 0.004 + 0.0002 * shape.num_decodes))
+    path = tmp_path / "served.json"
+    path.write_text(
+        json.dumps(Profile(tuple(synthetic_steps(TRUE, 0.0)), {"model": "m"}, served=tuple(served)).to_json())
+    )
+    common = ["sim", "run", "--fixed-lengths", "64,32", "--num-requests", "30", "--rates", "inf", "--jobs", "1"]
+
+    assert main([*common, "--profile", str(bare), "--overlap-host"]) == 2
+    assert "--overlap-host needs the engine's own time per step" in capsys.readouterr().err
+
+    def report(*flags: str) -> dict[str, Any]:
+        assert main([*common, "--profile", str(path), *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    serial, overlapped = report("--breakdown"), report("--breakdown", "--overlap-host")
+    assert serial["step_model"]["overlap"] is False and overlapped["step_model"]["overlap"] is True
+    serial_split, overlapped_split = serial["runs"][0]["busy_by_term_s"], overlapped["runs"][0]["busy_by_term_s"]
+    # The same steps on the device either way; the engine's time shows only past the device's in the overlap.
+    for name in ("prompt_step_intercept", "decode_step_intercept", "decode_context", "decodes"):
+        assert overlapped_split[name] == pytest.approx(serial_split[name])
+    assert 0 <= overlapped_split["engine_overhead"] < serial_split["engine_overhead"]
+    for split in (serial_split, overlapped_split):
+        assert split["busy"] == pytest.approx(sum(v for k, v in split.items() if k != "busy"))
+    assert overlapped["runs"][0]["output_throughput"] > serial["runs"][0]["output_throughput"]
+    assert "busy_by_term_s" not in report()["runs"][0]  # asked for, not always on
