@@ -371,3 +371,28 @@ def test_the_command_line_overlaps_the_engines_time_and_breaks_busy_time_down(
         assert split["busy"] == pytest.approx(sum(v for k, v in split.items() if k != "busy"))
     assert overlapped["runs"][0]["output_throughput"] > serial["runs"][0]["output_throughput"]
     assert "busy_by_term_s" not in report()["runs"][0]  # asked for, not always on
+
+
+def test_the_kept_h200_profile_still_loads_and_answers_the_overlap_question(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """docs/simulator.md and BENCHMARKS.md run these files; a change to the profile's format must keep them."""
+    from kvos.entrypoints.cli import main
+
+    data = Path(__file__).resolve().parents[2] / "docs" / "data"
+    model = Profile.load(data / "h200-llama3-8b-profile.json").step_model()
+    assert isinstance(model, ServedStepModel) and model.overhead.per_step > 0
+    flags = ["--fixed-lengths", "200,40", "--num-requests", "64", "--rates", "inf", "--jobs", "1", "--breakdown"]
+    runs = {}
+    for extra in ([], ["--overlap-host"]):
+        assert main(["sim", "run", "--profile", str(data / "h200-llama3-8b-profile.json"), *flags, *extra]) == 0
+        runs[bool(extra)] = json.loads(capsys.readouterr().out)["runs"][0]
+    assert runs[True]["busy_by_term_s"]["engine_overhead"] < runs[False]["busy_by_term_s"]["engine_overhead"]
+    assert runs[True]["output_throughput"] > runs[False]["output_throughput"]
+    roofline = [
+        "--hardware", str(data / "h200-measured.json"), "--arch", str(data / "llama3-8b.config.json"),
+        "--dtype", "bfloat16", "--kv-capacity-tokens", "327680",
+    ]  # fmt: skip
+    assert main(["sim", "run", *roofline, *flags]) == 0
+    split = json.loads(capsys.readouterr().out)["runs"][0]["busy_by_term_s"]
+    assert set(split) <= {"compute_bound_steps", "memory_bound_steps", "other", "busy"}
