@@ -39,3 +39,6 @@ def test_the_gpu_script_prepares_and_runs_its_checks_dry(tmp_path: Path) -> None
     assert list(results) == checks and all(r["passed"] for r in results.values())
     step = results["steps"]["figures"]["offline_step"]
     assert step["wall_ms"] > 0 and step["kernel_ms"]["gemm"] > 0 and step["top"]
+    # The sim check's prediction: the engine's work overlapped can only make the simulated run shorter.
+    sim = results["sim"]["figures"]
+    assert 0 < sim["predicted_overlapped_s"] <= sim["simulated_worker_and_engine"]["duration_s"]
