@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -116,6 +117,11 @@ class BlockAllocator:
 
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._cached.get(block_hash)
+
+    @property
+    def cached(self) -> Mapping[BlockHash, int]:
+        """Digest -> block id of every findable block, read-only: for checks made per block per step."""
+        return self._cached
 
     def cached_blocks(self) -> list[tuple[BlockHash, int]]:
         """(digest, block id) of every block findable by digest, held or idle."""

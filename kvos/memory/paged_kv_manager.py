@@ -626,13 +626,18 @@ class PagedKVCacheManager:
             return  # most decode steps: no block filled, none to retry (and nothing to digest)
         hashes = self.block_hashes(request)
         limit = min(num_full, len(hashes), len(table))
-        retry = self._unpublished.pop(req_id, [])
-        if limit <= start and not retry:
+        # A block whose digest another block holds (first writer wins) can take it only once that block is gone:
+        # while it lives, marking changes nothing. Checked here, since a prompt computed twice in one step
+        # (neither copy could find the other) would otherwise be marked again at each of its decode steps.
+        held = self.allocator.cached
+        retry = self._unpublished.get(req_id, [])
+        if limit <= start and all(i >= limit or hashes[i] in held for i in retry):
             return
+        self._unpublished.pop(req_id, None)
         blocks = self.allocator.blocks
         lost: list[int] = []
         for i in [*retry, *range(start, limit)]:
-            if i < limit:
+            if i < limit and hashes[i] not in held:
                 parent = hashes[i - 1] if i else salted_root(self._root, request.cache_salt)
                 self.allocator.mark_cached(table[i], hashes[i], parent)
             if blocks[table[i]].block_hash is None:  # another block holds its digest (first writer wins)

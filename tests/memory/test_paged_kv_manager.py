@@ -263,6 +263,42 @@ def test_a_block_whose_digest_was_taken_is_published_once_the_holder_is_evicted(
     assert kv.num_used_blocks == 0 and kv._publish_cursor == {} and kv._unpublished == {}
 
 
+def test_a_duplicate_block_is_not_marked_again_while_its_holder_lives() -> None:
+    # a and b plan the same 3-block prompt in one step: b finds a's first two blocks (pending) but computes the
+    # last itself (a prefix hit stops short of the last token), and a publishes that digest first.
+    kv = make_manager(num_blocks=32)
+    prompt = list(range(3 * BS))
+    a, b = make_request("a", list(prompt)), make_request("b", list(prompt))
+    for request in (a, b):
+        assert kv.allocate_slots(request, request.num_tokens, kv.lookup_prefix(request))
+        request.num_computed_tokens = request.num_tokens
+    for request in (a, b):
+        kv.publish(request, request.num_tokens)
+    kv.end_step()
+    assert kv.block_table(b)[:2] == kv.block_table(a)[:2] and kv.block_table(b)[2] != kv.block_table(a)[2]
+    assert kv._unpublished == {"b": [2]}
+    calls: list[int] = []
+    mark_cached = kv.allocator.mark_cached
+    kv.allocator.mark_cached = lambda *args: (calls.append(args[0]), mark_cached(*args))  # type: ignore[method-assign]
+    for _ in range(BS - 1):  # b decodes inside its fourth block: nothing fills, and a still holds the digest
+        decode_one(kv, b)
+    assert calls == []
+    decode_one(kv, b)  # the fourth block fills: it alone is marked
+    assert calls == [kv.block_table(b)[3]]
+    kv.free(a)  # a's last prompt block stays cached, idle: b's still waits
+    decode_one(kv, b)
+    assert calls == [kv.block_table(b)[3]]
+    d = make_request("d", [1000 + t for t in range(27 * BS)])
+    assert kv.allocate_slots(d, d.num_tokens)  # takes every free block: a's idle cached block is evicted
+    kv.end_step()
+    decode_one(kv, b)  # b's own block takes the digest now, as a walk over every block would have
+    assert calls == [kv.block_table(b)[3], kv.block_table(b)[2]]
+    assert [kv.allocator.lookup(h) for h in kv.block_hashes(b)] == kv.block_table(b)[:4]
+    kv.free(b)
+    kv.free(d)
+    assert kv.num_used_blocks == 0 and kv._unpublished == {}
+
+
 def test_a_failed_step_leaves_its_blocks_to_be_marked_pending_again() -> None:
     kv = make_manager()
     a = make_request("a", list(range(5)))
